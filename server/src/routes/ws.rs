@@ -4,6 +4,7 @@
 //! the job ends; closing this socket does not touch the job.
 
 use app::{ClientMessage, EventBody, GenerateRequest, JobEvent};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -20,10 +21,13 @@ use crate::files::JobId;
 #[utoipa::path(get, path = "/ws/generate", tag = "streams", responses(
     (status = 101, description = "WebSocket: send a GenerateRequest, receive JobEvent messages"),
 ))]
-pub async fn generation(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade
+pub async fn generation(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    Ok(upgrade?
         .max_message_size(state.settings.json_limit)
-        .on_upgrade(move |socket| generation_session(state, socket))
+        .on_upgrade(move |socket| generation_session(state, socket)))
 }
 
 /// Training stream of a `model_id`: replay, then live events until the job ends.
@@ -34,12 +38,12 @@ pub async fn generation(State(state): State<AppState>, upgrade: WebSocketUpgrade
 pub async fn training(
     State(state): State<AppState>,
     ApiPath(model_id): ApiPath<String>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Unknown ids are refused before the upgrade, with a plain 404.
     training_record(&state, &model_id).await?;
     let id = job_id(&model_id)?;
-    Ok(upgrade.on_upgrade(move |socket| training_session(state, id, socket)))
+    Ok(upgrade?.on_upgrade(move |socket| training_session(state, id, socket)))
 }
 
 async fn send_json(socket: &mut WebSocket, value: &impl Serialize) -> bool {
