@@ -356,7 +356,7 @@ async fn training_upload_streams_to_the_job_folder_and_runs_to_a_lora() {
         std::fs::read(s.data.join("jobs").join(&id).join("dataset.zip")).unwrap(),
         zip
     );
-    assert_eq!(s.job_dirs(), [id.clone()]);
+    assert_eq!(s.job_dirs(), vec![id.clone()]);
     assert_eq!(std::fs::read_dir(s.data.join("images")).unwrap().count(), 0);
 
     let status = eventually(async || {

@@ -67,8 +67,8 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
     let json = DefaultBodyLimit::max(state.settings.json_limit);
     let upload = DefaultBodyLimit::max(state.settings.upload_limit);
     let router = Router::new()
-        .route("/generate", post(generate::generate).layer(json.clone()))
-        .route("/classify", post(classify::classify).layer(json.clone()))
+        .route("/generate", post(generate::generate).layer(json))
+        .route("/classify", post(classify::classify).layer(json))
         .route("/train", post(train::train).layer(upload))
         .route("/train/status/{model_id}", get(train::status))
         .route("/train/{model_id}/resume", post(train::resume))
