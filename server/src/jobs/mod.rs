@@ -67,27 +67,7 @@ impl Shared {
     ) -> Result<(JobId, Listener), ApiError> {
         let id = JobId::random();
         let job = id.to_string();
-        let listener = self
-            .hub
-            .open(&job)
-            .map_err(Shared::internal("opening the job's stream"))?;
-        let params = serde_json::to_value(request)
-            .map_err(|e| ApiError::internal("recording the request", e))?;
-        let queued = self
-            .store
-            .insert_job(&job, JobKind::Generation, &params)
-            .and_then(|()| {
-                self.hub.publish(
-                    &job,
-                    EventBody::Status {
-                        status: JobStatus::Queued,
-                    },
-                )
-            });
-        if let Err(err) = queued {
-            self.hub.close(&job);
-            return Err(ApiError::internal("recording the job", format!("{err:#}")));
-        }
+        let listener = self.record_new(&job, JobKind::Generation, request)?;
         let cancel = self.new_cancel(id);
         self.enqueue(id, JobKind::Generation, |queues| {
             queues.push_generation(GenerationTicket { id, plan, cancel })
@@ -97,31 +77,42 @@ impl Shared {
 
     fn submit_training(&self, id: JobId, params: &TrainingParams) -> Result<(), ApiError> {
         let job = id.to_string();
-        self.hub
-            .open(&job)
-            .map_err(Shared::internal("opening the job's stream"))?;
-        let value = serde_json::to_value(params)
-            .map_err(|e| ApiError::internal("recording the request", e))?;
-        let queued = self
-            .store
-            .insert_job(&job, JobKind::Training, &value)
-            .and_then(|()| {
-                self.hub.publish(
-                    &job,
-                    EventBody::Status {
-                        status: JobStatus::Queued,
-                    },
-                )
-            });
-        if let Err(err) = queued {
-            self.hub.close(&job);
-            return Err(ApiError::internal("recording the job", format!("{err:#}")));
-        }
+        self.record_new(&job, JobKind::Training, params)?;
         let spec = self.training_spec(id, params, false);
         let cancel = self.new_cancel(id);
         self.enqueue(id, JobKind::Training, |queues| {
             queues.push_training(TrainingTicket { id, spec, cancel })
         })
+    }
+
+    /// Opens a new job's stream (the listener sees everything from here on), records the job and its
+    /// `queued` event.
+    fn record_new(
+        &self,
+        job: &str,
+        kind: JobKind,
+        params: &impl Serialize,
+    ) -> Result<Listener, ApiError> {
+        let listener = self
+            .hub
+            .open(job)
+            .map_err(Shared::internal("opening the job's stream"))?;
+        let recorded = serde_json::to_value(params)
+            .map_err(anyhow::Error::from)
+            .and_then(|params| self.store.insert_job(job, kind, &params))
+            .and_then(|()| {
+                self.hub.publish(
+                    job,
+                    EventBody::Status {
+                        status: JobStatus::Queued,
+                    },
+                )
+            });
+        if let Err(err) = recorded {
+            self.hub.close(job);
+            return Err(ApiError::internal("recording the job", format!("{err:#}")));
+        }
+        Ok(listener)
     }
 
     /// Pushes a recorded job; when its queue is full the job is removed again, as if never submitted.
