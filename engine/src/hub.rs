@@ -155,6 +155,14 @@ pub fn snapshot(repo: &str, wanted: &dyn Fn(&str) -> bool, on: ProgressFn) -> Re
     root.context("no file was downloaded")
 }
 
+/// Whether `file` of `repo` is already in the local hub cache (no network).
+pub fn is_cached(repo: &str, file: &str) -> bool {
+    hf_hub::Cache::from_env()
+        .model(repo.to_string())
+        .get(file)
+        .is_some()
+}
+
 /// One file of a hub repository (a LoRA, say).
 pub fn file(repo: &str, name: &str, on: ProgressFn) -> Result<PathBuf> {
     let api = ApiBuilder::from_env()

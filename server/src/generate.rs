@@ -7,10 +7,10 @@ use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-#[derive(clap::Args)]
+#[derive(Debug, clap::Args)]
 pub struct Args {
     /// What to draw.
-    prompt: String,
+    pub prompt: String,
     /// Where to write the PNG.
     #[arg(short, long, default_value = "image.png")]
     output: PathBuf,
