@@ -115,6 +115,20 @@ for size in (1024, 512):
         torch.cuda.synchronize()
         runs.append({"total_s": time.perf_counter() - s, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB})
     log[f"pipeline_{size}"] = runs
+# The same weights and inputs in f32 (48 GB): tells bf16 rounding apart from a real difference.
+del pipe, t5, clip, vae
+torch.cuda.empty_cache()
+transformer = transformer.float()
+with torch.inference_mode():
+    out32 = transformer(hidden_states=img.float(), encoder_hidden_states=txt.float(),
+                        pooled_projections=pooled.float(), timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                        guidance=gd, return_dict=False)[0]
+o, o32 = out.float().flatten(), out32.flatten()
+log["diffusers_bf16_vs_f32"] = {"cosine": torch.nn.functional.cosine_similarity(o, o32, dim=0).item(),
+                                "max_abs_diff_over_max_abs": ((o - o32).abs().max() / o32.abs().max()).item()}
+save_file({"out_f32": out32.contiguous()}, ref_file.replace(".safetensors", "-f32.safetensors"))
+del transformer
+torch.cuda.empty_cache()
 log["versions"] = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
                    "transformers": __import__("transformers").__version__}
 print(json.dumps(log))

@@ -27,6 +27,7 @@ fn main() -> Result<()> {
             &model,
             &arg(&args, "--inputs").context("--inputs FILE")?,
             &device,
+            args.iter().any(|a| a == "--f32"),
         ),
         Some("generate") => generate(&model, &args, &device),
         _ => anyhow::bail!("usage: flux-bench forward|generate --model DIR ..."),
@@ -38,8 +39,8 @@ fn sync(device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn forward(model: &std::path::Path, inputs: &str, device: &Device) -> Result<()> {
-    let dtype = engine::device::compute_dtype(device);
+fn forward(model: &std::path::Path, inputs: &str, device: &Device, f32: bool) -> Result<()> {
+    let dtype = if f32 { DType::F32 } else { engine::device::compute_dtype(device) };
     let t = model.join("transformer");
     let cfg: FluxConfig = FluxConfig::from_diffusers_json(&serde_json::from_slice(
         &std::fs::read(t.join("config.json"))?,
@@ -71,20 +72,28 @@ fn forward(model: &std::path::Path, inputs: &str, device: &Device) -> Result<()>
         times.push(t.elapsed().as_secs_f64());
     }
     let ours = out.to_dtype(DType::F32)?.flatten_all()?;
-    let want = r["out"].to_dtype(DType::F32)?.flatten_all()?;
-    let diff = (&ours - &want)?.abs()?;
-    let scale = want.abs()?.max(0)?.to_scalar::<f32>()?;
-    let max_rel = diff.max(0)?.to_scalar::<f32>()? / scale;
-    let mean_rel = diff.mean(0)?.to_scalar::<f32>()? / want.abs()?.mean(0)?.to_scalar::<f32>()?;
-    let cos = ((&ours * &want)?.sum(0)?.to_scalar::<f32>()?)
-        / ((&ours.sqr()?.sum(0)?.to_scalar::<f32>()?).sqrt()
-            * (&want.sqr()?.sum(0)?.to_scalar::<f32>()?).sqrt());
-    println!(
-        "{}",
-        serde_json::json!({"what": "forward", "load_s": load_s, "step_s": times,
-            "max_abs_diff_over_max_abs": max_rel, "mean_abs_diff_over_mean_abs": mean_rel, "cosine": cos})
-    );
+    let mut refs = vec![("diffusers_bf16", r["out"].clone())];
+    let f32_file = inputs.replace(".safetensors", "-f32.safetensors");
+    if let Ok(extra) = candle_core::safetensors::load(&f32_file, device) {
+        refs.push(("diffusers_f32", extra["out_f32"].clone()));
+    }
+    let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"), "load_s": load_s, "step_s": times});
+    for (name, want) in refs {
+        let want = want.to_dtype(DType::F32)?.flatten_all()?;
+        report[name] = compare(&ours, &want)?;
+    }
+    println!("{report}");
     Ok(())
+}
+
+/// Relative max and mean absolute differences and the cosine similarity of two flat tensors.
+fn compare(ours: &Tensor, want: &Tensor) -> Result<serde_json::Value> {
+    let diff = (ours - want)?.abs()?;
+    let max_rel = diff.max(0)?.to_scalar::<f32>()? / want.abs()?.max(0)?.to_scalar::<f32>()?;
+    let mean_rel = diff.mean(0)?.to_scalar::<f32>()? / want.abs()?.mean(0)?.to_scalar::<f32>()?;
+    let dot = (ours * want)?.sum(0)?.to_scalar::<f32>()?;
+    let norms = ours.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt() * want.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt();
+    Ok(serde_json::json!({"max_abs_diff_over_max_abs": max_rel, "mean_abs_diff_over_mean_abs": mean_rel, "cosine": dot / norms}))
 }
 
 fn generate(model: &std::path::Path, args: &[String], device: &Device) -> Result<()> {

@@ -141,7 +141,13 @@ impl ClipEncoder {
             projection_dim: get("projection_dim").unwrap_or(768),
         };
         let vb = crate::weights::var_builder(model_dir, dtype, device)?;
-        let model = clip::ClipTextTransformer::new(vb.pp("text_model"), &cfg)
+        // FLUX.1-dev's file keeps transformers' `text_model.` prefix; transformers 5 saves without it.
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let model = clip::ClipTextTransformer::new(vb, &cfg)
             .context("loading the CLIP text encoder")?;
         let tok = clip_tokenizer(tokenizer_dir)?;
         let eos =
