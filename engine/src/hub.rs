@@ -186,6 +186,23 @@ pub fn file(repo: &str, name: &str, on: ProgressFn) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
+    fn status(code: u16) -> ApiError {
+        let response = ureq::Response::new(code, "status", "").unwrap();
+        ApiError::RequestError(Box::new(ureq::Error::Status(code, response)))
+    }
+
+    #[test]
+    fn hub_refusals_say_what_to_do() {
+        let repo = "black-forest-labs/FLUX.1-dev";
+        let forbidden = explain(repo, "model_index.json", status(403)).to_string();
+        assert!(forbidden.contains("accept the license"), "{forbidden}");
+        let missing = explain(repo, "nope.json", status(404)).to_string();
+        assert!(missing.contains("nope.json"), "{missing}");
+        // Which 401 message depends on whether this machine has a token set.
+        let unauthorized = explain(repo, "x", status(401)).to_string();
+        assert!(unauthorized.contains("HF_TOKEN"), "{unauthorized}");
+    }
+
     #[test]
     fn sources_are_told_apart() {
         assert_eq!(
