@@ -6,7 +6,12 @@ use std::sync::Arc;
 
 fn tiny() -> FluxPipeline {
     let preset = engine::presets::find(engine::presets::FLUX_TINY).unwrap();
-    FluxPipeline::load(&LoadOptions::from_preset(preset), &Device::Cpu, Arc::new(|_| {})).unwrap()
+    FluxPipeline::load(
+        &LoadOptions::from_preset(preset),
+        &Device::Cpu,
+        Arc::new(|_| {}),
+    )
+    .unwrap()
 }
 
 fn params(seed: u64) -> GenerateParams {
@@ -32,7 +37,10 @@ fn generates_the_requested_size_with_a_preview_each_step() {
         .unwrap();
     assert_eq!(out.image.dimensions(), (48, 32));
     // One pixel per latent cell: the tiny autoencoder halves each side.
-    assert_eq!(previews, [(1, 3, (24, 16)), (2, 3, (24, 16)), (3, 3, (24, 16))]);
+    assert_eq!(
+        previews,
+        [(1, 3, (24, 16)), (2, 3, (24, 16)), (3, 3, (24, 16))]
+    );
     let distinct: std::collections::HashSet<_> = out.image.pixels().map(|p| p.0).collect();
     assert!(distinct.len() > 100, "a real picture, not a flat fill");
 }
@@ -40,7 +48,11 @@ fn generates_the_requested_size_with_a_preview_each_step() {
 #[test]
 fn same_seed_same_image_other_seed_other_image() {
     let pipe = tiny();
-    let run = |seed| pipe.generate(&params(seed), &mut |_| Control::Continue).unwrap().image;
+    let run = |seed| {
+        pipe.generate(&params(seed), &mut |_| Control::Continue)
+            .unwrap()
+            .image
+    };
     let (a, b, c) = (run(7), run(7), run(8));
     assert_eq!(a, b);
     assert_ne!(a, c);
@@ -69,7 +81,13 @@ fn cancelling_stops_between_steps() {
 fn sizes_that_do_not_fit_the_latent_grid_are_refused() {
     let pipe = tiny();
     let err = pipe
-        .generate(&GenerateParams { width: 50, ..params(1) }, &mut |_| Control::Continue)
+        .generate(
+            &GenerateParams {
+                width: 50,
+                ..params(1)
+            },
+            &mut |_| Control::Continue,
+        )
         .err()
         .unwrap();
     assert!(err.to_string().contains("multiples of 4"), "{err}");

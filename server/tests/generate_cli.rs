@@ -7,7 +7,14 @@ fn writes_a_png_of_the_requested_size() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fox.png");
     let status = Command::new(env!("CARGO_BIN_EXE_studio"))
-        .args(["generate", "a fox reading under a tree", "--preset", "flux-tiny", "--device", "cpu"])
+        .args([
+            "generate",
+            "a fox reading under a tree",
+            "--preset",
+            "flux-tiny",
+            "--device",
+            "cpu",
+        ])
         .args(["--width", "48", "--height", "32", "--seed", "3", "-o"])
         .arg(&out)
         .status()
@@ -25,5 +32,8 @@ fn an_unknown_preset_is_an_error_naming_the_choices() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("flux-dev") && err.contains("flux-tiny"), "{err}");
+    assert!(
+        err.contains("flux-dev") && err.contains("flux-tiny"),
+        "{err}"
+    );
 }

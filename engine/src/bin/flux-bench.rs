@@ -40,7 +40,11 @@ fn sync(device: &Device) -> Result<()> {
 }
 
 fn forward(model: &std::path::Path, inputs: &str, device: &Device, f32: bool) -> Result<()> {
-    let dtype = if f32 { DType::F32 } else { engine::device::compute_dtype(device) };
+    let dtype = if f32 {
+        DType::F32
+    } else {
+        engine::device::compute_dtype(device)
+    };
     let t = model.join("transformer");
     let cfg: FluxConfig = FluxConfig::from_diffusers_json(&serde_json::from_slice(
         &std::fs::read(t.join("config.json"))?,
@@ -92,8 +96,11 @@ fn compare(ours: &Tensor, want: &Tensor) -> Result<serde_json::Value> {
     let max_rel = diff.max(0)?.to_scalar::<f32>()? / want.abs()?.max(0)?.to_scalar::<f32>()?;
     let mean_rel = diff.mean(0)?.to_scalar::<f32>()? / want.abs()?.mean(0)?.to_scalar::<f32>()?;
     let dot = (ours * want)?.sum(0)?.to_scalar::<f32>()?;
-    let norms = ours.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt() * want.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt();
-    Ok(serde_json::json!({"max_abs_diff_over_max_abs": max_rel, "mean_abs_diff_over_mean_abs": mean_rel, "cosine": dot / norms}))
+    let norms = ours.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt()
+        * want.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt();
+    Ok(
+        serde_json::json!({"max_abs_diff_over_max_abs": max_rel, "mean_abs_diff_over_mean_abs": mean_rel, "cosine": dot / norms}),
+    )
 }
 
 fn generate(model: &std::path::Path, args: &[String], device: &Device) -> Result<()> {

@@ -147,8 +147,8 @@ impl ClipEncoder {
         } else {
             vb
         };
-        let model = clip::ClipTextTransformer::new(vb, &cfg)
-            .context("loading the CLIP text encoder")?;
+        let model =
+            clip::ClipTextTransformer::new(vb, &cfg).context("loading the CLIP text encoder")?;
         let tok = clip_tokenizer(tokenizer_dir)?;
         let eos =
             special_token(tokenizer_dir, "eos_token").unwrap_or_else(|| "<|endoftext|>".into());

@@ -107,15 +107,15 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<[f64; 3]>) -> Vec<[f64; 3]> {
             .unwrap_or(col);
         a.swap(col, pivot);
         b.swap(col, pivot);
-        let d = a[col][col];
-        for row in 0..k {
+        let (pivot_row, pivot_b) = (a[col].clone(), b[col]);
+        for (row, (ar, br)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
             if row != col {
-                let factor = a[row][col] / d;
-                for j in col..k {
-                    a[row][j] -= factor * a[col][j];
+                let factor = ar[col] / pivot_row[col];
+                for (x, p) in ar.iter_mut().zip(&pivot_row).skip(col) {
+                    *x -= factor * p;
                 }
-                for o in 0..3 {
-                    b[row][o] -= factor * b[col][o];
+                for (x, p) in br.iter_mut().zip(pivot_b) {
+                    *x -= factor * p;
                 }
             }
         }
