@@ -1,0 +1,79 @@
+//! The prompt classifier: routes a chat message to image generation or to conversation.
+//!
+//! A frozen BERT-family sentence encoder (all-MiniLM-L6-v2 by default, installed by
+//! `scripts/fetch-models`) embeds the prompt; a small head trained by this project
+//! (`train-classifier`, committed under `engine/assets/`) turns the embedding into a calibrated
+//! probability.
+
+mod data;
+mod finetune;
+mod encoder;
+mod head;
+mod label;
+mod metrics;
+mod train;
+
+use std::path::Path;
+
+use anyhow::{ensure, Result};
+use candle_core::Device;
+
+pub use data::{Example, Split, DEFAULT_DATA_DIR};
+pub use encoder::{EncoderSource, SentenceEncoder, DEFAULT_ENCODER_DIR};
+pub use finetune::{finetune, TuneConfig};
+pub use head::{Head, DEFAULT_HEAD_PATH};
+pub use label::{Classification, Label, Scores};
+pub use metrics::{Metrics, ReliabilityBin};
+pub use train::{bce_with_logits, fit_temperature, train_head, EpochReport, TrainConfig};
+
+/// Batches for many prompts at once: large enough to use both cores well, small enough that
+/// sorting by length keeps padding low.
+const BATCH: usize = 32;
+
+pub struct PromptClassifier {
+    encoder: SentenceEncoder,
+    head: Head,
+}
+
+impl PromptClassifier {
+    pub fn load(encoder: &EncoderSource, head: &Path, device: &Device) -> Result<Self> {
+        let head = Head::load(head, device)?;
+        let encoder = SentenceEncoder::load_with_top(encoder, device, head.top.clone())?;
+        Self::from_parts(encoder, head)
+    }
+
+    /// Fails when the head was trained on embeddings of another width than this encoder's.
+    pub fn from_parts(encoder: SentenceEncoder, head: Head) -> Result<Self> {
+        let expected = head.input_size()?;
+        ensure!(
+            expected == encoder.hidden_size(),
+            "the classifier head expects {expected}-wide embeddings but the encoder gives {}; \
+             train a head for this encoder",
+            encoder.hidden_size()
+        );
+        Ok(Self { encoder, head })
+    }
+
+    pub fn classify(&self, prompt: &str) -> Result<Classification> {
+        let p = self.head.image_probabilities(&self.encoder.embed(&[prompt])?)?;
+        Ok(Classification::from_image_probability(p[0]))
+    }
+
+    pub fn classify_batch(&self, prompts: &[&str]) -> Result<Vec<Classification>> {
+        let embeddings = self.encoder.embed_all(prompts, BATCH)?;
+        Ok(self
+            .head
+            .image_probabilities(&embeddings)?
+            .into_iter()
+            .map(Classification::from_image_probability)
+            .collect())
+    }
+
+    pub fn encoder(&self) -> &SentenceEncoder {
+        &self.encoder
+    }
+
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+}

@@ -1,0 +1,128 @@
+//! The committed classifier head with the real all-MiniLM-L6-v2 encoder, on the CPU.
+//! These tests need `scripts/fetch-models` to have run; without the model they fail, saying so.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use engine::classifier::{
+    EncoderSource, Label, Metrics, PromptClassifier, SentenceEncoder, Split, DEFAULT_DATA_DIR,
+    DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH,
+};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn classifier() -> &'static PromptClassifier {
+    static CLASSIFIER: OnceLock<PromptClassifier> = OnceLock::new();
+    CLASSIFIER.get_or_init(|| {
+        let encoder = repo_root().join(DEFAULT_ENCODER_DIR);
+        assert!(
+            encoder.join("model.safetensors").is_file(),
+            "the MiniLM encoder is missing at {}: run scripts/fetch-models first",
+            encoder.display()
+        );
+        PromptClassifier::load(
+            &EncoderSource::Dir(encoder),
+            &repo_root().join(DEFAULT_HEAD_PATH),
+            &Device::Cpu,
+        )
+        .expect("loading the classifier")
+    })
+}
+
+#[test]
+fn committed_head_reaches_97_percent_on_the_held_out_split() {
+    let test = Split::load(&repo_root().join(DEFAULT_DATA_DIR).join("test.jsonl")).unwrap();
+    assert!(test.examples.len() > 1000, "the test split looks truncated");
+    let p: Vec<f32> = classifier()
+        .classify_batch(&test.texts())
+        .unwrap()
+        .iter()
+        .map(|c| c.scores.image_request)
+        .collect();
+    let m = Metrics::compute(&p, &test.targets());
+    assert!(m.accuracy >= 0.97, "held-out accuracy {:.4} < 0.97\n{m}", m.accuracy);
+    assert!(m.f1_macro >= 0.97, "held-out macro F1 {:.4} < 0.97\n{m}", m.f1_macro);
+}
+
+#[test]
+fn committed_head_was_trained_on_the_committed_data() {
+    // The metadata records the data's hashes; a regenerated data set needs a retrained head.
+    let meta_path = repo_root().join(DEFAULT_HEAD_PATH).with_extension("json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    for split in ["train", "test"] {
+        let file = repo_root().join(DEFAULT_DATA_DIR).join(format!("{split}.jsonl"));
+        let data = Split::load(&file).unwrap();
+        assert_eq!(
+            meta[split]["sha256"], data.sha256,
+            "{} changed since the head was trained: run train-classifier",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn the_issue_examples_are_routed_right() {
+    let cases = [
+        ("can I see you in the kitchen?", Label::Conversation),
+        ("show me a woman cooking in a bright kitchen", Label::ImageRequest),
+        ("a beautiful woman", Label::ImageRequest),
+    ];
+    for (prompt, want) in cases {
+        let got = classifier().classify(prompt).unwrap();
+        assert_eq!(got.label, want, "{prompt:?} -> {got:?}");
+    }
+}
+
+#[test]
+fn output_has_the_contract_shape() {
+    let c = classifier().classify("draw a red fox in the snow").unwrap();
+    let json = serde_json::to_value(c).unwrap();
+    let obj = json.as_object().unwrap();
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["confidence", "label", "scores"]);
+    let label = json["label"].as_str().unwrap();
+    let p = json["scores"]["image_request"].as_f64().unwrap();
+    let q = json["scores"]["conversation"].as_f64().unwrap();
+    assert_eq!(json["scores"].as_object().unwrap().len(), 2);
+    assert!((p + q - 1.0).abs() < 1e-6, "scores sum to {}", p + q);
+    assert!((json["confidence"].as_f64().unwrap() - p.max(q)).abs() < 1e-6);
+    assert_eq!(label, if p > 0.5 { "image_request" } else { "conversation" });
+    assert_eq!(label, "image_request", "{json}");
+}
+
+#[test]
+fn batch_equals_single() {
+    // Different lengths, so that the batch pads most of them.
+    let prompts = [
+        "hi",
+        "yes please",
+        "a beautiful woman",
+        "what lens should I buy for portraits?",
+        "ultra detailed portrait of an old sailor, 85mm, golden hour, kodak portra 400, masterpiece",
+        "my sister painted our kitchen yellow last weekend and it looks great",
+        "génère une image d'un chat",
+        "",
+    ];
+    let batch = classifier().classify_batch(&prompts).unwrap();
+    assert_eq!(batch.len(), prompts.len());
+    for (prompt, b) in prompts.iter().zip(&batch) {
+        let s = classifier().classify(prompt).unwrap();
+        assert_eq!(s.label, b.label, "{prompt:?}");
+        let diff = (s.scores.image_request - b.scores.image_request).abs();
+        assert!(diff < 1e-4, "{prompt:?}: single {s:?} vs batch {b:?}");
+    }
+}
+
+#[test]
+fn a_missing_encoder_says_how_to_get_it() {
+    let missing = repo_root().join("target/no-such-encoder");
+    let err = SentenceEncoder::load(&EncoderSource::Dir(missing), &Device::Cpu)
+        .err()
+        .expect("loading from a missing folder must fail");
+    assert!(err.to_string().contains("scripts/fetch-models"), "{err:#}");
+}
