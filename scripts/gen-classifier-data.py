@@ -152,6 +152,11 @@ TRAIN_FRAMES = [
     "i'm imagining {d}, can you make it?", "what would {d} look like? show me", "illustration request: {d}",
     "paint a scene with {d}", "photo: {d}", "need {d}", "could u draw {d}", "u think u can draw {d}?",
     "draw {d} plz", "generate pic of {d}", "pic of {d}", "img of {d}", "ok, {d}", "and now {d}",
+    "hook me up with {d}", "lemme get {d}", "i fancy {d}", "i'm in the mood for {d}", "cook up {d}",
+    "spin up {d}", "conjure {d}", "dream up {d}", "come up with {d}", "hit me with {d}", "i'll take {d}",
+    "give us {d}", "gonna need {d}", "got {d}?", "any chance of {d}?", "can we get {d}", "what about {d}",
+    "maybe {d}", "{d} would be cool", "{d} if you can", "start with {d}", "first up, {d}",
+    "make a scene: {d}", "i want a painting of {d}", "turn this into an image: {d}",
 ]
 TEST_FRAMES = [
     "{d}", "{d}", "{d}", "whip up {d}", "could you put together {d} for me?", "i'd love to see {d}",
@@ -185,7 +190,8 @@ FOREIGN = {
         "train": ["dessine {s}", "génère une image de {s}", "fais-moi une photo de {s}", "une image de {s}",
                   "peux-tu dessiner {s} ?", "crée une illustration de {s}", "je veux une photo de {s}",
                   "fais une image de {s}", "imagine {s}", "dessine-moi {s}", "génère {s}",
-                  "une photo de {s} s'il vous plaît"],
+                  "une photo de {s} s'il vous plaît", "réalise {s}", "produis une image de {s}",
+                  "j'aimerais un dessin de {s}"],
         "test": ["montre-moi {s}", "je voudrais une image de {s}", "peins {s} s'il te plaît"],
         "subjects": ["un chat", "une femme sur la plage", "un dragon rouge", "une maison dans la forêt",
                      "un chien qui court", "la tour eiffel la nuit", "un château", "une voiture ancienne",
@@ -194,7 +200,8 @@ FOREIGN = {
     "es": {
         "train": ["dibuja {s}", "genera una imagen de {s}", "hazme una foto de {s}", "una imagen de {s}",
                   "¿puedes dibujar {s}?", "crea una ilustración de {s}", "genera {s}", "haz un dibujo de {s}",
-                  "crea una foto de {s}", "imagina {s}", "¿me puedes hacer una imagen de {s}?"],
+                  "crea una foto de {s}", "imagina {s}", "¿me puedes hacer una imagen de {s}?",
+                  "me gustaría un dibujo de {s}", "hazme {s}"],
         "test": ["muéstrame {s}", "quiero una imagen de {s}", "pinta {s} por favor"],
         "subjects": ["un gato", "una mujer en la playa", "un dragón rojo", "una casa en el bosque",
                      "un perro corriendo", "una ciudad de noche", "un castillo", "un coche antiguo",
@@ -214,7 +221,8 @@ FOREIGN = {
     "it": {
         "train": ["disegna {s}", "genera un'immagine di {s}", "fammi una foto di {s}",
                   "un'immagine di {s}", "crea un'immagine di {s}", "puoi disegnare {s}?",
-                  "genera una foto di {s}", "voglio una foto di {s}"],
+                  "genera una foto di {s}", "voglio una foto di {s}", "fammi {s}",
+                  "mi piacerebbe un disegno di {s}"],
         "test": ["mostrami {s}", "vorrei un'immagine di {s}"],
         "subjects": ["un gatto", "una donna sulla spiaggia", "un drago rosso", "una casa nel bosco",
                      "un cane che corre", "un castello", "un tramonto", "un robot"],
@@ -222,7 +230,7 @@ FOREIGN = {
     "pt": {
         "train": ["desenhe {s}", "gere uma imagem de {s}", "faça uma foto de {s}", "uma imagem de {s}",
                   "crie uma imagem de {s}", "pode desenhar {s}?", "gera uma foto de {s}",
-                  "preciso de uma imagem de {s}"],
+                  "preciso de uma imagem de {s}", "faça {s}", "gostaria de um desenho de {s}"],
         "test": ["mostre-me {s}", "quero uma imagem de {s}"],
         "subjects": ["um gato", "uma mulher na praia", "um dragão vermelho", "uma casa na floresta",
                      "um cachorro correndo", "um castelo", "um pôr do sol", "um robô"],
@@ -291,6 +299,14 @@ TRAIN_CONV_FRAMES = [
     "how do you generate images so fast?", "do you remember the picture of {thing}?",
     "i want to learn photography", "show me how to train a lora", "show me how this app works",
     "can you draw?", "do you like drawing?", "what do you like to draw?", "can you make videos too?",
+    "should i put {style} at the start of the prompt?", "does adding {lighting} to a prompt actually help?",
+    "why does {camera} change the image so much?", "what words make a photo look more realistic?",
+    "is it better to write long prompts or short ones?", "how do you describe a mood in a prompt?",
+    "my {place} window is stuck", "the fridge is making a weird noise again",
+    "the garden looks so pretty after the rain", "our car broke down on the highway",
+    "the cat knocked my coffee over", "the sunset was gorgeous tonight",
+    "i need new curtains for the living room", "{relative} fixed the lamp in {place}",
+    "it's so dark in {place}, the bulb died", "i left my umbrella in {place}",
     "that looks amazing", "the last one was better", "i don't like the colors", "wow, thanks!",
     "that's exactly what i wanted", "not quite what i meant", "haha that's funny", "love it",
 ]
@@ -583,6 +599,8 @@ def main():
         ("train", TRAIN_FRAMES, TRAIN_EDITS, TRAIN_CONV_FRAMES, SHORT_TRAIN, chit_train, bot_train),
         ("test", TEST_FRAMES, TEST_EDITS, TEST_CONV_FRAMES, SHORT_TEST, chit_test, bot_test),
     ):
+        # Each split draws from its own generator, so editing the train pools leaves test as is.
+        rng = random.Random(f"{SEED}-{side}")
         n = sizes[side]
         gen = ImagePrompts(parts[side], frames, edits)
         images = [gen.request(rng) for _ in range(int(n * 0.93))]
@@ -609,7 +627,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for side in ("train", "test"):
-        rng.shuffle(rows[side])
+        random.Random(f"{SEED}-{side}-order").shuffle(rows[side])
         with open(out / f"{side}.jsonl", "w", encoding="utf-8") as f:
             for text, label, src in rows[side]:
                 f.write(json.dumps({"text": text, "label": label, "source": src}, ensure_ascii=False) + "\n")

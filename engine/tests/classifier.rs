@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use candle_core::Device;
 use engine::classifier::{
-    EncoderSource, Label, Metrics, PromptClassifier, SentenceEncoder, Split, DEFAULT_DATA_DIR,
+    finetune, EncoderSource, Label, Metrics, PromptClassifier, SentenceEncoder, Split, TuneConfig,
+    DEFAULT_DATA_DIR,
     DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH,
 };
 
@@ -14,17 +15,21 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+fn encoder_source() -> EncoderSource {
+    let encoder = repo_root().join(DEFAULT_ENCODER_DIR);
+    assert!(
+        encoder.join("model.safetensors").is_file(),
+        "the MiniLM encoder is missing at {}: run scripts/fetch-models first",
+        encoder.display()
+    );
+    EncoderSource::Dir(encoder)
+}
+
 fn classifier() -> &'static PromptClassifier {
     static CLASSIFIER: OnceLock<PromptClassifier> = OnceLock::new();
     CLASSIFIER.get_or_init(|| {
-        let encoder = repo_root().join(DEFAULT_ENCODER_DIR);
-        assert!(
-            encoder.join("model.safetensors").is_file(),
-            "the MiniLM encoder is missing at {}: run scripts/fetch-models first",
-            encoder.display()
-        );
         PromptClassifier::load(
-            &EncoderSource::Dir(encoder),
+            &encoder_source(),
             &repo_root().join(DEFAULT_HEAD_PATH),
             &Device::Cpu,
         )
@@ -125,4 +130,57 @@ fn a_missing_encoder_says_how_to_get_it() {
         .err()
         .expect("loading from a missing folder must fail");
     assert!(err.to_string().contains("scripts/fetch-models"), "{err:#}");
+}
+
+#[test]
+fn trainable_top_layers_compute_what_candle_bert_computes() {
+    // The tuned layers run on our own differentiable ops; with the pretrained weights they
+    // must give the pretrained model's embeddings.
+    let source = encoder_source();
+    let full = SentenceEncoder::load(&source, &Device::Cpu).unwrap();
+    let top = SentenceEncoder::pretrained_top(&source, &Device::Cpu, 2).unwrap();
+    let split = SentenceEncoder::load_with_top(&source, &Device::Cpu, top).unwrap();
+    let texts = ["a lighthouse at dusk, oil painting", "how are you?", "ok"];
+    let a = full.embed(&texts).unwrap();
+    let b = split.embed(&texts).unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "max difference {diff}");
+}
+
+#[test]
+fn fine_tuning_changes_the_encoder_layers() {
+    // Guards against gradients silently stopping before the encoder (candle's fused kernels
+    // have no backward pass), which would leave the "tuned" layers pretrained.
+    let source = encoder_source();
+    let texts = ["draw a cat", "hello there", "a red car, 35mm", "how was your day?"];
+    let targets = [1.0, 0.0, 1.0, 0.0];
+    let cfg = TuneConfig {
+        layers: 1,
+        hidden: 0,
+        epochs: 1,
+        batch_size: 4,
+        encoder_learning_rate: 1e-3,
+        head_learning_rate: 1e-2,
+        weight_decay: 0.0,
+        seed: 1,
+    };
+    let (head, _) = finetune(&source, &texts, &targets, &texts, &targets, &cfg).unwrap();
+    let before = SentenceEncoder::pretrained_top(&source, &Device::Cpu, 1).unwrap();
+    let name = "layer.0.attention.self.query.weight";
+    let change = (&head.top[name] - &before[name])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(change > 1e-5, "{name} did not move: {change}");
 }

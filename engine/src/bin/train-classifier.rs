@@ -40,8 +40,9 @@ struct Args {
     /// Hidden units of the head; 0 for logistic regression.
     #[arg(long, default_value_t = TrainConfig::default().hidden)]
     hidden: usize,
-    #[arg(long, default_value_t = TrainConfig::default().epochs)]
-    epochs: usize,
+    /// Default: 3 when tuning encoder layers, 40 for the head alone.
+    #[arg(long)]
+    epochs: Option<usize>,
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     batch_size: usize,
     #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
@@ -61,10 +62,10 @@ struct Args {
     #[arg(long, default_value = "target/classifier-embeddings")]
     cache: PathBuf,
     /// Also fine-tune this many of the encoder's last layers (0: train the head only).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 2)]
     tune_layers: usize,
     /// Learning rate of the tuned encoder layers.
-    #[arg(long, default_value_t = 5e-5)]
+    #[arg(long, default_value_t = 1e-4)]
     encoder_lr: f64,
 }
 
@@ -74,8 +75,8 @@ fn main() -> Result<()> {
     let source = EncoderSource::parse(&args.encoder)?;
     let test = Split::load(&args.data.join("test.jsonl"))?;
 
-    let (head, trained) = if args.eval_only {
-        (Head::load(&args.head, &device)?, None)
+    let trained = if args.eval_only {
+        None
     } else {
         let train = Split::load(&args.data.join("train.jsonl"))?;
         let (head, val, cfg) = if args.tune_layers > 0 {
@@ -84,8 +85,11 @@ fn main() -> Result<()> {
             let encoder = SentenceEncoder::load(&source, &device)?;
             train_only_head(&args, &source, &encoder, &train)?
         };
-        (head, Some((train, val, cfg)))
+        head.save(&args.head)?;
+        Some((train, val, cfg))
     };
+    // Evaluate what was written, so the figures describe the file a fresh install uses.
+    let head = Head::load(&args.head, &device)?;
 
     let started = Instant::now();
     let encoder = SentenceEncoder::load_with_top(&source, &device, head.top.clone())?;
@@ -98,7 +102,6 @@ fn main() -> Result<()> {
     print_mistakes(&test, &test_p);
 
     if let Some((train, val, cfg)) = trained {
-        head.save(&args.head)?;
         write_metadata(&args, &source, &train, &test, cfg, &head, &val, &metrics)?;
         println!("\nwrote {}", args.head.display());
     }
@@ -194,7 +197,7 @@ fn train_only_head(
     let (val_x, val_y) = pick(&val_idx)?;
     let cfg = TrainConfig {
         hidden: args.hidden,
-        epochs: args.epochs,
+        epochs: args.epochs.unwrap_or(TrainConfig::default().epochs),
         batch_size: args.batch_size,
         learning_rate: args.lr,
         weight_decay: args.weight_decay,
@@ -223,7 +226,7 @@ fn tune(
     let cfg = TuneConfig {
         layers: args.tune_layers,
         hidden: args.hidden,
-        epochs: args.epochs,
+        epochs: args.epochs.unwrap_or(3),
         batch_size: args.batch_size,
         encoder_learning_rate: args.encoder_lr,
         head_learning_rate: args.lr,

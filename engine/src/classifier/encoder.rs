@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
+use candle_transformers::models::bert::{BertModel, Config};
+
+use super::top::TopLayers;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 /// The encoder that `scripts/fetch-models` installs, relative to the repository root.
@@ -100,7 +102,7 @@ impl EncoderSource {
 /// pretrained model as is.
 pub struct SentenceEncoder {
     bottom: BertModel,
-    top: Option<BertEncoder>,
+    top: Option<TopLayers>,
     config: Config,
     tokenizer: Tokenizer,
     device: Device,
@@ -138,12 +140,8 @@ impl SentenceEncoder {
         let bottom = BertModel::load(vb, &bottom_config)
             .with_context(|| format!("loading BERT weights from {}", weights.display()))?;
         let top = (top_layers > 0)
-            .then(|| {
-                let vb = VarBuilder::from_tensors(top, DType::F32, device);
-                BertEncoder::load(vb, &Self::top_config(&config, top_layers))
-            })
-            .transpose()
-            .context("loading the tuned top layers")?;
+            .then(|| TopLayers::new(top, top_layers, &config))
+            .transpose()?;
         Ok(Self {
             bottom,
             top,
@@ -184,14 +182,6 @@ impl SentenceEncoder {
             bail!("found {} of {layers} top layers in {}", layer_count(&top), weights.display());
         }
         Ok(top)
-    }
-
-    /// The configuration of a stack of `layers` layers of this encoder.
-    pub fn top_config(config: &Config, layers: usize) -> Config {
-        Config {
-            num_hidden_layers: layers,
-            ..config.clone()
-        }
     }
 
     /// Whether the last layers are the project's fine-tuned ones rather than the pretrained.
@@ -239,7 +229,7 @@ impl SentenceEncoder {
         }
         let (hidden, mask) = self.bottom_states(texts)?;
         let hidden = match &self.top {
-            Some(top) => run_top(top, &hidden, &mask)?,
+            Some(top) => top.forward(&hidden, &mask)?,
             None => hidden,
         };
         pool(&hidden, &mask)
@@ -271,15 +261,6 @@ pub fn length_order(texts: &[&str]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].len());
     order
-}
-
-/// Runs tuned top layers on bottom hidden states; `mask` is the `[n, tokens]` 0/1 mask.
-pub fn run_top(top: &BertEncoder, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    // BertEncoder takes the additive form BertModel builds internally: 0 where attention is
-    // allowed, the most negative f32 on padding, shaped [n, 1, 1, tokens].
-    let mask = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
-    let additive = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?;
-    Ok(top.forward(hidden, &additive)?)
 }
 
 /// Mean over real tokens, then unit length, as the sentence-transformers model does.

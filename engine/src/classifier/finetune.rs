@@ -5,14 +5,14 @@
 use std::collections::HashMap;
 
 use anyhow::{ensure, Result};
-use candle_core::{DType, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
-use candle_transformers::models::bert::BertEncoder;
+use candle_core::{Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::encoder::{length_order, pool, run_top, EncoderSource, SentenceEncoder};
+use super::encoder::{length_order, pool, EncoderSource, SentenceEncoder};
+use super::top::TopLayers;
 use super::head::Head;
 use super::train::{bce_with_logits, new_head, snapshot, EpochReport};
 
@@ -71,7 +71,7 @@ pub fn finetune(
     let train_batches = cache(&frozen, texts, targets, cfg.batch_size)?;
     let val_batches = cache(&frozen, val_texts, val_targets, 64)?;
 
-    // Tensors that share storage with Vars: the BertEncoder built on them trains in place.
+    // Tensors that share storage with Vars: the layers built on them train in place.
     let top_vars: HashMap<String, Var> = pretrained
         .iter()
         .map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?)))
@@ -80,11 +80,7 @@ pub fn finetune(
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
-    let top_config = SentenceEncoder::top_config(frozen.config(), cfg.layers);
-    let top = BertEncoder::load(
-        VarBuilder::from_tensors(top_tensors.clone(), DType::F32, &device),
-        &top_config,
-    )?;
+    let top = TopLayers::new(top_tensors.clone(), cfg.layers, frozen.config())?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let (head_vars, mut live) = new_head(frozen.hidden_size(), cfg.hidden, &mut rng, &device)?;
     live.top = top_tensors;
@@ -108,7 +104,7 @@ pub fn finetune(
         },
     )?;
     let logits = |b: &Batch| -> Result<Tensor> {
-        live.logits(&pool(&run_top(&top, &b.hidden, &b.mask)?, &b.mask)?)
+        live.logits(&pool(&top.forward(&b.hidden, &b.mask)?, &b.mask)?)
     };
 
     let mut order: Vec<usize> = (0..train_batches.len()).collect();

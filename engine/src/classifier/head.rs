@@ -49,11 +49,13 @@ impl Head {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
+        // Tuned encoder layers are stored in f16: that halves the committed file, and the
+        // training command evaluates the file as written, so the rounding is measured.
         let mut tensors: HashMap<String, Tensor> = self
             .top
             .iter()
-            .map(|(k, v)| (format!("{TOP}{k}"), v.clone()))
-            .collect();
+            .map(|(k, v)| Ok((format!("{TOP}{k}"), v.to_dtype(DType::F16)?)))
+            .collect::<Result<_>>()?;
         if let Some((w, b)) = &self.hidden {
             tensors.insert("hidden.weight".into(), w.clone());
             tensors.insert("hidden.bias".into(), b.clone());
@@ -84,7 +86,8 @@ impl Head {
         let top = top_names
             .into_iter()
             .filter_map(|k| t.remove(&k).map(|v| (k[TOP.len()..].to_string(), v)))
-            .collect();
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
         let mut take = |name: &str| {
             t.remove(name)
                 .with_context(|| format!("tensor {name} missing"))

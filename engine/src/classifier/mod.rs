@@ -11,6 +11,7 @@ mod encoder;
 mod head;
 mod label;
 mod metrics;
+mod top;
 mod train;
 
 use std::path::Path;

@@ -27,7 +27,7 @@ impl Default for TrainConfig {
         Self {
             hidden: 256,
             epochs: 40,
-            batch_size: 64,
+            batch_size: 32,
             learning_rate: 1e-3,
             weight_decay: 1e-2,
             seed: 7,
