@@ -42,6 +42,7 @@ ISSUE_EXAMPLES = {
 }
 
 # ---------------------------------------------------------------- image request parts
+ALWAYS_TRAIN = {"woman", "man", "beautiful", "cat", "dog", "portrait", "a photo of", "a picture of"}
 # Each list is split into a train part and a test part (see split_list), so test prompts describe
 # things in words the head never saw labelled.
 SUBJECTS = [
@@ -490,6 +491,11 @@ class ImagePrompts:
 
     def description(self, rng):
         p = self.p
+        if rng.random() < 0.12:
+            # Bare, short descriptions ("a beautiful woman") are requests too, and the most
+            # easily mistaken for a chat reply.
+            return rng.choice([self.noun_phrase(rng), self.subject(rng),
+                               f"{self.noun_phrase(rng)} {rng.choice(p['settings'])}"])
         style = rng.random()
         if style < 0.45:  # natural sentence
             d = self.noun_phrase(rng)
@@ -529,6 +535,9 @@ class ImagePrompts:
         return d
 
     def request(self, rng):
+        if rng.random() < 0.06:
+            # A bare subject with no frame at all: the shortest way to ask for a picture.
+            return self.noun_phrase(rng), "template"
         if rng.random() < 0.07:
             e = rng.choice(self.edits)
             text = e.format(setting=rng.choice(self.p["settings"]), style=rng.choice(self.p["styles"]),
@@ -584,7 +593,11 @@ def main():
                              ("camera", CAMERA, 0.25), ("quality", QUALITY, 0.25),
                              ("media", MEDIA, 0.25), ("triggers", TRIGGERS, 0.3),
                              ("params", MJ_PARAMS, 0.3), ("negatives", NEGATIVES, 0.25)):
-        parts.setdefault("train", {})[key], parts.setdefault("test", {})[key] = split_list(items, rng, frac)
+        train_part, test_part = split_list(items, rng, frac)
+        # The commonest words of real prompts must be seen in training, whatever the draw.
+        moved = [w for w in test_part if w in ALWAYS_TRAIN]
+        parts.setdefault("train", {})[key] = train_part + moved
+        parts.setdefault("test", {})[key] = [w for w in test_part if w not in moved] or test_part
     slots = {}
     for key, items in (("artworks", ARTWORKS), ("movements", MOVEMENTS), ("models", MODELS), ("gear", GEAR),
                        ("genres", GENRES), ("places", PLACES), ("things", THINGS), ("relatives", RELATIVES)):

@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use engine::classifier::{
-    finetune, EncoderSource, Label, Metrics, PromptClassifier, SentenceEncoder, Split, TuneConfig,
-    DEFAULT_DATA_DIR,
-    DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH,
+    finetune, pool, EncoderSource, Label, Metrics, PromptClassifier, SentenceEncoder, Split,
+    TopLayers, TuneConfig, DEFAULT_DATA_DIR, DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH,
 };
 
 fn repo_root() -> PathBuf {
@@ -48,8 +47,16 @@ fn committed_head_reaches_97_percent_on_the_held_out_split() {
         .map(|c| c.scores.image_request)
         .collect();
     let m = Metrics::compute(&p, &test.targets());
-    assert!(m.accuracy >= 0.97, "held-out accuracy {:.4} < 0.97\n{m}", m.accuracy);
-    assert!(m.f1_macro >= 0.97, "held-out macro F1 {:.4} < 0.97\n{m}", m.f1_macro);
+    assert!(
+        m.accuracy >= 0.97,
+        "held-out accuracy {:.4} < 0.97\n{m}",
+        m.accuracy
+    );
+    assert!(
+        m.f1_macro >= 0.97,
+        "held-out macro F1 {:.4} < 0.97\n{m}",
+        m.f1_macro
+    );
 }
 
 #[test]
@@ -59,10 +66,13 @@ fn committed_head_was_trained_on_the_committed_data() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
     for split in ["train", "test"] {
-        let file = repo_root().join(DEFAULT_DATA_DIR).join(format!("{split}.jsonl"));
+        let file = repo_root()
+            .join(DEFAULT_DATA_DIR)
+            .join(format!("{split}.jsonl"));
         let data = Split::load(&file).unwrap();
         assert_eq!(
-            meta[split]["sha256"], data.sha256,
+            meta[split]["sha256"],
+            data.sha256,
             "{} changed since the head was trained: run train-classifier",
             file.display()
         );
@@ -73,7 +83,10 @@ fn committed_head_was_trained_on_the_committed_data() {
 fn the_issue_examples_are_routed_right() {
     let cases = [
         ("can I see you in the kitchen?", Label::Conversation),
-        ("show me a woman cooking in a bright kitchen", Label::ImageRequest),
+        (
+            "show me a woman cooking in a bright kitchen",
+            Label::ImageRequest,
+        ),
         ("a beautiful woman", Label::ImageRequest),
     ];
     for (prompt, want) in cases {
@@ -96,7 +109,14 @@ fn output_has_the_contract_shape() {
     assert_eq!(json["scores"].as_object().unwrap().len(), 2);
     assert!((p + q - 1.0).abs() < 1e-6, "scores sum to {}", p + q);
     assert!((json["confidence"].as_f64().unwrap() - p.max(q)).abs() < 1e-6);
-    assert_eq!(label, if p > 0.5 { "image_request" } else { "conversation" });
+    assert_eq!(
+        label,
+        if p > 0.5 {
+            "image_request"
+        } else {
+            "conversation"
+        }
+    );
     assert_eq!(label, "image_request", "{json}");
 }
 
@@ -134,24 +154,25 @@ fn a_missing_encoder_says_how_to_get_it() {
 
 #[test]
 fn trainable_top_layers_compute_what_candle_bert_computes() {
-    // The tuned layers run on our own differentiable ops; with the pretrained weights they
-    // must give the pretrained model's embeddings.
+    // Training runs the top layers on our own differentiable ops, inference on candle's fused
+    // BertEncoder; with the pretrained weights both must give the pretrained embeddings.
     let source = encoder_source();
     let full = SentenceEncoder::load(&source, &Device::Cpu).unwrap();
     let top = SentenceEncoder::pretrained_top(&source, &Device::Cpu, 2).unwrap();
-    let split = SentenceEncoder::load_with_top(&source, &Device::Cpu, top).unwrap();
+    let split = SentenceEncoder::load_with_top(&source, &Device::Cpu, top.clone()).unwrap();
+    let layers = TopLayers::new(top, 2, full.config()).unwrap();
     let texts = ["a lighthouse at dusk, oil painting", "how are you?", "ok"];
-    let a = full.embed(&texts).unwrap();
-    let b = split.embed(&texts).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(diff < 1e-4, "max difference {diff}");
+    let max_diff = |a: Tensor, b: Tensor| -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap()
+    };
+    let reference = full.embed(&texts).unwrap();
+    let (hidden, mask) = split.bottom_states(&texts).unwrap();
+    let trainable = pool(&layers.forward(&hidden, &mask).unwrap(), &mask).unwrap();
+    let diff = max_diff(reference.clone(), trainable);
+    assert!(diff < 1e-4, "trainable layers differ by {diff}");
+    let diff = max_diff(reference, split.embed(&texts).unwrap());
+    assert!(diff < 1e-4, "split encoder differs by {diff}");
 }
 
 #[test]
@@ -159,7 +180,12 @@ fn fine_tuning_changes_the_encoder_layers() {
     // Guards against gradients silently stopping before the encoder (candle's fused kernels
     // have no backward pass), which would leave the "tuned" layers pretrained.
     let source = encoder_source();
-    let texts = ["draw a cat", "hello there", "a red car, 35mm", "how was your day?"];
+    let texts = [
+        "draw a cat",
+        "hello there",
+        "a red car, 35mm",
+        "how was your day?",
+    ];
     let targets = [1.0, 0.0, 1.0, 0.0];
     let cfg = TuneConfig {
         layers: 1,

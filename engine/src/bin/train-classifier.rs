@@ -93,11 +93,18 @@ fn main() -> Result<()> {
 
     let started = Instant::now();
     let encoder = SentenceEncoder::load_with_top(&source, &device, head.top.clone())?;
-    println!("\nencoder {} loaded in {:.2?}", source.id(), started.elapsed());
+    println!(
+        "\nencoder {} loaded in {:.2?}",
+        source.id(),
+        started.elapsed()
+    );
     let test_x = embed(&args, &source, &encoder, &test, "test")?;
     let test_p = head.image_probabilities(&test_x)?;
     let metrics = Metrics::compute(&test_p, &test.targets());
-    println!("\n== held-out test split ({})", args.data.join("test.jsonl").display());
+    println!(
+        "\n== held-out test split ({})",
+        args.data.join("test.jsonl").display()
+    );
     print!("{metrics}");
     print_mistakes(&test, &test_p);
 
@@ -121,7 +128,9 @@ fn embed(
     name: &str,
 ) -> Result<Tensor> {
     let id = source.id().replace(['/', '@'], "_");
-    let cached = args.cache.join(format!("{id}-{}.safetensors", &split.sha256[..16]));
+    let cached = args
+        .cache
+        .join(format!("{id}-{}.safetensors", &split.sha256[..16]));
     let cacheable = !encoder.is_tuned();
     if cacheable {
         if let Ok(mut t) = candle_core::safetensors::load(&cached, encoder.device()) {
@@ -172,7 +181,10 @@ fn calibrate(head: &mut Head, val_x: &Tensor, val_y: &[f32]) -> Result<Metrics> 
     head.temperature = fit_temperature(&head.logits(val_x)?.to_vec1::<f32>()?, val_y);
     println!("temperature fitted on validation: {:.3}", head.temperature);
     let val = Metrics::compute(&head.image_probabilities(val_x)?, val_y);
-    println!("\n== validation split ({} rows carved from train)", val_y.len());
+    println!(
+        "\n== validation split ({} rows carved from train)",
+        val_y.len()
+    );
     print!("{val}");
     Ok(val)
 }
@@ -205,7 +217,11 @@ fn train_only_head(
     };
     let started = Instant::now();
     let (mut head, log) = train_head(&fit_x, &fit_y, &val_x, &val_y, &cfg)?;
-    println!("trained the head {} epochs in {:.1?}", cfg.epochs, started.elapsed());
+    println!(
+        "trained the head {} epochs in {:.1?}",
+        cfg.epochs,
+        started.elapsed()
+    );
     print_log(&log, 5);
     let val = calibrate(&mut head, &val_x, &val_y)?;
     Ok((head, val, serde_json::to_value(&cfg)?))

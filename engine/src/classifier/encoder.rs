@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
-
-use super::top::TopLayers;
+use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 /// The encoder that `scripts/fetch-models` installs, relative to the repository root.
@@ -102,7 +100,7 @@ impl EncoderSource {
 /// pretrained model as is.
 pub struct SentenceEncoder {
     bottom: BertModel,
-    top: Option<TopLayers>,
+    top: Option<BertEncoder>,
     config: Config,
     tokenizer: Tokenizer,
     device: Device,
@@ -139,9 +137,19 @@ impl SentenceEncoder {
         };
         let bottom = BertModel::load(vb, &bottom_config)
             .with_context(|| format!("loading BERT weights from {}", weights.display()))?;
+        // Inference runs the tuned layers on candle's fused kernels: the same function as the
+        // trainable TopLayers, and faster.
         let top = (top_layers > 0)
-            .then(|| TopLayers::new(top, top_layers, &config))
-            .transpose()?;
+            .then(|| {
+                let vb = VarBuilder::from_tensors(top, DType::F32, device);
+                let top_config = Config {
+                    num_hidden_layers: top_layers,
+                    ..config.clone()
+                };
+                BertEncoder::load(vb, &top_config)
+            })
+            .transpose()
+            .context("loading the tuned top layers")?;
         Ok(Self {
             bottom,
             top,
@@ -175,11 +183,18 @@ impl SentenceEncoder {
                 continue;
             };
             if let Some(i) = index.parse::<usize>().ok().filter(|&i| i >= first) {
-                top.insert(format!("layer.{}.{tail}", i - first), tensor.to_dtype(DType::F32)?);
+                top.insert(
+                    format!("layer.{}.{tail}", i - first),
+                    tensor.to_dtype(DType::F32)?,
+                );
             }
         }
         if layer_count(&top) != layers {
-            bail!("found {} of {layers} top layers in {}", layer_count(&top), weights.display());
+            bail!(
+                "found {} of {layers} top layers in {}",
+                layer_count(&top),
+                weights.display()
+            );
         }
         Ok(top)
     }
@@ -204,10 +219,17 @@ impl SentenceEncoder {
     /// Hidden states after the pretrained bottom layers, `[n, tokens, hidden]`, and the
     /// attention mask, `[n, tokens]` (1 for real tokens, 0 for padding).
     pub fn bottom_states(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(anyhow::Error::msg)?;
+        // A single prompt skips the batch path's thread pool: cheaper for one short text.
+        let encodings = match texts {
+            [text] => vec![self
+                .tokenizer
+                .encode(*text, true)
+                .map_err(anyhow::Error::msg)?],
+            _ => self
+                .tokenizer
+                .encode_batch(texts.to_vec(), true)
+                .map_err(anyhow::Error::msg)?,
+        };
         let rows = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Result<Tensor> {
             let rows = encodings
                 .iter()
@@ -225,11 +247,20 @@ impl SentenceEncoder {
     /// Embeds `texts` in one forward pass: a `[texts.len(), hidden_size]` f32 tensor of unit rows.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
         if texts.is_empty() {
-            return Ok(Tensor::zeros((0, self.hidden_size()), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, self.hidden_size()),
+                DType::F32,
+                &self.device,
+            )?);
         }
         let (hidden, mask) = self.bottom_states(texts)?;
         let hidden = match &self.top {
-            Some(top) => top.forward(&hidden, &mask)?,
+            Some(top) => {
+                // BertEncoder takes the additive mask that BertModel builds internally.
+                let m = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
+                let additive = ((m.ones_like()? - &m)? * -1e4)?;
+                top.forward(&hidden, &additive)?
+            }
             None => hidden,
         };
         pool(&hidden, &mask)
@@ -269,7 +300,11 @@ pub fn pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
     let counts = mask.sum(1)?.clamp(1f32, f32::MAX)?;
     let mean = summed.broadcast_div(&counts)?;
-    let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+    let norms = mean
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?
+        .clamp(1e-12f32, f32::MAX)?;
     Ok(mean.broadcast_div(&norms)?)
 }
 
@@ -277,7 +312,13 @@ pub fn pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 fn layer_count(tensors: &HashMap<String, Tensor>) -> usize {
     tensors
         .keys()
-        .filter_map(|k| k.strip_prefix("layer.")?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix("layer.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .map(|i| i + 1)
         .max()
         .unwrap_or(0)

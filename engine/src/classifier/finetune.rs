@@ -12,8 +12,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::encoder::{length_order, pool, EncoderSource, SentenceEncoder};
-use super::top::TopLayers;
 use super::head::Head;
+use super::top::TopLayers;
 use super::train::{bce_with_logits, new_head, snapshot, EpochReport};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -37,7 +37,12 @@ struct Batch {
     targets: Tensor,
 }
 
-fn cache(encoder: &SentenceEncoder, texts: &[&str], targets: &[f32], size: usize) -> Result<Vec<Batch>> {
+fn cache(
+    encoder: &SentenceEncoder,
+    texts: &[&str],
+    targets: &[f32],
+    size: usize,
+) -> Result<Vec<Batch>> {
     length_order(texts)
         .chunks(size.max(1))
         .map(|chunk| {
@@ -64,7 +69,10 @@ pub fn finetune(
     cfg: &TuneConfig,
 ) -> Result<(Head, Vec<EpochReport>)> {
     ensure!(cfg.layers > 0, "fine-tuning needs at least one layer");
-    ensure!(texts.len() == targets.len() && !texts.is_empty(), "one target per text");
+    ensure!(
+        texts.len() == targets.len() && !texts.is_empty(),
+        "one target per text"
+    );
     let device = candle_core::Device::Cpu;
     let pretrained = SentenceEncoder::pretrained_top(source, &device, cfg.layers)?;
     let frozen = SentenceEncoder::load_with_top(source, &device, pretrained.clone())?;

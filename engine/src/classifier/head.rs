@@ -63,7 +63,10 @@ impl Head {
         tensors.insert("out.weight".into(), self.out.0.clone());
         tensors.insert("out.bias".into(), self.out.1.clone());
         let device = self.out.0.device();
-        tensors.insert("temperature".into(), Tensor::new(&[self.temperature], device)?);
+        tensors.insert(
+            "temperature".into(),
+            Tensor::new(&[self.temperature], device)?,
+        );
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }

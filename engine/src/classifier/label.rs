@@ -12,16 +12,6 @@ pub enum Label {
     Conversation,
 }
 
-impl Label {
-    /// The wire name, also used in the data set's `label` field.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Label::ImageRequest => "image_request",
-            Label::Conversation => "conversation",
-        }
-    }
-}
-
 /// Both class probabilities; they sum to 1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
@@ -78,8 +68,10 @@ mod tests {
     fn label_follows_the_larger_score() {
         let c = Classification::from_image_probability(0.9);
         assert_eq!(c.label, Label::ImageRequest);
-        assert_eq!(c.label.as_str(), "image_request");
         assert!((c.confidence - 0.9).abs() < 1e-6);
-        assert_eq!(Classification::from_image_probability(0.5).label, Label::Conversation);
+        assert_eq!(
+            Classification::from_image_probability(0.5).label,
+            Label::Conversation
+        );
     }
 }

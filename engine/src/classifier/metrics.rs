@@ -78,9 +78,14 @@ impl Metrics {
             .iter()
             .enumerate()
             .map(|(i, &(count, conf_sum, correct))| {
-                let mean_confidence = if count == 0 { 0.0 } else { conf_sum / count as f64 };
+                let mean_confidence = if count == 0 {
+                    0.0
+                } else {
+                    conf_sum / count as f64
+                };
                 let accuracy = ratio(correct, count);
-                ece += count as f64 / n.max(1) as f64 * (mean_confidence - f64::from(accuracy)).abs();
+                ece +=
+                    count as f64 / n.max(1) as f64 * (mean_confidence - f64::from(accuracy)).abs();
                 ReliabilityBin {
                     lo: 0.5 + i as f32 * 0.5 / BINS as f32,
                     hi: 0.5 + (i + 1) as f32 * 0.5 / BINS as f32,
@@ -125,7 +130,11 @@ impl fmt::Display for Metrics {
         writeln!(f, "                    image_request  conversation")?;
         writeln!(f, "  image_request     {tp:>13}  {fneg:>12}")?;
         writeln!(f, "  conversation      {fp:>13}  {tn:>12}")?;
-        writeln!(f, "calibration ECE {:.4}, log loss {:.4}", self.ece, self.log_loss)?;
+        writeln!(
+            f,
+            "calibration ECE {:.4}, log loss {:.4}",
+            self.ece, self.log_loss
+        )?;
         writeln!(f, "  confidence      count  mean conf  accuracy")?;
         for b in self.bins.iter().filter(|b| b.count > 0) {
             writeln!(

@@ -1,13 +1,14 @@
 //! The prompt classifier: routes a chat message to image generation or to conversation.
 //!
-//! A frozen BERT-family sentence encoder (all-MiniLM-L6-v2 by default, installed by
-//! `scripts/fetch-models`) embeds the prompt; a small head trained by this project
-//! (`train-classifier`, committed under `engine/assets/`) turns the embedding into a calibrated
-//! probability.
+//! A BERT-family sentence encoder (all-MiniLM-L6-v2 by default, installed by
+//! `scripts/fetch-models`) embeds the prompt; a small head turns the embedding into a calibrated
+//! probability. The head file (`train-classifier`, committed under `engine/assets/`) also holds
+//! the encoder's last layers as this project fine-tuned them, which run in place of the
+//! pretrained ones.
 
 mod data;
-mod finetune;
 mod encoder;
+mod finetune;
 mod head;
 mod label;
 mod metrics;
@@ -20,12 +21,13 @@ use anyhow::{ensure, Result};
 use candle_core::Device;
 
 pub use data::{Example, Split, DEFAULT_DATA_DIR};
-pub use encoder::{EncoderSource, SentenceEncoder, DEFAULT_ENCODER_DIR};
+pub use encoder::{pool, EncoderSource, SentenceEncoder, DEFAULT_ENCODER_DIR};
 pub use finetune::{finetune, TuneConfig};
 pub use head::{Head, DEFAULT_HEAD_PATH};
 pub use label::{Classification, Label, Scores};
 pub use metrics::{Metrics, ReliabilityBin};
-pub use train::{bce_with_logits, fit_temperature, train_head, EpochReport, TrainConfig};
+pub use top::TopLayers;
+pub use train::{fit_temperature, train_head, EpochReport, TrainConfig};
 
 /// Batches for many prompts at once: large enough to use both cores well, small enough that
 /// sorting by length keeps padding low.
@@ -56,7 +58,9 @@ impl PromptClassifier {
     }
 
     pub fn classify(&self, prompt: &str) -> Result<Classification> {
-        let p = self.head.image_probabilities(&self.encoder.embed(&[prompt])?)?;
+        let p = self
+            .head
+            .image_probabilities(&self.encoder.embed(&[prompt])?)?;
         Ok(Classification::from_image_probability(p[0]))
     }
 
@@ -68,13 +72,5 @@ impl PromptClassifier {
             .into_iter()
             .map(Classification::from_image_probability)
             .collect())
-    }
-
-    pub fn encoder(&self) -> &SentenceEncoder {
-        &self.encoder
-    }
-
-    pub fn head(&self) -> &Head {
-        &self.head
     }
 }

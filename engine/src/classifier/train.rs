@@ -48,7 +48,11 @@ pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 fn init(rows: usize, cols: usize, rng: &mut StdRng, device: &Device) -> Result<Var> {
     let normal = Normal::new(0f32, (1.0 / cols as f32).sqrt())?;
     let data: Vec<f32> = (0..rows * cols).map(|_| normal.sample(rng)).collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(data, (rows, cols), device)?)?)
+    Ok(Var::from_tensor(&Tensor::from_vec(
+        data,
+        (rows, cols),
+        device,
+    )?)?)
 }
 
 /// One epoch's report, for the training log.
@@ -225,7 +229,10 @@ mod tests {
 
     #[test]
     fn learns_a_separable_problem() -> Result<()> {
-        let x = Tensor::new(&[[1f32, 0.], [0.9, 0.1], [0., 1.], [0.1, 0.9]], &Device::Cpu)?;
+        let x = Tensor::new(
+            &[[1f32, 0.], [0.9, 0.1], [0., 1.], [0.1, 0.9]],
+            &Device::Cpu,
+        )?;
         let y = [1f32, 1., 0., 0.];
         let cfg = TrainConfig {
             hidden: 4,
