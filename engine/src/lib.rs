@@ -1,3 +1,11 @@
 //! The studio's models on candle: FLUX text-to-image, its text encoders and autoencoder, LoRA,
 //! training and the prompt classifier. Nothing here knows about HTTP.
+
 pub mod classifier;
+pub mod device;
+pub mod hub;
+pub mod models;
+pub mod pipeline;
+pub mod presets;
+pub mod sampling;
+pub mod weights;

@@ -1,0 +1,107 @@
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{ErrorDetail, GenerateResponse, JobStatus};
+
+/// One message of a job's stream, as both WebSockets send it and as the job's log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobEvent {
+    pub job_id: String,
+    /// Position in the job's stream, from 1; replay and live delivery never repeat a number.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at: i64,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    Status {
+        status: JobStatus,
+    },
+    Log {
+        message: String,
+    },
+    /// A denoising step of a generation, or an optimizer step of a training run.
+    Step {
+        step: u32,
+        total: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss: Option<f32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        learning_rate: Option<f64>,
+        /// A small base64 PNG of the current latent (generation only; live streams only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        preview: Option<String>,
+    },
+    /// A sample image made during training, downloadable at `url`.
+    Sample {
+        step: u32,
+        url: String,
+    },
+    Result(Box<GenerateResponse>),
+    Error {
+        error: ErrorDetail,
+    },
+}
+
+impl EventBody {
+    /// What the job's log keeps of this event: previews and result images are large and live elsewhere
+    /// (the result PNG under `/images/`), so they are left out; the rest is kept as sent.
+    pub fn for_log(&self) -> Option<EventBody> {
+        match self {
+            EventBody::Result(_) => None,
+            EventBody::Step {
+                step,
+                total,
+                loss,
+                learning_rate,
+                ..
+            } => Some(EventBody::Step {
+                step: *step,
+                total: *total,
+                loss: *loss,
+                learning_rate: *learning_rate,
+                preview: None,
+            }),
+            other => Some(other.clone()),
+        }
+    }
+}
+
+/// What a client may send on the generation WebSocket after its request: `{"type": "cancel"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    Cancel,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_flat_with_a_type_tag() {
+        let event = JobEvent {
+            job_id: "j".into(),
+            seq: 3,
+            at: 1,
+            body: EventBody::Step {
+                step: 2,
+                total: 4,
+                loss: None,
+                learning_rate: None,
+                preview: Some("x".into()),
+            },
+        };
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], "step");
+        assert_eq!(json["step"], 2);
+        assert_eq!(json["preview"], "x");
+        assert_eq!(serde_json::from_value::<JobEvent>(json).unwrap(), event);
+        let logged = event.body.for_log().unwrap();
+        assert!(matches!(logged, EventBody::Step { preview: None, .. }));
+    }
+}

@@ -1,0 +1,146 @@
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Bounds on generation requests that hold for every model; a preset may narrow them further.
+pub mod limits {
+    /// Width and height must be multiples of this (the autoencoder's and patchifier's stride).
+    pub const SIZE_MULTIPLE: u32 = 16;
+    pub const MIN_SIZE: u32 = 64;
+    pub const MAX_SIZE: u32 = 2048;
+    pub const MAX_STEPS: u32 = 100;
+    pub const MAX_GUIDANCE: f32 = 30.0;
+    pub const MAX_LORA_SCALE: f32 = 4.0;
+    /// Far above what T5's 512 tokens can use; stops megabyte prompts reaching the tokenizer.
+    pub const MAX_PROMPT_CHARS: usize = 4000;
+}
+
+/// `POST /generate/` and the first message of the generation WebSocket. Fields not listed here are ignored,
+/// as the original service ignored them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// Random when absent; the response says which seed was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f32>,
+    /// A multiple of 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// A multiple of 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// A trained `model_id`, a hub LoRA, or `"none"`; the preset's LoRA when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_scale: Option<f32>,
+    /// A preset id from `GET /models/`; the server's default preset when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl GenerateRequest {
+    /// Checks the bounds every model shares; the message names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        use limits::*;
+        if self.prompt.trim().is_empty() {
+            return Err("prompt must not be empty".into());
+        }
+        if self.prompt.chars().count() > MAX_PROMPT_CHARS {
+            return Err(format!(
+                "prompt is longer than {MAX_PROMPT_CHARS} characters"
+            ));
+        }
+        for (name, value) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = value {
+                if !(MIN_SIZE..=MAX_SIZE).contains(&v) || v % SIZE_MULTIPLE != 0 {
+                    return Err(format!(
+                        "{name} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}, got {v}"
+                    ));
+                }
+            }
+        }
+        if let Some(steps) = self.steps {
+            if !(1..=MAX_STEPS).contains(&steps) {
+                return Err(format!(
+                    "steps must be between 1 and {MAX_STEPS}, got {steps}"
+                ));
+            }
+        }
+        if let Some(g) = self.guidance {
+            if !(0.0..=MAX_GUIDANCE).contains(&g) {
+                return Err(format!(
+                    "guidance must be between 0 and {MAX_GUIDANCE}, got {g}"
+                ));
+            }
+        }
+        if let Some(s) = self.lora_scale {
+            if !(-MAX_LORA_SCALE..=MAX_LORA_SCALE).contains(&s) {
+                return Err(format!(
+                    "lora_scale must be between -{MAX_LORA_SCALE} and {MAX_LORA_SCALE}, got {s}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `POST /generate/` answer, and the `result` event of the generation WebSocket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    /// The image as base64-encoded PNG.
+    pub image: String,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub model: String,
+    /// The prompt as sent to the model (trigger words included).
+    pub prompt: String,
+    pub elapsed_ms: u64,
+    /// The job that made it; the PNG stays downloadable at `/images/{job_id}`.
+    pub job_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(prompt: &str) -> GenerateRequest {
+        GenerateRequest {
+            prompt: prompt.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_plain_prompt_and_rejects_out_of_range_fields() {
+        assert!(request("a cat").validate().is_ok());
+        assert!(request("  ").validate().unwrap_err().contains("prompt"));
+        let odd = GenerateRequest {
+            width: Some(1000),
+            ..request("a")
+        };
+        assert!(odd.validate().unwrap_err().contains("width"));
+        let ok = GenerateRequest {
+            width: Some(1024),
+            height: Some(512),
+            steps: Some(4),
+            ..request("a")
+        };
+        assert!(ok.validate().is_ok());
+        let zero = GenerateRequest {
+            steps: Some(0),
+            ..request("a")
+        };
+        assert!(zero.validate().unwrap_err().contains("steps"));
+        let nan = GenerateRequest {
+            guidance: Some(f32::NAN),
+            ..request("a")
+        };
+        assert!(nan.validate().unwrap_err().contains("guidance"));
+    }
+}

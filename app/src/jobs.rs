@@ -1,0 +1,124 @@
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Generation,
+    Training,
+}
+
+/// One status vocabulary for every job. Generation jobs go queued -> running -> end; training jobs go
+/// queued -> preparing -> training -> end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Preparing,
+    Running,
+    Training,
+    Completed,
+    Failed,
+    Cancelled,
+    /// The server stopped (or was killed) while the job was queued or running.
+    Interrupted,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 8] = [
+        JobStatus::Queued,
+        JobStatus::Preparing,
+        JobStatus::Running,
+        JobStatus::Training,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+        JobStatus::Interrupted,
+    ];
+
+    /// The name used on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Preparing => "preparing",
+            JobStatus::Running => "running",
+            JobStatus::Training => "training",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+
+    /// No more work will happen on a job in this state unless a user resumes it.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed
+                | JobStatus::Failed
+                | JobStatus::Cancelled
+                | JobStatus::Interrupted
+        )
+    }
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Generation => "generation",
+            JobKind::Training => "training",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        [JobKind::Generation, JobKind::Training]
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+    }
+}
+
+/// A job as `GET /jobs/` and `GET /jobs/{job_id}` list it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: JobKind,
+    pub status: JobStatus,
+    /// What the job was asked to do (the request, without uploaded files).
+    pub params: serde_json::Value,
+    /// What it produced, once completed.
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub step: u32,
+    pub total_steps: u32,
+    /// Latest training loss.
+    pub loss: Option<f32>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    /// Milliseconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobRecord>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip_and_match_serde() {
+        for status in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(status.as_str()), Some(status));
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+        assert_eq!(JobStatus::parse("done"), None);
+    }
+}

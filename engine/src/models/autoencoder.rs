@@ -1,0 +1,365 @@
+//! FLUX's autoencoder (diffusers' AutoencoderKL layout, 16 latent channels, no quant convs):
+//! images to latents for training, latents to images for generation.
+
+use anyhow::{Context, Result};
+use candle_core::{Module, Tensor, D};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoencoderConfig {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    pub scaling_factor: f64,
+    pub shift_factor: f64,
+    pub mid_block_attention: bool,
+}
+
+impl AutoencoderConfig {
+    pub fn flux() -> Self {
+        Self {
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 16,
+            norm_num_groups: 32,
+            scaling_factor: 0.3611,
+            shift_factor: 0.1159,
+            mid_block_attention: true,
+        }
+    }
+
+    pub fn from_diffusers_json(json: &serde_json::Value) -> Result<Self> {
+        let f = Self::flux();
+        let usize_of = |k: &str, d: usize| json[k].as_u64().map_or(d, |v| v as usize);
+        let quant = json["use_quant_conv"].as_bool().unwrap_or(false)
+            || json["use_post_quant_conv"].as_bool().unwrap_or(false);
+        anyhow::ensure!(
+            !quant,
+            "autoencoders with quant convs (SD-style) are not FLUX's"
+        );
+        Ok(Self {
+            block_out_channels: json["block_out_channels"]
+                .as_array()
+                .context("vae config.json lacks block_out_channels")?
+                .iter()
+                .filter_map(|v| v.as_u64().map(|v| v as usize))
+                .collect(),
+            layers_per_block: usize_of("layers_per_block", f.layers_per_block),
+            latent_channels: usize_of("latent_channels", f.latent_channels),
+            norm_num_groups: usize_of("norm_num_groups", f.norm_num_groups),
+            scaling_factor: json["scaling_factor"].as_f64().unwrap_or(f.scaling_factor),
+            shift_factor: json["shift_factor"].as_f64().unwrap_or(f.shift_factor),
+            mid_block_attention: json["mid_block_add_attention"].as_bool().unwrap_or(true),
+        })
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn downscale(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+const EPS: f64 = 1e-6;
+
+fn conv3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(conv2d(cin, cout, 3, cfg, vb)?)
+}
+
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl Resnet {
+    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let shortcut = if cin != cout {
+            Some(conv2d(
+                cin,
+                cout,
+                1,
+                Default::default(),
+                vb.pp("conv_shortcut"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(groups, cin, EPS, vb.pp("norm1"))?,
+            conv1: conv3(cin, cout, 1, 1, vb.pp("conv1"))?,
+            norm2: group_norm(groups, cout, EPS, vb.pp("norm2"))?,
+            conv2: conv3(cout, cout, 1, 1, vb.pp("conv2"))?,
+            shortcut,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        match &self.shortcut {
+            Some(s) => s.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// Single-head self-attention over all spatial positions, with a residual.
+struct SpatialAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl SpatialAttention {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: group_norm(groups, c, EPS, vb.pp("group_norm"))?,
+            q: linear(c, c, vb.pp("to_q"))?,
+            k: linear(c, c, vb.pp("to_k"))?,
+            v: linear(c, c, vb.pp("to_v"))?,
+            out: linear(c, c, vb.pp("to_out.0"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self
+            .norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?;
+        let q = self.q.forward(&t)?;
+        let k = self.k.forward(&t)?;
+        let v = self.v.forward(&t)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (c as f64).sqrt()))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(candle_core::DType::F32)?)?
+            .to_dtype(v.dtype())?;
+        let o = self.out.forward(&probs.matmul(&v)?)?;
+        x + o.transpose(1, 2)?.reshape((b, c, h, w))?
+    }
+}
+
+struct MidBlock {
+    res0: Resnet,
+    attn: Option<SpatialAttention>,
+    res1: Resnet,
+}
+
+impl MidBlock {
+    fn new(c: usize, cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        Ok(Self {
+            res0: Resnet::new(c, c, g, vb.pp("resnets.0"))?,
+            attn: if cfg.mid_block_attention {
+                Some(SpatialAttention::new(c, g, vb.pp("attentions.0"))?)
+            } else {
+                None
+            },
+            res1: Resnet::new(c, c, g, vb.pp("resnets.1"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = self.res0.forward(x)?;
+        if let Some(a) = &self.attn {
+            x = a.forward(&x)?;
+        }
+        self.res1.forward(&x)
+    }
+}
+
+struct Encoder {
+    conv_in: Conv2d,
+    down: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    mid: MidBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let g = cfg.norm_num_groups;
+        let mut down = Vec::new();
+        let mut cin = ch[0];
+        for (i, &cout) in ch.iter().enumerate() {
+            let b = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    Resnet::new(
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        g,
+                        b.pp(format!("resnets.{j}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample = if i + 1 < ch.len() {
+                Some(conv3(cout, cout, 2, 0, b.pp("downsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            down.push((resnets, downsample));
+            cin = cout;
+        }
+        let last = *ch.last().context("empty block_out_channels")?;
+        Ok(Self {
+            conv_in: conv3(3, ch[0], 1, 1, vb.pp("conv_in"))?,
+            down,
+            mid: MidBlock::new(last, cfg, vb.pp("mid_block"))?,
+            norm_out: group_norm(g, last, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv3(last, 2 * cfg.latent_channels, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = self.conv_in.forward(x)?;
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(d) = downsample {
+                // diffusers pads right and bottom only before its stride-2 convolution.
+                x = d.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
+                    D::Minus2,
+                    0,
+                    1,
+                )?)?;
+            }
+        }
+        let x = self.mid.forward(&x)?;
+        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+    }
+}
+
+struct Decoder {
+    conv_in: Conv2d,
+    mid: MidBlock,
+    up: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let g = cfg.norm_num_groups;
+        let mut up = Vec::new();
+        let mut cin = rev[0];
+        for (i, &cout) in rev.iter().enumerate() {
+            let b = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=cfg.layers_per_block)
+                .map(|j| {
+                    Resnet::new(
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        g,
+                        b.pp(format!("resnets.{j}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < rev.len() {
+                Some(conv3(cout, cout, 1, 1, b.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up.push((resnets, upsample));
+            cin = cout;
+        }
+        let first = *rev.last().context("empty block_out_channels")?;
+        Ok(Self {
+            conv_in: conv3(cfg.latent_channels, rev[0], 1, 1, vb.pp("conv_in"))?,
+            mid: MidBlock::new(rev[0], cfg, vb.pp("mid_block"))?,
+            up,
+            norm_out: group_norm(g, first, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv3(first, 3, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = self.mid.forward(&self.conv_in.forward(z)?)?;
+        for (resnets, upsample) in &self.up {
+            for r in resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(u) = upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = u.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+    }
+}
+
+/// The latent distribution of an encoded image.
+pub struct LatentDist {
+    pub mean: Tensor,
+    pub std: Tensor,
+}
+
+pub struct Autoencoder {
+    encoder: Encoder,
+    decoder: Decoder,
+    pub config: AutoencoderConfig,
+}
+
+impl Autoencoder {
+    pub fn new(cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            encoder: Encoder::new(cfg, vb.pp("encoder")).context("autoencoder encoder")?,
+            decoder: Decoder::new(cfg, vb.pp("decoder")).context("autoencoder decoder")?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Loads diffusers' `vae/` folder (config.json + safetensors).
+    pub fn load(
+        dir: &Path,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let json: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("config.json"))
+                .with_context(|| format!("reading {}/config.json", dir.display()))?,
+        )?;
+        let cfg = AutoencoderConfig::from_diffusers_json(&json)?;
+        Self::new(&cfg, crate::weights::var_builder(dir, dtype, device)?)
+    }
+
+    /// Images in [-1, 1] (B, 3, H, W) to the raw latent distribution.
+    pub fn encode(&self, images: &Tensor) -> Result<LatentDist> {
+        let moments = self.encoder.forward(images)?;
+        let c = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, c)?;
+        let logvar = moments.narrow(1, c, c)?.clamp(-30.0, 20.0)?;
+        Ok(LatentDist {
+            std: (logvar * 0.5)?.exp()?,
+            mean,
+        })
+    }
+
+    /// Raw latents (B, C, h, w) to images in about [-1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.decoder.forward(latents)?)
+    }
+
+    /// Raw latents to the normalised space the transformer works in.
+    pub fn to_model_space(&self, raw: &Tensor) -> candle_core::Result<Tensor> {
+        (raw - self.config.shift_factor)? * self.config.scaling_factor
+    }
+
+    pub fn from_model_space(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        (z / self.config.scaling_factor)? + self.config.shift_factor
+    }
+}

@@ -1,0 +1,460 @@
+//! The FLUX.1 rectified-flow transformer (double-stream then single-stream blocks), written
+//! against BFL's layer names. Every linear layer is the adapter-aware [`Linear`].
+
+use super::{FluxConfig, FluxWeights};
+use crate::models::linear::Linear;
+use anyhow::Result;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+/// Sinusoidal embedding of `t` ∈ [0, 1] (FLUX scales it by 1000 first), `[cos | sin]`.
+pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::Result<Tensor> {
+    const TIME_FACTOR: f64 = 1000.0;
+    const MAX_PERIOD: f64 = 10_000.0;
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-MAX_PERIOD.ln() * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = (t.to_dtype(DType::F32)? * TIME_FACTOR)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)
+}
+
+/// cos/sin tables (positions × head_dim/2) of FLUX's 3-axis RoPE for position ids (L, 3).
+pub fn rope_tables(ids: &Tensor, cfg: &FluxConfig, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let ids = ids.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let half = cfg.head_dim() / 2;
+    let mut cos = Vec::with_capacity(ids.len() * half);
+    let mut sin = Vec::with_capacity(ids.len() * half);
+    for pos in &ids {
+        for (axis, &d) in cfg.axes_dims.iter().enumerate() {
+            for j in 0..d / 2 {
+                let omega = 1.0 / cfg.theta.powf(2.0 * j as f64 / d as f64);
+                let angle = pos[axis] * omega;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let n = ids.len();
+    let cos = Tensor::from_vec(cos, (n, half), &Device::Cpu)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (n, half), &Device::Cpu)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Position ids of a packed latent grid: (0, row, col) per token, row-major.
+pub fn image_ids(rows: usize, cols: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let ids: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..cols).flat_map(move |c| [0.0, r as f32, c as f32]))
+        .collect();
+    Tensor::from_vec(ids, (rows * cols, 3), device)
+}
+
+/// Text tokens all sit at position 0 on every axis.
+pub fn text_ids(len: usize, device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::zeros((len, 3), DType::F32, device)
+}
+
+/// Everything the transformer reads in one denoising step.
+pub struct FluxInputs<'a> {
+    /// Packed noisy latents (B, L, in_channels).
+    pub img: &'a Tensor,
+    pub img_ids: &'a Tensor,
+    /// T5 hidden states (B, T, context_dim).
+    pub txt: &'a Tensor,
+    pub txt_ids: &'a Tensor,
+    /// Flow time in [0, 1] (B,): 1 is pure noise.
+    pub timesteps: &'a Tensor,
+    /// CLIP pooled output (B, vec_dim).
+    pub y: &'a Tensor,
+    /// Embedded guidance scale (B,), for guidance-distilled models.
+    pub guidance: Option<&'a Tensor>,
+}
+
+struct MlpEmbedder {
+    in_layer: Linear,
+    out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn load(w: &FluxWeights, name: &str, in_dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            in_layer: w.linear(&format!("{name}.in_layer"), in_dim, hidden)?,
+            out_layer: w.linear(&format!("{name}.out_layer"), hidden, hidden)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+    }
+}
+
+/// Affine-free LayerNorm (eps 1e-6) as FLUX uses before every modulation.
+#[derive(Clone)]
+struct PlainNorm {
+    ones: Tensor,
+    zeros: Tensor,
+}
+
+impl PlainNorm {
+    fn new(dim: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            ones: Tensor::ones(dim, dtype, device)?,
+            zeros: Tensor::zeros(dim, dtype, device)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(x, &self.ones, &self.zeros, 1e-6)
+    }
+}
+
+/// `(1 + scale) * x + shift`, the modulation every FLUX block applies after its norm.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// Projects `silu(vec)` to `n` modulation vectors of (B, 1, hidden).
+struct Modulation {
+    lin: Linear,
+    n: usize,
+}
+
+impl Modulation {
+    fn load(w: &FluxWeights, name: &str, hidden: usize, n: usize) -> Result<Self> {
+        Ok(Self {
+            lin: w.linear(name, hidden, n * hidden)?,
+            n,
+        })
+    }
+
+    fn forward(&self, vec: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        self.lin
+            .forward(&vec.silu()?)?
+            .unsqueeze(1)?
+            .chunk(self.n, D::Minus1)
+    }
+}
+
+struct QkNorm {
+    query: Tensor,
+    key: Tensor,
+}
+
+impl QkNorm {
+    fn load(w: &FluxWeights, prefix: &str, head_dim: usize) -> Result<Self> {
+        Ok(Self {
+            query: w.norm_scale(&format!("{prefix}.query_norm"), head_dim)?,
+            key: w.norm_scale(&format!("{prefix}.key_norm"), head_dim)?,
+        })
+    }
+}
+
+/// Shared by both block kinds: splits fused q|k|v (B, L, 3·H·D) into normed (B, H, L, D) heads.
+fn split_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    norm: &QkNorm,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, three_hidden) = qkv.dims3()?;
+    let d = three_hidden / 3 / heads;
+    let qkv = qkv.reshape((b, l, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
+    let q = qkv.get(0)?.contiguous()?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let q = candle_nn::ops::rms_norm(&q, &norm.query, 1e-6)?;
+    let k = candle_nn::ops::rms_norm(&k, &norm.key, 1e-6)?;
+    Ok((q, k, v))
+}
+
+/// Scaled dot-product attention with RoPE on q and k; returns (B, L, H·D).
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let q = candle_nn::rotary_emb::rope_i(q, cos, sin)?;
+    let k = candle_nn::rotary_emb::rope_i(k, cos, sin)?;
+    let (b, h, l, d) = q.dims4()?;
+    let q = (q * (1.0 / (d as f64).sqrt()))?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * d))
+}
+
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn load(w: &FluxWeights, prefix: &str, hidden: usize, mlp_hidden: usize) -> Result<Self> {
+        Ok(Self {
+            fc1: w.linear(&format!("{prefix}.0"), hidden, mlp_hidden)?,
+            fc2: w.linear(&format!("{prefix}.2"), mlp_hidden, hidden)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+    }
+}
+
+/// One stream (image or text) of a double block.
+struct Stream {
+    modulation: Modulation,
+    qkv: Linear,
+    norm: QkNorm,
+    proj: Linear,
+    mlp: Mlp,
+}
+
+impl Stream {
+    fn load(w: &FluxWeights, block: &str, which: &str, cfg: &FluxConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            modulation: Modulation::load(w, &format!("{block}.{which}_mod.lin"), h, 6)?,
+            qkv: w.linear(&format!("{block}.{which}_attn.qkv"), h, 3 * h)?,
+            norm: QkNorm::load(w, &format!("{block}.{which}_attn.norm"), cfg.head_dim())?,
+            proj: w.linear(&format!("{block}.{which}_attn.proj"), h, h)?,
+            mlp: Mlp::load(w, &format!("{block}.{which}_mlp"), h, cfg.mlp_hidden())?,
+        })
+    }
+
+    fn linears(&self) -> [&Linear; 5] {
+        [
+            &self.modulation.lin,
+            &self.qkv,
+            &self.proj,
+            &self.mlp.fc1,
+            &self.mlp.fc2,
+        ]
+    }
+}
+
+struct DoubleBlock {
+    img: Stream,
+    txt: Stream,
+}
+
+impl DoubleBlock {
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        rope: (&Tensor, &Tensor),
+        norm: &PlainNorm,
+        heads: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let im = self.img.modulation.forward(vec)?;
+        let tm = self.txt.modulation.forward(vec)?;
+        let img_in = modulate(&norm.forward(img)?, &im[0], &im[1])?;
+        let txt_in = modulate(&norm.forward(txt)?, &tm[0], &tm[1])?;
+        let (iq, ik, iv) = split_qkv(&self.img.qkv.forward(&img_in)?, heads, &self.img.norm)?;
+        let (tq, tk, tv) = split_qkv(&self.txt.qkv.forward(&txt_in)?, heads, &self.txt.norm)?;
+        // Text tokens come first in the joint sequence, as in the position ids.
+        let q = Tensor::cat(&[&tq, &iq], 2)?;
+        let k = Tensor::cat(&[&tk, &ik], 2)?;
+        let v = Tensor::cat(&[&tv, &iv], 2)?;
+        let attn = attention(&q, &k, &v, rope.0, rope.1)?;
+        let t_len = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, t_len)?;
+        let img_attn = attn.narrow(1, t_len, img.dim(1)?)?;
+
+        let img = (img + self.img.proj.forward(&img_attn)?.broadcast_mul(&im[2])?)?;
+        let img_mlp = self
+            .img
+            .mlp
+            .forward(&modulate(&norm.forward(&img)?, &im[3], &im[4])?)?;
+        let img = (img + img_mlp.broadcast_mul(&im[5])?)?;
+
+        let txt = (txt + self.txt.proj.forward(&txt_attn)?.broadcast_mul(&tm[2])?)?;
+        let txt_mlp = self
+            .txt
+            .mlp
+            .forward(&modulate(&norm.forward(&txt)?, &tm[3], &tm[4])?)?;
+        let txt = (txt + txt_mlp.broadcast_mul(&tm[5])?)?;
+        Ok((img, txt))
+    }
+}
+
+struct SingleBlock {
+    modulation: Modulation,
+    linear1: Linear,
+    linear2: Linear,
+    norm: QkNorm,
+}
+
+impl SingleBlock {
+    fn load(w: &FluxWeights, i: usize, cfg: &FluxConfig) -> Result<Self> {
+        let p = format!("single_blocks.{i}");
+        let h = cfg.hidden_size;
+        let m = cfg.mlp_hidden();
+        Ok(Self {
+            modulation: Modulation::load(w, &format!("{p}.modulation.lin"), h, 3)?,
+            linear1: w.linear(&format!("{p}.linear1"), h, 3 * h + m)?,
+            linear2: w.linear(&format!("{p}.linear2"), h + m, h)?,
+            norm: QkNorm::load(w, &format!("{p}.norm"), cfg.head_dim())?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        vec: &Tensor,
+        rope: (&Tensor, &Tensor),
+        norm: &PlainNorm,
+        heads: usize,
+    ) -> candle_core::Result<Tensor> {
+        let m = self.modulation.forward(vec)?;
+        let x_mod = modulate(&norm.forward(x)?, &m[0], &m[1])?;
+        let h1 = self.linear1.forward(&x_mod)?;
+        let three_hidden = 3 * x.dim(D::Minus1)?;
+        let mlp_len = h1.dim(D::Minus1)? - three_hidden;
+        let qkv = h1.narrow(D::Minus1, 0, three_hidden)?;
+        let mlp = h1.narrow(D::Minus1, three_hidden, mlp_len)?;
+        let (q, k, v) = split_qkv(&qkv, heads, &self.norm)?;
+        let attn = attention(&q, &k, &v, rope.0, rope.1)?;
+        let out = self
+            .linear2
+            .forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?)?;
+        x + out.broadcast_mul(&m[2])?
+    }
+}
+
+pub struct FluxTransformer {
+    cfg: FluxConfig,
+    img_in: Linear,
+    txt_in: Linear,
+    time_in: MlpEmbedder,
+    vector_in: MlpEmbedder,
+    guidance_in: Option<MlpEmbedder>,
+    double_blocks: Vec<DoubleBlock>,
+    single_blocks: Vec<SingleBlock>,
+    final_modulation: Linear,
+    final_linear: Linear,
+    norm: PlainNorm,
+    dtype: DType,
+    device: Device,
+}
+
+impl FluxTransformer {
+    pub fn load(w: &FluxWeights, cfg: &FluxConfig, dtype: DType, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden_size;
+        let guidance_in = if cfg.guidance_embed {
+            Some(MlpEmbedder::load(w, "guidance_in", 256, h)?)
+        } else {
+            None
+        };
+        let double_blocks = (0..cfg.depth)
+            .map(|i| {
+                let p = format!("double_blocks.{i}");
+                Ok(DoubleBlock {
+                    img: Stream::load(w, &p, "img", cfg)?,
+                    txt: Stream::load(w, &p, "txt", cfg)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single_blocks = (0..cfg.depth_single)
+            .map(|i| SingleBlock::load(w, i, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            img_in: w.linear("img_in", cfg.in_channels, h)?,
+            txt_in: w.linear("txt_in", cfg.context_dim, h)?,
+            time_in: MlpEmbedder::load(w, "time_in", 256, h)?,
+            vector_in: MlpEmbedder::load(w, "vector_in", cfg.vec_dim, h)?,
+            guidance_in,
+            double_blocks,
+            single_blocks,
+            final_modulation: w.linear("final_layer.adaLN_modulation.1", h, 2 * h)?,
+            final_linear: w.linear("final_layer.linear", h, cfg.in_channels)?,
+            norm: PlainNorm::new(h, dtype, device)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every linear layer, for LoRA placement and training.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = vec![&self.img_in, &self.txt_in];
+        for e in [
+            Some(&self.time_in),
+            Some(&self.vector_in),
+            self.guidance_in.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.extend([&e.in_layer, &e.out_layer]);
+        }
+        for b in &self.double_blocks {
+            out.extend(b.img.linears());
+            out.extend(b.txt.linears());
+        }
+        for b in &self.single_blocks {
+            out.extend([&b.modulation.lin, &b.linear1, &b.linear2]);
+        }
+        out.extend([&self.final_modulation, &self.final_linear]);
+        out
+    }
+
+    /// The predicted velocity (B, L, in_channels) for the noisy packed latents.
+    pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
+        let dt = self.dtype;
+        let mut vec = self
+            .time_in
+            .forward(&timestep_embedding(x.timesteps, 256, dt)?)?;
+        match (&self.guidance_in, x.guidance) {
+            (Some(g_in), Some(g)) => {
+                vec = (vec + g_in.forward(&timestep_embedding(g, 256, dt)?)?)?;
+            }
+            (Some(_), None) => {
+                anyhow::bail!("this FLUX model is guidance-distilled and needs a guidance value")
+            }
+            (None, _) => {}
+        }
+        vec = (vec + self.vector_in.forward(&x.y.to_dtype(dt)?)?)?;
+
+        let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?;
+        let (cos, sin) = rope_tables(&ids, &self.cfg, dt)?;
+        let (cos, sin) = (cos.to_device(&self.device)?, sin.to_device(&self.device)?);
+
+        let mut img = self.img_in.forward(&x.img.to_dtype(dt)?)?;
+        let mut txt = self.txt_in.forward(&x.txt.to_dtype(dt)?)?;
+        let heads = self.cfg.num_heads;
+        for b in &self.double_blocks {
+            (img, txt) = b.forward(&img, &txt, &vec, (&cos, &sin), &self.norm, heads)?;
+        }
+        let t_len = txt.dim(1)?;
+        let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
+        for b in &self.single_blocks {
+            x_all = b.forward(&x_all, &vec, (&cos, &sin), &self.norm, heads)?;
+        }
+        let img = x_all.narrow(1, t_len, x_all.dim(1)? - t_len)?;
+        let m = self
+            .final_modulation
+            .forward(&vec.silu()?)?
+            .unsqueeze(1)?
+            .chunk(2, D::Minus1)?;
+        let img = modulate(&self.norm.forward(&img)?, &m[0], &m[1])?;
+        Ok(self.final_linear.forward(&img)?)
+    }
+}

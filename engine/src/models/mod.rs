@@ -1,0 +1,6 @@
+//! Model code: each module one model family, loading its checkpoints' own tensor names.
+
+pub mod autoencoder;
+pub mod flux;
+pub mod linear;
+pub mod text;

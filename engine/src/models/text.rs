@@ -1,0 +1,238 @@
+//! FLUX's two text encoders: T5-XXL v1.1 (per-token hidden states) and CLIP ViT-L/14's text
+//! tower (pooled output), each with its tokenizer, read from diffusers' folders.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_transformers::models::{clip::text_model as clip, t5};
+use std::path::Path;
+use tokenizers::{
+    models::bpe::BPE,
+    normalizers::{self, replace::ReplacePattern, Lowercase, Replace, NFC},
+    pre_tokenizers::{
+        byte_level::ByteLevel,
+        sequence::Sequence,
+        split::{Split, SplitPattern},
+    },
+    processors::roberta::RobertaProcessing,
+    PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer, TruncationParams,
+};
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A special token named in tokenizer_config.json, either as a string or as `{content: ...}`.
+fn special_token(dir: &Path, key: &str) -> Option<String> {
+    let cfg = read_json(&dir.join("tokenizer_config.json")).ok()?;
+    let v = &cfg[key];
+    v.as_str()
+        .or_else(|| v["content"].as_str())
+        .map(str::to_string)
+}
+
+/// Tokenizes to exactly `len` ids, truncating and padding as diffusers' FLUX pipeline does.
+fn fixed_length(mut tok: Tokenizer, len: usize, pad: &str) -> Result<Tokenizer> {
+    let pad_id = tok
+        .token_to_id(pad)
+        .with_context(|| format!("the tokenizer has no padding token `{pad}`"))?;
+    tok.with_truncation(Some(TruncationParams {
+        max_length: len,
+        ..Default::default()
+    }))
+    .map_err(anyhow::Error::msg)?;
+    tok.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::Fixed(len),
+        pad_id,
+        pad_token: pad.to_string(),
+        ..Default::default()
+    }));
+    Ok(tok)
+}
+
+fn encode_ids(tok: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
+    Ok(tok
+        .encode(prompt, true)
+        .map_err(anyhow::Error::msg)?
+        .get_ids()
+        .to_vec())
+}
+
+pub struct T5Encoder {
+    model: t5::T5EncoderModel,
+    tokenizer: Tokenizer,
+    dtype: DType,
+}
+
+impl T5Encoder {
+    /// `model_dir` is diffusers' `text_encoder_2/`, `tokenizer_dir` its `tokenizer_2/`.
+    pub fn load(
+        model_dir: &Path,
+        tokenizer_dir: &Path,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg: t5::Config = serde_json::from_value(read_json(&model_dir.join("config.json"))?)
+            .context("T5 config.json")?;
+        let vb = crate::weights::var_builder(model_dir, dtype, device)?;
+        let model = t5::T5EncoderModel::load(vb, &cfg).context("loading the T5 encoder")?;
+        let tok = Tokenizer::from_file(tokenizer_dir.join("tokenizer.json"))
+            .map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
+        let pad = special_token(tokenizer_dir, "pad_token").unwrap_or_else(|| "<pad>".into());
+        Ok(Self {
+            model,
+            tokenizer: fixed_length(tok, max_len, &pad)?,
+            dtype,
+        })
+    }
+
+    pub fn token_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        encode_ids(&self.tokenizer, prompt)
+    }
+
+    /// (1, max_len, d_model) hidden states. Padding is attended to, as in diffusers' pipeline,
+    /// which passes no attention mask to T5.
+    pub fn encode(&mut self, prompt: &str) -> Result<Tensor> {
+        let ids = self.token_ids(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+        Ok(self.model.forward_dt(&ids, Some(self.dtype))?)
+    }
+}
+
+pub struct ClipEncoder {
+    model: clip::ClipTextTransformer,
+    tokenizer: Tokenizer,
+    eos_id: u32,
+    legacy_argmax_pooling: bool,
+    device: Device,
+}
+
+impl ClipEncoder {
+    /// `model_dir` is diffusers' `text_encoder/`, `tokenizer_dir` its `tokenizer/`.
+    pub fn load(
+        model_dir: &Path,
+        tokenizer_dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let json = read_json(&model_dir.join("config.json"))?;
+        let get = |k: &str| {
+            json[k]
+                .as_u64()
+                .map(|v| v as usize)
+                .with_context(|| format!("CLIP config.json lacks `{k}`"))
+        };
+        let act = json["hidden_act"].as_str().unwrap_or("quick_gelu");
+        if act != "quick_gelu" {
+            bail!(
+                "CLIP text models with activation `{act}` are not supported (FLUX uses quick_gelu)"
+            );
+        }
+        let cfg = clip::ClipTextConfig {
+            vocab_size: get("vocab_size")?,
+            embed_dim: get("hidden_size")?,
+            activation: clip::Activation::QuickGelu,
+            intermediate_size: get("intermediate_size")?,
+            max_position_embeddings: get("max_position_embeddings")?,
+            pad_with: None,
+            num_hidden_layers: get("num_hidden_layers")?,
+            num_attention_heads: get("num_attention_heads")?,
+            projection_dim: get("projection_dim").unwrap_or(768),
+        };
+        let vb = crate::weights::var_builder(model_dir, dtype, device)?;
+        let model = clip::ClipTextTransformer::new(vb.pp("text_model"), &cfg)
+            .context("loading the CLIP text encoder")?;
+        let tok = clip_tokenizer(tokenizer_dir)?;
+        let eos =
+            special_token(tokenizer_dir, "eos_token").unwrap_or_else(|| "<|endoftext|>".into());
+        let pad = special_token(tokenizer_dir, "pad_token").unwrap_or_else(|| eos.clone());
+        let eos_id = tok
+            .token_to_id(&eos)
+            .with_context(|| format!("the CLIP tokenizer has no `{eos}` token"))?;
+        let config_eos = json["eos_token_id"].as_u64();
+        Ok(Self {
+            model,
+            tokenizer: fixed_length(tok, cfg.max_position_embeddings, &pad)?,
+            eos_id,
+            // transformers pools at argmax(ids) when the config's eos id is the legacy 2
+            // (openai/clip-vit-large-patch14), else at the first EOS token.
+            legacy_argmax_pooling: config_eos == Some(2),
+            device: device.clone(),
+        })
+    }
+
+    pub fn token_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        encode_ids(&self.tokenizer, prompt)
+    }
+
+    /// The pooled output (1, hidden): the final hidden state at the end-of-text token.
+    pub fn encode(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.token_ids(prompt)?;
+        let pos = if self.legacy_argmax_pooling {
+            let max = ids.iter().copied().max().unwrap_or(0);
+            ids.iter().position(|&i| i == max)
+        } else {
+            ids.iter().position(|&i| i == self.eos_id)
+        }
+        .unwrap_or(ids.len() - 1);
+        let t = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let hidden = self.model.forward_with_mask(&t, usize::MAX)?;
+        Ok(hidden.i((.., pos))?)
+    }
+}
+
+/// CLIP's tokenizer from `tokenizer.json`, or, for repos that ship only the slow tokenizer's
+/// `vocab.json` + `merges.txt` (FLUX.1-dev's `tokenizer/`), built the way transformers
+/// converts it: lower-cased, CLIP's word split, byte-level BPE with `</w>` word ends.
+pub fn clip_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let json = dir.join("tokenizer.json");
+    if json.is_file() {
+        return Tokenizer::from_file(&json).map_err(|e| anyhow::anyhow!("CLIP tokenizer: {e}"));
+    }
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if !vocab.is_file() || !merges.is_file() {
+        bail!(
+            "{} has neither tokenizer.json nor vocab.json + merges.txt",
+            dir.display()
+        );
+    }
+    let err = |e: tokenizers::Error| anyhow::anyhow!("building the CLIP tokenizer: {e}");
+    let bos = special_token(dir, "bos_token").unwrap_or_else(|| "<|startoftext|>".into());
+    let eos = special_token(dir, "eos_token").unwrap_or_else(|| "<|endoftext|>".into());
+    let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        .end_of_word_suffix("</w>".into())
+        .continuing_subword_prefix(String::new())
+        .unk_token(eos.clone())
+        .build()
+        .map_err(err)?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_normalizer(Some(normalizers::Sequence::new(vec![
+        NFC.into(),
+        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(err)?
+            .into(),
+        Lowercase.into(),
+    ])));
+    let words = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+    tok.with_pre_tokenizer(Some(Sequence::new(vec![
+        Split::new(
+            SplitPattern::Regex(words.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(err)?
+        .into(),
+        ByteLevel::new(false, true, false).into(),
+    ])));
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .with_context(|| format!("CLIP vocab.json lacks `{t}`"))
+    };
+    let processor = RobertaProcessing::new((eos.clone(), id(&eos)?), (bos.clone(), id(&bos)?))
+        .trim_offsets(false)
+        .add_prefix_space(false);
+    tok.with_post_processor(Some(processor));
+    tok.with_decoder(Some(ByteLevel::default()));
+    Ok(tok)
+}

@@ -1,0 +1,316 @@
+//! Text to image with FLUX: encode the prompt, denoise seeded noise with Euler steps along the
+//! flow-matching schedule, decode. One code path for the command line and the server.
+
+use crate::hub::{self, ProgressFn, Source};
+use crate::models::autoencoder::Autoencoder;
+use crate::models::flux::{self, FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
+use crate::models::text::{ClipEncoder, T5Encoder};
+use crate::presets::Preset;
+use crate::sampling::{latents, preview::LatentPreview, schedule::ScheduleConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+/// What the per-step callback sees.
+pub struct StepProgress<'a> {
+    /// 1-based number of the step just taken.
+    pub step: usize,
+    pub total: usize,
+    /// The packed latents after this step.
+    pub latents: &'a Tensor,
+    /// The model's estimate of the final image's latents at this step (sharper than `latents`).
+    pub denoised: &'a Tensor,
+    grid: (usize, usize),
+    preview: &'a LatentPreview,
+}
+
+impl StepProgress<'_> {
+    /// A small RGB picture of the current estimate, one pixel per latent cell.
+    pub fn preview(&self) -> Result<RgbImage> {
+        let z = latents::unpack(self.denoised, self.grid.0, self.grid.1)?.squeeze(0)?;
+        self.preview.render(&z)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Cancel,
+}
+
+/// Returned (inside `anyhow::Error`) when the callback asked to stop.
+#[derive(Debug, thiserror::Error)]
+#[error("generation cancelled")]
+pub struct Cancelled;
+
+#[derive(Debug, Clone)]
+pub struct Timings {
+    pub encode_ms: u64,
+    pub denoise_ms: u64,
+    pub decode_ms: u64,
+}
+
+pub struct Generated {
+    pub image: RgbImage,
+    pub seed: u64,
+    pub timings: Timings,
+}
+
+/// Where to load a pipeline from, and its per-model settings.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub source: Source,
+    /// A BFL-layout single file to use instead of the folder's `transformer/`.
+    pub transformer_file: Option<PathBuf>,
+    pub t5_max_len: usize,
+}
+
+impl LoadOptions {
+    pub fn from_preset(p: &Preset) -> Self {
+        Self {
+            source: p.source.to_source(),
+            transformer_file: None,
+            t5_max_len: p.t5_max_len,
+        }
+    }
+}
+
+pub struct FluxPipeline {
+    pub transformer: FluxTransformer,
+    t5: Mutex<T5Encoder>,
+    clip: ClipEncoder,
+    pub vae: Autoencoder,
+    pub schedule: ScheduleConfig,
+    preview: LatentPreview,
+    device: Device,
+    dtype: DType,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+impl FluxPipeline {
+    /// Resolves the source (downloading from the hub if needed) and loads every component.
+    pub fn load(opts: &LoadOptions, device: &Device, progress: ProgressFn) -> Result<Self> {
+        let dir = match &opts.source {
+            Source::Local(p) => p.clone(),
+            Source::Hub(repo) => hub::snapshot(repo, &crate::presets::is_needed_file, progress)?,
+        };
+        Self::load_dir(&dir, opts, device)
+    }
+
+    /// Loads a diffusers FLUX folder (model_index.json, transformer/, vae/, text_encoder*/,
+    /// tokenizer*/, scheduler/).
+    pub fn load_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
+        if !dir.join("model_index.json").is_file() {
+            bail!(
+                "{} is not a diffusers FLUX folder (no model_index.json)",
+                dir.display()
+            );
+        }
+        let dtype = crate::device::compute_dtype(device);
+        let (weights, cfg) = match &opts.transformer_file {
+            Some(file) => {
+                let w = FluxWeights::open(file, dtype, device)?;
+                // The folder's config, when there is one, knows what the file cannot tell.
+                let cfg = match read_json(&dir.join("transformer/config.json")) {
+                    Ok(json) => FluxConfig::from_diffusers_json(&json)?,
+                    Err(_) => w.infer_config()?,
+                };
+                (w, cfg)
+            }
+            None => {
+                let t = dir.join("transformer");
+                let cfg = FluxConfig::from_diffusers_json(&read_json(&t.join("config.json"))?)?;
+                (FluxWeights::open(&t, dtype, device)?, cfg)
+            }
+        };
+        let transformer = FluxTransformer::load(&weights, &cfg, dtype, device)?;
+        let t5 = T5Encoder::load(
+            &dir.join("text_encoder_2"),
+            &dir.join("tokenizer_2"),
+            opts.t5_max_len,
+            dtype,
+            device,
+        )?;
+        let clip = ClipEncoder::load(
+            &dir.join("text_encoder"),
+            &dir.join("tokenizer"),
+            dtype,
+            device,
+        )?;
+        let vae = Autoencoder::load(&dir.join("vae"), dtype, device)?;
+        let schedule: ScheduleConfig =
+            serde_json::from_value(read_json(&dir.join("scheduler/scheduler_config.json"))?)
+                .context("scheduler_config.json")?;
+        let preview = LatentPreview::fit(&vae, dtype, device)?;
+        Ok(Self {
+            transformer,
+            t5: Mutex::new(t5),
+            clip,
+            vae,
+            schedule,
+            preview,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Image sides must map to whole 2×2 patches of latent cells.
+    pub fn size_multiple(&self) -> usize {
+        2 * self.vae.config.downscale()
+    }
+
+    /// T5 hidden states (1, T, 4096) and CLIP's pooled output (1, 768).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
+        let txt = self.t5.lock().expect("T5 lock poisoned").encode(prompt)?;
+        let pooled = self.clip.encode(prompt)?;
+        Ok((txt, pooled))
+    }
+
+    /// The latent grid (cells) of an image size.
+    pub fn latent_grid(&self, width: usize, height: usize) -> (usize, usize) {
+        let f = self.vae.config.downscale();
+        (height / f, width / f)
+    }
+
+    /// Seeded starting noise, packed: (1, tokens, 64).
+    pub fn initial_noise(&self, seed: u64, width: usize, height: usize) -> Result<Tensor> {
+        let (h, w) = self.latent_grid(width, height);
+        let c = self.vae.config.latent_channels;
+        Ok(latents::pack(&latents::seeded_noise(
+            seed,
+            c,
+            h,
+            w,
+            &self.device,
+        )?)?)
+    }
+
+    /// Euler steps along `sigmas` from packed noise `x`; latents stay f32 between steps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise(
+        &self,
+        mut x: Tensor,
+        grid: (usize, usize),
+        txt: &Tensor,
+        pooled: &Tensor,
+        sigmas: &[f64],
+        guidance: f64,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Tensor> {
+        let dev = &self.device;
+        let img_ids = flux::image_ids(grid.0 / 2, grid.1 / 2, dev)?;
+        let txt_ids = flux::text_ids(txt.dim(1)?, dev)?;
+        let g = Tensor::new(&[guidance as f32], dev)?;
+        let guidance = self.transformer.config().guidance_embed.then_some(&g);
+        let total = sigmas.len() - 1;
+        x = x.to_dtype(DType::F32)?;
+        for (i, pair) in sigmas.windows(2).enumerate() {
+            let (sigma, next) = (pair[0], pair[1]);
+            let t = Tensor::new(&[sigma as f32], dev)?;
+            let v = self
+                .transformer
+                .forward(&FluxInputs {
+                    img: &x.to_dtype(self.dtype)?,
+                    img_ids: &img_ids,
+                    txt,
+                    txt_ids: &txt_ids,
+                    timesteps: &t,
+                    y: pooled,
+                    guidance,
+                })?
+                .to_dtype(DType::F32)?;
+            let denoised = (&x - (&v * sigma)?)?;
+            x = (&x + (&v * (next - sigma))?)?;
+            let p = StepProgress {
+                step: i + 1,
+                total,
+                latents: &x,
+                denoised: &denoised,
+                grid,
+                preview: &self.preview,
+            };
+            if on_step(&p) == Control::Cancel {
+                return Err(Cancelled.into());
+            }
+        }
+        Ok(x)
+    }
+
+    /// Packed model-space latents to pixels in [0, 1] (1, 3, H, W).
+    pub fn decode(&self, packed: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        let z = latents::unpack(packed, grid.0, grid.1)?;
+        let raw = self.vae.from_model_space(&z.to_dtype(self.dtype)?)?;
+        let img = self.vae.decode(&raw)?.to_dtype(DType::F32)?;
+        Ok(((img / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)
+    }
+
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Generated> {
+        let m = self.size_multiple();
+        if p.width == 0 || p.height == 0 || p.width % m != 0 || p.height % m != 0 {
+            bail!(
+                "width and height must be positive multiples of {m} (got {}x{})",
+                p.width,
+                p.height
+            );
+        }
+        if p.steps == 0 {
+            bail!("steps must be at least 1");
+        }
+        let t0 = Instant::now();
+        let (txt, pooled) = self.encode_prompt(&p.prompt)?;
+        let grid = self.latent_grid(p.width, p.height);
+        let t1 = Instant::now();
+        let noise = self.initial_noise(p.seed, p.width, p.height)?;
+        let sigmas = self.schedule.sigmas(p.steps, noise.dim(1)?);
+        let x = self.denoise(noise, grid, &txt, &pooled, &sigmas, p.guidance, on_step)?;
+        let t2 = Instant::now();
+        let pixels = self.decode(&x, grid)?;
+        let image = to_rgb(&pixels)?;
+        let t3 = Instant::now();
+        Ok(Generated {
+            image,
+            seed: p.seed,
+            timings: Timings {
+                encode_ms: (t1 - t0).as_millis() as u64,
+                denoise_ms: (t2 - t1).as_millis() as u64,
+                decode_ms: (t3 - t2).as_millis() as u64,
+            },
+        })
+    }
+}
+
+/// (1, 3, H, W) in [0, 1] to an 8-bit image, rounding as diffusers does.
+pub fn to_rgb(pixels: &Tensor) -> Result<RgbImage> {
+    let (_, _, h, w) = pixels.dims4()?;
+    let data = (pixels.squeeze(0)?.permute((1, 2, 0))? * 255.0)?
+        .round()?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    RgbImage::from_raw(w as u32, h as u32, data).context("image buffer size")
+}

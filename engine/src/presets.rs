@@ -1,0 +1,102 @@
+//! The models the studio knows by name: the one place that says where each comes from and
+//! what its defaults are.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Preset {
+    pub name: &'static str,
+    pub title: &'static str,
+    /// A hub repository in diffusers' layout, or a local folder in that layout.
+    pub source: PresetSource,
+    /// Whether the hub repository needs an accepted license and a token.
+    pub gated: bool,
+    /// T5 sequence length: FLUX.1-dev was trained with 512 tokens, schnell with 256.
+    pub t5_max_len: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", content = "location", rename_all = "lowercase")]
+pub enum PresetSource {
+    Hub(&'static str),
+    /// A folder inside this source tree (test models the project makes itself).
+    Bundled(&'static str),
+}
+
+impl PresetSource {
+    pub fn to_source(&self) -> crate::hub::Source {
+        match self {
+            Self::Hub(repo) => crate::hub::Source::Hub(repo.to_string()),
+            Self::Bundled(rel) => crate::hub::Source::Local(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel),
+            ),
+        }
+    }
+}
+
+pub const FLUX_DEV: &str = "flux-dev";
+pub const FLUX_SCHNELL: &str = "flux-schnell";
+/// A 1 MB FLUX with random weights in diffusers' layout: exercises every code path on a CPU
+/// in milliseconds, and draws noise.
+pub const FLUX_TINY: &str = "flux-tiny";
+
+pub static PRESETS: &[Preset] = &[
+    Preset {
+        name: FLUX_DEV,
+        title: "FLUX.1 [dev]",
+        source: PresetSource::Hub("black-forest-labs/FLUX.1-dev"),
+        gated: true,
+        t5_max_len: 512,
+        steps: 28,
+        guidance: 3.5,
+        width: 1024,
+        height: 1024,
+    },
+    Preset {
+        name: FLUX_SCHNELL,
+        title: "FLUX.1 [schnell]",
+        source: PresetSource::Hub("black-forest-labs/FLUX.1-schnell"),
+        gated: false,
+        t5_max_len: 256,
+        steps: 4,
+        guidance: 0.0,
+        width: 1024,
+        height: 1024,
+    },
+    Preset {
+        name: FLUX_TINY,
+        title: "Tiny FLUX (random weights, for tests)",
+        source: PresetSource::Bundled("tests/fixtures/tiny-flux-dev"),
+        gated: false,
+        t5_max_len: 32,
+        steps: 4,
+        guidance: 3.5,
+        width: 64,
+        height: 64,
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name)
+}
+
+/// The files of a diffusers FLUX repository the studio needs (not the BFL single files at
+/// its root, which duplicate the transformer and autoencoder).
+pub fn is_needed_file(path: &str) -> bool {
+    const PARTS: [&str; 7] = [
+        "scheduler/",
+        "text_encoder/",
+        "text_encoder_2/",
+        "tokenizer/",
+        "tokenizer_2/",
+        "transformer/",
+        "vae/",
+    ];
+    const KINDS: [&str; 4] = [".json", ".txt", ".model", ".safetensors"];
+    path == "model_index.json"
+        || (PARTS.iter().any(|p| path.starts_with(p)) && KINDS.iter().any(|k| path.ends_with(k)))
+}

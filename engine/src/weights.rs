@@ -1,0 +1,107 @@
+//! Reading safetensors checkpoints: one file, or shards listed by a `*.index.json`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use std::path::{Path, PathBuf};
+
+/// The safetensors files of a model folder (diffusers / transformers layout) or a single file.
+pub fn safetensors_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        bail!("model path {} does not exist", path.display());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    if let Some(index) = entries
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+    {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(index)?)
+            .with_context(|| format!("parsing {}", index.display()))?;
+        let map = json["weight_map"]
+            .as_object()
+            .with_context(|| format!("{} has no weight_map", index.display()))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| path.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        for f in &files {
+            if !f.is_file() {
+                bail!(
+                    "shard {} listed in {} is missing: the download is incomplete",
+                    f.display(),
+                    index.display()
+                );
+            }
+        }
+        return Ok(files);
+    }
+    let files: Vec<PathBuf> = entries
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    if files.is_empty() {
+        bail!("no .safetensors file in {}", path.display());
+    }
+    Ok(files)
+}
+
+/// Memory-maps the checkpoint; tensors are converted to `dtype` on `device` as they are read.
+pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let files = safetensors_files(path)?;
+    for f in &files {
+        check_header(f)?;
+    }
+    // SAFETY: the files are memory-mapped read-only; the studio never writes model files while
+    // a model built from them is alive.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    Ok(vb)
+}
+
+/// A truncated or corrupt file is reported with its name and what to do, rather than as a
+/// bare parse error deep inside a model constructor.
+fn check_header(file: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    let corrupt = |why: &str| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file ({why}); delete it so it is downloaded again",
+            file.display()
+        )
+    };
+    f.read_exact(&mut n).map_err(|_| corrupt("too short"))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > len.saturating_sub(8) {
+        return Err(corrupt("header longer than the file"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| corrupt("unreadable header"))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| corrupt("header is not JSON"))?;
+    let data_len = len - 8 - header_len;
+    let end = json
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if end > data_len {
+        return Err(corrupt(
+            "truncated: the tensors run past the end of the file",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Command line and environment. Every setting is a flag with an environment variable beside it; `.env` in
+//! the working directory is read first (for HF_TOKEN), and values already in the environment win over it.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use engine::device::DeviceChoice;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "studio",
+    version,
+    about = "Self-hosted FLUX image studio: HTTP API, jobs and WebSockets"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings of `serve`, also accepted without the subcommand name (serving is the default).
+    #[command(flatten)]
+    pub serve: ServeConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default).
+    Serve(ServeConfig),
+    /// Generate one image from a prompt and write it as PNG.
+    Generate(crate::generate::Args),
+}
+
+impl Cli {
+    /// The serve settings, whether or not `serve` was named.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Where the database, uploads, LoRAs and images live.
+    #[arg(long, env = "STUDIO_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, env = "STUDIO_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Port to listen on (0 picks a free one, which the startup line names).
+    #[arg(long, env = "STUDIO_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Where the models run: auto (CUDA when built with it and a GPU answers, else the CPU), cpu, cuda.
+    #[arg(long, env = "STUDIO_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Model preset for requests that name none; the engine's own default when not given.
+    #[arg(long, env = "STUDIO_PRESET")]
+    pub preset: Option<String>,
+    /// When set, every route and WebSocket needs `Authorization: Bearer <token>` (WebSockets may pass
+    /// `?token=<token>` instead, as browsers cannot set headers on them).
+    #[arg(long, env = "STUDIO_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+    /// Hugging Face token for gated weights (FLUX.1-dev); usually from `.env`.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<Secret>,
+    /// Largest JSON body or WebSocket message, in bytes (K, M, G suffixes allowed).
+    #[arg(long, env = "STUDIO_JSON_LIMIT", default_value = "1M", value_parser = parse_bytes)]
+    pub json_limit: u64,
+    /// Largest training upload (the whole multipart body), in bytes (K, M, G suffixes allowed).
+    #[arg(long, env = "STUDIO_UPLOAD_LIMIT", default_value = "2G", value_parser = parse_bytes)]
+    pub upload_limit: u64,
+    /// Generation jobs that may wait for the worker; one more is answered 429.
+    #[arg(long, env = "STUDIO_GENERATION_QUEUE", default_value_t = 16)]
+    pub generation_queue: usize,
+    /// Training jobs that may wait for the worker; one more is answered 429.
+    #[arg(long, env = "STUDIO_TRAINING_QUEUE", default_value_t = 4)]
+    pub training_queue: usize,
+    /// Classification requests in progress at once; one more is answered 429.
+    #[arg(long, env = "STUDIO_CLASSIFY_QUEUE", default_value_t = 32)]
+    pub classify_queue: usize,
+}
+
+impl ServeConfig {
+    /// The defaults, as `studio serve` with no flags and no environment would have them.
+    pub fn defaults() -> ServeConfig {
+        let cli = Cli::parse_from(["studio"]);
+        match cli.into_command() {
+            Command::Serve(config) => config,
+            Command::Generate(_) => unreachable!("no subcommand was given"),
+        }
+    }
+}
+
+/// A value never printed: Debug and logs show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// `123`, `64K`, `1M`, `2G` (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512K, 1M or 2G"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_bytes("123"), Ok(123));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn serve_is_the_default_command_and_flags_work_without_it() {
+        let cli = Cli::parse_from(["studio", "--port", "9000"]);
+        let Command::Serve(config) = cli.into_command() else {
+            panic!("serve expected")
+        };
+        assert_eq!(config.port, 9000);
+        let cli = Cli::parse_from(["studio", "serve", "--port", "9001"]);
+        let Command::Serve(config) = cli.into_command() else {
+            panic!("serve expected")
+        };
+        assert_eq!(config.port, 9001);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret: Secret = "hunter2".parse().unwrap();
+        assert_eq!(format!("{secret:?}"), "***");
+    }
+}

@@ -1,0 +1,183 @@
+//! The seam where the models plug in. Each capability is a trait object handed to the server at start;
+//! one that is absent makes its routes answer 503 with the reason below. Implementations own their models
+//! and load them on first use; `Generation::generate` and `Training::start`/`TrainingRun::step` are only ever
+//! called on the one worker thread, so GPU memory is never contended.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use app::{GenerateRequest, PresetInfo};
+use image::RgbImage;
+
+/// Text-to-image. Planning runs on the request path and must be cheap; generating runs on the worker.
+pub trait Generation: Send + Sync {
+    /// The presets with their weights' state, for `GET /models/`.
+    fn presets(&self) -> Vec<PresetInfo>;
+
+    /// The preset used when a request names none.
+    fn default_preset(&self) -> String;
+
+    /// Resolves a request (already checked by `GenerateRequest::validate`, seed filled in) against its preset:
+    /// defaults, trigger words, the LoRA. An `Err` is answered 422 with its text.
+    fn plan(&self, request: &GenerateRequest, lora: LoraChoice) -> Result<GenerationPlan, String>;
+
+    /// Runs the plan; `on_step` is called after every denoising step and returns `Control::Cancel` once the job
+    /// is cancelled, after which the implementation should stop and return (any result is then discarded).
+    fn generate(
+        &self,
+        plan: &GenerationPlan,
+        on_step: &mut dyn FnMut(&StepUpdate) -> Control,
+    ) -> anyhow::Result<Generated>;
+}
+
+/// Which LoRA a request asked for, with the server's trained LoRAs already resolved to files.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraChoice {
+    /// The request named none: the preset's own LoRA, if it has one.
+    PresetDefault,
+    /// `"none"`.
+    Disabled,
+    /// A `model_id` of a completed training job of this server.
+    Trained {
+        model_id: String,
+        file: PathBuf,
+        keywords: Vec<String>,
+    },
+    /// Anything else, for the engine to resolve (a hub repository, say).
+    Named(String),
+}
+
+/// Everything the engine needs for one image, with every default applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationPlan {
+    pub model: String,
+    /// The prompt as sent to the model, trigger words included.
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f32,
+    pub seed: u64,
+    pub lora: LoraChoice,
+    pub lora_scale: f32,
+}
+
+pub struct StepUpdate {
+    /// 1-based.
+    pub step: u32,
+    pub total: u32,
+    /// A small rendering of the current latent, when the engine can make one cheaply.
+    pub preview: Option<RgbImage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Cancel,
+}
+
+pub struct Generated {
+    pub image: RgbImage,
+    pub seed: u64,
+}
+
+/// Prompt classification: small, CPU-bound; runs on tokio's blocking pool, beside the worker.
+pub trait Classification: Send + Sync {
+    /// Probability (0..1) that the prompt asks for an image rather than conversation.
+    fn image_request_probability(&self, prompt: &str) -> anyhow::Result<f32>;
+}
+
+/// LoRA training, advanced one optimizer step at a time so the worker can serve generations in between.
+pub trait Training: Send + Sync {
+    /// Checks the extra form fields of `POST /train/` (on the request path, cheap); `Err` is answered 422.
+    fn check_settings(
+        &self,
+        settings: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String>;
+
+    /// Reads the dataset, caches encodings, loads what is needed: the `preparing` phase. With `spec.resume`,
+    /// continues from the latest checkpoint in `spec.job_dir` when there is one.
+    fn start(
+        &self,
+        spec: &TrainingSpec,
+        report: &mut dyn FnMut(TrainingReport),
+    ) -> anyhow::Result<Box<dyn TrainingRun>>;
+}
+
+pub trait TrainingRun {
+    /// One optimizer step, plus samples and checkpoints when due. After `StepOutcome::Finished` the LoRA is at
+    /// `spec.lora_file`. A run dropped between steps (cancel, shutdown) leaves its last checkpoint behind.
+    fn step(&mut self, report: &mut dyn FnMut(TrainingReport)) -> anyhow::Result<StepOutcome>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingSpec {
+    pub model_id: String,
+    /// The uploaded ZIP.
+    pub dataset: PathBuf,
+    /// The job's own folder: checkpoints go here, and nothing of the job goes anywhere else.
+    pub job_dir: PathBuf,
+    /// Sample images go here, named `[A-Za-z0-9_-]+.png`, and are announced by `TrainingReport::Sample`.
+    pub samples_dir: PathBuf,
+    /// Where the finished LoRA (safetensors) must be written.
+    pub lora_file: PathBuf,
+    pub keywords: Vec<String>,
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainingReport {
+    Log(String),
+    Step {
+        step: u32,
+        total: u32,
+        loss: f32,
+        learning_rate: f64,
+    },
+    /// File name inside `samples_dir`.
+    Sample {
+        step: u32,
+        file: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Continue,
+    Finished,
+}
+
+/// The capabilities this server was built with; `None` means "not in this build".
+#[derive(Clone, Default)]
+pub struct Capabilities {
+    pub generation: Option<Arc<dyn Generation>>,
+    pub classification: Option<Arc<dyn Classification>>,
+    pub training: Option<Arc<dyn Training>>,
+}
+
+pub const GENERATION_UNAVAILABLE: &str = "generation engine not available in this build yet";
+pub const CLASSIFICATION_UNAVAILABLE: &str = "prompt classifier not available in this build yet";
+pub const TRAINING_UNAVAILABLE: &str = "LoRA training not available in this build yet";
+
+impl Capabilities {
+    /// For `/health`: (name, unavailability reason).
+    pub fn states(&self) -> [(&'static str, Option<&'static str>); 3] {
+        [
+            (
+                "generation",
+                self.generation.is_none().then_some(GENERATION_UNAVAILABLE),
+            ),
+            (
+                "classification",
+                self.classification
+                    .is_none()
+                    .then_some(CLASSIFICATION_UNAVAILABLE),
+            ),
+            (
+                "training",
+                self.training.is_none().then_some(TRAINING_UNAVAILABLE),
+            ),
+        ]
+    }
+}

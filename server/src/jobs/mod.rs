@@ -1,0 +1,355 @@
+//! Jobs: submitted by the routes, queued with bounded lengths, run by the one worker thread, announced on
+//! per-job event streams, and kept in the store. See `queue` for the order work is taken in.
+
+pub mod capability;
+pub mod hub;
+pub mod queue;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use app::{EventBody, GenerateRequest, JobKind, JobRecord, JobStatus, QueueState};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::files::{DataDir, JobId};
+use crate::store::Store;
+use capability::{Capabilities, GenerationPlan, TrainingSpec};
+use hub::{EventHub, Listener};
+use queue::{GenerationTicket, QueueFull, Queues, TrainingTicket};
+
+/// What a training job keeps in its `params`: enough to start it again after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingParams {
+    pub keywords: Vec<String>,
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    pub dataset_bytes: u64,
+    pub dataset_images: u32,
+}
+
+pub(crate) struct Shared {
+    store: Arc<Store>,
+    hub: EventHub,
+    queues: Queues,
+    data: DataDir,
+    caps: Capabilities,
+    /// The cancel flag of every job that is queued or running.
+    cancels: Mutex<HashMap<JobId, Arc<AtomicBool>>>,
+}
+
+impl Shared {
+    fn cancels(&self) -> MutexGuard<'_, HashMap<JobId, Arc<AtomicBool>>> {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn new_cancel(&self, id: JobId) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.cancels().insert(id, Arc::clone(&flag));
+        flag
+    }
+
+    fn forget_cancel(&self, id: JobId) {
+        self.cancels().remove(&id);
+    }
+
+    fn internal(context: &str) -> impl FnOnce(anyhow::Error) -> ApiError + '_ {
+        move |err| ApiError::internal(context, format!("{err:#}"))
+    }
+
+    fn submit_generation(
+        &self,
+        request: &GenerateRequest,
+        plan: GenerationPlan,
+    ) -> Result<(JobId, Listener), ApiError> {
+        let id = JobId::random();
+        let job = id.to_string();
+        let listener = self.record_new(&job, JobKind::Generation, request)?;
+        let cancel = self.new_cancel(id);
+        self.enqueue(id, JobKind::Generation, |queues| {
+            queues.push_generation(GenerationTicket { id, plan, cancel })
+        })?;
+        Ok((id, listener))
+    }
+
+    fn submit_training(&self, id: JobId, params: &TrainingParams) -> Result<(), ApiError> {
+        let job = id.to_string();
+        self.record_new(&job, JobKind::Training, params)?;
+        let spec = self.training_spec(id, params, false);
+        let cancel = self.new_cancel(id);
+        self.enqueue(id, JobKind::Training, |queues| {
+            queues.push_training(TrainingTicket { id, spec, cancel })
+        })
+    }
+
+    /// Opens a new job's stream (the listener sees everything from here on), records the job and its
+    /// `queued` event.
+    fn record_new(
+        &self,
+        job: &str,
+        kind: JobKind,
+        params: &impl Serialize,
+    ) -> Result<Listener, ApiError> {
+        let listener = self
+            .hub
+            .open(job)
+            .map_err(Shared::internal("opening the job's stream"))?;
+        let recorded = serde_json::to_value(params)
+            .map_err(anyhow::Error::from)
+            .and_then(|params| self.store.insert_job(job, kind, &params))
+            .and_then(|()| {
+                self.hub.publish(
+                    job,
+                    EventBody::Status {
+                        status: JobStatus::Queued,
+                    },
+                )
+            });
+        if let Err(err) = recorded {
+            self.hub.close(job);
+            return Err(ApiError::internal("recording the job", format!("{err:#}")));
+        }
+        Ok(listener)
+    }
+
+    /// Pushes a recorded job; when its queue is full the job is removed again, as if never submitted.
+    fn enqueue(
+        &self,
+        id: JobId,
+        kind: JobKind,
+        push: impl FnOnce(&Queues) -> Result<(), QueueFull>,
+    ) -> Result<(), ApiError> {
+        if push(&self.queues).is_ok() {
+            return Ok(());
+        }
+        let job = id.to_string();
+        self.hub.close(&job);
+        self.forget_cancel(id);
+        if let Err(err) = self.store.delete_job(&job) {
+            tracing::error!("job {job}: removing a refused job failed: {err:#}");
+        }
+        Err(ApiError::queue_full(kind.as_str()))
+    }
+
+    fn resume_training(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        let job = id.to_string();
+        let record = self.record(id)?;
+        if record.kind != JobKind::Training {
+            return Err(ApiError::not_found(format!("no training job {job}")));
+        }
+        if !matches!(
+            record.status,
+            JobStatus::Interrupted | JobStatus::Cancelled | JobStatus::Failed
+        ) {
+            return Err(ApiError::conflict(format!(
+                "training job {job} is {}; only interrupted, cancelled or failed runs can be resumed",
+                record.status.as_str()
+            )));
+        }
+        let params: TrainingParams = serde_json::from_value(record.params.clone())
+            .map_err(|e| ApiError::internal("reading the job's parameters", e))?;
+        let spec = self.training_spec(id, &params, true);
+        if !spec.dataset.is_file() {
+            return Err(ApiError::conflict(format!(
+                "the dataset of training job {job} is gone; upload it again"
+            )));
+        }
+        // Announce first, then queue: the worker's `preparing` must come after `queued` in the log. A full
+        // queue puts the job back to the status it had.
+        self.hub
+            .open(&job)
+            .map_err(Shared::internal("opening the job's stream"))?;
+        let queued = self.hub.publish(
+            &job,
+            EventBody::Status {
+                status: JobStatus::Queued,
+            },
+        );
+        if let Err(err) = queued {
+            self.hub.close(&job);
+            return Err(ApiError::internal("recording the job", format!("{err:#}")));
+        }
+        let cancel = self.new_cancel(id);
+        if self
+            .queues
+            .push_training(TrainingTicket { id, spec, cancel })
+            .is_err()
+        {
+            self.forget_cancel(id);
+            let restored = self.hub.publish(
+                &job,
+                EventBody::Status {
+                    status: record.status,
+                },
+            );
+            self.hub.close(&job);
+            restored.map_err(Shared::internal("restoring the job's status"))?;
+            return Err(ApiError::queue_full("training"));
+        }
+        self.record(id)
+    }
+
+    fn training_spec(&self, id: JobId, params: &TrainingParams, resume: bool) -> TrainingSpec {
+        TrainingSpec {
+            model_id: id.to_string(),
+            dataset: self.data.dataset(id),
+            job_dir: self.data.job_dir(id),
+            samples_dir: self.data.samples_dir(id),
+            lora_file: self.data.lora(id),
+            keywords: params.keywords.clone(),
+            settings: params.settings.clone(),
+            resume,
+        }
+    }
+
+    fn cancel(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        let job = id.to_string();
+        if self.queues.remove(id) {
+            self.forget_cancel(id);
+            let published = self.hub.publish(
+                &job,
+                EventBody::Status {
+                    status: JobStatus::Cancelled,
+                },
+            );
+            self.hub.close(&job);
+            published.map_err(Shared::internal("recording the cancellation"))?;
+        } else if let Some(flag) = self.cancels().get(&id) {
+            // Running: the worker stops at its next step and records the cancellation itself.
+            flag.store(true, Ordering::SeqCst);
+        } else {
+            let record = self.record(id)?;
+            return Err(ApiError::conflict(format!(
+                "job {job} is already {}",
+                record.status.as_str()
+            )));
+        }
+        self.record(id)
+    }
+
+    fn record(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        self.store
+            .job(&id.to_string())
+            .map_err(Shared::internal("reading the job"))?
+            .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+    }
+}
+
+/// The routes' handle on the job system.
+#[derive(Clone)]
+pub struct Jobs {
+    shared: Arc<Shared>,
+}
+
+impl Jobs {
+    /// Marks what the last process left unfinished as interrupted, then starts the worker thread.
+    pub fn start(
+        store: Arc<Store>,
+        data: DataDir,
+        caps: Capabilities,
+        generation_queue: usize,
+        training_queue: usize,
+    ) -> anyhow::Result<Jobs> {
+        let interrupted = store.interrupt_unfinished()?;
+        if !interrupted.is_empty() {
+            tracing::warn!(
+                "{} job(s) were unfinished at the last stop and are now interrupted",
+                interrupted.len()
+            );
+        }
+        let shared = Arc::new(Shared {
+            hub: EventHub::new(Arc::clone(&store)),
+            store,
+            queues: Queues::new(generation_queue, training_queue),
+            data,
+            caps,
+            cancels: Mutex::default(),
+        });
+        let worker = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("studio-worker".into())
+            .spawn(move || worker::run(worker))?;
+        Ok(Jobs { shared })
+    }
+
+    /// Runs job-system work that touches the disk on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Shared) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || f(&shared))
+            .await
+            .unwrap_or_else(|err| Err(ApiError::internal("job system task", err)))
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.shared.caps
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    pub fn data(&self) -> &DataDir {
+        &self.shared.data
+    }
+
+    /// Queues a generation; the listener sees every event of it from `queued` on.
+    pub async fn submit_generation(
+        &self,
+        request: GenerateRequest,
+        plan: GenerationPlan,
+    ) -> Result<(JobId, Listener), ApiError> {
+        self.blocking(move |shared| shared.submit_generation(&request, plan))
+            .await
+    }
+
+    /// Queues a training run whose dataset is already at `DataDir::dataset(id)`.
+    pub async fn submit_training(&self, id: JobId, params: TrainingParams) -> Result<(), ApiError> {
+        self.blocking(move |shared| shared.submit_training(id, &params))
+            .await
+    }
+
+    pub async fn resume_training(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        self.blocking(move |shared| shared.resume_training(id))
+            .await
+    }
+
+    /// Cancels a queued job at once, a running one at its next step; 409 for a finished one.
+    pub async fn cancel(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        self.blocking(move |shared| shared.cancel(id)).await
+    }
+
+    pub async fn record(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        self.blocking(move |shared| shared.record(id)).await
+    }
+
+    /// A listener for a live job, `None` for one that is not live.
+    pub fn subscribe(&self, id: JobId) -> Option<Listener> {
+        self.shared.hub.subscribe(&id.to_string())
+    }
+
+    pub fn queue_states(&self) -> (QueueState, QueueState) {
+        let ((generation, generation_capacity), (training, training_capacity)) =
+            self.shared.queues.lengths();
+        (
+            QueueState {
+                waiting: generation,
+                capacity: generation_capacity,
+            },
+            QueueState {
+                waiting: training,
+                capacity: training_capacity,
+            },
+        )
+    }
+
+    /// Stops the worker after its current step; what it leaves unfinished is interrupted at the next start.
+    pub fn shutdown(&self) {
+        self.shared.queues.close();
+    }
+}

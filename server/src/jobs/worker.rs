@@ -1,0 +1,259 @@
+//! The one worker thread: it owns the GPU work, taking jobs from the queues by their policy and turning
+//! what the capabilities report into job events.
+
+use std::io::Cursor;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use app::{ErrorDetail, EventBody, GenerateResponse, JobStatus};
+use base64::Engine as _;
+use image::RgbImage;
+
+use super::capability::{Control, StepOutcome, TrainingReport, TrainingRun};
+use super::queue::{GenerationTicket, TrainingTicket, Work};
+use super::Shared;
+use crate::files::JobId;
+
+struct ActiveTraining {
+    id: JobId,
+    run: Box<dyn TrainingRun>,
+    cancel: Arc<AtomicBool>,
+}
+
+pub(super) fn run(shared: Arc<Shared>) {
+    let mut active: Option<ActiveTraining> = None;
+    while let Some(work) = shared.queues.next(active.is_some()) {
+        match work {
+            Work::Generate(ticket) => generate(&shared, ticket),
+            Work::StartTraining(ticket) => active = start_training(&shared, ticket),
+            Work::TrainingStep => {
+                if let Some(training) = active.take() {
+                    active = training_step(&shared, training);
+                }
+            }
+        }
+    }
+    tracing::info!("worker stopped");
+}
+
+/// Runs a capability call, turning a panic into an error so one bad job cannot take the worker down.
+fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(anyhow::anyhow!("internal error: {what}"))
+    })
+}
+
+fn generate(shared: &Shared, ticket: GenerationTicket) {
+    let GenerationTicket { id, plan, cancel } = ticket;
+    let job = id.to_string();
+    let Some(generation) = shared.caps.generation.clone() else {
+        // Only reachable if the capability was removed while jobs waited; fail the job rather than hang.
+        shared.fail(
+            &job,
+            "unavailable",
+            crate::jobs::capability::GENERATION_UNAVAILABLE,
+        );
+        return shared.finish(id);
+    };
+    if cancel.load(Ordering::SeqCst) {
+        shared.set_status(&job, JobStatus::Cancelled);
+        return shared.finish(id);
+    }
+    shared.set_status(&job, JobStatus::Running);
+    let started = Instant::now();
+    let outcome = guarded(|| {
+        generation.generate(&plan, &mut |update| {
+            let preview = update.preview.as_ref().and_then(|p| png_base64(p).ok());
+            shared.emit(
+                &job,
+                EventBody::Step {
+                    step: update.step,
+                    total: update.total,
+                    loss: None,
+                    learning_rate: None,
+                    preview,
+                },
+            );
+            if cancel.load(Ordering::SeqCst) {
+                Control::Cancel
+            } else {
+                Control::Continue
+            }
+        })
+    });
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if cancel.load(Ordering::SeqCst) {
+        shared.set_status(&job, JobStatus::Cancelled);
+        return shared.finish(id);
+    }
+    let saved = outcome.and_then(|generated| {
+        let png = encode_png(&generated.image)?;
+        std::fs::write(shared.data.image(id), &png)?;
+        let response = GenerateResponse {
+            image: base64::engine::general_purpose::STANDARD.encode(&png),
+            seed: generated.seed,
+            width: generated.image.width(),
+            height: generated.image.height(),
+            steps: plan.steps,
+            model: plan.model.clone(),
+            prompt: plan.prompt.clone(),
+            elapsed_ms,
+            job_id: job.clone(),
+        };
+        // The job's record keeps everything but the pixels, which stay in the PNG file.
+        let mut record = serde_json::to_value(&response)?;
+        record["image"] = serde_json::Value::String(format!("/images/{job}"));
+        shared.store.set_result(&job, &record)?;
+        Ok(response)
+    });
+    match saved {
+        Ok(response) => {
+            shared.emit(&job, EventBody::Result(Box::new(response)));
+            shared.set_status(&job, JobStatus::Completed);
+        }
+        Err(err) => shared.fail(&job, "generation_failed", &format!("{err:#}")),
+    }
+    shared.finish(id);
+}
+
+fn start_training(shared: &Shared, ticket: TrainingTicket) -> Option<ActiveTraining> {
+    let TrainingTicket { id, spec, cancel } = ticket;
+    let job = id.to_string();
+    let Some(training) = shared.caps.training.clone() else {
+        shared.fail(
+            &job,
+            "unavailable",
+            crate::jobs::capability::TRAINING_UNAVAILABLE,
+        );
+        shared.finish(id);
+        return None;
+    };
+    if cancel.load(Ordering::SeqCst) {
+        shared.set_status(&job, JobStatus::Cancelled);
+        shared.finish(id);
+        return None;
+    }
+    shared.set_status(&job, JobStatus::Preparing);
+    let started = guarded(|| training.start(&spec, &mut |report| shared.report(id, report)));
+    match started {
+        Ok(run) => {
+            shared.set_status(&job, JobStatus::Training);
+            Some(ActiveTraining { id, run, cancel })
+        }
+        Err(err) => {
+            shared.fail(&job, "training_failed", &format!("{err:#}"));
+            shared.finish(id);
+            None
+        }
+    }
+}
+
+fn training_step(shared: &Shared, mut training: ActiveTraining) -> Option<ActiveTraining> {
+    let id = training.id;
+    let job = id.to_string();
+    if training.cancel.load(Ordering::SeqCst) {
+        // Dropping the run keeps its last checkpoint: a cancelled run can be resumed.
+        drop(training);
+        shared.set_status(&job, JobStatus::Cancelled);
+        shared.finish(id);
+        return None;
+    }
+    let outcome = guarded(|| training.run.step(&mut |report| shared.report(id, report)));
+    match outcome {
+        Ok(StepOutcome::Continue) => return Some(training),
+        Ok(StepOutcome::Finished) => {
+            let result = serde_json::json!({ "lora": format!("/loras/{job}") });
+            match shared.store.set_result(&job, &result) {
+                Ok(()) => shared.set_status(&job, JobStatus::Completed),
+                Err(err) => shared.fail(
+                    &job,
+                    "training_failed",
+                    &format!("recording the result: {err:#}"),
+                ),
+            }
+        }
+        Err(err) => shared.fail(&job, "training_failed", &format!("{err:#}")),
+    }
+    shared.finish(id);
+    None
+}
+
+impl Shared {
+    /// Publishes an event; a failure to record it is logged, not fatal: the job goes on.
+    fn emit(&self, job: &str, body: EventBody) {
+        if let Err(err) = self.hub.publish(job, body) {
+            tracing::error!("job {job}: recording an event failed: {err:#}");
+        }
+    }
+
+    fn set_status(&self, job: &str, status: JobStatus) {
+        self.emit(job, EventBody::Status { status });
+    }
+
+    fn fail(&self, job: &str, code: &str, message: &str) {
+        tracing::warn!("job {job} failed: {message}");
+        self.emit(
+            job,
+            EventBody::Error {
+                error: ErrorDetail {
+                    code: code.into(),
+                    message: message.into(),
+                },
+            },
+        );
+        self.set_status(job, JobStatus::Failed);
+    }
+
+    fn report(&self, id: JobId, report: TrainingReport) {
+        let job = id.to_string();
+        let body = match report {
+            TrainingReport::Log(message) => EventBody::Log { message },
+            TrainingReport::Step {
+                step,
+                total,
+                loss,
+                learning_rate,
+            } => EventBody::Step {
+                step,
+                total,
+                loss: Some(loss),
+                learning_rate: Some(learning_rate),
+                preview: None,
+            },
+            TrainingReport::Sample { step, file } => {
+                if self.data.sample(id, &file).is_none() {
+                    tracing::warn!("job {job}: sample name {file:?} is not servable; skipped");
+                    return;
+                }
+                EventBody::Sample {
+                    step,
+                    url: format!("/train/{job}/samples/{file}"),
+                }
+            }
+        };
+        self.emit(&job, body);
+    }
+
+    /// The job left the worker: no more events, no more cancelling.
+    fn finish(&self, id: JobId) {
+        self.hub.close(&id.to_string());
+        self.forget_cancel(id);
+    }
+}
+
+fn encode_png(image: &RgbImage) -> anyhow::Result<Vec<u8>> {
+    let mut png = Vec::new();
+    image.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(png)
+}
+
+fn png_base64(image: &RgbImage) -> anyhow::Result<String> {
+    Ok(base64::engine::general_purpose::STANDARD.encode(encode_png(image)?))
+}

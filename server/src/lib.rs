@@ -1,0 +1,100 @@
+//! The studio server: configuration, the job system and its store, and the HTTP routes. The binary
+//! (`main.rs`) parses the command line and calls `serve`; tests call `start` with their own capabilities.
+
+pub mod config;
+pub mod error;
+pub mod files;
+pub mod flux;
+pub mod generate;
+pub mod jobs;
+pub mod routes;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::http::Request;
+
+use config::ServeConfig;
+use files::DataDir;
+use jobs::capability::Capabilities;
+use jobs::Jobs;
+use routes::{AppState, HttpSettings};
+use store::Store;
+
+/// A server accepting connections.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub jobs: Jobs,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the data directory and database, starts the worker and binds the listener.
+pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<Running> {
+    let data = DataDir::create(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let store = Arc::new(Store::open(&data.database())?);
+    let jobs = Jobs::start(
+        store,
+        data,
+        caps,
+        config.generation_queue,
+        config.training_queue,
+    )?;
+    let settings = HttpSettings {
+        token: config.token.clone(),
+        json_limit: usize::try_from(config.json_limit).unwrap_or(usize::MAX),
+        upload_limit: usize::try_from(config.upload_limit).unwrap_or(usize::MAX),
+        classify_slots: Arc::new(tokio::sync::Semaphore::new(config.classify_queue)),
+    };
+    let state = AppState {
+        jobs: jobs.clone(),
+        settings: Arc::new(settings),
+    };
+    let listener = tokio::net::TcpListener::bind((config.bind, config.port))
+        .await
+        .with_context(|| format!("binding {}:{}", config.bind, config.port))?;
+    let addr = listener.local_addr()?;
+    let service =
+        axum::ServiceExt::<Request<axum::body::Body>>::into_make_service(routes::app(state));
+    let server = tokio::spawn(async move {
+        axum::serve(listener, service)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    Ok(Running { addr, jobs, server })
+}
+
+/// Serves until Ctrl-C or SIGTERM.
+pub async fn serve(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<()> {
+    let running = start(config, caps).await?;
+    // The one line scripts and tests read to find the server (the port may have been 0).
+    println!("studio listening on http://{}", running.addr);
+    tracing::info!("data in {}", config.data_dir.display());
+    let result = running.server.await.context("server task")?;
+    running.jobs.shutdown();
+    result.context("serving HTTP")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

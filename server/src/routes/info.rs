@@ -1,0 +1,74 @@
+use app::{CapabilityState, HealthResponse, ModelsResponse};
+use axum::extract::State;
+use axum::Json;
+use serde_json::{Map, Value};
+
+use super::{ApiJson, AppState};
+use crate::error::ApiError;
+
+/// Liveness, what this build can do, and how full the queues are.
+#[utoipa::path(get, path = "/health", tag = "info", responses((status = 200, body = HealthResponse)))]
+pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
+    let capabilities = state
+        .jobs
+        .capabilities()
+        .states()
+        .into_iter()
+        .map(|(name, reason)| CapabilityState {
+            name: name.to_owned(),
+            available: reason.is_none(),
+            reason: reason.map(str::to_owned),
+        })
+        .collect();
+    let (generation_queue, training_queue) = state.jobs.queue_states();
+    Json(HealthResponse {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        capabilities,
+        generation_queue,
+        training_queue,
+    })
+}
+
+/// The model presets and whether their weights are absent, downloading or loaded.
+#[utoipa::path(get, path = "/models/", tag = "info", responses((status = 200, body = ModelsResponse)))]
+pub async fn models(State(state): State<AppState>) -> Json<ModelsResponse> {
+    let generation = state.jobs.capabilities().generation.clone();
+    Json(ModelsResponse {
+        default_preset: generation.as_ref().map(|g| g.default_preset()),
+        presets: generation.map(|g| g.presets()).unwrap_or_default(),
+    })
+}
+
+/// The studio's stored settings (the UI's preferences): a JSON object.
+#[utoipa::path(get, path = "/settings/", tag = "info", responses((status = 200, body = Object)))]
+pub async fn settings(State(state): State<AppState>) -> Result<Json<Map<String, Value>>, ApiError> {
+    let settings = state
+        .jobs
+        .store()
+        .call(|store| store.settings())
+        .await
+        .map_err(|e| ApiError::internal("reading settings", format!("{e:#}")))?;
+    Ok(Json(settings))
+}
+
+/// Sets the given keys (a `null` value removes one) and answers with all settings.
+#[utoipa::path(put, path = "/settings/", tag = "info", request_body = Object, responses(
+    (status = 200, body = Object),
+    (status = 422, description = "Not a JSON object", body = app::ErrorBody),
+))]
+pub async fn update_settings(
+    State(state): State<AppState>,
+    ApiJson(changes): ApiJson<Map<String, Value>>,
+) -> Result<Json<Map<String, Value>>, ApiError> {
+    let settings = state
+        .jobs
+        .store()
+        .call(move |store| {
+            store.update_settings(&changes)?;
+            store.settings()
+        })
+        .await
+        .map_err(|e| ApiError::internal("writing settings", format!("{e:#}")))?;
+    Ok(Json(settings))
+}

@@ -1,0 +1,362 @@
+use std::path::Path;
+
+use app::{ErrorBody, JobKind, JobRecord, JobStatus, TrainAccepted, TrainForm, TrainStatus};
+use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
+use axum::extract::{Multipart, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{Map, Value};
+use tokio::io::AsyncWriteExt;
+
+use super::{job_id, ApiPath, AppState};
+use crate::error::ApiError;
+use crate::files::JobId;
+use crate::jobs::capability::TRAINING_UNAVAILABLE;
+use crate::jobs::TrainingParams;
+
+const MAX_KEYWORDS: usize = 50;
+const MAX_KEYWORD_CHARS: usize = 200;
+const MAX_SETTINGS: usize = 64;
+const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// Starts LoRA training on a ZIP of images. The ZIP is streamed to the job's folder, never held in memory.
+#[utoipa::path(post, path = "/train/", tag = "train",
+    request_body(content = TrainForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 202, body = TrainAccepted),
+        (status = 400, description = "Malformed multipart body", body = ErrorBody),
+        (status = 413, description = "Upload over the server's cap", body = ErrorBody),
+        (status = 415, description = "Not multipart/form-data", body = ErrorBody),
+        (status = 422, description = "Missing field, bad keywords, no images in the ZIP, bad settings", body = ErrorBody),
+        (status = 429, description = "Training queue full", body = ErrorBody),
+        (status = 503, description = "Training not available", body = ErrorBody),
+    ))]
+pub async fn train(
+    State(state): State<AppState>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, Json<TrainAccepted>), ApiError> {
+    let training = state
+        .jobs
+        .capabilities()
+        .training
+        .clone()
+        .ok_or_else(|| ApiError::unavailable(TRAINING_UNAVAILABLE))?;
+    let mut multipart = multipart?;
+    let id = JobId::random();
+    let dir = state.jobs.data().job_dir(id);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::internal("creating the job folder", e))?;
+    let accepted = async {
+        let params = receive(&state, id, &mut multipart).await?;
+        training
+            .check_settings(&params.settings)
+            .map_err(ApiError::validation)?;
+        state.jobs.submit_training(id, params.clone()).await?;
+        Ok(TrainAccepted {
+            model_id: id.to_string(),
+            status: JobStatus::Queued,
+            keywords: params.keywords,
+            settings: params.settings,
+            dataset_bytes: params.dataset_bytes,
+            dataset_images: params.dataset_images,
+        })
+    }
+    .await;
+    if accepted.is_err() {
+        // Nothing of a refused upload stays behind.
+        if let Err(err) = tokio::fs::remove_dir_all(&dir).await {
+            tracing::error!("removing {}: {err}", dir.display());
+        }
+    }
+    accepted.map(|body| (StatusCode::ACCEPTED, Json(body)))
+}
+
+async fn receive(
+    state: &AppState,
+    id: JobId,
+    multipart: &mut Multipart,
+) -> Result<TrainingParams, ApiError> {
+    let settings_limit = state.settings.json_limit;
+    let upload_limit = state.settings.upload_limit;
+    let too_large = |err: MultipartError| {
+        let err = ApiError::from(err);
+        if err.status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError {
+                message: format!(
+                    "the upload is larger than this server's cap of {upload_limit} bytes"
+                ),
+                ..err
+            }
+        } else {
+            err
+        }
+    };
+    let field_error = |e: FieldError| e.map(too_large);
+    let mut dataset_bytes = None;
+    let mut keywords = None;
+    let mut settings = Map::new();
+    while let Some(field) = multipart.next_field().await.map_err(too_large)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        match name.as_str() {
+            "dataset" if dataset_bytes.is_some() => {
+                return Err(ApiError::bad_request(
+                    "duplicate_field",
+                    "more than one dataset",
+                ))
+            }
+            "dataset" => {
+                dataset_bytes = Some(
+                    save(field, &state.jobs.data().dataset(id))
+                        .await
+                        .map_err(field_error)?,
+                )
+            }
+            "keywords" => {
+                keywords = Some(parse_keywords(
+                    &read_text(field, settings_limit)
+                        .await
+                        .map_err(field_error)?,
+                )?)
+            }
+            "" => {
+                return Err(ApiError::bad_request(
+                    "invalid_multipart",
+                    "a form field without a name",
+                ))
+            }
+            _ if settings.len() >= MAX_SETTINGS => {
+                return Err(ApiError::validation(format!(
+                    "more than {MAX_SETTINGS} settings fields"
+                )))
+            }
+            _ => {
+                let text = read_text(field, settings_limit)
+                    .await
+                    .map_err(field_error)?;
+                // Numbers and booleans arrive as text in a form; JSON-looking values are taken as JSON.
+                let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                settings.insert(name, value);
+            }
+        }
+    }
+    let dataset_bytes = dataset_bytes
+        .ok_or_else(|| ApiError::validation("missing form field `dataset` (a ZIP of images)"))?;
+    let keywords = keywords.ok_or_else(|| ApiError::validation("missing form field `keywords`"))?;
+    let dataset_images = count_images(state.jobs.data().dataset(id)).await?;
+    Ok(TrainingParams {
+        keywords,
+        settings,
+        dataset_bytes,
+        dataset_images,
+    })
+}
+
+/// Reading a form field failed: in the body (mapped by the caller, which knows the cap) or on our side.
+enum FieldError {
+    Multipart(MultipartError),
+    Api(ApiError),
+}
+
+impl FieldError {
+    fn map(self, f: impl FnOnce(MultipartError) -> ApiError) -> ApiError {
+        match self {
+            FieldError::Multipart(err) => f(err),
+            FieldError::Api(err) => err,
+        }
+    }
+}
+
+/// Streams a field to `path`, synced before returning: a 202 means the upload survives a crash.
+async fn save(mut field: Field<'_>, path: &Path) -> Result<u64, FieldError> {
+    let disk = |e: std::io::Error| FieldError::Api(ApiError::internal("storing the upload", e));
+    let mut file = tokio::fs::File::create(path).await.map_err(disk)?;
+    let mut written = 0u64;
+    while let Some(chunk) = field.chunk().await.map_err(FieldError::Multipart)? {
+        file.write_all(&chunk).await.map_err(disk)?;
+        written += chunk.len() as u64;
+    }
+    file.sync_all().await.map_err(disk)?;
+    Ok(written)
+}
+
+/// A text field, refused past `limit` bytes so a huge field cannot fill memory.
+async fn read_text(mut field: Field<'_>, limit: usize) -> Result<String, FieldError> {
+    let name = field.name().unwrap_or_default().to_owned();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(FieldError::Multipart)? {
+        if bytes.len() + chunk.len() > limit {
+            let message = format!("form field `{name}` is longer than {limit} bytes");
+            return Err(FieldError::Api(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                message,
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        FieldError::Api(ApiError::bad_request(
+            "invalid_utf8",
+            format!("form field `{name}` is not UTF-8"),
+        ))
+    })
+}
+
+/// A JSON list of strings, or a comma-separated string.
+fn parse_keywords(text: &str) -> Result<Vec<String>, ApiError> {
+    let text = text.trim();
+    let raw: Vec<String> = if text.starts_with('[') {
+        serde_json::from_str(text).map_err(|_| {
+            ApiError::validation(
+                "keywords must be a JSON list of strings or a comma-separated string",
+            )
+        })?
+    } else {
+        text.split(',').map(str::to_owned).collect()
+    };
+    let keywords: Vec<String> = raw
+        .iter()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect();
+    if keywords.is_empty() {
+        return Err(ApiError::validation(
+            "keywords must name at least one keyword",
+        ));
+    }
+    if keywords.len() > MAX_KEYWORDS {
+        return Err(ApiError::validation(format!(
+            "more than {MAX_KEYWORDS} keywords"
+        )));
+    }
+    if let Some(long) = keywords
+        .iter()
+        .find(|k| k.chars().count() > MAX_KEYWORD_CHARS)
+    {
+        return Err(ApiError::validation(format!(
+            "keyword longer than {MAX_KEYWORD_CHARS} characters: {long:.40}..."
+        )));
+    }
+    Ok(keywords)
+}
+
+/// Reads the ZIP's directory (not its contents) to refuse a non-ZIP or an image-less one before queueing.
+async fn count_images(path: std::path::PathBuf) -> Result<u32, ApiError> {
+    let count = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+        let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut archive = zip::ZipArchive::new(file)
+            .map_err(|e| format!("the dataset is not a readable ZIP: {e}"))?;
+        let mut images = 0u32;
+        for i in 0..archive.len() {
+            let entry = archive
+                .by_index_raw(i)
+                .map_err(|e| format!("the dataset's ZIP is damaged: {e}"))?;
+            let is_image = entry.is_file()
+                && entry.name().is_ok_and(|name| {
+                    Path::new(name.as_ref())
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+                });
+            images += u32::from(is_image);
+        }
+        Ok(images)
+    })
+    .await
+    .map_err(|e| ApiError::internal("reading the ZIP", e))?
+    .map_err(ApiError::validation)?;
+    if count == 0 {
+        return Err(ApiError::validation(
+            "the dataset ZIP holds no png, jpg, jpeg or webp images",
+        ));
+    }
+    Ok(count)
+}
+
+/// A training job's progress, as the original service reported it.
+#[utoipa::path(get, path = "/train/status/{model_id}", tag = "train", responses(
+    (status = 200, body = TrainStatus),
+    (status = 404, description = "Unknown model_id", body = ErrorBody),
+))]
+pub async fn status(
+    State(state): State<AppState>,
+    ApiPath(model_id): ApiPath<String>,
+) -> Result<Json<TrainStatus>, ApiError> {
+    let record = training_record(&state, &model_id).await?;
+    Ok(Json(train_status(record)))
+}
+
+/// Queues an interrupted, cancelled or failed run again; the trainer continues from its last checkpoint.
+#[utoipa::path(post, path = "/train/{model_id}/resume", tag = "train", responses(
+    (status = 202, body = TrainStatus),
+    (status = 404, body = ErrorBody),
+    (status = 409, description = "Not in a resumable state, or its dataset is gone", body = ErrorBody),
+    (status = 429, description = "Training queue full", body = ErrorBody),
+    (status = 503, description = "Training not available", body = ErrorBody),
+))]
+pub async fn resume(
+    State(state): State<AppState>,
+    ApiPath(model_id): ApiPath<String>,
+) -> Result<(StatusCode, Json<TrainStatus>), ApiError> {
+    if state.jobs.capabilities().training.is_none() {
+        return Err(ApiError::unavailable(TRAINING_UNAVAILABLE));
+    }
+    let record = state.jobs.resume_training(job_id(&model_id)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(train_status(record))))
+}
+
+pub async fn training_record(state: &AppState, model_id: &str) -> Result<JobRecord, ApiError> {
+    let record = state.jobs.record(job_id(model_id)?).await?;
+    if record.kind != JobKind::Training {
+        return Err(ApiError::not_found(format!("no training job {model_id}")));
+    }
+    Ok(record)
+}
+
+fn train_status(record: JobRecord) -> TrainStatus {
+    let keywords = serde_json::from_value::<TrainingParams>(record.params)
+        .map(|p| p.keywords)
+        .unwrap_or_default();
+    TrainStatus {
+        model_id: record.id,
+        status: record.status,
+        step: record.step,
+        total_steps: record.total_steps,
+        loss: record.loss,
+        error: record.error,
+        keywords,
+        updated_at: record.updated_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_as_json_list_or_comma_separated() {
+        let expected = vec![
+            "realistic".to_string(),
+            "detailed".into(),
+            "high quality".into(),
+        ];
+        assert_eq!(
+            parse_keywords(r#"["realistic", "detailed", "high quality"]"#).unwrap(),
+            expected
+        );
+        assert_eq!(
+            parse_keywords("realistic, detailed,high quality ,").unwrap(),
+            expected
+        );
+        assert_eq!(
+            parse_keywords("[1, 2]").unwrap_err().status,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            parse_keywords(" , ").unwrap_err().status,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert!(parse_keywords(&"k,".repeat(MAX_KEYWORDS + 1)).is_err());
+    }
+}

@@ -1,0 +1,461 @@
+//! The SQLite job store: jobs (a row each, kept current), their events (append-only, for replay), and
+//! settings. One connection behind a mutex: every statement is short, and the worker thread and the request
+//! handlers (through `Store::call`, off the async runtime) share it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use app::{EventBody, JobEvent, JobKind, JobRecord, JobStatus};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use serde_json::{Map, Value};
+
+/// Bumped with every change to `SCHEMA`; opening a newer database fails rather than misreading it.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    params      TEXT NOT NULL,
+    result      TEXT,
+    error       TEXT,
+    step        INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    loss        REAL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    seq    INTEGER NOT NULL,
+    at     INTEGER NOT NULL,
+    body   TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> anyhow::Result<Store> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening database {}", path.display()))?;
+        // WAL: readers never wait on the worker's writes, and a committed write survives kill -9.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > SCHEMA_VERSION {
+            anyhow::bail!(
+                "database {} is from a newer studio (schema {version})",
+                path.display()
+            );
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite itself inconsistent: keep going.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on tokio's blocking pool, so the async runtime never waits on the disk.
+    pub async fn call<T, F>(self: &Arc<Self>, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> anyhow::Result<T> + Send + 'static,
+    {
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .context("store task panicked")?
+    }
+
+    /// At startup: a job left queued or running by the previous process (stopped or killed) becomes
+    /// `interrupted`, with a status event saying so. Returns those jobs' ids.
+    pub fn interrupt_unfinished(&self) -> anyhow::Result<Vec<String>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ids: Vec<String> = {
+            let unfinished: Vec<&str> = JobStatus::ALL
+                .iter()
+                .filter(|s| !s.is_finished())
+                .map(|s| s.as_str())
+                .collect();
+            let placeholders = vec!["?"; unfinished.len()].join(", ");
+            let mut stmt = tx.prepare(&format!(
+                "SELECT id FROM jobs WHERE status IN ({placeholders})"
+            ))?;
+            let rows = stmt.query_map(params_from_iter(unfinished), |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            let seq: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?1",
+                [id],
+                |r| r.get(0),
+            )?;
+            let event = JobEvent {
+                job_id: id.clone(),
+                seq: seq as u64 + 1,
+                at: now_ms(),
+                body: EventBody::Status {
+                    status: JobStatus::Interrupted,
+                },
+            };
+            apply_event(&tx, &event)?;
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    pub fn insert_job(&self, id: &str, kind: JobKind, params: &Value) -> anyhow::Result<()> {
+        let now = now_ms();
+        self.conn().execute(
+            "INSERT INTO jobs (id, kind, status, params, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            params![id, kind.as_str(), JobStatus::Queued.as_str(), params.to_string(), now],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a job that was never accepted (its queue turned out full).
+    pub fn delete_job(&self, id: &str) -> anyhow::Result<()> {
+        self.conn()
+            .execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn set_result(&self, id: &str, result: &Value) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET result = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, result.to_string(), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Appends the log form of an event and brings the job's row up to date with it, in one transaction.
+    pub fn record_event(&self, event: &JobEvent) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        apply_event(&tx, event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn last_seq(&self, job_id: &str) -> anyhow::Result<u64> {
+        let seq: i64 = self.conn().query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?1",
+            [job_id],
+            |r| r.get(0),
+        )?;
+        Ok(seq as u64)
+    }
+
+    pub fn events_after(&self, job_id: &str, after: u64) -> anyhow::Result<Vec<JobEvent>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, at, body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![job_id, after as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (seq, at, body) = row?;
+            Ok(JobEvent {
+                job_id: job_id.to_owned(),
+                seq: seq as u64,
+                at,
+                body: serde_json::from_str(&body)?,
+            })
+        })
+        .collect()
+    }
+
+    pub fn job(&self, id: &str) -> anyhow::Result<Option<JobRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SELECT_JOB} WHERE id = ?1"))?;
+        Ok(stmt.query_row([id], job_from_row).optional()?)
+    }
+
+    /// Newest first.
+    pub fn jobs(
+        &self,
+        kind: Option<JobKind>,
+        status: Option<JobStatus>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<JobRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "{SELECT_JOB} WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
+             ORDER BY created_at DESC, id LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                kind.map(JobKind::as_str),
+                status.map(JobStatus::as_str),
+                limit
+            ],
+            job_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn settings(&self) -> anyhow::Result<Map<String, Value>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT key, value FROM settings ORDER BY key")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (key, value) = row?;
+            Ok((key, serde_json::from_str(&value)?))
+        })
+        .collect()
+    }
+
+    /// Sets each key; a `null` value removes the key.
+    pub fn update_settings(&self, changes: &Map<String, Value>) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (key, value) in changes {
+            if value.is_null() {
+                tx.execute("DELETE FROM settings WHERE key = ?1", [key])?;
+            } else {
+                tx.execute(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+                    params![key, value.to_string()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+const SELECT_JOB: &str =
+    "SELECT id, kind, status, params, result, error, step, total_steps, loss, created_at, updated_at FROM jobs";
+
+fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    let text = |i: usize| r.get::<_, String>(i);
+    let json = |i: usize, s: String| {
+        serde_json::from_str(&s).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+        })
+    };
+    let bad = |i: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("unknown {what}").into(),
+        )
+    };
+    let kind = text(1)?;
+    let status = text(2)?;
+    Ok(JobRecord {
+        id: text(0)?,
+        kind: JobKind::parse(&kind).ok_or_else(|| bad(1, format!("job kind {kind:?}")))?,
+        status: JobStatus::parse(&status)
+            .ok_or_else(|| bad(2, format!("job status {status:?}")))?,
+        params: json(3, text(3)?)?,
+        result: r
+            .get::<_, Option<String>>(4)?
+            .map(|s| json(4, s))
+            .transpose()?,
+        error: r.get(5)?,
+        step: r.get(6)?,
+        total_steps: r.get(7)?,
+        loss: r.get::<_, Option<f64>>(8)?.map(|l| l as f32),
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+    })
+}
+
+/// The job row as a projection of its events: statuses, progress and errors are written by recording
+/// the event that announces them, so the two never disagree.
+fn apply_event(tx: &rusqlite::Transaction<'_>, event: &JobEvent) -> anyhow::Result<()> {
+    let Some(body) = event.body.for_log() else {
+        return Ok(());
+    };
+    tx.execute(
+        "INSERT INTO events (job_id, seq, at, body) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            event.job_id,
+            event.seq as i64,
+            event.at,
+            serde_json::to_string(&body)?
+        ],
+    )?;
+    match &body {
+        EventBody::Status { status } => {
+            // A job started again (resume) starts with a clean error.
+            let clear_error = *status == JobStatus::Queued;
+            tx.execute(
+                "UPDATE jobs SET status = ?2, updated_at = ?3, error = CASE WHEN ?4 THEN NULL ELSE error END WHERE id = ?1",
+                params![event.job_id, status.as_str(), event.at, clear_error],
+            )?;
+        }
+        EventBody::Step {
+            step, total, loss, ..
+        } => {
+            tx.execute(
+                "UPDATE jobs SET step = ?2, total_steps = ?3, loss = COALESCE(?4, loss), updated_at = ?5 WHERE id = ?1",
+                params![event.job_id, step, total, loss.map(f64::from), event.at],
+            )?;
+        }
+        EventBody::Error { error } => {
+            tx.execute(
+                "UPDATE jobs SET error = ?2, updated_at = ?3 WHERE id = ?1",
+                params![event.job_id, error.message, event.at],
+            )?;
+        }
+        EventBody::Log { .. } | EventBody::Sample { .. } | EventBody::Result(_) => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(job: &str, seq: u64, body: EventBody) -> JobEvent {
+        JobEvent {
+            job_id: job.into(),
+            seq,
+            at: now_ms(),
+            body,
+        }
+    }
+
+    #[test]
+    fn events_project_onto_the_job_row_and_replay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .insert_job(
+                "a",
+                JobKind::Training,
+                &serde_json::json!({"keywords": ["x"]}),
+            )
+            .unwrap();
+        store
+            .record_event(&event(
+                "a",
+                1,
+                EventBody::Status {
+                    status: JobStatus::Training,
+                },
+            ))
+            .unwrap();
+        let step = EventBody::Step {
+            step: 3,
+            total: 10,
+            loss: Some(0.5),
+            learning_rate: Some(1e-4),
+            preview: None,
+        };
+        store.record_event(&event("a", 2, step)).unwrap();
+        let job = store.job("a").unwrap().unwrap();
+        assert_eq!(
+            (job.status, job.step, job.total_steps, job.loss),
+            (JobStatus::Training, 3, 10, Some(0.5))
+        );
+        let replay = store.events_after("a", 1).unwrap();
+        assert_eq!(replay.len(), 1);
+        assert_eq!(replay[0].seq, 2);
+        assert_eq!(store.last_seq("a").unwrap(), 2);
+    }
+
+    #[test]
+    fn reopening_interrupts_what_was_unfinished_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .insert_job("running", JobKind::Generation, &Value::Null)
+                .unwrap();
+            store
+                .record_event(&event(
+                    "running",
+                    1,
+                    EventBody::Status {
+                        status: JobStatus::Running,
+                    },
+                ))
+                .unwrap();
+            store
+                .insert_job("done", JobKind::Generation, &Value::Null)
+                .unwrap();
+            store
+                .record_event(&event(
+                    "done",
+                    1,
+                    EventBody::Status {
+                        status: JobStatus::Completed,
+                    },
+                ))
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.interrupt_unfinished().unwrap(),
+            vec!["running".to_string()]
+        );
+        assert_eq!(
+            store.job("running").unwrap().unwrap().status,
+            JobStatus::Interrupted
+        );
+        assert_eq!(
+            store.job("done").unwrap().unwrap().status,
+            JobStatus::Completed
+        );
+        assert_eq!(
+            store.events_after("running", 1).unwrap()[0].body,
+            EventBody::Status {
+                status: JobStatus::Interrupted
+            }
+        );
+    }
+
+    #[test]
+    fn settings_set_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut changes = Map::new();
+        changes.insert("theme".into(), "dark".into());
+        changes.insert("gone".into(), Value::Null);
+        store.update_settings(&changes).unwrap();
+        assert_eq!(
+            store.settings().unwrap().get("theme"),
+            Some(&Value::from("dark"))
+        );
+        changes.insert("theme".into(), Value::Null);
+        store.update_settings(&changes).unwrap();
+        assert!(store.settings().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,278 @@
+//! Shared by the integration tests: servers on free ports (the real binary, or the library with stand-in
+//! capabilities), and small clients.
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use app::{GenerateRequest, PresetInfo};
+use image::RgbImage;
+use server::config::ServeConfig;
+use server::jobs::capability::*;
+
+/// The real `studio` binary on a free port, killed (SIGKILL) on drop.
+pub struct Binary {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Binary {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_studio"))
+            .args(["serve", "--port", "0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("STUDIO_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting studio");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("studio listening on ")
+            .unwrap_or_else(|| panic!("startup line: {line:?}"))
+            .to_owned();
+        Binary { child, url }
+    }
+
+    /// kill -9: nothing gets a chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl with the given arguments; returns (HTTP status, body).
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("running curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_owned())
+}
+
+/// Asserts the API's error shape and returns its code.
+pub fn error_code(body: &str) -> String {
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    json["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code: {body}"))
+        .to_owned()
+}
+
+pub fn config(data_dir: &Path) -> ServeConfig {
+    ServeConfig {
+        data_dir: data_dir.to_path_buf(),
+        port: 0,
+        token: None,
+        ..ServeConfig::defaults()
+    }
+}
+
+/// A stand-in generator: `steps` steps of `step_time` each, a preview per step, a flat image whose colour
+/// comes from the seed. It stops when told to cancel, and can be held at its first step by `gate`.
+pub struct FakeGeneration {
+    pub step_time: Duration,
+    pub gate: Arc<AtomicBool>,
+}
+
+impl FakeGeneration {
+    pub fn new(step_time: Duration) -> FakeGeneration {
+        FakeGeneration {
+            step_time,
+            gate: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+impl Generation for FakeGeneration {
+    fn presets(&self) -> Vec<PresetInfo> {
+        vec![PresetInfo {
+            id: "tiny".into(),
+            description: "test".into(),
+            state: app::ModelState::Loaded,
+        }]
+    }
+
+    fn default_preset(&self) -> String {
+        "tiny".into()
+    }
+
+    fn plan(&self, request: &GenerateRequest, lora: LoraChoice) -> Result<GenerationPlan, String> {
+        let model = request
+            .model
+            .clone()
+            .unwrap_or_else(|| self.default_preset());
+        if model != "tiny" {
+            return Err(format!("unknown model {model:?}"));
+        }
+        let prompt = match &lora {
+            LoraChoice::Trained { keywords, .. } => {
+                format!("{}, {}", keywords.join(", "), request.prompt)
+            }
+            _ => request.prompt.clone(),
+        };
+        Ok(GenerationPlan {
+            model,
+            prompt,
+            width: request.width.unwrap_or(64),
+            height: request.height.unwrap_or(48),
+            steps: request.steps.unwrap_or(3),
+            guidance: request.guidance.unwrap_or(3.5),
+            seed: request.seed.expect("the server fills the seed"),
+            lora,
+            lora_scale: request.lora_scale.unwrap_or(1.0),
+        })
+    }
+
+    fn generate(
+        &self,
+        plan: &GenerationPlan,
+        on_step: &mut dyn FnMut(&StepUpdate) -> Control,
+    ) -> anyhow::Result<Generated> {
+        for step in 1..=plan.steps {
+            while !self.gate.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(self.step_time);
+            let update = StepUpdate {
+                step,
+                total: plan.steps,
+                preview: Some(RgbImage::new(8, 8)),
+            };
+            if on_step(&update) == Control::Cancel {
+                anyhow::bail!("cancelled");
+            }
+        }
+        let shade = (plan.seed % 256) as u8;
+        Ok(Generated {
+            image: RgbImage::from_pixel(plan.width, plan.height, image::Rgb([shade, 0, 0])),
+            seed: plan.seed,
+        })
+    }
+}
+
+/// A stand-in trainer: `steps` steps, a log line at start, a sample at step 2, a LoRA file at the end.
+pub struct FakeTraining {
+    pub steps: u32,
+    pub step_time: Duration,
+}
+
+struct FakeRun {
+    spec: TrainingSpec,
+    step: u32,
+    steps: u32,
+    step_time: Duration,
+}
+
+impl Training for FakeTraining {
+    fn check_settings(
+        &self,
+        settings: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        match settings.get("rank") {
+            Some(rank) if !rank.is_u64() => Err("rank must be a whole number".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn start(
+        &self,
+        spec: &TrainingSpec,
+        report: &mut dyn FnMut(TrainingReport),
+    ) -> anyhow::Result<Box<dyn TrainingRun>> {
+        report(TrainingReport::Log(format!(
+            "dataset {} bytes, resume {}",
+            std::fs::metadata(&spec.dataset)?.len(),
+            spec.resume
+        )));
+        Ok(Box::new(FakeRun {
+            spec: spec.clone(),
+            step: 0,
+            steps: self.steps,
+            step_time: self.step_time,
+        }))
+    }
+}
+
+impl TrainingRun for FakeRun {
+    fn step(&mut self, report: &mut dyn FnMut(TrainingReport)) -> anyhow::Result<StepOutcome> {
+        std::thread::sleep(self.step_time);
+        self.step += 1;
+        report(TrainingReport::Step {
+            step: self.step,
+            total: self.steps,
+            loss: 1.0 / self.step as f32,
+            learning_rate: 1e-4,
+        });
+        if self.step == 2 {
+            std::fs::create_dir_all(&self.spec.samples_dir)?;
+            RgbImage::new(4, 4).save(self.spec.samples_dir.join("step_2.png"))?;
+            report(TrainingReport::Sample {
+                step: 2,
+                file: "step_2.png".into(),
+            });
+        }
+        if self.step < self.steps {
+            return Ok(StepOutcome::Continue);
+        }
+        std::fs::write(&self.spec.lora_file, b"fake safetensors")?;
+        Ok(StepOutcome::Finished)
+    }
+}
+
+/// A ZIP (stored, uncompressed) with the given (name, bytes) entries.
+pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    let mut writer = zip::ZipWriter::new(&mut buffer);
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in entries {
+        writer.start_file(*name, options).unwrap();
+        writer.write_all(bytes).unwrap();
+    }
+    writer.finish().unwrap();
+    buffer.into_inner()
+}
+
+/// Polls `f` until it returns Some, for at most 10 s.
+pub async fn eventually<T>(mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..200 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached in 10 s");
+}

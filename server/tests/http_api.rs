@@ -1,0 +1,400 @@
+//! The real binary on the CPU (generation on the flux-tiny preset; classification and training not
+//! wired yet): every route's status and error shape, the contract's curl commands, trailing slashes,
+//! bad input, body limits, the bearer token (HTTP and WebSocket), the generation WebSocket.
+
+mod common;
+
+use common::{curl, error_code, Binary};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn server() -> (tempfile::TempDir, Binary) {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = Binary::start(dir.path(), &[]);
+    (dir, binary)
+}
+
+#[test]
+fn contract_curl_commands_work_or_answer_503_with_the_reason() {
+    let (dir, s) = server();
+    let out = dir.path().join("response.json");
+    let url = format!("{}/generate/", s.url);
+    let (status, _) = curl(&[
+        "-X",
+        "POST",
+        &url,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt": "a beautiful woman"}"#,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(status, 200);
+    let body: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // No GPU here: the default model is the tiny one, and the response says so.
+    assert_eq!(body["model"], "flux-tiny");
+    assert_eq!(
+        (
+            body["width"].as_u64(),
+            body["height"].as_u64(),
+            body["steps"].as_u64()
+        ),
+        (Some(64), Some(64), Some(4))
+    );
+    assert_eq!(body["prompt"], "a beautiful woman");
+    assert!(
+        body["seed"].is_u64() && body["elapsed_ms"].is_u64(),
+        "{body}"
+    );
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(body["image"].as_str().unwrap())
+        .unwrap();
+    let image = image::load_from_memory(&png).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 64));
+
+    let (status, body) = curl(&[
+        "-X",
+        "POST",
+        &format!("{}/classify/", s.url),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt": "can I see you in the kitchen?"}"#,
+    ]);
+    assert_eq!((status, error_code(&body)), (503, "unavailable".into()));
+    assert!(body.contains("classifier"), "{body}");
+
+    let zip = dir.path().join("test_dataset.zip");
+    std::fs::write(&zip, common::zip_of(&[("a.png", b"x")])).unwrap();
+    let dataset = format!("dataset=@{}", zip.display());
+    let (status, body) = curl(&[
+        "-X",
+        "POST",
+        &format!("{}/train/", s.url),
+        "-F",
+        &dataset,
+        "-F",
+        r#"keywords=["realistic", "detailed", "high quality"]"#,
+    ]);
+    assert_eq!((status, error_code(&body)), (503, "unavailable".into()));
+    assert!(body.contains("training"), "{body}");
+    // Nothing of a refused upload stays on disk.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("jobs")).unwrap().count(),
+        0
+    );
+
+    let (status, body) = curl(&[
+        "-X",
+        "GET",
+        &format!(
+            "{}/train/status/3f2a0d7e-8c1b-4d7a-9c55-0123456789ab",
+            s.url
+        ),
+    ]);
+    assert_eq!((status, error_code(&body)), (404, "not_found".into()));
+}
+
+#[test]
+fn every_route_answers_with_and_without_trailing_slash() {
+    let (_dir, s) = server();
+    let unknown = "3f2a0d7e-8c1b-4d7a-9c55-0123456789ab";
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("GET", "/health".into(), 200),
+        ("GET", "/models".into(), 200),
+        ("GET", "/jobs".into(), 200),
+        ("GET", "/loras".into(), 200),
+        ("GET", "/settings".into(), 200),
+        ("GET", "/openapi.json".into(), 200),
+        ("GET", "/docs".into(), 200),
+        ("POST", "/generate".into(), 200),
+        ("POST", "/classify".into(), 503),
+        ("POST", "/train".into(), 503),
+        ("GET", format!("/train/status/{unknown}"), 404),
+        ("POST", format!("/train/{unknown}/resume"), 503),
+        ("GET", format!("/train/{unknown}/samples/step_1.png"), 404),
+        ("GET", format!("/jobs/{unknown}"), 404),
+        ("POST", format!("/jobs/{unknown}/cancel"), 404),
+        ("GET", format!("/images/{unknown}"), 404),
+        ("GET", format!("/loras/{unknown}"), 404),
+        ("GET", format!("/ws/train/{unknown}"), 404),
+        ("GET", "/ws/generate".into(), 400),
+        ("GET", "/no/such/route".into(), 404),
+        ("DELETE", "/health".into(), 405),
+    ];
+    for (method, path, expected) in cases {
+        for path in [path.clone(), format!("{path}/")] {
+            let url = format!("{}{path}", s.url);
+            let (status, body) = if method == "POST" {
+                curl(&[
+                    "-X",
+                    method,
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    r#"{"prompt": "x"}"#,
+                    &url,
+                ])
+            } else {
+                curl(&["-X", method, &url])
+            };
+            assert_eq!(status, expected, "{method} {path}: {body}");
+            if status != 200 {
+                error_code(&body);
+            } else if path.starts_with("/docs") {
+                assert!(
+                    body.contains("/generate/") && body.contains("GenerateRequest"),
+                    "docs page lists routes and schemas"
+                );
+            } else {
+                serde_json::from_str::<Value>(&body).unwrap_or_else(|_| panic!("{path}: not JSON"));
+            }
+        }
+    }
+}
+
+#[test]
+fn health_and_openapi_describe_the_api() {
+    let (_dir, s) = server();
+    let (_, body) = curl(&[&format!("{}/health", s.url)]);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["capabilities"].as_array().unwrap().len(), 3);
+    let available: Vec<(String, bool)> = health["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["available"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        available,
+        [
+            ("generation".into(), true),
+            ("classification".into(), false),
+            ("training".into(), false)
+        ]
+    );
+    let (_, body) = curl(&[&format!("{}/openapi.json", s.url)]);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    for path in [
+        "/generate/",
+        "/classify/",
+        "/train/",
+        "/train/status/{model_id}",
+        "/jobs/{job_id}/cancel",
+        "/loras/{model_id}",
+        "/health",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let request = &doc["components"]["schemas"]["GenerateRequest"];
+    assert_eq!(request["required"], serde_json::json!(["prompt"]));
+}
+
+#[test]
+fn bad_input_gets_json_errors_not_panics() {
+    let (_dir, s) = server();
+    let generate = format!("{}/generate/", s.url);
+    let json = ["-X", "POST", "-H", "Content-Type: application/json"];
+    let send = |body: &[&str]| curl(&[&json[..], body, &[generate.as_str()]].concat());
+    // Malformed JSON, wrong types, missing field, invalid UTF-8, wrong content type: refused before the 503.
+    assert_eq!(send(&["-d", "{bad"]).0, 400);
+    assert_eq!(error_code(&send(&["-d", "{bad"]).1), "invalid_json");
+    let (status, body) = send(&["-d", r#"{"prompt": 5}"#]);
+    assert_eq!((status, error_code(&body)), (422, "validation".into()));
+    let (status, body) = send(&["-d", r#"{"prompt": "x", "steps": "many"}"#]);
+    assert_eq!((status, error_code(&body)), (422, "validation".into()));
+    let (status, body) = send(&["-d", "{}"]);
+    assert_eq!((status, error_code(&body)), (422, "validation".into()));
+    let invalid_utf8 =
+        std::env::temp_dir().join(format!("invalid-utf8-{}.json", std::process::id()));
+    std::fs::write(&invalid_utf8, b"{\"prompt\": \"\xff\xfe\"}").unwrap();
+    let (status, body) = send(&["--data-binary", &format!("@{}", invalid_utf8.display())]);
+    std::fs::remove_file(&invalid_utf8).unwrap();
+    assert_eq!((status, error_code(&body)), (400, "invalid_json".into()));
+    let (status, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: text/plain",
+        "-d",
+        "{}",
+        &generate,
+    ]);
+    assert_eq!(
+        (status, error_code(&body)),
+        (415, "unsupported_media_type".into())
+    );
+    let (status, body) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        "[1]",
+        &format!("{}/settings", s.url),
+    ]);
+    assert_eq!((status, error_code(&body)), (422, "validation".into()));
+    let (status, body) = curl(&[&format!("{}/jobs?limit=lots", s.url)]);
+    assert_eq!((status, error_code(&body)), (400, "invalid_query".into()));
+    // Ids are never paths.
+    let (status, body) = curl(&[
+        "--path-as-is",
+        &format!("{}/images/..%2F..%2Fstudio.db", s.url),
+    ]);
+    assert_eq!((status, error_code(&body)), (404, "not_found".into()));
+}
+
+#[test]
+fn json_bodies_over_the_limit_are_refused_with_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Binary::start(dir.path(), &["--json-limit", "1K"]);
+    let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2000));
+    let (status, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &big,
+        &format!("{}/generate/", s.url),
+    ]);
+    assert_eq!((status, error_code(&body)), (413, "too_large".into()));
+    let small = r#"{"prompt": "a"}"#;
+    let (status, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        small,
+        &format!("{}/generate/", s.url),
+    ]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn settings_persist_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Binary::start(dir.path(), &[]);
+    let (status, _) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"theme": "dark"}"#,
+        &format!("{}/settings/", s.url),
+    ]);
+    assert_eq!(status, 200);
+    s.kill();
+    let s = Binary::start(dir.path(), &[]);
+    let (_, body) = curl(&[&format!("{}/settings", s.url)]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        serde_json::json!({"theme": "dark"})
+    );
+}
+
+#[tokio::test]
+async fn the_token_guards_every_route_and_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Binary::start(dir.path(), &["--token", "s3cret"]);
+    for path in [
+        "/health",
+        "/docs",
+        "/openapi.json",
+        "/jobs/",
+        "/no/such/route",
+    ] {
+        let (status, body) = curl(&[&format!("{}{path}", s.url)]);
+        assert_eq!(
+            (status, error_code(&body)),
+            (401, "unauthorized".into()),
+            "{path}"
+        );
+        let (status, _) = curl(&[
+            "-H",
+            "Authorization: Bearer wrong",
+            &format!("{}{path}", s.url),
+        ]);
+        assert_eq!(status, 401, "{path}");
+    }
+    let (status, _) = curl(&[
+        "-H",
+        "Authorization: Bearer s3cret",
+        &format!("{}/health", s.url),
+    ]);
+    assert_eq!(status, 200);
+    // A query token counts only on WebSocket upgrades (it would end up in logs and histories elsewhere).
+    let (status, _) = curl(&[&format!("{}/health?token=s3cret", s.url)]);
+    assert_eq!(status, 401);
+
+    let ws = s.url.replace("http://", "ws://");
+    let refused = tokio_tungstenite::connect_async(format!("{ws}/ws/generate"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, tokio_tungstenite::tungstenite::Error::Http(ref r) if r.status() == 401),
+        "{refused}"
+    );
+    tokio_tungstenite::connect_async(format!("{ws}/ws/generate?token=s3cret"))
+        .await
+        .expect("query token accepted");
+    let mut request = format!("{ws}/ws/generate").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", "Bearer s3cret".parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("header token accepted");
+}
+
+#[tokio::test]
+async fn generation_websocket_streams_steps_with_previews_then_the_result() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (_dir, s) = server();
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws/generate", s.url.replace("http", "ws")))
+            .await
+            .unwrap();
+    socket
+        .send(Message::text(
+            r#"{"prompt": "a cat", "steps": 3, "seed": 5}"#,
+        ))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while let Some(Ok(Message::Text(text))) = socket.next().await {
+        events.push(serde_json::from_str::<Value>(&text).unwrap());
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["status", "status", "step", "step", "step", "result", "status"],
+        "{events:?}"
+    );
+    for (i, e) in events[2..5].iter().enumerate() {
+        assert_eq!(
+            (e["step"].as_u64(), e["total"].as_u64()),
+            (Some(i as u64 + 1), Some(3))
+        );
+        assert!(
+            e["preview"].as_str().is_some_and(|p| !p.is_empty()),
+            "step without a preview"
+        );
+    }
+    assert_eq!(events[5]["seed"], 5);
+    assert_eq!(events[6]["status"], "completed");
+}
