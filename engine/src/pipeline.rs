@@ -271,7 +271,11 @@ impl FluxPipeline {
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Generated> {
         let m = self.size_multiple();
-        if p.width == 0 || p.height == 0 || p.width % m != 0 || p.height % m != 0 {
+        if p.width == 0
+            || p.height == 0
+            || !p.width.is_multiple_of(m)
+            || !p.height.is_multiple_of(m)
+        {
             bail!(
                 "width and height must be positive multiples of {m} (got {}x{})",
                 p.width,

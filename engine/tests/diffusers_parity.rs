@@ -88,8 +88,7 @@ fn guidance_model_refuses_to_run_without_guidance() {
             y: &r["pooled_projections"],
             guidance: None,
         })
-        .err()
-        .expect("a guidance-distilled model without guidance must fail");
+        .expect_err("a guidance-distilled model without guidance must fail");
     assert!(err.to_string().contains("guidance"), "{err}");
 }
 

@@ -77,8 +77,8 @@ fn forward(model: &std::path::Path, inputs: &str, device: &Device) -> Result<()>
     let max_rel = diff.max(0)?.to_scalar::<f32>()? / scale;
     let mean_rel = diff.mean(0)?.to_scalar::<f32>()? / want.abs()?.mean(0)?.to_scalar::<f32>()?;
     let cos = ((&ours * &want)?.sum(0)?.to_scalar::<f32>()?)
-        / ((&ours.sqr()?.sum(0)?.to_scalar::<f32>()?).sqrt()
-            * (&want.sqr()?.sum(0)?.to_scalar::<f32>()?).sqrt());
+        / (ours.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt()
+            * want.sqr()?.sum(0)?.to_scalar::<f32>()?.sqrt());
     println!(
         "{}",
         serde_json::json!({"what": "forward", "load_s": load_s, "step_s": times,

@@ -331,12 +331,12 @@ fn bench(classifier: PromptClassifier, test: &Split, n: usize) -> Result<()> {
     let n = n.max(1);
     let prompts = test.texts();
     for prompt in prompts.iter().take(10) {
-        classifier.classify(prompt)?; // warm-up: first calls allocate and spin up threads
+        classifier.image_request_probability(prompt)?; // warm-up: first calls allocate and spin up threads
     }
     let mut times: Vec<Duration> = Vec::with_capacity(n);
     for prompt in prompts.iter().cycle().take(n) {
         let started = Instant::now();
-        classifier.classify(prompt)?;
+        classifier.image_request_probability(prompt)?;
         times.push(started.elapsed());
     }
     times.sort();
@@ -355,7 +355,7 @@ fn bench(classifier: PromptClassifier, test: &Split, n: usize) -> Result<()> {
         mean
     );
     let started = Instant::now();
-    classifier.classify_batch(&prompts)?;
+    classifier.image_request_probabilities(&prompts)?;
     let elapsed = started.elapsed();
     println!(
         "batch: {} prompts in {:.2?} ({:.0} prompts/s)",

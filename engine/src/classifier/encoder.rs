@@ -29,7 +29,9 @@ impl EncoderSource {
     /// An existing directory is taken as a folder; otherwise `owner/name[@revision]` is a hub id.
     pub fn parse(arg: &str) -> Result<Self> {
         let path = Path::new(arg);
-        if path.is_dir() {
+        // The default folder also reads as `owner/name`: taken as a folder even before
+        // fetch-models has made it, its absence says how to install it instead of trying the hub.
+        if path.is_dir() || arg == DEFAULT_ENCODER_DIR {
             return Ok(Self::Dir(path.to_path_buf()));
         }
         let (repo, revision) = arg.split_once('@').unwrap_or((arg, "main"));

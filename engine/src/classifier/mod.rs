@@ -24,7 +24,7 @@ pub use data::{Example, Split, DEFAULT_DATA_DIR};
 pub use encoder::{pool, EncoderSource, SentenceEncoder, DEFAULT_ENCODER_DIR};
 pub use finetune::{finetune, TuneConfig};
 pub use head::{Head, DEFAULT_HEAD_PATH};
-pub use label::{Classification, Label, Scores};
+pub use label::Label;
 pub use metrics::{Metrics, ReliabilityBin};
 pub use top::TopLayers;
 pub use train::{fit_temperature, train_head, EpochReport, TrainConfig};
@@ -57,20 +57,17 @@ impl PromptClassifier {
         Ok(Self { encoder, head })
     }
 
-    pub fn classify(&self, prompt: &str) -> Result<Classification> {
+    /// The calibrated probability that the prompt asks for an image rather than conversation.
+    pub fn image_request_probability(&self, prompt: &str) -> Result<f32> {
         let p = self
             .head
             .image_probabilities(&self.encoder.embed(&[prompt])?)?;
-        Ok(Classification::from_image_probability(p[0]))
+        Ok(p[0])
     }
 
-    pub fn classify_batch(&self, prompts: &[&str]) -> Result<Vec<Classification>> {
+    /// `image_request_probability` for many prompts, in their order, batched for speed.
+    pub fn image_request_probabilities(&self, prompts: &[&str]) -> Result<Vec<f32>> {
         let embeddings = self.encoder.embed_all(prompts, BATCH)?;
-        Ok(self
-            .head
-            .image_probabilities(&embeddings)?
-            .into_iter()
-            .map(Classification::from_image_probability)
-            .collect())
+        self.head.image_probabilities(&embeddings)
     }
 }

@@ -108,15 +108,15 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<[f64; 3]>) -> Vec<[f64; 3]> {
         a.swap(col, pivot);
         b.swap(col, pivot);
         let d = a[col][col];
-        for row in 0..k {
-            if row != col {
-                let factor = a[row][col] / d;
-                for j in col..k {
-                    a[row][j] -= factor * a[col][j];
-                }
-                for o in 0..3 {
-                    b[row][o] -= factor * b[col][o];
-                }
+        // Copies of the pivot row, so the other rows can be updated while it is read.
+        let (pivot_a, pivot_b) = (a[col].clone(), b[col]);
+        for row in (0..k).filter(|&row| row != col) {
+            let factor = a[row][col] / d;
+            for (x, p) in a[row][col..].iter_mut().zip(&pivot_a[col..]) {
+                *x -= factor * p;
+            }
+            for (x, p) in b[row].iter_mut().zip(pivot_b) {
+                *x -= factor * p;
             }
         }
     }

@@ -92,7 +92,7 @@ impl FluxConfig {
 
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(
-            self.hidden_size % self.num_heads == 0,
+            self.hidden_size.is_multiple_of(self.num_heads),
             "hidden size {} is not a multiple of {} heads",
             self.hidden_size,
             self.num_heads
