@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use engine::device::DeviceChoice;
 
+use crate::classifier::ClassifierArgs;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "studio",
@@ -29,6 +31,8 @@ pub enum Command {
     Serve(ServeConfig),
     /// Generate one image from a prompt and write it as PNG.
     Generate(crate::generate::Args),
+    /// Classify prompts read from stdin, one a line: one JSON line each (the `/classify/` answer plus `prompt`).
+    Classify(crate::classifier::Args),
 }
 
 impl Cli {
@@ -77,6 +81,8 @@ pub struct ServeConfig {
     /// Classification requests in progress at once; one more is answered 429.
     #[arg(long, env = "STUDIO_CLASSIFY_QUEUE", default_value_t = 32)]
     pub classify_queue: usize,
+    #[command(flatten)]
+    pub classifier: ClassifierArgs,
 }
 
 impl ServeConfig {
@@ -85,7 +91,9 @@ impl ServeConfig {
         let cli = Cli::parse_from(["studio"]);
         match cli.into_command() {
             Command::Serve(config) => config,
-            Command::Generate(_) => unreachable!("no subcommand was given"),
+            Command::Generate(_) | Command::Classify(_) => {
+                unreachable!("no subcommand was given")
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::config::ServeConfig;
 use crate::jobs::capability::{
-    Capabilities, Control, Generated, Generation, GenerationPlan, LoraChoice, StepUpdate,
+    Control, Generated, Generation, GenerationPlan, LoraChoice, StepUpdate,
 };
 use anyhow::Result;
 use app::{GenerateRequest, ModelState, PresetInfo};
@@ -20,15 +20,6 @@ pub struct FluxGeneration {
     /// The one pipeline in memory: GPU memory holds one FLUX at a time.
     resident: Mutex<Option<(&'static str, Arc<FluxPipeline>)>>,
     downloads: Arc<Mutex<HashMap<&'static str, f32>>>,
-}
-
-/// The capabilities of this build, on the configured device.
-pub fn capabilities(config: &ServeConfig) -> Result<Capabilities> {
-    let generation = FluxGeneration::new(config)?;
-    Ok(Capabilities {
-        generation: Some(Arc::new(generation)),
-        ..Default::default()
-    })
 }
 
 impl FluxGeneration {

@@ -1,6 +1,7 @@
 //! The studio server: configuration, the job system and its store, and the HTTP routes. The binary
 //! (`main.rs`) parses the command line and calls `serve`; tests call `start` with their own capabilities.
 
+pub mod classifier;
 pub mod config;
 pub mod error;
 pub mod files;
@@ -18,7 +19,7 @@ use axum::http::Request;
 
 use config::ServeConfig;
 use files::DataDir;
-use jobs::capability::Capabilities;
+use jobs::capability::{Capabilities, Classification};
 use jobs::Jobs;
 use routes::{AppState, HttpSettings};
 use store::Store;
@@ -28,6 +29,26 @@ pub struct Running {
     pub addr: SocketAddr,
     pub jobs: Jobs,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// The capabilities of this build, from its configuration. A classifier that fails to load leaves the server
+/// running without it, the error shown by `/health` and in `/classify/`'s 503, so that generation is not held
+/// hostage by a missing encoder; generation loads its models on first use, so only a bad setting stops it here.
+pub fn capabilities(config: &ServeConfig) -> anyhow::Result<Capabilities> {
+    let generation = flux::FluxGeneration::new(config)?;
+    let (classification, classification_error) = match config.classifier.load() {
+        Ok(classifier) => (Some(Arc::new(classifier) as Arc<dyn Classification>), None),
+        Err(e) => {
+            tracing::warn!("prompt classification is unavailable: {e:#}");
+            (None, Some(format!("{e:#}")))
+        }
+    };
+    Ok(Capabilities {
+        generation: Some(Arc::new(generation)),
+        classification,
+        classification_error,
+        training: None,
+    })
 }
 
 /// Opens the data directory and database, starts the worker and binds the listener.

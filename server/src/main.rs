@@ -12,9 +12,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().into_command() {
         Command::Serve(config) => {
-            let caps = server::flux::capabilities(&config)?;
+            let caps = server::capabilities(&config)?;
             tokio::runtime::Runtime::new()?.block_on(server::serve(&config, caps))
         }
         Command::Generate(args) => server::generate::run(args),
+        Command::Classify(args) => server::classifier::run(args),
     }
 }

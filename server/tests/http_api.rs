@@ -1,10 +1,14 @@
-//! The real binary on the CPU (generation on the flux-tiny preset; classification and training not
-//! wired yet): every route's status and error shape, the contract's curl commands, trailing slashes,
-//! bad input, body limits, the bearer token (HTTP and WebSocket), the generation WebSocket.
+//! The real binary on the CPU (generation on the flux-tiny preset, the real prompt classifier, which needs
+//! `scripts/fetch-models`; training not wired yet): every route's status and error shape, the contract's curl
+//! commands, trailing slashes, bad input, body limits, the bearer token (HTTP and WebSocket), the generation
+//! WebSocket, and the batch `classify` command.
 
 mod common;
 
-use common::{curl, error_code, Binary};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{curl, error_code, repo_root, require_classifier_encoder, Binary};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -16,6 +20,7 @@ fn server() -> (tempfile::TempDir, Binary) {
 
 #[test]
 fn contract_curl_commands_work_or_answer_503_with_the_reason() {
+    require_classifier_encoder();
     let (dir, s) = server();
     let out = dir.path().join("response.json");
     let url = format!("{}/generate/", s.url);
@@ -54,17 +59,27 @@ fn contract_curl_commands_work_or_answer_503_with_the_reason() {
     let image = image::load_from_memory(&png).unwrap();
     assert_eq!((image.width(), image.height()), (64, 64));
 
-    let (status, body) = curl(&[
-        "-X",
-        "POST",
-        &format!("{}/classify/", s.url),
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        r#"{"prompt": "can I see you in the kitchen?"}"#,
-    ]);
-    assert_eq!((status, error_code(&body)), (503, "unavailable".into()));
-    assert!(body.contains("classifier"), "{body}");
+    for (prompt, label) in [
+        ("can I see you in the kitchen?", "conversation"),
+        (
+            "show me a woman cooking in a bright kitchen",
+            "image_request",
+        ),
+    ] {
+        let (status, body) = curl(&[
+            "-X",
+            "POST",
+            &format!("{}/classify/", s.url),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &format!(r#"{{"prompt": "{prompt}"}}"#),
+        ]);
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["label"], label, "{prompt:?}: {answer}");
+        assert_classify_shape(&answer);
+    }
 
     let zip = dir.path().join("test_dataset.zip");
     std::fs::write(&zip, common::zip_of(&[("a.png", b"x")])).unwrap();
@@ -99,6 +114,7 @@ fn contract_curl_commands_work_or_answer_503_with_the_reason() {
 
 #[test]
 fn every_route_answers_with_and_without_trailing_slash() {
+    require_classifier_encoder();
     let (_dir, s) = server();
     let unknown = "3f2a0d7e-8c1b-4d7a-9c55-0123456789ab";
     let cases: Vec<(&str, String, u16)> = vec![
@@ -110,7 +126,7 @@ fn every_route_answers_with_and_without_trailing_slash() {
         ("GET", "/openapi.json".into(), 200),
         ("GET", "/docs".into(), 200),
         ("POST", "/generate".into(), 200),
-        ("POST", "/classify".into(), 503),
+        ("POST", "/classify".into(), 200),
         ("POST", "/train".into(), 503),
         ("GET", format!("/train/status/{unknown}"), 404),
         ("POST", format!("/train/{unknown}/resume"), 503),
@@ -157,6 +173,7 @@ fn every_route_answers_with_and_without_trailing_slash() {
 
 #[test]
 fn health_and_openapi_describe_the_api() {
+    require_classifier_encoder();
     let (_dir, s) = server();
     let (_, body) = curl(&[&format!("{}/health", s.url)]);
     let health: Value = serde_json::from_str(&body).unwrap();
@@ -177,7 +194,7 @@ fn health_and_openapi_describe_the_api() {
         available,
         [
             ("generation".into(), true),
-            ("classification".into(), false),
+            ("classification".into(), true),
             ("training".into(), false)
         ]
     );
@@ -397,4 +414,104 @@ async fn generation_websocket_streams_steps_with_previews_then_the_result() {
     }
     assert_eq!(events[5]["seed"], 5);
     assert_eq!(events[6]["status"], "completed");
+}
+
+/// The contract's `/classify/` body: the label's probability is the confidence, the two scores sum to 1.
+fn assert_classify_shape(answer: &Value) {
+    let p = answer["scores"]["image_request"].as_f64().unwrap();
+    let q = answer["scores"]["conversation"].as_f64().unwrap();
+    assert_eq!(answer["scores"].as_object().unwrap().len(), 2, "{answer}");
+    assert!((p + q - 1.0).abs() < 1e-6, "{answer}");
+    let chosen = if answer["label"] == "image_request" {
+        p
+    } else {
+        q
+    };
+    assert_eq!(answer["confidence"].as_f64(), Some(chosen), "{answer}");
+}
+
+#[test]
+fn a_classifier_that_cannot_load_leaves_the_server_up_and_says_why() {
+    // Started outside the repository, the default encoder folder is missing; the head is given explicitly so
+    // that the encoder is what fails.
+    let dir = tempfile::tempdir().unwrap();
+    let head = repo_root().join(engine::classifier::DEFAULT_HEAD_PATH);
+    let s = Binary::start_in(
+        dir.path(),
+        &dir.path().join("data"),
+        &["--classifier-head", head.to_str().unwrap()],
+    );
+    let (_, body) = curl(&[&format!("{}/health", s.url)]);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    let classification = health["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "classification")
+        .unwrap();
+    assert_eq!(classification["available"], false, "{body}");
+    let (status, body) = curl(&[
+        "-X",
+        "POST",
+        &format!("{}/classify/", s.url),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt": "can I see you in the kitchen?"}"#,
+    ]);
+    assert_eq!((status, error_code(&body)), (503, "unavailable".into()));
+    for reason in [&body, &classification["reason"].to_string()] {
+        assert!(
+            reason.contains("all-MiniLM-L6-v2") && reason.contains("run scripts/fetch-models"),
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+fn classify_command_answers_one_json_line_per_prompt() {
+    require_classifier_encoder();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_studio"))
+        .arg("classify")
+        .current_dir(repo_root())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting studio classify");
+    let prompts = [
+        "can I see you in the kitchen?",
+        "show me a woman cooking in a bright kitchen",
+        "a beautiful woman",
+    ];
+    // Dropping stdin after writing is the end of input.
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{}\n", prompts.join("\n")).as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "studio classify failed");
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let labels = ["conversation", "image_request", "image_request"];
+    for ((line, prompt), label) in lines.iter().zip(prompts).zip(labels) {
+        let mut keys: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["confidence", "label", "prompt", "scores"], "{line}");
+        assert_eq!(line["prompt"], prompt);
+        assert_eq!(line["label"], label, "{line}");
+        assert_classify_shape(line);
+    }
 }

@@ -28,6 +28,7 @@ async fn studio(step_time: Duration, generation_queue: usize, upload_limit: u64)
     let caps = Capabilities {
         generation: Some(Arc::new(generation)),
         classification: None,
+        classification_error: None,
         training: Some(Arc::new(FakeTraining {
             steps: 4,
             step_time: Duration::from_millis(20),

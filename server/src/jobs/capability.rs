@@ -1,6 +1,6 @@
 //! The seam where the models plug in. Each capability is a trait object handed to the server at start;
-//! one that is absent makes its routes answer 503 with the reason below. Implementations own their models
-//! and load them on first use; `Generation::generate` and `Training::start`/`TrainingRun::step` are only ever
+//! one that is absent makes its routes answer 503 with the reason below (or its load error). Implementations
+//! own their models; the large ones load on first use, the small classifier at start. `Generation::generate` and `Training::start`/`TrainingRun::step` are only ever
 //! called on the one worker thread, so GPU memory is never contended.
 
 use std::path::PathBuf;
@@ -153,6 +153,9 @@ pub enum StepOutcome {
 pub struct Capabilities {
     pub generation: Option<Arc<dyn Generation>>,
     pub classification: Option<Arc<dyn Classification>>,
+    /// Why `classification` is `None` when the classifier failed to load (missing model files, say), so that
+    /// `/health` and the 503 tell the operator what to fix.
+    pub classification_error: Option<String>,
     pub training: Option<Arc<dyn Training>>,
 }
 
@@ -161,19 +164,23 @@ pub const CLASSIFICATION_UNAVAILABLE: &str = "prompt classifier not available in
 pub const TRAINING_UNAVAILABLE: &str = "LoRA training not available in this build yet";
 
 impl Capabilities {
+    /// The classifier, or why there is none.
+    pub fn classifier(&self) -> Result<Arc<dyn Classification>, &str> {
+        self.classification.clone().ok_or_else(|| {
+            self.classification_error
+                .as_deref()
+                .unwrap_or(CLASSIFICATION_UNAVAILABLE)
+        })
+    }
+
     /// For `/health`: (name, unavailability reason).
-    pub fn states(&self) -> [(&'static str, Option<&'static str>); 3] {
+    pub fn states(&self) -> [(&'static str, Option<&str>); 3] {
         [
             (
                 "generation",
                 self.generation.is_none().then_some(GENERATION_UNAVAILABLE),
             ),
-            (
-                "classification",
-                self.classification
-                    .is_none()
-                    .then_some(CLASSIFICATION_UNAVAILABLE),
-            ),
+            ("classification", self.classifier().err()),
             (
                 "training",
                 self.training.is_none().then_some(TRAINING_UNAVAILABLE),

@@ -4,7 +4,6 @@ use axum::Json;
 
 use super::{ApiJson, AppState};
 use crate::error::ApiError;
-use crate::jobs::capability::CLASSIFICATION_UNAVAILABLE;
 
 /// Whether a prompt asks for an image or is conversation.
 #[utoipa::path(post, path = "/classify/", tag = "classify", request_body = ClassifyRequest, responses(
@@ -20,9 +19,8 @@ pub async fn classify(
     let classifier = state
         .jobs
         .capabilities()
-        .classification
-        .clone()
-        .ok_or_else(|| ApiError::unavailable(CLASSIFICATION_UNAVAILABLE))?;
+        .classifier()
+        .map_err(ApiError::unavailable)?;
     if request.prompt.trim().is_empty() {
         return Err(ApiError::validation("prompt must not be empty"));
     }

@@ -3,7 +3,7 @@
 #![allow(dead_code)] // Each test binary uses its own subset.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,9 +20,31 @@ pub struct Binary {
     pub url: String,
 }
 
+/// The repository root: the working directory `scripts/run` gives the binary, where the default model paths
+/// (`models/`, the committed classifier head) resolve.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Fails, saying how to fix it, when `scripts/fetch-models` has not installed the classifier's encoder.
+pub fn require_classifier_encoder() {
+    let encoder = repo_root().join(engine::classifier::DEFAULT_ENCODER_DIR);
+    assert!(
+        encoder.join("model.safetensors").is_file(),
+        "the MiniLM encoder is missing at {}: run scripts/fetch-models first",
+        encoder.display()
+    );
+}
+
 impl Binary {
+    /// Started in the repository root, as `scripts/run` does.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Binary {
+        Binary::start_in(&repo_root(), data_dir, extra)
+    }
+
+    pub fn start_in(working_dir: &Path, data_dir: &Path, extra: &[&str]) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_studio"))
+            .current_dir(working_dir)
             .args(["serve", "--port", "0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
