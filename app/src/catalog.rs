@@ -73,4 +73,10 @@ pub struct HealthResponse {
     pub capabilities: Vec<CapabilityState>,
     pub generation_queue: QueueState,
     pub training_queue: QueueState,
+    /// Async tasks alive in the server (connections, streams, jobs' waiters): steady when idle, so a leak shows.
+    #[serde(default)]
+    pub tasks: usize,
+    /// The server process's resident memory, where the OS reports it (Linux).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
 }

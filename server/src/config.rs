@@ -81,6 +81,10 @@ pub struct ServeConfig {
     /// Classification requests in progress at once; one more is answered 429.
     #[arg(long, env = "STUDIO_CLASSIFY_QUEUE", default_value_t = 32)]
     pub classify_queue: usize,
+    /// Web origins (`https://host:port`) whose pages may call the API from a browser, comma-separated;
+    /// `*` allows any. None by default: only the studio's own pages (same origin) and non-browser clients.
+    #[arg(long, env = "STUDIO_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origins: Vec<CorsOrigin>,
     #[command(flatten)]
     pub classifier: ClassifierArgs,
 }
@@ -129,6 +133,30 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// A browser origin allowed to call the API, or any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigin {
+    Any,
+    Exact(String),
+}
+
+fn parse_origin(s: &str) -> Result<CorsOrigin, String> {
+    let s = s.trim().trim_end_matches('/');
+    if s == "*" {
+        return Ok(CorsOrigin::Any);
+    }
+    let ok = (s.starts_with("http://") || s.starts_with("https://"))
+        && !s["https://".len().min(s.len())..].contains('/')
+        && axum::http::HeaderValue::from_str(s).is_ok();
+    if ok {
+        Ok(CorsOrigin::Exact(s.to_owned()))
+    } else {
+        Err(format!(
+            "{s:?} is not an origin like https://example.com:8080 (scheme, host, optional port) or *"
+        ))
+    }
+}
+
 /// `123`, `64K`, `1M`, `2G` (powers of 1024).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -172,6 +200,35 @@ mod tests {
             panic!("serve expected")
         };
         assert_eq!(config.port, 9001);
+    }
+
+    #[test]
+    fn cors_origins_are_exact_origins_or_any() {
+        let cli = Cli::parse_from([
+            "studio",
+            "--cors-origins",
+            "https://a.example:8443/,http://localhost:3000",
+        ]);
+        let Command::Serve(config) = cli.into_command() else {
+            panic!("serve expected")
+        };
+        assert_eq!(
+            config.cors_origins,
+            [
+                CorsOrigin::Exact("https://a.example:8443".into()),
+                CorsOrigin::Exact("http://localhost:3000".into())
+            ]
+        );
+        assert_eq!(parse_origin("*"), Ok(CorsOrigin::Any));
+        for bad in [
+            "example.com",
+            "https://a.example/path",
+            "ftp://x",
+            "http://a\nb",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
+        assert!(ServeConfig::defaults().cors_origins.is_empty());
     }
 
     #[test]

@@ -63,6 +63,23 @@ impl ApiError {
         )
     }
 
+    /// A failed write to the data directory: a full disk is the operator's to fix and says so (507);
+    /// anything else is ours.
+    pub fn storage(context: &str, err: std::io::Error) -> ApiError {
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+        if !matches!(err.kind(), StorageFull | QuotaExceeded) {
+            return ApiError::internal(context, err);
+        }
+        tracing::error!("{context}: {err}");
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            format!(
+                "{context}: the server's disk is full; free space in its data directory and retry"
+            ),
+        )
+    }
+
     pub fn detail(&self) -> ErrorDetail {
         ErrorDetail {
             code: self.code.to_owned(),

@@ -85,6 +85,17 @@ impl DataDir {
         self.job_dir(id).join("samples")
     }
 
+    /// The ids of the folders under `jobs/`; anything else there (not one of our names) is ignored.
+    pub fn job_dirs(&self) -> std::io::Result<Vec<JobId>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(self.root.join("jobs"))? {
+            if let Some(id) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// A sample's file, when `name` is a plain `[A-Za-z0-9_-]+.png` name.
     pub fn sample(&self, id: JobId, name: &str) -> Option<PathBuf> {
         let stem = name.strip_suffix(".png")?;

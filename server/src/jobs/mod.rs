@@ -238,6 +238,22 @@ impl Shared {
     }
 }
 
+/// A job folder with no job row is an upload the last process never acknowledged (killed mid-upload):
+/// its client got no `model_id`, so nothing can reach it; remove it rather than let partial ZIPs pile up.
+fn remove_orphan_uploads(store: &Store, data: &DataDir) -> anyhow::Result<()> {
+    for id in data.job_dirs()? {
+        if store.job(&id.to_string())?.is_none() {
+            let dir = data.job_dir(id);
+            tracing::warn!(
+                "removing {}: an upload that was never acknowledged",
+                dir.display()
+            );
+            std::fs::remove_dir_all(&dir)?;
+        }
+    }
+    Ok(())
+}
+
 /// The routes' handle on the job system.
 #[derive(Clone)]
 pub struct Jobs {
@@ -260,6 +276,7 @@ impl Jobs {
                 interrupted.len()
             );
         }
+        remove_orphan_uploads(&store, &data)?;
         let shared = Arc::new(Shared {
             hub: EventHub::new(Arc::clone(&store)),
             store,

@@ -27,7 +27,25 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
         capabilities,
         generation_queue,
         training_queue,
+        tasks: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
+        rss_bytes: resident_memory(),
     })
+}
+
+/// VmRSS from /proc (Linux); None elsewhere.
+fn resident_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// The model presets and whether their weights are absent, downloading or loaded.

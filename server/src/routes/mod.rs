@@ -14,15 +14,16 @@ mod ws;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tower::Layer;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::normalize_path::{NormalizePath, NormalizePathLayer};
 
-use crate::config::Secret;
+use crate::config::{CorsOrigin, Secret};
 use crate::error::ApiError;
 use crate::files::JobId;
 use crate::jobs::Jobs;
@@ -43,6 +44,8 @@ pub struct HttpSettings {
     pub upload_limit: usize,
     /// Classification requests in flight at once.
     pub classify_slots: Arc<tokio::sync::Semaphore>,
+    /// Browser origins other than our own that may call the API.
+    pub cors_origins: Vec<CorsOrigin>,
 }
 
 /// A JSON body whose rejections answer in the API's error shape.
@@ -59,6 +62,26 @@ pub struct ApiPath<T>(pub T);
 pub fn job_id(s: &str) -> Result<JobId, ApiError> {
     s.parse()
         .map_err(|_| ApiError::not_found(format!("no job {s:?}")))
+}
+
+/// Lets the configured origins' pages call every route (preflight answered before the token check, as
+/// browsers send no credentials on it); with none configured, no CORS headers at all.
+fn cors(origins: &[CorsOrigin]) -> CorsLayer {
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let allow = if origins.contains(&CorsOrigin::Any) {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| match o {
+            CorsOrigin::Exact(origin) => HeaderValue::from_str(origin).ok(),
+            CorsOrigin::Any => None,
+        }))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
 }
 
 /// The whole service: routes, limits, auth, JSON errors for unknown paths, wrong methods and panics, and
@@ -101,6 +124,7 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
             state.clone(),
             auth::require_token,
         ))
+        .layer(cors(&state.settings.cors_origins))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -30,6 +30,7 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
         (status = 422, description = "Missing field, bad keywords, no images in the ZIP, bad settings", body = ErrorBody),
         (status = 429, description = "Training queue full", body = ErrorBody),
         (status = 503, description = "Training not available", body = ErrorBody),
+        (status = 507, description = "The server's disk is full", body = ErrorBody),
     ))]
 pub async fn train(
     State(state): State<AppState>,
@@ -46,7 +47,7 @@ pub async fn train(
     let dir = state.jobs.data().job_dir(id);
     tokio::fs::create_dir_all(&dir)
         .await
-        .map_err(|e| ApiError::internal("creating the job folder", e))?;
+        .map_err(|e| ApiError::storage("creating the job folder", e))?;
     let accepted = async {
         let params = receive(&state, id, &mut multipart).await?;
         training
@@ -169,7 +170,7 @@ impl FieldError {
 
 /// Streams a field to `path`, synced before returning: a 202 means the upload survives a crash.
 async fn save(mut field: Field<'_>, path: &Path) -> Result<u64, FieldError> {
-    let disk = |e: std::io::Error| FieldError::Api(ApiError::internal("storing the upload", e));
+    let disk = |e: std::io::Error| FieldError::Api(ApiError::storage("storing the upload", e));
     let mut file = tokio::fs::File::create(path).await.map_err(disk)?;
     let mut written = 0u64;
     while let Some(chunk) = field.chunk().await.map_err(FieldError::Multipart)? {

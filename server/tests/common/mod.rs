@@ -2,6 +2,8 @@
 //! capabilities), and small clients.
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+pub mod load;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
