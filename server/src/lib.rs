@@ -38,7 +38,7 @@ pub struct Running {
 pub fn capabilities(config: &ServeConfig) -> anyhow::Result<Capabilities> {
     let generation = flux::FluxGeneration::new(config)?;
     // Training shares generation's resident model: one FLUX in memory.
-    let training =
+    let trainer =
         training::FluxTraining::new(generation.resident().clone(), generation.default_preset_info());
     let (classification, classification_error) = match config.classifier.load() {
         Ok(classifier) => (Some(Arc::new(classifier) as Arc<dyn Classification>), None),
@@ -51,7 +51,7 @@ pub fn capabilities(config: &ServeConfig) -> anyhow::Result<Capabilities> {
         generation: Some(Arc::new(generation)),
         classification,
         classification_error,
-        training: Some(Arc::new(training)),
+        training: Some(Arc::new(trainer)),
     })
 }
 

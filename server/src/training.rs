@@ -42,8 +42,9 @@ impl FluxTraining {
     }
 }
 
+/// The engine's reports as the job system's.
 fn forward(report: &mut dyn FnMut(TrainingReport)) -> impl FnMut(Report) + '_ {
-    |r| {
+    move |r| {
         report(match r {
             Report::Log(line) => TrainingReport::Log(line),
             Report::Sample { step, file } => TrainingReport::Sample { step, file },

@@ -200,7 +200,7 @@ impl Trainer {
                 None => report(Report::Log("no checkpoint yet: starting from step 0".into())),
             }
         }
-        let mut trainer = Self {
+        let trainer = Self {
             train_sigmas: objective::training_sigmas(&pipe.schedule),
             pipe,
             job,
