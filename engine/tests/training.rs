@@ -117,28 +117,48 @@ fn the_loss_falls_and_generations_move_toward_the_training_images() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = tiny();
     let mut log = Vec::new();
-    let mut trainer = Trainer::prepare(pipe.clone(), job(dir.path(), settings(120), false), &mut |r| {
-        if let Report::Log(l) = r {
-            log.push(l)
-        }
-    })
+    let mut trainer = Trainer::prepare(
+        pipe.clone(),
+        job(dir.path(), settings(120), false),
+        &mut |r| {
+            if let Report::Log(l) = r {
+                log.push(l)
+            }
+        },
+    )
     .unwrap();
     let before = trainer.validation_loss(4).unwrap();
     run(&mut trainer, &mut log);
     let after = trainer.validation_loss(4).unwrap();
     eprintln!("validation loss {before} -> {after}");
     assert!(after < 0.7 * before, "validation loss {before} -> {after}");
-    assert!(log[0].starts_with("dataset: 4 images used (2 with a caption file), 1 files skipped"), "{log:?}");
+    assert!(
+        log[0].starts_with("dataset: 4 images used (2 with a caption file), 1 files skipped"),
+        "{log:?}"
+    );
     let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("dataset-report.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.path().join("dataset-report.json")).unwrap())
+            .unwrap();
     assert_eq!(report["skipped"][0]["file"], "readme.md");
-    assert_eq!(report["used"][0]["caption"], "zqx style, an orange card with a dark square");
+    assert_eq!(
+        report["used"][0]["caption"],
+        "zqx style, an orange card with a dark square"
+    );
 
     // Generate from the keywords with and without the saved LoRA (read back from its file): the
     // trained one lands nearer the training images' latents.
-    let file = candle_core::safetensors::load(dir.path().join("lora.safetensors"), &Device::Cpu).unwrap();
+    let file =
+        candle_core::safetensors::load(dir.path().join("lora.safetensors"), &Device::Cpu).unwrap();
     let s = settings(120);
-    let lora = LoraSet::new(&pipe.transformer, s.targets, s.rank, s.alpha, 0, &Device::Cpu).unwrap();
+    let lora = LoraSet::new(
+        &pipe.transformer,
+        s.targets,
+        s.rank,
+        s.alpha,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
     lora.load_peft_tensors(&file).unwrap();
     let (txt, pooled) = pipe.encode_prompt("zqx style").unwrap();
     let generate = |with_lora: bool| {
@@ -148,7 +168,15 @@ fn the_loss_falls_and_generations_move_toward_the_training_images() {
         let noise = pipe.initial_noise(5, 64, 64).unwrap();
         let sigmas = pipe.schedule.sigmas(8, noise.dim(1).unwrap());
         let out = pipe
-            .denoise(noise, pipe.latent_grid(64, 64), &txt, &pooled, &sigmas, 3.5, &mut |_| Control::Continue)
+            .denoise(
+                noise,
+                pipe.latent_grid(64, 64),
+                &txt,
+                &pooled,
+                &sigmas,
+                3.5,
+                &mut |_| Control::Continue,
+            )
             .unwrap();
         LoraSet::detach(&pipe.transformer);
         out
@@ -156,16 +184,36 @@ fn the_loss_falls_and_generations_move_toward_the_training_images() {
     // The training images' latents (model space, packed), averaged.
     let mut sum: Option<Tensor> = None;
     for i in 0..4u32 {
-        let px = Tensor::from_vec(picture(i).into_raw(), (64, 64, 3), &Device::Cpu).unwrap()
-            .permute((2, 0, 1)).unwrap().unsqueeze(0).unwrap().to_dtype(DType::F32).unwrap();
+        let px = Tensor::from_vec(picture(i).into_raw(), (64, 64, 3), &Device::Cpu)
+            .unwrap()
+            .permute((2, 0, 1))
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let px = ((px / 127.5).unwrap() - 1.0).unwrap();
-        let z = pipe.vae.to_model_space(&pipe.vae.encode(&px).unwrap().mean).unwrap();
+        let z = pipe
+            .vae
+            .to_model_space(&pipe.vae.encode(&px).unwrap().mean)
+            .unwrap();
         let z = engine::sampling::latents::pack(&z).unwrap();
-        sum = Some(match sum { Some(s) => (s + z).unwrap(), None => z });
+        sum = Some(match sum {
+            Some(s) => (s + z).unwrap(),
+            None => z,
+        });
     }
     let target = (sum.unwrap() / 4.0).unwrap();
     let dist = |x: &Tensor| -> f32 {
-        (x - &target).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+        (x - &target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
     };
     let (base, trained) = (dist(&generate(false)), dist(&generate(true)));
     eprintln!("latent RMS distance to the training images: base {base}, trained {trained}");
@@ -174,7 +222,14 @@ fn the_loss_falls_and_generations_move_toward_the_training_images() {
     let pixels = |z: &Tensor| pipe.decode(z, pipe.latent_grid(64, 64)).unwrap();
     let want = pixels(&target);
     let pdist = |z: &Tensor| -> f32 {
-        (pixels(z) - &want).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()
+        (pixels(z) - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     };
     let (pb, pt) = (pdist(&generate(false)), pdist(&generate(true)));
     eprintln!("mean pixel distance to the decoded training latents: base {pb}, trained {pt}");
@@ -191,24 +246,35 @@ fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     };
     let whole = tempfile::tempdir().unwrap();
     let mut log = Vec::new();
-    let mut trainer = Trainer::prepare(pipe.clone(), job(whole.path(), s.clone(), false), &mut |_| {}).unwrap();
+    let mut trainer = Trainer::prepare(
+        pipe.clone(),
+        job(whole.path(), s.clone(), false),
+        &mut |_| {},
+    )
+    .unwrap();
     let uninterrupted = run(&mut trainer, &mut log);
     drop(trainer);
 
     let parts = tempfile::tempdir().unwrap();
-    let mut trainer = Trainer::prepare(pipe.clone(), job(parts.path(), s.clone(), false), &mut |_| {}).unwrap();
+    let mut trainer = Trainer::prepare(
+        pipe.clone(),
+        job(parts.path(), s.clone(), false),
+        &mut |_| {},
+    )
+    .unwrap();
     for _ in 0..6 {
         trainer.step(&mut |_| {}).unwrap();
     }
     // Cancelled at step 6: the checkpoint of step 4 remains.
     drop(trainer);
     let mut samples = Vec::new();
-    let mut trainer = Trainer::prepare(pipe.clone(), job(parts.path(), s.clone(), true), &mut |r| {
-        if let Report::Sample { step, .. } = r {
-            samples.push(step)
-        }
-    })
-    .unwrap();
+    let mut trainer =
+        Trainer::prepare(pipe.clone(), job(parts.path(), s.clone(), true), &mut |r| {
+            if let Report::Sample { step, .. } = r {
+                samples.push(step)
+            }
+        })
+        .unwrap();
     assert_eq!(trainer.step_count(), 4);
     let rest = run(&mut trainer, &mut log);
     assert_eq!(rest.len(), 6);
@@ -259,7 +325,12 @@ fn fixture_settings() -> TrainSettings {
 #[ignore = "writes the committed fixture"]
 fn write_trained_lora_fixture() {
     let dir = tempfile::tempdir().unwrap();
-    let mut trainer = Trainer::prepare(tiny(), job(dir.path(), fixture_settings(), false), &mut |_| {}).unwrap();
+    let mut trainer = Trainer::prepare(
+        tiny(),
+        job(dir.path(), fixture_settings(), false),
+        &mut |_| {},
+    )
+    .unwrap();
     run(&mut trainer, &mut Vec::new());
     std::fs::copy(dir.path().join("lora.safetensors"), fixture_lora()).unwrap();
 }
@@ -271,8 +342,20 @@ fn trained_lora_matches_diffusers() {
     let want = common::reference("trained_lora");
     let s = fixture_settings();
     let file = candle_core::safetensors::load(fixture_lora(), &Device::Cpu).unwrap();
-    let lora = LoraSet::new(&pipe.transformer, s.targets, s.rank, s.alpha, 0, &Device::Cpu).unwrap();
-    assert_eq!(file.len(), 2 * lora.adapters.len(), "every adapter, nothing else");
+    let lora = LoraSet::new(
+        &pipe.transformer,
+        s.targets,
+        s.rank,
+        s.alpha,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        file.len(),
+        2 * lora.adapters.len(),
+        "every adapter, nothing else"
+    );
     lora.load_peft_tensors(&file).unwrap();
     let forward = || {
         pipe.transformer

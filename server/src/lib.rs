@@ -38,8 +38,10 @@ pub struct Running {
 pub fn capabilities(config: &ServeConfig) -> anyhow::Result<Capabilities> {
     let generation = flux::FluxGeneration::new(config)?;
     // Training shares generation's resident model: one FLUX in memory.
-    let trainer =
-        training::FluxTraining::new(generation.resident().clone(), generation.default_preset_info());
+    let trainer = training::FluxTraining::new(
+        generation.resident().clone(),
+        generation.default_preset_info(),
+    );
     let (classification, classification_error) = match config.classifier.load() {
         Ok(classifier) => (Some(Arc::new(classifier) as Arc<dyn Classification>), None),
         Err(e) => {

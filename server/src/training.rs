@@ -28,7 +28,10 @@ impl FluxTraining {
     }
 
     /// The base model (the `model` field, else the server's default) and the settings over its defaults.
-    fn resolve(&self, fields: &Map<String, Value>) -> Result<(&'static Preset, TrainSettings), String> {
+    fn resolve(
+        &self,
+        fields: &Map<String, Value>,
+    ) -> Result<(&'static Preset, TrainSettings), String> {
         let preset = match fields.get("model") {
             None => self.default_preset,
             Some(Value::String(name)) => presets::find(name).ok_or_else(|| {

@@ -103,7 +103,11 @@ async fn a_zip_trains_to_a_lora_with_live_steps_samples_and_a_download() {
     write_dataset(&zip);
     let studio = studio(&dir.path().join("data"));
     let url = studio.url.clone();
-    let id = upload(&url, &zip, &["steps=6", "sample_every=3", "checkpoint_every=2", "rank=4"]);
+    let id = upload(
+        &url,
+        &zip,
+        &["steps=6", "sample_every=3", "checkpoint_every=2", "rank=4"],
+    );
 
     // Live: connected right after the upload, the socket follows the job to its end.
     let live = events(&url, &id).await;
@@ -116,7 +120,10 @@ async fn a_zip_trains_to_a_lora_with_live_steps_samples_and_a_download() {
     assert_eq!(statuses, ["queued", "preparing", "training", "completed"]);
     let steps = of_type(&live, "step");
     assert_eq!(
-        steps.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(),
+        steps
+            .iter()
+            .map(|e| e["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
         [1, 2, 3, 4, 5, 6]
     );
     for s in &steps {
@@ -132,20 +139,35 @@ async fn a_zip_trains_to_a_lora_with_live_steps_samples_and_a_download() {
         .map(|e| e["message"].as_str().unwrap())
         .collect();
     assert!(
-        logs.iter().any(|l| l.starts_with("dataset: 3 images used (1 with a caption file), 1 files skipped")),
+        logs.iter()
+            .any(|l| l
+                .starts_with("dataset: 3 images used (1 with a caption file), 1 files skipped")),
         "{logs:?}"
     );
-    assert!(logs.iter().any(|l| l.contains("skipped Thumbs.db")), "{logs:?}");
-    assert!(logs.iter().any(|l| l.starts_with("LoRA written after 6 steps")), "{logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("skipped Thumbs.db")),
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.starts_with("LoRA written after 6 steps")),
+        "{logs:?}"
+    );
     let samples = of_type(&live, "sample");
     assert_eq!(
-        samples.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(),
+        samples
+            .iter()
+            .map(|e| e["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
         [0, 3, 6]
     );
 
     let done = status(&url, &id);
     assert_eq!(done["status"], "completed");
-    assert_eq!((done["step"].as_u64(), done["total_steps"].as_u64()), (Some(6), Some(6)));
+    assert_eq!(
+        (done["step"].as_u64(), done["total_steps"].as_u64()),
+        (Some(6), Some(6))
+    );
     assert_eq!(done["loss"].as_f64(), steps[5]["loss"].as_f64());
 
     // Replayed after the end: the same log, steps included.
@@ -169,10 +191,17 @@ async fn a_zip_trains_to_a_lora_with_live_steps_samples_and_a_download() {
     assert!(tensors.contains_key("transformer.single_transformer_blocks.1.attn.to_v.lora_B.weight"));
     assert!(tensors.keys().all(|k| k.starts_with("transformer.")));
     let report: Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("data/jobs").join(&id).join("dataset-report.json")).unwrap(),
+        &std::fs::read(
+            dir.path()
+                .join("data/jobs")
+                .join(&id)
+                .join("dataset-report.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
-    assert_eq!(report["used"][0]["caption"], "zqx style, orange, an orange card");
+    // "orange" is already in the caption: not repeated.
+    assert_eq!(report["used"][0]["caption"], "zqx style, an orange card");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -182,7 +211,11 @@ async fn a_cancelled_run_resumes_from_its_checkpoint_and_repeats_its_steps() {
     write_dataset(&zip);
     let studio = studio(&dir.path().join("data"));
     let url = studio.url.clone();
-    let id = upload(&url, &zip, &["steps=200", "sample_every=0", "checkpoint_every=4"]);
+    let id = upload(
+        &url,
+        &zip,
+        &["steps=200", "sample_every=0", "checkpoint_every=4"],
+    );
     let at_cancel = wait_for(&url, &id, |s| s["step"].as_u64().unwrap_or(0) >= 9);
     let (code, body) = curl(&["-X", "POST", &format!("{url}/jobs/{id}/cancel")]);
     assert!(code == 200 || code == 202, "{code} {body}");
@@ -199,7 +232,9 @@ async fn a_cancelled_run_resumes_from_its_checkpoint_and_repeats_its_steps() {
     let checkpoint = 4 * (stopped_at / 4);
     let resumed = format!("resumed from the checkpoint at step {checkpoint}");
     assert!(
-        of_type(&all, "log").iter().any(|e| e["message"] == resumed.as_str()),
+        of_type(&all, "log")
+            .iter()
+            .any(|e| e["message"] == resumed.as_str()),
         "no `{resumed}` in the log"
     );
     // The steps after the checkpoint were taken twice, with the same loss both times.
@@ -213,5 +248,10 @@ async fn a_cancelled_run_resumes_from_its_checkpoint_and_repeats_its_steps() {
         }
     }
     assert_eq!(repeats, stopped_at - checkpoint);
-    assert!(dir.path().join("data/jobs").join(&id).join("lora.safetensors").is_file());
+    assert!(dir
+        .path()
+        .join("data/jobs")
+        .join(&id)
+        .join("lora.safetensors")
+        .is_file());
 }

@@ -186,7 +186,8 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     let lora = LoraSet::new(&model, targets, rank, rank as f64, 0, device)?;
     let mut adam = optim::AdamW::new(lora.vars(), 1e-4)?;
     let side = size / 16;
-    let img = Tensor::randn(0f32, 1.0, (1, side * side, cfg.in_channels), device)?.to_dtype(dtype)?;
+    let img =
+        Tensor::randn(0f32, 1.0, (1, side * side, cfg.in_channels), device)?.to_dtype(dtype)?;
     let target = Tensor::randn(0f32, 1.0, (1, side * side, cfg.in_channels), device)?;
     let txt = Tensor::randn(0f32, 1.0, (1, t5_len, cfg.context_dim), device)?.to_dtype(dtype)?;
     let pooled = Tensor::randn(0f32, 1.0, (1, cfg.vec_dim), device)?.to_dtype(dtype)?;

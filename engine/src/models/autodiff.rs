@@ -91,7 +91,9 @@ impl CustomOp1 for Precomputed {
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(candle_core::Error::Msg("precomputed value not on the CPU".into())),
+            _ => Err(candle_core::Error::Msg(
+                "precomputed value not on the CPU".into(),
+            )),
         }
     }
 
@@ -105,7 +107,9 @@ impl CustomOp1 for Precomputed {
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => Err(candle_core::Error::Msg("precomputed value not on the GPU".into())),
+            _ => Err(candle_core::Error::Msg(
+                "precomputed value not on the GPU".into(),
+            )),
         }
     }
 
@@ -156,21 +160,17 @@ mod tests {
                 layer_norm(&x, &w, &b, 1e-6)?,
                 layer_norm(v.as_tensor(), &w, &b, 1e-6)?,
             ),
-            (
-                rms_norm(&x, &w, 1e-6)?,
-                rms_norm(v.as_tensor(), &w, 1e-6)?,
-            ),
+            (rms_norm(&x, &w, 1e-6)?, rms_norm(v.as_tensor(), &w, 1e-6)?),
             (softmax_last_dim(&x)?, softmax_last_dim(v.as_tensor())?),
-            (
-                rope_i(&x, &cos, &sin)?,
-                rope_i(v.as_tensor(), &cos, &sin)?,
-            ),
+            (rope_i(&x, &cos, &sin)?, rope_i(v.as_tensor(), &cos, &sin)?),
         ];
         for (fused, slow) in pairs {
             assert!(!fused.track_op());
             assert!(max_diff(&fused, &slow) < 1e-5);
             let grads = slow.sqr()?.sum_all()?.backward()?;
-            let g = grads.get(v.as_tensor()).expect("a gradient reaches the input");
+            let g = grads
+                .get(v.as_tensor())
+                .expect("a gradient reaches the input");
             assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }
         // Softmax's hand-written backward against candle's autograd through the composed softmax.

@@ -163,7 +163,10 @@ mod tests {
             .filter_map(|id| grads.get_id(*id))
             .map(|g| g.dims().to_vec())
             .collect();
-        assert!(!shapes.iter().any(|d| d == &[4, 6] || d == &[6, 4]), "{shapes:?}");
+        assert!(
+            !shapes.iter().any(|d| d == &[4, 6] || d == &[6, 4]),
+            "{shapes:?}"
+        );
         Ok(())
     }
 }

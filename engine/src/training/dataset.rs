@@ -203,7 +203,9 @@ fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
     let mut decoder = reader(limits)?
         .into_decoder()
         .map_err(|e| format!("not a readable image ({e})"))?;
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image =
         DynamicImage::from_decoder(decoder).map_err(|e| format!("corrupt image data ({e})"))?;
     image.apply_orientation(orientation);
@@ -263,7 +265,9 @@ pub fn read(
         {
             continue;
         }
-        let Some(name) = entry.enclosed_name().and_then(|p| p.to_str().map(str::to_string))
+        let Some(name) = entry
+            .enclosed_name()
+            .and_then(|p| p.to_str().map(str::to_string))
         else {
             skip(&raw, "unsafe name (absolute or leaving the archive)".into());
             continue;
@@ -423,7 +427,13 @@ mod tests {
         assert_eq!(nearest_bucket(1000, 1000, &b), (512, 512));
         let (w, h) = nearest_bucket(1920, 1080, &b);
         assert!(w > h, "{w}x{h}");
-        assert_eq!(buckets(64, 4)[..].iter().filter(|b| **b == (64, 64)).count(), 1);
+        assert_eq!(
+            buckets(64, 4)[..]
+                .iter()
+                .filter(|b| **b == (64, 64))
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -468,7 +478,8 @@ mod tests {
         assert!(reasons["../escape.png"].contains("unsafe name"));
         assert_eq!(reasons.len(), 3, "{reasons:?}");
         assert_eq!(report.used.len(), 2);
-        assert!(report.lines()[0].starts_with("dataset: 2 images used (1 with a caption file), 3 files skipped"));
+        assert!(report.lines()[0]
+            .starts_with("dataset: 2 images used (1 with a caption file), 3 files skipped"));
     }
 
     fn crc32(bytes: &[u8]) -> u32 {
@@ -476,7 +487,11 @@ mod tests {
         for &b in bytes {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

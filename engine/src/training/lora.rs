@@ -64,7 +64,11 @@ fn modules(layer: &str, out: usize, hidden: usize) -> Result<Vec<(String, usize,
                     .into_iter()
                     .enumerate()
                     .map(|(i, m)| {
-                        let rows = if i + 1 == n { out - hidden * (n - 1) } else { hidden };
+                        let rows = if i + 1 == n {
+                            out - hidden * (n - 1)
+                        } else {
+                            hidden
+                        };
                         (m, i * hidden, rows, false)
                     })
                     .collect()
@@ -144,12 +148,15 @@ impl LoraSet {
             } else {
                 (a.down.as_tensor().detach(), a.up.as_tensor().detach())
             };
-            by_layer.entry(&a.layer).or_default().push(Arc::new(Adapter {
-                down,
-                up,
-                scale: self.scale(),
-                out_offset: a.out_offset,
-            }));
+            by_layer
+                .entry(&a.layer)
+                .or_default()
+                .push(Arc::new(Adapter {
+                    down,
+                    up,
+                    scale: self.scale(),
+                    out_offset: a.out_offset,
+                }));
         }
         for linear in model.linears() {
             linear.set_adapters(by_layer.remove(linear.name()).unwrap_or_default());

@@ -10,5 +10,5 @@ pub mod optim;
 pub mod settings;
 mod trainer;
 
-pub use settings::{SigmaSampling, Schedule, Targets, TrainSettings};
+pub use settings::{Schedule, SigmaSampling, Targets, TrainSettings};
 pub use trainer::{Report, StepStats, TrainJob, Trainable, Trainer};

@@ -76,7 +76,8 @@ impl StepDraws {
     }
 
     fn with_sigma(mut r: rand::rngs::StdRng, sigma_index: usize, n: usize) -> Self {
-        let mut normal = |n| -> Vec<f32> { (0..n).map(|_| StandardNormal.sample(&mut r)).collect() };
+        let mut normal =
+            |n| -> Vec<f32> { (0..n).map(|_| StandardNormal.sample(&mut r)).collect() };
         let latent_eps = normal(n);
         let noise = normal(n);
         Self {

@@ -67,7 +67,11 @@ pub fn clipped_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<(
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut sq = 0f64;
     for g in &gs {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {
@@ -145,7 +149,10 @@ mod tests {
         let (gs, norm) = clipped_grads(&[a, b], &grads, 1.0)?;
         assert!((norm - 5.0).abs() < 1e-9);
         let g: Vec<f32> = gs.iter().map(|g| g.to_vec1::<f32>().unwrap()[0]).collect();
-        assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5, "{g:?}");
+        assert!(
+            (g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5,
+            "{g:?}"
+        );
         Ok(())
     }
 }

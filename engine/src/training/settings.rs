@@ -200,16 +200,25 @@ fn float(key: &str, v: &Value, min: f64, max: f64) -> Result<f64, String> {
     };
     match x {
         Some(x) if x.is_finite() && (min..=max).contains(&x) => Ok(x),
-        _ => Err(format!("{key} must be a number from {min} to {max} (got {v})")),
+        _ => Err(format!(
+            "{key} must be a number from {min} to {max} (got {v})"
+        )),
     }
 }
 
-fn choice<T: serde::de::DeserializeOwned>(key: &str, v: &Value, names: &[&str]) -> Result<T, String> {
+fn choice<T: serde::de::DeserializeOwned>(
+    key: &str,
+    v: &Value,
+    names: &[&str],
+) -> Result<T, String> {
     match v.as_str() {
         Some(s) if names.contains(&s) => {
             serde_json::from_value(Value::String(s.to_string())).map_err(|e| e.to_string())
         }
-        _ => Err(format!("{key} must be one of {} (got {v})", names.join(", "))),
+        _ => Err(format!(
+            "{key} must be one of {} (got {v})",
+            names.join(", ")
+        )),
     }
 }
 
@@ -225,14 +234,20 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         let s = parse(json!({}), 1024).unwrap();
-        assert_eq!((s.steps, s.rank, s.alpha, s.resolution), (1000, 16, 16.0, 512));
+        assert_eq!(
+            (s.steps, s.rank, s.alpha, s.resolution),
+            (1000, 16, 16.0, 512)
+        );
         assert_eq!(parse(json!({}), 64).unwrap().resolution, 64);
         let s = parse(
             json!({"rank": 32, "learning_rate": "5e-5", "targets": "all_linear", "resolution": 768, "model": "flux-dev"}),
             1024,
         )
         .unwrap();
-        assert_eq!((s.rank, s.learning_rate, s.targets, s.resolution), (32, 5e-5, Targets::AllLinear, 768));
+        assert_eq!(
+            (s.rank, s.learning_rate, s.targets, s.resolution),
+            (32, 5e-5, Targets::AllLinear, 768)
+        );
     }
 
     #[test]

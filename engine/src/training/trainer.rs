@@ -146,10 +146,14 @@ impl Trainer {
         let mut images = Vec::new();
         for sample in &samples {
             let (w, h) = sample.image.dimensions();
-            let pixels = Tensor::from_vec(sample.image.as_raw().clone(), (h as usize, w as usize, 3), &device)?
-                .permute((2, 0, 1))?
-                .unsqueeze(0)?
-                .to_dtype(DType::F32)?;
+            let pixels = Tensor::from_vec(
+                sample.image.as_raw().clone(),
+                (h as usize, w as usize, 3),
+                &device,
+            )?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_dtype(DType::F32)?;
             let pixels = ((pixels / 127.5)? - 1.0)?.to_dtype(dtype)?;
             let dist = pipe.vae.encode(&pixels)?;
             let text = match text_index.get(&sample.caption) {
@@ -180,7 +184,14 @@ impl Trainer {
             texts.len()
         )));
 
-        let lora = LoraSet::new(&pipe.transformer, s.targets, s.rank, s.alpha, s.seed, &device)?;
+        let lora = LoraSet::new(
+            &pipe.transformer,
+            s.targets,
+            s.rank,
+            s.alpha,
+            s.seed,
+            &device,
+        )?;
         report(Report::Log(format!("training {}", lora.describe())));
         let trainable: Box<dyn Trainable> = Box::new(lora);
         let mut optimizer = AdamW::new(trainable.vars(), s.weight_decay)?;
@@ -195,9 +206,13 @@ impl Trainer {
                     checkpoint::restore(&job.job_dir, &manifest, &mut optimizer)?;
                     step = manifest.step;
                     losses = manifest.losses;
-                    report(Report::Log(format!("resumed from the checkpoint at step {step}")));
+                    report(Report::Log(format!(
+                        "resumed from the checkpoint at step {step}"
+                    )));
                 }
-                None => report(Report::Log("no checkpoint yet: starting from step 0".into())),
+                None => report(Report::Log(
+                    "no checkpoint yet: starting from step 0".into(),
+                )),
             }
         }
         let trainer = Self {
@@ -265,7 +280,13 @@ impl Trainer {
         let (grads_clipped, grad_norm) =
             optim::clipped_grads(&self.optimizer.vars, &grads, s.max_grad_norm)?;
         drop(grads);
-        let lr = optim::learning_rate(s.learning_rate, s.lr_schedule, s.warmup_steps, step, s.steps);
+        let lr = optim::learning_rate(
+            s.learning_rate,
+            s.lr_schedule,
+            s.warmup_steps,
+            step,
+            s.steps,
+        );
         self.optimizer.step(&grads_clipped, lr)?;
         self.step = step;
         self.losses.push(loss);
@@ -364,7 +385,8 @@ impl Trainer {
             ("studio.settings".to_string(), serde_json::to_string(s)?),
             (
                 "studio.format".to_string(),
-                "diffusers PEFT keys; alpha/rank is folded into lora_B, so load at scale 1".to_string(),
+                "diffusers PEFT keys; alpha/rank is folded into lora_B, so load at scale 1"
+                    .to_string(),
             ),
         ]);
         self.trainable.save(&self.job.lora_file, &metadata)?;
