@@ -129,7 +129,7 @@ mod tests {
         let w = Var::new(&[1.0f32, -2.0], &dev)?;
         let mut opt = AdamW::new(vec![w.clone()], 0.1)?;
         let g = Tensor::new(&[0.5f32, 0.25], &dev)?;
-        opt.step(&[g.clone()], 0.01)?;
+        opt.step(&[g], 0.01)?;
         // Step 1: m̂ = g, v̂ = g², so the update is lr·sign(g) (eps aside), after the decay.
         let got = w.as_tensor().to_vec1::<f32>()?;
         let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) - 0.01];

@@ -292,10 +292,10 @@ impl Trainer {
         self.losses.push(loss);
 
         let finished = step == s.steps;
-        if s.sample_every > 0 && step % s.sample_every == 0 && !finished {
+        if s.sample_every > 0 && step.is_multiple_of(s.sample_every) && !finished {
             self.sample(report)?;
         }
-        if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 {
+        if s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every) {
             checkpoint::save(&self.job.job_dir, step, &self.optimizer, &s, &self.losses)?;
             report(Report::Log(format!("checkpoint saved at step {step}")));
         }
