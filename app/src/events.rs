@@ -32,6 +32,12 @@ pub enum EventBody {
         loss: Option<f32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         learning_rate: Option<f64>,
+        /// Training: the mean duration of recent steps, in seconds (the inverse of the throughput).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seconds_per_step: Option<f64>,
+        /// Training: the estimated seconds left at that pace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eta_seconds: Option<f64>,
         /// A small base64 PNG of the current latent (generation only; live streams only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         preview: Option<String>,
@@ -53,19 +59,13 @@ impl EventBody {
     pub fn for_log(&self) -> Option<EventBody> {
         match self {
             EventBody::Result(_) => None,
-            EventBody::Step {
-                step,
-                total,
-                loss,
-                learning_rate,
-                ..
-            } => Some(EventBody::Step {
-                step: *step,
-                total: *total,
-                loss: *loss,
-                learning_rate: *learning_rate,
-                preview: None,
-            }),
+            EventBody::Step { .. } => {
+                let mut kept = self.clone();
+                if let EventBody::Step { preview, .. } = &mut kept {
+                    *preview = None;
+                }
+                Some(kept)
+            }
             other => Some(other.clone()),
         }
     }
@@ -93,6 +93,8 @@ mod tests {
                 total: 4,
                 loss: None,
                 learning_rate: None,
+                seconds_per_step: None,
+                eta_seconds: None,
                 preview: Some("x".into()),
             },
         };

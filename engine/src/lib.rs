@@ -8,4 +8,5 @@ pub mod models;
 pub mod pipeline;
 pub mod presets;
 pub mod sampling;
+pub mod training;
 pub mod weights;

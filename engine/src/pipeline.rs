@@ -88,10 +88,37 @@ impl LoadOptions {
     }
 }
 
+/// T5 and CLIP, which a training run frees once it has encoded its captions.
+struct TextEncoders {
+    t5: T5Encoder,
+    clip: ClipEncoder,
+}
+
+impl TextEncoders {
+    fn load(dir: &Path, t5_max_len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let t5 = T5Encoder::load(
+            &dir.join("text_encoder_2"),
+            &dir.join("tokenizer_2"),
+            t5_max_len,
+            dtype,
+            device,
+        )?;
+        let clip = ClipEncoder::load(
+            &dir.join("text_encoder"),
+            &dir.join("tokenizer"),
+            dtype,
+            device,
+        )?;
+        Ok(Self { t5, clip })
+    }
+}
+
 pub struct FluxPipeline {
     pub transformer: FluxTransformer,
-    t5: Mutex<T5Encoder>,
-    clip: ClipEncoder,
+    /// `None` while released; loaded again from `dir` by the next prompt.
+    text: Mutex<Option<TextEncoders>>,
+    dir: PathBuf,
+    t5_max_len: usize,
     pub vae: Autoencoder,
     pub schedule: ScheduleConfig,
     preview: LatentPreview,
@@ -141,19 +168,7 @@ impl FluxPipeline {
             }
         };
         let transformer = FluxTransformer::load(&weights, &cfg, dtype, device)?;
-        let t5 = T5Encoder::load(
-            &dir.join("text_encoder_2"),
-            &dir.join("tokenizer_2"),
-            opts.t5_max_len,
-            dtype,
-            device,
-        )?;
-        let clip = ClipEncoder::load(
-            &dir.join("text_encoder"),
-            &dir.join("tokenizer"),
-            dtype,
-            device,
-        )?;
+        let text = TextEncoders::load(dir, opts.t5_max_len, dtype, device)?;
         let vae = Autoencoder::load(&dir.join("vae"), dtype, device)?;
         let schedule: ScheduleConfig =
             serde_json::from_value(read_json(&dir.join("scheduler/scheduler_config.json"))?)
@@ -161,8 +176,9 @@ impl FluxPipeline {
         let preview = LatentPreview::fit(&vae, dtype, device)?;
         Ok(Self {
             transformer,
-            t5: Mutex::new(t5),
-            clip,
+            text: Mutex::new(Some(text)),
+            dir: dir.to_path_buf(),
+            t5_max_len: opts.t5_max_len,
             vae,
             schedule,
             preview,
@@ -182,9 +198,26 @@ impl FluxPipeline {
 
     /// T5 hidden states (1, T, 4096) and CLIP's pooled output (1, 768).
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
-        let txt = self.t5.lock().expect("T5 lock poisoned").encode(prompt)?;
-        let pooled = self.clip.encode(prompt)?;
+        let mut text = self.text.lock().expect("text encoder lock poisoned");
+        if text.is_none() {
+            tracing::info!("loading the text encoders again");
+            *text = Some(TextEncoders::load(
+                &self.dir,
+                self.t5_max_len,
+                self.dtype,
+                &self.device,
+            )?);
+        }
+        let encoders = text.as_mut().expect("loaded above");
+        let txt = encoders.t5.encode(prompt)?;
+        let pooled = encoders.clip.encode(prompt)?;
         Ok((txt, pooled))
+    }
+
+    /// Frees the text encoders (T5-XXL alone is 9.5 GB in bf16) until a prompt needs them again: a
+    /// training run, once its captions are encoded, trains without them.
+    pub fn release_text_encoders(&self) {
+        *self.text.lock().expect("text encoder lock poisoned") = None;
     }
 
     /// The latent grid (cells) of an image size.

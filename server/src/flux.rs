@@ -15,10 +15,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub struct FluxGeneration {
-    device: Device,
     default_preset: &'static Preset,
-    /// The one pipeline in memory: GPU memory holds one FLUX at a time.
-    resident: Mutex<Option<(&'static str, Arc<FluxPipeline>)>>,
+    resident: Arc<Resident>,
+}
+
+/// The one pipeline in memory, shared by generation and training: GPU memory holds one FLUX at a time.
+pub struct Resident {
+    device: Device,
+    loaded: Mutex<Option<(&'static str, Arc<FluxPipeline>)>>,
     downloads: Arc<Mutex<HashMap<&'static str, f32>>>,
 }
 
@@ -33,18 +37,43 @@ impl FluxGeneration {
         };
         tracing::info!("default model: {} on {:?}", default_preset.name, device);
         Ok(Self {
-            device,
             default_preset,
-            resident: Mutex::new(None),
-            downloads: Arc::default(),
+            resident: Arc::new(Resident {
+                device,
+                loaded: Mutex::new(None),
+                downloads: Arc::default(),
+            }),
         })
     }
 
+    /// The model holder, for the trainer to share.
+    pub fn resident(&self) -> &Arc<Resident> {
+        &self.resident
+    }
+
+    pub fn default_preset_info(&self) -> &'static Preset {
+        self.default_preset
+    }
+
     fn pipeline(&self, preset: &'static Preset) -> Result<Arc<FluxPipeline>> {
-        let mut resident = self.resident.lock().expect("pipeline lock poisoned");
+        self.resident.pipeline(preset)
+    }
+}
+
+impl Resident {
+    /// The preset's pipeline, loaded (and downloaded) on first use. Another preset replaces the resident
+    /// one, unless a training run is using it.
+    pub fn pipeline(&self, preset: &'static Preset) -> Result<Arc<FluxPipeline>> {
+        let mut resident = self.loaded.lock().expect("pipeline lock poisoned");
         if let Some((name, p)) = resident.as_ref() {
             if *name == preset.name {
                 return Ok(p.clone());
+            }
+            if Arc::strong_count(p) > 1 {
+                anyhow::bail!(
+                    "{name} is in use by a training run; {} can be used when it ends (or cancel it)",
+                    preset.name
+                );
             }
         }
         // Free the old model before loading the next one.
@@ -79,7 +108,7 @@ impl FluxGeneration {
     }
 
     fn state(&self, p: &Preset) -> ModelState {
-        if let Ok(r) = self.resident.try_lock() {
+        if let Ok(r) = self.loaded.try_lock() {
             if r.as_ref().is_some_and(|(n, _)| *n == p.name) {
                 return ModelState::Loaded;
             }
@@ -135,7 +164,7 @@ impl Generation for FluxGeneration {
             .map(|p| PresetInfo {
                 id: p.name.to_string(),
                 description: p.title.to_string(),
-                state: self.state(p),
+                state: self.resident.state(p),
             })
             .collect()
     }

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod jobs;
 pub mod routes;
 pub mod store;
+pub mod training;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,11 @@ pub struct Running {
 /// hostage by a missing encoder; generation loads its models on first use, so only a bad setting stops it here.
 pub fn capabilities(config: &ServeConfig) -> anyhow::Result<Capabilities> {
     let generation = flux::FluxGeneration::new(config)?;
+    // Training shares generation's resident model: one FLUX in memory.
+    let trainer = training::FluxTraining::new(
+        generation.resident().clone(),
+        generation.default_preset_info(),
+    );
     let (classification, classification_error) = match config.classifier.load() {
         Ok(classifier) => (Some(Arc::new(classifier) as Arc<dyn Classification>), None),
         Err(e) => {
@@ -47,7 +53,7 @@ pub fn capabilities(config: &ServeConfig) -> anyhow::Result<Capabilities> {
         generation: Some(Arc::new(generation)),
         classification,
         classification_error,
-        training: None,
+        training: Some(Arc::new(trainer)),
     })
 }
 

@@ -376,6 +376,8 @@ mod tests {
             total: 10,
             loss: Some(0.5),
             learning_rate: Some(1e-4),
+            seconds_per_step: Some(0.5),
+            eta_seconds: Some(3.5),
             preview: None,
         };
         store.record_event(&event("a", 2, step)).unwrap();

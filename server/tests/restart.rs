@@ -42,6 +42,8 @@ fn seed_database(data: &std::path::Path) {
         total: 10,
         loss: Some(0.5),
         learning_rate: Some(1e-4),
+        seconds_per_step: Some(0.5),
+        eta_seconds: Some(2.5),
         preview: None,
     };
     store

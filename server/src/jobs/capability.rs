@@ -134,6 +134,10 @@ pub enum TrainingReport {
         total: u32,
         loss: f32,
         learning_rate: f64,
+        /// Mean duration of recent steps.
+        seconds_per_step: Option<f64>,
+        /// Time left at that pace.
+        eta_seconds: Option<f64>,
     },
     /// File name inside `samples_dir`.
     Sample {

@@ -78,6 +78,8 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
                     total: update.total,
                     loss: None,
                     learning_rate: None,
+                    seconds_per_step: None,
+                    eta_seconds: None,
                     preview,
                 },
             );
@@ -220,11 +222,15 @@ impl Shared {
                 total,
                 loss,
                 learning_rate,
+                seconds_per_step,
+                eta_seconds,
             } => EventBody::Step {
                 step,
                 total,
                 loss: Some(loss),
                 learning_rate: Some(learning_rate),
+                seconds_per_step,
+                eta_seconds,
                 preview: None,
             },
             TrainingReport::Sample { step, file } => {

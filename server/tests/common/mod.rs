@@ -259,6 +259,8 @@ impl TrainingRun for FakeRun {
             total: self.steps,
             loss: 1.0 / self.step as f32,
             learning_rate: 1e-4,
+            seconds_per_step: None,
+            eta_seconds: None,
         });
         if self.step == 2 {
             std::fs::create_dir_all(&self.spec.samples_dir)?;

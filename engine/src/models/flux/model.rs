@@ -2,6 +2,7 @@
 //! against BFL's layer names. Every linear layer is the adapter-aware [`Linear`].
 
 use super::{FluxConfig, FluxWeights};
+use crate::models::autodiff;
 use crate::models::linear::Linear;
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -106,7 +107,7 @@ impl PlainNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.ones, &self.zeros, 1e-6)
+        autodiff::layer_norm(x, &self.ones, &self.zeros, 1e-6)
     }
 }
 
@@ -163,8 +164,8 @@ fn split_qkv(
     let q = qkv.get(0)?.contiguous()?;
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
-    let q = candle_nn::ops::rms_norm(&q, &norm.query, 1e-6)?;
-    let k = candle_nn::ops::rms_norm(&k, &norm.key, 1e-6)?;
+    let q = autodiff::rms_norm(&q, &norm.query, 1e-6)?;
+    let k = autodiff::rms_norm(&k, &norm.key, 1e-6)?;
     Ok((q, k, v))
 }
 
@@ -176,12 +177,12 @@ fn attention(
     cos: &Tensor,
     sin: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let q = candle_nn::rotary_emb::rope_i(q, cos, sin)?;
-    let k = candle_nn::rotary_emb::rope_i(k, cos, sin)?;
+    let q = autodiff::rope_i(q, cos, sin)?;
+    let k = autodiff::rope_i(k, cos, sin)?;
     let (b, h, l, d) = q.dims4()?;
     let q = (q * (1.0 / (d as f64).sqrt()))?;
     let scores = q.matmul(&k.t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = autodiff::softmax_last_dim(&scores)?;
     probs.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * d))
 }
 

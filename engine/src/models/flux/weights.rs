@@ -19,6 +19,8 @@ pub enum Layout {
 pub struct FluxWeights {
     vb: VarBuilder<'static>,
     pub layout: Layout,
+    /// Random weights instead of a checkpoint's (benchmarks at full size without the files).
+    random: Option<(DType, Device)>,
 }
 
 impl FluxWeights {
@@ -33,19 +35,41 @@ impl FluxWeights {
             Ok(Self {
                 vb,
                 layout: Layout::Bfl,
+                random: None,
             })
         } else if vb.contains_tensor("model.diffusion_model.double_blocks.0.img_attn.qkv.weight") {
             Ok(Self {
                 vb: vb.pp("model.diffusion_model"),
                 layout: Layout::Bfl,
+                random: None,
             })
         } else if vb.contains_tensor("transformer_blocks.0.attn.to_q.weight") {
             Ok(Self {
                 vb,
                 layout: Layout::Diffusers,
+                random: None,
             })
         } else {
             bail!("not a FLUX transformer checkpoint: neither BFL keys (double_blocks.0.img_attn.qkv) nor diffusers keys (transformer_blocks.0.attn.to_q) are present")
+        }
+    }
+
+    /// Weights drawn from N(0, 0.02) (norm scales around 1), as a model is built: for timing a full-size
+    /// model without its files. The values are never zeros, so no kernel can take a shortcut.
+    pub fn random(dtype: DType, device: &Device) -> Self {
+        Self {
+            vb: VarBuilder::zeros(dtype, device),
+            layout: Layout::Bfl,
+            random: Some((dtype, device.clone())),
+        }
+    }
+
+    fn random_tensor(&self, shape: &[usize], mean: f64) -> Result<Option<Tensor>> {
+        match &self.random {
+            Some((dtype, device)) => Ok(Some(
+                Tensor::randn(mean as f32, 0.02, shape, device)?.to_dtype(*dtype)?,
+            )),
+            None => Ok(None),
         }
     }
 
@@ -100,6 +124,10 @@ impl FluxWeights {
 
     /// A linear layer with bias, checked against the shape the config expects.
     pub fn linear(&self, layer: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        if let Some(w) = self.random_tensor(&[out_dim, in_dim], 0.0)? {
+            let b = self.random_tensor(&[out_dim], 0.0)?;
+            return Ok(Linear::new(layer, w, b));
+        }
         let w = self.tensor(layer, "weight")?;
         let b = self.tensor(layer, "bias")?;
         if w.dims() != [out_dim, in_dim] || b.dims() != [out_dim] {
@@ -113,6 +141,9 @@ impl FluxWeights {
     }
 
     pub fn norm_scale(&self, layer: &str, dim: usize) -> Result<Tensor> {
+        if let Some(s) = self.random_tensor(&[dim], 1.0)? {
+            return Ok(s);
+        }
         let s = self.tensor(layer, "scale")?;
         if s.dims() != [dim] {
             bail!(

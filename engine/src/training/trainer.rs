@@ -1,0 +1,449 @@
+//! A training run on a resident pipeline: prepare (dataset, cached encodings, adapters, optimizer, resume),
+//! then one optimizer step per call, with samples and checkpoints when due, and the LoRA file at the end.
+
+use super::checkpoint;
+use super::dataset::{self, DatasetReport};
+use super::lora::LoraSet;
+use super::objective::{self, StepDraws};
+use super::optim::{self, AdamW};
+use super::settings::TrainSettings;
+use crate::models::flux::{self, FluxInputs, FluxTransformer};
+use crate::pipeline::{self, Control, FluxPipeline};
+use crate::sampling::latents;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a run trains. LoRA adapters today; a full fine-tune (every transformer weight a `Var`, for a small
+/// model trained from scratch) is another implementation: its `vars` are the weights themselves, `attach`
+/// has nothing to do, and `save` writes the model.
+pub trait Trainable {
+    fn vars(&self) -> Vec<Var>;
+    /// Makes the model compute with the trained parameters: the variables themselves when `trainable`,
+    /// detached copies otherwise (sampling).
+    fn attach(&self, model: &FluxTransformer, trainable: bool);
+    /// Leaves the model as generation expects it.
+    fn detach(&self, model: &FluxTransformer);
+    fn save(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()>;
+    /// A line for the log: what is trained.
+    fn describe(&self) -> String;
+}
+
+impl Trainable for LoraSet {
+    fn vars(&self) -> Vec<Var> {
+        LoraSet::vars(self)
+    }
+    fn attach(&self, model: &FluxTransformer, trainable: bool) {
+        LoraSet::attach(self, model, trainable)
+    }
+    fn detach(&self, model: &FluxTransformer) {
+        LoraSet::detach(model)
+    }
+    fn save(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()> {
+        self.save_peft(path, metadata)
+    }
+    fn describe(&self) -> String {
+        format!(
+            "LoRA rank {} alpha {} on {} layers ({:.2}M parameters, f32)",
+            self.rank,
+            self.alpha,
+            self.adapters.len(),
+            self.parameter_count() as f64 / 1e6
+        )
+    }
+}
+
+/// Everything a run needs besides the model.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    pub dataset: PathBuf,
+    pub keywords: Vec<String>,
+    /// Checkpoints and the dataset report go here.
+    pub job_dir: PathBuf,
+    pub samples_dir: PathBuf,
+    pub lora_file: PathBuf,
+    pub settings: TrainSettings,
+    /// The base model's name, recorded in the LoRA's metadata.
+    pub base_model: String,
+    /// Denoising steps and guidance of the samples (the model's generation defaults).
+    pub sample_steps: usize,
+    pub sample_guidance: f64,
+    /// Continue from the latest checkpoint in `job_dir`, if there is one.
+    pub resume: bool,
+}
+
+pub enum Report {
+    Log(String),
+    /// A sample image, named `[A-Za-z0-9_-]+.png`, in `samples_dir`.
+    Sample {
+        step: u32,
+        file: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub step: u32,
+    pub total: u32,
+    pub loss: f32,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    /// The LoRA file is written: the run is over.
+    pub finished: bool,
+}
+
+/// An image's latent distribution, encoded once.
+struct CachedImage {
+    mean: Tensor,
+    std: Tensor,
+    text: usize,
+}
+
+/// A caption's encodings, encoded once.
+struct CachedText {
+    txt: Tensor,
+    pooled: Tensor,
+}
+
+pub struct Trainer {
+    pipe: Arc<FluxPipeline>,
+    job: TrainJob,
+    images: Vec<CachedImage>,
+    texts: Vec<CachedText>,
+    sample_text: CachedText,
+    sample_prompt: String,
+    trainable: Box<dyn Trainable>,
+    optimizer: AdamW,
+    train_sigmas: Vec<f64>,
+    step: u32,
+    losses: Vec<f32>,
+}
+
+impl Trainer {
+    /// The preparing phase: reads the dataset, encodes every image and caption once, frees the text
+    /// encoders, creates the adapters and the optimizer, and restores the latest checkpoint on resume.
+    pub fn prepare(
+        pipe: Arc<FluxPipeline>,
+        job: TrainJob,
+        report: &mut dyn FnMut(Report),
+    ) -> Result<Self> {
+        let s = job.settings.clone();
+        let multiple = pipe.size_multiple() as u32;
+        let (samples, dataset_report) =
+            dataset::load(&job.dataset, &job.keywords, s.resolution, multiple)?;
+        std::fs::create_dir_all(&job.job_dir)?;
+        write_report(&job.job_dir, &dataset_report)?;
+        for line in dataset_report.lines() {
+            report(Report::Log(line));
+        }
+
+        let device = pipe.device().clone();
+        let dtype = pipe.transformer.dtype();
+        let mut texts = Vec::new();
+        let mut text_index: HashMap<String, usize> = HashMap::new();
+        let mut images = Vec::new();
+        for sample in &samples {
+            let (w, h) = sample.image.dimensions();
+            let pixels = Tensor::from_vec(
+                sample.image.as_raw().clone(),
+                (h as usize, w as usize, 3),
+                &device,
+            )?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_dtype(DType::F32)?;
+            let pixels = ((pixels / 127.5)? - 1.0)?.to_dtype(dtype)?;
+            let dist = pipe.vae.encode(&pixels)?;
+            let text = match text_index.get(&sample.caption) {
+                Some(&i) => i,
+                None => {
+                    let (txt, pooled) = pipe.encode_prompt(&sample.caption)?;
+                    texts.push(CachedText { txt, pooled });
+                    text_index.insert(sample.caption.clone(), texts.len() - 1);
+                    texts.len() - 1
+                }
+            };
+            images.push(CachedImage {
+                mean: dist.mean.to_dtype(DType::F32)?,
+                std: dist.std.to_dtype(DType::F32)?,
+                text,
+            });
+        }
+        let sample_prompt = s
+            .sample_prompt
+            .clone()
+            .unwrap_or_else(|| dataset::caption_with_keywords(&job.keywords, None));
+        let (txt, pooled) = pipe.encode_prompt(&sample_prompt)?;
+        let sample_text = CachedText { txt, pooled };
+        pipe.release_text_encoders();
+        report(Report::Log(format!(
+            "cached {} image latents and {} caption encodings; text encoders released",
+            images.len(),
+            texts.len()
+        )));
+
+        let lora = LoraSet::new(
+            &pipe.transformer,
+            s.targets,
+            s.rank,
+            s.alpha,
+            s.seed,
+            &device,
+        )?;
+        report(Report::Log(format!("training {}", lora.describe())));
+        let trainable: Box<dyn Trainable> = Box::new(lora);
+        let mut optimizer = AdamW::new(trainable.vars(), s.weight_decay)?;
+        let mut step = 0;
+        let mut losses = Vec::new();
+        if job.resume {
+            match checkpoint::latest(&job.job_dir)? {
+                Some(manifest) => {
+                    if manifest.settings != s {
+                        bail!("the checkpoint was made with other settings; start a new run");
+                    }
+                    checkpoint::restore(&job.job_dir, &manifest, &mut optimizer)?;
+                    step = manifest.step;
+                    losses = manifest.losses;
+                    report(Report::Log(format!(
+                        "resumed from the checkpoint at step {step}"
+                    )));
+                }
+                None => report(Report::Log(
+                    "no checkpoint yet: starting from step 0".into(),
+                )),
+            }
+        }
+        let trainer = Self {
+            train_sigmas: objective::training_sigmas(&pipe.schedule),
+            pipe,
+            job,
+            images,
+            texts,
+            sample_text,
+            sample_prompt,
+            trainable,
+            optimizer,
+            step,
+            losses,
+        };
+        if trainer.step == 0 && trainer.job.settings.sample_every > 0 {
+            // What the base model draws, to compare the samples against.
+            trainer.sample(report)?;
+        }
+        Ok(trainer)
+    }
+
+    pub fn step_count(&self) -> u32 {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> u32 {
+        self.job.settings.steps
+    }
+
+    /// The loss of every step so far.
+    pub fn losses(&self) -> &[f32] {
+        &self.losses
+    }
+
+    /// One optimizer step; samples, checkpoints and, after the last step, the LoRA file.
+    pub fn step(&mut self, report: &mut dyn FnMut(Report)) -> Result<StepStats> {
+        let s = self.job.settings.clone();
+        if self.step >= s.steps {
+            // Resumed from a checkpoint taken at the last step.
+            self.finish(report)?;
+            return Ok(StepStats {
+                step: self.step,
+                total: s.steps,
+                loss: self.losses.last().copied().unwrap_or(f32::NAN),
+                learning_rate: 0.0,
+                grad_norm: 0.0,
+                finished: true,
+            });
+        }
+        let step = self.step + 1;
+        let index = objective::image_for(s.seed, self.step, self.images.len());
+        let draws = StepDraws::new(
+            s.seed,
+            step,
+            s.sigma_sampling,
+            self.images[index].mean.elem_count(),
+        );
+        let loss = self.loss(index, draws, true)?;
+        let grads = loss.backward()?;
+        let loss = loss.to_scalar::<f32>()?;
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {step}: lower the learning rate");
+        }
+        let (grads_clipped, grad_norm) =
+            optim::clipped_grads(&self.optimizer.vars, &grads, s.max_grad_norm)?;
+        drop(grads);
+        let lr = optim::learning_rate(
+            s.learning_rate,
+            s.lr_schedule,
+            s.warmup_steps,
+            step,
+            s.steps,
+        );
+        self.optimizer.step(&grads_clipped, lr)?;
+        self.step = step;
+        self.losses.push(loss);
+
+        let finished = step == s.steps;
+        if s.sample_every > 0 && step.is_multiple_of(s.sample_every) && !finished {
+            self.sample(report)?;
+        }
+        if s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every) {
+            checkpoint::save(&self.job.job_dir, step, &self.optimizer, &s, &self.losses)?;
+            report(Report::Log(format!("checkpoint saved at step {step}")));
+        }
+        if finished {
+            self.finish(report)?;
+        }
+        Ok(StepStats {
+            step,
+            total: s.steps,
+            loss,
+            learning_rate: lr,
+            grad_norm,
+            finished,
+        })
+    }
+
+    /// The flow-matching loss on image `index` with these draws: noisy = (1-σ)·x + σ·noise, target =
+    /// noise - x, mean squared error in f32. `train`: through the adapter variables, for a backward pass.
+    fn loss(&self, index: usize, draws: StepDraws, train: bool) -> Result<Tensor> {
+        let s = &self.job.settings;
+        let model = &self.pipe.transformer;
+        let image = &self.images[index];
+        let text = &self.texts[image.text];
+        let sigma = self.train_sigmas[draws.sigma_index];
+        let device = image.mean.device();
+        let shape = image.mean.shape().clone();
+        let eps = Tensor::from_vec(draws.latent_eps, shape.clone(), device)?;
+        let noise = Tensor::from_vec(draws.noise, shape, device)?;
+        // A fresh sample of the cached latent distribution, as diffusers does with cached latents.
+        let z = (&image.mean + (&image.std * eps)?)?;
+        let x0 = self.pipe.vae.to_model_space(&z)?;
+        let noisy = ((&x0 * (1.0 - sigma))? + (&noise * sigma)?)?;
+        let target = latents::pack(&(noise - &x0)?)?;
+        let (_, _, h, w) = x0.dims4()?;
+        let img_ids = flux::image_ids(h / 2, w / 2, device)?;
+        let txt_ids = flux::text_ids(text.txt.dim(1)?, device)?;
+        let t = Tensor::new(&[sigma as f32], device)?;
+        let g = Tensor::new(&[s.guidance as f32], device)?;
+        let guidance = model.config().guidance_embed.then_some(&g);
+        self.trainable.attach(model, train);
+        let forward = model.forward(&FluxInputs {
+            img: &latents::pack(&noisy)?.to_dtype(model.dtype())?,
+            img_ids: &img_ids,
+            txt: &text.txt,
+            txt_ids: &txt_ids,
+            timesteps: &t,
+            y: &text.pooled,
+            guidance,
+        });
+        self.trainable.detach(model);
+        let pred = forward?.to_dtype(DType::F32)?;
+        Ok((pred - target)?.sqr()?.mean_all()?)
+    }
+
+    /// The mean loss over every image at `levels` fixed noise levels spread over (0, 1) with fixed
+    /// noise: a steadier measure of progress than the loss of single steps.
+    pub fn validation_loss(&self, levels: usize) -> Result<f32> {
+        let mut total = 0f64;
+        let mut count = 0;
+        for index in 0..self.images.len() {
+            for k in 0..levels {
+                let sigma_index = (1000 * (2 * k + 1) / (2 * levels)).min(999);
+                let n = self.images[index].mean.elem_count();
+                let key = (index * levels + k) as u64;
+                let draws = StepDraws::validation(self.job.settings.seed, key, sigma_index, n);
+                total += f64::from(self.loss(index, draws, false)?.to_scalar::<f32>()?);
+                count += 1;
+            }
+        }
+        Ok((total / f64::from(count.max(1))) as f32)
+    }
+
+    /// The last sample and the LoRA file.
+    fn finish(&mut self, report: &mut dyn FnMut(Report)) -> Result<()> {
+        self.sample(report)?;
+        let s = &self.job.settings;
+        let metadata = HashMap::from([
+            ("studio.base_model".to_string(), self.job.base_model.clone()),
+            ("studio.rank".to_string(), s.rank.to_string()),
+            ("studio.alpha".to_string(), s.alpha.to_string()),
+            (
+                "studio.keywords".to_string(),
+                serde_json::to_string(&self.job.keywords)?,
+            ),
+            ("studio.steps".to_string(), self.step.to_string()),
+            ("studio.resolution".to_string(), s.resolution.to_string()),
+            ("studio.settings".to_string(), serde_json::to_string(s)?),
+            (
+                "studio.format".to_string(),
+                "diffusers PEFT keys; alpha/rank is folded into lora_B, so load at scale 1"
+                    .to_string(),
+            ),
+        ]);
+        self.trainable.save(&self.job.lora_file, &metadata)?;
+        report(Report::Log(format!(
+            "LoRA written after {} steps ({})",
+            self.step,
+            self.job
+                .lora_file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("lora")
+        )));
+        Ok(())
+    }
+
+    /// Generates the fixed sample (prompt, seed, size) with the current adapters.
+    fn sample(&self, report: &mut dyn FnMut(Report)) -> Result<()> {
+        let s = &self.job.settings;
+        let size = s.resolution as usize;
+        let pipe = &self.pipe;
+        let noise = pipe.initial_noise(s.seed, size, size)?;
+        let sigmas = pipe.schedule.sigmas(self.job.sample_steps, noise.dim(1)?);
+        let grid = pipe.latent_grid(size, size);
+        self.trainable.attach(&pipe.transformer, false);
+        let out = pipe.denoise(
+            noise,
+            grid,
+            &self.sample_text.txt,
+            &self.sample_text.pooled,
+            &sigmas,
+            self.job.sample_guidance,
+            &mut |_| Control::Continue,
+        );
+        self.trainable.detach(&pipe.transformer);
+        let image = pipeline::to_rgb(&pipe.decode(&out?, grid)?)?;
+        std::fs::create_dir_all(&self.job.samples_dir)?;
+        let file = format!("step_{:06}.png", self.step);
+        image
+            .save(self.job.samples_dir.join(&file))
+            .with_context(|| format!("writing the sample {file}"))?;
+        report(Report::Sample {
+            step: self.step,
+            file,
+        });
+        Ok(())
+    }
+
+    /// The sample prompt, as the samples are drawn with it.
+    pub fn sample_prompt(&self) -> &str {
+        &self.sample_prompt
+    }
+}
+
+fn write_report(dir: &Path, report: &DatasetReport) -> Result<()> {
+    std::fs::write(
+        dir.join("dataset-report.json"),
+        serde_json::to_vec_pretty(report)?,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! The engine's LoRA trainer behind the server's `Training` seam, on the pipeline generation also uses
+//! (one FLUX in memory). Generation and training set their own adapters on the shared layers before each
+//! use, so neither finds the other's.
+
+use crate::flux::Resident;
+use crate::jobs::capability::{StepOutcome, Training, TrainingReport, TrainingRun, TrainingSpec};
+use engine::presets::{self, Preset, PresetSource};
+use engine::training::{Report, TrainJob, TrainSettings, Trainer};
+use serde_json::{Map, Value};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct FluxTraining {
+    resident: Arc<Resident>,
+    default_preset: &'static Preset,
+}
+
+/// Steps the pace is averaged over.
+const PACE_WINDOW: usize = 20;
+
+impl FluxTraining {
+    pub fn new(resident: Arc<Resident>, default_preset: &'static Preset) -> Self {
+        Self {
+            resident,
+            default_preset,
+        }
+    }
+
+    /// The base model (the `model` field, else the server's default) and the settings over its defaults.
+    fn resolve(
+        &self,
+        fields: &Map<String, Value>,
+    ) -> Result<(&'static Preset, TrainSettings), String> {
+        let preset = match fields.get("model") {
+            None => self.default_preset,
+            Some(Value::String(name)) => presets::find(name).ok_or_else(|| {
+                let names: Vec<&str> = presets::PRESETS.iter().map(|p| p.name).collect();
+                format!("model must be one of {} (got {name:?})", names.join(", "))
+            })?,
+            Some(other) => return Err(format!("model must be a preset name (got {other})")),
+        };
+        let settings = TrainSettings::from_fields(fields, preset.width as u32)?;
+        Ok((preset, settings))
+    }
+}
+
+/// The engine's reports as the job system's.
+fn forward(report: &mut dyn FnMut(TrainingReport)) -> impl FnMut(Report) + '_ {
+    move |r| {
+        report(match r {
+            Report::Log(line) => TrainingReport::Log(line),
+            Report::Sample { step, file } => TrainingReport::Sample { step, file },
+        })
+    }
+}
+
+impl Training for FluxTraining {
+    fn check_settings(&self, settings: &Map<String, Value>) -> Result<(), String> {
+        self.resolve(settings).map(|_| ())
+    }
+
+    fn start(
+        &self,
+        spec: &TrainingSpec,
+        report: &mut dyn FnMut(TrainingReport),
+    ) -> anyhow::Result<Box<dyn TrainingRun>> {
+        let (preset, settings) = self.resolve(&spec.settings).map_err(anyhow::Error::msg)?;
+        report(TrainingReport::Log(format!(
+            "base model {} ({}); {} steps at {}px, rank {}, alpha {}, learning rate {}",
+            preset.name,
+            preset.title,
+            settings.steps,
+            settings.resolution,
+            settings.rank,
+            settings.alpha,
+            settings.learning_rate
+        )));
+        let pipe = self.resident.pipeline(preset)?;
+        let job = TrainJob {
+            dataset: spec.dataset.clone(),
+            keywords: spec.keywords.clone(),
+            job_dir: spec.job_dir.clone(),
+            samples_dir: spec.samples_dir.clone(),
+            lora_file: spec.lora_file.clone(),
+            settings,
+            base_model: match &preset.source {
+                PresetSource::Hub(repo) => repo.to_string(),
+                PresetSource::Bundled(_) => preset.name.to_string(),
+            },
+            sample_steps: preset.steps,
+            sample_guidance: preset.guidance,
+            resume: spec.resume,
+        };
+        let trainer = Trainer::prepare(pipe, job, &mut forward(report))?;
+        Ok(Box::new(FluxRun {
+            trainer,
+            recent: VecDeque::new(),
+        }))
+    }
+}
+
+struct FluxRun {
+    trainer: Trainer,
+    /// Durations of the last steps, in seconds.
+    recent: VecDeque<f64>,
+}
+
+impl TrainingRun for FluxRun {
+    fn step(&mut self, report: &mut dyn FnMut(TrainingReport)) -> anyhow::Result<StepOutcome> {
+        let started = Instant::now();
+        let stats = self.trainer.step(&mut forward(report))?;
+        if self.recent.len() == PACE_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(started.elapsed().as_secs_f64());
+        let pace = self.recent.iter().sum::<f64>() / self.recent.len() as f64;
+        report(TrainingReport::Step {
+            step: stats.step,
+            total: stats.total,
+            loss: stats.loss,
+            learning_rate: stats.learning_rate,
+            seconds_per_step: Some(pace),
+            eta_seconds: Some(pace * f64::from(stats.total - stats.step)),
+        });
+        Ok(if stats.finished {
+            StepOutcome::Finished
+        } else {
+            StepOutcome::Continue
+        })
+    }
+}
