@@ -1,5 +1,6 @@
 //! Model code: each module one model family, loading its checkpoints' own tensor names.
 
+pub mod attention;
 pub mod autoencoder;
 pub mod flux;
 pub mod linear;

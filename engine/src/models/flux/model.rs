@@ -178,11 +178,7 @@ fn attention(
 ) -> candle_core::Result<Tensor> {
     let q = candle_nn::rotary_emb::rope_i(q, cos, sin)?;
     let k = candle_nn::rotary_emb::rope_i(k, cos, sin)?;
-    let (b, h, l, d) = q.dims4()?;
-    let q = (q * (1.0 / (d as f64).sqrt()))?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * d))
+    crate::models::attention::attention(&q, &k, v)
 }
 
 struct Mlp {
