@@ -10,8 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 M=/tmp/flux-rand; R=/tmp/flux-ref.safetensors
 BENCH=${BENCH:-.gpu/flux-bench}
-# the fused attention kernel against the plain path first: no model needed, fails fast
-$BENCH attention 2>&1 | tee -a "$OUT/ours.jsonl" || { echo "attention check failed"; exit 1; }
+# the fused kernels against the plain path first: no model needed, fails fast
+$BENCH kernels 2>&1 | tee -a "$OUT/ours.jsonl" || { echo "kernel check failed"; exit 1; }
 PYTHONUNBUFFERED=1 python3 "$HERE/full_size_reference.py" $M $R engine/tests/fixtures/tiny-flux-dev \
   > "$OUT/diffusers.json" 2> "$OUT/diffusers.log" || { tail -30 "$OUT/diffusers.log"; exit 1; }
 cat "$OUT/diffusers.json"

@@ -8,7 +8,7 @@ import json, sys
 
 out = sys.argv[1]
 ref = json.load(open(f"{out}/diffusers.json"))
-ours, peaks, attn = {}, {}, []
+ours, peaks, attn, ops, fwd = {}, {}, [], [], None
 for line in open(f"{out}/ours.jsonl"):
     line = line.strip()
     if not line.startswith("{"):
@@ -20,6 +20,10 @@ for line in open(f"{out}/ours.jsonl"):
         peaks[r["mode"]] = r["value"] / 1024
     elif r["what"] == "attention":
         attn.append(r)
+    elif r["what"] == "fused-op":
+        ops.append(r)
+    elif r["what"] == "forward" and r["dtype"] == "BF16":
+        fwd = r
 
 
 def med(xs):
@@ -59,3 +63,9 @@ for a in attn:
                       for k, v in a.items() if k.startswith("r") and isinstance(v, dict))
     print(f"attention {a['shape']} strided={a['strided']}: plain {a['plain_ms']:.2f} ms "
           f"(rel. L2 {a['plain_bf16_rel_l2_vs_f32']:.1e}); fused {fused}")
+for o in ops:
+    print(f"{o['op']} at 4608 tokens: fused {o['fused_ms']:.3f} ms, plain {o['plain_ms']:.3f} ms; rel. L2 vs f32: "
+          f"fused {o['fused_rel_l2_vs_f32']:.1e}, plain bf16 {o['plain_bf16_rel_l2_vs_f32']:.1e}")
+if fwd and "fused_vs_plain" in fwd:
+    print(f"one step at 1024: fused {med(fwd['step_s']):.3f} s, plain {fwd['plain_step_s']:.3f} s; "
+          f"fused vs plain output cosine {fwd['fused_vs_plain']['cosine']:.5f}")

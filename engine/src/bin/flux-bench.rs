@@ -1,11 +1,11 @@
 //! GPU checks and timings for FLUX, run beside diffusers on the same weights
 //! (scripts/gpu/flux-parity-bench.sh):
-//!   flux-bench attention                                      fused attention kernel vs the plain path
+//!   flux-bench kernels                                        each fused CUDA kernel vs the plain path
 //!   flux-bench forward  --model DIR --inputs REF.safetensors   one transformer step vs diffusers
 //!                       [--compare-plain]                     ... and vs our own plain attention path
 //!   flux-bench generate --model DIR --size 1024 --steps 28     end-to-end timing
 //!   flux-bench profile [--size 1024]                          each op of a single block, timed alone
-//! `--plain-attention` turns the fused attention kernel off (CUDA builds; the CPU is always plain).
+//! `--plain` turns the fused kernels off (CUDA builds; the CPU always takes the plain path).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -26,10 +26,14 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let device = DeviceChoice::Auto.select()?;
-    engine::models::attention::set_fused(!flag("--plain-attention"));
+    engine::models::fused::set_enabled(!flag("--plain"));
     let model = || -> Result<PathBuf> { Ok(PathBuf::from(arg(&args, "--model").context("--model DIR")?)) };
     match args.get(1).map(String::as_str) {
-        Some("attention") => attention_check(&device),
+        Some("kernels") => {
+            let attention = attention_check(&device);
+            ops_check(&device)?;
+            attention
+        }
         Some("forward") => forward(
             &model()?,
             &arg(&args, "--inputs").context("--inputs FILE")?,
@@ -39,7 +43,7 @@ fn main() -> Result<()> {
         ),
         Some("generate") => generate(&model()?, &args, &device),
         Some("profile") => profile(&args, &device),
-        _ => anyhow::bail!("usage: flux-bench attention | forward|generate --model DIR ..."),
+        _ => anyhow::bail!("usage: flux-bench kernels | profile | forward|generate --model DIR ..."),
     }
 }
 
@@ -89,7 +93,7 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f32> {
 /// time. Fails when the fused output is not finite or further than bf16 rounding from f32.
 fn attention_check(device: &Device) -> Result<()> {
     use engine::kernels::flash_attn::{flash_attn_rows, ROW_TILES};
-    use engine::models::attention::plain;
+    use engine::models::fused::plain_attention as plain;
     let (heads, d) = (24, 128);
     let scale = 1.0 / (d as f32).sqrt();
     let mut ok = true;
@@ -160,7 +164,7 @@ fn profile(args: &[String], device: &Device) -> Result<()> {
     let q = split(&qkv, 0)?;
     let k = split(&qkv, 1)?;
     let v = split(&qkv, 2)?;
-    let attn = engine::models::attention::attention(&q, &k, &v)?;
+    let attn = engine::models::fused::attention(&q, &k, &v)?;
     let g = mlp_part.gelu()?;
     let cat = Tensor::cat(&[&attn, &g], D::Minus1)?;
     let out = lin2.forward(&cat)?;
@@ -183,7 +187,7 @@ fn profile(args: &[String], device: &Device) -> Result<()> {
     time("rope q and k", 0.0, &|| {
         Ok(candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?.add(&candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)?)
     })?;
-    time("attention", 4.0 * (l * l * h) as f64, &|| Ok(engine::models::attention::attention(&q, &k, &v)?))?;
+    time("attention", 4.0 * (l * l * h) as f64, &|| Ok(engine::models::fused::attention(&q, &k, &v)?))?;
     time("gelu on the mlp slice", 0.0, &|| Ok(mlp_part.gelu()?))?;
     time("cat attention | mlp", 0.0, &|| Ok(Tensor::cat(&[&attn, &g], D::Minus1)?))?;
     time("linear2 (matmul + bias)", lf(h, h + mlp), &|| Ok(lin2.forward(&cat)?))?;
@@ -227,6 +231,63 @@ fn profile_vae(size: usize, device: &Device) -> Result<()> {
         row("silu", 0.0, &|| Ok(x.silu()?))?;
         row("upsample_nearest2d x2", 0.0, &|| Ok(x.upsample_nearest2d(2 * side, 2 * side)?))?;
     }
+    Ok(())
+}
+
+/// The fused memory-bound kernels against the plain path, on fresh random inputs at the 1024x1024
+/// single block's sizes: error of each (fused, and plain in bf16) against the plain path in f32, and
+/// time. Modulation vectors are chunks of one (1, 1, 3·C) projection, as in the model.
+fn ops_check(device: &Device) -> Result<()> {
+    use engine::models::fused::{self, QkScales, Rope};
+    let (l, c, heads, hd, w1) = (4608, 3072, 24, 128, 21504);
+    let rand = |shape: &[usize], std: f32| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, std, shape, device)?.to_dtype(DType::BF16)?)
+    };
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+    let x = rand(&[1, l, c], 1.0)?;
+    let r = rand(&[1, l, c], 1.0)?;
+    let mods = rand(&[1, 1, 3 * c], 0.5)?.chunk(3, candle_core::D::Minus1)?;
+    let lin = candle_nn::Linear::new(rand(&[w1, c], 0.02)?, Some(rand(&[w1], 0.5)?));
+    let lin32 = candle_nn::Linear::new(f32s(lin.weight())?, lin.bias().map(f32s).transpose()?);
+    let h1 = rand(&[1, l, w1], 1.0)?;
+    let scales = QkScales::new(rand(&[hd], 1.0)?, rand(&[hd], 1.0)?)?;
+    let scales32 = QkScales::new(f32s(&scales.q)?, f32s(&scales.k)?)?;
+    let (cos, sin) = (rand(&[l + 512, hd / 2], 0.7)?, rand(&[l + 512, hd / 2], 0.7)?);
+    let rope = Rope::new(cos.clone(), sin.clone())?.rows(512, l)?;
+    let rope32 = Rope::new(f32s(&cos)?, f32s(&sin)?)?.rows(512, l)?;
+    let heads_cat = |t: (Tensor, Tensor, Tensor)| Tensor::cat(&[t.0, t.1, t.2], 0);
+    type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+    let cases: Vec<(&str, Op, Op)> = vec![
+        ("linear + bias", Box::new(|| Ok(fused::linear(&lin, &x)?)), Box::new(|| Ok(fused::linear(&lin32, &f32s(&x)?)?))),
+        ("norm_modulate", Box::new(|| Ok(fused::norm_modulate(&x, &mods[0], &mods[1])?)),
+            Box::new(|| Ok(fused::norm_modulate(&f32s(&x)?, &f32s(&mods[0])?, &f32s(&mods[1])?)?))),
+        ("gated_add", Box::new(|| Ok(fused::gated_add(&r, &x, &mods[2])?)),
+            Box::new(|| Ok(fused::gated_add(&f32s(&r)?, &f32s(&x)?, &f32s(&mods[2])?)?))),
+        ("qkv_heads", Box::new(|| Ok(heads_cat(fused::qkv_heads(&h1, heads, &scales, &rope)?)?)),
+            Box::new(|| Ok(heads_cat(fused::qkv_heads(&f32s(&h1)?, heads, &scales32, &rope32)?)?))),
+    ];
+    let mut ok = true;
+    for (name, op, reference) in &cases {
+        let want = reference()?;
+        fused::set_enabled(false);
+        let plain = op()?;
+        let t_plain = time_median(device, 10, op)?;
+        fused::set_enabled(true);
+        let out = op()?;
+        let t_fused = time_median(device, 10, op)?;
+        let finite = out.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+        let (err, err_plain) = (rel_l2(&out, &want)?, rel_l2(&plain, &want)?);
+        // bf16 rounding of the output is ~2e-3 relative; allow what the plain bf16 path shows, plus margin
+        let pass = finite && err < 1e-2_f32.max(2.0 * err_plain);
+        ok &= pass;
+        println!(
+            "{}",
+            serde_json::json!({"what": "fused-op", "op": name, "pass": pass, "finite": finite,
+                "fused_rel_l2_vs_f32": err, "plain_bf16_rel_l2_vs_f32": err_plain,
+                "fused_ms": t_fused * 1e3, "plain_ms": t_plain * 1e3})
+        );
+    }
+    anyhow::ensure!(ok, "a fused kernel disagrees with the plain path");
     Ok(())
 }
 
@@ -289,11 +350,11 @@ fn forward(
     let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"), "load_s": load_s,
         "step_s": times, "flops_per_step": flops, "step_tflops": flops / step / 1e12});
     if compare_plain {
-        engine::models::attention::set_fused(false);
+        engine::models::fused::set_enabled(false);
         let plain_out = run()?.to_dtype(DType::F32)?.flatten_all()?;
-        report["plain_attention_step_s"] = time_median(device, 3, &run)?.into();
-        report["fused_vs_plain_attention"] = compare(&ours, &plain_out)?;
-        engine::models::attention::set_fused(true);
+        report["plain_step_s"] = time_median(device, 3, &run)?.into();
+        report["fused_vs_plain"] = compare(&ours, &plain_out)?;
+        engine::models::fused::set_enabled(true);
     }
     for (name, want) in refs {
         let want = want.to_dtype(DType::F32)?.flatten_all()?;

@@ -2,6 +2,7 @@
 //! script with nvcc and loaded by the CUDA driver on first use. Only with the `cuda` feature.
 
 pub mod flash_attn;
+pub mod fused_ops;
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));

@@ -71,7 +71,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.base.forward(x)?;
+        let mut y = crate::models::fused::linear(&self.base, x)?;
         let adapters = self.adapters.read().expect("adapter lock poisoned");
         for a in adapters.iter() {
             // Adapters may be f32 (training) over a bf16 base: compute in theirs, add in ours.

@@ -1,7 +1,7 @@
 //! Model code: each module one model family, loading its checkpoints' own tensor names.
 
-pub mod attention;
 pub mod autoencoder;
 pub mod flux;
+pub mod fused;
 pub mod linear;
 pub mod text;
