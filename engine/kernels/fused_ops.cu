@@ -154,3 +154,28 @@ extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* __restrict__ qkv,
     }
     *reinterpret_cast<uint2*>(dst + 2 * plane) = *reinterpret_cast<const uint2*>(src + 2 * hd);
 }
+
+// y (rows x (a_cols + m_cols)) = [a | gelu_tanh(m)]: the single block's attention output beside its MLP
+// activation, read from linear1's output in place (`m_row_stride` elements from row to row).
+extern "C" __global__ void gelu_cat_bf16(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ m,
+                                         __nv_bfloat16* __restrict__ y, int64_t rows, int a_cols, int m_cols,
+                                         int64_t m_row_stride) {
+    const int c8 = (a_cols + m_cols) / 8;
+    const int64_t n = rows * c8;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / c8;
+        const int c = (int)(i % c8) * 8;
+        if (c < a_cols) {
+            store8(y + i * 8, load8(a + row * a_cols + c));
+        } else {
+            float v[8];
+            unpack(load8(m + row * m_row_stride + (c - a_cols)), v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float x = v[j];
+                v[j] = 0.5f * x * (1.f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
+            }
+            store8(y + i * 8, pack(v));
+        }
+    }
+}

@@ -64,7 +64,7 @@ for a in attn:
     print(f"attention {a['shape']} strided={a['strided']}: plain {a['plain_ms']:.2f} ms "
           f"(rel. L2 {a['plain_bf16_rel_l2_vs_f32']:.1e}); fused {fused}")
 for o in ops:
-    print(f"{o['op']} at 4608 tokens: fused {o['fused_ms']:.3f} ms, plain {o['plain_ms']:.3f} ms; rel. L2 vs f32: "
+    print(f"{o['op']}: fused {o['fused_ms']:.3f} ms, plain {o['plain_ms']:.3f} ms; rel. L2 vs f32: "
           f"fused {o['fused_rel_l2_vs_f32']:.1e}, plain bf16 {o['plain_bf16_rel_l2_vs_f32']:.1e}")
 if fwd and "fused_vs_plain" in fwd:
     print(f"one step at 1024: fused {med(fwd['step_s']):.3f} s, plain {fwd['plain_step_s']:.3f} s; "

@@ -22,10 +22,14 @@ pub fn supports(q: &Tensor) -> bool {
     let Device::Cuda(dev) = q.device() else {
         return false;
     };
-    let major = dev.cuda_stream().context().attribute(
-        CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-    );
-    q.dtype() == DType::BF16 && q.rank() == 4 && q.dim(3).ok() == Some(HEAD_DIM) && major.is_ok_and(|m| m >= 8)
+    let major = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+    q.dtype() == DType::BF16
+        && q.rank() == 4
+        && q.dim(3).ok() == Some(HEAD_DIM)
+        && major.is_ok_and(|m| m >= 8)
 }
 
 /// softmax(q kᵀ · scale) v for q, k, v of shape (B, H, L, 128), bf16 on CUDA (see [`supports`]).
@@ -35,7 +39,13 @@ pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tens
 }
 
 /// [`flash_attn`] with the variant taking `rows` (one of [`ROW_TILES`]) query rows a block.
-pub fn flash_attn_rows(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rows: usize) -> Result<Tensor> {
+pub fn flash_attn_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    rows: usize,
+) -> Result<Tensor> {
     if !ROW_TILES.contains(&rows) {
         bail!("flash attention has variants for {ROW_TILES:?} query rows a block, not {rows}")
     }

@@ -3,6 +3,7 @@
 
 pub mod flash_attn;
 pub mod fused_ops;
+pub mod group_norm;
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));

@@ -13,17 +13,10 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether the fused kernels take this tensor: on, a CUDA build, bf16 on a CUDA device.
+/// Whether the fused kernels take this tensor: switched on, and bf16 on a CUDA device.
+#[cfg(feature = "cuda")]
 fn fused(t: &Tensor) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        ENABLED.load(Ordering::Relaxed) && crate::kernels::fused_ops::supports(t)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = t;
-        false
-    }
+    ENABLED.load(Ordering::Relaxed) && crate::kernels::fused_ops::supports(t)
 }
 
 /// FLUX's norms: LayerNorm without affine and the q/k RMS norms, eps 1e-6.
@@ -89,18 +82,33 @@ pub fn gated_add(r: &Tensor, x: &Tensor, gate: &Tensor) -> candle_core::Result<T
     r + x.broadcast_mul(gate)?
 }
 
+/// `[a | gelu(m)]` along the last dim (tanh-approximated GELU, as FLUX's MLPs use): the single
+/// block's attention output beside its MLP activation.
+pub fn gelu_cat(a: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(a) {
+        return crate::kernels::fused_ops::gelu_cat(&a.contiguous()?, m);
+    }
+    Tensor::cat(&[a, &m.gelu()?], candle_core::D::Minus1)
+}
+
 /// RoPE tables for a run of positions: cos and sin (L, D/2), and both side by side (L, D) for the
 /// fused kernel.
 pub struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
+    #[cfg(feature = "cuda")]
     packed: Tensor,
 }
 
 impl Rope {
     pub fn new(cos: Tensor, sin: Tensor) -> candle_core::Result<Self> {
-        let packed = Tensor::cat(&[&cos, &sin], 1)?;
-        Ok(Self { cos, sin, packed })
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            packed: Tensor::cat(&[&cos, &sin], 1)?,
+            cos,
+            sin,
+        })
     }
 
     /// The tables of positions `start .. start + len`.
@@ -108,6 +116,7 @@ impl Rope {
         Ok(Self {
             cos: self.cos.narrow(0, start, len)?,
             sin: self.sin.narrow(0, start, len)?,
+            #[cfg(feature = "cuda")]
             packed: self.packed.narrow(0, start, len)?,
         })
     }
@@ -117,13 +126,18 @@ impl Rope {
 pub struct QkScales {
     pub q: Tensor,
     pub k: Tensor,
+    #[cfg(feature = "cuda")]
     both: Tensor,
 }
 
 impl QkScales {
     pub fn new(q: Tensor, k: Tensor) -> candle_core::Result<Self> {
-        let both = Tensor::stack(&[&q, &k], 0)?;
-        Ok(Self { q, k, both })
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            both: Tensor::stack(&[&q, &k], 0)?,
+            q,
+            k,
+        })
     }
 }
 
@@ -138,7 +152,8 @@ pub fn qkv_heads(
     let d = scales.q.dim(0)?;
     #[cfg(feature = "cuda")]
     if fused(qkv) && d == crate::kernels::flash_attn::HEAD_DIM {
-        let out = crate::kernels::fused_ops::qkv_heads(qkv, &scales.both, &rope.packed, heads, EPS)?;
+        let out =
+            crate::kernels::fused_ops::qkv_heads(qkv, &scales.both, &rope.packed, heads, EPS)?;
         return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
     }
     let qkv = qkv.narrow(2, 0, 3 * heads * d)?;
@@ -151,4 +166,29 @@ pub fn qkv_heads(
     let q = candle_nn::rotary_emb::rope_i(&q, &rope.cos, &rope.sin)?;
     let k = candle_nn::rotary_emb::rope_i(&k, &rope.cos, &rope.sin)?;
     Ok((q, k, v))
+}
+
+/// GroupNorm over (B, C, H, W) with `plain`'s groups and parameters (`weight`, `bias` are its (C,)
+/// affine, which candle keeps private), then SiLU when `silu`: the autoencoder's normalisation.
+pub fn group_norm(
+    x: &Tensor,
+    plain: &candle_nn::GroupNorm,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) && x.rank() >= 3 && x.dims()[2..].iter().product::<usize>() % 8 == 0 {
+        return crate::kernels::group_norm::group_norm(&x.contiguous()?, weight, bias, groups, eps, silu);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (weight, bias, groups, eps);
+    let y = plain.forward(x)?;
+    if silu {
+        y.silu()
+    } else {
+        Ok(y)
+    }
 }

@@ -263,9 +263,7 @@ impl SingleBlock {
         let mlp = h1.narrow(D::Minus1, three_hidden, mlp_len)?;
         let (q, k, v) = fused::qkv_heads(&h1, heads, &self.norm, rope)?;
         let attn = fused::attention(&q, &k, &v)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?)?;
+        let out = self.linear2.forward(&fused::gelu_cat(&attn, &mlp)?)?;
         fused::gated_add(x, &out, &m[2])
     }
 }
