@@ -352,7 +352,8 @@ fn ops_check(device: &Device) -> Result<()> {
     let rope32 = Rope::new(f32s(&cos)?, f32s(&sin)?)?.rows(512, l)?;
     let heads_cat = |t: (Tensor, Tensor, Tensor)| Tensor::cat(&[t.0, t.1, t.2], 0);
     // the VAE decoder's largest group norm: 128 channels at 1024x1024, activations off-centre
-    let img = (Tensor::randn(0f32, 2.0, (1, 128, 1024, 1024), device)? + 3.0)?.to_dtype(DType::BF16)?;
+    let img =
+        (Tensor::randn(0f32, 2.0, (1, 128, 1024, 1024), device)? + 3.0)?.to_dtype(DType::BF16)?;
     let (gn_w, gn_b) = (rand(&[128], 1.0)?, rand(&[128], 0.5)?);
     let gn = candle_nn::GroupNorm::new(gn_w.clone(), gn_b.clone(), 128, 32, 1e-6)?;
     let (gn_w32, gn_b32) = (f32s(&gn_w)?, f32s(&gn_b)?);
@@ -390,6 +391,26 @@ fn ops_check(device: &Device) -> Result<()> {
                     &scales32,
                     &rope32,
                 )?)?)
+            }),
+        ),
+        (
+            "gelu_cat",
+            Box::new(|| Ok(fused::gelu_cat(&x, &h1.narrow(2, 3 * c, 4 * c)?)?)),
+            Box::new(|| {
+                Ok(fused::gelu_cat(
+                    &f32s(&x)?,
+                    &f32s(&h1)?.narrow(2, 3 * c, 4 * c)?,
+                )?)
+            }),
+        ),
+        (
+            "group_norm + silu (VAE, 128x1024x1024)",
+            Box::new(|| Ok(fused::group_norm(&img, &gn, &gn_w, &gn_b, 32, 1e-6, true)?)),
+            Box::new(|| {
+                let x32 = f32s(&img)?;
+                Ok(fused::group_norm(
+                    &x32, &gn32, &gn_w32, &gn_b32, 32, 1e-6, true,
+                )?)
             }),
         ),
     ];

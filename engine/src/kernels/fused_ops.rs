@@ -347,28 +347,57 @@ impl CustomOp2 for GeluCat {
     fn name(&self) -> &'static str {
         "gelu-cat-bf16"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         cpu_only()
     }
-    fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, m: &CudaStorage, ml: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        m: &CudaStorage,
+        ml: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         contiguous_rows(al, "gelu_cat's first input")?;
         let (b, l, ca) = al.shape().dims3()?;
         let (mb, ml_len, cm) = ml.shape().dims3()?;
         let s = ml.stride();
         let rows = b * l;
-        if (mb, ml_len) != (b, l) || s[2] != 1 || cm % 8 != 0 || s[1] % 8 != 0 || ml.start_offset() % 8 != 0
+        if (mb, ml_len) != (b, l)
+            || s[2] != 1
+            || cm % 8 != 0
+            || s[1] % 8 != 0
+            || ml.start_offset() % 8 != 0
             || (b > 1 && s[0] != l * s[1])
         {
-            bail!("gelu_cat's second input {:?} (strides {s:?}) does not fit {:?}", ml.dims(), al.dims())
+            bail!(
+                "gelu_cat's second input {:?} (strides {s:?}) does not fit {:?}",
+                ml.dims(),
+                al.dims()
+            )
         }
         let dev = &a.device;
         let out = out_storage(dev, rows * (ca + cm))?;
-        let CudaStorageSlice::BF16(o) = &out.slice else { unreachable!() };
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
         let (av, mv) = (bf16_view!(a, al), bf16_view!(m, ml));
         let (rows_i, ca_i, cm_i, ms) = (rows as i64, ca as i32, cm as i32, s[1] as i64);
         let func = dev.get_or_load_custom_func("gelu_cat_bf16", MODULE, super::ptx::FUSED_OPS)?;
         let mut launch = func.builder();
-        launch.arg(&av).arg(&mv).arg(o).arg(&rows_i).arg(&ca_i).arg(&cm_i).arg(&ms);
+        launch
+            .arg(&av)
+            .arg(&mv)
+            .arg(o)
+            .arg(&rows_i)
+            .arg(&ca_i)
+            .arg(&cm_i)
+            .arg(&ms);
         // SAFETY: arguments match the kernel; sizes checked above.
         unsafe { launch.launch(grid_stride_config(rows * (ca + cm) / 8)) }.w()?;
         Ok((out, Shape::from((b, l, ca + cm))))

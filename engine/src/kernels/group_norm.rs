@@ -10,7 +10,14 @@ const PIECE: usize = 16384;
 
 /// GroupNorm of x (B, C, H, W) with `groups` groups, per-channel `weight` and `bias` (C,), then
 /// SiLU when `silu`. H·W must be a multiple of 8.
-pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f32, silu: bool) -> Result<Tensor> {
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
     x.apply_op3_no_bwd(weight, bias, &GroupNorm { groups, eps, silu })
 }
 
@@ -80,17 +87,32 @@ impl CustomOp3 for GroupNorm {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ge, ch, hw_i, ci, gi) = (group_elems as i64, chunks as i32, hw as i64, channels as i32, g as i32);
+        let (ge, ch, hw_i, ci, gi) = (
+            group_elems as i64,
+            chunks as i32,
+            hw as i64,
+            channels as i32,
+            g as i32,
+        );
         let silu = self.silu as i32;
-        let stats_fn = dev.get_or_load_custom_func("group_norm_stats_bf16", MODULE, super::ptx::GROUP_NORM)?;
+        let stats_fn =
+            dev.get_or_load_custom_func("group_norm_stats_bf16", MODULE, super::ptx::GROUP_NORM)?;
         let mut launch = stats_fn.builder();
         launch.arg(&xv).arg(&stats).arg(&ge).arg(&ch);
         // SAFETY: arguments match the kernel; sizes checked above.
         unsafe { launch.launch(cfg) }.w()?;
-        let apply_fn = dev.get_or_load_custom_func("group_norm_apply_bf16", MODULE, super::ptx::GROUP_NORM)?;
+        let apply_fn =
+            dev.get_or_load_custom_func("group_norm_apply_bf16", MODULE, super::ptx::GROUP_NORM)?;
         let mut launch = apply_fn.builder();
         launch.arg(&xv).arg(&stats).arg(&wv).arg(&bv).arg(&out);
-        launch.arg(&ge).arg(&ch).arg(&hw_i).arg(&ci).arg(&gi).arg(&self.eps).arg(&silu);
+        launch
+            .arg(&ge)
+            .arg(&ch)
+            .arg(&hw_i)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&self.eps)
+            .arg(&silu);
         // SAFETY: as above.
         unsafe { launch.launch(cfg) }.w()?;
         let out = CudaStorage {

@@ -1,9 +1,9 @@
 //! FLUX's autoencoder (diffusers' AutoencoderKL layout, 16 latent channels, no quant convs):
 //! images to latents for training, latents to images for generation.
 
+use crate::models::fused;
 use anyhow::{Context, Result};
 use candle_core::{Module, Tensor, D};
-use crate::models::fused;
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use std::path::Path;
 
@@ -95,7 +95,15 @@ impl GroupNorm {
 
     fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         let eps = EPS as f32;
-        fused::group_norm(x, &self.plain, &self.weight, &self.bias, self.groups, eps, silu)
+        fused::group_norm(
+            x,
+            &self.plain,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            eps,
+            silu,
+        )
     }
 }
 

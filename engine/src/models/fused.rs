@@ -47,7 +47,8 @@ pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resul
 /// product (candle's broadcasting add ran at a tenth of memory speed).
 pub fn linear(base: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let (true, Some(bias)) = (fused(x) && x.is_contiguous(), base.bias()) {
+    if let (true, Some(bias)) = (fused(x), base.bias()) {
+        let x = x.contiguous()?;
         let dims = x.dims();
         let k = dims[dims.len() - 1];
         let rows = x.elem_count() / k;
@@ -181,7 +182,14 @@ pub fn group_norm(
 ) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(x) && x.rank() >= 3 && x.dims()[2..].iter().product::<usize>() % 8 == 0 {
-        return crate::kernels::group_norm::group_norm(&x.contiguous()?, weight, bias, groups, eps, silu);
+        return crate::kernels::group_norm::group_norm(
+            &x.contiguous()?,
+            weight,
+            bias,
+            groups,
+            eps,
+            silu,
+        );
     }
     #[cfg(not(feature = "cuda"))]
     let _ = (weight, bias, groups, eps);
