@@ -4,6 +4,8 @@
 pub mod classifier;
 pub mod device;
 pub mod hub;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod models;
 pub mod pipeline;
 pub mod presets;

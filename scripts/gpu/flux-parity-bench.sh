@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# On the GPU machine (see README "GPU"): random full-size FLUX.1-dev through diffusers and through
-# our flux-bench binary, same weights and inputs, one run. Needs: .gpu/flux-bench (CUDA build),
-# .whl/ with diffusers' wheel. Writes JSON lines and logs to $OUT (or ./gpu-out).
+# On the GPU machine (see docs/performance.md): random full-size FLUX.1-dev through diffusers and
+# through our flux-bench binary, same weights and inputs, one run; prints the figures table last.
+# Needs: the CUDA build of flux-bench (BENCH, default .gpu/flux-bench), .whl/ with diffusers' wheel.
+# Writes JSON lines and logs to $OUT (or ./gpu-out). SKIP_F32=1 skips our f32 parity step.
 set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 M=/tmp/flux-rand; R=/tmp/flux-ref.safetensors
 BENCH=${BENCH:-.gpu/flux-bench}
-PYTHONUNBUFFERED=1 python3 scripts/gpu/full_size_reference.py $M $R engine/tests/fixtures/tiny-flux-dev \
+# the fused kernels against the plain path first: no model needed, fails fast
+$BENCH kernels 2>&1 | tee -a "$OUT/ours.jsonl" || { echo "kernel check failed"; exit 1; }
+PYTHONUNBUFFERED=1 python3 "$HERE/full_size_reference.py" $M $R engine/tests/fixtures/tiny-flux-dev \
   > "$OUT/diffusers.json" 2> "$OUT/diffusers.log" || { tail -30 "$OUT/diffusers.log"; exit 1; }
 cat "$OUT/diffusers.json"
 # peak device memory of our process, sampled every 50 ms
 poll() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem-$1.txt" & echo $!; }
-for mode in forward forward-f32 generate-1024 generate-512; do
+modes="forward generate-1024 generate-512"; [ "${SKIP_F32:-0}" = 1 ] || modes="forward forward-f32 generate-1024 generate-512"
+for mode in $modes; do
   p=$(poll $mode)
   case $mode in
-    forward) $BENCH forward --model $M --inputs $R ;;
+    forward) $BENCH forward --model $M --inputs $R --compare-plain ;;
     forward-f32) $BENCH forward --model $M --inputs $R --f32 ;;
     generate-1024) $BENCH generate --model $M --size 1024 --steps 28 ;;
     generate-512) $BENCH generate --model $M --size 512 --steps 28 ;;
   esac 2>&1 | tee -a "$OUT/ours.jsonl"
   kill $p; echo "{\"what\": \"peak_mem_mib\", \"mode\": \"$mode\", \"value\": $(sort -n "$OUT/mem-$mode.txt" | tail -1)}" | tee -a "$OUT/ours.jsonl"
 done
+python3 "$HERE/summarize.py" "$OUT" | tee "$OUT/table.md"

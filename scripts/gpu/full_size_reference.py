@@ -99,6 +99,31 @@ with torch.inference_mode():
         torch.cuda.synchronize()
         steps.append(time.perf_counter() - s)
 log["step_s"] = steps
+
+
+@torch.no_grad()
+def median_s(fn, n=5):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        s = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - s)
+    return sorted(times)[n // 2]
+
+
+# per-step time at 512x512 (1024 image tokens) and the VAE decode at both sizes, on random inputs
+h5 = 64
+img5 = torch.randn(1, (h5 // 2) ** 2, 64, device=dev, dtype=dt, generator=g)
+ids5 = FluxPipeline._prepare_latent_image_ids(1, h5 // 2, h5 // 2, dev, torch.float32)
+log["step_s_512"] = median_s(lambda: transformer(
+    hidden_states=img5, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t.to(dt), img_ids=ids5,
+    txt_ids=txt_ids, guidance=gd, return_dict=False))
+for size in (1024, 512):
+    z = torch.randn(1, 16, size // 8, size // 8, device=dev, dtype=dt, generator=g)
+    log[f"decode_s_{size}"] = median_s(lambda: vae.decode(z, return_dict=False))
 save_file({"hidden_states": img.contiguous(), "encoder_hidden_states": txt.contiguous(),
            "pooled_projections": pooled.contiguous(), "img_ids": img_ids.contiguous(), "txt_ids": txt_ids,
            "timestep": t, "guidance": gd, "out": out.contiguous()}, ref_file)
@@ -113,7 +138,8 @@ for size in (1024, 512):
              guidance_scale=3.5, max_sequence_length=512, generator=torch.Generator(device=dev).manual_seed(0),
              output_type="pil")
         torch.cuda.synchronize()
-        runs.append({"total_s": time.perf_counter() - s, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB})
+        runs.append({"total_s": time.perf_counter() - s, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB})
     log[f"pipeline_{size}"] = runs
 # The same weights and inputs in f32 (48 GB): tells bf16 rounding apart from a real difference.
 del pipe, t5, clip, vae

@@ -73,7 +73,9 @@ fn check_answer(status: u16, body: &[u8]) -> Result<Value, TestCaseError> {
     if status >= 300 {
         prop_assert!(json["error"]["code"].is_string(), "{json}");
         prop_assert!(
-            json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
             "{json}"
         );
     }
@@ -103,7 +105,15 @@ fn any_json() -> impl Strategy<Value = Value> {
     ];
     let key = prop_oneof![
         prop::sample::select(vec![
-            "prompt", "seed", "steps", "guidance", "width", "height", "lora", "lora_scale", "model",
+            "prompt",
+            "seed",
+            "steps",
+            "guidance",
+            "width",
+            "height",
+            "lora",
+            "lora_scale",
+            "model",
             "type",
         ])
         .prop_map(str::to_owned),
@@ -147,28 +157,35 @@ fn near_valid_generate() -> impl Strategy<Value = Value> {
         edgy(vec![json!(0.0), json!(3.5), json!(30.0)]),
         edgy(vec![json!(64), json!(128), json!(65), json!(4096)]),
         edgy(vec![json!(64), json!(80)]),
-        edgy(vec![json!("none"), json!("../../etc/passwd"), json!("no/such-lora"), json!("")]),
+        edgy(vec![
+            json!("none"),
+            json!("../../etc/passwd"),
+            json!("no/such-lora"),
+            json!(""),
+        ]),
         edgy(vec![json!(0.0), json!(1.0), json!(100.0)]),
         edgy(vec![json!("flux-tiny"), json!("flux-nope"), json!("")]),
     )
-        .prop_map(|(prompt, seed, steps, guidance, width, height, lora, lora_scale, model)| {
-            let mut body = json!({ "prompt": prompt });
-            for (k, v) in [
-                ("seed", seed),
-                ("steps", steps),
-                ("guidance", guidance),
-                ("width", width),
-                ("height", height),
-                ("lora", lora),
-                ("lora_scale", lora_scale),
-                ("model", model),
-            ] {
-                if let Some(v) = v {
-                    body[k] = v;
+        .prop_map(
+            |(prompt, seed, steps, guidance, width, height, lora, lora_scale, model)| {
+                let mut body = json!({ "prompt": prompt });
+                for (k, v) in [
+                    ("seed", seed),
+                    ("steps", steps),
+                    ("guidance", guidance),
+                    ("width", width),
+                    ("height", height),
+                    ("lora", lora),
+                    ("lora_scale", lora_scale),
+                    ("model", model),
+                ] {
+                    if let Some(v) = v {
+                        body[k] = v;
+                    }
                 }
-            }
-            body
-        })
+                body
+            },
+        )
 }
 
 /// Files under the data directory, relative to it.
@@ -203,7 +220,8 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
     };
 
     // 1. The corpus: every case must get the status it names.
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-corpus/cases.jsonl");
+    let corpus =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-corpus/cases.jsonl");
     for line in std::fs::read_to_string(&corpus).unwrap().lines() {
         let case: Value = serde_json::from_str(line).unwrap();
         let body = match (&case["body"], &case["body_repeat"]) {
@@ -235,13 +253,23 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
 
     // 2. Any JSON, and near-valid generation requests, to both JSON routes.
     runner(48)
-        .run(&(prop::sample::select(vec!["/generate/", "/classify/", "/settings/"]), any_json()), |(path, body)| {
-            let method = if path == "/settings/" { "PUT" } else { "POST" };
-            let (status, answer) =
-                client.send(method, path, Some("application/json"), body.to_string().into_bytes());
-            check_answer(status, &answer)?;
-            Ok(())
-        })
+        .run(
+            &(
+                prop::sample::select(vec!["/generate/", "/classify/", "/settings/"]),
+                any_json(),
+            ),
+            |(path, body)| {
+                let method = if path == "/settings/" { "PUT" } else { "POST" };
+                let (status, answer) = client.send(
+                    method,
+                    path,
+                    Some("application/json"),
+                    body.to_string().into_bytes(),
+                );
+                check_answer(status, &answer)?;
+                Ok(())
+            },
+        )
         .unwrap();
     runner(48)
         .run(&near_valid_generate(), |body| {
@@ -310,7 +338,10 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
                     ("POST", "/train/{}/resume"),
                     ("GET", "/images/{}"),
                     ("GET", "/loras/{}"),
-                    ("GET", "/train/00000000-0000-0000-0000-000000000000/samples/{}"),
+                    (
+                        "GET",
+                        "/train/00000000-0000-0000-0000-000000000000/samples/{}",
+                    ),
                     ("GET", "/train/{}/samples/x.png"),
                 ]),
             ),
@@ -329,7 +360,10 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
                 let (status, answer) = client.send(method, &path, None, Vec::new());
                 check_answer(status, &answer)?;
                 // 503: resume needs training, which this build may lack; it answers before looking the id up.
-                prop_assert!([400, 404, 405, 503].contains(&status), "{status} for {path}");
+                prop_assert!(
+                    [400, 404, 405, 503].contains(&status),
+                    "{status} for {path}"
+                );
                 Ok(())
             },
         )
@@ -356,7 +390,10 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
             |(dataset, keywords, extra)| {
                 let mut form = reqwest::multipart::Form::new();
                 if let Some(d) = dataset {
-                    form = form.part("dataset", reqwest::multipart::Part::bytes(d).file_name("d.zip"));
+                    form = form.part(
+                        "dataset",
+                        reqwest::multipart::Part::bytes(d).file_name("d.zip"),
+                    );
                 }
                 if let Some(k) = keywords {
                     form = form.text("keywords", k);
@@ -366,7 +403,11 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
                 }
                 let (status, answer) = client.multipart(form);
                 check_answer(status, &answer)?;
-                prop_assert!(status >= 400, "{status}: {}", String::from_utf8_lossy(&answer));
+                prop_assert!(
+                    status >= 400,
+                    "{status}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
                 Ok(())
             },
         )
@@ -377,5 +418,8 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
         .into_iter()
         .filter(|f| !f.starts_with("studio.db") && !f.starts_with("images/"))
         .collect();
-    assert!(stray.is_empty(), "files left by refused requests: {stray:?}");
+    assert!(
+        stray.is_empty(),
+        "files left by refused requests: {stray:?}"
+    );
 }

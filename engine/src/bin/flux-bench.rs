@@ -1,10 +1,14 @@
 //! GPU checks and timings for FLUX, run beside diffusers on the same weights
 //! (scripts/gpu/flux-parity-bench.sh):
+//!   flux-bench kernels                                        each fused CUDA kernel vs the plain path
 //!   flux-bench forward  --model DIR --inputs REF.safetensors   one transformer step vs diffusers
+//!                       [--compare-plain]                     ... and vs our own plain attention path
 //!   flux-bench generate --model DIR --size 1024 --steps 28     end-to-end timing
+//!   flux-bench profile [--size 1024]                          each op of a single block, timed alone
 //!   flux-bench train --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
 //!       LoRA training steps (forward, backward, clipping, AdamW) as the trainer takes them, on random
 //!       FLUX.1-dev-size weights unless --model gives a diffusers folder; peft's bench_train_ref.py shapes
+//! `--plain` turns the fused kernels off (CUDA builds; the CPU always takes the plain path).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -23,21 +27,427 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
     let device = DeviceChoice::Auto.select()?;
-    if args.get(1).map(String::as_str) == Some("train") {
-        return train(&args, &device);
-    }
-    let model = PathBuf::from(arg(&args, "--model").context("--model DIR")?);
+    engine::models::fused::set_enabled(!flag("--plain"));
+    let model =
+        || -> Result<PathBuf> { Ok(PathBuf::from(arg(&args, "--model").context("--model DIR")?)) };
     match args.get(1).map(String::as_str) {
+        Some("kernels") => kernels_check(&device),
         Some("forward") => forward(
-            &model,
+            &model()?,
             &arg(&args, "--inputs").context("--inputs FILE")?,
             &device,
-            args.iter().any(|a| a == "--f32"),
+            flag("--f32"),
+            flag("--compare-plain"),
         ),
-        Some("generate") => generate(&model, &args, &device),
-        _ => anyhow::bail!("usage: flux-bench forward|generate --model DIR ... | train --size 512"),
+        Some("generate") => generate(&model()?, &args, &device),
+        Some("profile") => profile(&args, &device),
+        Some("train") => train(&args, &device),
+        _ => {
+            anyhow::bail!(
+                "usage: flux-bench kernels | profile | forward|generate --model DIR ... | train --size 512"
+            )
+        }
     }
+}
+
+/// Multiply-adds ×2 of one transformer step: every block's linear layers (4h² + 2h·mlp per token,
+/// the same for both block kinds) and attention (q·kᵀ and p·v over the joint sequence), plus the
+/// input projections. Modulation and the other per-vector layers are negligible and left out.
+fn step_flops(cfg: &FluxConfig, img_tokens: usize, txt_tokens: usize) -> f64 {
+    let h = cfg.hidden_size as f64;
+    let m = cfg.mlp_hidden() as f64;
+    let (img, txt) = (img_tokens as f64, txt_tokens as f64);
+    let l = img + txt;
+    let blocks = (cfg.depth + cfg.depth_single) as f64;
+    let per_block = 2.0 * (4.0 * h * h + 2.0 * h * m) * l + 4.0 * l * l * h;
+    let io = 2.0 * txt * cfg.context_dim as f64 * h + 4.0 * img * cfg.in_channels as f64 * h;
+    blocks * per_block + io
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Times `f` (after one warm-up call): the median of `n` synchronised runs, in seconds.
+fn time_median(device: &Device, n: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    f()?;
+    sync(device)?;
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f()?;
+        sync(device)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// ‖a − b‖ / ‖b‖ over all elements, in f32.
+#[cfg(feature = "cuda")]
+fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_dtype(DType::F32)?.flatten_all()?;
+    let b = b.to_dtype(DType::F32)?.flatten_all()?;
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+    Ok(num / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels_check(_: &Device) -> Result<()> {
+    anyhow::bail!("the fused kernels come with CUDA builds only (--features cuda)")
+}
+
+#[cfg(feature = "cuda")]
+fn kernels_check(device: &Device) -> Result<()> {
+    let attention = attention_check(device);
+    ops_check(device)?;
+    attention
+}
+
+/// The fused attention kernel against the plain path on fresh random (B, H, L, 128) heads at
+/// FLUX's shapes (and ragged and strided ones): error of each against the plain path in f32, and
+/// time. Fails when the fused output is not finite or further than bf16 rounding from f32.
+#[cfg(feature = "cuda")]
+fn attention_check(device: &Device) -> Result<()> {
+    use engine::kernels::flash_attn::{flash_attn_rows, ROW_TILES};
+    use engine::models::fused::plain_attention as plain;
+    let (heads, d) = (24, 128);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut ok = true;
+    // (sequence length, q's std, q/k/v as transposed (B, L, H, D) views)
+    for (n, q_std, strided) in [
+        (1536, 1.0, false),
+        (4608, 1.0, false),
+        (4608, 3.0, true),
+        (1000, 1.0, false),
+    ] {
+        let make = |std: f32| -> Result<Tensor> {
+            let t = if strided {
+                Tensor::randn(0f32, std, (1, n, heads, d), device)?.transpose(1, 2)?
+            } else {
+                Tensor::randn(0f32, std, (1, heads, n, d), device)?
+            };
+            Ok(t.to_dtype(DType::BF16)?)
+        };
+        let (q, k, v) = (make(q_std)?, make(1.0)?, make(1.0)?);
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+        let want = plain(&f32s(&q)?, &f32s(&k)?, &f32s(&v)?)?;
+        let plain_bf16 = plain(&q, &k, &v)?;
+        let t_plain = time_median(device, 5, || Ok(plain(&q, &k, &v)?))?;
+        let flops = 4.0 * (n * n * heads * d) as f64;
+        let mut report = serde_json::json!({"what": "attention", "shape": [1, heads, n, d], "q_std": q_std,
+            "strided": strided, "plain_bf16_rel_l2_vs_f32": rel_l2(&plain_bf16, &want)?,
+            "plain_ms": t_plain * 1e3, "plain_tflops": flops / t_plain / 1e12});
+        for rows in ROW_TILES {
+            let fused =
+                || Ok(flash_attn_rows(&q, &k, &v, scale, rows)?.reshape((1, n, heads * d))?);
+            let out = fused()?;
+            let finite = out
+                .to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                .is_finite();
+            let err = rel_l2(&out, &want)?;
+            let t = time_median(device, 20, fused)?;
+            let pass = finite && err < 1e-2;
+            ok &= pass;
+            report[format!("r{rows}")] = serde_json::json!({"pass": pass, "finite": finite,
+                "rel_l2_vs_f32": err, "ms": t * 1e3, "tflops": flops / t / 1e12});
+        }
+        println!("{report}");
+    }
+    anyhow::ensure!(
+        ok,
+        "the fused attention kernel disagrees with the plain path"
+    );
+    Ok(())
+}
+
+/// Times, one by one, the ops a FLUX single block runs (as engine/src/models/flux/model.rs writes
+/// them) on random bf16 tensors of FLUX.1-dev's sizes: where a step's time goes, without a profiler.
+fn profile(args: &[String], device: &Device) -> Result<()> {
+    use candle_core::{Module, D};
+    let size: usize = arg(args, "--size").map_or(Ok(1024), |s| s.parse())?;
+    let (h, heads, hd, mlp) = (3072, 24, 128, 12288);
+    let l = 512 + (size / 16) * (size / 16);
+    let bf = DType::BF16;
+    let rand = |shape: &[usize], std: f32| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, std, shape, device)?.to_dtype(bf)?)
+    };
+    let x = rand(&[1, l, h], 1.0)?;
+    let (ones, zeros) = (Tensor::ones(h, bf, device)?, Tensor::zeros(h, bf, device)?);
+    let (shift, scale, gate) = (
+        rand(&[1, 1, h], 0.1)?,
+        rand(&[1, 1, h], 0.1)?,
+        rand(&[1, 1, h], 0.1)?,
+    );
+    let w1 = rand(&[3 * h + mlp, h], 0.02)?;
+    let b1 = rand(&[3 * h + mlp], 0.02)?;
+    let w2 = rand(&[h, h + mlp], 0.02)?;
+    let b2 = rand(&[h], 0.02)?;
+    let lin1 = candle_nn::Linear::new(w1.clone(), Some(b1.clone()));
+    let lin2 = candle_nn::Linear::new(w2.clone(), Some(b2));
+    let qk_scale = rand(&[hd], 0.1)?;
+    let (cos, sin) = (rand(&[l, hd / 2], 0.5)?, rand(&[l, hd / 2], 0.5)?);
+    let h1 = lin1.forward(&x)?;
+    let qkv = h1.narrow(D::Minus1, 0, 3 * h)?;
+    let mlp_part = h1.narrow(D::Minus1, 3 * h, mlp)?;
+    let split = |t: &Tensor, i: usize| -> Result<Tensor> {
+        Ok(t.reshape((1, l, 3, heads, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .get(i)?
+            .contiguous()?)
+    };
+    let q = split(&qkv, 0)?;
+    let k = split(&qkv, 1)?;
+    let v = split(&qkv, 2)?;
+    let attn = engine::models::fused::attention(&q, &k, &v)?;
+    let g = mlp_part.gelu()?;
+    let cat = Tensor::cat(&[&attn, &g], D::Minus1)?;
+    let out = lin2.forward(&cat)?;
+    let x2 = x.reshape((l, h))?;
+    let mut ops: Vec<(&str, f64, f64)> = Vec::new(); // name, ms, flops
+    let mut time = |name: &'static str, flops: f64, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+        ops.push((name, time_median(device, 10, f)? * 1e3, flops));
+        Ok(())
+    };
+    let lf = |n: usize, k: usize| 2.0 * (l * n * k) as f64;
+    time("layer_norm", 0.0, &|| {
+        Ok(candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6)?)
+    })?;
+    time("modulate", 0.0, &|| {
+        Ok(x.broadcast_mul(&(&scale + 1.0)?)?.broadcast_add(&shift)?)
+    })?;
+    time("linear1 (matmul + bias)", lf(3 * h + mlp, h), &|| {
+        Ok(lin1.forward(&x)?)
+    })?;
+    time("linear1 matmul alone (2-D)", lf(3 * h + mlp, h), &|| {
+        Ok(x2.matmul(&w1.t()?)?)
+    })?;
+    time(
+        "linear1 bias add alone",
+        0.0,
+        &|| Ok(h1.broadcast_add(&b1)?),
+    )?;
+    time("split q, k, v (3 copies)", 0.0, &|| {
+        Ok(Tensor::cat(
+            &[split(&qkv, 0)?, split(&qkv, 1)?, split(&qkv, 2)?],
+            0,
+        )?)
+    })?;
+    time("rms_norm q and k", 0.0, &|| {
+        Ok(candle_nn::ops::rms_norm(&q, &qk_scale, 1e-6)?
+            .add(&candle_nn::ops::rms_norm(&k, &qk_scale, 1e-6)?)?)
+    })?;
+    time("rope q and k", 0.0, &|| {
+        Ok(candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?
+            .add(&candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)?)
+    })?;
+    time("attention", 4.0 * (l * l * h) as f64, &|| {
+        Ok(engine::models::fused::attention(&q, &k, &v)?)
+    })?;
+    time("gelu on the mlp slice", 0.0, &|| Ok(mlp_part.gelu()?))?;
+    time("cat attention | mlp", 0.0, &|| {
+        Ok(Tensor::cat(&[&attn, &g], D::Minus1)?)
+    })?;
+    time("linear2 (matmul + bias)", lf(h, h + mlp), &|| {
+        Ok(lin2.forward(&cat)?)
+    })?;
+    time("gated residual", 0.0, &|| {
+        Ok((&x + out.broadcast_mul(&gate)?)?)
+    })?;
+    // the "alone" rows split up linear1 and are left out of the block's sum
+    let total: f64 = ops
+        .iter()
+        .filter(|o| !o.0.contains("alone"))
+        .map(|o| o.1)
+        .sum();
+    for (name, ms, flops) in &ops {
+        let rate = if *flops > 0.0 {
+            serde_json::json!(flops / ms / 1e9)
+        } else {
+            serde_json::Value::Null
+        };
+        println!(
+            "{}",
+            serde_json::json!({"what": "profile", "size": size, "op": name, "ms": ms, "tflops": rate})
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({"what": "profile", "size": size, "op": "sum (one single block)", "ms": total})
+    );
+    profile_vae(size, device)
+}
+
+/// The VAE decoder's op kinds at their most expensive sizes (the last up block runs 128 channels at
+/// full resolution), each timed alone.
+fn profile_vae(size: usize, device: &Device) -> Result<()> {
+    use candle_core::Module;
+    let bf = DType::BF16;
+    let rand = |shape: &[usize], std: f32| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, std, shape, device)?.to_dtype(bf)?)
+    };
+    let conv = |c: usize| -> Result<candle_nn::Conv2d> {
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(candle_nn::Conv2d::new(
+            rand(&[c, c, 3, 3], 0.02)?,
+            Some(rand(&[c], 0.02)?),
+            cfg,
+        ))
+    };
+    for (c, side) in [(128, size), (512, size / 4)] {
+        let x = rand(&[1, c, side, side], 1.0)?;
+        let conv = conv(c)?;
+        let gn = candle_nn::GroupNorm::new(rand(&[c], 1.0)?, rand(&[c], 0.1)?, c, 32, 1e-6)?;
+        let flops = 2.0 * (9 * c * c * side * side) as f64;
+        let row = |op: &str, flops: f64, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+            let ms = time_median(device, 5, f)? * 1e3;
+            let rate = if flops > 0.0 {
+                serde_json::json!(flops / ms / 1e9)
+            } else {
+                serde_json::Value::Null
+            };
+            println!(
+                "{}",
+                serde_json::json!({"what": "profile-vae", "size": size, "op": op,
+                "shape": [1, c, side, side], "ms": ms, "tflops": rate})
+            );
+            Ok(())
+        };
+        row("conv3x3", flops, &|| Ok(conv.forward(&x)?))?;
+        row("group_norm", 0.0, &|| Ok(gn.forward(&x)?))?;
+        row("silu", 0.0, &|| Ok(x.silu()?))?;
+        row("upsample_nearest2d x2", 0.0, &|| {
+            Ok(x.upsample_nearest2d(2 * side, 2 * side)?)
+        })?;
+    }
+    Ok(())
+}
+
+/// The fused memory-bound kernels against the plain path, on fresh random inputs at the 1024x1024
+/// single block's sizes: error of each (fused, and plain in bf16) against the plain path in f32, and
+/// time. Modulation vectors are chunks of one (1, 1, 3·C) projection, as in the model.
+#[cfg(feature = "cuda")]
+fn ops_check(device: &Device) -> Result<()> {
+    use engine::models::fused::{self, QkScales, Rope};
+    let (l, c, heads, hd, w1) = (4608, 3072, 24, 128, 21504);
+    let rand = |shape: &[usize], std: f32| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, std, shape, device)?.to_dtype(DType::BF16)?)
+    };
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+    let x = rand(&[1, l, c], 1.0)?;
+    let r = rand(&[1, l, c], 1.0)?;
+    let mods = rand(&[1, 1, 3 * c], 0.5)?.chunk(3, candle_core::D::Minus1)?;
+    let lin = candle_nn::Linear::new(rand(&[w1, c], 0.02)?, Some(rand(&[w1], 0.5)?));
+    let lin32 = candle_nn::Linear::new(f32s(lin.weight())?, lin.bias().map(f32s).transpose()?);
+    let h1 = rand(&[1, l, w1], 1.0)?;
+    let scales = QkScales::new(rand(&[hd], 1.0)?, rand(&[hd], 1.0)?)?;
+    let scales32 = QkScales::new(f32s(&scales.q)?, f32s(&scales.k)?)?;
+    let (cos, sin) = (
+        rand(&[l + 512, hd / 2], 0.7)?,
+        rand(&[l + 512, hd / 2], 0.7)?,
+    );
+    let rope = Rope::new(cos.clone(), sin.clone())?.rows(512, l)?;
+    let rope32 = Rope::new(f32s(&cos)?, f32s(&sin)?)?.rows(512, l)?;
+    let heads_cat = |t: (Tensor, Tensor, Tensor)| Tensor::cat(&[t.0, t.1, t.2], 0);
+    // the VAE decoder's largest group norm: 128 channels at 1024x1024, activations off-centre
+    let img =
+        (Tensor::randn(0f32, 2.0, (1, 128, 1024, 1024), device)? + 3.0)?.to_dtype(DType::BF16)?;
+    let (gn_w, gn_b) = (rand(&[128], 1.0)?, rand(&[128], 0.5)?);
+    let gn = candle_nn::GroupNorm::new(gn_w.clone(), gn_b.clone(), 128, 32, 1e-6)?;
+    let (gn_w32, gn_b32) = (f32s(&gn_w)?, f32s(&gn_b)?);
+    let gn32 = candle_nn::GroupNorm::new(gn_w32.clone(), gn_b32.clone(), 128, 32, 1e-6)?;
+    type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+    let cases: Vec<(&str, Op, Op)> = vec![
+        (
+            "linear + bias",
+            Box::new(|| Ok(fused::linear(&lin, &x)?)),
+            Box::new(|| Ok(fused::linear(&lin32, &f32s(&x)?)?)),
+        ),
+        (
+            "norm_modulate",
+            Box::new(|| Ok(fused::norm_modulate(&x, &mods[0], &mods[1])?)),
+            Box::new(|| {
+                Ok(fused::norm_modulate(
+                    &f32s(&x)?,
+                    &f32s(&mods[0])?,
+                    &f32s(&mods[1])?,
+                )?)
+            }),
+        ),
+        (
+            "gated_add",
+            Box::new(|| Ok(fused::gated_add(&r, &x, &mods[2])?)),
+            Box::new(|| Ok(fused::gated_add(&f32s(&r)?, &f32s(&x)?, &f32s(&mods[2])?)?)),
+        ),
+        (
+            "qkv_heads",
+            Box::new(|| Ok(heads_cat(fused::qkv_heads(&h1, heads, &scales, &rope)?)?)),
+            Box::new(|| {
+                Ok(heads_cat(fused::qkv_heads(
+                    &f32s(&h1)?,
+                    heads,
+                    &scales32,
+                    &rope32,
+                )?)?)
+            }),
+        ),
+        (
+            "gelu_cat",
+            Box::new(|| Ok(fused::gelu_cat(&x, &h1.narrow(2, 3 * c, 4 * c)?)?)),
+            Box::new(|| {
+                Ok(fused::gelu_cat(
+                    &f32s(&x)?,
+                    &f32s(&h1)?.narrow(2, 3 * c, 4 * c)?,
+                )?)
+            }),
+        ),
+        (
+            "group_norm + silu (VAE, 128x1024x1024)",
+            Box::new(|| Ok(fused::group_norm(&img, &gn, &gn_w, &gn_b, 32, 1e-6, true)?)),
+            Box::new(|| {
+                let x32 = f32s(&img)?;
+                Ok(fused::group_norm(
+                    &x32, &gn32, &gn_w32, &gn_b32, 32, 1e-6, true,
+                )?)
+            }),
+        ),
+    ];
+    let mut ok = true;
+    for (name, op, reference) in &cases {
+        let want = reference()?;
+        fused::set_enabled(false);
+        let plain = op()?;
+        let t_plain = time_median(device, 10, op)?;
+        fused::set_enabled(true);
+        let out = op()?;
+        let t_fused = time_median(device, 10, op)?;
+        let finite = out
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?
+            .is_finite();
+        let (err, err_plain) = (rel_l2(&out, &want)?, rel_l2(&plain, &want)?);
+        // bf16 rounding of the output is ~2e-3 relative; allow what the plain bf16 path shows, plus margin
+        let pass = finite && err < 1e-2_f32.max(2.0 * err_plain);
+        ok &= pass;
+        println!(
+            "{}",
+            serde_json::json!({"what": "fused-op", "op": name, "pass": pass, "finite": finite,
+                "fused_rel_l2_vs_f32": err, "plain_bf16_rel_l2_vs_f32": err_plain,
+                "fused_ms": t_fused * 1e3, "plain_ms": t_plain * 1e3})
+        );
+    }
+    anyhow::ensure!(ok, "a fused kernel disagrees with the plain path");
+    Ok(())
 }
 
 fn sync(device: &Device) -> Result<()> {
@@ -45,7 +455,13 @@ fn sync(device: &Device) -> Result<()> {
     Ok(())
 }
 
-fn forward(model: &std::path::Path, inputs: &str, device: &Device, f32: bool) -> Result<()> {
+fn forward(
+    model: &std::path::Path,
+    inputs: &str,
+    device: &Device,
+    f32: bool,
+    compare_plain: bool,
+) -> Result<()> {
     let dtype = if f32 {
         DType::F32
     } else {
@@ -82,12 +498,26 @@ fn forward(model: &std::path::Path, inputs: &str, device: &Device, f32: bool) ->
         times.push(t.elapsed().as_secs_f64());
     }
     let ours = out.to_dtype(DType::F32)?.flatten_all()?;
+    let (img_tokens, txt_tokens) = (
+        r["hidden_states"].dim(1)?,
+        r["encoder_hidden_states"].dim(1)?,
+    );
+    let flops = step_flops(&cfg, img_tokens, txt_tokens);
     let mut refs = vec![("diffusers_bf16", r["out"].clone())];
     let f32_file = inputs.replace(".safetensors", "-f32.safetensors");
     if let Ok(extra) = candle_core::safetensors::load(&f32_file, device) {
         refs.push(("diffusers_f32", extra["out_f32"].clone()));
     }
-    let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"), "load_s": load_s, "step_s": times});
+    let step = median(times.clone());
+    let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"), "load_s": load_s,
+        "step_s": times, "flops_per_step": flops, "step_tflops": flops / step / 1e12});
+    if compare_plain {
+        engine::models::fused::set_enabled(false);
+        let plain_out = run()?.to_dtype(DType::F32)?.flatten_all()?;
+        report["plain_step_s"] = time_median(device, 3, &run)?.into();
+        report["fused_vs_plain"] = compare(&ours, &plain_out)?;
+        engine::models::fused::set_enabled(true);
+    }
     for (name, want) in refs {
         let want = want.to_dtype(DType::F32)?.flatten_all()?;
         report[name] = compare(&ours, &want)?;
@@ -111,6 +541,9 @@ fn compare(ours: &Tensor, want: &Tensor) -> Result<serde_json::Value> {
 
 fn generate(model: &std::path::Path, args: &[String], device: &Device) -> Result<()> {
     let size: usize = arg(args, "--size").map_or(Ok(1024), |s| s.parse())?;
+    let cfg = FluxConfig::from_diffusers_json(&serde_json::from_slice(&std::fs::read(
+        model.join("transformer/config.json"),
+    )?)?)?;
     let steps: usize = arg(args, "--steps").map_or(Ok(28), |s| s.parse())?;
     let t5_len: usize = arg(args, "--t5-len").map_or(Ok(512), |s| s.parse())?;
     let opts = LoadOptions {
@@ -130,6 +563,7 @@ fn generate(model: &std::path::Path, args: &[String], device: &Device) -> Result
         guidance: 3.5,
         seed: 0,
     };
+    let flops = step_flops(&cfg, (size / 16) * (size / 16), t5_len);
     let mut runs = Vec::new();
     for _ in 0..2 {
         let t = Instant::now();
@@ -142,15 +576,15 @@ fn generate(model: &std::path::Path, args: &[String], device: &Device) -> Result
             Control::Continue
         })?;
         sync(device)?;
-        let mut sorted = step_times[1..].to_vec();
-        sorted.sort_by(f64::total_cmp);
+        let step = median(step_times[1..].to_vec());
         runs.push(serde_json::json!({"total_s": t.elapsed().as_secs_f64(),
             "encode_ms": out.timings.encode_ms, "denoise_ms": out.timings.denoise_ms,
-            "decode_ms": out.timings.decode_ms, "median_step_s": sorted.get(sorted.len() / 2)}));
+            "decode_ms": out.timings.decode_ms, "median_step_s": step, "step_tflops": flops / step / 1e12}));
     }
     println!(
         "{}",
-        serde_json::json!({"what": "generate", "size": size, "steps": steps, "load_s": load_s, "runs": runs})
+        serde_json::json!({"what": "generate", "size": size, "steps": steps, "load_s": load_s, "runs": runs,
+            "flops_per_step": flops})
     );
     Ok(())
 }

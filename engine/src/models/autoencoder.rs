@@ -1,9 +1,10 @@
 //! FLUX's autoencoder (diffusers' AutoencoderKL layout, 16 latent channels, no quant convs):
 //! images to latents for training, latents to images for generation.
 
+use crate::models::fused;
 use anyhow::{Context, Result};
 use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +64,49 @@ impl AutoencoderConfig {
 
 const EPS: f64 = 1e-6;
 
+/// GroupNorm keeping its affine parameters at hand for the fused CUDA kernel.
+struct GroupNorm {
+    plain: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    Ok(GroupNorm {
+        plain: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+    })
+}
+
+impl GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// SiLU(GroupNorm(x)), as every resnet and the output head use it.
+    fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let eps = EPS as f32;
+        fused::group_norm(
+            x,
+            &self.plain,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            eps,
+            silu,
+        )
+    }
+}
+
 fn conv3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig {
         padding,
@@ -103,8 +147,8 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -239,7 +283,7 @@ impl Encoder {
             }
         }
         let x = self.mid.forward(&x)?;
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }
 
@@ -298,7 +342,7 @@ impl Decoder {
                 x = u.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }
 

@@ -75,7 +75,7 @@ impl Module for Linear {
         let mut y = if x.track_op() {
             frozen_base(&self.base, x)?
         } else {
-            self.base.forward(x)?
+            crate::models::fused::linear(&self.base, x)?
         };
         let adapters = self.adapters.read().expect("adapter lock poisoned");
         for a in adapters.iter() {

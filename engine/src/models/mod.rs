@@ -3,5 +3,6 @@
 pub mod autodiff;
 pub mod autoencoder;
 pub mod flux;
+pub mod fused;
 pub mod linear;
 pub mod text;

@@ -2,7 +2,7 @@
 //! against BFL's layer names. Every linear layer is the adapter-aware [`Linear`].
 
 use super::{FluxConfig, FluxWeights};
-use crate::models::autodiff;
+use crate::models::fused::{self, QkScales, Rope};
 use crate::models::linear::Linear;
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -91,31 +91,6 @@ impl MlpEmbedder {
     }
 }
 
-/// Affine-free LayerNorm (eps 1e-6) as FLUX uses before every modulation.
-#[derive(Clone)]
-struct PlainNorm {
-    ones: Tensor,
-    zeros: Tensor,
-}
-
-impl PlainNorm {
-    fn new(dim: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self {
-            ones: Tensor::ones(dim, dtype, device)?,
-            zeros: Tensor::zeros(dim, dtype, device)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        autodiff::layer_norm(x, &self.ones, &self.zeros, 1e-6)
-    }
-}
-
-/// `(1 + scale) * x + shift`, the modulation every FLUX block applies after its norm.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
-}
-
 /// Projects `silu(vec)` to `n` modulation vectors of (B, 1, hidden).
 struct Modulation {
     lin: Linear,
@@ -138,52 +113,12 @@ impl Modulation {
     }
 }
 
-struct QkNorm {
-    query: Tensor,
-    key: Tensor,
-}
-
-impl QkNorm {
-    fn load(w: &FluxWeights, prefix: &str, head_dim: usize) -> Result<Self> {
-        Ok(Self {
-            query: w.norm_scale(&format!("{prefix}.query_norm"), head_dim)?,
-            key: w.norm_scale(&format!("{prefix}.key_norm"), head_dim)?,
-        })
-    }
-}
-
-/// Shared by both block kinds: splits fused q|k|v (B, L, 3·H·D) into normed (B, H, L, D) heads.
-fn split_qkv(
-    qkv: &Tensor,
-    heads: usize,
-    norm: &QkNorm,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (b, l, three_hidden) = qkv.dims3()?;
-    let d = three_hidden / 3 / heads;
-    let qkv = qkv.reshape((b, l, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
-    let q = qkv.get(0)?.contiguous()?;
-    let k = qkv.get(1)?.contiguous()?;
-    let v = qkv.get(2)?.contiguous()?;
-    let q = autodiff::rms_norm(&q, &norm.query, 1e-6)?;
-    let k = autodiff::rms_norm(&k, &norm.key, 1e-6)?;
-    Ok((q, k, v))
-}
-
-/// Scaled dot-product attention with RoPE on q and k; returns (B, L, H·D).
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let q = autodiff::rope_i(q, cos, sin)?;
-    let k = autodiff::rope_i(k, cos, sin)?;
-    let (b, h, l, d) = q.dims4()?;
-    let q = (q * (1.0 / (d as f64).sqrt()))?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = autodiff::softmax_last_dim(&scores)?;
-    probs.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * d))
+/// The q and k RMS-norm scales of one attention.
+fn qk_norm(w: &FluxWeights, prefix: &str, head_dim: usize) -> Result<QkScales> {
+    Ok(QkScales::new(
+        w.norm_scale(&format!("{prefix}.query_norm"), head_dim)?,
+        w.norm_scale(&format!("{prefix}.key_norm"), head_dim)?,
+    )?)
 }
 
 struct Mlp {
@@ -208,7 +143,7 @@ impl Mlp {
 struct Stream {
     modulation: Modulation,
     qkv: Linear,
-    norm: QkNorm,
+    norm: QkScales,
     proj: Linear,
     mlp: Mlp,
 }
@@ -219,7 +154,7 @@ impl Stream {
         Ok(Self {
             modulation: Modulation::load(w, &format!("{block}.{which}_mod.lin"), h, 6)?,
             qkv: w.linear(&format!("{block}.{which}_attn.qkv"), h, 3 * h)?,
-            norm: QkNorm::load(w, &format!("{block}.{which}_attn.norm"), cfg.head_dim())?,
+            norm: qk_norm(w, &format!("{block}.{which}_attn.norm"), cfg.head_dim())?,
             proj: w.linear(&format!("{block}.{which}_attn.proj"), h, h)?,
             mlp: Mlp::load(w, &format!("{block}.{which}_mlp"), h, cfg.mlp_hidden())?,
         })
@@ -247,38 +182,47 @@ impl DoubleBlock {
         img: &Tensor,
         txt: &Tensor,
         vec: &Tensor,
-        rope: (&Tensor, &Tensor),
-        norm: &PlainNorm,
+        rope: &Rope,
         heads: usize,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let im = self.img.modulation.forward(vec)?;
         let tm = self.txt.modulation.forward(vec)?;
-        let img_in = modulate(&norm.forward(img)?, &im[0], &im[1])?;
-        let txt_in = modulate(&norm.forward(txt)?, &tm[0], &tm[1])?;
-        let (iq, ik, iv) = split_qkv(&self.img.qkv.forward(&img_in)?, heads, &self.img.norm)?;
-        let (tq, tk, tv) = split_qkv(&self.txt.qkv.forward(&txt_in)?, heads, &self.txt.norm)?;
+        let img_in = fused::norm_modulate(img, &im[0], &im[1])?;
+        let txt_in = fused::norm_modulate(txt, &tm[0], &tm[1])?;
         // Text tokens come first in the joint sequence, as in the position ids.
+        let (t_len, i_len) = (txt.dim(1)?, img.dim(1)?);
+        let (tq, tk, tv) = fused::qkv_heads(
+            &self.txt.qkv.forward(&txt_in)?,
+            heads,
+            &self.txt.norm,
+            &rope.rows(0, t_len)?,
+        )?;
+        let (iq, ik, iv) = fused::qkv_heads(
+            &self.img.qkv.forward(&img_in)?,
+            heads,
+            &self.img.norm,
+            &rope.rows(t_len, i_len)?,
+        )?;
         let q = Tensor::cat(&[&tq, &iq], 2)?;
         let k = Tensor::cat(&[&tk, &ik], 2)?;
         let v = Tensor::cat(&[&tv, &iv], 2)?;
-        let attn = attention(&q, &k, &v, rope.0, rope.1)?;
-        let t_len = txt.dim(1)?;
+        let attn = fused::attention(&q, &k, &v)?;
         let txt_attn = attn.narrow(1, 0, t_len)?;
-        let img_attn = attn.narrow(1, t_len, img.dim(1)?)?;
+        let img_attn = attn.narrow(1, t_len, i_len)?;
 
-        let img = (img + self.img.proj.forward(&img_attn)?.broadcast_mul(&im[2])?)?;
+        let img = fused::gated_add(img, &self.img.proj.forward(&img_attn)?, &im[2])?;
         let img_mlp = self
             .img
             .mlp
-            .forward(&modulate(&norm.forward(&img)?, &im[3], &im[4])?)?;
-        let img = (img + img_mlp.broadcast_mul(&im[5])?)?;
+            .forward(&fused::norm_modulate(&img, &im[3], &im[4])?)?;
+        let img = fused::gated_add(&img, &img_mlp, &im[5])?;
 
-        let txt = (txt + self.txt.proj.forward(&txt_attn)?.broadcast_mul(&tm[2])?)?;
+        let txt = fused::gated_add(txt, &self.txt.proj.forward(&txt_attn)?, &tm[2])?;
         let txt_mlp = self
             .txt
             .mlp
-            .forward(&modulate(&norm.forward(&txt)?, &tm[3], &tm[4])?)?;
-        let txt = (txt + txt_mlp.broadcast_mul(&tm[5])?)?;
+            .forward(&fused::norm_modulate(&txt, &tm[3], &tm[4])?)?;
+        let txt = fused::gated_add(&txt, &txt_mlp, &tm[5])?;
         Ok((img, txt))
     }
 }
@@ -287,7 +231,7 @@ struct SingleBlock {
     modulation: Modulation,
     linear1: Linear,
     linear2: Linear,
-    norm: QkNorm,
+    norm: QkScales,
 }
 
 impl SingleBlock {
@@ -299,7 +243,7 @@ impl SingleBlock {
             modulation: Modulation::load(w, &format!("{p}.modulation.lin"), h, 3)?,
             linear1: w.linear(&format!("{p}.linear1"), h, 3 * h + m)?,
             linear2: w.linear(&format!("{p}.linear2"), h + m, h)?,
-            norm: QkNorm::load(w, &format!("{p}.norm"), cfg.head_dim())?,
+            norm: qk_norm(w, &format!("{p}.norm"), cfg.head_dim())?,
         })
     }
 
@@ -307,23 +251,20 @@ impl SingleBlock {
         &self,
         x: &Tensor,
         vec: &Tensor,
-        rope: (&Tensor, &Tensor),
-        norm: &PlainNorm,
+        rope: &Rope,
         heads: usize,
     ) -> candle_core::Result<Tensor> {
         let m = self.modulation.forward(vec)?;
-        let x_mod = modulate(&norm.forward(x)?, &m[0], &m[1])?;
+        let x_mod = fused::norm_modulate(x, &m[0], &m[1])?;
+        // linear1's output is q | k | v | mlp; qkv_heads reads the first three.
         let h1 = self.linear1.forward(&x_mod)?;
         let three_hidden = 3 * x.dim(D::Minus1)?;
         let mlp_len = h1.dim(D::Minus1)? - three_hidden;
-        let qkv = h1.narrow(D::Minus1, 0, three_hidden)?;
         let mlp = h1.narrow(D::Minus1, three_hidden, mlp_len)?;
-        let (q, k, v) = split_qkv(&qkv, heads, &self.norm)?;
-        let attn = attention(&q, &k, &v, rope.0, rope.1)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?)?;
-        x + out.broadcast_mul(&m[2])?
+        let (q, k, v) = fused::qkv_heads(&h1, heads, &self.norm, rope)?;
+        let attn = fused::attention(&q, &k, &v)?;
+        let out = self.linear2.forward(&fused::gelu_cat(&attn, &mlp)?)?;
+        fused::gated_add(x, &out, &m[2])
     }
 }
 
@@ -338,7 +279,6 @@ pub struct FluxTransformer {
     single_blocks: Vec<SingleBlock>,
     final_modulation: Linear,
     final_linear: Linear,
-    norm: PlainNorm,
     dtype: DType,
     device: Device,
 }
@@ -375,7 +315,6 @@ impl FluxTransformer {
             single_blocks,
             final_modulation: w.linear("final_layer.adaLN_modulation.1", h, 2 * h)?,
             final_linear: w.linear("final_layer.linear", h, cfg.in_channels)?,
-            norm: PlainNorm::new(h, dtype, device)?,
             dtype,
             device: device.clone(),
         })
@@ -436,18 +375,18 @@ impl FluxTransformer {
 
         let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?;
         let (cos, sin) = rope_tables(&ids, &self.cfg, dt)?;
-        let (cos, sin) = (cos.to_device(&self.device)?, sin.to_device(&self.device)?);
+        let rope = Rope::new(cos.to_device(&self.device)?, sin.to_device(&self.device)?)?;
 
         let mut img = self.img_in.forward(&x.img.to_dtype(dt)?)?;
         let mut txt = self.txt_in.forward(&x.txt.to_dtype(dt)?)?;
         let heads = self.cfg.num_heads;
         for b in &self.double_blocks {
-            (img, txt) = b.forward(&img, &txt, &vec, (&cos, &sin), &self.norm, heads)?;
+            (img, txt) = b.forward(&img, &txt, &vec, &rope, heads)?;
         }
         let t_len = txt.dim(1)?;
         let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
         for b in &self.single_blocks {
-            x_all = b.forward(&x_all, &vec, (&cos, &sin), &self.norm, heads)?;
+            x_all = b.forward(&x_all, &vec, &rope, heads)?;
         }
         let img = x_all.narrow(1, t_len, x_all.dim(1)? - t_len)?;
         let m = self
@@ -455,7 +394,7 @@ impl FluxTransformer {
             .forward(&vec.silu()?)?
             .unsqueeze(1)?
             .chunk(2, D::Minus1)?;
-        let img = modulate(&self.norm.forward(&img)?, &m[0], &m[1])?;
+        let img = fused::norm_modulate(&img, &m[0], &m[1])?;
         Ok(self.final_linear.forward(&img)?)
     }
 }

@@ -1,0 +1,405 @@
+//! Launchers for `kernels/fused_ops.cu`: single-pass bf16 versions of a FLUX block's memory-bound
+//! ops (see the .cu file for each formula). Callers check the layouts' fit through [`supports`].
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+const MODULE: &str = "fused_ops";
+const HEAD_DIM: usize = 128;
+
+/// bf16 on CUDA: the kernels' one dtype.
+pub fn supports(t: &Tensor) -> bool {
+    t.device().is_cuda() && t.dtype() == DType::BF16
+}
+
+/// The bf16 device memory of a storage from its layout's start.
+macro_rules! bf16_view {
+    ($s:expr, $l:expr) => {
+        match &$s.slice {
+            CudaStorageSlice::BF16(x) => x.slice($l.start_offset()..),
+            _ => bail!("fused ops take bf16 only"),
+        }
+    };
+}
+
+fn cpu_only() -> Result<(CpuStorage, Shape)> {
+    bail!("fused CUDA ops run on CUDA only; the CPU takes the plain path")
+}
+
+fn contiguous_rows(l: &Layout, what: &str) -> Result<()> {
+    if !l.is_contiguous() || l.start_offset() % 8 != 0 || l.dims().last().is_none_or(|c| c % 8 != 0)
+    {
+        bail!(
+            "{what} must be contiguous, 16-byte aligned, with a multiple of 8 columns ({:?})",
+            l.dims()
+        )
+    }
+    Ok(())
+}
+
+/// A (B, 1, C) modulation vector: unit stride along C, aligned; returns its batch stride.
+fn vector_stride(l: &Layout, batch: usize, cols: usize, what: &str) -> Result<i64> {
+    let (s, d) = (l.stride(), l.dims());
+    if d != [batch, 1, cols]
+        || s[2] != 1
+        || l.start_offset() % 8 != 0
+        || (batch > 1 && s[0] % 8 != 0)
+    {
+        bail!("{what} must be ({batch}, 1, {cols}) with unit stride along the last dim (got {d:?} {s:?})")
+    }
+    Ok(s[0] as i64)
+}
+
+fn grid_stride_config(vectors: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (vectors.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn out_storage(dev: &CudaDevice, len: usize) -> Result<CudaStorage> {
+    // SAFETY: each kernel writes every element of its output.
+    let out = unsafe { dev.alloc(len) }?;
+    Ok(CudaStorage {
+        slice: CudaStorageSlice::BF16(out),
+        device: dev.clone(),
+    })
+}
+
+/// `x + bias` over the last dim.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(bias, &AddBias)
+}
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(xl, "add_bias input")?;
+        contiguous_rows(bl, "bias")?;
+        let cols = bl.dims()[bl.dims().len() - 1];
+        if bl.dims().len() != 1 || xl.dims().last() != Some(&cols) {
+            bail!("bias {:?} does not fit input {:?}", bl.dims(), xl.dims())
+        }
+        let n = xl.shape().elem_count();
+        let dev = &x.device;
+        let out = out_storage(dev, n)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        let (xv, bv) = (bf16_view!(x, xl), bf16_view!(b, bl));
+        let (rows, cols_i) = ((n / cols) as i64, cols as i32);
+        let func = dev.get_or_load_custom_func("add_bias_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&xv).arg(&bv).arg(o).arg(&rows).arg(&cols_i);
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(grid_stride_config(n / 8)) }.w()?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// LayerNorm(x) (no affine, `eps`) · (1 + scale) + shift, for x (B, L, C) and (B, 1, C) vectors.
+pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
+    x.apply_op3_no_bwd(shift, scale, &NormModulate { eps })
+}
+
+struct NormModulate {
+    eps: f32,
+}
+
+impl CustomOp3 for NormModulate {
+    fn name(&self) -> &'static str {
+        "norm-modulate-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        sh: &CudaStorage,
+        shl: &Layout,
+        sc: &CudaStorage,
+        scl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(xl, "norm_modulate input")?;
+        let (b, l, c) = xl.shape().dims3()?;
+        let bs = vector_stride(shl, b, c, "shift")?;
+        if vector_stride(scl, b, c, "scale")? != bs {
+            bail!("shift and scale must share a layout")
+        }
+        let dev = &x.device;
+        let out = out_storage(dev, b * l * c)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        let (xv, shv, scv) = (bf16_view!(x, xl), bf16_view!(sh, shl), bf16_view!(sc, scl));
+        let (cols, per_batch) = (c as i32, l as i32);
+        let func =
+            dev.get_or_load_custom_func("norm_modulate_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&xv).arg(&shv).arg(&scv).arg(o);
+        launch.arg(&cols).arg(&per_batch).arg(&bs).arg(&self.eps);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * l) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// r + x · gate for r, x (B, L, C) and a (B, 1, C) gate.
+pub fn gated_add(r: &Tensor, x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    r.apply_op3_no_bwd(x, gate, &GatedAdd)
+}
+
+struct GatedAdd;
+
+impl CustomOp3 for GatedAdd {
+    fn name(&self) -> &'static str {
+        "gated-add-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        r: &CudaStorage,
+        rl: &Layout,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(rl, "residual")?;
+        contiguous_rows(xl, "gated input")?;
+        if rl.dims() != xl.dims() {
+            bail!("residual {:?} and input {:?} differ", rl.dims(), xl.dims())
+        }
+        let (b, l, c) = xl.shape().dims3()?;
+        let gs = vector_stride(gl, b, c, "gate")?;
+        let dev = &x.device;
+        let n = b * l * c;
+        let out = out_storage(dev, n)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        let (rv, xv, gv) = (bf16_view!(r, rl), bf16_view!(x, xl), bf16_view!(g, gl));
+        let (rows, cols, per_batch) = ((b * l) as i64, c as i32, l as i32);
+        let func = dev.get_or_load_custom_func("gated_add_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&rv).arg(&xv).arg(&gv).arg(o);
+        launch.arg(&rows).arg(&cols).arg(&per_batch).arg(&gs);
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(grid_stride_config(n / 8)) }.w()?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// q, k, v heads (3, B, H, L, 128) from fused q|k|v rows (B, L, ≥ 3·H·128, unit stride along the
+/// last dim): q and k RMS-normed by `scales` (2, 128) = [q; k] and rotated by `rope` (L, 128) =
+/// [cos | sin] of FLUX's interleaved RoPE.
+pub fn qkv_heads(
+    qkv: &Tensor,
+    scales: &Tensor,
+    rope: &Tensor,
+    heads: usize,
+    eps: f32,
+) -> Result<Tensor> {
+    qkv.apply_op3_no_bwd(scales, rope, &QkvHeads { heads, eps })
+}
+
+struct QkvHeads {
+    heads: usize,
+    eps: f32,
+}
+
+impl CustomOp3 for QkvHeads {
+    fn name(&self) -> &'static str {
+        "qkv-heads-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        qkv: &CudaStorage,
+        ql: &Layout,
+        sc: &CudaStorage,
+        scl: &Layout,
+        rope: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, l, w) = ql.shape().dims3()?;
+        let h = self.heads;
+        let s = ql.stride();
+        if w < 3 * h * HEAD_DIM
+            || s[2] != 1
+            || s[1] % 4 != 0
+            || s[0] % 4 != 0
+            || ql.start_offset() % 4 != 0
+        {
+            bail!(
+                "qkv rows {:?} (strides {s:?}) do not hold {h} heads of q, k and v, 8-byte aligned",
+                ql.dims()
+            )
+        }
+        if scl.dims() != [2, HEAD_DIM] || !scl.is_contiguous() {
+            bail!("q/k norm scales must be a contiguous (2, {HEAD_DIM})")
+        }
+        if rl.dims() != [l, HEAD_DIM] || !rl.is_contiguous() || rl.start_offset() % 2 != 0 {
+            bail!(
+                "rope table must be a contiguous ({l}, {HEAD_DIM}) [cos | sin], got {:?}",
+                rl.dims()
+            )
+        }
+        let dev = &qkv.device;
+        let out = out_storage(dev, 3 * b * h * l * HEAD_DIM)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        let (qv, scv, rv) = (
+            bf16_view!(qkv, ql),
+            bf16_view!(sc, scl),
+            bf16_view!(rope, rl),
+        );
+        let (bi, li, hi) = (b as i32, l as i32, h as i32);
+        let (row_stride, batch_stride) = (s[1] as i64, s[0] as i64);
+        let func = dev.get_or_load_custom_func("qkv_heads_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&qv).arg(&scv).arg(&rv).arg(o);
+        launch
+            .arg(&bi)
+            .arg(&li)
+            .arg(&hi)
+            .arg(&row_stride)
+            .arg(&batch_stride)
+            .arg(&self.eps);
+        let warps = b * l * h;
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok((out, Shape::from((3, b, h, l, HEAD_DIM))))
+    }
+}
+
+/// [a | gelu(m)] along the last dim, for a (B, L, Ca) contiguous and m (B, L, Cm) with unit stride
+/// along its last dim (a slice of a wider tensor).
+pub fn gelu_cat(a: &Tensor, m: &Tensor) -> Result<Tensor> {
+    a.apply_op2_no_bwd(m, &GeluCat)
+}
+
+struct GeluCat;
+
+impl CustomOp2 for GeluCat {
+    fn name(&self) -> &'static str {
+        "gelu-cat-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        m: &CudaStorage,
+        ml: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(al, "gelu_cat's first input")?;
+        let (b, l, ca) = al.shape().dims3()?;
+        let (mb, ml_len, cm) = ml.shape().dims3()?;
+        let s = ml.stride();
+        let rows = b * l;
+        if (mb, ml_len) != (b, l)
+            || s[2] != 1
+            || cm % 8 != 0
+            || s[1] % 8 != 0
+            || ml.start_offset() % 8 != 0
+            || (b > 1 && s[0] != l * s[1])
+        {
+            bail!(
+                "gelu_cat's second input {:?} (strides {s:?}) does not fit {:?}",
+                ml.dims(),
+                al.dims()
+            )
+        }
+        let dev = &a.device;
+        let out = out_storage(dev, rows * (ca + cm))?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        let (av, mv) = (bf16_view!(a, al), bf16_view!(m, ml));
+        let (rows_i, ca_i, cm_i, ms) = (rows as i64, ca as i32, cm as i32, s[1] as i64);
+        let func = dev.get_or_load_custom_func("gelu_cat_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch
+            .arg(&av)
+            .arg(&mv)
+            .arg(o)
+            .arg(&rows_i)
+            .arg(&ca_i)
+            .arg(&cm_i)
+            .arg(&ms);
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(grid_stride_config(rows * (ca + cm) / 8)) }.w()?;
+        Ok((out, Shape::from((b, l, ca + cm))))
+    }
+}

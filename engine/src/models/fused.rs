@@ -1,0 +1,206 @@
+//! Ops of the FLUX transformer that have a fused CUDA kernel (`crate::kernels`, `cuda` feature) and a
+//! plain candle path. The kernels run on CUDA in bf16 where their layout fits; everything else (CPU,
+//! f32, tests) takes the plain path, which is also the reference the kernels are checked against
+//! (`flux-bench kernels`, `flux-bench forward --compare-plain`).
+
+use crate::models::autodiff;
+use candle_core::{Module, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused kernels on or off for this process: benchmarks time both paths in one run.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels take these inputs: switched on, bf16 on a CUDA device, and no gradient to
+/// carry (the kernels have no backward pass; a training forward takes the plain, differentiable path).
+#[cfg(feature = "cuda")]
+fn fused(inputs: &[&Tensor]) -> bool {
+    ENABLED.load(Ordering::Relaxed)
+        && inputs.iter().all(|t| !t.track_op())
+        && crate::kernels::fused_ops::supports(inputs[0])
+}
+
+/// FLUX's norms: LayerNorm without affine and the q/k RMS norms, eps 1e-6.
+const EPS: f32 = 1e-6;
+
+/// softmax(q kᵀ / √D) v over (B, H, L, D) heads, returned as (B, L, H·D).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
+        let (b, h, l, d) = q.dims4()?;
+        let scale = 1.0 / (d as f32).sqrt();
+        return crate::kernels::flash_attn::flash_attn(q, k, v, scale)?.reshape((b, l, h * d));
+    }
+    plain_attention(q, k, v)
+}
+
+/// The unfused attention: materialises the (L × L) scores of every head.
+pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, l, d) = q.dims4()?;
+    // Scaling q (L·D values) is cheaper than scaling the scores (L·L).
+    let q = (q * (1.0 / (d as f64).sqrt()))?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = autodiff::softmax_last_dim(&scores)?;
+    probs.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * d))
+}
+
+/// A linear layer's `x Wᵀ + b`: on the fused path the bias is added in one pass after the matrix
+/// product (candle's broadcasting add ran at a tenth of memory speed).
+pub fn linear(base: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let (true, Some(bias)) = (fused(&[x]), base.bias()) {
+        let x = x.contiguous()?;
+        let dims = x.dims();
+        let k = dims[dims.len() - 1];
+        let rows = x.elem_count() / k;
+        let mut out_dims = dims.to_vec();
+        let y = x.reshape((rows, k))?.matmul(&base.weight().t()?)?;
+        *out_dims.last_mut().expect("rank >= 1") = y.dim(1)?;
+        return crate::kernels::fused_ops::add_bias(&y, bias)?.reshape(out_dims);
+    }
+    base.forward(x)
+}
+
+/// `LayerNorm(x) · (1 + scale) + shift`: FLUX's norm and modulation before every attention and MLP,
+/// x (B, L, C), shift and scale (B, 1, C).
+pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&[x, shift, scale]) {
+        return crate::kernels::fused_ops::norm_modulate(&x.contiguous()?, shift, scale, EPS);
+    }
+    let c = x.dim(candle_core::D::Minus1)?;
+    let ones = Tensor::ones(c, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(c, x.dtype(), x.device())?;
+    let normed = autodiff::layer_norm(x, &ones, &zeros, EPS)?;
+    normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// `r + x · gate`: the gated residual after every attention and MLP, gate (B, 1, C).
+pub fn gated_add(r: &Tensor, x: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&[r, x, gate]) {
+        return crate::kernels::fused_ops::gated_add(&r.contiguous()?, &x.contiguous()?, gate);
+    }
+    r + x.broadcast_mul(gate)?
+}
+
+/// `[a | gelu(m)]` along the last dim (tanh-approximated GELU, as FLUX's MLPs use): the single
+/// block's attention output beside its MLP activation.
+pub fn gelu_cat(a: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&[a, m]) {
+        return crate::kernels::fused_ops::gelu_cat(&a.contiguous()?, m);
+    }
+    Tensor::cat(&[a, &m.gelu()?], candle_core::D::Minus1)
+}
+
+/// RoPE tables for a run of positions: cos and sin (L, D/2), and both side by side (L, D) for the
+/// fused kernel.
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    #[cfg(feature = "cuda")]
+    packed: Tensor,
+}
+
+impl Rope {
+    pub fn new(cos: Tensor, sin: Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            packed: Tensor::cat(&[&cos, &sin], 1)?,
+            cos,
+            sin,
+        })
+    }
+
+    /// The tables of positions `start .. start + len`.
+    pub fn rows(&self, start: usize, len: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            cos: self.cos.narrow(0, start, len)?,
+            sin: self.sin.narrow(0, start, len)?,
+            #[cfg(feature = "cuda")]
+            packed: self.packed.narrow(0, start, len)?,
+        })
+    }
+}
+
+/// The q and k RMS-norm scales of one attention, (D,) each, and stacked (2, D) for the fused kernel.
+pub struct QkScales {
+    pub q: Tensor,
+    pub k: Tensor,
+    #[cfg(feature = "cuda")]
+    both: Tensor,
+}
+
+impl QkScales {
+    pub fn new(q: Tensor, k: Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            both: Tensor::stack(&[&q, &k], 0)?,
+            q,
+            k,
+        })
+    }
+}
+
+/// Fused q|k|v rows (B, L, ≥ 3·H·D) to (B, H, L, D) heads, q and k RMS-normed and rotated.
+pub fn qkv_heads(
+    qkv: &Tensor,
+    heads: usize,
+    scales: &QkScales,
+    rope: &Rope,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, _) = qkv.dims3()?;
+    let d = scales.q.dim(0)?;
+    #[cfg(feature = "cuda")]
+    if fused(&[qkv]) && d == crate::kernels::flash_attn::HEAD_DIM {
+        let out =
+            crate::kernels::fused_ops::qkv_heads(qkv, &scales.both, &rope.packed, heads, EPS)?;
+        return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
+    }
+    let qkv = qkv.narrow(2, 0, 3 * heads * d)?;
+    let qkv = qkv.reshape((b, l, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
+    let q = qkv.get(0)?.contiguous()?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let q = autodiff::rms_norm(&q, &scales.q, EPS)?;
+    let k = autodiff::rms_norm(&k, &scales.k, EPS)?;
+    let q = autodiff::rope_i(&q, &rope.cos, &rope.sin)?;
+    let k = autodiff::rope_i(&k, &rope.cos, &rope.sin)?;
+    Ok((q, k, v))
+}
+
+/// GroupNorm over (B, C, H, W) with `plain`'s groups and parameters (`weight`, `bias` are its (C,)
+/// affine, which candle keeps private), then SiLU when `silu`: the autoencoder's normalisation.
+pub fn group_norm(
+    x: &Tensor,
+    plain: &candle_nn::GroupNorm,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&[x]) && x.rank() >= 3 && x.dims()[2..].iter().product::<usize>() % 8 == 0 {
+        return crate::kernels::group_norm::group_norm(
+            &x.contiguous()?,
+            weight,
+            bias,
+            groups,
+            eps,
+            silu,
+        );
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (weight, bias, groups, eps);
+    let y = plain.forward(x)?;
+    if silu {
+        y.silu()
+    } else {
+        Ok(y)
+    }
+}
