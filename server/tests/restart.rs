@@ -139,10 +139,11 @@ async fn a_running_job_is_interrupted_after_a_kill_and_finished_ones_are_kept() 
         serde_json::from_str::<Value>(&body).unwrap()["status"],
         "interrupted"
     );
-    // Without a trainer in this build, resuming says why.
+    // This seeded job has no dataset on disk: resuming says so.
     let (status, body) = curl(&["-X", "POST", &format!("{}/train/{RUNNING}/resume", s.url)]);
+    assert!(body.contains("upload it again"), "{body}");
     assert_eq!(
         (status, common::error_code(&body)),
-        (503, "unavailable".into())
+        (409, "conflict".into())
     );
 }
