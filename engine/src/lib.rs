@@ -4,6 +4,7 @@
 pub mod classifier;
 pub mod device;
 pub mod hub;
+pub mod lora;
 pub mod models;
 pub mod pipeline;
 pub mod presets;
