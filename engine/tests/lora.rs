@@ -80,11 +80,18 @@ fn every_layout_gives_diffusers_output() {
             serde_json::Value::Number(n) => n.as_u64().unwrap() as usize,
             _ => 0,
         };
-        assert_eq!(file.skipped.len(), skipped, "{name}: text-encoder modules reported");
+        assert_eq!(
+            file.skipped.len(),
+            skipped,
+            "{name}: text-encoder modules reported"
+        );
         lora::apply(&model, &[(&file, 1.0)]).unwrap();
         let out = forward(&model);
         // A LoRA that did nothing would fail here, not pass quietly.
-        assert!(rel_err(&out, &want["base"]) > 1e-2, "{name} changed nothing");
+        assert!(
+            rel_err(&out, &want["base"]) > 1e-2,
+            "{name} changed nothing"
+        );
         assert_close(name, &out, &want[name.as_str()], TOL);
         checked += 1;
     }
@@ -155,11 +162,21 @@ fn bfl_names_load_with_or_without_a_prefix() {
     for prefix in ["", "diffusion_model.", "transformer."] {
         let renamed = tensors("bfl")
             .into_iter()
-            .map(|(k, v)| (format!("{prefix}{}", k.strip_prefix("base_model.model.").unwrap()), v))
+            .map(|(k, v)| {
+                (
+                    format!("{prefix}{}", k.strip_prefix("base_model.model.").unwrap()),
+                    v,
+                )
+            })
             .collect();
         let file = from_tensors(renamed).unwrap();
         lora::apply(&model, &[(&file, 1.0)]).unwrap();
-        assert_close(&format!("bfl with prefix {prefix:?}"), &forward(&model), want, TOL);
+        assert_close(
+            &format!("bfl with prefix {prefix:?}"),
+            &forward(&model),
+            want,
+            TOL,
+        );
     }
 }
 
@@ -179,22 +196,45 @@ fn a_key_that_cannot_be_placed_is_named() {
     lora::apply(&model, &[(&open("xlabs"), 1.0)]).unwrap();
     let file = from_tensors(pair("transformer.transformer_blocks.7.attn.to_q")).unwrap();
     let err = format!("{:#}", lora::apply(&model, &[(&file, 1.0)]).unwrap_err());
-    assert!(err.contains("transformer.transformer_blocks.7.attn.to_q"), "{err}");
-    assert_close("unchanged after the error", &forward(&model), &expected()["xlabs"], TOL);
+    assert!(
+        err.contains("transformer.transformer_blocks.7.attn.to_q"),
+        "{err}"
+    );
+    assert_close(
+        "unchanged after the error",
+        &forward(&model),
+        &expected()["xlabs"],
+        TOL,
+    );
 
     // Shapes of another model.
     let file = from_tensors(pair("transformer.transformer_blocks.0.ff.net.2")).unwrap();
     let err = format!("{:#}", lora::apply(&model, &[(&file, 1.0)]).unwrap_err());
-    assert!(err.contains("transformer.transformer_blocks.0.ff.net.2"), "{err}");
+    assert!(
+        err.contains("transformer.transformer_blocks.0.ff.net.2"),
+        "{err}"
+    );
 
     // Keys of kinds the studio does not apply.
     let mut t = pair("transformer.transformer_blocks.0.attn.to_q");
-    t.insert("transformer.transformer_blocks.0.attn.to_q.dora_scale".into(), b.clone());
+    t.insert(
+        "transformer.transformer_blocks.0.attn.to_q.dora_scale".into(),
+        b.clone(),
+    );
     let err = format!("{:#}", from_tensors(t).unwrap_err());
-    assert!(err.contains("transformer.transformer_blocks.0.attn.to_q.dora_scale"), "{err}");
-    let t = HashMap::from([("single_blocks.0.processor.proj_lora.down.weight".into(), a.clone())]);
+    assert!(
+        err.contains("transformer.transformer_blocks.0.attn.to_q.dora_scale"),
+        "{err}"
+    );
+    let t = HashMap::from([(
+        "single_blocks.0.processor.proj_lora.down.weight".into(),
+        a.clone(),
+    )]);
     let err = format!("{:#}", from_tensors(t).unwrap_err());
-    assert!(err.contains("single_blocks.0.processor.proj_lora.down.weight"), "{err}");
+    assert!(
+        err.contains("single_blocks.0.processor.proj_lora.down.weight"),
+        "{err}"
+    );
 
     // Half an adapter.
     let t = HashMap::from([("lora_unet_img_in.lora_down.weight".to_string(), a.clone())]);

@@ -288,7 +288,11 @@ impl Generation for FluxGeneration {
                 .map_err(|e| e.context(format!("LoRA {}", spec.name)))?;
             files.push(file);
         }
-        let stack: Vec<_> = files.iter().zip(&specs).map(|(f, s)| (&**f, s.scale)).collect();
+        let stack: Vec<_> = files
+            .iter()
+            .zip(&specs)
+            .map(|(f, s)| (&**f, s.scale))
+            .collect();
         // Adapters belong to this generation only: a training run shares the model between requests.
         pipe.set_loras(&stack)?;
         let applied = specs

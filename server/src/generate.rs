@@ -63,7 +63,10 @@ fn lora_arg(arg: &str) -> Result<LoraSpec> {
 /// The LoRAs asked for on the command line, else the preset's own.
 fn lora_specs(preset: &Preset, args: &[String]) -> Result<Vec<LoraSpec>> {
     if args.iter().any(|a| a == "none") {
-        anyhow::ensure!(args.len() == 1, "--lora none cannot be combined with other LoRAs");
+        anyhow::ensure!(
+            args.len() == 1,
+            "--lora none cannot be combined with other LoRAs"
+        );
         return Ok(Vec::new());
     }
     if !args.is_empty() {
@@ -130,7 +133,11 @@ pub fn run(a: Args) -> Result<()> {
         }
         files.push(file);
     }
-    let stack: Vec<_> = files.iter().zip(&specs).map(|(f, s)| (&**f, s.scale)).collect();
+    let stack: Vec<_> = files
+        .iter()
+        .zip(&specs)
+        .map(|(f, s)| (&**f, s.scale))
+        .collect();
     pipe.set_loras(&stack)?;
     let prompt = lora::with_trigger_words(
         &a.prompt,

@@ -18,7 +18,12 @@ fn server() -> (tempfile::TempDir, Binary) {
     let loras = fixture_loras();
     let binary = Binary::start(
         dir.path(),
-        &["--preset", "flux-tiny", "--lora-dir", loras.to_str().unwrap()],
+        &[
+            "--preset",
+            "flux-tiny",
+            "--lora-dir",
+            loras.to_str().unwrap(),
+        ],
     );
     (dir, binary)
 }
@@ -79,9 +84,16 @@ fn bad_lora_names_are_refused_with_the_reason() {
     assert_eq!(error_code(&text), "validation");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("no-such-lora"), "{message}");
-    assert!(message.contains("kohya.safetensors"), "lists the folder: {message}");
+    assert!(
+        message.contains("kohya.safetensors"),
+        "lists the folder: {message}"
+    );
     // Server paths are not LoRA names.
-    for path in ["../../etc/passwd", "/etc/passwd", "owner/repo:../x.safetensors"] {
+    for path in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "owner/repo:../x.safetensors",
+    ] {
         let (status, body) = generate(&s, json!({"prompt": "a fox", "lora": path}));
         assert_eq!(status, 422, "{path}: {body}");
     }
@@ -93,9 +105,19 @@ fn the_command_line_stacks_local_files_with_scales() {
     let out = dir.path().join("fox.png");
     let loras = fixture_loras();
     let output = Command::new(env!("CARGO_BIN_EXE_studio"))
-        .args(["generate", "a fox", "--preset", "flux-tiny", "--device", "cpu"])
+        .args([
+            "generate",
+            "a fox",
+            "--preset",
+            "flux-tiny",
+            "--device",
+            "cpu",
+        ])
         .arg("--lora")
-        .arg(format!("{}:0.75", loras.join("diffusers.safetensors").display()))
+        .arg(format!(
+            "{}:0.75",
+            loras.join("diffusers.safetensors").display()
+        ))
         .arg("--lora")
         .arg(loras.join("xlabs.safetensors"))
         .arg("-o")
@@ -104,12 +126,22 @@ fn the_command_line_stacks_local_files_with_scales() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains("diffusers layout") && stderr.contains("at scale 0.75"), "{stderr}");
+    assert!(
+        stderr.contains("diffusers layout") && stderr.contains("at scale 0.75"),
+        "{stderr}"
+    );
     assert!(stderr.contains("xlabs layout"), "{stderr}");
     assert!(image::open(&out).is_ok());
 
     let output = Command::new(env!("CARGO_BIN_EXE_studio"))
-        .args(["generate", "a fox", "--preset", "flux-tiny", "--device", "cpu"])
+        .args([
+            "generate",
+            "a fox",
+            "--preset",
+            "flux-tiny",
+            "--device",
+            "cpu",
+        ])
         .args(["--lora", "no/such-file.safetensors"])
         .output()
         .unwrap();

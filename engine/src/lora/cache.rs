@@ -42,7 +42,12 @@ impl LoraCache {
 
     /// The loaded file of `source`, downloading it first when it is on the hub and not cached.
     pub fn get(&self, source: &LoraSource, progress: ProgressFn) -> Result<Arc<LoraFile>> {
-        let known = self.fetched.lock().expect("lora cache poisoned").get(source).cloned();
+        let known = self
+            .fetched
+            .lock()
+            .expect("lora cache poisoned")
+            .get(source)
+            .cloned();
         let path = match known {
             Some(p) if p.is_file() => p,
             _ => {
@@ -62,7 +67,10 @@ impl LoraCache {
         let meta = std::fs::metadata(path)?;
         let stamp = (meta.modified()?, meta.len());
         let mut entries = self.entries.lock().expect("lora cache poisoned");
-        if let Some(i) = entries.iter().position(|e| e.path == path && e.stamp == stamp) {
+        if let Some(i) = entries
+            .iter()
+            .position(|e| e.path == path && e.stamp == stamp)
+        {
             let e = entries.remove(i);
             let file = e.file.clone();
             entries.insert(0, e);

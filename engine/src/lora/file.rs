@@ -118,7 +118,10 @@ impl LoraFile {
                 if skipped.is_empty() {
                     String::new()
                 } else {
-                    format!(" (only {} text-encoder modules, which the studio does not apply)", skipped.len())
+                    format!(
+                        " (only {} text-encoder modules, which the studio does not apply)",
+                        skipped.len()
+                    )
                 }
             );
         };
@@ -131,9 +134,18 @@ impl LoraFile {
                     .or(p.up.as_ref())
                     .map(|(n, _)| n.clone())
                     .unwrap_or_else(|| format!("{key}.alpha"));
-                bail!("the LoRA key `{present}` has no matching {} matrix", if p.down.is_none() { "down (lora_A / lora_down)" } else { "up (lora_B / lora_up)" });
+                bail!(
+                    "the LoRA key `{present}` has no matching {} matrix",
+                    if p.down.is_none() {
+                        "down (lora_A / lora_down)"
+                    } else {
+                        "up (lora_B / lora_up)"
+                    }
+                );
             };
-            let (rank, _) = down.dims2().with_context(|| format!("`{key}` down matrix"))?;
+            let (rank, _) = down
+                .dims2()
+                .with_context(|| format!("`{key}` down matrix"))?;
             let (_, up_rank) = up.dims2().with_context(|| format!("`{key}` up matrix"))?;
             if rank != up_rank || rank == 0 {
                 bail!(
@@ -209,7 +221,9 @@ impl PeftConfig {
         Ok(Self {
             lora_alpha: field("lora_alpha").and_then(|v| v.as_f64()),
             alpha_pattern,
-            use_rslora: field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+            use_rslora: field("use_rslora")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         })
     }
 

@@ -241,18 +241,46 @@ mod tests {
     fn every_layout_is_recognised() {
         let k = transformer("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight");
         assert_eq!(k.0, "lora_unet_double_blocks_0_img_attn_qkv");
-        assert_eq!((k.1.as_str(), k.2, k.3, k.4), ("double_blocks_0_img_attn_qkv", Scheme::BflFlat, Role::Down, Format::Kohya));
+        assert_eq!(
+            (k.1.as_str(), k.2, k.3, k.4),
+            (
+                "double_blocks_0_img_attn_qkv",
+                Scheme::BflFlat,
+                Role::Down,
+                Format::Kohya
+            )
+        );
         let k = transformer("diffusion_model.double_blocks.0.img_attn.qkv.alpha");
-        assert_eq!((k.1.as_str(), k.3, k.4), ("double_blocks.0.img_attn.qkv", Role::Alpha, Format::ComfyUi));
+        assert_eq!(
+            (k.1.as_str(), k.3, k.4),
+            ("double_blocks.0.img_attn.qkv", Role::Alpha, Format::ComfyUi)
+        );
         let k = transformer("transformer.transformer_blocks.0.attn.to_q.lora_B.weight");
-        assert_eq!((k.1.as_str(), k.2, k.3, k.4), ("transformer_blocks.0.attn.to_q", Scheme::Diffusers, Role::Up, Format::Diffusers));
+        assert_eq!(
+            (k.1.as_str(), k.2, k.3, k.4),
+            (
+                "transformer_blocks.0.attn.to_q",
+                Scheme::Diffusers,
+                Role::Up,
+                Format::Diffusers
+            )
+        );
         let k = transformer("single_transformer_blocks.3.proj_mlp.lora_A.weight");
-        assert_eq!((k.1.as_str(), k.4), ("single_transformer_blocks.3.proj_mlp", Format::Diffusers));
+        assert_eq!(
+            (k.1.as_str(), k.4),
+            ("single_transformer_blocks.3.proj_mlp", Format::Diffusers)
+        );
         let k = transformer("base_model.model.final_layer.linear.lora_A.weight");
-        assert_eq!((k.1.as_str(), k.2, k.4), ("final_layer.linear", Scheme::Bfl, Format::BflPeft));
+        assert_eq!(
+            (k.1.as_str(), k.2, k.4),
+            ("final_layer.linear", Scheme::Bfl, Format::BflPeft)
+        );
         let k = transformer("double_blocks.1.processor.qkv_lora2.up.weight");
         assert_eq!(k.0, "double_blocks.1.processor.qkv_lora2");
-        assert_eq!((k.1.as_str(), k.3, k.4), ("double_blocks.1.txt_attn.qkv", Role::Up, Format::XLabs));
+        assert_eq!(
+            (k.1.as_str(), k.3, k.4),
+            ("double_blocks.1.txt_attn.qkv", Role::Up, Format::XLabs)
+        );
         assert_eq!(
             parse("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"),
             Some(Key::TextEncoder {
@@ -264,7 +292,13 @@ mod tests {
     #[test]
     fn unknown_kinds_are_not_guessed() {
         assert_eq!(parse("transformer.x.dora_scale"), None);
-        assert_eq!(parse("lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a"), None);
-        assert_eq!(parse("single_blocks.0.processor.proj_lora.down.weight"), None);
+        assert_eq!(
+            parse("lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a"),
+            None
+        );
+        assert_eq!(
+            parse("single_blocks.0.processor.proj_lora.down.weight"),
+            None
+        );
     }
 }

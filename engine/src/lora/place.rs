@@ -110,7 +110,10 @@ fn place(
     }
     let up = if slot.swapped_halves {
         let half = rows / 2;
-        Tensor::cat(&[m.up.narrow(0, half, rows - half)?, m.up.narrow(0, 0, half)?], 0)?
+        Tensor::cat(
+            &[m.up.narrow(0, half, rows - half)?, m.up.narrow(0, 0, half)?],
+            0,
+        )?
     } else {
         m.up.clone()
     };

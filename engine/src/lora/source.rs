@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 pub enum LoraSource {
     /// `owner/repo:file.safetensors`, or `owner/repo` when the repository holds one
     /// `.safetensors` file.
-    Hub { repo: String, file: Option<String> },
+    Hub {
+        repo: String,
+        file: Option<String>,
+    },
     Local(PathBuf),
 }
 
@@ -27,8 +30,7 @@ fn repo_part_ok(x: &str) -> bool {
     !x.is_empty()
         && x != "."
         && x != ".."
-        && x
-            .chars()
+        && x.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 

@@ -92,7 +92,9 @@ pub struct BflSlot {
 }
 
 /// Every diffusers layer name that maps onto one of `bfl_layers`, with where it lands.
-pub fn diffusers_slots<'a>(bfl_layers: impl IntoIterator<Item = &'a str>) -> HashMap<String, BflSlot> {
+pub fn diffusers_slots<'a>(
+    bfl_layers: impl IntoIterator<Item = &'a str>,
+) -> HashMap<String, BflSlot> {
     let mut out = HashMap::new();
     for bfl in bfl_layers {
         let slot = |part, last, swapped_halves| BflSlot {
@@ -149,7 +151,10 @@ mod tests {
     fn slots_invert_the_table() {
         let slots = diffusers_slots(["single_blocks.1.linear1", "final_layer.adaLN_modulation.1"]);
         let mlp = &slots["single_transformer_blocks.1.proj_mlp"];
-        assert_eq!((mlp.layer.as_str(), mlp.part, mlp.last), ("single_blocks.1.linear1", 3, true));
+        assert_eq!(
+            (mlp.layer.as_str(), mlp.part, mlp.last),
+            ("single_blocks.1.linear1", 3, true)
+        );
         let k = &slots["single_transformer_blocks.1.attn.to_k"];
         assert_eq!((k.part, k.last), (1, false));
         assert!(slots["norm_out.linear"].swapped_halves);
