@@ -96,7 +96,10 @@ impl LoraFile {
                     role,
                     format,
                 }) => {
-                    formats.entry(format.name()).or_insert((format, 0)).1 += 1;
+                    // An alpha key alone does not tell kohya-style names from PEFT ones.
+                    if role != Role::Alpha {
+                        formats.entry(format.name()).or_insert((format, 0)).1 += 1;
+                    }
                     let p = partial.entry(module).or_default();
                     p.layer = layer;
                     p.scheme = Some(scheme);

@@ -250,10 +250,15 @@ mod tests {
                 Format::Kohya
             )
         );
-        let k = transformer("diffusion_model.double_blocks.0.img_attn.qkv.alpha");
+        let k = transformer("diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight");
         assert_eq!(
             (k.1.as_str(), k.3, k.4),
-            ("double_blocks.0.img_attn.qkv", Role::Alpha, Format::ComfyUi)
+            ("double_blocks.0.img_attn.qkv", Role::Up, Format::ComfyUi)
+        );
+        let k = transformer("diffusion_model.double_blocks.0.img_attn.qkv.alpha");
+        assert_eq!(
+            (k.1.as_str(), k.3),
+            ("double_blocks.0.img_attn.qkv", Role::Alpha)
         );
         let k = transformer("transformer.transformer_blocks.0.attn.to_q.lora_B.weight");
         assert_eq!(
