@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const TOL: f64 = 2e-5;
+/// As the transformer parity tests: the base model alone is 1.1e-5 from diffusers here.
+const TOL: f64 = 5e-5;
 
 fn lora_dir() -> PathBuf {
     fixtures().join("lora")
