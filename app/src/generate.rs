@@ -32,7 +32,8 @@ pub struct GenerateRequest {
     /// A multiple of 16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub height: Option<u32>,
-    /// A trained `model_id`, a hub LoRA, or `"none"`; the preset's LoRA when absent.
+    /// A trained `model_id`, a file of the server's LoRA folder by name, a hub LoRA (`owner/repo` or
+    /// `owner/repo:file.safetensors`), or `"none"`; the preset's LoRA when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +104,21 @@ pub struct GenerateResponse {
     pub elapsed_ms: u64,
     /// The job that made it; the PNG stays downloadable at `/images/{job_id}`.
     pub job_id: String,
+    /// The LoRAs applied, in order, with the scale each was applied at (empty for none).
+    #[serde(default)]
+    pub loras: Vec<AppliedLora>,
+}
+
+/// One LoRA a generation used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AppliedLora {
+    /// As the request named it (or the preset's default).
+    pub name: String,
+    pub scale: f32,
+    /// Modules of the file that were not applied: text-encoder adapters (the studio adapts the
+    /// transformer only). Absent when everything was applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 #[cfg(test)]

@@ -157,10 +157,26 @@ pub fn snapshot(repo: &str, wanted: &dyn Fn(&str) -> bool, on: ProgressFn) -> Re
 
 /// Whether `file` of `repo` is already in the local hub cache (no network).
 pub fn is_cached(repo: &str, file: &str) -> bool {
-    hf_hub::Cache::from_env()
+    cached_file(repo, file).is_some()
+}
+
+/// `file` of `repo` in the local hub cache, if it is there (no network).
+pub fn cached_file(repo: &str, file: &str) -> Option<PathBuf> {
+    hf_hub::Cache::from_env().model(repo.to_string()).get(file)
+}
+
+/// The file names of a hub repository.
+pub fn repo_files(repo: &str) -> Result<Vec<String>> {
+    let api = ApiBuilder::from_env()
+        .with_token(hf_token())
+        .with_progress(false)
+        .build()
+        .context("setting up the Hugging Face hub client")?;
+    let info = api
         .model(repo.to_string())
-        .get(file)
-        .is_some()
+        .info()
+        .map_err(|e| explain(repo, "", e))?;
+    Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
 }
 
 /// One file of a hub repository (a LoRA, say).

@@ -6,6 +6,7 @@ pub mod device;
 pub mod hub;
 #[cfg(feature = "cuda")]
 pub mod kernels;
+pub mod lora;
 pub mod models;
 pub mod pipeline;
 pub mod presets;

@@ -2,6 +2,7 @@
 //! flow-matching schedule, decode. One code path for the command line and the server.
 
 use crate::hub::{self, ProgressFn, Source};
+use crate::lora::LoraFile;
 use crate::models::autoencoder::Autoencoder;
 use crate::models::flux::{self, FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
 use crate::models::text::{ClipEncoder, T5Encoder};
@@ -189,6 +190,18 @@ impl FluxPipeline {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype the models compute in (LoRAs are loaded in it).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Sets exactly these LoRAs, each with its scale, for the next generations, replacing any
+    /// adapters on the transformer (a training run's included): an empty list clears them. Set
+    /// them before every generation; nothing else keeps them.
+    pub fn set_loras(&self, loras: &[(&LoraFile, f64)]) -> Result<()> {
+        crate::lora::apply(&self.transformer, loras)
     }
 
     /// Image sides must map to whole 2×2 patches of latent cells.

@@ -17,6 +17,18 @@ pub struct Preset {
     pub guidance: f64,
     pub width: usize,
     pub height: usize,
+    /// The LoRA applied when a request names none (`"lora": "none"` turns it off).
+    pub lora: Option<PresetLora>,
+}
+
+/// A preset's own LoRA.
+#[derive(Debug, Clone, Serialize)]
+pub struct PresetLora {
+    /// A hub reference, `owner/repo:file.safetensors`.
+    pub source: &'static str,
+    pub scale: f64,
+    /// Put in front of the prompt when it lacks them.
+    pub trigger_words: &'static [&'static str],
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +67,11 @@ pub static PRESETS: &[Preset] = &[
         guidance: 3.5,
         width: 1024,
         height: 1024,
+        lora: Some(PresetLora {
+            source: "strangerzonehf/Flux-Super-Realism-LoRA:super-realism.safetensors",
+            scale: 1.0,
+            trigger_words: &["Super Realism"],
+        }),
     },
     Preset {
         name: FLUX_SCHNELL,
@@ -66,6 +83,7 @@ pub static PRESETS: &[Preset] = &[
         guidance: 0.0,
         width: 1024,
         height: 1024,
+        lora: None,
     },
     Preset {
         name: FLUX_TINY,
@@ -77,6 +95,7 @@ pub static PRESETS: &[Preset] = &[
         guidance: 3.5,
         width: 64,
         height: 64,
+        lora: None,
     },
 ];
 

@@ -59,6 +59,10 @@ pub struct ServeConfig {
     /// Model preset for requests that name none; the engine's own default when not given.
     #[arg(long, env = "STUDIO_PRESET")]
     pub preset: Option<String>,
+    /// Folder of LoRA files (`.safetensors`) that `/generate/` may name by file name, with or without
+    /// the extension; `<data-dir>/loras` when not given. No other server-side path is accepted over HTTP.
+    #[arg(long, env = "STUDIO_LORA_DIR")]
+    pub lora_dir: Option<PathBuf>,
     /// When set, every route and WebSocket needs `Authorization: Bearer <token>` (WebSockets may pass
     /// `?token=<token>` instead, as browsers cannot set headers on them).
     #[arg(long, env = "STUDIO_TOKEN", hide_env_values = true)]

@@ -6,17 +6,22 @@ use crate::jobs::capability::{
     Control, Generated, Generation, GenerationPlan, LoraChoice, StepUpdate,
 };
 use anyhow::Result;
-use app::{GenerateRequest, ModelState, PresetInfo};
+use app::{AppliedLora, GenerateRequest, ModelState, PresetInfo};
 use candle_core::Device;
 use engine::hub::{DownloadProgress, Source};
+use engine::lora::{self, LoraCache, LoraSource, LoraSpec};
 use engine::pipeline::{self, FluxPipeline, GenerateParams, LoadOptions};
 use engine::presets::{self, Preset, PresetSource};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub struct FluxGeneration {
     default_preset: &'static Preset,
     resident: Arc<Resident>,
+    /// The operator's LoRA folder: the only server-side files a request may name.
+    lora_dir: PathBuf,
+    loras: LoraCache,
 }
 
 /// The one pipeline in memory, shared by generation and training: GPU memory holds one FLUX at a time.
@@ -36,6 +41,11 @@ impl FluxGeneration {
             None => auto_preset(&device),
         };
         tracing::info!("default model: {} on {:?}", default_preset.name, device);
+        let lora_dir = config
+            .lora_dir
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("loras"));
+        let loras = LoraCache::new(&device, engine::device::compute_dtype(&device));
         Ok(Self {
             default_preset,
             resident: Arc::new(Resident {
@@ -43,6 +53,8 @@ impl FluxGeneration {
                 loaded: Mutex::new(None),
                 downloads: Arc::default(),
             }),
+            lora_dir,
+            loras,
         })
     }
 
@@ -53,6 +65,69 @@ impl FluxGeneration {
 
     pub fn default_preset_info(&self) -> &'static Preset {
         self.default_preset
+    }
+
+    /// The LoRAs a request gets: the preset's unless it named one, none for `"none"`.
+    fn lora_specs(
+        &self,
+        preset: &Preset,
+        choice: &LoraChoice,
+        scale: f32,
+    ) -> Result<Vec<LoraSpec>, String> {
+        let scale = f64::from(scale);
+        Ok(match choice {
+            LoraChoice::Disabled => Vec::new(),
+            LoraChoice::PresetDefault => match &preset.lora {
+                None => Vec::new(),
+                Some(l) => vec![LoraSpec {
+                    name: l.source.to_string(),
+                    source: LoraSource::hub(l.source).map_err(|e| e.to_string())?,
+                    scale: l.scale * scale,
+                    trigger_words: l.trigger_words.iter().map(|w| w.to_string()).collect(),
+                }],
+            },
+            LoraChoice::Trained {
+                model_id,
+                file,
+                keywords,
+            } => vec![LoraSpec {
+                name: model_id.clone(),
+                source: LoraSource::Local(file.clone()),
+                scale,
+                trigger_words: keywords.clone(),
+            }],
+            LoraChoice::Named(name) => vec![LoraSpec {
+                name: name.clone(),
+                source: self.named_lora(name)?,
+                scale,
+                trigger_words: Vec::new(),
+            }],
+        })
+    }
+
+    /// A name with a slash is a hub reference; one without, a file of the LoRA folder.
+    fn named_lora(&self, name: &str) -> Result<LoraSource, String> {
+        if name.contains('/') || name.contains(':') {
+            return LoraSource::hub(name).map_err(|e| {
+                format!("lora {name:?} is not a trained model_id of this server, and {e}")
+            });
+        }
+        let plain = !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if plain {
+            for candidate in [name.to_string(), format!("{name}.safetensors")] {
+                let path = self.lora_dir.join(candidate);
+                if path.is_file() {
+                    return Ok(LoraSource::Local(path));
+                }
+            }
+        }
+        Err(format!(
+            "lora {name:?} is not a trained model_id of this server, a file in the LoRA folder ({}), or a hub LoRA (owner/repo or owner/repo:file.safetensors)",
+            folder_listing(&self.lora_dir)
+        ))
     }
 
     fn pipeline(&self, preset: &'static Preset) -> Result<Arc<FluxPipeline>> {
@@ -134,6 +209,25 @@ impl Resident {
     }
 }
 
+/// The LoRA files of a folder, for error messages.
+fn folder_listing(dir: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        "it holds none".into()
+    } else {
+        format!("it holds {}", names.join(", "))
+    }
+}
+
 fn preset_names() -> String {
     presets::PRESETS
         .iter()
@@ -179,23 +273,24 @@ impl Generation for FluxGeneration {
                 .ok_or_else(|| format!("unknown model `{m}`: choose one of {}", preset_names()))?,
             None => self.default_preset,
         };
-        match lora {
-            LoraChoice::PresetDefault | LoraChoice::Disabled => {}
-            LoraChoice::Trained { .. } | LoraChoice::Named(_) => return Err(
-                "LoRA adapters are not supported by this build yet: omit `lora` or send \"none\""
-                    .into(),
-            ),
-        }
+        let lora_scale = r.lora_scale.unwrap_or(1.0);
+        let specs = self.lora_specs(preset, &lora, lora_scale)?;
+        let prompt = lora::with_trigger_words(
+            &r.prompt,
+            specs
+                .iter()
+                .flat_map(|s| s.trigger_words.iter().map(String::as_str)),
+        );
         Ok(GenerationPlan {
             model: preset.name.to_string(),
-            prompt: r.prompt.clone(),
+            prompt,
             width: r.width.unwrap_or(preset.width as u32),
             height: r.height.unwrap_or(preset.height as u32),
             steps: r.steps.unwrap_or(preset.steps as u32),
             guidance: r.guidance.unwrap_or(preset.guidance as f32),
             seed: r.seed.unwrap_or_default(),
             lora,
-            lora_scale: r.lora_scale.unwrap_or(1.0),
+            lora_scale,
         })
     }
 
@@ -207,6 +302,37 @@ impl Generation for FluxGeneration {
         let preset = presets::find(&plan.model)
             .ok_or_else(|| anyhow::anyhow!("unknown model `{}`", plan.model))?;
         let pipe = self.pipeline(preset)?;
+        let specs = self
+            .lora_specs(preset, &plan.lora, plan.lora_scale)
+            .map_err(anyhow::Error::msg)?;
+        let mut files = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            let name = spec.name.clone();
+            let progress = Arc::new(move |p: &DownloadProgress| {
+                tracing::debug!("LoRA {name}: {} / {} bytes", p.file_bytes, p.file_total);
+            });
+            let file = self
+                .loras
+                .get(&spec.source, progress)
+                .map_err(|e| e.context(format!("LoRA {}", spec.name)))?;
+            files.push(file);
+        }
+        let stack: Vec<_> = files
+            .iter()
+            .zip(&specs)
+            .map(|(f, s)| (&**f, s.scale))
+            .collect();
+        // Adapters belong to this generation only: a training run shares the model between requests.
+        pipe.set_loras(&stack)?;
+        let applied = specs
+            .iter()
+            .zip(&files)
+            .map(|(s, f)| AppliedLora {
+                name: s.name.clone(),
+                scale: s.scale as f32,
+                skipped: f.skipped.clone(),
+            })
+            .collect();
         let params = GenerateParams {
             prompt: plan.prompt.clone(),
             width: plan.width as usize,
@@ -225,10 +351,13 @@ impl Generation for FluxGeneration {
                 Control::Continue => pipeline::Control::Continue,
                 Control::Cancel => pipeline::Control::Cancel,
             }
-        })?;
+        });
+        pipe.set_loras(&[])?;
+        let out = out?;
         Ok(Generated {
             image: out.image,
             seed: out.seed,
+            loras: applied,
         })
     }
 }

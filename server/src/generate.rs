@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 use engine::device::DeviceChoice;
 use engine::hub::{DownloadProgress, Source};
+use engine::lora::{self, LoraCache, LoraSource, LoraSpec};
 use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions};
+use engine::presets::Preset;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -37,6 +39,48 @@ pub struct Args {
     /// auto, cpu or cuda.
     #[arg(long, env = "STUDIO_DEVICE", default_value = "auto")]
     device: DeviceChoice,
+    /// A LoRA to apply, `SOURCE[:scale]` (scale 1 when absent): a local .safetensors file, a hub
+    /// repository `owner/repo` or `owner/repo:file.safetensors`. Repeat to stack several; any
+    /// replaces the preset's own LoRA, and `none` turns that off.
+    #[arg(long = "lora", value_name = "SOURCE[:SCALE]")]
+    loras: Vec<String>,
+}
+
+/// `SOURCE[:scale]`: a trailing `:number` is the scale.
+fn lora_arg(arg: &str) -> Result<LoraSpec> {
+    let (source, scale) = match arg.rsplit_once(':') {
+        Some((s, n)) if n.parse::<f64>().is_ok() => (s, n.parse::<f64>()?),
+        _ => (arg, 1.0),
+    };
+    Ok(LoraSpec {
+        name: source.to_string(),
+        source: LoraSource::parse(source)?,
+        scale,
+        trigger_words: Vec::new(),
+    })
+}
+
+/// The LoRAs asked for on the command line, else the preset's own.
+fn lora_specs(preset: &Preset, args: &[String]) -> Result<Vec<LoraSpec>> {
+    if args.iter().any(|a| a == "none") {
+        anyhow::ensure!(
+            args.len() == 1,
+            "--lora none cannot be combined with other LoRAs"
+        );
+        return Ok(Vec::new());
+    }
+    if !args.is_empty() {
+        return args.iter().map(|a| lora_arg(a)).collect();
+    }
+    Ok(match &preset.lora {
+        None => Vec::new(),
+        Some(l) => vec![LoraSpec {
+            name: l.source.to_string(),
+            source: LoraSource::hub(l.source)?,
+            scale: l.scale,
+            trigger_words: l.trigger_words.iter().map(|w| w.to_string()).collect(),
+        }],
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -65,9 +109,44 @@ pub fn run(a: Args) -> Result<()> {
             p.file_total as f64 / 1e6
         );
     });
-    let pipe = FluxPipeline::load(&opts, &device, progress)?;
+    let specs = lora_specs(preset, &a.loras)?;
+    let pipe = FluxPipeline::load(&opts, &device, progress.clone())?;
+    let cache = LoraCache::new(&device, pipe.dtype());
+    let mut files = Vec::new();
+    for spec in &specs {
+        let file = cache
+            .get(&spec.source, progress.clone())
+            .map_err(|e| e.context(format!("LoRA {}", spec.name)))?;
+        eprintln!(
+            "LoRA {} ({} layout, {} modules) at scale {}",
+            spec.name,
+            file.format.name(),
+            file.modules.len(),
+            spec.scale
+        );
+        if !file.skipped.is_empty() {
+            eprintln!(
+                "  not applied: {} text-encoder modules ({}...): the studio adapts the transformer only",
+                file.skipped.len(),
+                file.skipped[0]
+            );
+        }
+        files.push(file);
+    }
+    let stack: Vec<_> = files
+        .iter()
+        .zip(&specs)
+        .map(|(f, s)| (&**f, s.scale))
+        .collect();
+    pipe.set_loras(&stack)?;
+    let prompt = lora::with_trigger_words(
+        &a.prompt,
+        specs
+            .iter()
+            .flat_map(|s| s.trigger_words.iter().map(String::as_str)),
+    );
     let params = GenerateParams {
-        prompt: a.prompt,
+        prompt,
         width: a.width.unwrap_or(preset.width),
         height: a.height.unwrap_or(preset.height),
         steps: a.steps.unwrap_or(preset.steps),

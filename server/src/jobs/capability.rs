@@ -79,6 +79,8 @@ pub enum Control {
 pub struct Generated {
     pub image: RgbImage,
     pub seed: u64,
+    /// The LoRAs applied, in order.
+    pub loras: Vec<app::AppliedLora>,
 }
 
 /// Prompt classification: small, CPU-bound; runs on tokio's blocking pool, beside the worker.

@@ -108,6 +108,7 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
             prompt: plan.prompt.clone(),
             elapsed_ms,
             job_id: job.clone(),
+            loras: generated.loras,
         };
         // The job's record keeps everything but the pixels, which stay in the PNG file.
         let mut record = serde_json::to_value(&response)?;

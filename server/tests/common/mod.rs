@@ -203,6 +203,7 @@ impl Generation for FakeGeneration {
         Ok(Generated {
             image: RgbImage::from_pixel(plan.width, plan.height, image::Rgb([shade, 0, 0])),
             seed: plan.seed,
+            loras: Vec::new(),
         })
     }
 }

@@ -3,6 +3,8 @@
 //! `to_v`) and swaps the halves of the final modulation. This table is the single place that
 //! knows how the two correspond: weight loading and LoRA key mapping both read it.
 
+use std::collections::HashMap;
+
 /// How one BFL layer is stored in diffusers' layout.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DiffusersParts {
@@ -76,6 +78,57 @@ pub fn diffusers_parts(bfl: &str) -> Option<DiffusersParts> {
     None
 }
 
+/// Where a diffusers layer's output rows lie inside a BFL layer: the inverse of [`diffusers_parts`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BflSlot {
+    /// The BFL layer.
+    pub layer: String,
+    /// Which part of a [`DiffusersParts::Stacked`] layer (0 for the others).
+    pub part: usize,
+    /// Whether this is the last part of the stack (the only one that may be wider than the others).
+    pub last: bool,
+    /// The diffusers layer has the BFL layer's two output halves in the other order.
+    pub swapped_halves: bool,
+}
+
+/// Every diffusers layer name that maps onto one of `bfl_layers`, with where it lands.
+pub fn diffusers_slots<'a>(
+    bfl_layers: impl IntoIterator<Item = &'a str>,
+) -> HashMap<String, BflSlot> {
+    let mut out = HashMap::new();
+    for bfl in bfl_layers {
+        let slot = |part, last, swapped_halves| BflSlot {
+            layer: bfl.to_string(),
+            part,
+            last,
+            swapped_halves,
+        };
+        match diffusers_parts(bfl) {
+            Some(DiffusersParts::Same(d)) => {
+                out.insert(d, slot(0, true, false));
+            }
+            Some(DiffusersParts::SwappedHalves(d)) => {
+                out.insert(d, slot(0, true, true));
+            }
+            Some(DiffusersParts::Stacked(parts)) => {
+                let n = parts.len();
+                for (i, d) in parts.into_iter().enumerate() {
+                    out.insert(d, slot(i, i + 1 == n, false));
+                }
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// The first output row of part `part` of a stacked layer. Every part but the last (q, k, v) is
+/// as wide as the layer's input, the hidden size; the last (q, k, v's `v`, or the single blocks'
+/// MLP input) takes the rest.
+pub fn stacked_part_offset(part: usize, in_features: usize) -> usize {
+    part * in_features
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +145,19 @@ mod tests {
             ]))
         );
         assert_eq!(diffusers_parts("double_blocks.0.nonexistent"), None);
+    }
+
+    #[test]
+    fn slots_invert_the_table() {
+        let slots = diffusers_slots(["single_blocks.1.linear1", "final_layer.adaLN_modulation.1"]);
+        let mlp = &slots["single_transformer_blocks.1.proj_mlp"];
+        assert_eq!(
+            (mlp.layer.as_str(), mlp.part, mlp.last),
+            ("single_blocks.1.linear1", 3, true)
+        );
+        let k = &slots["single_transformer_blocks.1.attn.to_k"];
+        assert_eq!((k.part, k.last), (1, false));
+        assert!(slots["norm_out.linear"].swapped_halves);
+        assert_eq!(slots.len(), 5);
     }
 }

@@ -1,0 +1,16 @@
+//! LoRA adapters for the FLUX transformer: files from every common trainer (kohya, ComfyUI,
+//! diffusers/PEFT, XLabs, PEFT on BFL names), read by their keys, placed unmerged on the model's
+//! adapter-aware layers (`y = W x + Σ sᵢ Bᵢ(Aᵢ x)`), stacked with one scale each, swapped per
+//! request on one resident model. docs/lora.md describes the formats and the name mapping.
+
+mod cache;
+mod file;
+mod keys;
+mod place;
+mod source;
+
+pub use cache::LoraCache;
+pub use file::{LoraFile, Module};
+pub use keys::Format;
+pub use place::apply;
+pub use source::{with_trigger_words, LoraSource, LoraSpec};
