@@ -108,9 +108,11 @@ pub async fn run(plan: &Plan) -> Report {
         }
     }
 
-    let mut report = Report::default();
-    report.classify = figures(join_samples(classify).await, started.elapsed());
-    report.generate = figures(join_samples(generate).await, started.elapsed());
+    let mut report = Report {
+        classify: figures(join_samples(classify).await, started.elapsed()),
+        generate: figures(join_samples(generate).await, started.elapsed()),
+        ..Report::default()
+    };
     for socket in sockets {
         let (results, refused, broken, vanished) = socket.await.unwrap();
         report.ws_results += results;
