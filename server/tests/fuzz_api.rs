@@ -160,7 +160,7 @@ fn near_valid_generate() -> impl Strategy<Value = Value> {
         edgy(vec![
             json!("none"),
             json!("../../etc/passwd"),
-            json!("no/such-lora"),
+            json!("no-such-lora"),
             json!(""),
         ]),
         edgy(vec![json!(0.0), json!(1.0), json!(100.0)]),
@@ -324,7 +324,7 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
         .run(
             &(
                 prop_oneof![
-                    "[^\u{0}]{0,40}",
+                    "[^\u{0}]{1,40}",
                     Just("..".to_owned()),
                     Just("../../studio.db".to_owned()),
                     Just("%2e%2e%2fstudio.db".to_owned()),
@@ -349,7 +349,9 @@ fn no_request_gets_a_500_a_non_json_answer_or_writes_outside_its_place() {
                 let segment: String = id
                     .bytes()
                     .map(|b| {
-                        if b.is_ascii_alphanumeric() || b"-._~%".contains(&b) {
+                        // Dots are encoded too: a bare `.` or `..` segment would be resolved away by the
+                        // client's URL parser before it reached the server.
+                        if b.is_ascii_alphanumeric() || b"-_~%".contains(&b) {
                             (b as char).to_string()
                         } else {
                             format!("%{b:02X}")
