@@ -5,6 +5,24 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// The transformer's forward on the inputs of a `reference/transformer_*.safetensors` file.
+pub fn forward_on_reference(
+    model: &engine::models::flux::FluxTransformer,
+    r: &HashMap<String, Tensor>,
+) -> Tensor {
+    model
+        .forward(&engine::models::flux::FluxInputs {
+            img: &r["hidden_states"],
+            img_ids: &r["img_ids"],
+            txt: &r["encoder_hidden_states"],
+            txt_ids: &r["txt_ids"],
+            timesteps: &r["timestep"],
+            y: &r["pooled_projections"],
+            guidance: r.get("guidance"),
+        })
+        .unwrap()
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

@@ -25,17 +25,7 @@ fn dev_config() -> FluxConfig {
 fn run_transformer(weights: &FluxWeights, cfg: &FluxConfig, reference: &str) {
     let r = common::reference(reference);
     let model = FluxTransformer::load(weights, cfg, DType::F32, &Device::Cpu).unwrap();
-    let out = model
-        .forward(&FluxInputs {
-            img: &r["hidden_states"],
-            img_ids: &r["img_ids"],
-            txt: &r["encoder_hidden_states"],
-            txt_ids: &r["txt_ids"],
-            timesteps: &r["timestep"],
-            y: &r["pooled_projections"],
-            guidance: r.get("guidance"),
-        })
-        .unwrap();
+    let out = common::forward_on_reference(&model, &r);
     assert_close(reference, &out, &r["out"], FORWARD_TOL);
 }
 

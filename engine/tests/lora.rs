@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use engine::lora::{self, LoraCache, LoraFile};
-use engine::models::flux::{FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
+use engine::models::flux::{FluxConfig, FluxTransformer, FluxWeights};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,17 +29,7 @@ fn model() -> FluxTransformer {
 
 fn forward(model: &FluxTransformer) -> Tensor {
     let r = reference("transformer_dev");
-    model
-        .forward(&FluxInputs {
-            img: &r["hidden_states"],
-            img_ids: &r["img_ids"],
-            txt: &r["encoder_hidden_states"],
-            txt_ids: &r["txt_ids"],
-            timesteps: &r["timestep"],
-            y: &r["pooled_projections"],
-            guidance: r.get("guidance"),
-        })
-        .unwrap()
+    common::forward_on_reference(&model, &r)
 }
 
 fn expected() -> HashMap<String, Tensor> {

@@ -5,7 +5,6 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use engine::models::flux::FluxInputs;
 use engine::pipeline::{Control, FluxPipeline, LoadOptions};
 use engine::training::lora::LoraSet;
 use engine::training::{Report, TrainJob, TrainSettings, Trainer};
@@ -356,19 +355,7 @@ fn trained_lora_matches_diffusers() {
         "every adapter, nothing else"
     );
     lora.load_peft_tensors(&file).unwrap();
-    let forward = || {
-        pipe.transformer
-            .forward(&FluxInputs {
-                img: &r["hidden_states"],
-                img_ids: &r["img_ids"],
-                txt: &r["encoder_hidden_states"],
-                txt_ids: &r["txt_ids"],
-                timesteps: &r["timestep"],
-                y: &r["pooled_projections"],
-                guidance: r.get("guidance"),
-            })
-            .unwrap()
-    };
+    let forward = || common::forward_on_reference(&pipe.transformer, &r);
     common::assert_close("base", &forward(), &want["base_out"], 5e-5);
     lora.attach(&pipe.transformer, false);
     let out = forward();
