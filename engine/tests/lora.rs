@@ -29,7 +29,7 @@ fn model() -> FluxTransformer {
 
 fn forward(model: &FluxTransformer) -> Tensor {
     let r = reference("transformer_dev");
-    common::forward_on_reference(&model, &r)
+    common::forward_on_reference(model, &r)
 }
 
 fn expected() -> HashMap<String, Tensor> {
