@@ -59,13 +59,16 @@ pub struct TrainSettings {
     /// The prompt of the samples; by default the keywords.
     pub sample_prompt: Option<String>,
     pub seed: u64,
+    /// The share of images trained with the empty caption (classifier-free guidance needs it).
+    #[serde(default)]
+    pub caption_dropout: f64,
 }
 
 /// The resolutions a full-size model trains at; a model whose own size is smaller (the tiny test model)
 /// also takes that size, which is then its default.
 pub const RESOLUTIONS: [u32; 3] = [512, 768, 1024];
 
-const KNOWN: [&str; 17] = [
+const KNOWN: [&str; 18] = [
     "steps",
     "learning_rate",
     "rank",
@@ -83,6 +86,7 @@ const KNOWN: [&str; 17] = [
     "checkpoint_every",
     "sample_prompt",
     "seed",
+    "caption_dropout",
 ];
 
 impl TrainSettings {
@@ -106,6 +110,7 @@ impl TrainSettings {
             checkpoint_every: 250,
             sample_prompt: None,
             seed: 0,
+            caption_dropout: 0.0,
         }
     }
 
@@ -159,6 +164,7 @@ impl TrainSettings {
                     s.sample_prompt = Some(p.to_string());
                 }
                 "seed" => s.seed = int(k, value, 0, i64::MAX as u64)?,
+                "caption_dropout" => s.caption_dropout = float(k, value, 0.0, 1.0)?,
                 _ => {
                     return Err(format!(
                         "unknown training setting `{key}`; the settings are: model, {}",
