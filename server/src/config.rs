@@ -81,6 +81,9 @@ pub struct ServeConfig {
     /// Classification requests in progress at once; one more is answered 429.
     #[arg(long, env = "STUDIO_CLASSIFY_QUEUE", default_value_t = 32)]
     pub classify_queue: usize,
+    /// The browser UI's built files (wasm, JS, CSS, icon), as `scripts/build-web` writes them.
+    #[arg(long, env = "STUDIO_SITE_DIR", default_value = "target/site")]
+    pub site_dir: PathBuf,
     #[command(flatten)]
     pub classifier: ClassifierArgs,
 }
