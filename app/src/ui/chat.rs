@@ -571,9 +571,10 @@ fn GenerationView(chat: ChatState, request: GenerateRequest, state: RwSignal<Gen
                         .map(|result| {
                             let seed = result.seed;
                             let full = format!("/images/{}", result.job_id);
+                            let href = full.clone();
                             let download = format!("flux-{seed}.png");
                             view! {
-                                <a class="button" href=full.clone() download=download>
+                                <a class="button" href=href download=download>
                                     "Download"
                                 </a>
                                 <button
@@ -734,11 +735,10 @@ fn SettingsPanel(chat: ChatState) -> impl IntoView {
                             Load::Ready(models) => {
                                 let default = models.default_preset.clone().unwrap_or_default();
                                 view! {
-                                    <select
-                                        on:change=move |ev| s.model.set(event_target_value(&ev))
-                                        prop:value=move || s.model.get()
-                                    >
-                                        <option value="">{format!("Server default ({default})")}</option>
+                                    <select on:change=move |ev| s.model.set(event_target_value(&ev))>
+                                        <option value="" selected=move || s.model.with(String::is_empty)>
+                                            {format!("Server default ({default})")}
+                                        </option>
                                         {models
                                             .presets
                                             .into_iter()
@@ -751,8 +751,9 @@ fn SettingsPanel(chat: ChatState) -> impl IntoView {
                                                     crate::ModelState::Ready => String::new(),
                                                     crate::ModelState::Loaded => " — loaded".to_string(),
                                                 };
+                                                let id = p.id.clone();
                                                 view! {
-                                                    <option value=p.id.clone()>
+                                                    <option value=p.id.clone() selected=move || s.model.with(|m| *m == id)>
                                                         {format!("{}{state}", p.description)}
                                                     </option>
                                                 }
@@ -766,12 +767,13 @@ fn SettingsPanel(chat: ChatState) -> impl IntoView {
                     </label>
                     <label>
                         "LoRA"
-                        <select
-                            on:change=move |ev| s.lora.set(event_target_value(&ev))
-                            prop:value=move || s.lora.get()
-                        >
-                            <option value="">"The model's default"</option>
-                            <option value="none">"None"</option>
+                        <select on:change=move |ev| s.lora.set(event_target_value(&ev))>
+                            <option value="" selected=move || s.lora.with(String::is_empty)>
+                                "The model's default"
+                            </option>
+                            <option value="none" selected=move || s.lora.with(|l| l == "none")>
+                                "None"
+                            </option>
                             {move || match chat.loras.get() {
                                 Load::Ready(list) => {
                                     list.loras
@@ -782,7 +784,12 @@ fn SettingsPanel(chat: ChatState) -> impl IntoView {
                                                 l.keywords.join(", "),
                                                 short_id(&l.model_id),
                                             );
-                                            view! { <option value=l.model_id.clone()>{label}</option> }
+                                            let id = l.model_id.clone();
+                                            view! {
+                                                <option value=l.model_id.clone() selected=move || s.lora.with(|v| *v == id)>
+                                                    {label}
+                                                </option>
+                                            }
                                         })
                                         .collect_view()
                                         .into_any()
@@ -868,7 +875,6 @@ fn SettingsPanel(chat: ChatState) -> impl IntoView {
                         <select
                             aria-label="Size"
                             disabled=move || s.aspect.get().is_none()
-                            prop:value=move || s.side.get().to_string()
                             on:change=move |ev| {
                                 if let Ok(v) = event_target_value(&ev).parse() {
                                     s.side.set(v)
@@ -879,7 +885,7 @@ fn SettingsPanel(chat: ChatState) -> impl IntoView {
                                 .iter()
                                 .map(|side| {
                                     view! {
-                                        <option value=side.to_string()>
+                                        <option value=side.to_string() selected=move || s.side.get() == *side>
                                             {move || {
                                                 let (w, h) = dimensions(
                                                     s.aspect.get().map_or(1.0, |i| ASPECTS[i].1),

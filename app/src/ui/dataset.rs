@@ -151,25 +151,27 @@ pub async fn preview_zip(file: &web_sys::File) -> Preview {
             }
         }
     };
-    let mut listed = Vec::new();
+    // (index in the archive, name, size) of every file.
+    let mut entries = Vec::new();
     for i in 0..archive.len() {
         if let Ok(entry) = archive.by_index_raw(i) {
-            if entry.is_file() {
-                listed.push((entry.name().to_owned(), entry.size()));
+            if let (true, Ok(name)) = (entry.is_file(), entry.name()) {
+                entries.push((i, name.into_owned(), entry.size()));
             }
         }
     }
+    let listed: Vec<(String, u64)> = entries.iter().map(|(_, n, s)| (n.clone(), *s)).collect();
     let verdicts = judge(&listed);
     let mut thumbnails = 0;
-    let files = listed
+    let files = entries
         .into_iter()
         .zip(verdicts)
-        .map(|((name, _), verdict)| {
+        .map(|((index, name, _), verdict)| {
             let mut thumbnail = None;
             if matches!(verdict, Verdict::Used { .. }) && thumbnails < MAX_THUMBNAILS {
                 thumbnails += 1;
                 let mut bytes = Vec::new();
-                if let Ok(mut entry) = archive.by_name(&name) {
+                if let Ok(mut entry) = archive.by_index(index) {
                     if entry.read_to_end(&mut bytes).is_ok() {
                         thumbnail = object_url(&bytes, mime(&name));
                     }

@@ -193,10 +193,7 @@ pub fn TrainPage() -> impl IntoView {
                         <div class="grid-fields">
                             <label>
                                 "Resolution"
-                                <select
-                                    prop:value=move || resolution.get()
-                                    on:change=move |ev| resolution.set(event_target_value(&ev))
-                                >
+                                <select on:change=move |ev| resolution.set(event_target_value(&ev))>
                                     <option value="">"Default (512)"</option>
                                     <option value="512">"512"</option>
                                     <option value="768">"768"</option>
