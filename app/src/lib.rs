@@ -2,6 +2,9 @@
 //! browser UI. Without features only serde and schema derives live here; the features `ssr` (server) and
 //! `hydrate` (browser) add the Leptos UI in `ui` (docs/ui.md).
 
+// The UI's page views are deeply nested generic types; laying them out needs more than the default 128.
+#![cfg_attr(feature = "ui", recursion_limit = "256")]
+
 pub mod catalog;
 pub mod classify;
 pub mod error;

@@ -354,6 +354,7 @@ pub fn ChatPage() -> impl IntoView {
         </div>
         <Lightbox chat />
     }
+    .into_any()
 }
 
 #[component]
@@ -634,6 +635,7 @@ fn GenerationView(chat: ChatState, request: GenerateRequest, state: RwSignal<Gen
             </div>
         </article>
     }
+    .into_any()
 }
 
 /// The non-default settings of a request, in a line.
@@ -913,6 +915,7 @@ fn SettingsPanel(chat: ChatState) -> impl IntoView {
             </details>
         </aside>
     }
+    .into_any()
 }
 
 #[component]

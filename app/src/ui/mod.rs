@@ -3,7 +3,8 @@
 //! here reaches the server any other way. The API keeps the original service's paths (`/train/`, `/jobs/`),
 //! so every page but the chat at `/` lives under `/studio/` and no page answers a path the API owns.
 //! Data is fetched after hydration: the server renders each page's frame with its loading state, and the
-//! browser fills it in.
+//! browser fills it in. Pages and large panels end in `.into_any()`, so that their deeply nested view types
+//! are laid out here (under this crate's raised recursion limit) and not in the server or the wasm crate.
 
 mod api;
 mod chart;

@@ -252,6 +252,7 @@ pub fn TrainPage() -> impl IntoView {
             </form>
         </section>
     }
+    .into_any()
 }
 
 #[component]

@@ -319,6 +319,7 @@ pub fn TrainingPage() -> impl IntoView {
             }}
         </section>
     }
+    .into_any()
 }
 
 #[component]
