@@ -15,7 +15,12 @@ fn pages_render_on_the_server_and_static_files_come_from_the_site_folder() {
     std::fs::write(site.path().join("favicon.svg"), "<svg/>").unwrap();
     let s = Binary::start(
         data.path(),
-        &["--preset", "flux-tiny", "--site-dir", site.path().to_str().unwrap()],
+        &[
+            "--preset",
+            "flux-tiny",
+            "--site-dir",
+            site.path().to_str().unwrap(),
+        ],
     );
 
     let (status, page) = curl(&[&format!("{}/", s.url)]);
@@ -30,7 +35,10 @@ fn pages_render_on_the_server_and_static_files_come_from_the_site_folder() {
         ("/studio/train/", "Train a LoRA"),
         ("/studio/gallery", "Gallery"),
         ("/studio/jobs", "Jobs"),
-        ("/studio/train/3f2a0d7e-8c1b-4d7a-9c55-0123456789ab", "Loading the run"),
+        (
+            "/studio/train/3f2a0d7e-8c1b-4d7a-9c55-0123456789ab",
+            "Loading the run",
+        ),
     ] {
         let (status, page) = curl(&[&format!("{}{path}", s.url)]);
         assert_eq!(status, 200, "{path}");
@@ -55,5 +63,8 @@ fn pages_render_on_the_server_and_static_files_come_from_the_site_folder() {
     assert_eq!((status, error_code(&body)), (404, "not_found".into()));
     // The API's own paths are untouched by the pages.
     let (status, body) = curl(&["-H", "Accept: text/html", &format!("{}/train/", s.url)]);
-    assert_eq!((status, error_code(&body)), (405, "method_not_allowed".into()));
+    assert_eq!(
+        (status, error_code(&body)),
+        (405, "method_not_allowed".into())
+    );
 }

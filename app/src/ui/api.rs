@@ -105,13 +105,12 @@ pub async fn upload<T: DeserializeOwned>(
     let js_error = |e: JsValue| format!("the browser refused the upload: {e:?}");
     let xhr = web_sys::XmlHttpRequest::new().map_err(js_error)?;
     xhr.open("POST", path).map_err(js_error)?;
-    let progress = Closure::<dyn FnMut(web_sys::ProgressEvent)>::new(
-        move |event: web_sys::ProgressEvent| {
+    let progress =
+        Closure::<dyn FnMut(web_sys::ProgressEvent)>::new(move |event: web_sys::ProgressEvent| {
             if event.length_computable() && event.total() > 0.0 {
                 on_progress(event.loaded() / event.total());
             }
-        },
-    );
+        });
     xhr.upload()
         .map_err(js_error)?
         .set_onprogress(Some(progress.as_ref().unchecked_ref()));
@@ -156,7 +155,8 @@ mod tests {
 
     #[test]
     fn error_message_prefers_the_servers_words() {
-        let body = r#"{"error": {"code": "unavailable", "message": "LoRA training not available"}}"#;
+        let body =
+            r#"{"error": {"code": "unavailable", "message": "LoRA training not available"}}"#;
         assert_eq!(error_message(503, body), "LoRA training not available");
         assert_eq!(
             error_message(502, "<html>bad gateway</html>"),

@@ -14,12 +14,10 @@ pub fn loss_path(points: &[(u32, f32)]) -> Option<(String, f32, f32)> {
     }
     let first = f64::from(points[0].0);
     let last = f64::from(points[points.len() - 1].0);
-    let (lo, hi) = points
-        .iter()
-        .filter(|(_, loss)| loss.is_finite())
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &(_, loss)| {
-            (lo.min(loss), hi.max(loss))
-        });
+    let (lo, hi) = points.iter().filter(|(_, loss)| loss.is_finite()).fold(
+        (f32::INFINITY, f32::NEG_INFINITY),
+        |(lo, hi), &(_, loss)| (lo.min(loss), hi.max(loss)),
+    );
     if !lo.is_finite() {
         return None;
     }

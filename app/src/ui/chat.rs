@@ -76,7 +76,8 @@ impl Settings {
             guidance: number("Guidance", &self.guidance.get_untracked())?,
             width: size.map(|s| s.0),
             height: size.map(|s| s.1),
-            lora_scale: (!lora.is_empty() && lora != "none").then(|| self.lora_scale.get_untracked()),
+            lora_scale: (!lora.is_empty() && lora != "none")
+                .then(|| self.lora_scale.get_untracked()),
             lora: (!lora.is_empty()).then_some(lora),
             model: (!model.is_empty()).then_some(model),
         };
@@ -179,7 +180,10 @@ enum Entry {
     },
     Reply(Vec<String>),
     /// The message could not be classified; offers to generate anyway.
-    Unclassified { prompt: String, message: String },
+    Unclassified {
+        prompt: String,
+        message: String,
+    },
     Generation {
         request: GenerateRequest,
         state: RwSignal<GenState>,
@@ -217,7 +221,9 @@ impl ChatState {
             loras: RwSignal::new(Load::Loading),
             health: RwSignal::new(None),
             lightbox: RwSignal::new(None),
-            owner: StoredValue::new(Owner::current().expect("ChatState::provide runs in a component")),
+            owner: StoredValue::new(
+                Owner::current().expect("ChatState::provide runs in a component"),
+            ),
         };
         provide_context(state);
     }
@@ -229,7 +235,8 @@ impl ChatState {
     }
 
     fn signal<T: Send + Sync + 'static>(&self, value: T) -> RwSignal<T> {
-        self.owner.with_value(|owner| owner.with(|| RwSignal::new(value)))
+        self.owner
+            .with_value(|owner| owner.with(|| RwSignal::new(value)))
     }
 
     /// The user sent a message: classify it, then generate or reply.
@@ -455,7 +462,11 @@ fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
 }
 
 #[component]
-fn GenerationView(chat: ChatState, request: GenerateRequest, state: RwSignal<GenState>) -> impl IntoView {
+fn GenerationView(
+    chat: ChatState,
+    request: GenerateRequest,
+    state: RwSignal<GenState>,
+) -> impl IntoView {
     let summary = settings_summary(&request);
     let again = request.clone();
     let phase = move || state.with(|s| s.phase);
@@ -640,7 +651,10 @@ fn GenerationView(chat: ChatState, request: GenerateRequest, state: RwSignal<Gen
 
 /// The non-default settings of a request, in a line.
 fn settings_summary(request: &GenerateRequest) -> String {
-    let mut parts = vec![request.model.clone().unwrap_or_else(|| "default model".into())];
+    let mut parts = vec![request
+        .model
+        .clone()
+        .unwrap_or_else(|| "default model".into())];
     if let (Some(w), Some(h)) = (request.width, request.height) {
         parts.push(format!("{w}×{h}"));
     }

@@ -5,8 +5,6 @@
 use std::collections::HashSet;
 use std::io::{Cursor, Read, Write};
 
-use wasm_bindgen::JsCast;
-
 use crate::IMAGE_EXTENSIONS;
 
 /// Thumbnails are made for this many images at most; the rest are listed by name.
@@ -18,7 +16,9 @@ const MAX_PREVIEW_BYTES: f64 = 256.0 * 1024.0 * 1024.0;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Trained on; `captioned` when a same-stem `.txt` file gives its caption.
-    Used { captioned: bool },
+    Used {
+        captioned: bool,
+    },
     /// A caption of an image in the set.
     Caption,
     Rejected(&'static str),
@@ -51,7 +51,8 @@ impl Preview {
 
 fn extension(name: &str) -> Option<String> {
     let file = name.rsplit('/').next().unwrap_or(name);
-    file.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase())
+    file.rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
 }
 
 fn stem(name: &str) -> &str {
@@ -128,7 +129,9 @@ pub async fn preview_zip(file: &web_sys::File) -> Preview {
     if file.size() > MAX_PREVIEW_BYTES {
         return Preview {
             files: Vec::new(),
-            note: Some("This ZIP is too large to preview here; the server checks it on upload.".into()),
+            note: Some(
+                "This ZIP is too large to preview here; the server checks it on upload.".into(),
+            ),
         };
     }
     let bytes = match file_bytes(file).await {
@@ -235,10 +238,7 @@ pub fn files_of(list: Option<web_sys::FileList>) -> Vec<web_sys::File> {
     let Some(list) = list else {
         return Vec::new();
     };
-    (0..list.length())
-        .filter_map(|i| list.get(i))
-        .filter_map(|f| f.dyn_into().ok())
-        .collect()
+    (0..list.length()).filter_map(|i| list.get(i)).collect()
 }
 
 #[cfg(test)]

@@ -53,7 +53,10 @@ fn card(job: &JobRecord) -> Option<Card> {
 pub fn GalleryPage() -> impl IntoView {
     let jobs = RwSignal::new(Load::<JobList>::Loading);
     Effect::new(move |_| {
-        api::load_into(format!("/jobs/?kind=generation&status=completed&limit={LIMIT}"), jobs)
+        api::load_into(
+            format!("/jobs/?kind=generation&status=completed&limit={LIMIT}"),
+            jobs,
+        )
     });
     view! {
         <Title text="Gallery · FLUX studio" />

@@ -123,10 +123,21 @@ pub fn JobsPage() -> impl IntoView {
 /// A job's request in a few words: the prompt, or the trigger words.
 fn describe(job: &JobRecord) -> String {
     let field = match job.kind {
-        JobKind::Generation => job.params.get("prompt").and_then(|p| p.as_str()).map(str::to_owned),
-        JobKind::Training => job.params.get("keywords").and_then(|k| k.as_array()).map(|k| {
-            k.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
-        }),
+        JobKind::Generation => job
+            .params
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .map(str::to_owned),
+        JobKind::Training => job
+            .params
+            .get("keywords")
+            .and_then(|k| k.as_array())
+            .map(|k| {
+                k.iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }),
     };
     field.unwrap_or_default()
 }

@@ -17,7 +17,15 @@ pub fn reply(message: &str, health: Option<&HealthResponse>) -> Vec<String> {
         })
     };
     let mut paragraphs = Vec::new();
-    if has(&["train", "lora", "fine-tune", "finetune", "my photos", "dataset", "my face"]) {
+    if has(&[
+        "train",
+        "lora",
+        "fine-tune",
+        "finetune",
+        "my photos",
+        "dataset",
+        "my face",
+    ]) {
         paragraphs.push(
             "To teach the studio a person, style or object, open Train: drop a ZIP of 10 to 30 photos \
              (or the photos themselves), give it a trigger word, and start. You can watch the loss and \
@@ -28,13 +36,14 @@ pub fn reply(message: &str, health: Option<&HealthResponse>) -> Vec<String> {
             paragraphs.push(format!("Right now this server cannot train: {reason}."));
         }
     } else {
-        let opening = if has(&["hello", "hi ", "hey", "good morning", "good evening"]) || text == "hi" {
-            "Hello! "
-        } else if has(&["thank"]) {
-            "You're welcome! "
-        } else {
-            ""
-        };
+        let opening =
+            if has(&["hello", "hi ", "hey", "good morning", "good evening"]) || text == "hi" {
+                "Hello! "
+            } else if has(&["thank"]) {
+                "You're welcome! "
+            } else {
+                ""
+            };
         paragraphs.push(format!(
             "{opening}I'm the studio's image assistant: I don't chat, but I make pictures. Describe an \
              image and I'll draw it, with live previews as it forms."
@@ -47,7 +56,9 @@ pub fn reply(message: &str, health: Option<&HealthResponse>) -> Vec<String> {
         );
     }
     if let Some(reason) = unavailable("generation") {
-        paragraphs.push(format!("Image generation is unavailable on this server: {reason}."));
+        paragraphs.push(format!(
+            "Image generation is unavailable on this server: {reason}."
+        ));
     }
     paragraphs
 }

@@ -75,7 +75,9 @@ pub fn TrainPage() -> impl IntoView {
     let on_drop = move |ev: DragEvent| {
         ev.prevent_default();
         dragging.set(false);
-        take(dataset::files_of(ev.data_transfer().and_then(|d| d.files())));
+        take(dataset::files_of(
+            ev.data_transfer().and_then(|d| d.files()),
+        ));
     };
     let on_pick = move |ev: leptos::ev::Event| {
         let input: web_sys::HtmlInputElement = event_target(&ev);
@@ -85,7 +87,9 @@ pub fn TrainPage() -> impl IntoView {
     let start = move |ev: SubmitEvent| {
         ev.prevent_default();
         let Some(set) = dropped.get_untracked() else {
-            error.set(Some("Drop a ZIP of images (or the images themselves) first.".into()));
+            error.set(Some(
+                "Drop a ZIP of images (or the images themselves) first.".into(),
+            ));
             return;
         };
         if keywords.with_untracked(|k| k.trim().is_empty()) {
@@ -99,7 +103,8 @@ pub fn TrainPage() -> impl IntoView {
         let navigate = navigate.clone();
         leptos::task::spawn_local(async move {
             let result = async {
-                let form = web_sys::FormData::new().map_err(|_| "the browser cannot build a form".to_string())?;
+                let form = web_sys::FormData::new()
+                    .map_err(|_| "the browser cannot build a form".to_string())?;
                 let append = |name: &str, value: &str| {
                     form.append_with_str(name, value)
                         .map_err(|_| format!("the browser refused the field {name}"))
@@ -120,17 +125,25 @@ pub fn TrainPage() -> impl IntoView {
                         let name = file.name();
                         (file.into(), name)
                     }
-                    Dropped::Images(files) => (dataset::zip_files(&files).await?, "dataset.zip".into()),
+                    Dropped::Images(files) => {
+                        (dataset::zip_files(&files).await?, "dataset.zip".into())
+                    }
                 };
                 form.append_with_blob_and_filename("dataset", &blob, &name)
                     .map_err(|e: JsValue| format!("the browser refused the dataset: {e:?}"))?;
-                api::upload::<TrainAccepted>("/train/", &form, move |p| upload.set(Upload::Sending(p))).await
+                api::upload::<TrainAccepted>("/train/", &form, move |p| {
+                    upload.set(Upload::Sending(p))
+                })
+                .await
             }
             .await;
             match result {
                 Ok(accepted) => {
                     upload.set(Upload::Idle);
-                    navigate(&format!("/studio/train/{}", accepted.model_id), Default::default());
+                    navigate(
+                        &format!("/studio/train/{}", accepted.model_id),
+                        Default::default(),
+                    );
                 }
                 Err(message) => {
                     upload.set(Upload::Failed);

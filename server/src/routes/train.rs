@@ -1,6 +1,9 @@
 use std::path::Path;
 
-use app::{ErrorBody, JobKind, IMAGE_EXTENSIONS, JobRecord, JobStatus, TrainAccepted, TrainForm, TrainStatus};
+use app::{
+    ErrorBody, JobKind, JobRecord, JobStatus, TrainAccepted, TrainForm, TrainStatus,
+    IMAGE_EXTENSIONS,
+};
 use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, State};
 use axum::http::StatusCode;

@@ -21,7 +21,9 @@ const PKG_DIR: &str = "pkg";
 
 /// Leptos' settings for a site folder.
 pub fn options(site_dir: &Path) -> LeptosOptions {
-    let wasm = site_dir.join(PKG_DIR).join(format!("{OUTPUT_NAME}_bg.wasm"));
+    let wasm = site_dir
+        .join(PKG_DIR)
+        .join(format!("{OUTPUT_NAME}_bg.wasm"));
     if !wasm.is_file() {
         tracing::warn!(
             "the browser UI is not built ({} is missing): pages render but stay static; run scripts/build-web",
