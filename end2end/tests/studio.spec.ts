@@ -82,8 +82,9 @@ test('a running generation can be cancelled', async ({ page }, info) => {
   const errors = watchConsole(page);
   await open(page, '/');
   await page.getByLabel('Steps').fill('100');
-  await page.getByRole('button', { name: '16:9' }).click();
-  await page.getByLabel('Size', { exact: true }).selectOption('1024');
+  // Large enough for steps to take a moment on the CPU (1024 image tokens), small enough for its memory.
+  await page.getByRole('button', { name: '1:1' }).click();
+  await page.getByLabel('Size', { exact: true }).selectOption('512');
   await page.getByLabel('Message').fill('a lighthouse on a cliff at dusk, oil painting');
   await page.getByRole('button', { name: 'Send' }).click();
   const card = page.locator('.generation').last();

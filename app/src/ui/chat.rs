@@ -132,6 +132,13 @@ impl GenState {
         }
     }
 
+    fn finish(&mut self, mut response: GenerateResponse) {
+        // The PNG stays downloadable under /images/; the thread keeps only its address.
+        response.image = String::new();
+        self.job_id = Some(response.job_id.clone());
+        self.result = Some(response);
+    }
+
     fn apply(&mut self, event: JobEvent) {
         self.job_id = Some(event.job_id);
         match event.body {
@@ -157,11 +164,7 @@ impl GenState {
                     self.preview = Some(api::png_data_url(&png));
                 }
             }
-            EventBody::Result(mut response) => {
-                // The PNG stays downloadable under /images/; the thread keeps only its address.
-                response.image = String::new();
-                self.result = Some(*response);
-            }
+            EventBody::Result(response) => self.finish(*response),
             EventBody::Error { error } => {
                 self.phase = Phase::Failed;
                 self.error = Some(error.message);
@@ -313,9 +316,18 @@ async fn stream_generation(request: GenerateRequest, state: RwSignal<GenState>) 
     while let Some(message) = socket.next().await {
         match message {
             Ok(Message::Text(text)) => {
-                if let Ok(event) = serde_json::from_str::<JobEvent>(&text) {
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
+                // A result event carries `job_id` twice (the event's and the response's), which neither
+                // `JobEvent` nor `EventBody` can deserialize: the response is read from it directly.
+                if value["type"] == "result" {
+                    if let Ok(response) = serde_json::from_value::<GenerateResponse>(value) {
+                        state.update(|s| s.finish(response));
+                    }
+                } else if let Ok(event) = serde_json::from_value::<JobEvent>(value.clone()) {
                     state.update(|s| s.apply(event));
-                } else if let Ok(EventBody::Error { error }) = serde_json::from_str(&text) {
+                } else if let Ok(EventBody::Error { error }) = serde_json::from_value(value) {
                     // Refused before queueing: a lone error without a job.
                     return fail(error.message);
                 }
