@@ -12,7 +12,13 @@ process.env.STUDIO_E2E_PORT ??= execSync(
   `node -e "const s = require('net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close(); })"`,
 ).toString().trim();
 process.env.STUDIO_E2E_DATA ??= fs.mkdtempSync(path.join(os.tmpdir(), 'studio-e2e-'));
+// A second server started with an access token, for the token page's test.
+process.env.STUDIO_E2E_TOKEN_PORT ??= execSync(
+  `node -e "const s = require('net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close(); })"`,
+).toString().trim();
+process.env.STUDIO_E2E_TOKEN_DATA ??= fs.mkdtempSync(path.join(os.tmpdir(), 'studio-e2e-token-'));
 const port = process.env.STUDIO_E2E_PORT;
+const tokenPort = process.env.STUDIO_E2E_TOKEN_PORT;
 const studio = process.env.STUDIO_BIN ?? path.join(root, 'target/debug/studio');
 
 export default defineConfig({
@@ -41,13 +47,25 @@ export default defineConfig({
     },
     screenshot: 'only-on-failure',
   },
-  webServer: {
-    command: `"${studio}" serve --preset flux-tiny --device cpu --data-dir "${process.env.STUDIO_E2E_DATA}" --port ${port}`,
-    cwd: root,
-    url: `http://127.0.0.1:${port}/health`,
-    timeout: 180_000,
-    reuseExistingServer: false,
-    stdout: 'pipe',
-    stderr: 'pipe',
-  },
+  webServer: [
+    {
+      command: `"${studio}" serve --preset flux-tiny --device cpu --data-dir "${process.env.STUDIO_E2E_DATA}" --port ${port}`,
+      cwd: root,
+      url: `http://127.0.0.1:${port}/health`,
+      timeout: 180_000,
+      reuseExistingServer: false,
+      stdout: 'pipe',
+      stderr: 'pipe',
+    },
+    {
+      command: `"${studio}" serve --preset flux-tiny --device cpu --token e2e-s3cret --data-dir "${process.env.STUDIO_E2E_TOKEN_DATA}" --port ${tokenPort}`,
+      cwd: root,
+      // The health route needs the token; a page does not.
+      url: `http://127.0.0.1:${tokenPort}/studio/gallery`,
+      timeout: 180_000,
+      reuseExistingServer: false,
+      stdout: 'pipe',
+      stderr: 'pipe',
+    },
+  ],
 });

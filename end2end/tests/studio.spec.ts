@@ -218,3 +218,22 @@ test('unknown pages and unknown runs say so', async ({ page }, info) => {
   await expect(page.getByRole('heading', { name: 'No such page' })).toBeVisible();
   expect(errors).toEqual([]);
 });
+
+test('a studio started with --token asks for it once, then works', async ({ page }, info) => {
+  // The first call answered 401 is logged by the browser itself; nothing else may fail.
+  const errors = watchConsole(page, [/401/]);
+  const base = `http://127.0.0.1:${process.env.STUDIO_E2E_TOKEN_PORT}`;
+  await page.goto(`${base}/studio/gallery`);
+  await expect(page).toHaveURL(/\/studio\/token\?next=/);
+  await expect(page.locator('.studio[data-hydrated="true"]')).toBeVisible();
+  await shot(page, info, '20-token-asked');
+  await page.getByLabel('Access token').fill('e2e-s3cret');
+  await page.getByLabel('Access token').press('Enter');
+  await expect(page).toHaveURL(`${base}/studio/gallery`);
+  await expect(page.locator('.studio[data-hydrated="true"]')).toBeVisible();
+  // The gallery's own data came through: its empty state, not an error.
+  await expect(page.locator('.empty-state')).toContainText('No images yet');
+  await expect(page.locator('.error')).toHaveCount(0);
+  await shot(page, info, '21-token-accepted');
+  expect(errors).toEqual([]);
+});

@@ -56,8 +56,27 @@ pub async fn post_empty(path: &str) -> Result<(), String> {
     read::<serde_json::Value>(path, response).await.map(drop)
 }
 
+/// A 401 means this studio has an access token the browser lacks: off to the token page, and back here after.
+fn ask_for_token_on(status: u16) {
+    if status != 401 {
+        return;
+    }
+    let location = window().location();
+    let here = format!(
+        "{}{}",
+        location.pathname().unwrap_or_default(),
+        location.search().unwrap_or_default()
+    );
+    if here.starts_with("/studio/token") {
+        return;
+    }
+    let next = String::from(js_sys::encode_uri_component(&here));
+    let _ = location.set_href(&format!("/studio/token?next={next}"));
+}
+
 async fn read<T: DeserializeOwned>(path: &str, response: Response) -> Result<T, String> {
     let status = response.status();
+    ask_for_token_on(status);
     let text = response.text().await.map_err(unreachable)?;
     if response.ok() {
         serde_json::from_str(&text)
@@ -131,6 +150,7 @@ pub async fn upload<T: DeserializeOwned>(
         );
     }
     let status = xhr.status().unwrap_or(0);
+    ask_for_token_on(status);
     let text = xhr.response_text().ok().flatten().unwrap_or_default();
     if (200..300).contains(&status) {
         serde_json::from_str(&text)

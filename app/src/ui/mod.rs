@@ -14,6 +14,7 @@ mod gallery;
 mod jobs;
 mod reply;
 mod sizes;
+mod token;
 mod train;
 mod training;
 
@@ -83,6 +84,7 @@ pub fn App() -> impl IntoView {
                         <Route path=path!("/studio/train/:id") view=training::TrainingPage />
                         <Route path=path!("/studio/gallery") view=gallery::GalleryPage />
                         <Route path=path!("/studio/jobs") view=jobs::JobsPage />
+                        <Route path=path!("/studio/token") view=token::TokenPage />
                     </Routes>
                 </main>
             </div>
