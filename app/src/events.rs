@@ -91,7 +91,10 @@ mod result_fields {
 
     use crate::GenerateResponse;
 
-    pub fn serialize<S: Serializer>(response: &GenerateResponse, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        response: &GenerateResponse,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         let mut fields = serde_json::to_value(response).map_err(S::Error::custom)?;
         if let Some(map) = fields.as_object_mut() {
             map.remove("job_id");
@@ -99,12 +102,16 @@ mod result_fields {
         fields.serialize(serializer)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Box<GenerateResponse>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Box<GenerateResponse>, D::Error> {
         let mut fields = serde_json::Value::deserialize(deserializer)?;
         if let Some(map) = fields.as_object_mut() {
             map.entry("job_id").or_insert_with(|| "".into());
         }
-        serde_json::from_value(fields).map(Box::new).map_err(D::Error::custom)
+        serde_json::from_value(fields)
+            .map(Box::new)
+            .map_err(D::Error::custom)
     }
 }
 
@@ -187,7 +194,10 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["type"], "result");
         // The same fields as `/generate/` answers, so a client may read the response from the event alone.
-        assert_eq!(serde_json::from_value::<GenerateResponse>(value).unwrap(), response);
+        assert_eq!(
+            serde_json::from_value::<GenerateResponse>(value).unwrap(),
+            response
+        );
         assert_eq!(serde_json::from_str::<JobEvent>(&text).unwrap(), event);
     }
 }

@@ -35,7 +35,11 @@ fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
     let Ok((samples, report)) = answer else {
         return Ok(());
     };
-    prop_assert!(samples.len() <= entries, "{} images from {entries} entries", samples.len());
+    prop_assert!(
+        samples.len() <= entries,
+        "{} images from {entries} entries",
+        samples.len()
+    );
     prop_assert_eq!(samples.len(), report.used.len());
     for used in &report.used {
         let path = Path::new(&used.file);

@@ -147,14 +147,21 @@ fn a_hub_lora_that_cannot_be_had_fails_its_request_clearly_and_the_server_goes_o
         );
         let request = json!({"prompt": "a fox", "lora": "someone/style:style.safetensors"});
         let (got, body) = generate(&s, request);
-        assert_eq!((got, error_code(&body.to_string())), (status, code.into()), "{body}");
+        assert_eq!(
+            (got, error_code(&body.to_string())),
+            (status, code.into()),
+            "{body}"
+        );
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains("someone/style"), "{message}");
         // The server goes on serving.
         let (got, ok) = generate(&s, json!({"prompt": "a fox", "lora": "none", "seed": 1}));
         assert_eq!(got, 200, "{ok}");
     }
-    assert!(seen.load(std::sync::atomic::Ordering::SeqCst) > 0, "the stand-in hub was asked");
+    assert!(
+        seen.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the stand-in hub was asked"
+    );
 }
 
 #[test]

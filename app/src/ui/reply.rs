@@ -83,6 +83,8 @@ mod tests {
             }],
             generation_queue: queue.clone(),
             training_queue: queue,
+            tasks: 0,
+            rss_bytes: None,
         }
     }
 

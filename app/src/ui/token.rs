@@ -70,7 +70,10 @@ mod tests {
 
     #[test]
     fn only_paths_of_this_site_are_followed() {
-        assert_eq!(safe_next(Some("/studio/jobs?x=1".into())), "/studio/jobs?x=1");
+        assert_eq!(
+            safe_next(Some("/studio/jobs?x=1".into())),
+            "/studio/jobs?x=1"
+        );
         assert_eq!(safe_next(Some("//evil.example/".into())), "/");
         assert_eq!(safe_next(Some("https://evil.example/".into())), "/");
         assert_eq!(safe_next(None), "/");

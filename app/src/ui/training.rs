@@ -29,9 +29,8 @@ struct Run {
     samples: Vec<(u32, String)>,
     log: Vec<String>,
     error: Option<String>,
-    /// (at ms, step) of the first and latest step events since this page connected: the speed for the ETA.
-    first_step: Option<(i64, u32)>,
-    last_step: Option<(i64, u32)>,
+    /// The trainer's estimate of the seconds left, from its latest step event.
+    eta: Option<f64>,
     /// The last event applied: a replay after reconnecting repeats what came before it.
     seq: u64,
 }
@@ -55,6 +54,7 @@ impl Run {
                 total,
                 loss,
                 learning_rate,
+                eta_seconds,
                 ..
             } => {
                 self.step = step;
@@ -63,8 +63,7 @@ impl Run {
                     self.losses.push((step, loss));
                 }
                 self.learning_rate = learning_rate.or(self.learning_rate);
-                self.first_step.get_or_insert((event.at, step));
-                self.last_step = Some((event.at, step));
+                self.eta = eta_seconds;
             }
             EventBody::Sample { step, url } => self.samples.push((step, url)),
             EventBody::Error { error } => self.error = Some(error.message),
@@ -72,14 +71,9 @@ impl Run {
         }
     }
 
-    /// Seconds left at the speed seen so far, once two steps are apart in time.
+    /// Seconds left, as the trainer estimates them from its recent pace.
     fn eta_seconds(&self) -> Option<f64> {
-        let ((t0, s0), (t1, s1)) = (self.first_step?, self.last_step?);
-        if s1 <= s0 || t1 <= t0 || self.total <= s1 {
-            return None;
-        }
-        let per_step = (t1 - t0) as f64 / 1000.0 / f64::from(s1 - s0);
-        Some(per_step * f64::from(self.total - s1))
+        self.eta.filter(|_| self.step < self.total)
     }
 }
 
@@ -359,19 +353,20 @@ mod tests {
                 total: 100,
                 loss: Some(loss),
                 learning_rate: Some(1e-4),
+                seconds_per_step: Some(1.0),
+                eta_seconds: Some(f64::from(100 - step)),
                 preview: None,
             },
         }
     }
 
     #[test]
-    fn replayed_events_count_once_and_the_eta_follows_the_speed() {
+    fn replayed_events_count_once_and_the_eta_is_the_trainers() {
         let mut run = Run::default();
         run.apply(step(1, 0, 1, 0.5));
         run.apply(step(2, 2000, 3, 0.4));
         run.apply(step(2, 2000, 3, 0.4));
         assert_eq!(run.losses, vec![(1, 0.5), (3, 0.4)]);
-        // 1 s a step, 97 steps to go.
         assert_eq!(run.eta_seconds(), Some(97.0));
         assert_eq!(duration(97.0), "1 min 37 s");
         assert_eq!(duration(7300.0), "2 h 01 min");

@@ -187,9 +187,12 @@ impl SpatialAttention {
         let k = self.k.forward(&t)?;
         let v = self.v.forward(&t)?;
         let q = (q * (1.0 / (c as f64).sqrt()))?;
-        let o = self
-            .out
-            .forward(&crate::models::fused::softmax_attention(&q, &k, &v, candle_core::DType::F32)?)?;
+        let o = self.out.forward(&crate::models::fused::softmax_attention(
+            &q,
+            &k,
+            &v,
+            candle_core::DType::F32,
+        )?)?;
         x + o.transpose(1, 2)?.reshape((b, c, h, w))?
     }
 }

@@ -109,17 +109,19 @@ async fn wait_for_result(listener: &mut Listener) -> Result<GenerateResponse, Ap
             EventBody::Error { error } => {
                 let (status, code) = match error.code.as_str() {
                     "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "generation_failed"),
-                    JobFailure::LORA_UNAVAILABLE => {
-                        (StatusCode::SERVICE_UNAVAILABLE, JobFailure::LORA_UNAVAILABLE)
-                    }
+                    JobFailure::LORA_UNAVAILABLE => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        JobFailure::LORA_UNAVAILABLE,
+                    ),
                     JobFailure::OUT_OF_MEMORY => {
                         (StatusCode::SERVICE_UNAVAILABLE, JobFailure::OUT_OF_MEMORY)
                     }
-                    JobFailure::DISK_FULL => (StatusCode::INSUFFICIENT_STORAGE, JobFailure::DISK_FULL),
-                    JobFailure::LORA_NOT_FOUND => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        JobFailure::LORA_NOT_FOUND,
-                    ),
+                    JobFailure::DISK_FULL => {
+                        (StatusCode::INSUFFICIENT_STORAGE, JobFailure::DISK_FULL)
+                    }
+                    JobFailure::LORA_NOT_FOUND => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, JobFailure::LORA_NOT_FOUND)
+                    }
                     _ => (StatusCode::INTERNAL_SERVER_ERROR, "generation_failed"),
                 };
                 return Err(ApiError {
