@@ -4,7 +4,7 @@ use utoipa::ToSchema;
 use crate::{ErrorDetail, GenerateResponse, JobStatus};
 
 /// One message of a job's stream, as both WebSockets send it and as the job's log keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct JobEvent {
     pub job_id: String,
     /// Position in the job's stream, from 1; replay and live delivery never repeat a number.
@@ -47,10 +47,72 @@ pub enum EventBody {
         step: u32,
         url: String,
     },
-    Result(Box<GenerateResponse>),
+    /// The finished generation: the `/generate/` response's fields beside the event's own; its `job_id` is
+    /// the event's (JSON keeps one key of a name).
+    Result(#[serde(with = "result_fields")] Box<GenerateResponse>),
     Error {
         error: ErrorDetail,
     },
+}
+
+impl<'de> Deserialize<'de> for JobEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            job_id: String,
+            seq: u64,
+            at: i64,
+            #[serde(flatten)]
+            body: EventBody,
+        }
+        let Wire {
+            job_id,
+            seq,
+            at,
+            mut body,
+        } = Wire::deserialize(deserializer)?;
+        if let EventBody::Result(response) = &mut body {
+            response.job_id.clone_from(&job_id);
+        }
+        Ok(JobEvent {
+            job_id,
+            seq,
+            at,
+            body,
+        })
+    }
+}
+
+/// A result's fields without `job_id`, which the enclosing [`JobEvent`] carries and restores.
+mod result_fields {
+    use serde::de::Error as _;
+    use serde::ser::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::GenerateResponse;
+
+    pub fn serialize<S: Serializer>(
+        response: &GenerateResponse,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut fields = serde_json::to_value(response).map_err(S::Error::custom)?;
+        if let Some(map) = fields.as_object_mut() {
+            map.remove("job_id");
+        }
+        fields.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Box<GenerateResponse>, D::Error> {
+        let mut fields = serde_json::Value::deserialize(deserializer)?;
+        if let Some(map) = fields.as_object_mut() {
+            map.entry("job_id").or_insert_with(|| "".into());
+        }
+        serde_json::from_value(fields)
+            .map(Box::new)
+            .map_err(D::Error::custom)
+    }
 }
 
 impl EventBody {
@@ -105,5 +167,37 @@ mod tests {
         assert_eq!(serde_json::from_value::<JobEvent>(json).unwrap(), event);
         let logged = event.body.for_log().unwrap();
         assert!(matches!(logged, EventBody::Step { preview: None, .. }));
+    }
+
+    #[test]
+    fn a_result_event_has_one_job_id_and_reads_back_whole() {
+        let response = GenerateResponse {
+            image: "png".into(),
+            seed: 7,
+            width: 64,
+            height: 64,
+            steps: 2,
+            model: "m".into(),
+            prompt: "a fox".into(),
+            elapsed_ms: 5,
+            job_id: "job-1".into(),
+            loras: Vec::new(),
+        };
+        let event = JobEvent {
+            job_id: "job-1".into(),
+            seq: 9,
+            at: 1,
+            body: EventBody::Result(Box::new(response.clone())),
+        };
+        let text = serde_json::to_string(&event).unwrap();
+        assert_eq!(text.matches("\"job_id\"").count(), 1, "{text}");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["type"], "result");
+        // The same fields as `/generate/` answers, so a client may read the response from the event alone.
+        assert_eq!(
+            serde_json::from_value::<GenerateResponse>(value).unwrap(),
+            response
+        );
+        assert_eq!(serde_json::from_str::<JobEvent>(&text).unwrap(), event);
     }
 }

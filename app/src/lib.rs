@@ -1,5 +1,9 @@
 //! The studio API's vocabulary: request, response and stream event types, shared by the server and the
-//! browser UI. Only serde and schema derives live here, so the crate builds for wasm as well.
+//! browser UI. Without features only serde and schema derives live here; the features `ssr` (server) and
+//! `hydrate` (browser) add the Leptos UI in `ui` (docs/ui.md).
+
+// The UI's page views are deeply nested generic types; laying them out needs more than the default 128.
+#![cfg_attr(feature = "ui", recursion_limit = "256")]
 
 pub mod catalog;
 pub mod classify;
@@ -8,6 +12,8 @@ pub mod events;
 pub mod generate;
 pub mod jobs;
 pub mod train;
+#[cfg(feature = "ui")]
+pub mod ui;
 
 pub use catalog::*;
 pub use classify::*;

@@ -3,6 +3,9 @@ use utoipa::ToSchema;
 
 use crate::JobStatus;
 
+/// The image files a training ZIP may hold (lower-case extensions; matched without regard to case).
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
 /// `POST /train/` multipart form. Documented for the OpenAPI page; the server reads the parts as a stream.
 #[derive(Debug, ToSchema)]
 pub struct TrainForm {

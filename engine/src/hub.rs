@@ -85,6 +85,11 @@ impl Progress for Reporter {
     }
 }
 
+/// A hub repository or file that does not exist: the name asked for is wrong, not the network.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
 /// Turns the hub's HTTP failures into what the user should do about them.
 fn explain(repo: &str, file: &str, err: ApiError) -> anyhow::Error {
     if let ApiError::RequestError(e) = &err {
@@ -97,7 +102,9 @@ fn explain(repo: &str, file: &str, err: ApiError) -> anyhow::Error {
                 403 => anyhow!(
                     "your Hugging Face token has no access to {repo}: accept the license at https://huggingface.co/{repo} with the account the token belongs to"
                 ),
-                404 => anyhow!("{repo} has no file {file} (HTTP 404): check the repository id and file name"),
+                404 => anyhow::Error::new(NotFound(format!(
+                    "{repo} has no file {file} (HTTP 404): check the repository id and file name"
+                ))),
                 c => anyhow!("the Hugging Face hub answered HTTP {c} for {repo}/{file}"),
             };
         }

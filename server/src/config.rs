@@ -89,6 +89,9 @@ pub struct ServeConfig {
     /// `*` allows any. None by default: only the studio's own pages (same origin) and non-browser clients.
     #[arg(long, env = "STUDIO_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_origins: Vec<CorsOrigin>,
+    /// The browser UI's built files (wasm, JS, CSS, icon), as `scripts/build-web` writes them.
+    #[arg(long, env = "STUDIO_SITE_DIR", default_value = "target/site")]
+    pub site_dir: PathBuf,
     #[command(flatten)]
     pub classifier: ClassifierArgs,
 }

@@ -70,6 +70,32 @@ impl ApiError {
         if !matches!(err.kind(), StorageFull | QuotaExceeded) {
             return ApiError::internal(context, err);
         }
+        ApiError::disk_full(context, err)
+    }
+
+    /// A failed database or file operation of the job store: a full disk (SQLite's `SQLITE_FULL`, or
+    /// an I/O error saying so anywhere in the chain) answers 507 as [`ApiError::storage`] does.
+    pub fn store(context: &str, err: anyhow::Error) -> ApiError {
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+        let full = err.chain().any(|cause| {
+            let sqlite_full = matches!(
+                cause.downcast_ref::<rusqlite::Error>(),
+                Some(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull
+            );
+            let io_full = matches!(
+                cause.downcast_ref::<std::io::Error>().map(std::io::Error::kind),
+                Some(StorageFull | QuotaExceeded)
+            );
+            sqlite_full || io_full
+        });
+        if full {
+            ApiError::disk_full(context, format!("{err:#}"))
+        } else {
+            ApiError::internal(context, format!("{err:#}"))
+        }
+    }
+
+    fn disk_full(context: &str, err: impl std::fmt::Display) -> ApiError {
         tracing::error!("{context}: {err}");
         ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,

@@ -3,7 +3,7 @@
 
 use crate::config::ServeConfig;
 use crate::jobs::capability::{
-    Control, Generated, Generation, GenerationPlan, LoraChoice, StepUpdate,
+    Control, Generated, Generation, GenerationPlan, JobFailure, LoraChoice, StepUpdate,
 };
 use anyhow::Result;
 use app::{AppliedLora, GenerateRequest, ModelState, PresetInfo};
@@ -314,7 +314,7 @@ impl Generation for FluxGeneration {
             let file = self
                 .loras
                 .get(&spec.source, progress)
-                .map_err(|e| e.context(format!("LoRA {}", spec.name)))?;
+                .map_err(|e| lora_failure(spec, e))?;
             files.push(file);
         }
         let stack: Vec<_> = files
@@ -360,4 +360,24 @@ impl Generation for FluxGeneration {
             loras: applied,
         })
     }
+}
+
+/// A LoRA that could not be had: a hub one is the hub's or the name's fault (typed, so the request gets 422 or
+/// 503); a local one that fails to load is reported as it is.
+fn lora_failure(spec: &LoraSpec, err: anyhow::Error) -> anyhow::Error {
+    if !matches!(spec.source, LoraSource::Hub { .. }) {
+        return err.context(format!("LoRA {}", spec.name));
+    }
+    let code = if err.chain().any(|c| c.is::<engine::hub::NotFound>()) {
+        JobFailure::LORA_NOT_FOUND
+    } else {
+        JobFailure::LORA_UNAVAILABLE
+    };
+    anyhow::Error::new(JobFailure {
+        code,
+        message: format!(
+            "LoRA {}: {err:#} (a LoRA can also be put in the server's LoRA folder and named by its file name)",
+            spec.name
+        ),
+    })
 }

@@ -79,6 +79,7 @@ pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<R
     let state = AppState {
         jobs: jobs.clone(),
         settings: Arc::new(settings),
+        leptos: routes::ui_options(&config.site_dir),
     };
     let listener = tokio::net::TcpListener::bind((config.bind, config.port))
         .await

@@ -191,3 +191,50 @@ fn a_truncated_model_file_is_an_error_naming_the_file() {
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
     assert!(!dir.path().join("x.png").exists());
 }
+
+/// Writes into `dir` until its disk refuses more; returns the filler's path.
+fn fill_disk(dir: &Path) -> std::path::PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![7u8; 64 << 10];
+    while file.write_all(&block).is_ok() {}
+    filler
+}
+
+#[test]
+fn a_full_disk_fails_a_generation_with_507_and_keeps_no_image() {
+    let disk = SmallDisk::mount("8m");
+    let data = disk.0.path().join("data");
+    let server = studio(&data);
+    let request = r#"{"prompt": "a fox", "steps": 1, "width": 64, "height": 64, "seed": 3}"#;
+    let url = format!("{}/generate/", server.url);
+    let generate = || {
+        curl(&[
+            "-X",
+            "POST",
+            &url,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            request,
+        ])
+    };
+    let filler = fill_disk(disk.0.path());
+    // The job cannot be recorded, or its image cannot be written: either way the same answer.
+    let (status, body) = generate();
+    assert_eq!(
+        (status, error_code(&body)),
+        (507, "insufficient_storage".into()),
+        "{body}"
+    );
+    let images = data.join("images");
+    if images.exists() {
+        assert!(entries(&images).is_empty(), "a failed job kept an image");
+    }
+    let (status, _) = curl(&[&format!("{}/health", server.url)]);
+    assert_eq!(status, 200);
+    std::fs::remove_file(filler).unwrap();
+    let (status, body) = generate();
+    assert_eq!(status, 200, "{body}");
+    drop(server);
+}

@@ -364,6 +364,28 @@ async fn the_token_guards_every_route_and_websocket() {
     // A query token counts only on WebSocket upgrades (it would end up in logs and histories elsewhere).
     let (status, _) = curl(&[&format!("{}/health?token=s3cret", s.url)]);
     assert_eq!(status, 401);
+    // The UI's cookie, as its token page sets it (URI-encoded).
+    for (cookie, expected) in [("studio_token=s3cret", 200), ("studio_token=wrong", 401)] {
+        let (status, _) = curl(&[
+            "-H",
+            &format!("Cookie: a=b; {cookie}"),
+            &format!("{}/jobs/", s.url),
+        ]);
+        assert_eq!(status, expected, "{cookie}");
+    }
+    // The UI's pages and files hold no data and stay public, so a browser can be asked for the token.
+    for path in [
+        "/",
+        "/studio/train",
+        "/studio/token",
+        "/favicon.svg",
+        "/pkg/studio.css",
+    ] {
+        let (status, _) = curl(&[&format!("{}{path}", s.url)]);
+        assert_ne!(status, 401, "{path}");
+    }
+    let (status, _) = curl(&["-X", "POST", &format!("{}/studio/train", s.url)]);
+    assert_eq!(status, 401, "only reading a page is public");
 
     let ws = s.url.replace("http://", "ws://");
     let refused = tokio_tungstenite::connect_async(format!("{ws}/ws/generate"))

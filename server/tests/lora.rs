@@ -99,6 +99,71 @@ fn bad_lora_names_are_refused_with_the_reason() {
     }
 }
 
+/// A hub that answers every request with `status` and counts them.
+fn hub_answering(status: u16) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = r#"{"error":"stand-in hub"}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn a_hub_lora_that_cannot_be_had_fails_its_request_clearly_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf_home = dir.path().join("hf");
+    // A port nobody listens on: the hub is unreachable.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let unreachable = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (missing, seen) = hub_answering(404);
+    for (endpoint, status, code) in [
+        (unreachable.as_str(), 503, "lora_unavailable"),
+        (missing.as_str(), 422, "lora_not_found"),
+    ] {
+        let data = dir.path().join(code);
+        let s = Binary::start_with_env(
+            &repo_root(),
+            &data,
+            &["--preset", "flux-tiny"],
+            &[
+                ("HF_ENDPOINT", endpoint),
+                ("HF_HOME", hf_home.to_str().unwrap()),
+            ],
+        );
+        let request = json!({"prompt": "a fox", "lora": "someone/style:style.safetensors"});
+        let (got, body) = generate(&s, request);
+        assert_eq!(
+            (got, error_code(&body.to_string())),
+            (status, code.into()),
+            "{body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("someone/style"), "{message}");
+        // The server goes on serving.
+        let (got, ok) = generate(&s, json!({"prompt": "a fox", "lora": "none", "seed": 1}));
+        assert_eq!(got, 200, "{ok}");
+    }
+    assert!(
+        seen.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the stand-in hub was asked"
+    );
+}
+
 #[test]
 fn the_command_line_stacks_local_files_with_scales() {
     let dir = tempfile::tempdir().unwrap();

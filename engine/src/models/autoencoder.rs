@@ -186,10 +186,13 @@ impl SpatialAttention {
         let q = self.q.forward(&t)?;
         let k = self.k.forward(&t)?;
         let v = self.v.forward(&t)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (c as f64).sqrt()))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(candle_core::DType::F32)?)?
-            .to_dtype(v.dtype())?;
-        let o = self.out.forward(&probs.matmul(&v)?)?;
+        let q = (q * (1.0 / (c as f64).sqrt()))?;
+        let o = self.out.forward(&crate::models::fused::softmax_attention(
+            &q,
+            &k,
+            &v,
+            candle_core::DType::F32,
+        )?)?;
         x + o.transpose(1, 2)?.reshape((b, c, h, w))?
     }
 }

@@ -9,6 +9,56 @@ use std::sync::Arc;
 use app::{GenerateRequest, PresetInfo};
 use image::RgbImage;
 
+/// A failed job that is not the studio's fault, with the error code clients get (see `JobFailure::status`
+/// for the HTTP answer); any other error of a job is reported as the studio's (`generation_failed`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct JobFailure {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl JobFailure {
+    /// A hub LoRA that does not exist: the request named it wrongly (422).
+    pub const LORA_NOT_FOUND: &'static str = "lora_not_found";
+    /// A hub LoRA that could not be fetched (network, hub, token): worth retrying later (503).
+    pub const LORA_UNAVAILABLE: &'static str = "lora_unavailable";
+    /// The device ran out of memory inside the job: smaller sizes or fewer LoRAs may fit (503).
+    pub const OUT_OF_MEMORY: &'static str = "out_of_memory";
+    /// The data directory's disk is full: the operator's to fix (507).
+    pub const DISK_FULL: &'static str = "insufficient_storage";
+
+    /// The code and message a failed job reports: a [`JobFailure`] anywhere in the chain as it is, a
+    /// CUDA out-of-memory error as [`JobFailure::OUT_OF_MEMORY`], anything else under `fallback`.
+    pub fn describe(err: &anyhow::Error, fallback: &'static str) -> (&'static str, String) {
+        if let Some(failure) = err.chain().find_map(|c| c.downcast_ref::<JobFailure>()) {
+            return (failure.code, format!("{err:#}"));
+        }
+        let disk_full = err.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+            })
+        });
+        if disk_full {
+            return (
+                Self::DISK_FULL,
+                format!("the server's disk is full: free space in its data directory and retry ({err:#})"),
+            );
+        }
+        // cudarc reports `CUDA_ERROR_OUT_OF_MEMORY`; there is no typed error to match through candle.
+        if format!("{err:#}").contains("OUT_OF_MEMORY") {
+            return (
+                Self::OUT_OF_MEMORY,
+                format!("the GPU ran out of memory for this job: try a smaller size or fewer LoRAs, or use a GPU with more memory ({err:#})"),
+            );
+        }
+        (fallback, format!("{err:#}"))
+    }
+}
+
 /// Text-to-image. Planning runs on the request path and must be cheap; generating runs on the worker.
 pub trait Generation: Send + Sync {
     /// The presets with their weights' state, for `GET /models/`.
@@ -192,5 +242,40 @@ impl Capabilities {
                 self.training.is_none().then_some(TRAINING_UNAVAILABLE),
             ),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobFailure;
+
+    #[test]
+    fn a_failure_is_reported_by_its_cause() {
+        let typed = anyhow::Error::new(JobFailure {
+            code: JobFailure::LORA_NOT_FOUND,
+            message: "LoRA a/b: no such file".into(),
+        })
+        .context("generating");
+        assert_eq!(
+            JobFailure::describe(&typed, "generation_failed").0,
+            JobFailure::LORA_NOT_FOUND
+        );
+        // As candle passes a cudarc allocation failure up.
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+            .context("denoising step 3");
+        let (code, message) = JobFailure::describe(&oom, "generation_failed");
+        assert_eq!(code, JobFailure::OUT_OF_MEMORY);
+        assert!(message.contains("smaller size"), "{message}");
+        let full = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            .context("writing the image");
+        assert_eq!(
+            JobFailure::describe(&full, "generation_failed").0,
+            JobFailure::DISK_FULL
+        );
+        let other = anyhow::anyhow!("a NaN in the latents");
+        assert_eq!(
+            JobFailure::describe(&other, "generation_failed").0,
+            "generation_failed"
+        );
     }
 }

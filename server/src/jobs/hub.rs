@@ -67,11 +67,13 @@ impl EventHub {
             at: now_ms(),
             body,
         };
-        self.store.record_event(&event)?;
+        // Live listeners hear of the event even when the log cannot keep it (a full disk): a client
+        // waiting for its image learns why it failed instead of seeing the stream end.
+        let recorded = self.store.record_event(&event);
         stream.next_seq += 1;
         // No listener is fine: the log has it.
         let _ = stream.sender.send(Arc::new(event));
-        Ok(())
+        recorded
     }
 
     /// Ends a job's live stream; listeners receive what was sent, then `Closed`.

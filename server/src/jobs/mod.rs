@@ -56,8 +56,8 @@ impl Shared {
         self.cancels().remove(&id);
     }
 
-    fn internal(context: &str) -> impl FnOnce(anyhow::Error) -> ApiError + '_ {
-        move |err| ApiError::internal(context, format!("{err:#}"))
+    fn store_error(context: &str) -> impl FnOnce(anyhow::Error) -> ApiError + '_ {
+        move |err| ApiError::store(context, err)
     }
 
     fn submit_generation(
@@ -96,7 +96,7 @@ impl Shared {
         let listener = self
             .hub
             .open(job)
-            .map_err(Shared::internal("opening the job's stream"))?;
+            .map_err(Shared::store_error("opening the job's stream"))?;
         let recorded = serde_json::to_value(params)
             .map_err(anyhow::Error::from)
             .and_then(|params| self.store.insert_job(job, kind, &params))
@@ -110,7 +110,7 @@ impl Shared {
             });
         if let Err(err) = recorded {
             self.hub.close(job);
-            return Err(ApiError::internal("recording the job", format!("{err:#}")));
+            return Err(ApiError::store("recording the job", err));
         }
         Ok(listener)
     }
@@ -161,7 +161,7 @@ impl Shared {
         // queue puts the job back to the status it had.
         self.hub
             .open(&job)
-            .map_err(Shared::internal("opening the job's stream"))?;
+            .map_err(Shared::store_error("opening the job's stream"))?;
         let queued = self.hub.publish(
             &job,
             EventBody::Status {
@@ -170,7 +170,7 @@ impl Shared {
         );
         if let Err(err) = queued {
             self.hub.close(&job);
-            return Err(ApiError::internal("recording the job", format!("{err:#}")));
+            return Err(ApiError::store("recording the job", err));
         }
         let cancel = self.new_cancel(id);
         if self
@@ -186,7 +186,7 @@ impl Shared {
                 },
             );
             self.hub.close(&job);
-            restored.map_err(Shared::internal("restoring the job's status"))?;
+            restored.map_err(Shared::store_error("restoring the job's status"))?;
             return Err(ApiError::queue_full("training"));
         }
         self.record(id)
@@ -216,7 +216,7 @@ impl Shared {
                 },
             );
             self.hub.close(&job);
-            published.map_err(Shared::internal("recording the cancellation"))?;
+            published.map_err(Shared::store_error("recording the cancellation"))?;
         } else if let Some(flag) = self.cancels().get(&id) {
             // Running: the worker stops at its next step and records the cancellation itself.
             flag.store(true, Ordering::SeqCst);
@@ -233,7 +233,7 @@ impl Shared {
     fn record(&self, id: JobId) -> Result<JobRecord, ApiError> {
         self.store
             .job(&id.to_string())
-            .map_err(Shared::internal("reading the job"))?
+            .map_err(Shared::store_error("reading the job"))?
             .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
     }
 }

@@ -11,7 +11,7 @@ use app::{ErrorDetail, EventBody, GenerateResponse, JobStatus};
 use base64::Engine as _;
 use image::RgbImage;
 
-use super::capability::{Control, StepOutcome, TrainingReport, TrainingRun};
+use super::capability::{Control, JobFailure, StepOutcome, TrainingReport, TrainingRun};
 use super::queue::{GenerationTicket, TrainingTicket, Work};
 use super::Shared;
 use crate::files::JobId;
@@ -121,7 +121,12 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
             shared.emit(&job, EventBody::Result(Box::new(response)));
             shared.set_status(&job, JobStatus::Completed);
         }
-        Err(err) => shared.fail(&job, "generation_failed", &format!("{err:#}")),
+        Err(err) => {
+            // A failed job keeps no image (a full disk may have left part of one).
+            let _ = std::fs::remove_file(shared.data.image(id));
+            let (code, message) = JobFailure::describe(&err, "generation_failed");
+            shared.fail(&job, code, &message)
+        }
     }
     shared.finish(id);
 }

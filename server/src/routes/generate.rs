@@ -7,7 +7,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{ApiJson, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
-use crate::jobs::capability::{LoraChoice, GENERATION_UNAVAILABLE};
+use crate::jobs::capability::{JobFailure, LoraChoice, GENERATION_UNAVAILABLE};
 use crate::jobs::hub::Listener;
 use crate::jobs::Jobs;
 
@@ -107,14 +107,26 @@ async fn wait_for_result(listener: &mut Listener) -> Result<GenerateResponse, Ap
         match &event.body {
             EventBody::Result(response) => return Ok((**response).clone()),
             EventBody::Error { error } => {
-                let status = if error.code == "unavailable" {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::INTERNAL_SERVER_ERROR
+                let (status, code) = match error.code.as_str() {
+                    "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "generation_failed"),
+                    JobFailure::LORA_UNAVAILABLE => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        JobFailure::LORA_UNAVAILABLE,
+                    ),
+                    JobFailure::OUT_OF_MEMORY => {
+                        (StatusCode::SERVICE_UNAVAILABLE, JobFailure::OUT_OF_MEMORY)
+                    }
+                    JobFailure::DISK_FULL => {
+                        (StatusCode::INSUFFICIENT_STORAGE, JobFailure::DISK_FULL)
+                    }
+                    JobFailure::LORA_NOT_FOUND => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, JobFailure::LORA_NOT_FOUND)
+                    }
+                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "generation_failed"),
                 };
                 return Err(ApiError {
                     status,
-                    code: "generation_failed",
+                    code,
                     message: error.message.clone(),
                 });
             }

@@ -87,6 +87,6 @@ pub async fn update_settings(
             store.settings()
         })
         .await
-        .map_err(|e| ApiError::internal("writing settings", format!("{e:#}")))?;
+        .map_err(|e| ApiError::store("writing settings", e))?;
     Ok(Json(settings))
 }

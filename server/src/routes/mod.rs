@@ -9,6 +9,7 @@ mod generate;
 mod info;
 mod jobs;
 mod train;
+mod ui;
 mod ws;
 
 use std::sync::Arc;
@@ -29,12 +30,15 @@ use crate::files::JobId;
 use crate::jobs::Jobs;
 
 pub use docs::openapi;
+pub use ui::options as ui_options;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub jobs: Jobs,
     pub settings: Arc<HttpSettings>,
+    /// Where the browser UI's built files are, and how its pages load them.
+    pub leptos: leptos::config::LeptosOptions,
 }
 
 /// The HTTP layer's part of the configuration.
@@ -111,8 +115,9 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
         .route("/ws/generate", get(ws::generation))
         .route("/ws/train/{model_id}", get(ws::training))
         .route("/openapi.json", get(docs::openapi_json))
-        .route("/docs", get(docs::page))
-        .fallback(|| async { ApiError::not_found("no such route; see /docs") })
+        .route("/docs", get(docs::page));
+    let router = ui::add(router, &state)
+        .fallback(ui::not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -1,6 +1,9 @@
 use std::path::Path;
 
-use app::{ErrorBody, JobKind, JobRecord, JobStatus, TrainAccepted, TrainForm, TrainStatus};
+use app::{
+    ErrorBody, JobKind, JobRecord, JobStatus, TrainAccepted, TrainForm, TrainStatus,
+    IMAGE_EXTENSIONS,
+};
 use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, State};
 use axum::http::StatusCode;
@@ -17,7 +20,6 @@ use crate::jobs::TrainingParams;
 const MAX_KEYWORDS: usize = 50;
 const MAX_KEYWORD_CHARS: usize = 200;
 const MAX_SETTINGS: usize = 64;
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 /// Starts LoRA training on a ZIP of images. The ZIP is streamed to the job's folder, never held in memory.
 #[utoipa::path(post, path = "/train/", tag = "train",

@@ -45,8 +45,19 @@ impl Binary {
     }
 
     pub fn start_in(working_dir: &Path, data_dir: &Path, extra: &[&str]) -> Binary {
+        Binary::start_with_env(working_dir, data_dir, extra, &[])
+    }
+
+    /// With extra environment variables (e.g. `HF_ENDPOINT` pointing at a local stand-in hub).
+    pub fn start_with_env(
+        working_dir: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_studio"))
             .current_dir(working_dir)
+            .envs(env.iter().copied())
             .args(["serve", "--port", "0", "--data-dir"])
             .arg(data_dir)
             .args(extra)

@@ -1,0 +1,239 @@
+// The studio in a real browser: chat + generation, conversation, training upload, gallery, jobs, phone width,
+// keyboard use, and no console errors anywhere. Screenshots of each state go to test-results/ (kept by CI).
+import { expect, test, type Page, type TestInfo } from '@playwright/test';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+/** Console errors and uncaught exceptions of the page; every test ends by asserting there were none. */
+function watchConsole(page: Page, allowed: RegExp[] = []): string[] {
+  const errors: string[] = [];
+  page.on('console', (msg) => {
+    if (msg.type() === 'error' && !allowed.some((re) => re.test(msg.text()))) errors.push(msg.text());
+  });
+  page.on('pageerror', (err) => errors.push(`uncaught: ${err.message}`));
+  return errors;
+}
+
+/** Opens a page and waits until the wasm has hydrated it (the App flips data-hydrated). */
+async function open(page: Page, url: string) {
+  await page.goto(url);
+  await expect(page.locator('.studio[data-hydrated="true"]')).toBeVisible();
+}
+
+async function shot(page: Page, info: TestInfo, name: string) {
+  await page.screenshot({ path: info.outputPath(`${name}.png`), fullPage: true });
+}
+
+/** Records, from before the request is sent, whether the chat ever showed step progress and a preview. */
+async function recordProgress(page: Page) {
+  await page.evaluate(() => {
+    const seen = { steps: [] as string[], preview: false };
+    (window as any).__seen = seen;
+    new MutationObserver(() => {
+      for (const status of document.querySelectorAll('.generation .status')) {
+        const text = status.textContent ?? '';
+        if (/^Step \d+ of \d+$/.test(text) && !seen.steps.includes(text)) seen.steps.push(text);
+      }
+      if (document.querySelector('.generation img.preview')) seen.preview = true;
+    }).observe(document.body, { subtree: true, childList: true, characterData: true, attributes: true });
+  });
+}
+
+test('an image request shows progress, then the image, with its actions', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/');
+  await shot(page, info, '01-chat-empty');
+  // Many small steps, so that progress is visible between the first event and the image.
+  await page.getByLabel('Steps').fill('60');
+  await recordProgress(page);
+  // Keyboard: type in the composer and press Enter to send.
+  await page.getByLabel('Message').fill('a red fox sitting in the snow, watercolor painting');
+  await page.getByLabel('Message').press('Enter');
+  await expect(page.locator('.msg.user .verdict')).toContainText('image request');
+  const card = page.locator('.generation').last();
+  await expect(card.locator('.status')).toHaveText(/Step \d+ of 60|Done/);
+  await shot(page, info, '02-chat-generating');
+  await expect(card.locator('img.result')).toBeVisible({ timeout: 120_000 });
+  await expect(card.locator('.status')).toContainText('Done');
+  await shot(page, info, '03-chat-image');
+  const seen = await page.evaluate(() => (window as any).__seen);
+  expect(seen.steps.length, `step texts seen: ${seen.steps}`).toBeGreaterThan(1);
+  expect(seen.preview).toBe(true);
+  // The image is the one the server stored, and it loaded.
+  const src = await card.locator('img.result').getAttribute('src');
+  expect(src).toMatch(/^\/images\/[0-9a-f-]{36}$/);
+  expect(await card.locator('img.result').evaluate((img: HTMLImageElement) => img.naturalWidth)).toBeGreaterThan(0);
+  await expect(card.getByRole('link', { name: 'Download' })).toHaveAttribute('href', src!);
+  await expect(card.getByRole('button', { name: /Copy seed \d+/ })).toBeVisible();
+  // Full size, closed with Escape.
+  await card.getByRole('button', { name: 'View full size' }).click();
+  await expect(page.getByRole('dialog', { name: 'Full-size image' })).toBeVisible();
+  await shot(page, info, '04-chat-full-size');
+  await page.keyboard.press('Escape');
+  await expect(page.getByRole('dialog')).toHaveCount(0);
+  // Regenerate: a second image with the same settings.
+  await card.getByRole('button', { name: 'Regenerate' }).click();
+  await expect(page.locator('.generation')).toHaveCount(2);
+  await expect(page.locator('.generation').last().locator('img.result')).toBeVisible({ timeout: 120_000 });
+  expect(errors).toEqual([]);
+});
+
+test('a running generation can be cancelled', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/');
+  await page.getByLabel('Steps').fill('100');
+  // Large enough for 100 steps to take a moment on the CPU, small enough for its memory (256 image tokens).
+  await page.getByRole('button', { name: '1:1' }).click();
+  await page.getByLabel('Size', { exact: true }).selectOption('256');
+  await page.getByLabel('Message').fill('a lighthouse on a cliff at dusk, oil painting');
+  await page.getByRole('button', { name: 'Send' }).click();
+  const card = page.locator('.generation').last();
+  await expect(card.getByRole('button', { name: 'Cancel' })).toBeEnabled();
+  await expect(card.locator('.status')).toHaveText(/Step \d+ of 100/, { timeout: 120_000 });
+  await card.getByRole('button', { name: 'Cancel' }).click();
+  await expect(card.locator('.status')).toHaveText('Cancelled');
+  await shot(page, info, '05-chat-cancelled');
+  expect(errors).toEqual([]);
+});
+
+test('a conversation message gets a reply that says what the studio can do', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/');
+  await page.getByLabel('Message').fill('hi there, how are you today?');
+  await page.getByRole('button', { name: 'Send' }).click();
+  await expect(page.locator('.msg.user .verdict')).toContainText('conversation');
+  const reply = page.locator('.msg.reply').last();
+  await expect(reply).toContainText('Hello!');
+  await expect(reply).toContainText('Describe an image');
+  await expect(page.locator('.generation')).toHaveCount(0);
+  await shot(page, info, '06-chat-reply');
+  expect(errors).toEqual([]);
+});
+
+test('a ZIP dropped on the train page is previewed, uploaded, and starts a run', async ({ page, request }, info) => {
+  const health = await (await request.get('/health')).json();
+  const training = health.capabilities.find((c: any) => c.name === 'training');
+  // Without a trainer the upload is answered 503, which Chromium logs as a failed resource.
+  const errors = watchConsole(page, training.available ? [] : [/status of 503/]);
+  await open(page, '/studio/train');
+  await shot(page, info, '07-train-empty');
+  const zip = fs.readFileSync(path.join(__dirname, '..', 'fixtures', 'dataset.zip')).toString('base64');
+  const dataTransfer = await page.evaluateHandle((b64) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], 'dataset.zip', { type: 'application/zip' }));
+    return transfer;
+  }, zip);
+  await page.dispatchEvent('.dropzone', 'drop', { dataTransfer });
+  await expect(page.getByRole('heading', { name: '3 images will be used' })).toBeVisible();
+  await expect(page.locator('.thumbs img')).toHaveCount(3);
+  await expect(page.locator('.thumbs li', { hasText: 'red.png' })).toContainText('captioned');
+  await expect(page.locator('.rejected')).toContainText('photos/notes.md');
+  await page.getByLabel('Trigger words').fill('sqrstyle, flat colour');
+  await shot(page, info, '08-train-preview');
+  await page.getByRole('button', { name: 'Start training' }).click();
+
+  if (!training.available) {
+    // Training not in this build: the server's 503 must reach the user, clearly.
+    await expect(page.getByRole('alert')).toContainText('Training could not start');
+    await expect(page.getByRole('alert')).toContainText(training.reason);
+    await shot(page, info, '09-train-unavailable');
+    test.info().annotations.push({ type: 'training unavailable', description: training.reason });
+    expect(errors).toEqual([]);
+    return;
+  }
+
+  // --- From here on, the assertions need LoRA training in the server (issue 5). ---
+  await expect(page).toHaveURL(/\/studio\/train\/[0-9a-f-]{36}$/);
+  const modelId = page.url().split('/').pop()!;
+  await expect(page.locator('.run-head .badge')).toHaveText(/queued|preparing|training|completed/);
+  await expect(page.locator('.keywords')).toContainText('sqrstyle');
+  await expect(page.locator('.step-count')).toHaveText(/Step \d+ of \d+/, { timeout: 120_000 });
+  await shot(page, info, '09-training-live');
+  await expect(page.locator('.chart svg path')).toBeVisible({ timeout: 120_000 });
+  await expect(page.locator('.run-head .badge')).toHaveText('completed', { timeout: 170_000 });
+  await shot(page, info, '10-training-done');
+  await expect(page.getByRole('link', { name: 'Download LoRA' })).toHaveAttribute('href', `/loras/${modelId}`);
+  // One click to generate with it: the chat opens with the LoRA chosen.
+  await page.getByRole('link', { name: 'Generate with this LoRA' }).click();
+  await expect(page.locator('.studio[data-hydrated="true"]')).toBeVisible();
+  await expect(page.locator('.settings select').nth(1)).toHaveValue(modelId);
+  await page.getByLabel('Message').fill('a picture of sqrstyle, a square');
+  await page.getByRole('button', { name: 'Send' }).click();
+  const card = page.locator('.generation').last();
+  await expect(card.locator('.summary')).toContainText(`LoRA ${modelId.split('-')[0]}`);
+  await expect(card.locator('img.result')).toBeVisible({ timeout: 120_000 });
+  await shot(page, info, '11-generated-with-lora');
+  expect(errors).toEqual([]);
+});
+
+test('the gallery lists generated images with their settings, and the jobs page the queue', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/studio/gallery');
+  const items = page.locator('.gallery > li');
+  await expect(items.first()).toBeVisible();
+  await expect(items.first().locator('.meta')).toContainText('seed');
+  await expect(items.first().locator('img')).toHaveAttribute('src', /^\/images\//);
+  await shot(page, info, '12-gallery');
+  await page.getByRole('link', { name: 'Jobs' }).click();
+  await expect(page.locator('table.jobs tbody tr').first()).toBeVisible();
+  await expect(page.locator('table.jobs')).toContainText('generation');
+  await expect(page.locator('table.jobs')).toContainText('cancelled');
+  await expect(page.locator('.capabilities')).toContainText('Generation queue');
+  await shot(page, info, '13-jobs');
+  expect(errors).toEqual([]);
+});
+
+test('phone width: every page fits and works', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await page.setViewportSize({ width: 390, height: 844 });
+  for (const [url, name] of [
+    ['/', '14-phone-chat'],
+    ['/studio/train', '15-phone-train'],
+    ['/studio/gallery', '16-phone-gallery'],
+    ['/studio/jobs', '17-phone-jobs'],
+  ]) {
+    await open(page, url);
+    await expect(page.locator('.loading')).toHaveCount(0);
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    expect(overflow, `${url} is wider than the phone`).toBeLessThanOrEqual(0);
+    await shot(page, info, name);
+  }
+  // The chat works here too, settings folded away.
+  await open(page, '/');
+  await expect(page.locator('.settings details')).not.toHaveAttribute('open', '');
+  await page.getByLabel('Message').fill('what can you do?');
+  await page.getByLabel('Message').press('Enter');
+  await expect(page.locator('.msg.reply')).toBeVisible();
+  await shot(page, info, '18-phone-reply');
+  expect(errors).toEqual([]);
+});
+
+test('unknown pages and unknown runs say so', async ({ page }, info) => {
+  const errors = watchConsole(page, [/status of 404/]);
+  await open(page, '/studio/train/00000000-0000-4000-8000-000000000000');
+  await expect(page.getByRole('alert')).toContainText('no job');
+  await shot(page, info, '19-unknown-run');
+  await open(page, '/studio/nothing-here');
+  await expect(page.getByRole('heading', { name: 'No such page' })).toBeVisible();
+  expect(errors).toEqual([]);
+});
+
+test('a studio started with --token asks for it once, then works', async ({ page }, info) => {
+  // The first call answered 401 is logged by the browser itself; nothing else may fail.
+  const errors = watchConsole(page, [/401/]);
+  const base = `http://127.0.0.1:${process.env.STUDIO_E2E_TOKEN_PORT}`;
+  await page.goto(`${base}/studio/gallery`);
+  await expect(page).toHaveURL(/\/studio\/token\?next=/);
+  await expect(page.locator('.studio[data-hydrated="true"]')).toBeVisible();
+  await shot(page, info, '20-token-asked');
+  await page.getByLabel('Access token').fill('e2e-s3cret');
+  await page.getByLabel('Access token').press('Enter');
+  await expect(page).toHaveURL(`${base}/studio/gallery`);
+  await expect(page.locator('.studio[data-hydrated="true"]')).toBeVisible();
+  // The gallery's own data came through: its empty state, not an error.
+  await expect(page.locator('.empty-state')).toContainText('No images yet');
+  await expect(page.locator('.error')).toHaveCount(0);
+  await shot(page, info, '21-token-accepted');
+  expect(errors).toEqual([]);
+});
