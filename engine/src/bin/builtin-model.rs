@@ -10,8 +10,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use engine::models::flux::FluxConfig;
-use engine::pipeline::{FluxPipeline, GenerateParams, LoadOptions, PIXEL_FLUX_CLASS};
+use engine::builtin::{model_config, write_model_folder, SIZE, TEXT_TOKENS};
+use engine::pipeline::{FluxPipeline, GenerateParams, LoadOptions};
 use engine::training::{
     full, Report, Schedule, SigmaSampling, Targets, TrainJob, TrainSettings, Trainer,
 };
@@ -27,12 +27,6 @@ use std::time::Instant;
 /// The committed model, relative to the repository root.
 const MODEL_DIR: &str = "engine/assets/builtin-emoji";
 const DATA_DIR: &str = "data/builtin-emoji";
-/// Image side in pixels.
-const SIZE: u32 = 64;
-/// Pixels per latent cell along a side: 64×64×3 becomes 32×32 cells of 12 channels, 256 tokens.
-const PIXEL_UNSHUFFLE: usize = 2;
-/// MiniLM token states per prompt.
-const TEXT_TOKENS: usize = 24;
 /// One caption in this many (by the emoji's sort order) is held out of training.
 const HOLD_OUT_EVERY: usize = 20;
 
@@ -181,30 +175,11 @@ fn main() -> Result<()> {
     }
 }
 
-/// The model's transformer: FLUX's architecture, small (10.6M parameters), MiniLM-sized text inputs,
-/// no guidance embedding (classifier-free guidance instead).
-fn model_config() -> FluxConfig {
-    FluxConfig {
-        in_channels: 3 * PIXEL_UNSHUFFLE * PIXEL_UNSHUFFLE * 4,
-        hidden_size: 256,
-        num_heads: 4,
-        depth: 2,
-        depth_single: 6,
-        context_dim: 384,
-        vec_dim: 384,
-        mlp_ratio: 4.0,
-        axes_dims: vec![16, 24, 24],
-        theta: 10_000.0,
-        guidance_embed: false,
-    }
-}
-
 fn caption_of(e: &serde_json::Value) -> Option<String> {
-    let name = e["name"].as_str().map(str::to_string).or_else(|| {
-        e["short_name"]
-            .as_str()
-            .map(|s| s.replace(['_', '-'], " "))
-    })?;
+    let name = e["name"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| e["short_name"].as_str().map(|s| s.replace(['_', '-'], " ")))?;
     let caption = name.to_lowercase().trim().to_string();
     (!caption.is_empty()).then_some(caption)
 }
@@ -221,8 +196,8 @@ fn prepare(package: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out.join("images"))?;
     let zip_file = std::fs::File::create(out.join("train.zip"))?;
     let mut zip = zip::ZipWriter::new(zip_file);
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     let mut entries = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for e in emoji {
@@ -291,50 +266,6 @@ struct TrainArgs {
     device: Device,
 }
 
-/// Writes a model folder: index, transformer config, scheduler, and `weights` as the transformer.
-fn write_model_folder(dir: &Path, weights: &[(String, candle_core::Tensor)]) -> Result<()> {
-    let cfg = model_config();
-    std::fs::create_dir_all(dir.join("transformer"))?;
-    std::fs::create_dir_all(dir.join("scheduler"))?;
-    let index = json!({
-        "_class_name": PIXEL_FLUX_CLASS,
-        "pixel_unshuffle": PIXEL_UNSHUFFLE,
-        "text_tokens": TEXT_TOKENS,
-        "text_encoder": "all-MiniLM-L6-v2 (scripts/fetch-models)",
-        "size": SIZE,
-    });
-    let transformer = json!({
-        "_class_name": "FluxTransformer2DModel",
-        "in_channels": cfg.in_channels,
-        "num_layers": cfg.depth,
-        "num_single_layers": cfg.depth_single,
-        "attention_head_dim": cfg.head_dim(),
-        "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_dim,
-        "pooled_projection_dim": cfg.vec_dim,
-        "guidance_embeds": cfg.guidance_embed,
-        "axes_dims_rope": cfg.axes_dims,
-    });
-    // Pixels are highly correlated: a shift of 2 spends more of the steps at high noise, where the
-    // picture's layout is decided.
-    let scheduler = json!({
-        "_class_name": "FlowMatchEulerDiscreteScheduler",
-        "shift": 2.0,
-        "use_dynamic_shifting": false,
-    });
-    let write = |p: PathBuf, v: &serde_json::Value| -> Result<()> {
-        Ok(std::fs::write(p, serde_json::to_vec_pretty(v)?)?)
-    };
-    write(dir.join("model_index.json"), &index)?;
-    write(dir.join("transformer/config.json"), &transformer)?;
-    write(dir.join("scheduler/scheduler_config.json"), &scheduler)?;
-    engine::training::checkpoint::write_safetensors(
-        &dir.join("transformer/diffusion_pytorch_model.safetensors"),
-        weights,
-        &Default::default(),
-    )
-}
-
 fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(format!("{:x}", Sha256::digest(&bytes)))
@@ -359,7 +290,8 @@ fn first_images(zip_path: &Path, n: usize, out: &Path) -> Result<()> {
     for stem in stems {
         for ext in ["png", "txt"] {
             let mut bytes = Vec::new();
-            src.by_name(&format!("{stem}.{ext}"))?.read_to_end(&mut bytes)?;
+            src.by_name(&format!("{stem}.{ext}"))?
+                .read_to_end(&mut bytes)?;
             dst.start_file(format!("{stem}.{ext}"), opts)?;
             dst.write_all(&bytes)?;
         }
@@ -390,7 +322,11 @@ fn train(a: TrainArgs) -> Result<()> {
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
 
     let model_dir = a.out.join("model");
-    write_model_folder(&model_dir, &full::initial_weights(&model_config(), s.seed)?)?;
+    write_model_folder(
+        &model_dir,
+        &model_config(),
+        &full::initial_weights(&model_config(), s.seed)?,
+    )?;
     let opts = LoadOptions {
         source: engine::hub::Source::Local(model_dir.clone()),
         transformer_file: None,
@@ -398,9 +334,7 @@ fn train(a: TrainArgs) -> Result<()> {
         text_encoder_dir: a.text_encoder.clone(),
     };
     let pipe = Arc::new(FluxPipeline::load_dir_trainable(
-        &model_dir,
-        &opts,
-        &a.device,
+        &model_dir, &opts, &a.device,
     )?);
     let weights_file = model_dir.join("transformer/diffusion_pytorch_model.safetensors");
     let job = TrainJob {
@@ -447,8 +381,7 @@ fn train(a: TrainArgs) -> Result<()> {
         if stats.finished {
             break;
         }
-        if a
-            .time_limit_s
+        if a.time_limit_s
             .is_some_and(|limit| started.elapsed().as_secs_f64() > limit)
         {
             println!("time limit reached at step {}: saving", stats.step);
@@ -459,13 +392,10 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let train_s = train_start.elapsed().as_secs_f64();
     let steps_done = trainer.step_count();
-    let validation = trainer.validation_loss(4)?;
     let record = json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "device": format!("{:?}", a.device),
         "model_config": model_config(),
-        "pixel_unshuffle": PIXEL_UNSHUFFLE,
-        "text_tokens": TEXT_TOKENS,
         "settings": s,
         "data": {
             "file": dataset.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -475,13 +405,12 @@ fn train(a: TrainArgs) -> Result<()> {
         "steps_done": steps_done,
         "stopped_by_time_limit": stopped_early,
         "seconds": {"prepare": prepared_s, "train": train_s, "per_step": train_s / f64::from(steps_done.max(1))},
-        "validation_loss_4_levels": validation,
         "loss_curve": curve,
         "weights_sha256": sha256_file(&weights_file)?,
     });
     std::fs::write(a.out.join("run.json"), serde_json::to_vec_pretty(&record)?)?;
     println!(
-        "trained {steps_done} steps in {train_s:.0} s; validation loss {validation:.4}; model in {}",
+        "trained {steps_done} steps in {train_s:.0} s; model in {}",
         model_dir.display()
     );
     Ok(())
@@ -612,7 +541,10 @@ fn score(a: ScoreArgs) -> Result<()> {
         "cpu_seconds_per_image_median": median,
         "cpu_threads": std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1),
     });
-    std::fs::write(a.out.join("score.json"), serde_json::to_vec_pretty(&result)?)?;
+    std::fs::write(
+        a.out.join("score.json"),
+        serde_json::to_vec_pretty(&result)?,
+    )?;
     println!("{}", serde_json::to_string_pretty(&result)?);
     // A strip per held-out example: what was asked (the dataset's image), what was drawn.
     let shown: Vec<&(usize, RgbImage, usize)> = examples.iter().take(12).collect();
@@ -622,10 +554,16 @@ fn score(a: ScoreArgs) -> Result<()> {
         image::imageops::overlay(&mut grid, img, i64::from(SIZE) * k as i64, i64::from(SIZE));
     }
     grid.save(a.out.join("held-out.png"))?;
-    let captions: Vec<&str> = shown.iter().map(|(i, _, _)| entries[*i].caption.as_str()).collect();
+    let captions: Vec<&str> = shown
+        .iter()
+        .map(|(i, _, _)| entries[*i].caption.as_str())
+        .collect();
     std::fs::write(
         a.out.join("held-out.txt"),
-        format!("top row: the dataset's image; bottom row: generated from its caption\n{}\n", captions.join("\n")),
+        format!(
+            "top row: the dataset's image; bottom row: generated from its caption\n{}\n",
+            captions.join("\n")
+        ),
     )?;
     Ok(())
 }

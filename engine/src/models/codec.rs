@@ -9,7 +9,9 @@ use candle_core::Tensor;
 pub enum ImageCodec {
     Vae(Autoencoder),
     /// Pixels in [-1, 1], each `factor`×`factor` square of pixels one cell of 3·factor² channels.
-    Pixels { factor: usize },
+    Pixels {
+        factor: usize,
+    },
 }
 
 impl ImageCodec {
@@ -94,13 +96,20 @@ mod tests {
         let u = unshuffle(&x, 2)?;
         assert_eq!(u.dims(), [2, 12, 2, 3]);
         // Cell (0, 0) of channel 0 holds the 2×2 square at the top left of channel 0: 0, 1, 6, 7.
-        let cell: Vec<f32> = u.narrow(1, 0, 4)?.get(0)?.flatten_to(1)?.to_vec2::<f32>()?
+        let cell: Vec<f32> = u
+            .narrow(1, 0, 4)?
+            .get(0)?
+            .flatten_to(1)?
+            .to_vec2::<f32>()?
             .into_iter()
             .map(|row| row[0])
             .collect();
         assert_eq!(cell, [0.0, 1.0, 6.0, 7.0]);
         let back = shuffle(&u, 2)?;
-        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            back.flatten_all()?.to_vec1::<f32>()?,
+            x.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 }

@@ -72,7 +72,12 @@ pub fn initial_weights(
 
     let cpu = Device::Cpu;
     // The model built on placeholder weights names every linear layer and its shape.
-    let shapes = FluxTransformer::load(&FluxWeights::random(DType::F32, &cpu), cfg, DType::F32, &cpu)?;
+    let shapes = FluxTransformer::load(
+        &FluxWeights::random(DType::F32, &cpu),
+        cfg,
+        DType::F32,
+        &cpu,
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
     for linear in shapes.linears() {
@@ -93,7 +98,10 @@ pub fn initial_weights(
             format!("{name}.weight"),
             Tensor::from_vec(weight, (rows, cols), &cpu)?,
         ));
-        out.push((format!("{name}.bias"), Tensor::zeros(rows, DType::F32, &cpu)?));
+        out.push((
+            format!("{name}.bias"),
+            Tensor::zeros(rows, DType::F32, &cpu)?,
+        ));
     }
     let norms = (0..cfg.depth)
         .flat_map(|i| ["img", "txt"].map(|s| format!("double_blocks.{i}.{s}_attn.norm")))
