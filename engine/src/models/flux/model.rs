@@ -388,7 +388,10 @@ impl FluxTransformer {
         for b in &self.single_blocks {
             x_all = b.forward(&x_all, &vec, &rope, heads)?;
         }
-        let img = x_all.narrow(1, t_len, x_all.dim(1)? - t_len)?;
+        // A batch of several makes this slice strided; the norm's fused kernel needs it whole.
+        let img = x_all
+            .narrow(1, t_len, x_all.dim(1)? - t_len)?
+            .contiguous()?;
         let m = self
             .final_modulation
             .forward(&vec.silu()?)?
