@@ -2,7 +2,7 @@
 # The built-in model's one GPU training run (docs/builtin-model.md), on the GPU machine, from the repo
 # root. Needs the CUDA build of builtin-model (BIN, default .gpu/builtin-model, or .xz of it), the
 # prepared data (DATA, default .gpu/data: train.zip from scripts/builtin/prepare-data) and MiniLM
-# (ENCODER, default .gpu/minilm). A 30-step run first measures the seconds per step; the real run then
+# (ENCODER, default .gpu/minilm, its model.safetensors possibly xz-compressed). A 30-step run first measures the seconds per step; the real run then
 # takes as many steps as fit in BUDGET_S seconds (default 420) with a fixed seed, so that its cosine
 # schedule ends where the run does. Writes run.json, the logs, samples and the weights (split in
 # 15 MB parts, files coming back from the machine are limited in size) to $OUT.
@@ -11,6 +11,7 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 BIN=${BIN:-.gpu/builtin-model}; DATA=${DATA:-.gpu/data}; ENCODER=${ENCODER:-.gpu/minilm}
 BUDGET_S=${BUDGET_S:-420}; SEED=${SEED:-0}
 [ -x "$BIN" ] || { xz -dkf "$BIN.xz" && chmod +x "$BIN"; }
+[ -f "$ENCODER/model.safetensors" ] || xz -dkf "$ENCODER/model.safetensors.xz"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 common=(--data "$DATA" --text-encoder "$ENCODER" --device cuda --seed "$SEED")
 "$BIN" train "${common[@]}" --out /tmp/calibrate --steps 30 --warmup 0 --sample-every 0 2>&1 | tee "$OUT/calibrate.log"

@@ -239,7 +239,7 @@ fn preset_names() -> String {
 /// FLUX.1-dev where it can run: a CUDA GPU, and its weights downloaded or a token to download them
 /// (the repository is gated). Otherwise the built-in model, which runs on a CPU with no download;
 /// the log says why, and every response names the model in `model`.
-fn auto_preset(device: &Device) -> &'static Preset {
+pub(crate) fn auto_preset(device: &Device) -> &'static Preset {
     let dev = presets::find(presets::FLUX_DEV).expect("built-in preset");
     let reason = if !device.is_cuda() {
         Some("no CUDA GPU (FLUX.1-dev needs an NVIDIA GPU)")
