@@ -121,8 +121,11 @@ enum TextSpec {
 
 /// The text encoders, which a training run frees once it has encoded its captions.
 enum TextEncoders {
-    Flux { t5: T5Encoder, clip: ClipEncoder },
-    MiniLm(MiniLmPrompt),
+    Flux {
+        t5: Box<T5Encoder>,
+        clip: Box<ClipEncoder>,
+    },
+    MiniLm(Box<MiniLmPrompt>),
 }
 
 impl TextEncoders {
@@ -142,13 +145,16 @@ impl TextEncoders {
                     dtype,
                     device,
                 )?;
-                Ok(Self::Flux { t5, clip })
+                Ok(Self::Flux {
+                    t5: Box::new(t5),
+                    clip: Box::new(clip),
+                })
             }
-            TextSpec::MiniLm { dir, tokens } => Ok(Self::MiniLm(
+            TextSpec::MiniLm { dir, tokens } => Ok(Self::MiniLm(Box::new(
                 MiniLmPrompt::load(dir, *tokens, device).context(
                     "this model reads prompts with MiniLM: run scripts/fetch-models to install it",
                 )?,
-            )),
+            ))),
         }
     }
 
@@ -277,7 +283,11 @@ impl FluxPipeline {
                 TextSpec::Flux {
                     t5_max_len: opts.t5_max_len,
                 },
-                ImageCodec::Vae(Autoencoder::load(&dir.join("vae"), dtype, device)?),
+                ImageCodec::Vae(Box::new(Autoencoder::load(
+                    &dir.join("vae"),
+                    dtype,
+                    device,
+                )?)),
             )
         };
         let text = TextEncoders::load(dir, &text_spec, dtype, device)?;

@@ -96,8 +96,8 @@ fn mean(xs: &[f32]) -> f32 {
 fn mean_rgb(img: &RgbImage) -> [f32; 3] {
     let mut sum = [0f32; 3];
     for p in img.pixels() {
-        for c in 0..3 {
-            sum[c] += f32::from(p.0[c]) / 255.0;
+        for (s, v) in sum.iter_mut().zip(p.0) {
+            *s += f32::from(v) / 255.0;
         }
     }
     sum.map(|s| s / (64.0 * 64.0))

@@ -90,7 +90,10 @@ pub fn run(a: Args) -> Result<()> {
         None => crate::flux::auto_preset(&device),
         Some(name) => engine::presets::find(name).with_context(|| {
             let names: Vec<_> = engine::presets::PRESETS.iter().map(|p| p.name).collect();
-            format!("unknown preset `{name}`: choose one of {}", names.join(", "))
+            format!(
+                "unknown preset `{name}`: choose one of {}",
+                names.join(", ")
+            )
         })?,
     };
     let mut opts = LoadOptions::from_preset(preset);

@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 pub enum ImageCodec {
-    Vae(Autoencoder),
+    Vae(Box<Autoencoder>),
     /// Pixels in [-1, 1], each `factor`×`factor` square of pixels one cell of 3·factor² channels.
     Pixels {
         factor: usize,
