@@ -96,14 +96,13 @@ mod tests {
         let u = unshuffle(&x, 2)?;
         assert_eq!(u.dims(), [2, 12, 2, 3]);
         // Cell (0, 0) of channel 0 holds the 2×2 square at the top left of channel 0: 0, 1, 6, 7.
-        let cell: Vec<f32> = u
+        let cell = u
             .narrow(1, 0, 4)?
+            .narrow(2, 0, 1)?
+            .narrow(3, 0, 1)?
             .get(0)?
-            .flatten_to(1)?
-            .to_vec2::<f32>()?
-            .into_iter()
-            .map(|row| row[0])
-            .collect();
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(cell, [0.0, 1.0, 6.0, 7.0]);
         let back = shuffle(&u, 2)?;
         assert_eq!(
