@@ -263,7 +263,7 @@ mod tests {
         // 2·3·37 scores a row: 5 rows a chunk, the last chunk 2 rows.
         let chunked = attention_in_chunks(&q, &k, &v, DType::F32, 5 * 2 * 3 * 37)?;
         let diff = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
+        assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
 }
