@@ -6,8 +6,10 @@
 //!   flux-bench generate --model DIR --size 1024 --steps 28     end-to-end timing
 //!   flux-bench profile [--size 1024]                          each op of a single block, timed alone
 //!   flux-bench train --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
+//!                    [--no-checkpointing]
 //!       LoRA training steps (forward, backward, clipping, AdamW) as the trainer takes them, on random
-//!       FLUX.1-dev-size weights unless --model gives a diffusers folder; peft's bench_train_ref.py shapes
+//!       FLUX.1-dev-size weights unless --model gives a diffusers folder; peft's bench_train_ref.py shapes;
+//!       gradient checkpointing per block unless --no-checkpointing
 //! `--plain` turns the fused kernels off (CUDA builds; the CPU always takes the plain path).
 
 use anyhow::{Context, Result};
@@ -596,6 +598,7 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     let steps: usize = arg(args, "--steps").map_or(Ok(10), |s| s.parse())?;
     let rank: usize = arg(args, "--rank").map_or(Ok(16), |s| s.parse())?;
     let t5_len: usize = arg(args, "--t5-len").map_or(Ok(512), |s| s.parse())?;
+    let checkpointing = !args.iter().any(|a| a == "--no-checkpointing");
     let targets = match arg(args, "--targets").as_deref() {
         None | Some("attention") => Targets::Attention,
         Some("all_linear") => Targets::AllLinear,
@@ -633,18 +636,24 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     for i in 0..steps + 2 {
         let start = Instant::now();
         lora.attach(&model, true);
-        let pred = model.forward(&FluxInputs {
-            img: &img,
-            img_ids: &img_ids,
-            txt: &txt,
-            txt_ids: &txt_ids,
-            timesteps: &t,
-            y: &pooled,
-            guidance: cfg.guidance_embed.then_some(&g),
-        });
+        let mse = |pred: &Tensor| -> Result<Tensor> {
+            Ok((pred.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?)
+        };
+        let out = model.loss_and_grads(
+            &FluxInputs {
+                img: &img,
+                img_ids: &img_ids,
+                txt: &txt,
+                txt_ids: &txt_ids,
+                timesteps: &t,
+                y: &pooled,
+                guidance: cfg.guidance_embed.then_some(&g),
+            },
+            &mse,
+            checkpointing,
+        );
         LoraSet::detach(&model);
-        let loss = (pred?.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
+        let (loss, grads) = out?;
         let (clipped, _) = optim::clipped_grads(&adam.vars, &grads, 1.0)?;
         drop(grads);
         adam.step(&clipped, 1e-4)?;
@@ -660,7 +669,7 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"what": "train", "size": size, "image_tokens": side * side, "text_tokens": t5_len,
-            "rank": rank, "targets": format!("{targets:?}"), "lora_params": lora.parameter_count(),
+            "rank": rank, "targets": format!("{targets:?}"), "checkpointing": checkpointing, "lora_params": lora.parameter_count(),
             "dtype": format!("{dtype:?}"), "load_s": load_s, "step_s": times,
             "median_step_s": sorted.get(sorted.len() / 2), "losses": losses})
     );

@@ -5,7 +5,25 @@
 
 use super::autodiff;
 use candle_core::{Module, Result, Tensor};
+use std::cell::Cell;
 use std::sync::{Arc, RwLock};
+
+thread_local! {
+    static WITHOUT_GRADIENTS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every adapter's tensors detached: the same values with no graph recorded (so the
+/// fused kernels run). Gradient checkpointing's first pass, which only keeps each block's input.
+pub fn without_gradients<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WITHOUT_GRADIENTS.with(|w| w.set(self.0));
+        }
+    }
+    let _restore = Restore(WITHOUT_GRADIENTS.with(|w| w.replace(true)));
+    f()
+}
 
 /// A low-rank update: `down` is (rank, in), `up` is (out, rank). `up` may cover only a slice of
 /// the output rows (a LoRA trained on `to_q` placed on a fused `qkv` layer): `out_offset` says
@@ -65,6 +83,15 @@ impl Linear {
             .clear();
     }
 
+    /// The ids of the adapters' factors, `down` and `up` of each.
+    pub fn adapter_ids(&self) -> Vec<candle_core::TensorId> {
+        let adapters = self.adapters.read().expect("adapter lock poisoned");
+        adapters
+            .iter()
+            .flat_map(|a| [a.down.id(), a.up.id()])
+            .collect()
+    }
+
     pub fn adapter_count(&self) -> usize {
         self.adapters.read().expect("adapter lock poisoned").len()
     }
@@ -78,11 +105,17 @@ impl Module for Linear {
             crate::models::fused::linear(&self.base, x)?
         };
         let adapters = self.adapters.read().expect("adapter lock poisoned");
+        let detached = WITHOUT_GRADIENTS.with(Cell::get);
         for a in adapters.iter() {
+            let (down, up) = if detached {
+                (a.down.detach(), a.up.detach())
+            } else {
+                (a.down.clone(), a.up.clone())
+            };
             // Adapters may be f32 (training) over a bf16 base: compute in theirs, add in ours.
-            let xa = x.to_dtype(a.down.dtype())?;
-            let h = xa.broadcast_matmul(&a.down.t()?)?;
-            let delta = (h.broadcast_matmul(&a.up.t()?)? * a.scale)?.to_dtype(y.dtype())?;
+            let xa = x.to_dtype(down.dtype())?;
+            let h = xa.broadcast_matmul(&down.t()?)?;
+            let delta = (h.broadcast_matmul(&up.t()?)? * a.scale)?.to_dtype(y.dtype())?;
             let rows = delta.dim(candle_core::D::Minus1)?;
             y = if a.out_offset == 0 && rows == self.out_features {
                 (y + delta)?
