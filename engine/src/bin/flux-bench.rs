@@ -664,11 +664,31 @@ fn train(args: &[String], device: &Device) -> Result<()> {
             losses.push(loss.to_scalar::<f32>()?);
         }
     }
+    // The graph-free forward pass alone (checkpointing's first pass), to tell it from the rest.
+    let mut forward_s = Vec::new();
+    lora.attach(&model, true);
+    for _ in 0..3 {
+        let start = Instant::now();
+        engine::models::linear::without_gradients(|| {
+            model.forward(&FluxInputs {
+                img: &img,
+                img_ids: &img_ids,
+                txt: &txt,
+                txt_ids: &txt_ids,
+                timesteps: &t,
+                y: &pooled,
+                guidance: cfg.guidance_embed.then_some(&g),
+            })
+        })?;
+        sync(device)?;
+        forward_s.push(start.elapsed().as_secs_f64());
+    }
+    LoraSet::detach(&model);
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
         "{}",
-        serde_json::json!({"what": "train", "size": size, "image_tokens": side * side, "text_tokens": t5_len,
+        serde_json::json!({"what": "train", "graph_free_forward_s": forward_s, "size": size, "image_tokens": side * side, "text_tokens": t5_len,
             "rank": rank, "targets": format!("{targets:?}"), "checkpointing": checkpointing, "lora_params": lora.parameter_count(),
             "dtype": format!("{dtype:?}"), "load_s": load_s, "step_s": times,
             "median_step_s": sorted.get(sorted.len() / 2), "losses": losses})
