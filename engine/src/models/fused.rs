@@ -26,15 +26,52 @@ fn fused(inputs: &[&Tensor]) -> bool {
 /// FLUX's norms: LayerNorm without affine and the q/k RMS norms, eps 1e-6.
 const EPS: f32 = 1e-6;
 
-/// softmax(q kᵀ / √D) v over (B, H, L, D) heads, returned as (B, L, H·D).
+/// softmax(q kᵀ / √D) v over (B, H, L, D) heads, returned as (B, L, H·D). On the fused path the value
+/// comes from the kernel even in training, with [`attention_backward`] as its gradient: the graph then
+/// keeps q, k, v and the output, not the (L × L) scores and probabilities of every head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
+    if ENABLED.load(Ordering::Relaxed)
+        && crate::kernels::fused_ops::supports(q)
+        && crate::kernels::flash_attn::supports(q)
+    {
         let (b, h, l, d) = q.dims4()?;
         let scale = 1.0 / (d as f32).sqrt();
-        return crate::kernels::flash_attn::flash_attn(q, k, v, scale)?.reshape((b, l, h * d));
+        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+        let value =
+            crate::kernels::flash_attn::flash_attn(&qd, &kd, &vd, scale)?.reshape((b, l, h * d))?;
+        if [q, k, v].iter().all(|t| !t.track_op()) {
+            return Ok(value);
+        }
+        return autodiff::with_gradient3([q, k, v], value, attention_backward);
     }
     plain_attention(q, k, v)
+}
+
+/// The gradients of q, k and v of [`attention`] from the gradient `g` of its output `o` (both (B, L, H·D)):
+/// FlashAttention's backward in candle ops. The probabilities are computed again (one product and a
+/// softmax) rather than kept; `rowsum(g ⊙ o)` stands in for `rowsum(dP ⊙ P)` in softmax's backward.
+pub fn attention_backward(
+    [q, k, v]: [&Tensor; 3],
+    o: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<[Tensor; 3]> {
+    use candle_core::{DType, D};
+    let (b, h, l, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let heads = |t: &Tensor| t.reshape((b, l, h, d))?.transpose(1, 2)?.contiguous();
+    let (o, g) = (heads(o)?, heads(g)?);
+    let p = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
+    let dv = p.t()?.matmul(&g)?;
+    let delta = (&g * &o)?
+        .to_dtype(DType::F32)?
+        .sum_keepdim(D::Minus1)?
+        .to_dtype(g.dtype())?;
+    let ds = (&p * g.matmul(&v.t()?)?.broadcast_sub(&delta)?)?;
+    drop(p);
+    let dq = (ds.matmul(k)? * scale)?;
+    let dk = (ds.t()?.matmul(q)? * scale)?;
+    Ok([dq, dk, dv])
 }
 
 /// The unfused attention: materialises the (L × L) scores of every head.
@@ -202,5 +239,39 @@ pub fn group_norm(
         y.silu()
     } else {
         Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The hand-written attention backward against candle's autograd through the plain attention.
+    #[test]
+    fn attention_backward_matches_autograd() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let vars = (0..3)
+            .map(|_| Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
+        let weights = Tensor::randn(0f32, 1.0, (2, 7, 24), &dev)?;
+        let grads_of = |y: Tensor| (y * &weights)?.sum_all()?.backward();
+        let value = plain_attention(&q.detach(), &k.detach(), &v.detach())?;
+        let ours = grads_of(autodiff::with_gradient3(
+            [q, k, v],
+            value,
+            attention_backward,
+        )?)?;
+        let want = grads_of(plain_attention(q, k, v)?)?;
+        for var in &vars {
+            let (a, b) = (ours.get(var.as_tensor()), want.get(var.as_tensor()));
+            let diff = (a.expect("a gradient") - b.expect("a gradient"))?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{diff}");
+        }
+        Ok(())
     }
 }
