@@ -23,6 +23,26 @@ fn fused(inputs: &[&Tensor]) -> bool {
         && crate::kernels::fused_ops::supports(inputs[0])
 }
 
+/// Whether the fused kernels take these inputs' values even when they carry a gradient: the ops with a
+/// hand-written backward ([`attention`], [`norm_modulate`], [`gated_add`]).
+#[cfg(feature = "cuda")]
+fn fused_value(inputs: &[&Tensor]) -> bool {
+    ENABLED.load(Ordering::Relaxed) && crate::kernels::fused_ops::supports(inputs[0])
+}
+
+/// A fused kernel's `value` of three inputs, with `backward` as its gradient where an input carries one.
+#[cfg(feature = "cuda")]
+fn differentiable3(
+    inputs: [&Tensor; 3],
+    value: Tensor,
+    backward: fn([&Tensor; 3], &Tensor, &Tensor) -> candle_core::Result<[Tensor; 3]>,
+) -> candle_core::Result<Tensor> {
+    if inputs.iter().all(|t| !t.track_op()) {
+        return Ok(value);
+    }
+    autodiff::with_gradient3(inputs, value, backward)
+}
+
 /// FLUX's norms: LayerNorm without affine and the q/k RMS norms, eps 1e-6.
 const EPS: f32 = 1e-6;
 
@@ -31,19 +51,13 @@ const EPS: f32 = 1e-6;
 /// keeps q, k, v and the output, not the (L × L) scores and probabilities of every head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if ENABLED.load(Ordering::Relaxed)
-        && crate::kernels::fused_ops::supports(q)
-        && crate::kernels::flash_attn::supports(q)
-    {
+    if fused_value(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
         let (b, h, l, d) = q.dims4()?;
         let scale = 1.0 / (d as f32).sqrt();
         let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
         let value =
             crate::kernels::flash_attn::flash_attn(&qd, &kd, &vd, scale)?.reshape((b, l, h * d))?;
-        if [q, k, v].iter().all(|t| !t.track_op()) {
-            return Ok(value);
-        }
-        return autodiff::with_gradient3([q, k, v], value, attention_backward);
+        return differentiable3([q, k, v], value, attention_backward);
     }
     plain_attention(q, k, v)
 }
@@ -102,11 +116,17 @@ pub fn linear(base: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tenso
 }
 
 /// `LayerNorm(x) · (1 + scale) + shift`: FLUX's norm and modulation before every attention and MLP,
-/// x (B, L, C), shift and scale (B, 1, C).
+/// x (B, L, C), shift and scale (B, 1, C). On the fused path with [`norm_modulate_backward`] in training.
 pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(&[x, shift, scale]) {
-        return crate::kernels::fused_ops::norm_modulate(&x.contiguous()?, shift, scale, EPS);
+    if fused_value(&[x, shift, scale]) {
+        let value = crate::kernels::fused_ops::norm_modulate(
+            &x.detach().contiguous()?,
+            &shift.detach(),
+            &scale.detach(),
+            EPS,
+        )?;
+        return differentiable3([x, shift, scale], value, norm_modulate_backward);
     }
     let c = x.dim(candle_core::D::Minus1)?;
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
@@ -115,13 +135,59 @@ pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core:
     normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
+/// The gradients of x, shift and scale of [`norm_modulate`] from its output's `g`, in f32: with
+/// x̂ = (x − μ)/σ and g' = g·(1 + scale), dx = (g' − mean(g') − x̂·mean(g'·x̂))/σ; the modulation's
+/// gradients are sums over the tokens.
+pub fn norm_modulate_backward(
+    [x, shift, scale]: [&Tensor; 3],
+    _: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<[Tensor; 3]> {
+    use candle_core::{DType, D};
+    let c = x.dim(D::Minus1)? as f64;
+    let (x32, g) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+    let centred = x32.broadcast_sub(&(x32.sum_keepdim(D::Minus1)? / c)?)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / c)?;
+    let inv = (var + f64::from(EPS))?.sqrt()?.recip()?;
+    let xhat = centred.broadcast_mul(&inv)?;
+    let d_shift = g.sum_keepdim(1)?;
+    let d_scale = (&g * &xhat)?.sum_keepdim(1)?;
+    let gs = g.broadcast_mul(&(scale.to_dtype(DType::F32)? + 1.0)?)?;
+    let m1 = (gs.sum_keepdim(D::Minus1)? / c)?;
+    let m2 = ((&gs * &xhat)?.sum_keepdim(D::Minus1)? / c)?;
+    let dx = (gs.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(&inv)?;
+    Ok([
+        dx.to_dtype(x.dtype())?,
+        d_shift.to_dtype(shift.dtype())?,
+        d_scale.to_dtype(scale.dtype())?,
+    ])
+}
+
 /// `r + x · gate`: the gated residual after every attention and MLP, gate (B, 1, C).
 pub fn gated_add(r: &Tensor, x: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(&[r, x, gate]) {
-        return crate::kernels::fused_ops::gated_add(&r.contiguous()?, &x.contiguous()?, gate);
+    if fused_value(&[r, x, gate]) {
+        let value = crate::kernels::fused_ops::gated_add(
+            &r.detach().contiguous()?,
+            &x.detach().contiguous()?,
+            &gate.detach(),
+        )?;
+        return differentiable3([r, x, gate], value, gated_add_backward);
     }
     r + x.broadcast_mul(gate)?
+}
+
+/// The gradients of r, x and gate of [`gated_add`]: g, g·gate, and Σ g·x over the tokens (in f32).
+pub fn gated_add_backward(
+    [_, x, gate]: [&Tensor; 3],
+    _: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<[Tensor; 3]> {
+    use candle_core::DType;
+    let d_gate = (g.to_dtype(DType::F32)? * x.to_dtype(DType::F32)?)?
+        .sum_keepdim(1)?
+        .to_dtype(gate.dtype())?;
+    Ok([g.clone(), g.broadcast_mul(gate)?, d_gate])
 }
 
 /// `[a | gelu(m)]` along the last dim (tanh-approximated GELU, as FLUX's MLPs use): the single
@@ -247,31 +313,56 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// The hand-written attention backward against candle's autograd through the plain attention.
-    #[test]
-    fn attention_backward_matches_autograd() -> candle_core::Result<()> {
+    type Backward = fn([&Tensor; 3], &Tensor, &Tensor) -> candle_core::Result<[Tensor; 3]>;
+
+    /// A hand-written backward (given the plain path's value, as the fused kernel's stands in for it on
+    /// CUDA) against candle's autograd through the plain path, for inputs of these shapes.
+    fn check(
+        shapes: [&[usize]; 3],
+        plain: impl Fn([&Tensor; 3]) -> candle_core::Result<Tensor>,
+        backward: Backward,
+    ) -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        let vars = (0..3)
-            .map(|_| Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?))
+        let vars = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&Tensor::randn(0f32, 1.0, *s, &dev)?))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
-        let weights = Tensor::randn(0f32, 1.0, (2, 7, 24), &dev)?;
+        let inputs = [0, 1, 2].map(|i| vars[i].as_tensor());
+        let detached = inputs.map(|t| t.detach());
+        let value = plain([&detached[0], &detached[1], &detached[2]])?;
+        let weights = Tensor::randn(0f32, 1.0, value.shape(), &dev)?;
         let grads_of = |y: Tensor| (y * &weights)?.sum_all()?.backward();
-        let value = plain_attention(&q.detach(), &k.detach(), &v.detach())?;
-        let ours = grads_of(autodiff::with_gradient3(
-            [q, k, v],
-            value,
-            attention_backward,
-        )?)?;
-        let want = grads_of(plain_attention(q, k, v)?)?;
+        let ours = grads_of(autodiff::with_gradient3(inputs, value, backward)?)?;
+        let want = grads_of(plain(inputs)?)?;
         for var in &vars {
             let (a, b) = (ours.get(var.as_tensor()), want.get(var.as_tensor()));
-            let diff = (a.expect("a gradient") - b.expect("a gradient"))?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{diff}");
+            let (a, b) = (a.expect("a gradient"), b.expect("a gradient"));
+            assert_eq!(a.dims(), b.dims());
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 2e-5, "{diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn hand_written_backwards_match_autograd() -> candle_core::Result<()> {
+        let heads: &[usize] = &[2, 3, 7, 8];
+        check(
+            [heads, heads, heads],
+            |[q, k, v]| plain_attention(q, k, v),
+            attention_backward,
+        )?;
+        let (x, m): (&[usize], &[usize]) = (&[2, 5, 16], &[2, 1, 16]);
+        check(
+            [x, m, m],
+            |[x, s, c]| norm_modulate(x, s, c),
+            norm_modulate_backward,
+        )?;
+        check(
+            [x, x, m],
+            |[r, x, g]| gated_add(r, x, g),
+            gated_add_backward,
+        )?;
         Ok(())
     }
 }
