@@ -259,9 +259,21 @@ pub fn qkv_heads(
     let (b, l, _) = qkv.dims3()?;
     let d = scales.q.dim(0)?;
     #[cfg(feature = "cuda")]
-    if fused(&[qkv]) && d == crate::kernels::flash_attn::HEAD_DIM {
-        let out =
-            crate::kernels::fused_ops::qkv_heads(qkv, &scales.both, &rope.packed, heads, EPS)?;
+    if fused_value(&[qkv]) && d == crate::kernels::flash_attn::HEAD_DIM && qkv.is_contiguous() {
+        let mut out = crate::kernels::fused_ops::qkv_heads(
+            &qkv.detach(),
+            &scales.both,
+            &rope.packed,
+            heads,
+            EPS,
+        )?;
+        if qkv.track_op() {
+            let (sq, sk) = (scales.q.clone(), scales.k.clone());
+            let (cos, sin) = (rope.cos.clone(), rope.sin.clone());
+            out = autodiff::with_gradient(qkv, out, move |qkv, _, g| {
+                qkv_heads_backward(qkv, g, heads, [&sq, &sk], [&cos, &sin])
+            })?;
+        }
         return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
     }
     let qkv = qkv.narrow(2, 0, 3 * heads * d)?;
@@ -274,6 +286,51 @@ pub fn qkv_heads(
     let q = autodiff::rope_i(&q, &rope.cos, &rope.sin)?;
     let k = autodiff::rope_i(&k, &rope.cos, &rope.sin)?;
     Ok((q, k, v))
+}
+
+/// The gradient of the fused q|k|v rows of [`qkv_heads`] from that of its stacked (3, B, H, L, D) heads
+/// `g`: RoPE's backward is the rotation the other way (−sin), the RMS norm's
+/// dx = r·(w·g) − x·r³·mean(w·g·x) with r = 1/√(mean(x²) + ε); v's passes through; the rows past
+/// 3·H·D (a single block's MLP input) get none.
+pub fn qkv_heads_backward(
+    qkv: &Tensor,
+    g: &Tensor,
+    heads: usize,
+    [scale_q, scale_k]: [&Tensor; 2],
+    [cos, sin]: [&Tensor; 2],
+) -> candle_core::Result<Tensor> {
+    use candle_core::{DType, D};
+    let (b, l, width) = qkv.dims3()?;
+    let d = scale_q.dim(0)?;
+    let hd = heads * d;
+    let raw = qkv
+        .narrow(2, 0, 3 * hd)?
+        .reshape((b, l, 3, heads, d))?
+        .permute((2, 0, 3, 1, 4))?;
+    let neg_sin = sin.neg()?;
+    let mut parts = Vec::with_capacity(3);
+    for (i, w) in [scale_q, scale_k].into_iter().enumerate() {
+        let unrotated = candle_nn::rotary_emb::rope_i(&g.get(i)?.contiguous()?, cos, &neg_sin)?;
+        let x = raw.get(i)?.to_dtype(DType::F32)?;
+        let gw = unrotated
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(EPS))?
+            .sqrt()?
+            .recip()?;
+        let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
+        parts.push(dx.to_dtype(qkv.dtype())?);
+    }
+    parts.push(g.get(2)?);
+    let rows = Tensor::stack(&parts, 0)?
+        .permute((1, 3, 0, 2, 4))?
+        .reshape((b, l, 3 * hd))?;
+    if width == 3 * hd {
+        return Ok(rows);
+    }
+    let rest = Tensor::zeros((b, l, width - 3 * hd), rows.dtype(), rows.device())?;
+    Tensor::cat(&[rows, rest], 2)
 }
 
 /// GroupNorm over (B, C, H, W) with `plain`'s groups and parameters (`weight`, `bias` are its (C,)
@@ -363,6 +420,39 @@ mod tests {
             |[r, x, g]| gated_add(r, x, g),
             gated_add_backward,
         )?;
+        Ok(())
+    }
+
+    #[test]
+    fn qkv_heads_backward_matches_autograd() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (heads, d, l) = (2, 8, 5);
+        // A single block's rows: q | k | v | MLP input.
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, l, 3 * heads * d + 6), &dev)?)?;
+        let scales = QkScales::new(
+            Tensor::randn(1f32, 0.2, d, &dev)?,
+            Tensor::randn(1f32, 0.2, d, &dev)?,
+        )?;
+        let angles = Tensor::randn(0f32, 1.0, (l, d / 2), &dev)?;
+        let rope = Rope::new(angles.cos()?, angles.sin()?)?;
+        let stacked = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let (q, k, v) = qkv_heads(x, heads, &scales, &rope)?;
+            Tensor::stack(&[q, k, v], 0)
+        };
+        let weights = Tensor::randn(0f32, 1.0, (3, 2, heads, l, d), &dev)?;
+        let want = (stacked(qkv.as_tensor())? * &weights)?
+            .sum_all()?
+            .backward()?;
+        let want = want.get(qkv.as_tensor()).expect("a gradient");
+        let ours = qkv_heads_backward(
+            &qkv.as_tensor().detach(),
+            &weights,
+            heads,
+            [&scales.q, &scales.k],
+            [&rope.cos, &rope.sin],
+        )?;
+        let diff = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 2e-5, "{diff}");
         Ok(())
     }
 }
