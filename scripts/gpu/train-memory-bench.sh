@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (scripts/gpu/PREDICTIONS.md run 7): LoRA training steps at FLUX.1-dev size
 # (`flux-bench train`, random bf16 weights, rank 16) with gradient checkpointing on and off, at 512x512 and
-# 1024x1024; peak device memory of each process sampled by nvidia-smi every 50 ms, as run 6 did.
+# 1024x1024, after `flux-bench train-check` (the gradients against the plain path); peak device memory of
+# each process sampled by nvidia-smi every 50 ms, as run 6 did.
 # Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench). Writes to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -18,6 +19,8 @@ case_() {
   tee -a "$OUT/summary.jsonl" < "$OUT/train-$name.json"
   [ $rc = 0 ] || tail -3 "$OUT/train-$name.log"
 }
+# The gradients first: no model weights needed beyond 4 blocks, fails fast.
+timeout 120 "$BENCH" train-check 2>&1 | tee "$OUT/train-check.json" | tee -a "$OUT/summary.jsonl"
 for c in ${CASES:-512 512-all 1024 512-off 1024-off}; do
   case $c in
     512) case_ 512 --size 512 --steps 10 --rank 16 ;;
