@@ -137,7 +137,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+        self.fc2.forward(&fused::gelu(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -518,6 +518,8 @@ impl FluxTransformer {
         let x_in = Input::new(&last, tail_needs)?;
         let l = loss(&self.tail(x_in.tensor(), t_len, vec_in.tensor())?)?;
         let mut grads = l.backward()?;
+        // The final layer's graph goes now, not after the blocks.
+        let l = l.detach();
         let mut x_grad = x_in.take_grad(&mut grads)?;
         add_vec_grad(&mut grads)?;
         keep(grads)?;
@@ -585,7 +587,7 @@ impl FluxTransformer {
             }
             keep(backprop(&pairs)?)?;
         }
-        Ok((l.detach(), total))
+        Ok((l, total))
     }
 }
 
