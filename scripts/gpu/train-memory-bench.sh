@@ -3,9 +3,11 @@
 # (`flux-bench train`, random bf16 weights, rank 16) with gradient checkpointing on and off, at 512x512 and
 # 1024x1024, after `flux-bench train-check` (the gradients against the plain path); peak device memory of
 # each process sampled by nvidia-smi every 50 ms, as run 6 did.
-# Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench). Writes to $OUT (or ./gpu-out).
+# Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench). Writes summary.jsonl (one JSON line
+# per measurement) and run7.tgz (logs and memory traces) to $OUT (or ./gpu-out).
 set -uo pipefail
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+FINAL=${OUT:-gpu-out}; mkdir -p "$FINAL"
+OUT=$(mktemp -d)
 BENCH=${BENCH:-.gpu/flux-bench}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 case_() {
@@ -30,3 +32,5 @@ for c in ${CASES:-512 512-all 1024 512-off 1024-off}; do
     1024-off) case_ 1024-off --size 1024 --steps 6 --rank 16 --no-checkpointing ;;
   esac
 done
+cp "$OUT/summary.jsonl" "$FINAL/"
+tar czf "$FINAL/run7.tgz" -C "$OUT" .
