@@ -636,6 +636,9 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     let g = Tensor::new(&[1.0f32], device)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
+    // Where a step's time goes: the loss and gradients, the clipping, the AdamW update (synchronised
+    // after each, so the sum is a little over the step's own time).
+    let mut phases: [Vec<f64>; 3] = Default::default();
     for i in 0..steps + 2 {
         let start = Instant::now();
         lora.attach(&model, true);
@@ -657,16 +660,29 @@ fn train(args: &[String], device: &Device) -> Result<()> {
         );
         LoraSet::detach(&model);
         let (loss, grads) = out?;
+        sync(device)?;
+        let t_grads = start.elapsed().as_secs_f64();
         let (clipped, _) = optim::clipped_grads(&adam.vars, &grads, 1.0)?;
         drop(grads);
+        sync(device)?;
+        let t_clip = start.elapsed().as_secs_f64();
         adam.step(&clipped, 1e-4)?;
         sync(device)?;
+        let t_all = start.elapsed().as_secs_f64();
         // The first two steps warm up kernels and the allocator, as in peft's bench.
         if i >= 2 {
-            times.push(start.elapsed().as_secs_f64());
+            times.push(t_all);
+            phases[0].push(t_grads);
+            phases[1].push(t_clip - t_grads);
+            phases[2].push(t_all - t_clip);
             losses.push(loss.to_scalar::<f32>()?);
         }
     }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
     // The graph-free forward pass alone (checkpointing's first pass), to tell it from the rest.
     let mut forward_s = Vec::new();
     lora.attach(&model, true);
@@ -687,14 +703,14 @@ fn train(args: &[String], device: &Device) -> Result<()> {
         forward_s.push(start.elapsed().as_secs_f64());
     }
     LoraSet::detach(&model);
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
     println!(
         "{}",
-        serde_json::json!({"what": "train", "graph_free_forward_s": forward_s, "size": size, "image_tokens": side * side, "text_tokens": t5_len,
+        serde_json::json!({"what": "train", "graph_free_forward_s": forward_s,
+            "median_grads_s": median(&phases[0]), "median_clip_s": median(&phases[1]),
+            "median_adamw_s": median(&phases[2]), "size": size, "image_tokens": side * side, "text_tokens": t5_len,
             "rank": rank, "targets": format!("{targets:?}"), "checkpointing": checkpointing, "lora_params": lora.parameter_count(),
             "dtype": format!("{dtype:?}"), "load_s": load_s, "step_s": times,
-            "median_step_s": sorted.get(sorted.len() / 2), "losses": losses})
+            "median_step_s": median(&times), "losses": losses})
     );
     Ok(())
 }

@@ -118,10 +118,12 @@ impl Module for Linear {
             } else {
                 (a.down.clone(), a.up.clone())
             };
-            // Adapters may be f32 (training) over a bf16 base: compute in theirs, add in ours.
-            let xa = x.to_dtype(down.dtype())?;
-            let h = xa.broadcast_matmul(&down.t()?)?;
-            let delta = (h.broadcast_matmul(&up.t()?)? * a.scale)?.to_dtype(y.dtype())?;
+            // Adapters may be f32 (training) over a bf16 base: the product runs in the base's precision,
+            // as peft's under autocast, with the scale folded into the small `up` (no full-size f32
+            // copies of the input or the update; their gradients reach the f32 factors through the casts).
+            let down = down.to_dtype(x.dtype())?;
+            let up = (up * a.scale)?.to_dtype(x.dtype())?;
+            let delta = x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?;
             let rows = delta.dim(last)?;
             match slices
                 .iter_mut()
