@@ -505,7 +505,7 @@ impl FluxTransformer {
         let vec_in = Input::new(&vec, head_trains)?;
         let mut vec_grad: Option<Tensor> = None;
         let mut add_vec_grad = |grads: &mut GradStore| -> Result<()> {
-            if let Some(g) = vec_in.take_grad(grads)? {
+            if let Some(g) = vec_in.take_grad(grads) {
                 let g = g.to_dtype(DType::F32)?;
                 vec_grad = Some(match vec_grad.take() {
                     Some(sum) => (sum + g)?,
@@ -520,7 +520,7 @@ impl FluxTransformer {
         let mut grads = l.backward()?;
         // The final layer's graph goes now, not after the blocks.
         let l = l.detach();
-        let mut x_grad = x_in.take_grad(&mut grads)?;
+        let mut x_grad = x_in.take_grad(&mut grads);
         add_vec_grad(&mut grads)?;
         keep(grads)?;
 
@@ -535,7 +535,7 @@ impl FluxTransformer {
             let x_in = Input::new(&input, needs)?;
             let out = b.forward(x_in.tensor(), vec_in.tensor(), &rope, heads)?;
             let mut grads = backprop(&[(&out, &g)])?;
-            x_grad = x_in.take_grad(&mut grads)?;
+            x_grad = x_in.take_grad(&mut grads);
             add_vec_grad(&mut grads)?;
             keep(grads)?;
         }
@@ -567,7 +567,7 @@ impl FluxTransformer {
                 heads,
             )?;
             let mut grads = backprop(&[(&img_out, &g_img), (&txt_out, &g_txt)])?;
-            stream_grads = match (img_in.take_grad(&mut grads)?, txt_in.take_grad(&mut grads)?) {
+            stream_grads = match (img_in.take_grad(&mut grads), txt_in.take_grad(&mut grads)) {
                 (Some(gi), Some(gt)) => Some((gi, gt)),
                 _ => None,
             };
@@ -597,30 +597,33 @@ fn trains(linears: &[&Linear]) -> bool {
 }
 
 /// A checkpointed segment's saved input: a fresh variable when the gradient must flow past it.
-struct Input(Result<Var, Tensor>);
+enum Input {
+    Variable(Var),
+    Fixed(Tensor),
+}
 
 impl Input {
     fn new(t: &Tensor, needs_grad: bool) -> Result<Self> {
-        Ok(Self(if needs_grad {
-            Ok(Var::from_tensor(t)?)
+        Ok(if needs_grad {
+            Self::Variable(Var::from_tensor(t)?)
         } else {
-            Err(t.clone())
-        }))
+            Self::Fixed(t.clone())
+        })
     }
 
     fn tensor(&self) -> &Tensor {
-        match &self.0 {
-            Ok(v) => v.as_tensor(),
-            Err(t) => t,
+        match self {
+            Self::Variable(v) => v.as_tensor(),
+            Self::Fixed(t) => t,
         }
     }
 
     /// Its gradient, taken out of `grads` so that only the adapters' remain there.
-    fn take_grad(&self, grads: &mut GradStore) -> Result<Option<Tensor>> {
-        Ok(match &self.0 {
-            Ok(v) => grads.remove(v.as_tensor()),
-            Err(_) => None,
-        })
+    fn take_grad(&self, grads: &mut GradStore) -> Option<Tensor> {
+        match self {
+            Self::Variable(v) => grads.remove(v.as_tensor()),
+            Self::Fixed(_) => None,
+        }
     }
 }
 
