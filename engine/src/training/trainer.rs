@@ -11,6 +11,7 @@ use crate::models::flux::{self, FluxInputs, FluxTransformer};
 use crate::pipeline::{self, Control, FluxPipeline};
 use crate::sampling::latents;
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -271,8 +272,8 @@ impl Trainer {
             s.sigma_sampling,
             self.images[index].mean.elem_count(),
         );
-        let loss = self.loss(index, draws, true)?;
-        let grads = loss.backward()?;
+        let (loss, grads) = self.loss(index, draws, true)?;
+        let grads = grads.context("a training pass returns gradients")?;
         let loss = loss.to_scalar::<f32>()?;
         if !loss.is_finite() {
             bail!("the loss is {loss} at step {step}: lower the learning rate");
@@ -313,8 +314,14 @@ impl Trainer {
     }
 
     /// The flow-matching loss on image `index` with these draws: noisy = (1-σ)·x + σ·noise, target =
-    /// noise - x, mean squared error in f32. `train`: through the adapter variables, for a backward pass.
-    fn loss(&self, index: usize, draws: StepDraws, train: bool) -> Result<Tensor> {
+    /// noise - x, mean squared error in f32. `train`: through the adapter variables, with their gradients
+    /// (checkpointed per block when the settings say so).
+    fn loss(
+        &self,
+        index: usize,
+        draws: StepDraws,
+        train: bool,
+    ) -> Result<(Tensor, Option<GradStore>)> {
         let s = &self.job.settings;
         let model = &self.pipe.transformer;
         let image = &self.images[index];
@@ -334,20 +341,31 @@ impl Trainer {
         let txt_ids = flux::text_ids(text.txt.dim(1)?, device)?;
         let t = Tensor::new(&[sigma as f32], device)?;
         let g = Tensor::new(&[s.guidance as f32], device)?;
-        let guidance = model.config().guidance_embed.then_some(&g);
-        self.trainable.attach(model, train);
-        let forward = model.forward(&FluxInputs {
+        let inputs = FluxInputs {
             img: &latents::pack(&noisy)?.to_dtype(model.dtype())?,
             img_ids: &img_ids,
             txt: &text.txt,
             txt_ids: &txt_ids,
             timesteps: &t,
             y: &text.pooled,
-            guidance,
-        });
+            guidance: model.config().guidance_embed.then_some(&g),
+        };
+        let mse = |pred: &Tensor| -> Result<Tensor> {
+            Ok((pred.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?)
+        };
+        self.trainable.attach(model, train);
+        let out = if train {
+            let checkpointing = s.gradient_checkpointing.unwrap_or_else(|| device.is_cuda());
+            model
+                .loss_and_grads(&inputs, &mse, checkpointing)
+                .map(|(loss, grads)| (loss, Some(grads)))
+        } else {
+            model
+                .forward(&inputs)
+                .and_then(|pred| Ok((mse(&pred)?, None)))
+        };
         self.trainable.detach(model);
-        let pred = forward?.to_dtype(DType::F32)?;
-        Ok((pred - target)?.sqr()?.mean_all()?)
+        out
     }
 
     /// The mean loss over every image at `levels` fixed noise levels spread over (0, 1) with fixed
@@ -361,7 +379,7 @@ impl Trainer {
                 let n = self.images[index].mean.elem_count();
                 let key = (index * levels + k) as u64;
                 let draws = StepDraws::validation(self.job.settings.seed, key, sigma_index, n);
-                total += f64::from(self.loss(index, draws, false)?.to_scalar::<f32>()?);
+                total += f64::from(self.loss(index, draws, false)?.0.to_scalar::<f32>()?);
                 count += 1;
             }
         }
