@@ -49,7 +49,7 @@ export default defineConfig({
   },
   webServer: [
     {
-      command: `"${studio}" serve --preset flux-tiny --device cpu --data-dir "${process.env.STUDIO_E2E_DATA}" --port ${port}`,
+      command: `"${studio}" serve --preset builtin-emoji --device cpu --data-dir "${process.env.STUDIO_E2E_DATA}" --port ${port}`,
       cwd: root,
       url: `http://127.0.0.1:${port}/health`,
       timeout: 180_000,
@@ -58,7 +58,7 @@ export default defineConfig({
       stderr: 'pipe',
     },
     {
-      command: `"${studio}" serve --preset flux-tiny --device cpu --token e2e-s3cret --data-dir "${process.env.STUDIO_E2E_TOKEN_DATA}" --port ${tokenPort}`,
+      command: `"${studio}" serve --preset builtin-emoji --device cpu --token e2e-s3cret --data-dir "${process.env.STUDIO_E2E_TOKEN_DATA}" --port ${tokenPort}`,
       cwd: root,
       // The health route needs the token; a page does not.
       url: `http://127.0.0.1:${tokenPort}/studio/gallery`,

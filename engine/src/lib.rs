@@ -1,6 +1,7 @@
 //! The studio's models on candle: FLUX text-to-image, its text encoders and autoencoder, LoRA,
 //! training and the prompt classifier. Nothing here knows about HTTP.
 
+pub mod builtin;
 pub mod classifier;
 pub mod device;
 pub mod hub;

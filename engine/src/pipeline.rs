@@ -4,12 +4,14 @@
 use crate::hub::{self, ProgressFn, Source};
 use crate::lora::LoraFile;
 use crate::models::autoencoder::Autoencoder;
+use crate::models::codec::ImageCodec;
 use crate::models::flux::{self, FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
+use crate::models::minilm::MiniLmPrompt;
 use crate::models::text::{ClipEncoder, T5Encoder};
 use crate::presets::Preset;
 use crate::sampling::{latents, preview::LatentPreview, schedule::ScheduleConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -77,6 +79,9 @@ pub struct LoadOptions {
     /// A BFL-layout single file to use instead of the folder's `transformer/`.
     pub transformer_file: Option<PathBuf>,
     pub t5_max_len: usize,
+    /// The MiniLM folder of a model conditioned on MiniLM (the built-in model), as
+    /// `scripts/fetch-models` installs it.
+    pub text_encoder_dir: PathBuf,
 }
 
 impl LoadOptions {
@@ -85,32 +90,79 @@ impl LoadOptions {
             source: p.source.to_source(),
             transformer_file: None,
             t5_max_len: p.t5_max_len,
+            text_encoder_dir: PathBuf::from(crate::classifier::DEFAULT_ENCODER_DIR),
         }
     }
 }
 
-/// T5 and CLIP, which a training run frees once it has encoded its captions.
-struct TextEncoders {
-    t5: T5Encoder,
-    clip: ClipEncoder,
+/// `_class_name` in the `model_index.json` of the built-in model: FLUX's transformer on pixels,
+/// conditioned on MiniLM, with classifier-free guidance (docs/builtin-model.md).
+pub const PIXEL_FLUX_CLASS: &str = "StudioPixelFlux";
+
+/// The parts of `model_index.json` that say which kind of FLUX model a folder holds.
+#[derive(Debug, serde::Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    class_name: String,
+    /// Pixel-space models: pixels per latent cell along a side.
+    pixel_unshuffle: Option<usize>,
+    /// MiniLM-conditioned models: the fixed number of token states.
+    text_tokens: Option<usize>,
+}
+
+/// Which text encoders a model reads its prompts with.
+#[derive(Debug, Clone)]
+enum TextSpec {
+    /// FLUX's own: T5-XXL's hidden states and CLIP-L's pooled output.
+    Flux { t5_max_len: usize },
+    /// MiniLM's token states and sentence embedding.
+    MiniLm { dir: PathBuf, tokens: usize },
+}
+
+/// The text encoders, which a training run frees once it has encoded its captions.
+enum TextEncoders {
+    Flux {
+        t5: Box<T5Encoder>,
+        clip: Box<ClipEncoder>,
+    },
+    MiniLm(Box<MiniLmPrompt>),
 }
 
 impl TextEncoders {
-    fn load(dir: &Path, t5_max_len: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let t5 = T5Encoder::load(
-            &dir.join("text_encoder_2"),
-            &dir.join("tokenizer_2"),
-            t5_max_len,
-            dtype,
-            device,
-        )?;
-        let clip = ClipEncoder::load(
-            &dir.join("text_encoder"),
-            &dir.join("tokenizer"),
-            dtype,
-            device,
-        )?;
-        Ok(Self { t5, clip })
+    fn load(dir: &Path, spec: &TextSpec, dtype: DType, device: &Device) -> Result<Self> {
+        match spec {
+            TextSpec::Flux { t5_max_len } => {
+                let t5 = T5Encoder::load(
+                    &dir.join("text_encoder_2"),
+                    &dir.join("tokenizer_2"),
+                    *t5_max_len,
+                    dtype,
+                    device,
+                )?;
+                let clip = ClipEncoder::load(
+                    &dir.join("text_encoder"),
+                    &dir.join("tokenizer"),
+                    dtype,
+                    device,
+                )?;
+                Ok(Self::Flux {
+                    t5: Box::new(t5),
+                    clip: Box::new(clip),
+                })
+            }
+            TextSpec::MiniLm { dir, tokens } => Ok(Self::MiniLm(Box::new(
+                MiniLmPrompt::load(dir, *tokens, device).context(
+                    "this model reads prompts with MiniLM: run scripts/fetch-models to install it",
+                )?,
+            ))),
+        }
+    }
+
+    fn encode(&mut self, prompt: &str) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Flux { t5, clip } => Ok((t5.encode(prompt)?, clip.encode(prompt)?)),
+            Self::MiniLm(m) => m.encode(prompt),
+        }
     }
 }
 
@@ -119,10 +171,16 @@ pub struct FluxPipeline {
     /// `None` while released; loaded again from `dir` by the next prompt.
     text: Mutex<Option<TextEncoders>>,
     dir: PathBuf,
-    t5_max_len: usize,
-    pub vae: Autoencoder,
+    text_spec: TextSpec,
+    /// The autoencoder, or pixels for a pixel-space model.
+    pub codec: ImageCodec,
     pub schedule: ScheduleConfig,
     preview: LatentPreview,
+    /// The model takes classifier-free guidance (`guidance` is its scale) rather than FLUX.1-dev's
+    /// embedded guidance.
+    cfg: bool,
+    /// The transformer's weights as variables, by checkpoint name: loaded for a full fine-tune.
+    weights: Vec<(String, Var)>,
     device: Device,
     dtype: DType,
 }
@@ -145,13 +203,36 @@ impl FluxPipeline {
     /// Loads a diffusers FLUX folder (model_index.json, transformer/, vae/, text_encoder*/,
     /// tokenizer*/, scheduler/).
     pub fn load_dir(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, opts, device, false)
+    }
+
+    /// Loads a folder for a full fine-tune: the transformer in f32, its weights variables
+    /// ([`Self::weights`]) that the model computes with directly.
+    pub fn load_dir_trainable(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, opts, device, true)
+    }
+
+    fn load_dir_with(
+        dir: &Path,
+        opts: &LoadOptions,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Self> {
         if !dir.join("model_index.json").is_file() {
             bail!(
                 "{} is not a diffusers FLUX folder (no model_index.json)",
                 dir.display()
             );
         }
-        let dtype = crate::device::compute_dtype(device);
+        let index: ModelIndex = serde_json::from_value(read_json(&dir.join("model_index.json"))?)
+            .context("model_index.json")?;
+        let pixel_model = index.class_name == PIXEL_FLUX_CLASS;
+        let dtype = if trainable {
+            DType::F32
+        } else {
+            crate::device::compute_dtype(device)
+        };
+        let mut vars = Vec::new();
         let (weights, cfg) = match &opts.transformer_file {
             Some(file) => {
                 let w = FluxWeights::open(file, dtype, device)?;
@@ -165,27 +246,79 @@ impl FluxPipeline {
             None => {
                 let t = dir.join("transformer");
                 let cfg = FluxConfig::from_diffusers_json(&read_json(&t.join("config.json"))?)?;
-                (FluxWeights::open(&t, dtype, device)?, cfg)
+                let weights = if trainable {
+                    vars = load_vars(&t, device)?;
+                    let tensors = vars
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                        .collect();
+                    FluxWeights::from_var_builder(candle_nn::VarBuilder::from_tensors(
+                        tensors,
+                        DType::F32,
+                        device,
+                    ))?
+                } else {
+                    FluxWeights::open(&t, dtype, device)?
+                };
+                (weights, cfg)
             }
         };
         let transformer = FluxTransformer::load(&weights, &cfg, dtype, device)?;
-        let text = TextEncoders::load(dir, opts.t5_max_len, dtype, device)?;
-        let vae = Autoencoder::load(&dir.join("vae"), dtype, device)?;
+        let (text_spec, codec) = if pixel_model {
+            let tokens = index
+                .text_tokens
+                .context("model_index.json of a pixel model lacks `text_tokens`")?;
+            let factor = index
+                .pixel_unshuffle
+                .context("model_index.json of a pixel model lacks `pixel_unshuffle`")?;
+            (
+                TextSpec::MiniLm {
+                    dir: opts.text_encoder_dir.clone(),
+                    tokens,
+                },
+                ImageCodec::Pixels { factor },
+            )
+        } else {
+            (
+                TextSpec::Flux {
+                    t5_max_len: opts.t5_max_len,
+                },
+                ImageCodec::Vae(Box::new(Autoencoder::load(
+                    &dir.join("vae"),
+                    dtype,
+                    device,
+                )?)),
+            )
+        };
+        let text = TextEncoders::load(dir, &text_spec, dtype, device)?;
         let schedule: ScheduleConfig =
             serde_json::from_value(read_json(&dir.join("scheduler/scheduler_config.json"))?)
                 .context("scheduler_config.json")?;
-        let preview = LatentPreview::fit(&vae, dtype, device)?;
+        let preview = LatentPreview::fit(&codec, dtype, device)?;
         Ok(Self {
             transformer,
             text: Mutex::new(Some(text)),
             dir: dir.to_path_buf(),
-            t5_max_len: opts.t5_max_len,
-            vae,
+            text_spec,
+            codec,
             schedule,
             preview,
+            cfg: pixel_model,
+            weights: vars,
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// The transformer's weights as variables, when loaded with [`Self::load_dir_trainable`].
+    pub fn weights(&self) -> &[(String, Var)] {
+        &self.weights
+    }
+
+    /// Whether `guidance` is a classifier-free guidance scale (the model is run with and without the
+    /// prompt) rather than an input of a guidance-distilled model.
+    pub fn uses_cfg(&self) -> bool {
+        self.cfg
     }
 
     pub fn device(&self) -> &Device {
@@ -206,25 +339,23 @@ impl FluxPipeline {
 
     /// Image sides must map to whole 2×2 patches of latent cells.
     pub fn size_multiple(&self) -> usize {
-        2 * self.vae.config.downscale()
+        2 * self.codec.downscale()
     }
 
-    /// T5 hidden states (1, T, 4096) and CLIP's pooled output (1, 768).
+    /// The prompt's token states (1, T, context_dim) and pooled vector (1, vec_dim): T5 and CLIP for
+    /// FLUX, MiniLM for the built-in model.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
         let mut text = self.text.lock().expect("text encoder lock poisoned");
         if text.is_none() {
             tracing::info!("loading the text encoders again");
             *text = Some(TextEncoders::load(
                 &self.dir,
-                self.t5_max_len,
+                &self.text_spec,
                 self.dtype,
                 &self.device,
             )?);
         }
-        let encoders = text.as_mut().expect("loaded above");
-        let txt = encoders.t5.encode(prompt)?;
-        let pooled = encoders.clip.encode(prompt)?;
-        Ok((txt, pooled))
+        text.as_mut().expect("loaded above").encode(prompt)
     }
 
     /// Frees the text encoders (T5-XXL alone is 9.5 GB in bf16) until a prompt needs them again: a
@@ -235,14 +366,14 @@ impl FluxPipeline {
 
     /// The latent grid (cells) of an image size.
     pub fn latent_grid(&self, width: usize, height: usize) -> (usize, usize) {
-        let f = self.vae.config.downscale();
+        let f = self.codec.downscale();
         (height / f, width / f)
     }
 
     /// Seeded starting noise, packed: (1, tokens, 64).
     pub fn initial_noise(&self, seed: u64, width: usize, height: usize) -> Result<Tensor> {
         let (h, w) = self.latent_grid(width, height);
-        let c = self.vae.config.latent_channels;
+        let c = self.codec.latent_channels();
         Ok(latents::pack(&latents::seeded_noise(
             seed,
             c,
@@ -256,7 +387,7 @@ impl FluxPipeline {
     #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         grid: (usize, usize),
         txt: &Tensor,
         pooled: &Tensor,
@@ -264,28 +395,65 @@ impl FluxPipeline {
         guidance: f64,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Tensor> {
+        self.denoise_guided(x, grid, (txt, pooled), None, sigmas, guidance, on_step)
+    }
+
+    /// [`Self::denoise`] with classifier-free guidance when `uncond` (the empty prompt's encodings) is
+    /// given: each step runs the prompt and the empty prompt as one batch of two and moves along
+    /// `v_uncond + guidance · (v_cond - v_uncond)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_guided(
+        &self,
+        mut x: Tensor,
+        grid: (usize, usize),
+        cond: (&Tensor, &Tensor),
+        uncond: Option<(&Tensor, &Tensor)>,
+        sigmas: &[f64],
+        guidance: f64,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Tensor> {
         let dev = &self.device;
+        let (txt, pooled) = match uncond {
+            Some((u_txt, u_pooled)) => (
+                Tensor::cat(&[cond.0, u_txt], 0)?,
+                Tensor::cat(&[cond.1, u_pooled], 0)?,
+            ),
+            None => (cond.0.clone(), cond.1.clone()),
+        };
+        let batch = txt.dim(0)?;
         let img_ids = flux::image_ids(grid.0 / 2, grid.1 / 2, dev)?;
         let txt_ids = flux::text_ids(txt.dim(1)?, dev)?;
         let g = Tensor::new(&[guidance as f32], dev)?;
-        let guidance = self.transformer.config().guidance_embed.then_some(&g);
+        let embedded = self.transformer.config().guidance_embed.then_some(&g);
         let total = sigmas.len() - 1;
         x = x.to_dtype(DType::F32)?;
         for (i, pair) in sigmas.windows(2).enumerate() {
             let (sigma, next) = (pair[0], pair[1]);
-            let t = Tensor::new(&[sigma as f32], dev)?;
-            let v = self
+            let t = Tensor::new(vec![sigma as f32; batch], dev)?;
+            let img = x.to_dtype(self.dtype)?;
+            let img = if batch > 1 {
+                Tensor::cat(&vec![&img; batch], 0)?
+            } else {
+                img
+            };
+            let out = self
                 .transformer
                 .forward(&FluxInputs {
-                    img: &x.to_dtype(self.dtype)?,
+                    img: &img,
                     img_ids: &img_ids,
-                    txt,
+                    txt: &txt,
                     txt_ids: &txt_ids,
                     timesteps: &t,
-                    y: pooled,
-                    guidance,
+                    y: &pooled,
+                    guidance: embedded,
                 })?
                 .to_dtype(DType::F32)?;
+            let v = if uncond.is_some() {
+                let (c, u) = (out.get(0)?.unsqueeze(0)?, out.get(1)?.unsqueeze(0)?);
+                (&u + ((c - &u)? * guidance)?)?
+            } else {
+                out
+            };
             let denoised = (&x - (&v * sigma)?)?;
             x = (&x + (&v * (next - sigma))?)?;
             let p = StepProgress {
@@ -306,8 +474,8 @@ impl FluxPipeline {
     /// Packed model-space latents to pixels in [0, 1] (1, 3, H, W).
     pub fn decode(&self, packed: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
         let z = latents::unpack(packed, grid.0, grid.1)?;
-        let raw = self.vae.from_model_space(&z.to_dtype(self.dtype)?)?;
-        let img = self.vae.decode(&raw)?.to_dtype(DType::F32)?;
+        let raw = self.codec.from_model_space(&z.to_dtype(self.dtype)?)?;
+        let img = self.codec.decode(&raw)?.to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)
     }
 
@@ -333,11 +501,20 @@ impl FluxPipeline {
         }
         let t0 = Instant::now();
         let (txt, pooled) = self.encode_prompt(&p.prompt)?;
+        let uncond = self.uncond_for(p.guidance)?;
         let grid = self.latent_grid(p.width, p.height);
         let t1 = Instant::now();
         let noise = self.initial_noise(p.seed, p.width, p.height)?;
         let sigmas = self.schedule.sigmas(p.steps, noise.dim(1)?);
-        let x = self.denoise(noise, grid, &txt, &pooled, &sigmas, p.guidance, on_step)?;
+        let x = self.denoise_guided(
+            noise,
+            grid,
+            (&txt, &pooled),
+            uncond.as_ref().map(|(t, p)| (t, p)),
+            &sigmas,
+            p.guidance,
+            on_step,
+        )?;
         let t2 = Instant::now();
         let pixels = self.decode(&x, grid)?;
         let image = to_rgb(&pixels)?;
@@ -352,6 +529,34 @@ impl FluxPipeline {
             },
         })
     }
+}
+
+impl FluxPipeline {
+    /// The empty prompt's encodings when `guidance` calls for classifier-free guidance (a scale of 1
+    /// is the prompt alone).
+    pub fn uncond_for(&self, guidance: f64) -> Result<Option<(Tensor, Tensor)>> {
+        if self.cfg && guidance != 1.0 {
+            Ok(Some(self.encode_prompt("")?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Reads a transformer folder's tensors into f32 variables, by checkpoint name.
+fn load_vars(dir: &Path, device: &Device) -> Result<Vec<(String, Var)>> {
+    let mut vars = Vec::new();
+    for file in crate::weights::safetensors_files(dir)? {
+        let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&file, device)
+            .with_context(|| format!("reading {}", file.display()))?
+            .into_iter()
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in tensors {
+            vars.push((name, Var::from_tensor(&t.to_dtype(DType::F32)?)?));
+        }
+    }
+    Ok(vars)
 }
 
 /// (1, 3, H, W) in [0, 1] to an 8-bit image, rounding as diffusers does.

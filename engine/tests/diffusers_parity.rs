@@ -235,6 +235,7 @@ fn four_step_pipeline_matches_diffusers() {
         source: engine::hub::Source::Local(tiny_dev()),
         transformer_file: None,
         t5_max_len: meta["max_sequence_length"].as_u64().unwrap() as usize,
+        text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
     };
     let pipe = FluxPipeline::load_dir(&tiny_dev(), &opts, &Device::Cpu).unwrap();
     let (txt, pooled) = pipe

@@ -192,8 +192,8 @@ fn the_loss_falls_and_generations_move_toward_the_training_images() {
             .unwrap();
         let px = ((px / 127.5).unwrap() - 1.0).unwrap();
         let z = pipe
-            .vae
-            .to_model_space(&pipe.vae.encode(&px).unwrap().mean)
+            .codec
+            .to_model_space(&pipe.codec.encode(&px).unwrap().mean)
             .unwrap();
         let z = engine::sampling::latents::pack(&z).unwrap();
         sum = Some(match sum {

@@ -236,19 +236,36 @@ fn preset_names() -> String {
         .join(", ")
 }
 
-/// FLUX.1-dev on a GPU; without one, the small preset that runs on a CPU, announced in the log
-/// and named in every response's `model`.
-fn auto_preset(device: &Device) -> &'static Preset {
-    let name = if device.is_cuda() {
-        presets::FLUX_DEV
+/// FLUX.1-dev where it can run: a CUDA GPU, and its weights downloaded or a token to download them
+/// (the repository is gated). Otherwise the built-in model, which runs on a CPU with no download;
+/// the log says why, and every response names the model in `model`.
+pub(crate) fn auto_preset(device: &Device) -> &'static Preset {
+    let dev = presets::find(presets::FLUX_DEV).expect("built-in preset");
+    let reason = if !device.is_cuda() {
+        Some("no CUDA GPU (FLUX.1-dev needs an NVIDIA GPU)")
+    } else if !flux_dev_obtainable(dev) {
+        Some("FLUX.1-dev is not downloaded and no HF_TOKEN is set to download it (its repository is gated)")
     } else {
-        tracing::warn!(
-            "no CUDA GPU: the default model is {} (FLUX.1-dev needs an NVIDIA GPU); pass --preset to choose",
-            presets::FLUX_TINY
-        );
-        presets::FLUX_TINY
+        None
     };
-    presets::find(name).expect("built-in preset")
+    match reason {
+        None => dev,
+        Some(reason) => {
+            tracing::warn!(
+                "{reason}: the default model is {}; pass --preset to choose",
+                presets::BUILTIN_EMOJI
+            );
+            presets::find(presets::BUILTIN_EMOJI).expect("built-in preset")
+        }
+    }
+}
+
+fn flux_dev_obtainable(dev: &Preset) -> bool {
+    let cached = match &dev.source {
+        PresetSource::Hub(repo) => engine::hub::is_cached(repo, "model_index.json"),
+        PresetSource::Bundled(_) => true,
+    };
+    cached || engine::hub::hf_token().is_some()
 }
 
 impl Generation for FluxGeneration {

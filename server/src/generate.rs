@@ -16,9 +16,10 @@ pub struct Args {
     /// Where to write the PNG.
     #[arg(short, long, default_value = "image.png")]
     output: PathBuf,
-    /// Model preset (flux-dev, flux-schnell, flux-tiny).
-    #[arg(long, env = "STUDIO_PRESET", default_value = engine::presets::FLUX_DEV)]
-    preset: String,
+    /// Model preset (flux-dev, flux-schnell, builtin-emoji, flux-tiny). Default: FLUX.1-dev on a CUDA GPU
+    /// with its weights or an HF_TOKEN, else the built-in model, as the server chooses.
+    #[arg(long, env = "STUDIO_PRESET")]
+    preset: Option<String>,
     /// A local diffusers FLUX folder or a hub repository id, instead of the preset's.
     #[arg(long)]
     model: Option<String>,
@@ -84,15 +85,17 @@ fn lora_specs(preset: &Preset, args: &[String]) -> Result<Vec<LoraSpec>> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let preset = engine::presets::find(&a.preset).with_context(|| {
-        let names: Vec<_> = engine::presets::PRESETS.iter().map(|p| p.name).collect();
-        format!(
-            "unknown preset `{}`: choose one of {}",
-            a.preset,
-            names.join(", ")
-        )
-    })?;
     let device = a.device.select()?;
+    let preset = match &a.preset {
+        None => crate::flux::auto_preset(&device),
+        Some(name) => engine::presets::find(name).with_context(|| {
+            let names: Vec<_> = engine::presets::PRESETS.iter().map(|p| p.name).collect();
+            format!(
+                "unknown preset `{name}`: choose one of {}",
+                names.join(", ")
+            )
+        })?,
+    };
     let mut opts = LoadOptions::from_preset(preset);
     if let Some(m) = &a.model {
         opts.source = Source::parse(m)?;

@@ -37,15 +37,15 @@ fn contract_curl_commands_work_or_answer_503_with_the_reason() {
     ]);
     assert_eq!(status, 200);
     let body: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    // No GPU here: the default model is the tiny one, and the response says so.
-    assert_eq!(body["model"], "flux-tiny");
+    // No GPU here: the default model is the built-in one, and the response says so.
+    assert_eq!(body["model"], "builtin-emoji");
     assert_eq!(
         (
             body["width"].as_u64(),
             body["height"].as_u64(),
             body["steps"].as_u64()
         ),
-        (Some(64), Some(64), Some(4))
+        (Some(64), Some(64), Some(20))
     );
     assert_eq!(body["prompt"], "a beautiful woman");
     assert!(

@@ -555,6 +555,7 @@ fn generate(model: &std::path::Path, args: &[String], device: &Device) -> Result
         source: Source::Local(model.to_path_buf()),
         transformer_file: None,
         t5_max_len: t5_len,
+        text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
     };
     let t0 = Instant::now();
     let pipe = FluxPipeline::load_dir(model, &opts, device)?;

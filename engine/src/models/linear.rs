@@ -99,7 +99,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.track_op() {
+        let y = if self.base.weight().is_variable() {
+            // A full fine-tune trains the weight itself: candle's matmul gives it its gradient.
+            self.base.forward(x)?
+        } else if x.track_op() {
             frozen_base(&self.base, x)?
         } else {
             crate::models::fused::linear(&self.base, x)?

@@ -2,7 +2,9 @@
 
 pub mod autodiff;
 pub mod autoencoder;
+pub mod codec;
 pub mod flux;
 pub mod fused;
 pub mod linear;
+pub mod minilm;
 pub mod text;

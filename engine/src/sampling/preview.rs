@@ -1,9 +1,9 @@
 //! A fast latent-to-RGB preview for progress events: a per-cell affine map from the latent
-//! channels to RGB, fitted by least squares against the model's own autoencoder when the
+//! channels to RGB, fitted by least squares against the model's own autoencoder (or pixel folding) when the
 //! pipeline loads (so it fits whatever VAE is in use, including test models), instead of a
 //! table of factors made for one model.
 
-use crate::models::autoencoder::Autoencoder;
+use crate::models::codec::ImageCodec;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -16,8 +16,8 @@ pub struct LatentPreview {
 impl LatentPreview {
     /// Encodes a synthetic, colourful test card and regresses each latent cell's average
     /// pixel colour on its latent channels (model space).
-    pub fn fit(vae: &Autoencoder, dtype: DType, device: &Device) -> Result<Self> {
-        let f = vae.config.downscale();
+    pub fn fit(codec: &ImageCodec, dtype: DType, device: &Device) -> Result<Self> {
+        let f = codec.downscale();
         let cells = 16;
         let size = cells * f;
         let mut px = vec![0f32; 3 * size * size];
@@ -35,7 +35,7 @@ impl LatentPreview {
             }
         }
         let img = Tensor::from_vec(px.clone(), (1, 3, size, size), device)?.to_dtype(dtype)?;
-        let z = vae.to_model_space(&vae.encode(&img)?.mean)?;
+        let z = codec.to_model_space(&codec.encode(&img)?.mean)?;
         let c = z.dim(1)?;
         let z = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let n = cells * cells;

@@ -44,6 +44,12 @@ pub fn image_for(seed: u64, step: u32, images: usize) -> usize {
     order[step as usize % images]
 }
 
+/// Whether the `item`th image of step `step` trains with the empty caption (probability `p`): what
+/// teaches a model the unconditional prediction that classifier-free guidance needs.
+pub fn caption_dropped(seed: u64, step: u32, item: u32, p: f64) -> bool {
+    p > 0.0 && rng(seed, 4, u64::from(step) | u64::from(item) << 32).random::<f64>() < p
+}
+
 /// The random numbers of one step.
 pub struct StepDraws {
     /// Into [`training_sigmas`].
@@ -57,7 +63,12 @@ pub struct StepDraws {
 impl StepDraws {
     /// The draws of 1-based step `step` for latents of `n` values.
     pub fn new(seed: u64, step: u32, sampling: SigmaSampling, n: usize) -> Self {
-        let mut r = rng(seed, 2, u64::from(step));
+        Self::item(seed, step, 0, sampling, n)
+    }
+
+    /// The draws of the `item`th image of a step's batch (item 0: [`Self::new`]'s).
+    pub fn item(seed: u64, step: u32, item: u32, sampling: SigmaSampling, n: usize) -> Self {
+        let mut r = rng(seed, 2, u64::from(step) | u64::from(item) << 32);
         // diffusers: u in [0, 1), then index = floor(u · 1000).
         let u: f64 = match sampling {
             SigmaSampling::Uniform => r.random(),

@@ -63,13 +63,16 @@ pub struct TrainSettings {
     /// (docs/training.md); `None`: on with a GPU, off on the CPU.
     #[serde(default)]
     pub gradient_checkpointing: Option<bool>,
+    /// The share of images trained with the empty caption (classifier-free guidance needs it).
+    #[serde(default)]
+    pub caption_dropout: f64,
 }
 
 /// The resolutions a full-size model trains at; a model whose own size is smaller (the tiny test model)
 /// also takes that size, which is then its default.
 pub const RESOLUTIONS: [u32; 3] = [512, 768, 1024];
 
-const KNOWN: [&str; 18] = [
+const KNOWN: [&str; 19] = [
     "steps",
     "learning_rate",
     "rank",
@@ -88,6 +91,7 @@ const KNOWN: [&str; 18] = [
     "sample_prompt",
     "seed",
     "gradient_checkpointing",
+    "caption_dropout",
 ];
 
 impl TrainSettings {
@@ -112,6 +116,7 @@ impl TrainSettings {
             sample_prompt: None,
             seed: 0,
             gradient_checkpointing: None,
+            caption_dropout: 0.0,
         }
     }
 
@@ -166,6 +171,7 @@ impl TrainSettings {
                 }
                 "seed" => s.seed = int(k, value, 0, i64::MAX as u64)?,
                 "gradient_checkpointing" => s.gradient_checkpointing = boolean(k, value)?,
+                "caption_dropout" => s.caption_dropout = float(k, value, 0.0, 1.0)?,
                 _ => {
                     return Err(format!(
                         "unknown training setting `{key}`; the settings are: model, {}",

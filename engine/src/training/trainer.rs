@@ -3,6 +3,7 @@
 
 use super::checkpoint;
 use super::dataset::{self, DatasetReport};
+use super::full::FullWeights;
 use super::lora::LoraSet;
 use super::objective::{self, StepDraws};
 use super::optim::{self, AdamW};
@@ -17,9 +18,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// What a run trains. LoRA adapters today; a full fine-tune (every transformer weight a `Var`, for a small
-/// model trained from scratch) is another implementation: its `vars` are the weights themselves, `attach`
-/// has nothing to do, and `save` writes the model.
+/// What a run trains: LoRA adapters ([`LoraSet`]), or every weight of a pipeline loaded trainable
+/// ([`FullWeights`]: its `vars` are the weights themselves, `attach` has nothing to do, and `save`
+/// writes the model).
 pub trait Trainable {
     fn vars(&self) -> Vec<Var>;
     /// Makes the model compute with the trained parameters: the variables themselves when `trainable`,
@@ -30,6 +31,10 @@ pub trait Trainable {
     fn save(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()>;
     /// A line for the log: what is trained.
     fn describe(&self) -> String;
+    /// Whether gradient checkpointing may be used: its pass keeps the adapters' gradients only.
+    fn checkpointable(&self) -> bool {
+        true
+    }
 }
 
 impl Trainable for LoraSet {
@@ -64,6 +69,7 @@ pub struct TrainJob {
     /// Checkpoints and the dataset report go here.
     pub job_dir: PathBuf,
     pub samples_dir: PathBuf,
+    /// The trained file: the LoRA, or the transformer's weights for a full fine-tune.
     pub lora_file: PathBuf,
     pub settings: TrainSettings,
     /// The base model's name, recorded in the LoRA's metadata.
@@ -114,6 +120,9 @@ pub struct Trainer {
     images: Vec<CachedImage>,
     texts: Vec<CachedText>,
     sample_text: CachedText,
+    /// The empty caption's encodings: trained on with `caption_dropout`, and the unconditional half of
+    /// classifier-free guidance in the samples.
+    empty_text: Option<CachedText>,
     sample_prompt: String,
     trainable: Box<dyn Trainable>,
     optimizer: AdamW,
@@ -156,7 +165,7 @@ impl Trainer {
             .unsqueeze(0)?
             .to_dtype(DType::F32)?;
             let pixels = ((pixels / 127.5)? - 1.0)?.to_dtype(dtype)?;
-            let dist = pipe.vae.encode(&pixels)?;
+            let dist = pipe.codec.encode(&pixels)?;
             let text = match text_index.get(&sample.caption) {
                 Some(&i) => i,
                 None => {
@@ -178,6 +187,12 @@ impl Trainer {
             .unwrap_or_else(|| dataset::caption_with_keywords(&job.keywords, None));
         let (txt, pooled) = pipe.encode_prompt(&sample_prompt)?;
         let sample_text = CachedText { txt, pooled };
+        let empty_text = if s.caption_dropout > 0.0 || pipe.uses_cfg() {
+            let (txt, pooled) = pipe.encode_prompt("")?;
+            Some(CachedText { txt, pooled })
+        } else {
+            None
+        };
         pipe.release_text_encoders();
         report(Report::Log(format!(
             "cached {} image latents and {} caption encodings; text encoders released",
@@ -185,16 +200,19 @@ impl Trainer {
             texts.len()
         )));
 
-        let lora = LoraSet::new(
-            &pipe.transformer,
-            s.targets,
-            s.rank,
-            s.alpha,
-            s.seed,
-            &device,
-        )?;
-        report(Report::Log(format!("training {}", lora.describe())));
-        let trainable: Box<dyn Trainable> = Box::new(lora);
+        let trainable: Box<dyn Trainable> = if pipe.weights().is_empty() {
+            Box::new(LoraSet::new(
+                &pipe.transformer,
+                s.targets,
+                s.rank,
+                s.alpha,
+                s.seed,
+                &device,
+            )?)
+        } else {
+            Box::new(FullWeights::new(pipe.weights(), DType::F16))
+        };
+        report(Report::Log(format!("training {}", trainable.describe())));
         let mut optimizer = AdamW::new(trainable.vars(), s.weight_decay)?;
         let mut step = 0;
         let mut losses = Vec::new();
@@ -223,6 +241,7 @@ impl Trainer {
             images,
             texts,
             sample_text,
+            empty_text,
             sample_prompt,
             trainable,
             optimizer,
@@ -265,14 +284,28 @@ impl Trainer {
             });
         }
         let step = self.step + 1;
-        let index = objective::image_for(s.seed, self.step, self.images.len());
-        let draws = StepDraws::new(
-            s.seed,
-            step,
-            s.sigma_sampling,
-            self.images[index].mean.elem_count(),
-        );
-        let (loss, grads) = self.loss(index, draws, true)?;
+        let batch = s.batch_size.max(1);
+        // Each image's draws on its own thread: a large batch draws millions of normals a step.
+        let items = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..batch)
+                .map(|j| {
+                    let index =
+                        objective::image_for(s.seed, self.step * batch + j, self.images.len());
+                    let n = self.images[index].mean.elem_count();
+                    let (seed, sampling, dropout) = (s.seed, s.sigma_sampling, s.caption_dropout);
+                    scope.spawn(move || {
+                        let draws = StepDraws::item(seed, step, j, sampling, n);
+                        let dropped = objective::caption_dropped(seed, step, j, dropout);
+                        (index, draws, dropped)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a draw thread panicked"))
+                .collect()
+        });
+        let (loss, grads) = self.loss(items, true)?;
         let grads = grads.context("a training pass returns gradients")?;
         let loss = loss.to_scalar::<f32>()?;
         if !loss.is_finite() {
@@ -313,41 +346,60 @@ impl Trainer {
         })
     }
 
-    /// The flow-matching loss on image `index` with these draws: noisy = (1-σ)·x + σ·noise, target =
-    /// noise - x, mean squared error in f32. `train`: through the adapter variables, with their gradients
-    /// (checkpointed per block when the settings say so).
+    /// The flow-matching loss on a batch of (image index, draws, caption dropped): noisy = (1-σ)·x +
+    /// σ·noise, target = noise - x, mean squared error in f32 over the batch. `train`: through the
+    /// trained variables, with their gradients (checkpointed per block when the settings say so and
+    /// what is trained allows it).
     fn loss(
         &self,
-        index: usize,
-        draws: StepDraws,
+        items: Vec<(usize, StepDraws, bool)>,
         train: bool,
     ) -> Result<(Tensor, Option<GradStore>)> {
         let s = &self.job.settings;
         let model = &self.pipe.transformer;
-        let image = &self.images[index];
-        let text = &self.texts[image.text];
-        let sigma = self.train_sigmas[draws.sigma_index];
-        let device = image.mean.device();
-        let shape = image.mean.shape().clone();
-        let eps = Tensor::from_vec(draws.latent_eps, shape.clone(), device)?;
-        let noise = Tensor::from_vec(draws.noise, shape, device)?;
-        // A fresh sample of the cached latent distribution, as diffusers does with cached latents.
-        let z = (&image.mean + (&image.std * eps)?)?;
-        let x0 = self.pipe.vae.to_model_space(&z)?;
-        let noisy = ((&x0 * (1.0 - sigma))? + (&noise * sigma)?)?;
-        let target = latents::pack(&(noise - &x0)?)?;
-        let (_, _, h, w) = x0.dims4()?;
+        let (mut noisy, mut targets, mut txts, mut pooleds, mut sigmas) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for (index, draws, dropped) in items {
+            let image = &self.images[index];
+            let text = match (&self.empty_text, dropped) {
+                (Some(empty), true) => empty,
+                _ => &self.texts[image.text],
+            };
+            let sigma = self.train_sigmas[draws.sigma_index];
+            let device = image.mean.device();
+            let shape = image.mean.shape().clone();
+            let eps = Tensor::from_vec(draws.latent_eps, shape.clone(), device)?;
+            let noise = Tensor::from_vec(draws.noise, shape, device)?;
+            // A fresh sample of the cached latent distribution, as diffusers does with cached latents.
+            let z = (&image.mean + (&image.std * eps)?)?;
+            let x0 = self.pipe.codec.to_model_space(&z)?;
+            noisy.push(((&x0 * (1.0 - sigma))? + (&noise * sigma)?)?);
+            targets.push(latents::pack(&(noise - &x0)?)?);
+            txts.push(text.txt.clone());
+            pooleds.push(text.pooled.clone());
+            sigmas.push(sigma as f32);
+        }
+        if noisy.windows(2).any(|p| p[0].dims() != p[1].dims()) {
+            bail!("a batch needs images of one size: train with batch_size 1 on mixed buckets");
+        }
+        let noisy = Tensor::cat(&noisy, 0)?;
+        let target = Tensor::cat(&targets, 0)?;
+        let txt = Tensor::cat(&txts, 0)?;
+        let pooled = Tensor::cat(&pooleds, 0)?;
+        let device = noisy.device();
+        let batch = sigmas.len();
+        let (_, _, h, w) = noisy.dims4()?;
         let img_ids = flux::image_ids(h / 2, w / 2, device)?;
-        let txt_ids = flux::text_ids(text.txt.dim(1)?, device)?;
-        let t = Tensor::new(&[sigma as f32], device)?;
-        let g = Tensor::new(&[s.guidance as f32], device)?;
+        let txt_ids = flux::text_ids(txt.dim(1)?, device)?;
+        let t = Tensor::new(sigmas, device)?;
+        let g = Tensor::new(vec![s.guidance as f32; batch], device)?;
         let inputs = FluxInputs {
             img: &latents::pack(&noisy)?.to_dtype(model.dtype())?,
             img_ids: &img_ids,
-            txt: &text.txt,
+            txt: &txt,
             txt_ids: &txt_ids,
             timesteps: &t,
-            y: &text.pooled,
+            y: &pooled,
             guidance: model.config().guidance_embed.then_some(&g),
         };
         let mse = |pred: &Tensor| -> Result<Tensor> {
@@ -355,7 +407,8 @@ impl Trainer {
         };
         self.trainable.attach(model, train);
         let out = if train {
-            let checkpointing = s.gradient_checkpointing.unwrap_or_else(|| device.is_cuda());
+            let checkpointing = self.trainable.checkpointable()
+                && s.gradient_checkpointing.unwrap_or_else(|| device.is_cuda());
             model
                 .loss_and_grads(&inputs, &mse, checkpointing)
                 .map(|(loss, grads)| (loss, Some(grads)))
@@ -379,15 +432,16 @@ impl Trainer {
                 let n = self.images[index].mean.elem_count();
                 let key = (index * levels + k) as u64;
                 let draws = StepDraws::validation(self.job.settings.seed, key, sigma_index, n);
-                total += f64::from(self.loss(index, draws, false)?.0.to_scalar::<f32>()?);
+                let (loss, _) = self.loss(vec![(index, draws, false)], false)?;
+                total += f64::from(loss.to_scalar::<f32>()?);
                 count += 1;
             }
         }
         Ok((total / f64::from(count.max(1))) as f32)
     }
 
-    /// The last sample and the LoRA file.
-    fn finish(&mut self, report: &mut dyn FnMut(Report)) -> Result<()> {
+    /// Ends the run at the current step: the last sample and the trained file.
+    pub fn finish(&mut self, report: &mut dyn FnMut(Report)) -> Result<()> {
         self.sample(report)?;
         let s = &self.job.settings;
         let metadata = HashMap::from([
@@ -408,8 +462,13 @@ impl Trainer {
             ),
         ]);
         self.trainable.save(&self.job.lora_file, &metadata)?;
+        let what = if self.pipe.weights().is_empty() {
+            "LoRA"
+        } else {
+            "model weights"
+        };
         report(Report::Log(format!(
-            "LoRA written after {} steps ({})",
+            "{what} written after {} steps ({})",
             self.step,
             self.job
                 .lora_file
@@ -428,12 +487,17 @@ impl Trainer {
         let noise = pipe.initial_noise(s.seed, size, size)?;
         let sigmas = pipe.schedule.sigmas(self.job.sample_steps, noise.dim(1)?);
         let grid = pipe.latent_grid(size, size);
+        let uncond = self
+            .empty_text
+            .as_ref()
+            .filter(|_| pipe.uses_cfg() && self.job.sample_guidance != 1.0)
+            .map(|e| (&e.txt, &e.pooled));
         self.trainable.attach(&pipe.transformer, false);
-        let out = pipe.denoise(
+        let out = pipe.denoise_guided(
             noise,
             grid,
-            &self.sample_text.txt,
-            &self.sample_text.pooled,
+            (&self.sample_text.txt, &self.sample_text.pooled),
+            uncond,
             &sigmas,
             self.job.sample_guidance,
             &mut |_| Control::Continue,

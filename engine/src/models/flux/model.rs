@@ -405,7 +405,10 @@ impl FluxTransformer {
 
     /// The final modulation and projection of the image tokens of the joint sequence `x_all`.
     fn tail(&self, x_all: &Tensor, t_len: usize, vec: &Tensor) -> Result<Tensor> {
-        let img = x_all.narrow(1, t_len, x_all.dim(1)? - t_len)?;
+        // A batch of several makes this slice strided; the norm's fused kernel needs it whole.
+        let img = x_all
+            .narrow(1, t_len, x_all.dim(1)? - t_len)?
+            .contiguous()?;
         let m = self
             .final_modulation
             .forward(&vec.silu()?)?
