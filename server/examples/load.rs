@@ -19,8 +19,10 @@ async fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     // STUDIO_BIN: another build of the studio (e.g. target/debug/studio, whose dependencies the workspace
     // builds optimised too).
-    let studio = std::env::var_os("STUDIO_BIN")
-        .map_or_else(|| root.join("target/release/studio"), std::path::PathBuf::from);
+    let studio = std::env::var_os("STUDIO_BIN").map_or_else(
+        || root.join("target/release/studio"),
+        std::path::PathBuf::from,
+    );
     let data = std::env::temp_dir().join(format!("studio-load-{}", std::process::id()));
     let mut child = Command::new(&studio)
         .current_dir(&root)
