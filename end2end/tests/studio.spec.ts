@@ -131,6 +131,7 @@ test('a ZIP dropped on the train page is previewed, uploaded, and starts a run',
   await expect(page.locator('.rejected')).toContainText('photos/notes.md');
   await page.getByLabel('Trigger words').fill('sqrstyle, flat colour');
   // A short run: the built-in model takes a fraction of a second a step on the CPU.
+  await page.getByText('Training settings').click();
   await page.getByLabel('Steps', { exact: true }).fill('60');
   await shot(page, info, '08-train-preview');
   await page.getByRole('button', { name: 'Start training' }).click();

@@ -5,6 +5,7 @@
 //   norm_modulate:  y = LayerNorm(x) * (1 + scale) + shift   (no affine; per-batch modulation vectors)
 //   gated_add:      y = r + x * gate                    (per-batch gate vector)
 //   qkv_heads:      fused q|k|v rows -> (B, H, L, D) heads, RMS-normed q and k, RoPE on q and k
+//   gelu_cat:       [a | gelu(m)]; gelu_backward: g * gelu'(x)
 // Rows are contiguous with `cols` a multiple of 8 (16-byte vectors).
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -177,5 +178,24 @@ extern "C" __global__ void gelu_cat_bf16(const __nv_bfloat16* __restrict__ a, co
             }
             store8(y + i * 8, pack(v));
         }
+    }
+}
+
+// dx = g * gelu_tanh'(x) over contiguous bf16 tensors of n8 * 8 elements: the backward pass of every GELU
+// of a training step (candle composes it of a dozen elementwise kernels).
+extern "C" __global__ void gelu_backward_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ g,
+                                              __nv_bfloat16* __restrict__ dx, int64_t n8) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8; i += (int64_t)gridDim.x * blockDim.x) {
+        float xv[8], gv[8];
+        unpack(load8(x + i * 8), xv);
+        unpack(load8(g + i * 8), gv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float v = xv[j];
+            const float t = tanhf(0.7978845608f * (v + 0.044715f * v * v * v));
+            const float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * 0.7978845608f * (1.f + 0.134145f * v * v);
+            xv[j] = gv[j] * d;
+        }
+        store8(dx + i * 8, pack(xv));
     }
 }

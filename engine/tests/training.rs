@@ -237,9 +237,11 @@ fn the_loss_falls_and_generations_move_toward_the_training_images() {
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     let pipe = tiny();
+    // With gradient checkpointing, as on a GPU.
     let s = TrainSettings {
         checkpoint_every: 4,
         sample_every: 5,
+        gradient_checkpointing: Some(true),
         ..settings(10)
     };
     let whole = tempfile::tempdir().unwrap();
@@ -294,6 +296,69 @@ fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
             std::fs::read(whole.path().join("samples").join(name)).unwrap(),
             std::fs::read(parts.path().join("samples").join(name)).unwrap(),
             "{name}"
+        );
+    }
+}
+/// Gradient checkpointing changes what is kept, not what is computed: the loss and every adapter's
+/// gradient equal those of candle's autograd over the whole pass, with adapters on every layer (the
+/// embedders and the final layer included) and on the attention only (the first block's input then
+/// needs no gradient).
+#[test]
+fn checkpointed_gradients_equal_the_whole_graphs() {
+    let pipe = tiny();
+    let model = &pipe.transformer;
+    let r = common::reference("transformer_dev");
+    // Trained adapters: lora_B is not zero, so every adapter has a gradient in both factors.
+    let file = candle_core::safetensors::load(fixture_lora(), &Device::Cpu).unwrap();
+    let inputs = engine::models::flux::FluxInputs {
+        img: &r["hidden_states"],
+        img_ids: &r["img_ids"],
+        txt: &r["encoder_hidden_states"],
+        txt_ids: &r["txt_ids"],
+        timesteps: &r["timestep"],
+        y: &r["pooled_projections"],
+        guidance: r.get("guidance"),
+    };
+    let target = r["hidden_states"].sin().unwrap();
+    let mse =
+        |pred: &Tensor| -> anyhow::Result<Tensor> { Ok((pred - &target)?.sqr()?.mean_all()?) };
+    for targets in [
+        engine::training::Targets::AllLinear,
+        engine::training::Targets::Attention,
+    ] {
+        let lora = LoraSet::new(model, targets, 4, 8.0, 0, &Device::Cpu).unwrap();
+        lora.load_peft_tensors(&file).unwrap();
+        lora.attach(model, true);
+        let (loss_whole, whole) = model.loss_and_grads(&inputs, &mse, false).unwrap();
+        let (loss_ckpt, ckpt) = model.loss_and_grads(&inputs, &mse, true).unwrap();
+        LoraSet::detach(model);
+        let (a, b) = (
+            loss_whole.to_scalar::<f32>().unwrap(),
+            loss_ckpt.to_scalar::<f32>().unwrap(),
+        );
+        assert_eq!(a, b, "{targets:?}: the loss");
+        let mut worst = 0f64;
+        for v in lora.vars() {
+            let (w, c) = (whole.get(v.as_tensor()), ckpt.get(v.as_tensor()));
+            let (w, c) = (w.expect("a gradient"), c.expect("a checkpointed gradient"));
+            assert!(
+                w.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            );
+            worst = worst.max(common::rel_err(c, w));
+        }
+        // Only the order of additions differs (the conditioning vector's gradient is summed per block).
+        assert!(worst < 5e-6, "{targets:?}: gradients differ by {worst:e}");
+        eprintln!("{targets:?}: loss {a}, worst gradient difference {worst:e}");
+        assert_eq!(
+            ckpt.get_ids().count(),
+            lora.vars().len(),
+            "{targets:?}: only the adapters' gradients are returned"
         );
     }
 }

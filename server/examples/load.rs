@@ -3,6 +3,7 @@
 //! its figures as JSON: per-route throughput and p50/p99 latency, WebSocket outcomes, memory and tasks.
 //!
 //! cargo build --release -p server --bin studio && cargo run --release -p server --example load
+//! Env: `LOAD_SECONDS`, `STUDIO_BIN` (default target/release/studio).
 
 #[path = "../tests/common/load.rs"]
 mod load;
@@ -16,7 +17,12 @@ async fn main() {
     let seconds: u64 =
         std::env::var("LOAD_SECONDS").map_or(20, |s| s.parse().expect("LOAD_SECONDS"));
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let studio = root.join("target/release/studio");
+    // STUDIO_BIN: another build of the studio (e.g. target/debug/studio, whose dependencies the workspace
+    // builds optimised too).
+    let studio = std::env::var_os("STUDIO_BIN").map_or_else(
+        || root.join("target/release/studio"),
+        std::path::PathBuf::from,
+    );
     let data = std::env::temp_dir().join(format!("studio-load-{}", std::process::id()));
     let mut child = Command::new(&studio)
         .current_dir(&root)

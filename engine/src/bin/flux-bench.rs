@@ -6,8 +6,12 @@
 //!   flux-bench generate --model DIR --size 1024 --steps 28     end-to-end timing
 //!   flux-bench profile [--size 1024]                          each op of a single block, timed alone
 //!   flux-bench train --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
+//!                    [--no-checkpointing]
 //!       LoRA training steps (forward, backward, clipping, AdamW) as the trainer takes them, on random
-//!       FLUX.1-dev-size weights unless --model gives a diffusers folder; peft's bench_train_ref.py shapes
+//!       FLUX.1-dev-size weights unless --model gives a diffusers folder; peft's bench_train_ref.py shapes;
+//!       gradient checkpointing per block unless --no-checkpointing
+//!   flux-bench train-check                                    training gradients: the fused kernels' values
+//!       with hand-written backward passes, with and without checkpointing, against the plain path (4 blocks)
 //! `--plain` turns the fused kernels off (CUDA builds; the CPU always takes the plain path).
 
 use anyhow::{Context, Result};
@@ -44,9 +48,10 @@ fn main() -> Result<()> {
         Some("generate") => generate(&model()?, &args, &device),
         Some("profile") => profile(&args, &device),
         Some("train") => train(&args, &device),
+        Some("train-check") => train_check(&device),
         _ => {
             anyhow::bail!(
-                "usage: flux-bench kernels | profile | forward|generate --model DIR ... | train --size 512"
+                "usage: flux-bench kernels | profile | forward|generate --model DIR ... | train --size 512 | train-check"
             )
         }
     }
@@ -597,6 +602,7 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     let steps: usize = arg(args, "--steps").map_or(Ok(10), |s| s.parse())?;
     let rank: usize = arg(args, "--rank").map_or(Ok(16), |s| s.parse())?;
     let t5_len: usize = arg(args, "--t5-len").map_or(Ok(512), |s| s.parse())?;
+    let checkpointing = !args.iter().any(|a| a == "--no-checkpointing");
     let targets = match arg(args, "--targets").as_deref() {
         None | Some("attention") => Targets::Attention,
         Some("all_linear") => Targets::AllLinear,
@@ -631,39 +637,158 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     let g = Tensor::new(&[1.0f32], device)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
+    // Where a step's time goes: the loss and gradients, the clipping, the AdamW update (synchronised
+    // after each, so the sum is a little over the step's own time).
+    let mut phases: [Vec<f64>; 3] = Default::default();
     for i in 0..steps + 2 {
         let start = Instant::now();
         lora.attach(&model, true);
-        let pred = model.forward(&FluxInputs {
-            img: &img,
-            img_ids: &img_ids,
-            txt: &txt,
-            txt_ids: &txt_ids,
-            timesteps: &t,
-            y: &pooled,
-            guidance: cfg.guidance_embed.then_some(&g),
-        });
+        let mse = |pred: &Tensor| -> Result<Tensor> {
+            Ok((pred.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?)
+        };
+        let out = model.loss_and_grads(
+            &FluxInputs {
+                img: &img,
+                img_ids: &img_ids,
+                txt: &txt,
+                txt_ids: &txt_ids,
+                timesteps: &t,
+                y: &pooled,
+                guidance: cfg.guidance_embed.then_some(&g),
+            },
+            &mse,
+            checkpointing,
+        );
         LoraSet::detach(&model);
-        let loss = (pred?.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
+        let (loss, grads) = out?;
+        sync(device)?;
+        let t_grads = start.elapsed().as_secs_f64();
         let (clipped, _) = optim::clipped_grads(&adam.vars, &grads, 1.0)?;
         drop(grads);
+        sync(device)?;
+        let t_clip = start.elapsed().as_secs_f64();
         adam.step(&clipped, 1e-4)?;
         sync(device)?;
+        let t_all = start.elapsed().as_secs_f64();
         // The first two steps warm up kernels and the allocator, as in peft's bench.
         if i >= 2 {
-            times.push(start.elapsed().as_secs_f64());
+            times.push(t_all);
+            phases[0].push(t_grads);
+            phases[1].push(t_clip - t_grads);
+            phases[2].push(t_all - t_clip);
             losses.push(loss.to_scalar::<f32>()?);
         }
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    // The graph-free forward pass alone (checkpointing's first pass), to tell it from the rest.
+    let mut forward_s = Vec::new();
+    lora.attach(&model, true);
+    for _ in 0..3 {
+        let start = Instant::now();
+        engine::models::linear::without_gradients(|| {
+            model.forward(&FluxInputs {
+                img: &img,
+                img_ids: &img_ids,
+                txt: &txt,
+                txt_ids: &txt_ids,
+                timesteps: &t,
+                y: &pooled,
+                guidance: cfg.guidance_embed.then_some(&g),
+            })
+        })?;
+        sync(device)?;
+        forward_s.push(start.elapsed().as_secs_f64());
+    }
+    LoraSet::detach(&model);
     println!(
         "{}",
-        serde_json::json!({"what": "train", "size": size, "image_tokens": side * side, "text_tokens": t5_len,
-            "rank": rank, "targets": format!("{targets:?}"), "lora_params": lora.parameter_count(),
+        serde_json::json!({"what": "train", "graph_free_forward_s": forward_s,
+            "median_grads_s": median(&phases[0]), "median_clip_s": median(&phases[1]),
+            "median_adamw_s": median(&phases[2]), "size": size, "image_tokens": side * side, "text_tokens": t5_len,
+            "rank": rank, "targets": format!("{targets:?}"), "checkpointing": checkpointing, "lora_params": lora.parameter_count(),
             "dtype": format!("{dtype:?}"), "load_s": load_s, "step_s": times,
-            "median_step_s": sorted.get(sorted.len() / 2), "losses": losses})
+            "median_step_s": median(&times), "losses": losses})
+    );
+    Ok(())
+}
+
+/// The adapters' gradients of one training step on a 4-block FLUX.1-dev-width model (random bf16 weights,
+/// trained-looking adapters on every layer, 512x512): the fused path with checkpointing and without,
+/// against the plain path (every op composed of candle's, its autograd throughout).
+fn train_check(device: &Device) -> Result<()> {
+    use engine::models::flux::{image_ids, text_ids};
+    use engine::training::{lora::LoraSet, Targets};
+    let dtype = engine::device::compute_dtype(device);
+    let cfg = FluxConfig {
+        depth: 2,
+        depth_single: 2,
+        ..FluxConfig::dev()
+    };
+    let model = FluxTransformer::load(&FluxWeights::random(dtype, device), &cfg, dtype, device)?;
+    let lora = LoraSet::new(&model, Targets::AllLinear, 16, 16.0, 0, device)?;
+    for a in &lora.adapters {
+        a.up.set(&Tensor::randn(0f32, 0.02, a.up.shape(), device)?)?;
+    }
+    let side = 32;
+    let img =
+        Tensor::randn(0f32, 1.0, (1, side * side, cfg.in_channels), device)?.to_dtype(dtype)?;
+    let target = Tensor::randn(0f32, 1.0, (1, side * side, cfg.in_channels), device)?;
+    let txt = Tensor::randn(0f32, 1.0, (1, 512, cfg.context_dim), device)?.to_dtype(dtype)?;
+    let pooled = Tensor::randn(0f32, 1.0, (1, cfg.vec_dim), device)?.to_dtype(dtype)?;
+    let (img_ids, txt_ids) = (image_ids(side, side, device)?, text_ids(512, device)?);
+    let t = Tensor::new(&[0.5f32], device)?;
+    let g = Tensor::new(&[1.0f32], device)?;
+    let inputs = FluxInputs {
+        img: &img,
+        img_ids: &img_ids,
+        txt: &txt,
+        txt_ids: &txt_ids,
+        timesteps: &t,
+        y: &pooled,
+        guidance: Some(&g),
+    };
+    let mse = |pred: &Tensor| -> Result<Tensor> {
+        Ok((pred.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?)
+    };
+    let run = |fused: bool, checkpointing: bool| -> Result<(f32, Tensor)> {
+        engine::models::fused::set_enabled(fused);
+        lora.attach(&model, true);
+        let out = model.loss_and_grads(&inputs, &mse, checkpointing);
+        LoraSet::detach(&model);
+        let (loss, grads) = out?;
+        let flat = lora
+            .vars()
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .context("an adapter without a gradient")?
+                    .flatten_all()
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss.to_scalar::<f32>()?, Tensor::cat(&flat, 0)?))
+    };
+    let (plain_loss, plain) = run(false, false)?;
+    let compare = |(loss, grads): (f32, Tensor)| -> Result<serde_json::Value> {
+        let dot = (&grads * &plain)?.sum_all()?.to_scalar::<f32>()?;
+        let norm =
+            |t: &Tensor| -> Result<f32> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()) };
+        let (a, b) = (norm(&grads)?, norm(&plain)?);
+        Ok(serde_json::json!({"loss": loss, "cosine": dot / (a * b),
+            "rel_l2": norm(&(&grads - &plain)?)? / b}))
+    };
+    let fused_ckpt = compare(run(true, true)?)?;
+    let fused_whole = compare(run(true, false)?)?;
+    engine::models::fused::set_enabled(true);
+    println!(
+        "{}",
+        serde_json::json!({"what": "train_check", "plain_loss": plain_loss,
+            "fused_checkpointed": fused_ckpt, "fused_whole_graph": fused_whole})
     );
     Ok(())
 }

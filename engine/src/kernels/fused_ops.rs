@@ -403,3 +403,57 @@ impl CustomOp2 for GeluCat {
         Ok((out, Shape::from((b, l, ca + cm))))
     }
 }
+
+/// `g · gelu′(x)` (tanh-approximated GELU) for contiguous bf16 `x` and `g` of one shape: GELU's backward.
+pub fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(g, &GeluBackward)
+}
+
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "gelu-backward-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(xl, "gelu_backward's input")?;
+        contiguous_rows(gl, "gelu_backward's gradient")?;
+        if xl.dims() != gl.dims() {
+            bail!(
+                "gelu_backward: input {:?} and gradient {:?} differ",
+                xl.dims(),
+                gl.dims()
+            )
+        }
+        let n = xl.shape().elem_count();
+        let dev = &x.device;
+        let out = out_storage(dev, n)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        let (xv, gv) = (bf16_view!(x, xl), bf16_view!(g, gl));
+        let n8 = (n / 8) as i64;
+        let func =
+            dev.get_or_load_custom_func("gelu_backward_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&xv).arg(&gv).arg(o).arg(&n8);
+        // SAFETY: arguments match the kernel; both inputs hold n elements, checked above.
+        unsafe { launch.launch(grid_stride_config(n / 8)) }.w()?;
+        Ok((out, xl.shape().clone()))
+    }
+}

@@ -6,7 +6,7 @@
 //! same maths written with differentiable ops when it does, so one model serves both.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 use std::sync::Mutex;
 
 fn tracked(xs: &[&Tensor]) -> bool {
@@ -52,23 +52,39 @@ pub fn with_gradient(
     backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     x.apply_op1(Precomputed {
-        value: Mutex::new(Some(value)),
+        value: Value(Mutex::new(Some(value))),
         backward: Box::new(backward),
     })
 }
 
-/// The op behind [`with_gradient`]. The value is taken out during the forward pass, so the graph keeps
-/// only the copy it returns.
-struct Precomputed {
-    value: Mutex<Option<Tensor>>,
-    backward: Box<Backward>,
+/// The three input gradients of a three-input op: `(inputs, value, output gradient)`.
+type Backward3 = dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync;
+
+/// [`with_gradient`] for an op of three inputs (attention's q, k and v).
+pub fn with_gradient3(
+    x: [&Tensor; 3],
+    value: Tensor,
+    backward: impl Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    x[0].apply_op3(
+        x[1],
+        x[2],
+        Precomputed3 {
+            value: Value(Mutex::new(Some(value))),
+            backward: Box::new(backward),
+        },
+    )
 }
 
-impl Precomputed {
+/// A value computed ahead, handed to the graph once. It is taken out during the forward pass, so the
+/// graph keeps only the copy it returns.
+struct Value(Mutex<Option<Tensor>>);
+
+impl Value {
     /// The value, in a storage of its own starting at offset 0 (`try_clone` copies a storage whole).
     fn take(&self) -> Result<Tensor> {
         let y = self
-            .value
+            .0
             .lock()
             .expect("precomputed-value lock poisoned")
             .take()
@@ -79,14 +95,8 @@ impl Precomputed {
             y.force_contiguous()
         }
     }
-}
 
-impl CustomOp1 for Precomputed {
-    fn name(&self) -> &'static str {
-        "precomputed"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let y = self.take()?;
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
@@ -98,11 +108,7 @@ impl CustomOp1 for Precomputed {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
         let y = self.take()?;
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
@@ -112,9 +118,83 @@ impl CustomOp1 for Precomputed {
             )),
         }
     }
+}
+
+/// The op behind [`with_gradient`].
+struct Precomputed {
+    value: Value,
+    backward: Box<Backward>,
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        "precomputed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.cuda()
+    }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.backward)(x, y, grad)?))
+    }
+}
+
+/// The op behind [`with_gradient3`].
+struct Precomputed3 {
+    value: Value,
+    backward: Box<Backward3>,
+}
+
+impl CustomOp3 for Precomputed3 {
+    fn name(&self) -> &'static str {
+        "precomputed3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = (self.backward)([a, b, c], y, grad)?;
+        Ok((Some(ga), Some(gb), Some(gc)))
     }
 }
 

@@ -23,18 +23,69 @@ fn fused(inputs: &[&Tensor]) -> bool {
         && crate::kernels::fused_ops::supports(inputs[0])
 }
 
+/// Whether the fused kernels take these inputs' values even when they carry a gradient: the ops with a
+/// hand-written backward ([`attention`], [`norm_modulate`], [`gated_add`]).
+#[cfg(feature = "cuda")]
+fn fused_value(inputs: &[&Tensor]) -> bool {
+    ENABLED.load(Ordering::Relaxed) && crate::kernels::fused_ops::supports(inputs[0])
+}
+
+/// A fused kernel's `value` of three inputs, with `backward` as its gradient where an input carries one.
+#[cfg(feature = "cuda")]
+fn differentiable3(
+    inputs: [&Tensor; 3],
+    value: Tensor,
+    backward: fn([&Tensor; 3], &Tensor, &Tensor) -> candle_core::Result<[Tensor; 3]>,
+) -> candle_core::Result<Tensor> {
+    if inputs.iter().all(|t| !t.track_op()) {
+        return Ok(value);
+    }
+    autodiff::with_gradient3(inputs, value, backward)
+}
+
 /// FLUX's norms: LayerNorm without affine and the q/k RMS norms, eps 1e-6.
 const EPS: f32 = 1e-6;
 
-/// softmax(q kᵀ / √D) v over (B, H, L, D) heads, returned as (B, L, H·D).
+/// softmax(q kᵀ / √D) v over (B, H, L, D) heads, returned as (B, L, H·D). On the fused path the value
+/// comes from the kernel even in training, with [`attention_backward`] as its gradient: the graph then
+/// keeps q, k, v and the output, not the (L × L) scores and probabilities of every head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
+    if fused_value(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
         let (b, h, l, d) = q.dims4()?;
         let scale = 1.0 / (d as f32).sqrt();
-        return crate::kernels::flash_attn::flash_attn(q, k, v, scale)?.reshape((b, l, h * d));
+        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+        let value =
+            crate::kernels::flash_attn::flash_attn(&qd, &kd, &vd, scale)?.reshape((b, l, h * d))?;
+        return differentiable3([q, k, v], value, attention_backward);
     }
     plain_attention(q, k, v)
+}
+
+/// The gradients of q, k and v of [`attention`] from the gradient `g` of its output `o` (both (B, L, H·D)):
+/// FlashAttention's backward in candle ops. The probabilities are computed again (one product and a
+/// softmax) rather than kept; `rowsum(g ⊙ o)` stands in for `rowsum(dP ⊙ P)` in softmax's backward.
+pub fn attention_backward(
+    [q, k, v]: [&Tensor; 3],
+    o: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<[Tensor; 3]> {
+    use candle_core::{DType, D};
+    let (b, h, l, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let heads = |t: &Tensor| t.reshape((b, l, h, d))?.transpose(1, 2)?.contiguous();
+    let (o, g) = (heads(o)?, heads(g)?);
+    let p = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
+    let dv = p.t()?.matmul(&g)?;
+    let delta = (&g * &o)?
+        .to_dtype(DType::F32)?
+        .sum_keepdim(D::Minus1)?
+        .to_dtype(g.dtype())?;
+    let ds = (&p * g.matmul(&v.t()?)?.broadcast_sub(&delta)?)?;
+    drop(p);
+    let dq = (ds.matmul(k)? * scale)?;
+    let dk = (ds.t()?.matmul(q)? * scale)?;
+    Ok([dq, dk, dv])
 }
 
 /// The unfused attention: materialises the scores of every head, for [`SCORES_PER_CHUNK`] of them at a
@@ -108,11 +159,17 @@ pub fn linear(base: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tenso
 }
 
 /// `LayerNorm(x) · (1 + scale) + shift`: FLUX's norm and modulation before every attention and MLP,
-/// x (B, L, C), shift and scale (B, 1, C).
+/// x (B, L, C), shift and scale (B, 1, C). On the fused path with [`norm_modulate_backward`] in training.
 pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(&[x, shift, scale]) {
-        return crate::kernels::fused_ops::norm_modulate(&x.contiguous()?, shift, scale, EPS);
+    if fused_value(&[x, shift, scale]) {
+        let value = crate::kernels::fused_ops::norm_modulate(
+            &x.detach().contiguous()?,
+            &shift.detach(),
+            &scale.detach(),
+            EPS,
+        )?;
+        return differentiable3([x, shift, scale], value, norm_modulate_backward);
     }
     let c = x.dim(candle_core::D::Minus1)?;
     let ones = Tensor::ones(c, x.dtype(), x.device())?;
@@ -121,13 +178,72 @@ pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core:
     normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
+/// The gradients of x, shift and scale of [`norm_modulate`] from its output's `g`, in f32: with
+/// x̂ = (x − μ)/σ and g' = g·(1 + scale), dx = (g' − mean(g') − x̂·mean(g'·x̂))/σ; the modulation's
+/// gradients are sums over the tokens.
+pub fn norm_modulate_backward(
+    [x, shift, scale]: [&Tensor; 3],
+    _: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<[Tensor; 3]> {
+    use candle_core::{DType, D};
+    let c = x.dim(D::Minus1)? as f64;
+    let (x32, g) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
+    let centred = x32.broadcast_sub(&(x32.sum_keepdim(D::Minus1)? / c)?)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / c)?;
+    let inv = (var + f64::from(EPS))?.sqrt()?.recip()?;
+    let xhat = centred.broadcast_mul(&inv)?;
+    let d_shift = g.sum_keepdim(1)?;
+    let d_scale = (&g * &xhat)?.sum_keepdim(1)?;
+    let gs = g.broadcast_mul(&(scale.to_dtype(DType::F32)? + 1.0)?)?;
+    let m1 = (gs.sum_keepdim(D::Minus1)? / c)?;
+    let m2 = ((&gs * &xhat)?.sum_keepdim(D::Minus1)? / c)?;
+    let dx = (gs.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(&inv)?;
+    Ok([
+        dx.to_dtype(x.dtype())?,
+        d_shift.to_dtype(shift.dtype())?,
+        d_scale.to_dtype(scale.dtype())?,
+    ])
+}
+
 /// `r + x · gate`: the gated residual after every attention and MLP, gate (B, 1, C).
 pub fn gated_add(r: &Tensor, x: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused(&[r, x, gate]) {
-        return crate::kernels::fused_ops::gated_add(&r.contiguous()?, &x.contiguous()?, gate);
+    if fused_value(&[r, x, gate]) {
+        let value = crate::kernels::fused_ops::gated_add(
+            &r.detach().contiguous()?,
+            &x.detach().contiguous()?,
+            &gate.detach(),
+        )?;
+        return differentiable3([r, x, gate], value, gated_add_backward);
     }
     r + x.broadcast_mul(gate)?
+}
+
+/// The gradients of r, x and gate of [`gated_add`]: g, g·gate, and Σ g·x over the tokens (in f32).
+pub fn gated_add_backward(
+    [_, x, gate]: [&Tensor; 3],
+    _: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<[Tensor; 3]> {
+    use candle_core::DType;
+    let d_gate = (g.to_dtype(DType::F32)? * x.to_dtype(DType::F32)?)?
+        .sum_keepdim(1)?
+        .to_dtype(gate.dtype())?;
+    Ok([g.clone(), g.broadcast_mul(gate)?, d_gate])
+}
+
+/// tanh-approximated GELU, FLUX's MLP activation. With a gradient on CUDA its backward pass is one kernel
+/// (candle composes it of a dozen elementwise ops).
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.track_op() && fused_value(&[x]) {
+        let value = x.detach().gelu()?;
+        return autodiff::with_gradient(x, value, |x, _, g| {
+            crate::kernels::fused_ops::gelu_backward(&x.contiguous()?, &g.contiguous()?)
+        });
+    }
+    x.gelu()
 }
 
 /// `[a | gelu(m)]` along the last dim (tanh-approximated GELU, as FLUX's MLPs use): the single
@@ -137,7 +253,7 @@ pub fn gelu_cat(a: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
     if fused(&[a, m]) {
         return crate::kernels::fused_ops::gelu_cat(&a.contiguous()?, m);
     }
-    Tensor::cat(&[a, &m.gelu()?], candle_core::D::Minus1)
+    Tensor::cat(&[a, &gelu(m)?], candle_core::D::Minus1)
 }
 
 /// RoPE tables for a run of positions: cos and sin (L, D/2), and both side by side (L, D) for the
@@ -199,9 +315,21 @@ pub fn qkv_heads(
     let (b, l, _) = qkv.dims3()?;
     let d = scales.q.dim(0)?;
     #[cfg(feature = "cuda")]
-    if fused(&[qkv]) && d == crate::kernels::flash_attn::HEAD_DIM {
-        let out =
-            crate::kernels::fused_ops::qkv_heads(qkv, &scales.both, &rope.packed, heads, EPS)?;
+    if fused_value(&[qkv]) && d == crate::kernels::flash_attn::HEAD_DIM && qkv.is_contiguous() {
+        let mut out = crate::kernels::fused_ops::qkv_heads(
+            &qkv.detach(),
+            &scales.both,
+            &rope.packed,
+            heads,
+            EPS,
+        )?;
+        if qkv.track_op() {
+            let (sq, sk) = (scales.q.clone(), scales.k.clone());
+            let (cos, sin) = (rope.cos.clone(), rope.sin.clone());
+            out = autodiff::with_gradient(qkv, out, move |qkv, _, g| {
+                qkv_heads_backward(qkv, g, heads, [&sq, &sk], [&cos, &sin])
+            })?;
+        }
         return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
     }
     let qkv = qkv.narrow(2, 0, 3 * heads * d)?;
@@ -214,6 +342,51 @@ pub fn qkv_heads(
     let q = autodiff::rope_i(&q, &rope.cos, &rope.sin)?;
     let k = autodiff::rope_i(&k, &rope.cos, &rope.sin)?;
     Ok((q, k, v))
+}
+
+/// The gradient of the fused q|k|v rows of [`qkv_heads`] from that of its stacked (3, B, H, L, D) heads
+/// `g`: RoPE's backward is the rotation the other way (−sin), the RMS norm's
+/// dx = r·(w·g) − x·r³·mean(w·g·x) with r = 1/√(mean(x²) + ε); v's passes through; the rows past
+/// 3·H·D (a single block's MLP input) get none.
+pub fn qkv_heads_backward(
+    qkv: &Tensor,
+    g: &Tensor,
+    heads: usize,
+    [scale_q, scale_k]: [&Tensor; 2],
+    [cos, sin]: [&Tensor; 2],
+) -> candle_core::Result<Tensor> {
+    use candle_core::{DType, D};
+    let (b, l, width) = qkv.dims3()?;
+    let d = scale_q.dim(0)?;
+    let hd = heads * d;
+    let raw = qkv
+        .narrow(2, 0, 3 * hd)?
+        .reshape((b, l, 3, heads, d))?
+        .permute((2, 0, 3, 1, 4))?;
+    let neg_sin = sin.neg()?;
+    let mut parts = Vec::with_capacity(3);
+    for (i, w) in [scale_q, scale_k].into_iter().enumerate() {
+        let unrotated = candle_nn::rotary_emb::rope_i(&g.get(i)?.contiguous()?, cos, &neg_sin)?;
+        let x = raw.get(i)?.to_dtype(DType::F32)?;
+        let gw = unrotated
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(EPS))?
+            .sqrt()?
+            .recip()?;
+        let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
+        parts.push(dx.to_dtype(qkv.dtype())?);
+    }
+    parts.push(g.get(2)?);
+    let rows = Tensor::stack(&parts, 0)?
+        .permute((1, 3, 0, 2, 4))?
+        .reshape((b, l, 3 * hd))?;
+    if width == 3 * hd {
+        return Ok(rows);
+    }
+    let rest = Tensor::zeros((b, l, width - 3 * hd), rows.dtype(), rows.device())?;
+    Tensor::cat(&[rows, rest], 2)
 }
 
 /// GroupNorm over (B, C, H, W) with `plain`'s groups and parameters (`weight`, `bias` are its (C,)
@@ -251,7 +424,7 @@ pub fn group_norm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn attention_in_chunks_equals_attention_at_once() -> candle_core::Result<()> {
@@ -263,7 +436,93 @@ mod tests {
         // 2·3·37 scores a row: 5 rows a chunk, the last chunk 2 rows.
         let chunked = attention_in_chunks(&q, &k, &v, DType::F32, 5 * 2 * 3 * 37)?;
         let diff = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    type Backward = fn([&Tensor; 3], &Tensor, &Tensor) -> candle_core::Result<[Tensor; 3]>;
+
+    /// A hand-written backward (given the plain path's value, as the fused kernel's stands in for it on
+    /// CUDA) against candle's autograd through the plain path, for inputs of these shapes.
+    fn check(
+        shapes: [&[usize]; 3],
+        plain: impl Fn([&Tensor; 3]) -> candle_core::Result<Tensor>,
+        backward: Backward,
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let vars = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&Tensor::randn(0f32, 1.0, *s, &dev)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let inputs = [0, 1, 2].map(|i| vars[i].as_tensor());
+        let detached = inputs.map(|t| t.detach());
+        let value = plain([&detached[0], &detached[1], &detached[2]])?;
+        let weights = Tensor::randn(0f32, 1.0, value.shape(), &dev)?;
+        let grads_of = |y: Tensor| (y * &weights)?.sum_all()?.backward();
+        let ours = grads_of(autodiff::with_gradient3(inputs, value, backward)?)?;
+        let want = grads_of(plain(inputs)?)?;
+        for var in &vars {
+            let (a, b) = (ours.get(var.as_tensor()), want.get(var.as_tensor()));
+            let (a, b) = (a.expect("a gradient"), b.expect("a gradient"));
+            assert_eq!(a.dims(), b.dims());
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 2e-5, "{diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn hand_written_backwards_match_autograd() -> candle_core::Result<()> {
+        let heads: &[usize] = &[2, 3, 7, 8];
+        check(
+            [heads, heads, heads],
+            |[q, k, v]| plain_attention(q, k, v),
+            attention_backward,
+        )?;
+        let (x, m): (&[usize], &[usize]) = (&[2, 5, 16], &[2, 1, 16]);
+        check(
+            [x, m, m],
+            |[x, s, c]| norm_modulate(x, s, c),
+            norm_modulate_backward,
+        )?;
+        check(
+            [x, x, m],
+            |[r, x, g]| gated_add(r, x, g),
+            gated_add_backward,
+        )?;
+        Ok(())
+    }
+
+    #[test]
+    fn qkv_heads_backward_matches_autograd() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (heads, d, l) = (2, 8, 5);
+        // A single block's rows: q | k | v | MLP input.
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, l, 3 * heads * d + 6), &dev)?)?;
+        let scales = QkScales::new(
+            Tensor::randn(1f32, 0.2, d, &dev)?,
+            Tensor::randn(1f32, 0.2, d, &dev)?,
+        )?;
+        let angles = Tensor::randn(0f32, 1.0, (l, d / 2), &dev)?;
+        let rope = Rope::new(angles.cos()?, angles.sin()?)?;
+        let stacked = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let (q, k, v) = qkv_heads(x, heads, &scales, &rope)?;
+            Tensor::stack(&[q, k, v], 0)
+        };
+        let weights = Tensor::randn(0f32, 1.0, (3, 2, heads, l, d), &dev)?;
+        let want = (stacked(qkv.as_tensor())? * &weights)?
+            .sum_all()?
+            .backward()?;
+        let want = want.get(qkv.as_tensor()).expect("a gradient");
+        let ours = qkv_heads_backward(
+            &qkv.as_tensor().detach(),
+            &weights,
+            heads,
+            [&scales.q, &scales.k],
+            [&rope.cos, &rope.sin],
+        )?;
+        let diff = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 2e-5, "{diff}");
         Ok(())
     }
 }

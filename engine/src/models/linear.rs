@@ -5,7 +5,25 @@
 
 use super::autodiff;
 use candle_core::{Module, Result, Tensor};
+use std::cell::Cell;
 use std::sync::{Arc, RwLock};
+
+thread_local! {
+    static WITHOUT_GRADIENTS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every adapter's tensors detached: the same values with no graph recorded (so the
+/// fused kernels run). Gradient checkpointing's first pass, which only keeps each block's input.
+pub fn without_gradients<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WITHOUT_GRADIENTS.with(|w| w.set(self.0));
+        }
+    }
+    let _restore = Restore(WITHOUT_GRADIENTS.with(|w| w.replace(true)));
+    f()
+}
 
 /// A low-rank update: `down` is (rank, in), `up` is (out, rank). `up` may cover only a slice of
 /// the output rows (a LoRA trained on `to_q` placed on a fused `qkv` layer): `out_offset` says
@@ -65,6 +83,15 @@ impl Linear {
             .clear();
     }
 
+    /// The ids of the adapters' factors, `down` and `up` of each.
+    pub fn adapter_ids(&self) -> Vec<candle_core::TensorId> {
+        let adapters = self.adapters.read().expect("adapter lock poisoned");
+        adapters
+            .iter()
+            .flat_map(|a| [a.down.id(), a.up.id()])
+            .collect()
+    }
+
     pub fn adapter_count(&self) -> usize {
         self.adapters.read().expect("adapter lock poisoned").len()
     }
@@ -72,7 +99,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = if self.base.weight().is_variable() {
+        let y = if self.base.weight().is_variable() {
             // A full fine-tune trains the weight itself: candle's matmul gives it its gradient.
             self.base.forward(x)?
         } else if x.track_op() {
@@ -81,32 +108,82 @@ impl Module for Linear {
             crate::models::fused::linear(&self.base, x)?
         };
         let adapters = self.adapters.read().expect("adapter lock poisoned");
-        for a in adapters.iter() {
-            // Adapters may be f32 (training) over a bf16 base: compute in theirs, add in ours.
-            let xa = x.to_dtype(a.down.dtype())?;
-            let h = xa.broadcast_matmul(&a.down.t()?)?;
-            let delta = (h.broadcast_matmul(&a.up.t()?)? * a.scale)?.to_dtype(y.dtype())?;
-            let rows = delta.dim(candle_core::D::Minus1)?;
-            y = if a.out_offset == 0 && rows == self.out_features {
-                (y + delta)?
-            } else {
-                let last = y.rank() - 1;
-                let before = y.narrow(last, 0, a.out_offset)?;
-                let mid = (y.narrow(last, a.out_offset, rows)? + delta)?;
-                let after_start = a.out_offset + rows;
-                let after = y.narrow(last, after_start, self.out_features - after_start)?;
-                Tensor::cat(&[before, mid, after], last)?
-            };
+        if adapters.is_empty() {
+            return Ok(y);
         }
-        Ok(y)
+        let detached = WITHOUT_GRADIENTS.with(Cell::get);
+        let last = y.rank() - 1;
+        // The updates summed per output slice (offset, update), each slice then added once.
+        let mut slices: Vec<(usize, Tensor)> = Vec::new();
+        for a in adapters.iter() {
+            let (down, up) = if detached {
+                (a.down.detach(), a.up.detach())
+            } else {
+                (a.down.clone(), a.up.clone())
+            };
+            // Adapters may be f32 (training) over a bf16 base: the product runs in the base's precision,
+            // as peft's under autocast, with the scale folded into the small `up` (no full-size f32
+            // copies of the input or the update; their gradients reach the f32 factors through the casts).
+            let down = down.to_dtype(x.dtype())?;
+            let up = (up * a.scale)?.to_dtype(x.dtype())?;
+            let delta = x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?;
+            let rows = delta.dim(last)?;
+            match slices
+                .iter_mut()
+                .find(|(o, d)| *o == a.out_offset && d.dim(last).ok() == Some(rows))
+            {
+                Some((_, d)) => *d = (&*d + delta)?,
+                None => slices.push((a.out_offset, delta)),
+            }
+        }
+        slices.sort_by_key(|(o, _)| *o);
+        let disjoint = slices
+            .windows(2)
+            .all(|w| w[0].1.dim(last).is_ok_and(|rows| w[0].0 + rows <= w[1].0));
+        if !disjoint {
+            return slices.iter().try_fold(y, |y, (offset, delta)| {
+                add_rows(&y, *offset, delta, self.out_features)
+            });
+        }
+        // Disjoint slices (a fused layer's q, k and v adapters): one concatenation for all of them.
+        let mut pieces = Vec::with_capacity(2 * slices.len() + 1);
+        let mut at = 0;
+        for (offset, delta) in &slices {
+            if *offset > at {
+                pieces.push(y.narrow(last, at, offset - at)?);
+            }
+            let rows = delta.dim(last)?;
+            pieces.push((y.narrow(last, *offset, rows)? + delta)?);
+            at = offset + rows;
+        }
+        if at < self.out_features {
+            pieces.push(y.narrow(last, at, self.out_features - at)?);
+        }
+        match pieces.len() {
+            1 => Ok(pieces.remove(0)),
+            _ => Tensor::cat(&pieces, last),
+        }
     }
+}
+
+/// `y` with `delta` added to its output rows `offset ..`.
+fn add_rows(y: &Tensor, offset: usize, delta: &Tensor, out: usize) -> Result<Tensor> {
+    let last = y.rank() - 1;
+    let rows = delta.dim(last)?;
+    if offset == 0 && rows == out {
+        return y + delta;
+    }
+    let before = y.narrow(last, 0, offset)?;
+    let mid = (y.narrow(last, offset, rows)? + delta)?;
+    let after = y.narrow(last, offset + rows, out - offset - rows)?;
+    Tensor::cat(&[before, mid, after], last)
 }
 
 /// `W x + b` for an input that carries a gradient, passing the gradient to `x` only. Through candle's
 /// matmul the backward pass would also compute the weight's gradient: wasted work on a frozen layer,
 /// and a weight-sized buffer per layer kept until the optimizer step (24 GB for FLUX.1-dev in bf16).
 fn frozen_base(base: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
-    let y = base.forward(&x.detach())?;
+    let y = crate::models::fused::linear(base, &x.detach())?;
     let w = base.weight().clone();
     autodiff::with_gradient(x, y, move |_, _, grad| grad.broadcast_matmul(&w))
 }

@@ -37,6 +37,10 @@ impl Trainable for FullWeights {
 
     fn attach(&self, _: &FluxTransformer, _: bool) {}
 
+    fn checkpointable(&self) -> bool {
+        false
+    }
+
     fn detach(&self, _: &FluxTransformer) {}
 
     /// The transformer's checkpoint, under the names it was loaded with.

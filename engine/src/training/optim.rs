@@ -65,15 +65,16 @@ pub fn clipped_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<(
             None => v.as_tensor().zeros_like(),
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let mut sq = 0f64;
-    for g in &gs {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    let norm = sq.sqrt();
+    // One read back from the device for all of them, not one per variable.
+    let squares = gs
+        .iter()
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let norm = Tensor::stack(&squares, 0)?
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let coef = max_norm / (norm + 1e-6);
         let gs = gs

@@ -59,6 +59,10 @@ pub struct TrainSettings {
     /// The prompt of the samples; by default the keywords.
     pub sample_prompt: Option<String>,
     pub seed: u64,
+    /// Recompute each transformer block in the backward pass instead of keeping its activations
+    /// (docs/training.md); `None`: on with a GPU, off on the CPU.
+    #[serde(default)]
+    pub gradient_checkpointing: Option<bool>,
     /// The share of images trained with the empty caption (classifier-free guidance needs it).
     #[serde(default)]
     pub caption_dropout: f64,
@@ -68,7 +72,7 @@ pub struct TrainSettings {
 /// also takes that size, which is then its default.
 pub const RESOLUTIONS: [u32; 3] = [512, 768, 1024];
 
-const KNOWN: [&str; 18] = [
+const KNOWN: [&str; 19] = [
     "steps",
     "learning_rate",
     "rank",
@@ -86,6 +90,7 @@ const KNOWN: [&str; 18] = [
     "checkpoint_every",
     "sample_prompt",
     "seed",
+    "gradient_checkpointing",
     "caption_dropout",
 ];
 
@@ -110,6 +115,7 @@ impl TrainSettings {
             checkpoint_every: 250,
             sample_prompt: None,
             seed: 0,
+            gradient_checkpointing: None,
             caption_dropout: 0.0,
         }
     }
@@ -164,6 +170,7 @@ impl TrainSettings {
                     s.sample_prompt = Some(p.to_string());
                 }
                 "seed" => s.seed = int(k, value, 0, i64::MAX as u64)?,
+                "gradient_checkpointing" => s.gradient_checkpointing = boolean(k, value)?,
                 "caption_dropout" => s.caption_dropout = float(k, value, 0.0, 1.0)?,
                 _ => {
                     return Err(format!(
@@ -212,6 +219,17 @@ fn float(key: &str, v: &Value, min: f64, max: f64) -> Result<f64, String> {
     }
 }
 
+/// `true`, `false` (JSON or text, as a form sends it) or `auto`: the device decides.
+fn boolean(key: &str, v: &Value) -> Result<Option<bool>, String> {
+    match v {
+        Value::Bool(b) => Ok(Some(*b)),
+        Value::String(s) if s.trim() == "true" => Ok(Some(true)),
+        Value::String(s) if s.trim() == "false" => Ok(Some(false)),
+        Value::String(s) if s.trim() == "auto" => Ok(None),
+        _ => Err(format!("{key} must be true, false or auto (got {v})")),
+    }
+}
+
 fn choice<T: serde::de::DeserializeOwned>(
     key: &str,
     v: &Value,
@@ -254,6 +272,14 @@ mod tests {
             (s.rank, s.learning_rate, s.targets, s.resolution),
             (32, 5e-5, Targets::AllLinear, 768)
         );
+        for (v, want) in [
+            (json!(false), Some(false)),
+            (json!("true"), Some(true)),
+            (json!("auto"), None),
+        ] {
+            let s = parse(json!({ "gradient_checkpointing": v }), 1024).unwrap();
+            assert_eq!(s.gradient_checkpointing, want);
+        }
     }
 
     #[test]
@@ -267,6 +293,10 @@ mod tests {
             (json!({"batch_size": 4}), "batch_size"),
             (json!({"warmup_steps": 20, "steps": 10}), "warmup_steps"),
             (json!({"lr": 1}), "`lr`"),
+            (
+                json!({"gradient_checkpointing": "yes"}),
+                "gradient_checkpointing",
+            ),
         ] {
             let err = parse(fields.clone(), 1024).unwrap_err();
             assert!(err.contains(word), "{fields}: {err}");

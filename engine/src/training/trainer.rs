@@ -12,6 +12,7 @@ use crate::models::flux::{self, FluxInputs, FluxTransformer};
 use crate::pipeline::{self, Control, FluxPipeline};
 use crate::sampling::latents;
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,10 @@ pub trait Trainable {
     fn save(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()>;
     /// A line for the log: what is trained.
     fn describe(&self) -> String;
+    /// Whether gradient checkpointing may be used: its pass keeps the adapters' gradients only.
+    fn checkpointable(&self) -> bool {
+        true
+    }
 }
 
 impl Trainable for LoraSet {
@@ -300,8 +305,8 @@ impl Trainer {
                 .map(|w| w.join().expect("a draw thread panicked"))
                 .collect()
         });
-        let loss = self.loss(items, true)?;
-        let grads = loss.backward()?;
+        let (loss, grads) = self.loss(items, true)?;
+        let grads = grads.context("a training pass returns gradients")?;
         let loss = loss.to_scalar::<f32>()?;
         if !loss.is_finite() {
             bail!("the loss is {loss} at step {step}: lower the learning rate");
@@ -343,8 +348,13 @@ impl Trainer {
 
     /// The flow-matching loss on a batch of (image index, draws, caption dropped): noisy = (1-σ)·x +
     /// σ·noise, target = noise - x, mean squared error in f32 over the batch. `train`: through the
-    /// trained variables, for a backward pass.
-    fn loss(&self, items: Vec<(usize, StepDraws, bool)>, train: bool) -> Result<Tensor> {
+    /// trained variables, with their gradients (checkpointed per block when the settings say so and
+    /// what is trained allows it).
+    fn loss(
+        &self,
+        items: Vec<(usize, StepDraws, bool)>,
+        train: bool,
+    ) -> Result<(Tensor, Option<GradStore>)> {
         let s = &self.job.settings;
         let model = &self.pipe.transformer;
         let (mut noisy, mut targets, mut txts, mut pooleds, mut sigmas) =
@@ -383,20 +393,32 @@ impl Trainer {
         let txt_ids = flux::text_ids(txt.dim(1)?, device)?;
         let t = Tensor::new(sigmas, device)?;
         let g = Tensor::new(vec![s.guidance as f32; batch], device)?;
-        let guidance = model.config().guidance_embed.then_some(&g);
-        self.trainable.attach(model, train);
-        let forward = model.forward(&FluxInputs {
+        let inputs = FluxInputs {
             img: &latents::pack(&noisy)?.to_dtype(model.dtype())?,
             img_ids: &img_ids,
             txt: &txt,
             txt_ids: &txt_ids,
             timesteps: &t,
             y: &pooled,
-            guidance,
-        });
+            guidance: model.config().guidance_embed.then_some(&g),
+        };
+        let mse = |pred: &Tensor| -> Result<Tensor> {
+            Ok((pred.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?)
+        };
+        self.trainable.attach(model, train);
+        let out = if train {
+            let checkpointing = self.trainable.checkpointable()
+                && s.gradient_checkpointing.unwrap_or_else(|| device.is_cuda());
+            model
+                .loss_and_grads(&inputs, &mse, checkpointing)
+                .map(|(loss, grads)| (loss, Some(grads)))
+        } else {
+            model
+                .forward(&inputs)
+                .and_then(|pred| Ok((mse(&pred)?, None)))
+        };
         self.trainable.detach(model);
-        let pred = forward?.to_dtype(DType::F32)?;
-        Ok((pred - target)?.sqr()?.mean_all()?)
+        out
     }
 
     /// The mean loss over every image at `levels` fixed noise levels spread over (0, 1) with fixed
@@ -410,7 +432,7 @@ impl Trainer {
                 let n = self.images[index].mean.elem_count();
                 let key = (index * levels + k) as u64;
                 let draws = StepDraws::validation(self.job.settings.seed, key, sigma_index, n);
-                let loss = self.loss(vec![(index, draws, false)], false)?;
+                let (loss, _) = self.loss(vec![(index, draws, false)], false)?;
                 total += f64::from(loss.to_scalar::<f32>()?);
                 count += 1;
             }

@@ -3,9 +3,11 @@
 
 use super::{FluxConfig, FluxWeights};
 use crate::models::fused::{self, QkScales, Rope};
-use crate::models::linear::Linear;
+use crate::models::linear::{without_gradients, Linear};
 use anyhow::Result;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, TensorId, Var, D};
+use std::collections::HashSet;
 
 /// Sinusoidal embedding of `t` ∈ [0, 1] (FLUX scales it by 1000 first), `[cos | sin]`.
 pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::Result<Tensor> {
@@ -135,7 +137,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+        self.fc2.forward(&fused::gelu(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -177,6 +179,12 @@ struct DoubleBlock {
 }
 
 impl DoubleBlock {
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.img.linears().to_vec();
+        out.extend(self.txt.linears());
+        out
+    }
+
     fn forward(
         &self,
         img: &Tensor,
@@ -245,6 +253,10 @@ impl SingleBlock {
             linear2: w.linear(&format!("{p}.linear2"), h + m, h)?,
             norm: qk_norm(w, &format!("{p}.norm"), cfg.head_dim())?,
         })
+    }
+
+    fn linears(&self) -> [&Linear; 3] {
+        [&self.modulation.lin, &self.linear1, &self.linear2]
     }
 
     fn forward(
@@ -332,8 +344,8 @@ impl FluxTransformer {
         &self.device
     }
 
-    /// Every linear layer, for LoRA placement and training.
-    pub fn linears(&self) -> Vec<&Linear> {
+    /// The linear layers before the first block: the embedders of the inputs, the time and the guidance.
+    fn head_linears(&self) -> Vec<&Linear> {
         let mut out = vec![&self.img_in, &self.txt_in];
         for e in [
             Some(&self.time_in),
@@ -345,19 +357,24 @@ impl FluxTransformer {
         {
             out.extend([&e.in_layer, &e.out_layer]);
         }
+        out
+    }
+
+    /// Every linear layer, for LoRA placement and training.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.head_linears();
         for b in &self.double_blocks {
-            out.extend(b.img.linears());
-            out.extend(b.txt.linears());
+            out.extend(b.linears());
         }
         for b in &self.single_blocks {
-            out.extend([&b.modulation.lin, &b.linear1, &b.linear2]);
+            out.extend(b.linears());
         }
         out.extend([&self.final_modulation, &self.final_linear]);
         out
     }
 
-    /// The predicted velocity (B, L, in_channels) for the noisy packed latents.
-    pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
+    /// The conditioning vector (time, guidance, pooled text) and the embedded image and text tokens.
+    fn head(&self, x: &FluxInputs) -> Result<(Tensor, Tensor, Tensor)> {
         let dt = self.dtype;
         let mut vec = self
             .time_in
@@ -372,22 +389,22 @@ impl FluxTransformer {
             (None, _) => {}
         }
         vec = (vec + self.vector_in.forward(&x.y.to_dtype(dt)?)?)?;
+        let img = self.img_in.forward(&x.img.to_dtype(dt)?)?;
+        let txt = self.txt_in.forward(&x.txt.to_dtype(dt)?)?;
+        Ok((vec, img, txt))
+    }
 
+    fn rope(&self, x: &FluxInputs) -> Result<Rope> {
         let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?;
-        let (cos, sin) = rope_tables(&ids, &self.cfg, dt)?;
-        let rope = Rope::new(cos.to_device(&self.device)?, sin.to_device(&self.device)?)?;
+        let (cos, sin) = rope_tables(&ids, &self.cfg, self.dtype)?;
+        Ok(Rope::new(
+            cos.to_device(&self.device)?,
+            sin.to_device(&self.device)?,
+        )?)
+    }
 
-        let mut img = self.img_in.forward(&x.img.to_dtype(dt)?)?;
-        let mut txt = self.txt_in.forward(&x.txt.to_dtype(dt)?)?;
-        let heads = self.cfg.num_heads;
-        for b in &self.double_blocks {
-            (img, txt) = b.forward(&img, &txt, &vec, &rope, heads)?;
-        }
-        let t_len = txt.dim(1)?;
-        let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
-        for b in &self.single_blocks {
-            x_all = b.forward(&x_all, &vec, &rope, heads)?;
-        }
+    /// The final modulation and projection of the image tokens of the joint sequence `x_all`.
+    fn tail(&self, x_all: &Tensor, t_len: usize, vec: &Tensor) -> Result<Tensor> {
         // A batch of several makes this slice strided; the norm's fused kernel needs it whole.
         let img = x_all
             .narrow(1, t_len, x_all.dim(1)? - t_len)?
@@ -400,4 +417,235 @@ impl FluxTransformer {
         let img = fused::norm_modulate(&img, &m[0], &m[1])?;
         Ok(self.final_linear.forward(&img)?)
     }
+
+    /// The predicted velocity (B, L, in_channels) for the noisy packed latents.
+    pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
+        let (vec, mut img, mut txt) = self.head(x)?;
+        let rope = self.rope(x)?;
+        let heads = self.cfg.num_heads;
+        for b in &self.double_blocks {
+            (img, txt) = b.forward(&img, &txt, &vec, &rope, heads)?;
+        }
+        let t_len = txt.dim(1)?;
+        let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
+        for b in &self.single_blocks {
+            x_all = b.forward(&x_all, &vec, &rope, heads)?;
+        }
+        self.tail(&x_all, t_len, &vec)
+    }
+
+    /// `loss(forward(x))` (detached) and the gradients of the variables it depends on (the adapters).
+    ///
+    /// Without checkpointing this is candle's autograd over the whole pass, whose graph keeps every
+    /// intermediate of every block alive until the backward pass ends. With it, one pass without a graph
+    /// keeps only each block's input; then, from the last block to the first, each block is run again
+    /// from its saved input (a fresh variable) with a graph, and backpropagated from the gradient of its
+    /// output: one block's graph alive at a time. See docs/training.md.
+    pub fn loss_and_grads(
+        &self,
+        x: &FluxInputs,
+        loss: &dyn Fn(&Tensor) -> Result<Tensor>,
+        checkpointing: bool,
+    ) -> Result<(Tensor, GradStore)> {
+        if !checkpointing {
+            let l = loss(&self.forward(x)?)?;
+            let grads = l.backward()?;
+            return Ok((l.detach(), grads));
+        }
+        let heads = self.cfg.num_heads;
+        let rope = self.rope(x)?;
+        // Which segments have a trained layer before them, and so need the gradient of their input.
+        let head_trains = trains(&self.head_linears());
+        let mut before = head_trains;
+        let mut double_needs = Vec::with_capacity(self.double_blocks.len());
+        for b in &self.double_blocks {
+            double_needs.push(before);
+            before |= trains(&b.linears());
+        }
+        let mut single_needs = Vec::with_capacity(self.single_blocks.len());
+        for b in &self.single_blocks {
+            single_needs.push(before);
+            before |= trains(&b.linears());
+        }
+        let tail_needs = before;
+
+        // The forward pass without a graph (and so through the fused kernels), keeping each block's input.
+        let (vec, double_in, single_in, last) = without_gradients(|| -> Result<_> {
+            let (vec, mut img, mut txt) = self.head(x)?;
+            let mut double_in = Vec::with_capacity(self.double_blocks.len());
+            for b in &self.double_blocks {
+                double_in.push((img.clone(), txt.clone()));
+                (img, txt) = b.forward(&img, &txt, &vec, &rope, heads)?;
+            }
+            let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
+            let mut single_in = Vec::with_capacity(self.single_blocks.len());
+            for b in &self.single_blocks {
+                single_in.push(x_all.clone());
+                x_all = b.forward(&x_all, &vec, &rope, heads)?;
+            }
+            Ok((vec, double_in, single_in, x_all))
+        })?;
+        let t_len = x.txt.dim(1)?;
+
+        // candle's backward pass also leaves gradients for inputs that track nothing (tables, constants):
+        // only the adapters' are kept.
+        let adapter_ids: HashSet<TensorId> = self
+            .linears()
+            .iter()
+            .flat_map(|l| l.adapter_ids())
+            .collect();
+        let mut total = GradStore::default();
+        let mut keep = |grads: GradStore| -> Result<()> {
+            let mut mine = GradStore::default();
+            for id in &adapter_ids {
+                if let Some(g) = grads.get_id(*id) {
+                    mine.insert_id(*id, g.clone());
+                }
+            }
+            Ok(total.extend(mine)?)
+        };
+        // The conditioning vector feeds every block: its gradient is summed over all of them (in f32).
+        let vec_in = Input::new(&vec, head_trains)?;
+        let mut vec_grad: Option<Tensor> = None;
+        let mut add_vec_grad = |grads: &mut GradStore| -> Result<()> {
+            if let Some(g) = vec_in.take_grad(grads) {
+                let g = g.to_dtype(DType::F32)?;
+                vec_grad = Some(match vec_grad.take() {
+                    Some(sum) => (sum + g)?,
+                    None => g,
+                });
+            }
+            Ok(())
+        };
+
+        let x_in = Input::new(&last, tail_needs)?;
+        let l = loss(&self.tail(x_in.tensor(), t_len, vec_in.tensor())?)?;
+        let mut grads = l.backward()?;
+        // The final layer's graph goes now, not after the blocks.
+        let l = l.detach();
+        let mut x_grad = x_in.take_grad(&mut grads);
+        add_vec_grad(&mut grads)?;
+        keep(grads)?;
+
+        for ((b, input), needs) in self
+            .single_blocks
+            .iter()
+            .zip(single_in)
+            .zip(single_needs)
+            .rev()
+        {
+            let Some(g) = x_grad.take() else { break };
+            let x_in = Input::new(&input, needs)?;
+            let out = b.forward(x_in.tensor(), vec_in.tensor(), &rope, heads)?;
+            let mut grads = backprop(&[(&out, &g)])?;
+            x_grad = x_in.take_grad(&mut grads);
+            add_vec_grad(&mut grads)?;
+            keep(grads)?;
+        }
+
+        // The joint sequence was [text | image].
+        let mut stream_grads = match x_grad {
+            Some(g) => Some((
+                g.narrow(1, t_len, g.dim(1)? - t_len)?,
+                g.narrow(1, 0, t_len)?,
+            )),
+            None => None,
+        };
+        for ((b, (img, txt)), needs) in self
+            .double_blocks
+            .iter()
+            .zip(double_in)
+            .zip(double_needs)
+            .rev()
+        {
+            let Some((g_img, g_txt)) = stream_grads.take() else {
+                break;
+            };
+            let (img_in, txt_in) = (Input::new(&img, needs)?, Input::new(&txt, needs)?);
+            let (img_out, txt_out) = b.forward(
+                img_in.tensor(),
+                txt_in.tensor(),
+                vec_in.tensor(),
+                &rope,
+                heads,
+            )?;
+            let mut grads = backprop(&[(&img_out, &g_img), (&txt_out, &g_txt)])?;
+            stream_grads = match (img_in.take_grad(&mut grads), txt_in.take_grad(&mut grads)) {
+                (Some(gi), Some(gt)) => Some((gi, gt)),
+                _ => None,
+            };
+            add_vec_grad(&mut grads)?;
+            keep(grads)?;
+        }
+
+        if head_trains {
+            let (vec, img, txt) = self.head(x)?;
+            let mut pairs = Vec::new();
+            let vec_grad = vec_grad.map(|g| g.to_dtype(vec.dtype())).transpose()?;
+            if let Some(g) = &vec_grad {
+                pairs.push((&vec, g));
+            }
+            if let Some((g_img, g_txt)) = &stream_grads {
+                pairs.extend([(&img, g_img), (&txt, g_txt)]);
+            }
+            keep(backprop(&pairs)?)?;
+        }
+        Ok((l, total))
+    }
+}
+
+/// Whether any of these layers carries an adapter (in training: a trained one).
+fn trains(linears: &[&Linear]) -> bool {
+    linears.iter().any(|l| l.adapter_count() > 0)
+}
+
+/// A checkpointed segment's saved input: a fresh variable when the gradient must flow past it.
+enum Input {
+    Variable(Var),
+    Fixed(Tensor),
+}
+
+impl Input {
+    fn new(t: &Tensor, needs_grad: bool) -> Result<Self> {
+        Ok(if needs_grad {
+            Self::Variable(Var::from_tensor(t)?)
+        } else {
+            Self::Fixed(t.clone())
+        })
+    }
+
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Self::Variable(v) => v.as_tensor(),
+            Self::Fixed(t) => t,
+        }
+    }
+
+    /// Its gradient, taken out of `grads` so that only the adapters' remain there.
+    fn take_grad(&self, grads: &mut GradStore) -> Option<Tensor> {
+        match self {
+            Self::Variable(v) => grads.remove(v.as_tensor()),
+            Self::Fixed(_) => None,
+        }
+    }
+}
+
+/// Backpropagates the output gradients `grad` of the segment outputs `out`: the gradients of
+/// `Σ sum(out ⊙ grad)`, whose gradient with respect to each `out` is its `grad`.
+fn backprop(pairs: &[(&Tensor, &Tensor)]) -> Result<GradStore> {
+    let mut surrogate: Option<Tensor> = None;
+    for (out, grad) in pairs {
+        if !out.track_op() {
+            continue;
+        }
+        let s = (*out * *grad)?.sum_all()?.to_dtype(DType::F32)?;
+        surrogate = Some(match surrogate {
+            Some(sum) => (sum + s)?,
+            None => s,
+        });
+    }
+    Ok(match surrogate {
+        Some(s) => s.backward()?,
+        None => GradStore::default(),
+    })
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On the GPU machine (scripts/gpu/PREDICTIONS.md runs 7 and 8): LoRA training steps at FLUX.1-dev size
+# (`flux-bench train`, random bf16 weights, rank 16) with gradient checkpointing on and off, at 512x512 and
+# 1024x1024, after `flux-bench train-check` (the gradients against the plain path); peak device memory of
+# each process sampled by nvidia-smi every 50 ms, as run 6 did.
+# Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench). Writes summary.jsonl (one JSON line
+# per measurement) and run8.tgz (logs and memory traces) to $OUT (or ./gpu-out).
+set -uo pipefail
+FINAL=${OUT:-gpu-out}; mkdir -p "$FINAL"
+OUT=$(mktemp -d)
+BENCH=${BENCH:-.gpu/flux-bench}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+case_() {
+  local name=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem-$name.txt" &
+  local poll=$!
+  timeout 150 "$BENCH" train "$@" > "$OUT/train-$name.json" 2> "$OUT/train-$name.log"
+  local rc=$?
+  kill $poll; wait $poll 2>/dev/null
+  echo "{\"what\": \"peak_mem_mib\", \"case\": \"$name\", \"args\": \"$*\", \"rc\": $rc, \"value\": $(sort -n "$OUT/mem-$name.txt" | tail -1)}" | tee -a "$OUT/summary.jsonl"
+  tee -a "$OUT/summary.jsonl" < "$OUT/train-$name.json"
+  [ $rc = 0 ] || tail -3 "$OUT/train-$name.log"
+}
+# The gradients first: no model weights needed beyond 4 blocks, fails fast.
+timeout 120 "$BENCH" train-check 2>&1 | tee "$OUT/train-check.json" | tee -a "$OUT/summary.jsonl"
+for c in ${CASES:-512 512-all 1024 512-off 1024-off}; do
+  case $c in
+    512) case_ 512 --size 512 --steps 10 --rank 16 ;;
+    512-all) case_ 512-all --size 512 --steps 10 --rank 16 --targets all_linear ;;
+    1024) case_ 1024 --size 1024 --steps 6 --rank 16 ;;
+    512-off) case_ 512-off --size 512 --steps 10 --rank 16 --no-checkpointing ;;
+    1024-off) case_ 1024-off --size 1024 --steps 6 --rank 16 --no-checkpointing ;;
+  esac
+done
+cp "$OUT/summary.jsonl" "$FINAL/"
+tar czf "$FINAL/run8.tgz" -C "$OUT" .
