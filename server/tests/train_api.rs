@@ -255,3 +255,39 @@ async fn a_cancelled_run_resumes_from_its_checkpoint_and_repeats_its_steps() {
         .join("lora.safetensors")
         .is_file());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_during_training_leaves_a_run_that_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let zip = dir.path().join("set.zip");
+    write_dataset(&zip);
+    let data = dir.path().join("data");
+    let first = studio(&data);
+    let id = upload(
+        &first.url,
+        &zip,
+        &["steps=40", "sample_every=0", "checkpoint_every=4"],
+    );
+    let before = wait_for(&first.url, &id, |s| s["step"].as_u64().unwrap_or(0) >= 9);
+    // kill -9 in the middle of the run: no chance to clean up or to save.
+    first.kill();
+
+    let second = studio(&data);
+    let url = second.url.clone();
+    let interrupted = status(&url, &id);
+    assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
+    assert!(interrupted["step"].as_u64().unwrap() >= before["step"].as_u64().unwrap());
+    let (code, body) = curl(&["-X", "POST", &format!("{url}/train/{id}/resume")]);
+    assert_eq!(code, 202, "{body}");
+    let done = wait_for(&url, &id, |s| s["status"] == "completed");
+    assert_eq!(done["step"], 40);
+    let all = events(&url, &id).await;
+    assert!(
+        of_type(&all, "log").iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("resumed from the checkpoint at step "))),
+        "the run started over instead of resuming"
+    );
+    let (code, _) = curl(&["-o", "/dev/null", &format!("{url}/loras/{id}")]);
+    assert_eq!(code, 200, "the finished LoRA is downloadable");
+}
