@@ -59,6 +59,11 @@ pub struct ServeConfig {
     /// Model preset for requests that name none; the engine's own default when not given.
     #[arg(long, env = "STUDIO_PRESET")]
     pub preset: Option<String>,
+    /// A local copy of a hub preset's model in diffusers' layout (model_index.json, transformer/, vae/, the
+    /// text encoders and tokenizers): used instead of the hub for --preset (flux-dev when not given), e.g.
+    /// on a machine with no network or with the weights already on disk. No token is needed then.
+    #[arg(long, env = "STUDIO_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
     /// Folder of LoRA files (`.safetensors`) that `/generate/` may name by file name, with or without
     /// the extension; `<data-dir>/loras` when not given. No other server-side path is accepted over HTTP.
     #[arg(long, env = "STUDIO_LORA_DIR")]

@@ -27,6 +27,8 @@ pub struct FluxGeneration {
 /// The one pipeline in memory, shared by generation and training: GPU memory holds one FLUX at a time.
 pub struct Resident {
     device: Device,
+    /// `--model-dir`: the preset it stands in for and the folder.
+    local: Option<(&'static str, PathBuf)>,
     loaded: Mutex<Option<(&'static str, Arc<FluxPipeline>)>>,
     downloads: Arc<Mutex<HashMap<&'static str, f32>>>,
 }
@@ -34,12 +36,20 @@ pub struct Resident {
 impl FluxGeneration {
     pub fn new(config: &ServeConfig) -> Result<Self> {
         let device = config.device.select()?;
-        let default_preset = match &config.preset {
-            Some(name) => presets::find(name).ok_or_else(|| {
+        let named = match &config.preset {
+            Some(name) => Some(presets::find(name).ok_or_else(|| {
                 anyhow::anyhow!("unknown preset `{name}`: choose one of {}", preset_names())
-            })?,
-            None => auto_preset(&device),
+            })?),
+            None => None,
         };
+        let local = match &config.model_dir {
+            Some(dir) => Some(local_model(
+                named.unwrap_or_else(|| presets::find(presets::FLUX_DEV).expect("built-in preset")),
+                dir,
+            )?),
+            None => None,
+        };
+        let default_preset = named.unwrap_or_else(|| auto_preset(&device, local.is_some()));
         tracing::info!("default model: {} on {:?}", default_preset.name, device);
         let lora_dir = config
             .lora_dir
@@ -50,6 +60,7 @@ impl FluxGeneration {
             default_preset,
             resident: Arc::new(Resident {
                 device,
+                local,
                 loaded: Mutex::new(None),
                 downloads: Arc::default(),
             }),
@@ -171,8 +182,12 @@ impl Resident {
                 .expect("download lock poisoned")
                 .insert(name, f);
         });
-        tracing::info!("loading {}", preset.title);
-        let loaded = FluxPipeline::load(&LoadOptions::from_preset(preset), &self.device, progress);
+        let mut options = LoadOptions::from_preset(preset);
+        if let Some(dir) = self.local_dir(preset) {
+            options.source = Source::Local(dir.to_path_buf());
+        }
+        tracing::info!("loading {} from {:?}", preset.title, options.source);
+        let loaded = FluxPipeline::load(&options, &self.device, progress);
         self.downloads
             .lock()
             .expect("download lock poisoned")
@@ -180,6 +195,14 @@ impl Resident {
         let p = Arc::new(loaded?);
         *resident = Some((preset.name, p.clone()));
         Ok(p)
+    }
+
+    /// The `--model-dir` folder, when it stands in for this preset.
+    fn local_dir(&self, p: &Preset) -> Option<&Path> {
+        self.local
+            .as_ref()
+            .filter(|(name, _)| *name == p.name)
+            .map(|(_, dir)| dir.as_path())
     }
 
     fn state(&self, p: &Preset) -> ModelState {
@@ -197,6 +220,7 @@ impl Resident {
             return ModelState::Downloading { progress: *f };
         }
         let on_disk = match (&p.source, p.source.to_source()) {
+            _ if self.local_dir(p).is_some() => true,
             (PresetSource::Hub(repo), _) => engine::hub::is_cached(repo, "model_index.json"),
             (_, Source::Local(dir)) => dir.join("model_index.json").is_file(),
             (_, Source::Hub(_)) => false,
@@ -236,14 +260,30 @@ fn preset_names() -> String {
         .join(", ")
 }
 
-/// FLUX.1-dev where it can run: a CUDA GPU, and its weights downloaded or a token to download them
-/// (the repository is gated). Otherwise the built-in model, which runs on a CPU with no download;
-/// the log says why, and every response names the model in `model`.
-pub(crate) fn auto_preset(device: &Device) -> &'static Preset {
+/// `--model-dir` checked: a folder in diffusers' layout standing in for a hub preset.
+fn local_model(preset: &'static Preset, dir: &Path) -> Result<(&'static str, PathBuf)> {
+    anyhow::ensure!(
+        matches!(preset.source, PresetSource::Hub(_)),
+        "--model-dir stands in for a model downloaded from the hub; {} comes with the studio (choose flux-dev or flux-schnell with --preset)",
+        preset.name
+    );
+    anyhow::ensure!(
+        dir.join("model_index.json").is_file(),
+        "--model-dir {}: no model_index.json there; it must be a FLUX model folder in diffusers' layout (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)",
+        dir.display()
+    );
+    tracing::info!("{} comes from {}", preset.name, dir.display());
+    Ok((preset.name, dir.to_path_buf()))
+}
+
+/// FLUX.1-dev where it can run: a CUDA GPU, and its weights on disk (`local`: --model-dir, or the
+/// hub cache) or a token to download them (the repository is gated). Otherwise the built-in model,
+/// which runs on a CPU with no download; the log says why, and every response names the model in `model`.
+pub(crate) fn auto_preset(device: &Device, local: bool) -> &'static Preset {
     let dev = presets::find(presets::FLUX_DEV).expect("built-in preset");
     let reason = if !device.is_cuda() {
         Some("no CUDA GPU (FLUX.1-dev needs an NVIDIA GPU)")
-    } else if !flux_dev_obtainable(dev) {
+    } else if !local && !flux_dev_obtainable(dev) {
         Some("FLUX.1-dev is not downloaded and no HF_TOKEN is set to download it (its repository is gated)")
     } else {
         None

@@ -87,7 +87,7 @@ fn lora_specs(preset: &Preset, args: &[String]) -> Result<Vec<LoraSpec>> {
 pub fn run(a: Args) -> Result<()> {
     let device = a.device.select()?;
     let preset = match &a.preset {
-        None => crate::flux::auto_preset(&device),
+        None => crate::flux::auto_preset(&device, a.model.is_some()),
         Some(name) => engine::presets::find(name).with_context(|| {
             let names: Vec<_> = engine::presets::PRESETS.iter().map(|p| p.name).collect();
             format!(

@@ -545,3 +545,59 @@ fn classify_command_answers_one_json_line_per_prompt() {
         assert_classify_shape(line);
     }
 }
+
+#[test]
+fn a_model_dir_stands_in_for_the_hub_with_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = repo_root().join("engine/tests/fixtures/tiny-flux-dev");
+    let s = Binary::start(
+        dir.path(),
+        &[
+            "--preset",
+            "flux-dev",
+            "--device",
+            "cpu",
+            "--model-dir",
+            local.to_str().unwrap(),
+        ],
+    );
+    let (status, body) = curl(&[&format!("{}/models/", s.url)]);
+    assert_eq!(status, 200, "{body}");
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let dev = models["presets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "flux-dev")
+        .unwrap_or_else(|| panic!("no flux-dev in {body}"));
+    assert!(dev.to_string().contains("\"ready\""), "{dev}");
+    // The folder's (tiny, random) weights answer a flux-dev request: nothing is downloaded (and the
+    // preset's hub LoRA is turned off, as there is no network here).
+    let (status, body) = curl(&[
+        "-X",
+        "POST",
+        &format!("{}/generate/", s.url),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt": "a fox", "width": 64, "height": 64, "steps": 2, "lora": "none"}"#,
+    ]);
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["model"], "flux-dev");
+}
+
+#[test]
+fn a_model_dir_that_is_not_a_model_folder_stops_the_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_studio"))
+        .args(["serve", "--port", "0", "--device", "cpu", "--data-dir"])
+        .arg(dir.path())
+        .arg("--model-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no model_index.json"), "{err}");
+}

@@ -17,7 +17,17 @@ async fn concurrent_clients_get_answers_or_429_and_nothing_leaks() {
     let dir = tempfile::tempdir().unwrap();
     let server = Binary::start(
         dir.path(),
-        &["--generation-queue", "4", "--classify-queue", "8"],
+        // flux-tiny: generations take milliseconds, so the run measures the server, not the model.
+        &[
+            "--preset",
+            "flux-tiny",
+            "--device",
+            "cpu",
+            "--generation-queue",
+            "4",
+            "--classify-queue",
+            "8",
+        ],
     );
     let plan = load::Plan {
         url: server.url.clone(),

@@ -327,6 +327,9 @@ fn profile_vae(size: usize, device: &Device) -> Result<()> {
             Ok(())
         };
         row("conv3x3", flops, &|| Ok(conv.forward(&x)?))?;
+        row("conv3x3 taps (fused)", flops, &|| {
+            Ok(engine::models::fused::conv2d(&x, &conv)?)
+        })?;
         row("group_norm", 0.0, &|| Ok(gn.forward(&x)?))?;
         row("silu", 0.0, &|| Ok(x.silu()?))?;
         row("upsample_nearest2d x2", 0.0, &|| {
@@ -369,6 +372,21 @@ fn ops_check(device: &Device) -> Result<()> {
     let gn = candle_nn::GroupNorm::new(gn_w.clone(), gn_b.clone(), 128, 32, 1e-6)?;
     let (gn_w32, gn_b32) = (f32s(&gn_w)?, f32s(&gn_b)?);
     let gn32 = candle_nn::GroupNorm::new(gn_w32.clone(), gn_b32.clone(), 128, 32, 1e-6)?;
+    // the decoder's most expensive convolution: 128 -> 128 channels at 1024x1024
+    let conv = candle_nn::Conv2d::new(
+        rand(&[128, 128, 3, 3], 0.03)?,
+        Some(rand(&[128], 0.1)?),
+        candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        },
+    );
+    let conv32 = candle_nn::Conv2d::new(
+        f32s(conv.weight())?,
+        conv.bias().map(f32s).transpose()?,
+        *conv.config(),
+    );
+    let cimg = rand(&[1, 128, 1024, 1024], 1.0)?;
     type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
     let cases: Vec<(&str, Op, Op)> = vec![
         (
@@ -423,6 +441,11 @@ fn ops_check(device: &Device) -> Result<()> {
                     &x32, &gn32, &gn_w32, &gn_b32, 32, 1e-6, true,
                 )?)
             }),
+        ),
+        (
+            "conv3x3 (VAE, 128x1024x1024)",
+            Box::new(|| Ok(fused::conv2d(&cimg, &conv)?)),
+            Box::new(|| Ok(fused::conv2d(&f32s(&cimg)?, &conv32)?)),
         ),
     ];
     let mut ok = true;

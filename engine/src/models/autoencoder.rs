@@ -107,20 +107,29 @@ impl GroupNorm {
     }
 }
 
-fn conv3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
+/// A 3x3 convolution that takes the fused path where it fits (`fused::conv2d`).
+struct Conv3(Conv2d);
+
+impl Module for Conv3 {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        fused::conv2d(x, &self.0)
+    }
+}
+
+fn conv3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv3> {
     let cfg = Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    Ok(conv2d(cin, cout, 3, cfg, vb)?)
+    Ok(Conv3(conv2d(cin, cout, 3, cfg, vb)?))
 }
 
 struct Resnet {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv3,
     norm2: GroupNorm,
-    conv2: Conv2d,
+    conv2: Conv3,
     shortcut: Option<Conv2d>,
 }
 
@@ -227,11 +236,11 @@ impl MidBlock {
 }
 
 struct Encoder {
-    conv_in: Conv2d,
-    down: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    conv_in: Conv3,
+    down: Vec<(Vec<Resnet>, Option<Conv3>)>,
     mid: MidBlock,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3,
 }
 
 impl Encoder {
@@ -291,11 +300,11 @@ impl Encoder {
 }
 
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv3,
     mid: MidBlock,
-    up: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    up: Vec<(Vec<Resnet>, Option<Conv3>)>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3,
 }
 
 impl Decoder {

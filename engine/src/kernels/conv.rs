@@ -1,0 +1,94 @@
+//! Launcher for `kernels/conv.cu`: the tap sum of a 3x3 convolution done as one matrix product.
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+const MODULE: &str = "conv";
+
+/// Output (B, Cout, H, W) from the taps product (B, 9·Cout, (H+2)·(W+2)) and the bias (Cout,):
+/// `fused::tap_sum` is the plain path and the reference.
+pub fn tap_sum(taps: &Tensor, bias: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    taps.apply_op2_no_bwd(bias, &TapSum { h, w })
+}
+
+struct TapSum {
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for TapSum {
+    fn name(&self) -> &'static str {
+        "conv3x3-tap-sum-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused convolution runs on CUDA only; the CPU takes the plain path")
+    }
+    fn cuda_fwd(
+        &self,
+        t: &CudaStorage,
+        tl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (h, w) = (self.h, self.w);
+        let &[batch, rows, np] = tl.dims() else {
+            bail!(
+                "conv taps must be (B, 9·Cout, (H+2)·(W+2)), got {:?}",
+                tl.dims()
+            )
+        };
+        let cout = rows / 9;
+        if rows % 9 != 0 || np != (h + 2) * (w + 2) || !tl.is_contiguous() || batch * cout > 65535 {
+            bail!(
+                "conv taps {:?} do not fit a contiguous {h}x{w} output",
+                tl.dims()
+            )
+        }
+        if bl.dims() != [cout] || !bl.is_contiguous() {
+            bail!(
+                "conv bias must be a contiguous ({cout},), got {:?}",
+                bl.dims()
+            )
+        }
+        let (CudaStorageSlice::BF16(ts), CudaStorageSlice::BF16(bs)) = (&t.slice, &b.slice) else {
+            bail!("the fused convolution takes bf16 only")
+        };
+        let (tv, bv) = (ts.slice(tl.start_offset()..), bs.slice(bl.start_offset()..));
+        let dev = &t.device;
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc(batch * cout * h * w) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (h * w).div_ceil(256).min(1024) as u32,
+                (batch * cout) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (cout_i, h_i, w_i) = (cout as i32, h as i32, w as i32);
+        let func = dev.get_or_load_custom_func("conv3x3_tap_sum_bf16", MODULE, super::ptx::CONV)?;
+        let mut launch = func.builder();
+        launch
+            .arg(&tv)
+            .arg(&bv)
+            .arg(&out)
+            .arg(&cout_i)
+            .arg(&h_i)
+            .arg(&w_i);
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        let out = CudaStorage {
+            slice: CudaStorageSlice::BF16(out),
+            device: dev.clone(),
+        };
+        Ok((out, Shape::from((batch, cout, h, w))))
+    }
+}
