@@ -11,11 +11,18 @@ set -euo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 BIN=${BIN:-.gpu/builtin-model}; DATA=${DATA:-.gpu/data}; ENCODER=${ENCODER:-.gpu/minilm}
 BUDGET_S=${BUDGET_S:-420}; SEED=${SEED:-0}
+# A further run from a model's weights (INIT: a model folder, e.g. engine/assets/builtin-emoji) and the
+# trainer's batch, learning rate and warm-up (builtin-model train's defaults when unset).
+extra=()
+[ -n "${INIT:-}" ] && extra+=(--init "$INIT")
+[ -n "${BATCH:-}" ] && extra+=(--batch "$BATCH")
+[ -n "${LR:-}" ] && extra+=(--lr "$LR")
+[ -n "${WARMUP:-}" ] && extra+=(--warmup "$WARMUP")
 [ -x "$BIN" ] || { xz -dkf "$BIN.xz" && chmod +x "$BIN"; }
 [ -f "$ENCODER/model.safetensors" ] || xz -dkf "$ENCODER/model.safetensors.xz"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-common=(--data "$DATA" --text-encoder "$ENCODER" --device cuda --seed "$SEED")
-"$BIN" train "${common[@]}" --out /tmp/calibrate --steps 30 --warmup 0 --sample-every 0 2>&1 | tee "$OUT/calibrate.log"
+common=(--data "$DATA" --text-encoder "$ENCODER" --device cuda --seed "$SEED" "${extra[@]}")
+"$BIN" train "${common[@]}" --out /tmp/calibrate --steps 30 --sample-every 0 2>&1 | tee "$OUT/calibrate.log"
 per_step=$(python3 -c "import json; print(json.load(open('/tmp/calibrate/run.json'))['seconds']['per_step'])")
 steps=$(python3 -c "print(max(100, int($BUDGET_S / $per_step) // 50 * 50))")
 echo "calibration: $per_step s/step -> $steps steps" | tee -a "$OUT/calibrate.log"

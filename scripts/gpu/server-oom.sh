@@ -13,11 +13,11 @@ studio=$!
 for _ in $(seq 120); do grep -q "listening on" "$OUT/studio.out" 2>/dev/null && break; sleep 0.5; done
 URL=$(sed -n 's/^studio listening on //p' "$OUT/studio.out")
 [ -n "$URL" ] || { log '{"what": "start", "ok": false}'; tail -20 "$OUT/studio.log"; exit 1; }
-gen() {  # $1: label; prints status and the body's first 400 bytes as one JSON line
+gen() {  # $1: label, $2: side in pixels; prints status and the body's first 400 bytes as one JSON line
   local t0 t1 status
   t0=$(date +%s.%N)
   status=$(curl -s -o /tmp/body -w '%{http_code}' -X POST "$URL/generate/" -H 'Content-Type: application/json' \
-    -d '{"prompt": "a fox reading under a tree", "width": 512, "height": 512, "steps": 4, "seed": 1}')
+    -d "{\"prompt\": \"a fox reading under a tree\", \"width\": $2, \"height\": $2, \"steps\": 4, \"seed\": 1}")
   t1=$(date +%s.%N)
   python3 - "$1" "$status" "$t0" "$t1" <<'EOF' | tee -a "$OUT/oom.jsonl"
 import json, sys
@@ -33,7 +33,7 @@ except Exception:
 print(json.dumps({"what": label, "status": status, "seconds": round(t1 - t0, 2), "body": body}))
 EOF
 }
-gen first
+gen first 512
 # the hog: all free memory but 256 MiB, held until /tmp/hog.stop appears
 rm -f /tmp/hog.stop /tmp/hog.ready
 python3 - <<'EOF' &
@@ -47,9 +47,9 @@ EOF
 hog=$!
 for _ in $(seq 100); do [ -f /tmp/hog.ready ] && break; sleep 0.2; done
 log "{\"what\": \"hog\", \"bytes\": $(cat /tmp/hog.ready 2>/dev/null || echo 0)}"
-gen under-pressure
+gen under-pressure 1024
 touch /tmp/hog.stop; wait $hog
-gen after
+gen after 512
 kill -0 $studio 2>/dev/null && log '{"what": "server", "alive": true}' || log '{"what": "server", "alive": false}'
 curl -s "$URL/health" -o /dev/null -w '{"what": "health", "status": %{http_code}}\n' | tee -a "$OUT/oom.jsonl"
 kill $studio; wait $studio 2>/dev/null

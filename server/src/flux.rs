@@ -49,6 +49,16 @@ impl FluxGeneration {
             )?),
             None => None,
         };
+        if let Some((name, dir)) = &local {
+            let preset = presets::find(name).expect("built-in preset");
+            if let Some(l) = preset.lora.as_ref().filter(|l| !hub_cached(l.source)) {
+                tracing::warn!(
+                    "{name} is served from {}; its LoRA {} is not in the hub cache, so generations go without it (a request naming it downloads it)",
+                    dir.display(),
+                    l.source
+                );
+            }
+        }
         let default_preset = named.unwrap_or_else(|| auto_preset(&device, local.is_some()));
         tracing::info!("default model: {} on {:?}", default_preset.name, device);
         let lora_dir = config
@@ -90,6 +100,11 @@ impl FluxGeneration {
             LoraChoice::Disabled => Vec::new(),
             LoraChoice::PresetDefault => match &preset.lora {
                 None => Vec::new(),
+                // A local model folder means "no downloads": its preset's LoRA is used only when the
+                // hub cache already holds it (a request can still name it to fetch it).
+                Some(l) if self.resident.local_dir(preset).is_some() && !hub_cached(l.source) => {
+                    Vec::new()
+                }
                 Some(l) => vec![LoraSpec {
                     name: l.source.to_string(),
                     source: LoraSource::hub(l.source).map_err(|e| e.to_string())?,
@@ -274,6 +289,17 @@ fn local_model(preset: &'static Preset, dir: &Path) -> Result<(&'static str, Pat
     );
     tracing::info!("{} comes from {}", preset.name, dir.display());
     Ok((preset.name, dir.to_path_buf()))
+}
+
+/// Whether a hub LoRA reference (`owner/repo:file`) is already in the hub cache.
+fn hub_cached(reference: &str) -> bool {
+    match LoraSource::hub(reference) {
+        Ok(LoraSource::Hub {
+            repo,
+            file: Some(file),
+        }) => engine::hub::is_cached(&repo, &file),
+        _ => false,
+    }
 }
 
 /// FLUX.1-dev where it can run: a CUDA GPU, and its weights on disk (`local`: --model-dir, or the

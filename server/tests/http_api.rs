@@ -549,8 +549,10 @@ fn classify_command_answers_one_json_line_per_prompt() {
 #[test]
 fn a_model_dir_stands_in_for_the_hub_with_no_token() {
     let dir = tempfile::tempdir().unwrap();
+    let hf_home = tempfile::tempdir().unwrap();
     let local = repo_root().join("engine/tests/fixtures/tiny-flux-dev");
-    let s = Binary::start(
+    let s = Binary::start_with_env(
+        &repo_root(),
         dir.path(),
         &[
             "--preset",
@@ -560,6 +562,7 @@ fn a_model_dir_stands_in_for_the_hub_with_no_token() {
             "--model-dir",
             local.to_str().unwrap(),
         ],
+        &[("HF_HOME", hf_home.path().to_str().unwrap())],
     );
     let (status, body) = curl(&[&format!("{}/models/", s.url)]);
     assert_eq!(status, 200, "{body}");
@@ -571,8 +574,8 @@ fn a_model_dir_stands_in_for_the_hub_with_no_token() {
         .find(|m| m["id"] == "flux-dev")
         .unwrap_or_else(|| panic!("no flux-dev in {body}"));
     assert!(dev.to_string().contains("\"ready\""), "{dev}");
-    // The folder's (tiny, random) weights answer a flux-dev request: nothing is downloaded (and the
-    // preset's hub LoRA is turned off, as there is no network here).
+    // The folder's (tiny, random) weights answer a flux-dev request: nothing is downloaded, not even
+    // the preset's hub LoRA (not in this empty hub cache, so left off).
     let (status, body) = curl(&[
         "-X",
         "POST",
@@ -580,11 +583,12 @@ fn a_model_dir_stands_in_for_the_hub_with_no_token() {
         "-H",
         "Content-Type: application/json",
         "-d",
-        r#"{"prompt": "a fox", "width": 64, "height": 64, "steps": 2, "lora": "none"}"#,
+        r#"{"prompt": "a fox", "width": 64, "height": 64, "steps": 2}"#,
     ]);
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["model"], "flux-dev");
+    assert_eq!(body["loras"], serde_json::json!([]), "{body}");
 }
 
 #[test]

@@ -47,7 +47,8 @@ enum Command {
         #[arg(long, default_value = DATA_DIR)]
         out: PathBuf,
     },
-    /// Trains the model from seeded weights: a model folder, samples and run.json under --out.
+    /// Trains the model from seeded weights (or goes on from a model's, --init): a model folder,
+    /// samples and run.json under --out.
     Train {
         #[arg(long, default_value = DATA_DIR)]
         data: PathBuf,
@@ -76,6 +77,10 @@ enum Command {
         /// auto, cpu or cuda.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Start from this model folder's weights (e.g. engine/assets/builtin-emoji) instead of seeded
+        /// ones: a further run with its own warm-up and schedule.
+        #[arg(long)]
+        init: Option<PathBuf>,
     },
     /// Generates every held-out caption (and some training captions) on the CPU and reports how often
     /// the nearest dataset image is the one asked for, or one of its subcategory, against chance.
@@ -126,6 +131,7 @@ fn main() -> Result<()> {
             time_limit_s,
             text_encoder,
             device,
+            init,
         } => {
             let settings = TrainSettings {
                 steps,
@@ -153,6 +159,7 @@ fn main() -> Result<()> {
                 time_limit_s,
                 text_encoder,
                 device: device.parse::<engine::device::DeviceChoice>()?.select()?,
+                init,
             })
         }
         Command::Score {
@@ -264,6 +271,25 @@ struct TrainArgs {
     time_limit_s: Option<f64>,
     text_encoder: PathBuf,
     device: Device,
+    init: Option<PathBuf>,
+}
+
+const WEIGHTS_FILE: &str = "transformer/diffusion_pytorch_model.safetensors";
+
+/// The transformer weights of a model folder, in f32, in the order [`full::initial_weights`] names them.
+fn folder_weights(dir: &Path) -> Result<Vec<(String, candle_core::Tensor)>> {
+    let file = dir.join(WEIGHTS_FILE);
+    let mut loaded = candle_core::safetensors::load(&file, &Device::Cpu)
+        .with_context(|| format!("reading {}", file.display()))?;
+    full::initial_weights(&model_config(), 0)?
+        .into_iter()
+        .map(|(name, _)| {
+            let t = loaded
+                .remove(&name)
+                .with_context(|| format!("{} has no {name}", file.display()))?;
+            Ok((name, t.to_dtype(candle_core::DType::F32)?))
+        })
+        .collect()
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -322,11 +348,21 @@ fn train(a: TrainArgs) -> Result<()> {
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
 
     let model_dir = a.out.join("model");
-    write_model_folder(
-        &model_dir,
-        &model_config(),
-        &full::initial_weights(&model_config(), s.seed)?,
-    )?;
+    let (weights, base_model) = match &a.init {
+        Some(dir) => (
+            folder_weights(dir)?,
+            format!(
+                "{} (weights sha256 {})",
+                dir.display(),
+                sha256_file(&dir.join(WEIGHTS_FILE))?
+            ),
+        ),
+        None => (
+            full::initial_weights(&model_config(), s.seed)?,
+            "none (trained from seeded weights)".to_string(),
+        ),
+    };
+    write_model_folder(&model_dir, &model_config(), &weights)?;
     let opts = LoadOptions {
         source: engine::hub::Source::Local(model_dir.clone()),
         transformer_file: None,
@@ -336,7 +372,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let pipe = Arc::new(FluxPipeline::load_dir_trainable(
         &model_dir, &opts, &a.device,
     )?);
-    let weights_file = model_dir.join("transformer/diffusion_pytorch_model.safetensors");
+    let weights_file = model_dir.join(WEIGHTS_FILE);
     let job = TrainJob {
         dataset: dataset.clone(),
         keywords: vec![],
@@ -344,7 +380,7 @@ fn train(a: TrainArgs) -> Result<()> {
         samples_dir: a.out.join("samples"),
         lora_file: weights_file.clone(),
         settings: s.clone(),
-        base_model: "none (trained from seeded weights)".into(),
+        base_model: base_model.clone(),
         sample_steps: 20,
         sample_guidance: 4.0,
         resume: false,
@@ -397,6 +433,7 @@ fn train(a: TrainArgs) -> Result<()> {
         "device": format!("{:?}", a.device),
         "model_config": model_config(),
         "settings": s,
+        "init": base_model,
         "data": {
             "file": dataset.file_name().map(|n| n.to_string_lossy().into_owned()),
             "sha256": data_sha256,

@@ -327,13 +327,53 @@ fn profile_vae(size: usize, device: &Device) -> Result<()> {
             Ok(())
         };
         row("conv3x3", flops, &|| Ok(conv.forward(&x)?))?;
-        row("conv3x3 taps (fused)", flops, &|| {
+        row("conv3x3 (fused)", flops, &|| {
             Ok(engine::models::fused::conv2d(&x, &conv)?)
         })?;
+        // The two ways of doing it as one matrix product, and their parts: the taps (product, then a
+        // sum kernel) and the columns (im2col kernel, then the product).
+        #[cfg(feature = "cuda")]
+        {
+            use engine::kernels::conv as k;
+            use engine::models::fused;
+            let bias = conv.bias().expect("a bias");
+            let taps = fused::conv_taps(&x, conv.weight())?;
+            row("conv3x3 taps", flops, &|| {
+                let taps = fused::conv_taps(&x, conv.weight())?;
+                Ok(k::tap_sum(&taps, bias, side, side, 1)?)
+            })?;
+            row("conv3x3 taps: product", flops, &|| {
+                Ok(fused::conv_taps(&x, conv.weight())?)
+            })?;
+            row("conv3x3 taps: sum", 0.0, &|| {
+                Ok(k::tap_sum(&taps, bias, side, side, 1)?)
+            })?;
+            let image = x.get(0)?;
+            let cols = k::im2col(&image, side, side, 1, 0, side)?;
+            let matrix = conv.weight().reshape((c, 9 * c))?;
+            row("conv3x3 columns: im2col", 0.0, &|| {
+                Ok(k::im2col(&image, side, side, 1, 0, side)?)
+            })?;
+            row("conv3x3 columns: product", flops, &|| {
+                Ok(matrix.matmul(&cols)?)
+            })?;
+            row("upsample x2 + conv3x3 taps", 4.0 * flops, &|| {
+                let taps = fused::conv_taps(&x, conv.weight())?;
+                Ok(k::tap_sum(&taps, bias, 2 * side, 2 * side, 2)?)
+            })?;
+        }
         row("group_norm", 0.0, &|| Ok(gn.forward(&x)?))?;
         row("silu", 0.0, &|| Ok(x.silu()?))?;
         row("upsample_nearest2d x2", 0.0, &|| {
             Ok(x.upsample_nearest2d(2 * side, 2 * side)?)
+        })?;
+        // An upsampler: the convolution of the twice-upsampled input, plain and fused.
+        let up_flops = 4.0 * flops;
+        row("upsample x2 + conv3x3", up_flops, &|| {
+            Ok(conv.forward(&x.upsample_nearest2d(2 * side, 2 * side)?)?)
+        })?;
+        row("upsample x2 + conv3x3 (fused)", up_flops, &|| {
+            Ok(engine::models::fused::upsample_conv2d(&x, &conv, 2)?)
         })?;
     }
     Ok(())
@@ -372,7 +412,7 @@ fn ops_check(device: &Device) -> Result<()> {
     let gn = candle_nn::GroupNorm::new(gn_w.clone(), gn_b.clone(), 128, 32, 1e-6)?;
     let (gn_w32, gn_b32) = (f32s(&gn_w)?, f32s(&gn_b)?);
     let gn32 = candle_nn::GroupNorm::new(gn_w32.clone(), gn_b32.clone(), 128, 32, 1e-6)?;
-    // the decoder's most expensive convolution: 128 -> 128 channels at 1024x1024
+    // the decoder's commonest full-size convolution: 128 -> 128 channels at 1024x1024
     let conv = candle_nn::Conv2d::new(
         rand(&[128, 128, 3, 3], 0.03)?,
         Some(rand(&[128], 0.1)?),
@@ -387,6 +427,18 @@ fn ops_check(device: &Device) -> Result<()> {
         *conv.config(),
     );
     let cimg = rand(&[1, 128, 1024, 1024], 1.0)?;
+    // and its most expensive: the last upsampler's, 256 channels from 512x512 upsampled to 1024x1024
+    let up_img = rand(&[1, 256, 512, 512], 1.0)?;
+    let up_conv = candle_nn::Conv2d::new(
+        rand(&[256, 256, 3, 3], 0.02)?,
+        Some(rand(&[256], 0.1)?),
+        *conv.config(),
+    );
+    let up_conv32 = candle_nn::Conv2d::new(
+        f32s(up_conv.weight())?,
+        up_conv.bias().map(f32s).transpose()?,
+        *up_conv.config(),
+    );
     type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
     let cases: Vec<(&str, Op, Op)> = vec![
         (
@@ -446,6 +498,11 @@ fn ops_check(device: &Device) -> Result<()> {
             "conv3x3 (VAE, 128x1024x1024)",
             Box::new(|| Ok(fused::conv2d(&cimg, &conv)?)),
             Box::new(|| Ok(fused::conv2d(&f32s(&cimg)?, &conv32)?)),
+        ),
+        (
+            "upsample x2 + conv3x3 (VAE, 256x512x512)",
+            Box::new(|| Ok(fused::upsample_conv2d(&up_img, &up_conv, 2)?)),
+            Box::new(|| Ok(fused::upsample_conv2d(&f32s(&up_img)?, &up_conv32, 2)?)),
         ),
     ];
     let mut ok = true;

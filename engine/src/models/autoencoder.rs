@@ -116,6 +116,13 @@ impl Module for Conv3 {
     }
 }
 
+impl Conv3 {
+    /// On `x` upsampled twice by nearest neighbour, without making that copy where the fused path runs.
+    fn forward_upsampled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        fused::upsample_conv2d(x, &self.0, 2)
+    }
+}
+
 fn conv3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv3> {
     let cfg = Conv2dConfig {
         padding,
@@ -350,8 +357,7 @@ impl Decoder {
                 x = r.forward(&x)?;
             }
             if let Some(u) = upsample {
-                let (_, _, h, w) = x.dims4()?;
-                x = u.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                x = u.forward_upsampled(&x)?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&x)?)

@@ -426,6 +426,18 @@ pub fn group_norm(
 /// [`tap_sum`]; candle's im2col path, which gathers a 9·Cin-row copy of the input first, ran those at
 /// 10 TFLOP/s. Everything else takes candle's convolution.
 pub fn conv2d(x: &Tensor, conv: &candle_nn::Conv2d) -> candle_core::Result<Tensor> {
+    upsample_conv2d(x, conv, 1)
+}
+
+/// [`conv2d`] of `x` upsampled `up` times by nearest neighbour (the autoencoder's upsamplers). On the
+/// fused path the upsampled input is never made: the taps of `x` itself are summed at the output's
+/// positions divided by `up`, a quarter of the product's work and memory for `up` = 2.
+pub fn upsample_conv2d(
+    x: &Tensor,
+    conv: &candle_nn::Conv2d,
+    up: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
     #[cfg(feature = "cuda")]
     if let Some(bias) = conv.bias() {
         let c = conv.config();
@@ -434,45 +446,109 @@ pub fn conv2d(x: &Tensor, conv: &candle_nn::Conv2d) -> candle_core::Result<Tenso
             && k[2..] == [3, 3]
             && (c.padding, c.stride, c.dilation, c.groups) == (1, 1, 1, 1)
         {
-            let (_, _, h, w) = x.dims4()?;
-            // One image at a time: the taps product is 9·Cout/Cin times the input's size.
             let images = (0..x.dim(0)?)
-                .map(|i| {
-                    let taps = conv_taps(&x.narrow(0, i, 1)?, conv.weight())?;
-                    crate::kernels::conv::tap_sum(&taps, bias, h, w)
-                })
+                .map(|i| conv_by_columns(&x.get(i)?, conv.weight(), bias, up))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            return Tensor::cat(&images, 0);
+            return Tensor::stack(&images, 0);
         }
     }
-    conv.forward(x)
+    if up == 1 {
+        conv.forward(x)
+    } else {
+        conv.forward(&x.upsample_nearest2d(up * h, up * w)?)
+    }
 }
 
-/// Every tap's contribution at every position of the zero-padded input: the nine (Cout, Cin) tap
-/// matrices of `weight` (Cout, Cin, 3, 3) stacked times x (B, Cin, H, W) padded by one, as
-/// (B, 9·Cout, (H+2)·(W+2)).
+/// At most this many column elements (1 GiB in bf16) at a time: larger outputs go in bands of rows,
+/// so the columns add no more to the peak memory than that.
+#[cfg(feature = "cuda")]
+const MAX_COLUMN_ELEMENTS: usize = 1 << 29;
+
+/// One image (Cin, h, w) through the 3x3 convolution on its `up`-times upsampled self, as the
+/// product of the weight (Cout, 9·Cin) with the columns (im2col, our kernel), in bands of rows.
+#[cfg(feature = "cuda")]
+fn conv_by_columns(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    up: usize,
+) -> candle_core::Result<Tensor> {
+    let (cin, hs, ws) = x.dims3()?;
+    let (h, w, cout) = (up * hs, up * ws, weight.dim(0)?);
+    let matrix = weight.reshape((cout, 9 * cin))?;
+    let bands = (9 * cin * h * w).div_ceil(MAX_COLUMN_ELEMENTS);
+    let band = h.div_ceil(bands);
+    let parts = (0..h)
+        .step_by(band)
+        .map(|y0| {
+            let cols = crate::kernels::conv::im2col(x, h, w, up, y0, band.min(h - y0))?;
+            matrix.matmul(&cols)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)?
+        .broadcast_add(&bias.reshape((cout, 1))?)?
+        .reshape((cout, h, w))
+}
+
+/// The columns of output rows [y0, y0 + rows) of a 3x3 stride-1 padding-1 convolution with an
+/// H x W output, on x (Cin, H/up, W/up) upsampled `up` times by nearest neighbour: row ci·9 + kh·3 +
+/// kw, column (y - y0)·W + x holds the input at (y + kh - 1, x + kw - 1), zero outside the image; so
+/// the weight as (Cout, 9·Cin) times them is the convolution. The plain path of
+/// `kernels::conv::im2col`.
+pub fn im2col(
+    x: &Tensor,
+    h: usize,
+    w: usize,
+    up: usize,
+    y0: usize,
+    rows: usize,
+) -> candle_core::Result<Tensor> {
+    let cin = x.dim(0)?;
+    let x = if up > 1 {
+        x.unsqueeze(0)?.upsample_nearest2d(h, w)?.squeeze(0)?
+    } else {
+        x.clone()
+    };
+    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let taps = (0..9)
+        .map(|k| padded.narrow(1, y0 + k / 3, rows)?.narrow(2, k % 3, w))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::stack(&taps, 1)?.reshape((9 * cin, rows * w))
+}
+
+/// Every tap's contribution at every input position: the nine (Cout, Cin) tap matrices of `weight`
+/// (Cout, Cin, 3, 3) stacked times x (B, Cin, H, W), as (B, 9·Cout, H·W).
 pub fn conv_taps(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let (cout, cin, _, _) = weight.dims4()?;
     let (b, _, h, w) = x.dims4()?;
     let stacked = weight.permute((2, 3, 0, 1))?.reshape((9 * cout, cin))?;
-    let padded = x
-        .pad_with_zeros(2, 1, 1)?
-        .pad_with_zeros(3, 1, 1)?
-        .reshape((b, cin, (h + 2) * (w + 2)))?;
+    let flat = x.reshape((b, cin, h * w))?;
     let per_image = (0..b)
-        .map(|i| stacked.matmul(&padded.get(i)?))
+        .map(|i| stacked.matmul(&flat.get(i)?))
         .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::stack(&per_image, 0)
 }
 
-/// The convolution's output (B, Cout, H, W) from [`conv_taps`]: bias plus, for each tap (kh, kw),
-/// its rows at (y + kh, x + kw), summed in f32. The plain path of `kernels::conv::tap_sum`.
-pub fn tap_sum(taps: &Tensor, bias: &Tensor, h: usize, w: usize) -> candle_core::Result<Tensor> {
+/// The convolution's output (B, Cout, H, W) from [`conv_taps`] of the input upsampled `up` times
+/// (taps (B, 9·Cout, (H/up)·(W/up))): bias plus, for each tap (kh, kw), its rows at position
+/// (y + kh - 1, x + kw - 1), zero outside the image (the padding), summed in f32. The plain path of
+/// `kernels::conv::tap_sum`.
+pub fn tap_sum(
+    taps: &Tensor,
+    bias: &Tensor,
+    h: usize,
+    w: usize,
+    up: usize,
+) -> candle_core::Result<Tensor> {
     let (b, rows, _) = taps.dims3()?;
     let cout = rows / 9;
     let taps32 = taps
         .to_dtype(candle_core::DType::F32)?
-        .reshape((b, 9, cout, h + 2, w + 2))?;
+        .reshape((b, rows, h / up, w / up))?
+        .upsample_nearest2d(h, w)?
+        .reshape((b, 9, cout, h, w))?
+        .pad_with_zeros(3, 1, 1)?
+        .pad_with_zeros(4, 1, 1)?;
     let mut sum = bias
         .to_dtype(candle_core::DType::F32)?
         .reshape((1, cout, 1, 1))?
@@ -516,11 +592,33 @@ mod tests {
             padding: 1,
             ..Default::default()
         };
-        let want = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg).forward(&x)?;
-        let ours = tap_sum(&conv_taps(&x, &weight)?, &bias, 7, 6)?;
-        assert_eq!(ours.dims(), want.dims());
-        let diff = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-4, "{diff}");
+        let conv = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
+        let matrix = weight.reshape((4, 45))?;
+        // As it is, and upsampled twice by nearest neighbour first (the autoencoder's upsamplers).
+        for up in [1, 2] {
+            let (h, w) = (7 * up, 6 * up);
+            let want = conv.forward(&x.upsample_nearest2d(h, w)?)?;
+            let ours = tap_sum(&conv_taps(&x, &weight)?, &bias, h, w, up)?;
+            assert_eq!(ours.dims(), want.dims());
+            let diff = (ours - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "taps, up {up}: {diff}");
+            // By columns, in two bands of rows, image by image.
+            for i in 0..2 {
+                let x = x.get(i)?;
+                let bands = [(0, 3), (3, h - 3)]
+                    .into_iter()
+                    .map(|(y0, rows)| matrix.matmul(&im2col(&x, h, w, up, y0, rows)?))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let ours = Tensor::cat(&bands, 1)?
+                    .broadcast_add(&bias.reshape((4, 1))?)?
+                    .reshape((4, h, w))?;
+                let diff = (ours - want.get(i)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert!(diff < 1e-4, "columns, up {up}: {diff}");
+            }
+        }
         Ok(())
     }
 

@@ -31,8 +31,11 @@ impl JobFailure {
     /// The code and message a failed job reports: a [`JobFailure`] anywhere in the chain as it is, a
     /// CUDA out-of-memory error as [`JobFailure::OUT_OF_MEMORY`], anything else under `fallback`.
     pub fn describe(err: &anyhow::Error, fallback: &'static str) -> (&'static str, String) {
+        // candle appends a backtrace to its errors, on lines of their own: for the log, not the client.
+        let full = format!("{err:#}");
+        let text = full.lines().next().unwrap_or_default().trim_end();
         if let Some(failure) = err.chain().find_map(|c| c.downcast_ref::<JobFailure>()) {
-            return (failure.code, format!("{err:#}"));
+            return (failure.code, text.to_string());
         }
         let disk_full = err.chain().any(|c| {
             c.downcast_ref::<std::io::Error>().is_some_and(|e| {
@@ -45,17 +48,17 @@ impl JobFailure {
         if disk_full {
             return (
                 Self::DISK_FULL,
-                format!("the server's disk is full: free space in its data directory and retry ({err:#})"),
+                format!("the server's disk is full: free space in its data directory and retry ({text})"),
             );
         }
         // cudarc reports `CUDA_ERROR_OUT_OF_MEMORY`; there is no typed error to match through candle.
-        if format!("{err:#}").contains("OUT_OF_MEMORY") {
+        if full.contains("OUT_OF_MEMORY") {
             return (
                 Self::OUT_OF_MEMORY,
-                format!("the GPU ran out of memory for this job: try a smaller size or fewer LoRAs, or use a GPU with more memory ({err:#})"),
+                format!("the GPU ran out of memory for this job: try a smaller size or fewer LoRAs, or use a GPU with more memory ({text})"),
             );
         }
-        (fallback, format!("{err:#}"))
+        (fallback, text.to_string())
     }
 }
 
@@ -260,12 +263,16 @@ mod tests {
             JobFailure::describe(&typed, "generation_failed").0,
             JobFailure::LORA_NOT_FOUND
         );
-        // As candle passes a cudarc allocation failure up.
-        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
-            .context("denoising step 3");
+        // As candle passes a cudarc allocation failure up: with its backtrace on the following lines
+        // (as the GPU machine's out-of-memory run showed), which stays out of the message.
+        let oom = anyhow::anyhow!(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")\n   0: <unknown>\n   1: <unknown>"
+        )
+        .context("denoising step 3");
         let (code, message) = JobFailure::describe(&oom, "generation_failed");
         assert_eq!(code, JobFailure::OUT_OF_MEMORY);
         assert!(message.contains("smaller size"), "{message}");
+        assert!(message.ends_with("out of memory\"))"), "{message}");
         let full = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::StorageFull))
             .context("writing the image");
         assert_eq!(
