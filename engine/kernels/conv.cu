@@ -10,51 +10,58 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// Grid (ceil(W / 128), H, B·Cout), block 128: one thread per output pixel, a row of them per block,
-// so each tap's reads are one coalesced run. taps: (B, 9·Cout, (H/up)·(W/up)); bias: (Cout,);
-// y: (B, Cout, H, W).
-extern "C" __global__ void conv3x3_tap_sum_bf16(const __nv_bfloat16* __restrict__ taps,
-                                                const __nv_bfloat16* __restrict__ bias,
-                                                __nv_bfloat16* __restrict__ y, int cout, int h, int w,
-                                                int up) {
-    const int64_t row = blockIdx.z;  // b·Cout + c
-    const int64_t b = row / cout, c = row % cout;
+// N output values of row `yy` from x0 on: the bias plus the taps in reach, summed in f32.
+template <int N>
+__device__ void tap_sum_run(const __nv_bfloat16* __restrict__ base, int64_t tap_stride, float bias,
+                            __nv_bfloat16* __restrict__ out, int yy, int x0, int h, int w, int up) {
     const int ws = w / up;
-    const int64_t hws = (int64_t)(h / up) * ws, tap_stride = (int64_t)cout * hws;
-    const int yy = blockIdx.y, xx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (xx >= w) return;
-    const __nv_bfloat16* base = taps + (b * 9 * cout + c) * hws;
-    float s = __bfloat162float(bias[c]);
+    float s[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) s[j] = bias;
 #pragma unroll
     for (int kh = 0; kh < 3; ++kh) {
         const int sy = yy + kh - 1;
         if (sy < 0 || sy >= h) continue;
+        const __nv_bfloat16* trow = base + (int64_t)(sy / up) * ws;
 #pragma unroll
         for (int kw = 0; kw < 3; ++kw) {
-            const int sx = xx + kw - 1;
-            if (sx < 0 || sx >= w) continue;
-            s += __bfloat162float(base[(kh * 3 + kw) * tap_stride + (int64_t)(sy / up) * ws + sx / up]);
+            const __nv_bfloat16* t = trow + (kh * 3 + kw) * tap_stride;
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                const int sx = x0 + j + kw - 1;
+                if (sx >= 0 && sx < w) s[j] += __bfloat162float(t[sx / up]);
+            }
         }
     }
-    y[row * (int64_t)h * w + (int64_t)yy * w + xx] = __float2bfloat16(s);
+    if (N == 8) {
+        __align__(16) __nv_bfloat16 v[8];
+#pragma unroll
+        for (int j = 0; j < N; ++j) v[j] = __float2bfloat16(s[j]);
+        *reinterpret_cast<uint4*>(out + x0) = *reinterpret_cast<const uint4*>(v);
+    } else {
+        out[x0] = __float2bfloat16(s[0]);
+    }
 }
 
-// The columns of a 3x3 convolution (stride 1, padding 1) for output rows [y0, y0 + rows) of an H x W
-// output, on the input upsampled `up` times by nearest neighbour (x: (Cin, H/up, W/up)): cols row
-// ci·9 + kh·3 + kw, column (y - y0)·W + x holds the input at (y+kh-1, x+kw-1) (/ up), zero outside the
-// image. With the weight as (Cout, 9·Cin), one matrix product with these columns is the convolution:
-// K = 9·Cin, an efficient shape, and the output comes out channel-first.
-// Grid (ceil(W / 128), rows, 9·Cin), block 128: the reads and the writes of a block are each one run.
-extern "C" __global__ void im2col3x3_bf16(const __nv_bfloat16* __restrict__ x,
-                                          __nv_bfloat16* __restrict__ cols, int h, int w, int up,
-                                          int y0, int rows) {
-    const int r = blockIdx.z, ci = r / 9, kh = (r % 9) / 3, kw = r % 3;
-    const int oy = blockIdx.y, ox = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ox >= w) return;
-    const int sy = y0 + oy + kh - 1, sx = ox + kw - 1;
-    const int hs = h / up, ws = w / up;
-    __nv_bfloat16 v = __float2bfloat16(0.f);
-    if (sy >= 0 && sy < h && sx >= 0 && sx < w)
-        v = x[((int64_t)ci * hs + sy / up) * ws + sx / up];
-    cols[((int64_t)r * rows + oy) * w + ox] = v;
+// Grid (H, B·Cout), block 128: a block makes one output row, each thread eight values at a time (one
+// 16-byte store) when W is a multiple of 8; one value a thread and 128 threads a block left the
+// memory mostly idle. taps: (B, 9·Cout, (H/up)·(W/up)); bias: (Cout,); y: (B, Cout, H, W).
+extern "C" __global__ void conv3x3_tap_sum_bf16(const __nv_bfloat16* __restrict__ taps,
+                                                const __nv_bfloat16* __restrict__ bias,
+                                                __nv_bfloat16* __restrict__ y, int cout, int h, int w,
+                                                int up) {
+    const int64_t row = blockIdx.y;  // b·Cout + c
+    const int64_t b = row / cout, c = row % cout;
+    const int64_t hws = (int64_t)(h / up) * (w / up), tap_stride = (int64_t)cout * hws;
+    const int yy = blockIdx.x;
+    const __nv_bfloat16* base = taps + (b * 9 * cout + c) * hws;
+    const float bc = __bfloat162float(bias[c]);
+    __nv_bfloat16* out = y + (row * h + yy) * (int64_t)w;
+    if ((w & 7) == 0) {
+        for (int x0 = threadIdx.x * 8; x0 < w; x0 += blockDim.x * 8)
+            tap_sum_run<8>(base, tap_stride, bc, out, yy, x0, h, w, up);
+    } else {
+        for (int x0 = threadIdx.x; x0 < w; x0 += blockDim.x)
+            tap_sum_run<1>(base, tap_stride, bc, out, yy, x0, h, w, up);
+    }
 }

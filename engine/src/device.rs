@@ -34,13 +34,13 @@ impl DeviceChoice {
                 if !cfg!(feature = "cuda") {
                     bail!("this build has no CUDA support: rebuild with `--features cuda` (see the README) or use --device cpu");
                 }
-                Device::new_cuda(0).map_err(|e| {
+                new_cuda().map_err(|e| {
                     anyhow::anyhow!("no usable CUDA GPU ({e}); check the driver with nvidia-smi, or use --device cpu")
                 })
             }
             Self::Auto => {
                 if cfg!(feature = "cuda") {
-                    if let Ok(dev) = Device::new_cuda(0) {
+                    if let Ok(dev) = new_cuda() {
                         return Ok(dev);
                     }
                     tracing::warn!("built with CUDA but no GPU answered: running on the CPU");
@@ -49,6 +49,32 @@ impl DeviceChoice {
             }
         }
     }
+}
+
+/// The first CUDA GPU, its freed memory kept for reuse. candle allocates from the driver's default
+/// memory pool, which by default hands freed memory back at every synchronisation, so the next large
+/// allocation maps its pages afresh: measured, a 2.4 GB buffer then cost ~7 ms to allocate, more than the
+/// kernel filling it (scripts/gpu/PREDICTIONS.md, run 15). Kept, as torch's caching allocator keeps it.
+fn new_cuda() -> candle_core::Result<Device> {
+    let device = Device::new_cuda(0)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        use candle_core::cuda_backend::WrapErr;
+        let stream = cuda.cuda_stream();
+        let mut keep = u64::MAX;
+        // SAFETY: the device handle comes from the live context; the attribute takes a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(stream.context().cu_device()).w()?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+            .w()?;
+        }
+    }
+    Ok(device)
 }
 
 /// bf16 on the GPU (FLUX's native precision); f32 on the CPU, where bf16 matmuls are slow and

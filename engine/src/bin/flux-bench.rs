@@ -330,35 +330,20 @@ fn profile_vae(size: usize, device: &Device) -> Result<()> {
         row("conv3x3 (fused)", flops, &|| {
             Ok(engine::models::fused::conv2d(&x, &conv)?)
         })?;
-        // The two ways of doing it as one matrix product, and their parts: the taps (product, then a
-        // sum kernel) and the columns (im2col kernel, then the product).
+        // Its two parts: the taps product and the sum kernel.
         #[cfg(feature = "cuda")]
         {
             use engine::kernels::conv as k;
             use engine::models::fused;
             let bias = conv.bias().expect("a bias");
             let taps = fused::conv_taps(&x, conv.weight())?;
-            row("conv3x3 taps", flops, &|| {
-                let taps = fused::conv_taps(&x, conv.weight())?;
-                Ok(k::tap_sum(&taps, bias, side, side, 1)?)
-            })?;
             row("conv3x3 taps: product", flops, &|| {
                 Ok(fused::conv_taps(&x, conv.weight())?)
             })?;
             row("conv3x3 taps: sum", 0.0, &|| {
                 Ok(k::tap_sum(&taps, bias, side, side, 1)?)
             })?;
-            let image = x.get(0)?;
-            let cols = k::im2col(&image, side, side, 1, 0, side)?;
-            let matrix = conv.weight().reshape((c, 9 * c))?;
-            row("conv3x3 columns: im2col", 0.0, &|| {
-                Ok(k::im2col(&image, side, side, 1, 0, side)?)
-            })?;
-            row("conv3x3 columns: product", flops, &|| {
-                Ok(matrix.matmul(&cols)?)
-            })?;
-            row("upsample x2 + conv3x3 taps", 4.0 * flops, &|| {
-                let taps = fused::conv_taps(&x, conv.weight())?;
+            row("upsample x2 + conv3x3 taps: sum", 0.0, &|| {
                 Ok(k::tap_sum(&taps, bias, 2 * side, 2 * side, 2)?)
             })?;
         }

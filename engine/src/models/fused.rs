@@ -446,10 +446,14 @@ pub fn upsample_conv2d(
             && k[2..] == [3, 3]
             && (c.padding, c.stride, c.dilation, c.groups) == (1, 1, 1, 1)
         {
+            // One image at a time: the taps product is 9·Cout/Cin times the input's size.
             let images = (0..x.dim(0)?)
-                .map(|i| conv_by_columns(&x.get(i)?, conv.weight(), bias, up))
+                .map(|i| {
+                    let taps = conv_taps(&x.narrow(0, i, 1)?, conv.weight())?;
+                    crate::kernels::conv::tap_sum(&taps, bias, up * h, up * w, up)
+                })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            return Tensor::stack(&images, 0);
+            return Tensor::cat(&images, 0);
         }
     }
     if up == 1 {
@@ -457,63 +461,6 @@ pub fn upsample_conv2d(
     } else {
         conv.forward(&x.upsample_nearest2d(up * h, up * w)?)
     }
-}
-
-/// At most this many column elements (1 GiB in bf16) at a time: larger outputs go in bands of rows,
-/// so the columns add no more to the peak memory than that.
-#[cfg(feature = "cuda")]
-const MAX_COLUMN_ELEMENTS: usize = 1 << 29;
-
-/// One image (Cin, h, w) through the 3x3 convolution on its `up`-times upsampled self, as the
-/// product of the weight (Cout, 9·Cin) with the columns (im2col, our kernel), in bands of rows.
-#[cfg(feature = "cuda")]
-fn conv_by_columns(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    up: usize,
-) -> candle_core::Result<Tensor> {
-    let (cin, hs, ws) = x.dims3()?;
-    let (h, w, cout) = (up * hs, up * ws, weight.dim(0)?);
-    let matrix = weight.reshape((cout, 9 * cin))?;
-    let bands = (9 * cin * h * w).div_ceil(MAX_COLUMN_ELEMENTS);
-    let band = h.div_ceil(bands);
-    let parts = (0..h)
-        .step_by(band)
-        .map(|y0| {
-            let cols = crate::kernels::conv::im2col(x, h, w, up, y0, band.min(h - y0))?;
-            matrix.matmul(&cols)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 1)?
-        .broadcast_add(&bias.reshape((cout, 1))?)?
-        .reshape((cout, h, w))
-}
-
-/// The columns of output rows [y0, y0 + rows) of a 3x3 stride-1 padding-1 convolution with an
-/// H x W output, on x (Cin, H/up, W/up) upsampled `up` times by nearest neighbour: row ci·9 + kh·3 +
-/// kw, column (y - y0)·W + x holds the input at (y + kh - 1, x + kw - 1), zero outside the image; so
-/// the weight as (Cout, 9·Cin) times them is the convolution. The plain path of
-/// `kernels::conv::im2col`.
-pub fn im2col(
-    x: &Tensor,
-    h: usize,
-    w: usize,
-    up: usize,
-    y0: usize,
-    rows: usize,
-) -> candle_core::Result<Tensor> {
-    let cin = x.dim(0)?;
-    let x = if up > 1 {
-        x.unsqueeze(0)?.upsample_nearest2d(h, w)?.squeeze(0)?
-    } else {
-        x.clone()
-    };
-    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-    let taps = (0..9)
-        .map(|k| padded.narrow(1, y0 + k / 3, rows)?.narrow(2, k % 3, w))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::stack(&taps, 1)?.reshape((9 * cin, rows * w))
 }
 
 /// Every tap's contribution at every input position: the nine (Cout, Cin) tap matrices of `weight`
@@ -593,31 +540,14 @@ mod tests {
             ..Default::default()
         };
         let conv = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
-        let matrix = weight.reshape((4, 45))?;
         // As it is, and upsampled twice by nearest neighbour first (the autoencoder's upsamplers).
         for up in [1, 2] {
             let (h, w) = (7 * up, 6 * up);
             let want = conv.forward(&x.upsample_nearest2d(h, w)?)?;
             let ours = tap_sum(&conv_taps(&x, &weight)?, &bias, h, w, up)?;
             assert_eq!(ours.dims(), want.dims());
-            let diff = (ours - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "taps, up {up}: {diff}");
-            // By columns, in two bands of rows, image by image.
-            for i in 0..2 {
-                let x = x.get(i)?;
-                let bands = [(0, 3), (3, h - 3)]
-                    .into_iter()
-                    .map(|(y0, rows)| matrix.matmul(&im2col(&x, h, w, up, y0, rows)?))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let ours = Tensor::cat(&bands, 1)?
-                    .broadcast_add(&bias.reshape((4, 1))?)?
-                    .reshape((4, h, w))?;
-                let diff = (ours - want.get(i)?)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                assert!(diff < 1e-4, "columns, up {up}: {diff}");
-            }
+            let diff = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "up {up}: {diff}");
         }
         Ok(())
     }
