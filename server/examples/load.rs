@@ -1,5 +1,6 @@
 //! The load benchmark: starts the studio binary (release build: run with `--release`) on a free loopback
-//! port with the CPU preset, runs the load of `tests/common/load.rs` for `LOAD_SECONDS` (default 20), and prints
+//! port with flux-tiny on the CPU (generations take milliseconds, so it measures the server, not a model),
+//! runs the load of `tests/common/load.rs` for `LOAD_SECONDS` (default 20), and prints
 //! its figures as JSON: per-route throughput and p50/p99 latency, WebSocket outcomes, memory and tasks.
 //!
 //! cargo build --release -p server --bin studio && cargo run --release -p server --example load
@@ -26,7 +27,16 @@ async fn main() {
     let data = std::env::temp_dir().join(format!("studio-load-{}", std::process::id()));
     let mut child = Command::new(&studio)
         .current_dir(&root)
-        .args(["serve", "--port", "0", "--data-dir"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--preset",
+            "flux-tiny",
+            "--device",
+            "cpu",
+        ])
+        .arg("--data-dir")
         .arg(&data)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
