@@ -446,11 +446,23 @@ pub fn upsample_conv2d(
             && k[2..] == [3, 3]
             && (c.padding, c.stride, c.dilation, c.groups) == (1, 1, 1, 1)
         {
-            // One image at a time: the taps product is 9·Cout/Cin times the input's size.
+            // One image and a group of output channels at a time: the taps are 9·Cout/Cin times the
+            // input's size, and at 1024x1024 they were what set the generation's peak memory.
+            let cout = k[0];
+            let group = (MAX_TAP_ELEMENTS / (9 * h * w)).clamp(1, cout);
             let images = (0..x.dim(0)?)
                 .map(|i| {
-                    let taps = conv_taps(&x.narrow(0, i, 1)?, conv.weight())?;
-                    crate::kernels::conv::tap_sum(&taps, bias, up * h, up * w, up)
+                    let image = x.narrow(0, i, 1)?;
+                    let parts = (0..cout)
+                        .step_by(group)
+                        .map(|c0| {
+                            let n = group.min(cout - c0);
+                            let taps = conv_taps(&image, &conv.weight().narrow(0, c0, n)?)?;
+                            let bias = bias.narrow(0, c0, n)?;
+                            crate::kernels::conv::tap_sum(&taps, &bias, up * h, up * w, up)
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 1)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             return Tensor::cat(&images, 0);
@@ -462,6 +474,11 @@ pub fn upsample_conv2d(
         conv.forward(&x.upsample_nearest2d(up * h, up * w)?)
     }
 }
+
+/// The most tap values made at once (512 MiB in bf16): larger convolutions go a group of output
+/// channels at a time.
+#[cfg(feature = "cuda")]
+const MAX_TAP_ELEMENTS: usize = 1 << 28;
 
 /// Every tap's contribution at every input position: the nine (Cout, Cin) tap matrices of `weight`
 /// (Cout, Cin, 3, 3) stacked times x (B, Cin, H, W), as (B, 9·Cout, H·W).
