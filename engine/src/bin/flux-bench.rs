@@ -581,6 +581,17 @@ fn forward(
     let step = median(times.clone());
     let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"), "load_s": load_s,
         "step_s": times, "flops_per_step": flops, "step_tflops": flops / step / 1e12});
+    if !f32 {
+        // The cost of LoRA adapters applied unmerged (as the studio applies them): one of rank 16 on
+        // the attention projections, random (B not zero, so nothing is skipped), then two stacked.
+        let lora = random_attention_lora(&cfg, 16, dtype, device)?;
+        for (name, count) in [("lora_r16_step_s", 1), ("two_loras_r16_step_s", 2)] {
+            let set = vec![(&lora, 1.0); count];
+            engine::lora::apply(&m, &set)?;
+            report[name] = time_median(device, 3, &run)?.into();
+        }
+        engine::lora::apply(&m, &[])?;
+    }
     if compare_plain {
         engine::models::fused::set_enabled(false);
         let plain_out = run()?.to_dtype(DType::F32)?.flatten_all()?;
@@ -594,6 +605,41 @@ fn forward(
     }
     println!("{report}");
     Ok(())
+}
+
+/// A random rank-`rank` LoRA in diffusers' (PEFT) layout on every attention projection: what peft's
+/// LoRA training of FLUX targets (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; to_q/k/v of the
+/// single blocks).
+fn random_attention_lora(
+    cfg: &FluxConfig,
+    rank: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<engine::lora::LoraFile> {
+    let c = cfg.hidden_size;
+    let double = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    ];
+    let layers = (0..cfg.depth)
+        .flat_map(|i| double.map(|l| format!("transformer_blocks.{i}.attn.{l}")))
+        .chain((0..cfg.depth_single).flat_map(|i| {
+            ["to_q", "to_k", "to_v"].map(|l| format!("single_transformer_blocks.{i}.attn.{l}"))
+        }));
+    let mut tensors = std::collections::HashMap::new();
+    for layer in layers {
+        let a = Tensor::randn(0f32, 0.02, (rank, c), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 0.02, (c, rank), &Device::Cpu)?;
+        tensors.insert(format!("transformer.{layer}.lora_A.weight"), a);
+        tensors.insert(format!("transformer.{layer}.lora_B.weight"), b);
+    }
+    engine::lora::LoraFile::from_tensors(tensors, &Default::default(), dtype, device)
 }
 
 /// Relative max and mean absolute differences and the cosine similarity of two flat tensors.
