@@ -276,20 +276,17 @@ struct TrainArgs {
 
 const WEIGHTS_FILE: &str = "transformer/diffusion_pytorch_model.safetensors";
 
-/// The transformer weights of a model folder, in f32, in the order [`full::initial_weights`] names them.
+/// The transformer weights of a model folder, in f32 (the trainer's precision), sorted by name.
 fn folder_weights(dir: &Path) -> Result<Vec<(String, candle_core::Tensor)>> {
     let file = dir.join(WEIGHTS_FILE);
-    let mut loaded = candle_core::safetensors::load(&file, &Device::Cpu)
+    let loaded = candle_core::safetensors::load(&file, &Device::Cpu)
         .with_context(|| format!("reading {}", file.display()))?;
-    full::initial_weights(&model_config(), 0)?
+    let mut weights = loaded
         .into_iter()
-        .map(|(name, _)| {
-            let t = loaded
-                .remove(&name)
-                .with_context(|| format!("{} has no {name}", file.display()))?;
-            Ok((name, t.to_dtype(candle_core::DType::F32)?))
-        })
-        .collect()
+        .map(|(name, t)| Ok((name, t.to_dtype(candle_core::DType::F32)?)))
+        .collect::<Result<Vec<_>>>()?;
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(weights)
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

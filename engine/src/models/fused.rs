@@ -423,8 +423,8 @@ pub fn group_norm(
 
 /// A 2-D convolution. The 3x3 stride-1 padding-1 kind with a bias (nearly all of the autoencoder's
 /// work) runs on CUDA in bf16 as one matrix product per image (and group of output channels),
-/// [`conv_taps`], and a fused [`tap_sum`]; candle's im2col path, which gathers a 9·Cin-row copy of the input first, ran those at
-/// 10 TFLOP/s. Everything else takes candle's convolution.
+/// [`conv_taps`], and a fused [`tap_sum`]; candle's im2col path, which gathers a 9·Cin-row copy of
+/// the input first, ran those at 10 TFLOP/s. Everything else takes candle's convolution.
 pub fn conv2d(x: &Tensor, conv: &candle_nn::Conv2d) -> candle_core::Result<Tensor> {
     upsample_conv2d(x, conv, 1)
 }
