@@ -1,7 +1,8 @@
 //! LoRA adapters for the FLUX transformer: files from every common trainer (kohya, ComfyUI,
-//! diffusers/PEFT, XLabs, PEFT on BFL names), read by their keys, placed unmerged on the model's
-//! adapter-aware layers (`y = W x + Σ sᵢ Bᵢ(Aᵢ x)`), stacked with one scale each, swapped per
-//! request on one resident model. docs/lora.md describes the formats and the name mapping.
+//! diffusers/PEFT, XLabs, PEFT on BFL names), read by their keys, placed on the model's
+//! adapter-aware layers (`y = W x + Σ sᵢ Bᵢ(Aᵢ x)`, merged into `W` for generation and restored
+//! exactly), stacked with one scale each, swapped per request on one resident model. docs/lora.md
+//! describes the formats and the name mapping.
 
 mod cache;
 mod file;

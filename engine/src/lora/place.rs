@@ -1,5 +1,6 @@
-//! Putting the modules of LoRA files onto the transformer's layers, unmerged: each becomes an
-//! [`Adapter`] on the BFL layer it names, on the rows its diffusers name stands for.
+//! Putting the modules of LoRA files onto the transformer's layers: each becomes an [`Adapter`]
+//! on the BFL layer it names, on the rows its diffusers name stands for (the layer merges its
+//! adapters into its weight at the next forward).
 
 use super::file::{LoraFile, Module};
 use super::keys::{Rows, Scheme};

@@ -1,10 +1,12 @@
 //! The one linear layer type of every model the studio trains or adapts: a frozen base weight
-//! plus any number of low-rank adapters applied unmerged, `y = W x + b + Σ sᵢ Bᵢ(Aᵢ x)`.
-//! Generation swaps adapters per request on one resident base model; training makes the
-//! adapters' tensors `Var`s and leaves the base alone.
+//! plus any number of low-rank adapters, `y = W x + b + Σ sᵢ Bᵢ(Aᵢ x)`.
+//! Generation swaps adapters per request on one resident base model and multiplies by a merged
+//! weight `W + Σ sᵢ BᵢAᵢ` (one product instead of a rebuilt output per adapted layer), keeping the
+//! original rows it replaced on the host to put back exactly. Training makes the adapters'
+//! tensors `Var`s, which are applied unmerged, and leaves the base alone.
 
 use super::autodiff;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, TensorId};
 use std::cell::Cell;
 use std::sync::{Arc, RwLock};
 
@@ -36,22 +38,69 @@ pub struct Adapter {
     pub out_offset: usize,
 }
 
+/// `down`'s and `up`'s ids, the scale's bits and the offset: see [`Adapter::key`].
+type AdapterKey = (TensorId, TensorId, u64, usize);
+
+impl Adapter {
+    /// What a merge of this adapter depends on. Tensor ids are never reused and a tensor that is
+    /// not a `Var` is not written in place, so equal keys mean an equal update: the same LoRA files
+    /// placed again for the next generation find their merge still there.
+    fn key(&self) -> AdapterKey {
+        (
+            self.down.id(),
+            self.up.id(),
+            self.scale.to_bits(),
+            self.out_offset,
+        )
+    }
+
+    fn rows(&self) -> Result<std::ops::Range<usize>> {
+        Ok(self.out_offset..self.out_offset + self.up.dim(0)?)
+    }
+}
+
+/// Rows of a weight merged at a time: bounds the f32 temporaries of a merge to a few MB per
+/// chunk (a whole fused FLUX layer in f32 would be 264 MB of GPU memory at once).
+const MERGE_CHUNK_ROWS: usize = 1024;
+
 #[derive(Debug)]
 pub struct Linear {
     name: String,
-    base: candle_nn::Linear,
+    in_features: usize,
     out_features: usize,
-    adapters: RwLock<Vec<Arc<Adapter>>>,
+    state: RwLock<State>,
+}
+
+/// The weight a forward multiplies by and the adapters set on the layer, changed together under
+/// one lock.
+#[derive(Debug)]
+struct State {
+    /// The original weight and bias, or while `merged` is set the weight with those adapters added.
+    /// Only one of the two weights is on the device at a time.
+    base: candle_nn::Linear,
+    adapters: Vec<Arc<Adapter>>,
+    merged: Option<Merged>,
+}
+
+#[derive(Debug)]
+struct Merged {
+    /// The [`Adapter::key`]s of the adapters in the weight, in order.
+    keys: Vec<AdapterKey>,
+    /// The original weight's rows that the merge replaced, on the host: (first row, rows).
+    original: Vec<(usize, Tensor)>,
 }
 
 impl Linear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        let out_features = weight.dim(0).unwrap_or(0);
         Self {
             name: name.into(),
-            base: candle_nn::Linear::new(weight, bias),
-            out_features,
-            adapters: RwLock::new(Vec::new()),
+            in_features: weight.dim(1).unwrap_or(0),
+            out_features: weight.dim(0).unwrap_or(0),
+            state: RwLock::new(State {
+                base: candle_nn::Linear::new(weight, bias),
+                adapters: Vec::new(),
+                merged: None,
+            }),
         }
     }
 
@@ -60,54 +109,187 @@ impl Linear {
         &self.name
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.base.weight()
-    }
-
     pub fn in_features(&self) -> usize {
-        self.base.weight().dim(1).unwrap_or(0)
+        self.in_features
     }
 
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// Sets exactly these adapters. The weight follows at the next forward: merged with them, or
+    /// the original again.
     pub fn set_adapters(&self, adapters: Vec<Arc<Adapter>>) {
-        *self.adapters.write().expect("adapter lock poisoned") = adapters;
+        self.state.write().expect("adapter lock poisoned").adapters = adapters;
     }
 
     pub fn clear_adapters(&self) {
-        self.adapters
-            .write()
-            .expect("adapter lock poisoned")
-            .clear();
+        self.set_adapters(Vec::new());
     }
 
     /// The ids of the adapters' factors, `down` and `up` of each.
-    pub fn adapter_ids(&self) -> Vec<candle_core::TensorId> {
-        let adapters = self.adapters.read().expect("adapter lock poisoned");
-        adapters
+    pub fn adapter_ids(&self) -> Vec<TensorId> {
+        let state = self.state.read().expect("adapter lock poisoned");
+        state
+            .adapters
             .iter()
             .flat_map(|a| [a.down.id(), a.up.id()])
             .collect()
     }
 
     pub fn adapter_count(&self) -> usize {
-        self.adapters.read().expect("adapter lock poisoned").len()
+        self.state
+            .read()
+            .expect("adapter lock poisoned")
+            .adapters
+            .len()
+    }
+
+    /// The weight to multiply `x` by and the adapters left to apply unmerged, the weight first
+    /// merged or restored if this forward needs the other one.
+    fn prepare(&self, x: &Tensor) -> Result<(candle_nn::Linear, Vec<Arc<Adapter>>)> {
+        let ready = self.state.read().expect("adapter lock poisoned").ready(x);
+        match ready {
+            Some(ready) => Ok(ready),
+            None => self
+                .state
+                .write()
+                .expect("adapter lock poisoned")
+                .prepare(x),
+        }
+    }
+}
+
+impl State {
+    /// Whether a forward of `x` uses the adapters merged: when nothing takes a gradient. A training
+    /// step's adapters are `Var`s (unmerged, also in `without_gradients` passes); its samples use
+    /// detached copies, merged like a generation's.
+    fn merges_for(&self, x: &Tensor) -> bool {
+        !self.adapters.is_empty()
+            && !x.track_op()
+            && !self.base.weight().is_variable()
+            && self
+                .adapters
+                .iter()
+                .all(|a| !a.down.is_variable() && !a.up.is_variable())
+    }
+
+    /// What [`Self::prepare`] returns, if the weight is already the one a forward of `x` needs.
+    fn ready(&self, x: &Tensor) -> Option<(candle_nn::Linear, Vec<Arc<Adapter>>)> {
+        let merges = self.merges_for(x);
+        match &self.merged {
+            None if !merges => Some((self.base.clone(), self.adapters.clone())),
+            Some(m)
+                if merges
+                    && m.keys
+                        .iter()
+                        .copied()
+                        .eq(self.adapters.iter().map(|a| a.key())) =>
+            {
+                Some((self.base.clone(), Vec::new()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Makes the weight the one a forward of `x` needs: the original when the adapters are applied
+    /// unmerged (or there are none), these adapters merged otherwise, a merge for other adapters
+    /// undone first. Only forwards read the weight, so it changes here rather than when the
+    /// adapters are set: the server clears them after each generation and places the same files
+    /// again for the next, which then finds its merge in place.
+    fn prepare(&mut self, x: &Tensor) -> Result<(candle_nn::Linear, Vec<Arc<Adapter>>)> {
+        // Another forward may have prepared it while this one waited for the lock.
+        if let Some(ready) = self.ready(x) {
+            return Ok(ready);
+        }
+        self.restore()?;
+        if !self.merges_for(x) {
+            return Ok((self.base.clone(), self.adapters.clone()));
+        }
+        self.merge()?;
+        Ok((self.base.clone(), Vec::new()))
+    }
+
+    /// Puts the original rows back: the weight is the original's bytes again. Nothing changes on error.
+    fn restore(&mut self) -> Result<()> {
+        let Some(merged) = &self.merged else {
+            return Ok(());
+        };
+        let w = self.base.weight();
+        let rows = merged
+            .original
+            .iter()
+            .map(|(at, rows)| Ok((*at, rows.to_device(w.device())?)))
+            .collect::<Result<Vec<_>>>()?;
+        let weight = splice(w, 0, &rows)?;
+        self.base = candle_nn::Linear::new(weight, self.base.bias().cloned());
+        self.merged = None;
+        Ok(())
+    }
+
+    /// `W + Σ sᵢ BᵢAᵢ` in f32, cast to the weight's dtype, as a new weight; the rows it replaces
+    /// are copied to the host and the original dropped, so the device holds one weight as before.
+    /// Nothing changes on error.
+    fn merge(&mut self) -> Result<()> {
+        let w = self.base.weight();
+        let mut spans = self
+            .adapters
+            .iter()
+            .map(|a| a.rows())
+            .collect::<Result<Vec<_>>>()?;
+        spans.sort_by_key(|r| r.start);
+        // The union of the adapters' rows: adapters on the same rows (two LoRAs, or one LoRA's
+        // fused qkv adapter beside another's q) are summed into one copy of them.
+        let mut touched: Vec<std::ops::Range<usize>> = Vec::new();
+        for r in spans {
+            match touched.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => touched.push(r),
+            }
+        }
+        let (mut original, mut merged) = (Vec::new(), Vec::new());
+        for span in touched {
+            for start in span.clone().step_by(MERGE_CHUNK_ROWS) {
+                let chunk = start..(start + MERGE_CHUNK_ROWS).min(span.end);
+                let rows = w.narrow(0, start, chunk.len())?;
+                let mut sum = rows.to_dtype(DType::F32)?;
+                for a in &self.adapters {
+                    let own = a.rows()?;
+                    let (from, to) = (own.start.max(chunk.start), own.end.min(chunk.end));
+                    if from >= to {
+                        continue;
+                    }
+                    let up = a.up.narrow(0, from - own.start, to - from)?;
+                    let delta = (up.to_dtype(DType::F32)? * a.scale)?
+                        .matmul(&a.down.to_dtype(DType::F32)?)?;
+                    sum = add_rows(&sum, 0, from - start, &delta)?;
+                }
+                merged.push((start, sum.to_dtype(w.dtype())?));
+                // A copy of these rows alone: `to_device` of a view copies its whole storage.
+                original.push((start, rows.force_contiguous()?.to_device(&Device::Cpu)?));
+            }
+        }
+        let weight = splice(w, 0, &merged)?;
+        self.merged = Some(Merged {
+            keys: self.adapters.iter().map(|a| a.key()).collect(),
+            original,
+        });
+        self.base = candle_nn::Linear::new(weight, self.base.bias().cloned());
+        Ok(())
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.base.weight().is_variable() {
+        let (base, adapters) = self.prepare(x)?;
+        let y = if base.weight().is_variable() {
             // A full fine-tune trains the weight itself: candle's matmul gives it its gradient.
-            self.base.forward(x)?
+            base.forward(x)?
         } else if x.track_op() {
-            frozen_base(&self.base, x)?
+            frozen_base(&base, x)?
         } else {
-            crate::models::fused::linear(&self.base, x)?
+            crate::models::fused::linear(&base, x)?
         };
-        let adapters = self.adapters.read().expect("adapter lock poisoned");
         if adapters.is_empty() {
             return Ok(y);
         }
@@ -141,42 +323,48 @@ impl Module for Linear {
             .windows(2)
             .all(|w| w[0].1.dim(last).is_ok_and(|rows| w[0].0 + rows <= w[1].0));
         if !disjoint {
-            return slices.iter().try_fold(y, |y, (offset, delta)| {
-                add_rows(&y, *offset, delta, self.out_features)
-            });
+            return slices
+                .iter()
+                .try_fold(y, |y, (offset, delta)| add_rows(&y, last, *offset, delta));
         }
         // Disjoint slices (a fused layer's q, k and v adapters): one concatenation for all of them.
-        let mut pieces = Vec::with_capacity(2 * slices.len() + 1);
-        let mut at = 0;
-        for (offset, delta) in &slices {
-            if *offset > at {
-                pieces.push(y.narrow(last, at, offset - at)?);
-            }
-            let rows = delta.dim(last)?;
-            pieces.push((y.narrow(last, *offset, rows)? + delta)?);
-            at = offset + rows;
-        }
-        if at < self.out_features {
-            pieces.push(y.narrow(last, at, self.out_features - at)?);
-        }
-        match pieces.len() {
-            1 => Ok(pieces.remove(0)),
-            _ => Tensor::cat(&pieces, last),
-        }
+        let sums = slices
+            .iter()
+            .map(|(offset, delta)| {
+                Ok((
+                    *offset,
+                    (y.narrow(last, *offset, delta.dim(last)?)? + delta)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        splice(&y, last, &sums)
     }
 }
 
-/// `y` with `delta` added to its output rows `offset ..`.
-fn add_rows(y: &Tensor, offset: usize, delta: &Tensor, out: usize) -> Result<Tensor> {
-    let last = y.rank() - 1;
-    let rows = delta.dim(last)?;
-    if offset == 0 && rows == out {
-        return y + delta;
+/// `y` with `delta` added to its entries `offset ..` along `dim`.
+fn add_rows(y: &Tensor, dim: usize, offset: usize, delta: &Tensor) -> Result<Tensor> {
+    let rows = delta.dim(dim)?;
+    let sum = (y.narrow(dim, offset, rows)? + delta)?;
+    splice(y, dim, &[(offset, sum)])
+}
+
+/// `y` with its entries along `dim` from each `(first, part)` replaced by `part`, in one copy.
+/// The parts are sorted and disjoint.
+fn splice(y: &Tensor, dim: usize, parts: &[(usize, Tensor)]) -> Result<Tensor> {
+    let mut pieces = Vec::with_capacity(2 * parts.len() + 1);
+    let mut at = 0;
+    for (first, part) in parts {
+        if *first > at {
+            pieces.push(y.narrow(dim, at, first - at)?);
+        }
+        pieces.push(part.clone());
+        at = first + part.dim(dim)?;
     }
-    let before = y.narrow(last, 0, offset)?;
-    let mid = (y.narrow(last, offset, rows)? + delta)?;
-    let after = y.narrow(last, offset + rows, out - offset - rows)?;
-    Tensor::cat(&[before, mid, after], last)
+    let end = y.dim(dim)?;
+    if at < end {
+        pieces.push(y.narrow(dim, at, end - at)?);
+    }
+    Tensor::cat(&pieces, dim)
 }
 
 /// `W x + b` for an input that carries a gradient, passing the gradient to `x` only. Through candle's
@@ -191,7 +379,222 @@ fn frozen_base(base: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
+
+    fn merged(linear: &Linear) -> bool {
+        linear.state.read().unwrap().merged.is_some()
+    }
+
+    /// The weight the layer multiplies by now.
+    fn weight(linear: &Linear) -> Tensor {
+        linear.state.read().unwrap().base.weight().clone()
+    }
+
+    /// The values' bits, through f32 (which holds a bf16 exactly).
+    fn bits(t: &Tensor) -> Result<Vec<u32>> {
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(v.into_iter().map(f32::to_bits).collect())
+    }
+
+    /// The largest difference relative to the largest value of `want`.
+    fn relative(got: &Tensor, want: &Tensor) -> Result<f32> {
+        let (got, want) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+        let diff = (&got - &want)?.abs()?.flatten_all()?.max(0)?;
+        let size = want.abs()?.flatten_all()?.max(0)?;
+        (diff / size)?.to_scalar::<f32>()
+    }
+
+    fn random(shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)
+    }
+
+    /// An adapter of rank 2 on `rows` output rows from `offset`.
+    fn adapter(offset: usize, rows: usize, inputs: usize, dtype: DType) -> Result<Arc<Adapter>> {
+        Ok(Arc::new(Adapter {
+            down: random(&[2, inputs], dtype)?,
+            up: random(&[rows, 2], dtype)?,
+            scale: 0.75,
+            out_offset: offset,
+        }))
+    }
+
+    /// `x Wᵀ + b + Σ s (x Aᵀ) Bᵀ` on each adapter's rows, written out in f32 with each `B` padded
+    /// by zero rows to the full output.
+    fn formula(w: &Tensor, b: &Tensor, adapters: &[Arc<Adapter>], x: &Tensor) -> Result<Tensor> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let x = f32(x)?;
+        let mut y = x.broadcast_matmul(&f32(w)?.t()?)?.broadcast_add(&f32(b)?)?;
+        for a in adapters {
+            let rank = a.up.dim(1)?;
+            let up = Tensor::zeros((w.dim(0)?, rank), DType::F32, &Device::Cpu)?
+                .slice_scatter0(&f32(&a.up)?, a.out_offset)?;
+            let delta = x
+                .broadcast_matmul(&f32(&a.down)?.t()?)?
+                .broadcast_matmul(&up.t()?)?;
+            y = (y + (delta * a.scale)?)?;
+        }
+        Ok(y)
+    }
+
+    /// A generation's forward merges the adapters into the weight, once, and computes the unmerged
+    /// formula: one adapter on every row, a fused layer's q, k and v slices, two adapters on the
+    /// same slice, overlapping ones, and a slice longer than a merge chunk; in f32 and in bf16.
+    #[test]
+    fn merged_forward_matches_the_unmerged_formula() -> Result<()> {
+        // (case, output rows, each adapter's (first row, rows)); 6 inputs.
+        type Case = (&'static str, usize, &'static [(usize, usize)]);
+        let cases: [Case; 5] = [
+            ("full width", 8, &[(0, 8)]),
+            ("q, k and v of linear1", 17, &[(0, 4), (4, 4), (8, 4)]),
+            ("two on one slice", 12, &[(4, 4), (4, 4)]),
+            ("overlapping", 12, &[(0, 12), (4, 4), (10, 2)]),
+            (
+                "across chunks",
+                2600,
+                &[(500, 2000), (1000, 30), (2590, 10)],
+            ),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            for (case, out, slices) in cases {
+                let inputs = 6;
+                let (w, b) = (random(&[out, inputs], dtype)?, random(&[out], dtype)?);
+                let linear = Linear::new("l", w.clone(), Some(b.clone()));
+                let adapters = slices
+                    .iter()
+                    .map(|&(offset, rows)| adapter(offset, rows, inputs, dtype))
+                    .collect::<Result<Vec<_>>>()?;
+                linear.set_adapters(adapters.clone());
+                let x = random(&[2, 3, inputs], dtype)?;
+                let y = linear.forward(&x)?;
+                assert!(merged(&linear), "{case}");
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                let err = relative(&y, &formula(&w, &b, &adapters, &x)?)?;
+                assert!(err < tolerance, "{case} {dtype:?}: {err}");
+                // The next forward (the next step) multiplies by the same merged weight.
+                let merged_weight = weight(&linear).id();
+                let again = linear.forward(&x)?;
+                assert_eq!(weight(&linear).id(), merged_weight, "{case}");
+                assert_eq!(bits(&again)?, bits(&y)?, "{case}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Clearing the adapters, or setting others, puts the original weight back byte for byte before
+    /// the next forward: a bare forward is the bare layer's, and other adapters merge onto the original.
+    #[test]
+    fn restoring_gives_back_the_original_bytes() -> Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            let (out, inputs) = (20, 6);
+            let (w, b) = (random(&[out, inputs], dtype)?, random(&[out], dtype)?);
+            let original = bits(&w)?;
+            let linear = Linear::new("l", w.clone(), Some(b.clone()));
+            let x = random(&[2, 3, inputs], dtype)?;
+            let bare = Linear::new("bare", w.clone(), Some(b.clone())).forward(&x)?;
+
+            let qkv = vec![
+                adapter(0, 4, inputs, dtype)?,
+                adapter(4, 4, inputs, dtype)?,
+                adapter(8, 4, inputs, dtype)?,
+            ];
+            linear.set_adapters(qkv);
+            linear.forward(&x)?;
+            assert!(merged(&linear));
+            assert_ne!(bits(&weight(&linear))?, original);
+
+            let other = vec![
+                adapter(0, out, inputs, dtype)?,
+                adapter(2, 3, inputs, dtype)?,
+            ];
+            linear.set_adapters(other.clone());
+            let y = linear.forward(&x)?;
+            let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            assert!(relative(&y, &formula(&w, &b, &other, &x)?)? < tolerance);
+
+            linear.clear_adapters();
+            let y = linear.forward(&x)?;
+            assert!(!merged(&linear));
+            assert_eq!(bits(&weight(&linear))?, original, "{dtype:?}");
+            assert_eq!(weight(&linear).dtype(), dtype);
+            assert_eq!(bits(&y)?, bits(&bare)?, "{dtype:?}");
+        }
+        Ok(())
+    }
+
+    /// The same LoRA files placed again (new `Adapter`s of the same tensors, as `lora::apply` makes
+    /// for every generation) find their merge in place, even after the adapters were cleared in
+    /// between; another scale is another merge.
+    #[test]
+    fn the_same_adapters_placed_again_keep_their_merge() -> Result<()> {
+        let (w, b) = (random(&[12, 6], DType::F32)?, random(&[12], DType::F32)?);
+        let linear = Linear::new("l", w.clone(), Some(b.clone()));
+        let x = random(&[1, 3, 6], DType::F32)?;
+        let first = adapter(4, 4, 6, DType::F32)?;
+        let placed = |scale: f64| {
+            Arc::new(Adapter {
+                scale,
+                ..(*first).clone()
+            })
+        };
+        linear.set_adapters(vec![placed(0.75)]);
+        linear.forward(&x)?;
+        let merged_weight = weight(&linear).id();
+        linear.clear_adapters();
+        linear.set_adapters(vec![placed(0.75)]);
+        linear.forward(&x)?;
+        assert_eq!(weight(&linear).id(), merged_weight);
+
+        let half = vec![placed(0.5)];
+        linear.set_adapters(half.clone());
+        let y = linear.forward(&x)?;
+        assert_ne!(weight(&linear).id(), merged_weight);
+        assert!(relative(&y, &formula(&w, &b, &half, &x)?)? < 1e-5);
+        Ok(())
+    }
+
+    /// Training's `Var` adapters, also in a `without_gradients` pass, and a trained (`Var`) base
+    /// weight are applied unmerged; a merge made for sampling (detached copies) is undone first and
+    /// the adapters get their gradients.
+    #[test]
+    fn training_adapters_are_not_merged() -> Result<()> {
+        let (w, b) = (random(&[12, 6], DType::F32)?, random(&[12], DType::F32)?);
+        let original = bits(&w)?;
+        let linear = Linear::new("l", w.clone(), Some(b.clone()));
+        let down = Var::from_tensor(&random(&[2, 6], DType::F32)?)?;
+        let up = Var::from_tensor(&random(&[4, 2], DType::F32)?)?;
+        let placed = |down: Tensor, up: Tensor| {
+            vec![Arc::new(Adapter {
+                down,
+                up,
+                scale: 0.5,
+                out_offset: 4,
+            })]
+        };
+        let x = random(&[1, 3, 6], DType::F32)?;
+        let sampling = placed(down.as_tensor().detach(), up.as_tensor().detach());
+        linear.set_adapters(sampling.clone());
+        let sampled = linear.forward(&x)?;
+        assert!(merged(&linear));
+
+        let training = placed(down.as_tensor().clone(), up.as_tensor().clone());
+        linear.set_adapters(training);
+        let checkpointed = without_gradients(|| linear.forward(&x))?;
+        assert!(!merged(&linear));
+        assert_eq!(bits(&weight(&linear))?, original);
+        assert!(relative(&checkpointed, &sampled)? < 1e-5);
+
+        let xv = Var::from_tensor(&x)?;
+        let grads = linear.forward(xv.as_tensor())?.sum_all()?.backward()?;
+        assert!(!merged(&linear));
+        assert!(grads.get(down.as_tensor()).is_some() && grads.get(up.as_tensor()).is_some());
+
+        let trained = Var::from_tensor(&w)?;
+        let full = Linear::new("full", trained.as_tensor().clone(), Some(b));
+        full.set_adapters(sampling);
+        full.forward(&x)?;
+        assert!(!merged(&full));
+        Ok(())
+    }
 
     /// The frozen path gives the same value and input gradient as candle's own matmul, gives the
     /// adapter its gradient, and gives the weight none.
@@ -212,6 +615,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?)?;
         let weights = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev)?;
         let ours = linear.forward(x.as_tensor())?;
+        assert!(!merged(&linear), "Var adapters are applied unmerged");
         let grads = (&ours * &weights)?.sum_all()?.backward()?;
 
         let plain = x.as_tensor().broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
