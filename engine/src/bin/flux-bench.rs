@@ -116,7 +116,7 @@ fn kernels_check(device: &Device) -> Result<()> {
 /// time. Fails when the fused output is not finite or further than bf16 rounding from f32.
 #[cfg(feature = "cuda")]
 fn attention_check(device: &Device) -> Result<()> {
-    use engine::kernels::flash_attn::{flash_attn_rows, ROW_TILES};
+    use engine::kernels::flash_attn::{flash_attn_variant, Variant};
     use engine::models::fused::plain_attention as plain;
     let (heads, d) = (24, 128);
     let scale = 1.0 / (d as f32).sqrt();
@@ -145,9 +145,13 @@ fn attention_check(device: &Device) -> Result<()> {
         let mut report = serde_json::json!({"what": "attention", "shape": [1, heads, n, d], "q_std": q_std,
             "strided": strided, "plain_bf16_rel_l2_vs_f32": rel_l2(&plain_bf16, &want)?,
             "plain_ms": t_plain * 1e3, "plain_tflops": flops / t_plain / 1e12});
-        for rows in ROW_TILES {
-            let fused =
-                || Ok(flash_attn_rows(&q, &k, &v, scale, rows)?.reshape((1, n, heads * d))?);
+        let Device::Cuda(cuda) = device else {
+            anyhow::bail!("the attention check needs a CUDA device")
+        };
+        for variant in Variant::ALL.into_iter().filter(|v| v.runs_on(cuda)) {
+            let fused = || {
+                Ok(flash_attn_variant(&q, &k, &v, scale, variant)?.reshape((1, n, heads * d))?)
+            };
             let out = fused()?;
             let finite = out
                 .to_dtype(DType::F32)?
@@ -159,7 +163,7 @@ fn attention_check(device: &Device) -> Result<()> {
             let t = time_median(device, 20, fused)?;
             let pass = finite && err < 1e-2;
             ok &= pass;
-            report[format!("r{rows}")] = serde_json::json!({"pass": pass, "finite": finite,
+            report[variant.name()] = serde_json::json!({"pass": pass, "finite": finite,
                 "rel_l2_vs_f32": err, "ms": t * 1e3, "tflops": flops / t / 1e12});
         }
         println!("{report}");

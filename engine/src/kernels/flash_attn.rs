@@ -1,20 +1,94 @@
-//! Fused attention forward (`kernels/flash_attn.cu`): softmax(q kᵀ · scale) v in one pass over the
-//! keys, never writing the (L × L) scores to memory. bf16, head dim 128, no mask, sm_80 or newer.
+//! Fused attention forward: softmax(q kᵀ · scale) v in one pass over the keys, never writing the
+//! (L × L) scores to memory. bf16, head dim 128, no mask. Two kernels: `kernels/flash_attn.cu` on warp
+//! MMAs (sm_80 and newer) and `kernels/flash_attn_sm90.cu` on Hopper's warpgroup MMAs (sm_90a builds
+//! running on compute capability 9.0), which [`flash_attn`] prefers where it can run.
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
     CUdevice_attribute_enum, CUfunction_attribute_enum,
 };
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-/// The one head size the kernel is written for (every FLUX model's).
+/// Whether the warpgroup kernels were compiled (the PTX targets sm_90a; elsewhere they are empty).
+static SM90A_BUILD: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| super::ptx::FLASH_ATTN_SM90.contains(".target sm_90a"));
+
+/// The one head size the kernels are written for (every FLUX model's).
 pub const HEAD_DIM: usize = 128;
-/// Query rows a block takes (16 a warp): 64 or 128, the kernel's two variants.
-pub const ROW_TILES: [usize; 2] = [64, 128];
-/// The variant [`flash_attn`] uses.
-pub const DEFAULT_ROWS: usize = 64;
 const KEYS_PER_TILE: usize = 64;
+
+/// One kernel of the fused attention: which instructions it multiplies with and how many query rows
+/// a block takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// Warpgroup MMAs (`flash_attn_sm90.cu`, 64 rows a warpgroup) or warp MMAs (16 rows a warp).
+    pub wgmma: bool,
+    pub rows: usize,
+}
+
+impl Variant {
+    /// Every variant, for benchmarks; [`flash_attn`] picks the first that [`Variant::runs_on`] the device.
+    /// Fastest first at FLUX's sequence lengths (4608 and 1536 tokens on an H100: wg192 390 and
+    /// 264 TFLOP/s, wg128 370 and 234, r64 266 and 203; scripts/gpu/PREDICTIONS.md, run 22).
+    pub const ALL: [Variant; 4] = [
+        Variant {
+            wgmma: true,
+            rows: 192,
+        },
+        Variant {
+            wgmma: true,
+            rows: 128,
+        },
+        Variant {
+            wgmma: false,
+            rows: 64,
+        },
+        Variant {
+            wgmma: false,
+            rows: 128,
+        },
+    ];
+
+    pub fn name(&self) -> String {
+        format!("{}{}", if self.wgmma { "wg" } else { "r" }, self.rows)
+    }
+
+    /// Whether this build's kernel runs on `dev`: warp MMAs from compute capability 8.0; warpgroup MMAs
+    /// only where the PTX was built for sm_90a (`CUDA_COMPUTE_CAP=90`) and the GPU is a 9.0 (H100, H200).
+    pub fn runs_on(&self, dev: &CudaDevice) -> bool {
+        let cap = |a| dev.cuda_stream().context().attribute(a).unwrap_or(0);
+        let major = cap(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+        let minor = cap(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
+        if self.wgmma {
+            (major, minor) == (9, 0) && *SM90A_BUILD
+        } else {
+            major >= 8
+        }
+    }
+
+    fn kernel(&self) -> (String, &'static str, &'static str) {
+        if self.wgmma {
+            let name = format!("flash_attn_wgmma_bf16_d128_r{}", self.rows);
+            (name, "flash_attn_sm90", super::ptx::FLASH_ATTN_SM90)
+        } else {
+            let name = format!("flash_attn_fwd_bf16_d128_r{}", self.rows);
+            (name, "flash_attn", super::ptx::FLASH_ATTN)
+        }
+    }
+
+    /// Threads a block: 128 a warpgroup of 64 rows, or 32 a warp of 16 rows.
+    fn threads(&self) -> u32 {
+        2 * self.rows as u32
+    }
+
+    /// The Q tile, then two K and two V tiles, all bf16 rows of 128; the warpgroup kernels align their
+    /// tiles to 1024 bytes themselves (the swizzle is a function of the address), hence the slack.
+    fn shared_bytes(&self) -> u32 {
+        let tiles = ((self.rows + 4 * KEYS_PER_TILE) * HEAD_DIM * 2) as u32;
+        tiles + if self.wgmma { 1024 } else { 0 }
+    }
+}
 
 /// Whether [`flash_attn`] can take these (B, H, L, D) heads: bf16 on a CUDA device with bf16
 /// tensor cores (compute capability 8.0 or newer), head dim 128.
@@ -22,39 +96,39 @@ pub fn supports(q: &Tensor) -> bool {
     let Device::Cuda(dev) = q.device() else {
         return false;
     };
-    let major = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
     q.dtype() == DType::BF16
         && q.rank() == 4
         && q.dim(3).ok() == Some(HEAD_DIM)
-        && major.is_ok_and(|m| m >= 8)
+        && Variant::ALL.iter().any(|v| v.runs_on(dev))
 }
 
-/// softmax(q kᵀ · scale) v for q, k, v of shape (B, H, L, 128), bf16 on CUDA (see [`supports`]).
-/// Returns (B, L, H, 128), contiguous: as (B, L, H·128) it is the attention block's output layout.
+/// softmax(q kᵀ · scale) v for q, k, v of shape (B, H, L, 128), bf16 on CUDA (see [`supports`]), with
+/// the first of [`Variant::ALL`] that runs on the device. Returns (B, L, H, 128), contiguous: as
+/// (B, L, H·128) it is the attention block's output layout.
 pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    flash_attn_rows(q, k, v, scale, DEFAULT_ROWS)
+    let Device::Cuda(dev) = q.device() else {
+        bail!("the fused attention kernel runs on CUDA only")
+    };
+    let Some(variant) = Variant::ALL.into_iter().find(|v| v.runs_on(dev)) else {
+        bail!("no fused attention kernel runs on this GPU (needs compute capability 8.0 or newer)")
+    };
+    flash_attn_variant(q, k, v, scale, variant)
 }
 
-/// [`flash_attn`] with the variant taking `rows` (one of [`ROW_TILES`]) query rows a block.
-pub fn flash_attn_rows(
+/// [`flash_attn`] with the given kernel.
+pub fn flash_attn_variant(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
-    rows: usize,
+    variant: Variant,
 ) -> Result<Tensor> {
-    if !ROW_TILES.contains(&rows) {
-        bail!("flash attention has variants for {ROW_TILES:?} query rows a block, not {rows}")
-    }
-    q.apply_op3_no_bwd(k, v, &FlashAttn { scale, rows })
+    q.apply_op3_no_bwd(k, v, &FlashAttn { scale, variant })
 }
 
 struct FlashAttn {
     scale: f32,
-    rows: usize,
+    variant: Variant,
 }
 
 /// Element strides of batch, head and position; the kernel reads 16-byte rows.
@@ -117,10 +191,15 @@ impl CustomOp3 for FlashAttn {
         let kv = ks.slice(kl.start_offset()..);
         let vv = vs.slice(vl.start_offset()..);
         let dev = &q.device;
-        let name = format!("flash_attn_fwd_bf16_d128_r{}", self.rows);
-        let func = dev.get_or_load_custom_func(&name, "flash_attn", super::ptx::FLASH_ATTN)?;
-        // The Q tile, then two K and two V tiles, all bf16 rows of 128.
-        let shared_bytes = ((self.rows + 4 * KEYS_PER_TILE) * HEAD_DIM * 2) as u32;
+        if !self.variant.runs_on(dev) {
+            bail!(
+                "the {} attention kernel does not run on this GPU or build",
+                self.variant.name()
+            )
+        }
+        let (name, module, ptx) = self.variant.kernel();
+        let func = dev.get_or_load_custom_func(&name, module, ptx)?;
+        let shared_bytes = self.variant.shared_bytes();
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             shared_bytes as i32,
@@ -129,8 +208,8 @@ impl CustomOp3 for FlashAttn {
         // SAFETY: every element is written by the kernel (one thread per output pair, rows < n).
         let out = unsafe { dev.alloc(b * n * h * d) }?;
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(self.rows) as u32, h as u32, b as u32),
-            block_dim: (2 * self.rows as u32, 1, 1),
+            grid_dim: (n.div_ceil(self.variant.rows) as u32, h as u32, b as u32),
+            block_dim: (self.variant.threads(), 1, 1),
             shared_mem_bytes: shared_bytes,
         };
         let (n_i, h_i) = (n as i32, h as i32);
