@@ -289,7 +289,70 @@ fn profile(args: &[String], device: &Device) -> Result<()> {
         "{}",
         serde_json::json!({"what": "profile", "size": size, "op": "sum (one single block)", "ms": total})
     );
+    profile_attention_backward(l, device)?;
     profile_vae(size, device)
+}
+
+/// Training's attention backward (`fused::attention_backward`, FlashAttention's backward in candle ops)
+/// at the joint sequence length `l`, whole and piece by piece: where a training step's time goes.
+fn profile_attention_backward(l: usize, device: &Device) -> Result<()> {
+    use candle_core::D;
+    let (heads, hd) = (24, 128);
+    let rand = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)?)
+    };
+    let (q, k, v) = (
+        rand(&[1, heads, l, hd])?,
+        rand(&[1, heads, l, hd])?,
+        rand(&[1, heads, l, hd])?,
+    );
+    let o = engine::models::fused::attention(&q, &k, &v)?;
+    let g = rand(&[1, l, heads * hd])?;
+    let heads_of = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.reshape((1, l, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (oh, gh) = (heads_of(&o)?, heads_of(&g)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (&q * scale)?.matmul(&k.t()?)?;
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    let dp = gh.matmul(&v.t()?)?;
+    let delta = (&gh * &oh)?
+        .to_dtype(DType::F32)?
+        .sum_keepdim(D::Minus1)?
+        .to_dtype(DType::BF16)?;
+    let ds = (&p * dp.broadcast_sub(&delta)?)?;
+    let mm = 2.0 * (l * l * hd * heads) as f64;
+    let rows: [(&str, f64, &dyn Fn() -> Result<Tensor>); 9] = [
+        ("attention backward (whole)", 5.0 * mm, &|| {
+            let [dq, dk, dv] = engine::models::fused::attention_backward([&q, &k, &v], &o, &g)?;
+            Ok((dq.sum_all()? + dk.sum_all()? + dv.sum_all()?)?)
+        }),
+        ("  heads of o and g (2 copies)", 0.0, &|| {
+            Ok((heads_of(&o)? + heads_of(&g)?)?)
+        }),
+        ("  scores q kᵀ", mm, &|| Ok((&q * scale)?.matmul(&k.t()?)?)),
+        ("  softmax", 0.0, &|| {
+            Ok(candle_nn::ops::softmax_last_dim(&scores)?)
+        }),
+        ("  dv = pᵀ g", mm, &|| Ok(p.t()?.matmul(&gh)?)),
+        ("  dp = g vᵀ", mm, &|| Ok(gh.matmul(&v.t()?)?)),
+        ("  ds = p (dp - delta)", 0.0, &|| {
+            Ok((&p * dp.broadcast_sub(&delta)?)?)
+        }),
+        ("  dq = ds k", mm, &|| Ok((ds.matmul(&k)? * scale)?)),
+        ("  dk = dsᵀ q", mm, &|| Ok((ds.t()?.matmul(&q)? * scale)?)),
+    ];
+    for (op, flops, f) in rows {
+        let ms = time_median(device, 10, f)? * 1e3;
+        let tflops = (flops > 0.0).then(|| flops / ms / 1e9);
+        println!(
+            "{}",
+            serde_json::json!({"what": "profile-attention-backward", "tokens": l, "op": op, "ms": ms, "tflops": tflops})
+        );
+    }
+    Ok(())
 }
 
 /// The VAE decoder's op kinds at their most expensive sizes (the last up block runs 128 channels at
