@@ -6,6 +6,7 @@
 //   gated_add:      y = r + x * gate                    (per-batch gate vector)
 //   qkv_heads:      fused q|k|v rows -> (B, H, L, D) heads, RMS-normed q and k, RoPE on q and k
 //   gelu_cat:       [a | gelu(m)]; gelu_backward: g * gelu'(x)
+//   training backward passes: norm_modulate_backward, gated_add_backward (+ column_sums), softmax_grad
 // Rows are contiguous with `cols` a multiple of 8 (16-byte vectors).
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -197,5 +198,185 @@ extern "C" __global__ void gelu_backward_bf16(const __nv_bfloat16* __restrict__ 
             xv[j] = gv[j] * d;
         }
         store8(dx + i * 8, pack(xv));
+    }
+}
+
+// ---- Backward passes (LoRA training) ----
+// Sums over the tokens (the modulation vectors' gradients) are made per block of BWD_ROWS rows into f32
+// partials and then added up by column_sums_bf16: deterministic, no atomics.
+constexpr int BWD_ROWS = 8;
+
+// norm_modulate's backward for rows of `cols` (one 8-column vector a thread; blockDim.x >= cols / 8):
+// with x̂ = (x − μ)·r and g' = g·(1 + scale), dx = r·(g' − mean(g') − x̂·mean(g'·x̂)). partial gets this
+// block's Σ g (shift's gradient) and Σ g·x̂ (scale's). Grid: (ceil(rows_per_batch / BWD_ROWS), batch).
+extern "C" __global__ void norm_modulate_backward_bf16(const __nv_bfloat16* __restrict__ x,
+                                                       const __nv_bfloat16* __restrict__ scale,
+                                                       const __nv_bfloat16* __restrict__ g, __nv_bfloat16* __restrict__ dx,
+                                                       float* __restrict__ partial, int cols, int rows_per_batch,
+                                                       int64_t vec_bstride, float eps) {
+    __shared__ float shared32[32];
+    const int b = blockIdx.y, c = threadIdx.x * 8;
+    const bool active = c < cols;
+    float sc[8] = {}, acc_shift[8] = {}, acc_scale[8] = {};
+    if (active) unpack(load8(scale + b * vec_bstride + c), sc);
+    for (int i = 0; i < BWD_ROWS; ++i) {
+        const int r = blockIdx.x * BWD_ROWS + i;
+        if (r >= rows_per_batch) break;  // the same for the whole block
+        const int64_t off = ((int64_t)b * rows_per_batch + r) * cols + c;
+        float xv[8] = {}, gv[8] = {};
+        if (active) {
+            unpack(load8(x + off), xv);
+            unpack(load8(g + off), gv);
+        }
+        float s = 0.f, ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s += xv[j];
+            ss += xv[j] * xv[j];
+        }
+        const float mean = block_sum(s, shared32) / cols;
+        const float rstd = rsqrtf(fmaxf(block_sum(ss, shared32) / cols - mean * mean, 0.f) + eps);
+        float xh[8], gs[8], s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            xh[j] = (xv[j] - mean) * rstd;
+            gs[j] = gv[j] * (1.f + sc[j]);
+            s1 += gs[j];
+            s2 += gs[j] * xh[j];
+            acc_shift[j] += gv[j];
+            acc_scale[j] += gv[j] * xh[j];
+        }
+        const float m1 = block_sum(s1, shared32) / cols, m2 = block_sum(s2, shared32) / cols;
+        if (active) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) gs[j] = (gs[j] - m1 - xh[j] * m2) * rstd;
+            store8(dx + off, pack(gs));
+        }
+    }
+    if (active) {
+        float* p = partial + ((int64_t)b * gridDim.x + blockIdx.x) * 2 * cols + c;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            p[j] = acc_shift[j];
+            p[cols + j] = acc_scale[j];
+        }
+    }
+}
+
+// gated_add's backward: dx = g·gate; partial gets this block's Σ g·x (the gate's gradient). Layout as above.
+extern "C" __global__ void gated_add_backward_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gate,
+                                                   const __nv_bfloat16* __restrict__ g, __nv_bfloat16* __restrict__ dx,
+                                                   float* __restrict__ partial, int cols, int rows_per_batch,
+                                                   int64_t vec_bstride) {
+    const int b = blockIdx.y, c = threadIdx.x * 8;
+    if (c >= cols) return;
+    float gt[8], acc[8] = {};
+    unpack(load8(gate + b * vec_bstride + c), gt);
+    for (int i = 0; i < BWD_ROWS; ++i) {
+        const int r = blockIdx.x * BWD_ROWS + i;
+        if (r >= rows_per_batch) break;
+        const int64_t off = ((int64_t)b * rows_per_batch + r) * cols + c;
+        float xv[8], gv[8];
+        unpack(load8(x + off), xv);
+        unpack(load8(g + off), gv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            acc[j] += gv[j] * xv[j];
+            gv[j] *= gt[j];
+        }
+        store8(dx + off, pack(gv));
+    }
+    float* p = partial + ((int64_t)b * gridDim.x + blockIdx.x) * cols + c;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) p[j] = acc[j];
+}
+
+// out[k][b][c] = Σ over blocks of partial[b][block][k][c], as bf16 (k < parts).
+extern "C" __global__ void column_sums_bf16(const float* __restrict__ partial, __nv_bfloat16* __restrict__ out,
+                                            int batch, int blocks_per_batch, int parts, int cols) {
+    const int64_t n = (int64_t)batch * parts * cols;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int c = i % cols, k = (i / cols) % parts, b = i / ((int64_t)cols * parts);
+        float s = 0.f;
+        for (int blk = 0; blk < blocks_per_batch; ++blk)
+            s += partial[(((int64_t)b * blocks_per_batch + blk) * parts + k) * cols + c];
+        out[((int64_t)k * batch + b) * cols + c] = __float2bfloat16(s);
+    }
+}
+
+// Attention backward's softmax step, one block per row of n scores: p = softmax(s·scale) and
+// ds = p·(dp − delta[row]), written to out[0] and out[1] of (2, rows, n). The row's max and sum in one
+// online pass (log2 domain), then one pass writing both. 16-byte vectors when n is a multiple of 8.
+extern "C" __global__ void softmax_grad_bf16(const __nv_bfloat16* __restrict__ s, const __nv_bfloat16* __restrict__ dp,
+                                             const float* __restrict__ delta, __nv_bfloat16* __restrict__ out,
+                                             int64_t rows, int n, float scale_log2) {
+    __shared__ float shared_m[32], shared_l[32];
+    const int64_t row = blockIdx.x;
+    const __nv_bfloat16* sr = s + row * n;
+    const bool vec = n % 8 == 0;
+    float m = -INFINITY, l = 0.f;
+    auto add = [&](float v) {
+        v *= scale_log2;
+        if (v > m) {
+            l = l * exp2f(m - v) + 1.f;
+            m = v;
+        } else {
+            l += exp2f(v - m);
+        }
+    };
+    if (vec) {
+        for (int c = threadIdx.x * 8; c < n; c += blockDim.x * 8) {
+            float a[8];
+            unpack(load8(sr + c), a);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) add(a[j]);
+        }
+    } else {
+        for (int c = threadIdx.x; c < n; c += blockDim.x) add(__bfloat162float(sr[c]));
+    }
+    // (max, sum) pairs combined over the warp, then over the warps.
+    auto combine = [](float& m, float& l, float m2, float l2) {
+        const float mx = fmaxf(m, m2);
+        if (mx == -INFINITY) return;
+        l = l * exp2f(m - mx) + l2 * exp2f(m2 - mx);
+        m = mx;
+    };
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        combine(m, l, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, l, off));
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    if (lane == 0) {
+        shared_m[warp] = m;
+        shared_l[warp] = l;
+    }
+    __syncthreads();
+    m = lane < warps ? shared_m[lane] : -INFINITY;
+    l = lane < warps ? shared_l[lane] : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        combine(m, l, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, l, off));
+    const float inv = 1.f / l, d = delta[row];
+    __nv_bfloat16* p_out = out + row * n;
+    __nv_bfloat16* ds_out = out + (rows + row) * n;
+    const __nv_bfloat16* dpr = dp + row * n;
+    if (vec) {
+        for (int c = threadIdx.x * 8; c < n; c += blockDim.x * 8) {
+            float a[8], b[8];
+            unpack(load8(sr + c), a);
+            unpack(load8(dpr + c), b);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                a[j] = exp2f(fmaf(a[j], scale_log2, -m)) * inv;
+                b[j] = a[j] * (b[j] - d);
+            }
+            store8(p_out + c, pack(a));
+            store8(ds_out + c, pack(b));
+        }
+    } else {
+        for (int c = threadIdx.x; c < n; c += blockDim.x) {
+            const float p = exp2f(fmaf(__bfloat162float(sr[c]), scale_log2, -m)) * inv;
+            p_out[c] = __float2bfloat16(p);
+            ds_out[c] = __float2bfloat16(p * (__bfloat162float(dpr[c]) - d));
+        }
     }
 }

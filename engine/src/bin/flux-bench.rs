@@ -491,8 +491,31 @@ fn ops_check(device: &Device) -> Result<()> {
         up_conv.bias().map(f32s).transpose()?,
         *up_conv.config(),
     );
+    // training's backward passes: the gradient of each output, against the plain path in f32
+    let g = rand(&[1, l, c], 1.0)?;
+    let (q, k, v) = (
+        rand(&[1, heads, l, hd], 1.0)?,
+        rand(&[1, heads, l, hd], 1.0)?,
+        rand(&[1, heads, l, hd], 1.0)?,
+    );
+    let o = fused::attention(&q, &k, &v)?;
+    let attn_back = |i: usize, f32: bool| -> Result<Tensor> {
+        let t = |x: &Tensor| if f32 { f32s(x) } else { Ok(x.clone()) };
+        let grads = fused::attention_backward([&t(&q)?, &t(&k)?, &t(&v)?], &t(&o)?, &t(&g)?)?;
+        Ok(grads[i].clone())
+    };
+    let norm_back = |i: usize, f32: bool| -> Result<Tensor> {
+        let t = |x: &Tensor| if f32 { f32s(x) } else { Ok(x.clone()) };
+        let (x, shift, scale) = (t(&x)?, t(&mods[0])?, t(&mods[1])?);
+        Ok(fused::norm_modulate_backward([&x, &shift, &scale], &x, &t(&g)?)?[i].clone())
+    };
+    let gate_back = |i: usize, f32: bool| -> Result<Tensor> {
+        let t = |x: &Tensor| if f32 { f32s(x) } else { Ok(x.clone()) };
+        let (r, x, gate) = (t(&r)?, t(&x)?, t(&mods[2])?);
+        Ok(fused::gated_add_backward([&r, &x, &gate], &x, &t(&g)?)?[i].clone())
+    };
     type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
-    let cases: Vec<(&str, Op, Op)> = vec![
+    let mut cases: Vec<(&str, Op, Op)> = vec![
         (
             "linear + bias",
             Box::new(|| Ok(fused::linear(&lin, &x)?)),
@@ -557,6 +580,38 @@ fn ops_check(device: &Device) -> Result<()> {
             Box::new(|| Ok(fused::upsample_conv2d(&f32s(&up_img)?, &up_conv32, 2)?)),
         ),
     ];
+    for (name, i) in [
+        ("attention backward (4608 tokens): dq", 0),
+        ("attention backward (4608 tokens): dk", 1),
+        ("attention backward (4608 tokens): dv", 2),
+    ] {
+        cases.push((
+            name,
+            Box::new(move || attn_back(i, false)),
+            Box::new(move || attn_back(i, true)),
+        ));
+    }
+    for (name, i) in [
+        ("norm_modulate backward: dx", 0),
+        ("norm_modulate backward: d_shift", 1),
+        ("norm_modulate backward: d_scale", 2),
+    ] {
+        cases.push((
+            name,
+            Box::new(move || norm_back(i, false)),
+            Box::new(move || norm_back(i, true)),
+        ));
+    }
+    for (name, i) in [
+        ("gated_add backward: dx", 1),
+        ("gated_add backward: d_gate", 2),
+    ] {
+        cases.push((
+            name,
+            Box::new(move || gate_back(i, false)),
+            Box::new(move || gate_back(i, true)),
+        ));
+    }
     let mut ok = true;
     for (name, op, reference) in &cases {
         let want = reference()?;

@@ -1,7 +1,7 @@
 //! Launchers for `kernels/fused_ops.cu`: single-pass bf16 versions of a FLUX block's memory-bound
 //! ops (see the .cu file for each formula). Callers check the layouts' fit through [`supports`].
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -455,5 +455,288 @@ impl CustomOp2 for GeluBackward {
         // SAFETY: arguments match the kernel; both inputs hold n elements, checked above.
         unsafe { launch.launch(grid_stride_config(n / 8)) }.w()?;
         Ok((out, xl.shape().clone()))
+    }
+}
+
+/// Rows a block of the backward kernels takes (`BWD_ROWS` in the .cu file).
+const BACKWARD_ROWS: usize = 8;
+
+/// The launch of a backward kernel over (B, L, C) rows: blocks of [`BACKWARD_ROWS`] rows of one batch,
+/// one thread per 8 columns.
+fn backward_config(b: usize, l: usize, c: usize) -> Result<LaunchConfig> {
+    let threads = (c / 8).next_multiple_of(32);
+    if threads > 1024 {
+        bail!("the backward kernels take at most 8192 columns, not {c}")
+    }
+    Ok(LaunchConfig {
+        grid_dim: (l.div_ceil(BACKWARD_ROWS) as u32, b as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Adds up the backward kernels' per-block column sums `partial` (B, blocks, parts, C) into `out`
+/// from element `at`: (parts, B, C) bf16.
+fn column_sums<T>(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    out: &CudaSlice<T>,
+    at: usize,
+    [b, blocks, parts, c]: [usize; 4],
+) -> Result<()> {
+    let func = dev.get_or_load_custom_func("column_sums_bf16", MODULE, super::ptx::FUSED_OPS)?;
+    let mut launch = func.builder();
+    let out = out.slice(at..);
+    let (bi, blocks_i, parts_i, ci) = (b as i32, blocks as i32, parts as i32, c as i32);
+    launch
+        .arg(partial)
+        .arg(&out)
+        .arg(&bi)
+        .arg(&blocks_i)
+        .arg(&parts_i)
+        .arg(&ci);
+    // SAFETY: arguments match the kernel; partial holds b·blocks·parts·c values, out parts·b·c.
+    unsafe { launch.launch(grid_stride_config(b * parts * c)) }.w()?;
+    Ok(())
+}
+
+/// [`norm_modulate`]'s gradients from its output's `g`: (dx (B, L, C), d_shift (B, 1, C), d_scale
+/// (B, 1, C)), bf16. x and g contiguous rows; scale a (B, 1, C) vector.
+pub fn norm_modulate_backward(
+    x: &Tensor,
+    scale: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, c) = x.dims3()?;
+    let out = x.apply_op3_no_bwd(scale, g, &NormModulateBackward { eps })?;
+    let n = b * l * c;
+    Ok((
+        out.narrow(0, 0, n)?.reshape((b, l, c))?,
+        out.narrow(0, n, b * c)?.reshape((b, 1, c))?,
+        out.narrow(0, n + b * c, b * c)?.reshape((b, 1, c))?,
+    ))
+}
+
+struct NormModulateBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for NormModulateBackward {
+    fn name(&self) -> &'static str {
+        "norm-modulate-backward-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        sc: &CudaStorage,
+        scl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(xl, "norm_modulate_backward's input")?;
+        contiguous_rows(gl, "norm_modulate_backward's gradient")?;
+        if xl.dims() != gl.dims() {
+            bail!(
+                "norm_modulate_backward: input {:?} and gradient {:?} differ",
+                xl.dims(),
+                gl.dims()
+            )
+        }
+        let (b, l, c) = xl.shape().dims3()?;
+        let vs = vector_stride(scl, b, c, "scale")?;
+        let cfg = backward_config(b, l, c)?;
+        let blocks = cfg.grid_dim.0 as usize;
+        let dev = &x.device;
+        let n = b * l * c;
+        let out = out_storage(dev, n + 2 * b * c)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        // SAFETY: the kernel writes every partial sum (each block its rows' columns).
+        let partial = unsafe { dev.alloc::<f32>(b * blocks * 2 * c) }?;
+        let (xv, scv, gv) = (bf16_view!(x, xl), bf16_view!(sc, scl), bf16_view!(g, gl));
+        let (cols, per_batch) = (c as i32, l as i32);
+        let func = dev.get_or_load_custom_func(
+            "norm_modulate_backward_bf16",
+            MODULE,
+            super::ptx::FUSED_OPS,
+        )?;
+        let mut launch = func.builder();
+        launch.arg(&xv).arg(&scv).arg(&gv).arg(o).arg(&partial);
+        launch.arg(&cols).arg(&per_batch).arg(&vs).arg(&self.eps);
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        column_sums(dev, &partial, o, n, [b, blocks, 2, c])?;
+        Ok((out, Shape::from(n + 2 * b * c)))
+    }
+}
+
+/// [`gated_add`]'s gradients of x and of the gate from its output's `g`: (g·gate (B, L, C),
+/// Σ g·x over the tokens (B, 1, C)), bf16. (r's is g itself.)
+pub fn gated_add_backward(x: &Tensor, gate: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, l, c) = x.dims3()?;
+    let out = x.apply_op3_no_bwd(gate, g, &GatedAddBackward)?;
+    let n = b * l * c;
+    Ok((
+        out.narrow(0, 0, n)?.reshape((b, l, c))?,
+        out.narrow(0, n, b * c)?.reshape((b, 1, c))?,
+    ))
+}
+
+struct GatedAddBackward;
+
+impl CustomOp3 for GatedAddBackward {
+    fn name(&self) -> &'static str {
+        "gated-add-backward-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        gate: &CudaStorage,
+        gatel: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(xl, "gated_add_backward's input")?;
+        contiguous_rows(gl, "gated_add_backward's gradient")?;
+        if xl.dims() != gl.dims() {
+            bail!(
+                "gated_add_backward: input {:?} and gradient {:?} differ",
+                xl.dims(),
+                gl.dims()
+            )
+        }
+        let (b, l, c) = xl.shape().dims3()?;
+        let vs = vector_stride(gatel, b, c, "gate")?;
+        let cfg = backward_config(b, l, c)?;
+        let blocks = cfg.grid_dim.0 as usize;
+        let dev = &x.device;
+        let n = b * l * c;
+        let out = out_storage(dev, n + b * c)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        // SAFETY: the kernel writes every partial sum (each block its rows' columns).
+        let partial = unsafe { dev.alloc::<f32>(b * blocks * c) }?;
+        let (xv, gatev, gv) = (
+            bf16_view!(x, xl),
+            bf16_view!(gate, gatel),
+            bf16_view!(g, gl),
+        );
+        let (cols, per_batch) = (c as i32, l as i32);
+        let func =
+            dev.get_or_load_custom_func("gated_add_backward_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&xv).arg(&gatev).arg(&gv).arg(o).arg(&partial);
+        launch.arg(&cols).arg(&per_batch).arg(&vs);
+        // SAFETY: arguments match the kernel; sizes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        column_sums(dev, &partial, o, n, [b, blocks, 1, c])?;
+        Ok((out, Shape::from(n + b * c)))
+    }
+}
+
+/// Attention backward's softmax step over the last dim: p = softmax(scores · scale) and
+/// ds = p ⊙ (dp − delta), for scores and dp (…, n) contiguous bf16 and delta (…) f32 (rowsum(dO ⊙ O)).
+pub fn softmax_grad(
+    scores: &Tensor,
+    dp: &Tensor,
+    delta: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let both = scores.apply_op3_no_bwd(dp, delta, &SoftmaxGrad { scale })?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp3 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        sl: &Layout,
+        dp: &CudaStorage,
+        dpl: &Layout,
+        delta: &CudaStorage,
+        deltal: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = sl.dims().last().copied().unwrap_or(0);
+        let rows = sl.shape().elem_count() / n.max(1);
+        for (l, what) in [(sl, "scores"), (dpl, "dp")] {
+            if !l.is_contiguous() || l.start_offset() % 8 != 0 || l.dims() != sl.dims() {
+                bail!("softmax_grad: {what} must be contiguous, 16-byte aligned, of the scores' shape")
+            }
+        }
+        let CudaStorageSlice::F32(dv) = &delta.slice else {
+            bail!("softmax_grad: delta must be f32")
+        };
+        if !deltal.is_contiguous() || deltal.shape().elem_count() != rows {
+            bail!("softmax_grad: delta must hold one contiguous value a row ({rows})")
+        }
+        let dev = &s.device;
+        let out = out_storage(dev, 2 * rows * n)?;
+        let CudaStorageSlice::BF16(o) = &out.slice else {
+            unreachable!()
+        };
+        let (sv, dpv) = (bf16_view!(s, sl), bf16_view!(dp, dpl));
+        let dv = dv.slice(deltal.start_offset()..);
+        let (rows_i, n_i) = (rows as i64, n as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        let func =
+            dev.get_or_load_custom_func("softmax_grad_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&sv).arg(&dpv).arg(&dv).arg(o);
+        launch.arg(&rows_i).arg(&n_i).arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; shapes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(sl.dims());
+        Ok((out, Shape::from(dims)))
     }
 }

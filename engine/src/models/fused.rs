@@ -63,8 +63,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tens
 }
 
 /// The gradients of q, k and v of [`attention`] from the gradient `g` of its output `o` (both (B, L, H·D)):
-/// FlashAttention's backward in candle ops. The probabilities are computed again (one product and a
-/// softmax) rather than kept; `rowsum(g ⊙ o)` stands in for `rowsum(dP ⊙ P)` in softmax's backward.
+/// FlashAttention's backward in candle ops, with the softmax step (`p` and `p (dp − delta)`) one kernel on
+/// the fused path. The probabilities are computed again (one product and a softmax) rather than kept;
+/// `rowsum(g ⊙ o)` stands in for `rowsum(dP ⊙ P)` in softmax's backward.
 pub fn attention_backward(
     [q, k, v]: [&Tensor; 3],
     o: &Tensor,
@@ -75,6 +76,23 @@ pub fn attention_backward(
     let scale = 1.0 / (d as f64).sqrt();
     let heads = |t: &Tensor| t.reshape((b, l, h, d))?.transpose(1, 2)?.contiguous();
     let (o, g) = (heads(o)?, heads(g)?);
+    #[cfg(feature = "cuda")]
+    if fused_value(&[q, &g]) {
+        // The softmax and `p (dp - delta)` in one kernel: candle's passes over the (L × L) scores took
+        // 80% of this function (scripts/gpu/PREDICTIONS.md, run 23).
+        let delta = (&g * &o)?.to_dtype(DType::F32)?.sum_keepdim(D::Minus1)?;
+        let (p, ds) = crate::kernels::fused_ops::softmax_grad(
+            &q.matmul(&k.t()?)?,
+            &g.matmul(&v.t()?)?,
+            &delta,
+            scale as f32,
+        )?;
+        let dv = p.t()?.matmul(&g)?;
+        drop(p);
+        let dq = (ds.matmul(k)? * scale)?;
+        let dk = (ds.t()?.matmul(q)? * scale)?;
+        return Ok([dq, dk, dv]);
+    }
     let p = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
     let dv = p.t()?.matmul(&g)?;
     let delta = (&g * &o)?
@@ -180,13 +198,27 @@ pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core:
 
 /// The gradients of x, shift and scale of [`norm_modulate`] from its output's `g`, in f32: with
 /// x̂ = (x − μ)/σ and g' = g·(1 + scale), dx = (g' − mean(g') − x̂·mean(g'·x̂))/σ; the modulation's
-/// gradients are sums over the tokens.
+/// gradients are sums over the tokens. One kernel (and a column sum) on the fused path.
 pub fn norm_modulate_backward(
     [x, shift, scale]: [&Tensor; 3],
     _: &Tensor,
     g: &Tensor,
 ) -> candle_core::Result<[Tensor; 3]> {
     use candle_core::{DType, D};
+    #[cfg(feature = "cuda")]
+    if fused_value(&[x, g]) {
+        let (dx, d_shift, d_scale) = crate::kernels::fused_ops::norm_modulate_backward(
+            &x.detach().contiguous()?,
+            &scale.detach(),
+            &g.contiguous()?,
+            EPS,
+        )?;
+        return Ok([
+            dx,
+            d_shift.to_dtype(shift.dtype())?,
+            d_scale.to_dtype(scale.dtype())?,
+        ]);
+    }
     let c = x.dim(D::Minus1)? as f64;
     let (x32, g) = (x.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?);
     let centred = x32.broadcast_sub(&(x32.sum_keepdim(D::Minus1)? / c)?)?;
@@ -220,13 +252,23 @@ pub fn gated_add(r: &Tensor, x: &Tensor, gate: &Tensor) -> candle_core::Result<T
     r + x.broadcast_mul(gate)?
 }
 
-/// The gradients of r, x and gate of [`gated_add`]: g, g·gate, and Σ g·x over the tokens (in f32).
+/// The gradients of r, x and gate of [`gated_add`]: g, g·gate, and Σ g·x over the tokens (in f32); one
+/// kernel on the fused path.
 pub fn gated_add_backward(
     [_, x, gate]: [&Tensor; 3],
     _: &Tensor,
     g: &Tensor,
 ) -> candle_core::Result<[Tensor; 3]> {
     use candle_core::DType;
+    #[cfg(feature = "cuda")]
+    if fused_value(&[x, g]) {
+        let (dx, d_gate) = crate::kernels::fused_ops::gated_add_backward(
+            &x.detach().contiguous()?,
+            &gate.detach(),
+            &g.contiguous()?,
+        )?;
+        return Ok([g.clone(), dx, d_gate.to_dtype(gate.dtype())?]);
+    }
     let d_gate = (g.to_dtype(DType::F32)? * x.to_dtype(DType::F32)?)?
         .sum_keepdim(1)?
         .to_dtype(gate.dtype())?;
