@@ -6,7 +6,8 @@
 //   gated_add:      y = r + x * gate                    (per-batch gate vector)
 //   qkv_heads:      fused q|k|v rows -> (B, H, L, D) heads, RMS-normed q and k, RoPE on q and k
 //   gelu_cat:       [a | gelu(m)]; gelu_backward: g * gelu'(x)
-//   training backward passes: norm_modulate_backward, gated_add_backward (+ column_sums), softmax_grad
+//   training backward passes: norm_modulate_backward, gated_add_backward (+ column_sums), softmax_grad,
+//                   qkv_heads_backward
 // Rows are contiguous with `cols` a multiple of 8 (16-byte vectors).
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -379,4 +380,49 @@ extern "C" __global__ void softmax_grad_bf16(const __nv_bfloat16* __restrict__ s
             ds_out[c] = __float2bfloat16(p * (__bfloat162float(dpr[c]) - d));
         }
     }
+}
+
+// qkv_heads' backward. g: (3, B, H, L, 128) gradients of the heads; qkv: the forward's input rows as
+// qkv_heads reads them; tables: (2 + L, 128) = the q and k norm scales, then RoPE's [cos | sin] rows;
+// out: (B, L, out_row) rows, of which the first 3·H·128 columns are written (the caller zeroes the rest).
+// q and k: RoPE backwards (the rotation by −sin), times the norm scale, then the RMS norm's backward
+// dx = r·gw − x·r³·mean(gw·x); v's gradient is copied. One warp per (batch, token, head), 4 values a lane.
+extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ g,
+                                                   const __nv_bfloat16* __restrict__ tables, __nv_bfloat16* __restrict__ out,
+                                                   int batch, int len, int heads, int64_t row_stride, int64_t batch_stride,
+                                                   int64_t out_row, float eps) {
+    constexpr int D = 128;
+    const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (warp >= (int64_t)batch * len * heads) return;
+    const int h = warp % heads;
+    const int l = (warp / heads) % len;
+    const int b = warp / ((int64_t)heads * len);
+    const int64_t hd = (int64_t)heads * D;
+    const int64_t plane = (int64_t)batch * heads * len * D;
+    const __nv_bfloat16* src = qkv + b * batch_stride + l * row_stride + h * D + lane * 4;
+    const __nv_bfloat16* gs = g + (((int64_t)b * heads + h) * len + l) * D + lane * 4;
+    __nv_bfloat16* dst = out + ((int64_t)b * len + l) * out_row + h * D + lane * 4;
+    const __nv_bfloat16* rope = tables + (2 + (int64_t)l) * D;
+    const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope + lane * 2));
+    const float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope + 64 + lane * 2));
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(src + which * hd);
+        const float2 x0 = __bfloat1622float2(p[0]), x1 = __bfloat1622float2(p[1]);
+        const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(gs + which * plane);
+        const float2 g0 = __bfloat1622float2(gp[0]), g1 = __bfloat1622float2(gp[1]);
+        const __nv_bfloat162* w = reinterpret_cast<const __nv_bfloat162*>(tables + which * D + lane * 4);
+        const float2 w0 = __bfloat1622float2(w[0]), w1 = __bfloat1622float2(w[1]);
+        // The transposed rotation of each (even, odd) pair, then the norm scale.
+        const float u0 = (g0.x * cs.x + g0.y * sn.x) * w0.x, u1 = (g0.y * cs.x - g0.x * sn.x) * w0.y;
+        const float u2 = (g1.x * cs.y + g1.y * sn.y) * w1.x, u3 = (g1.y * cs.y - g1.x * sn.y) * w1.y;
+        const float r = rsqrtf(warp_sum(x0.x * x0.x + x0.y * x0.y + x1.x * x1.x + x1.y * x1.y) / D + eps);
+        const float dot = warp_sum(u0 * x0.x + u1 * x0.y + u2 * x1.x + u3 * x1.y) / D;
+        const float k = dot * r * r * r;
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dst + which * hd);
+        o[0] = __floats2bfloat162_rn(u0 * r - x0.x * k, u1 * r - x0.y * k);
+        o[1] = __floats2bfloat162_rn(u2 * r - x1.x * k, u3 * r - x1.y * k);
+    }
+    *reinterpret_cast<uint2*>(dst + 2 * hd) = *reinterpret_cast<const uint2*>(gs + 2 * plane);
 }

@@ -324,7 +324,8 @@ fn profile_attention_backward(l: usize, device: &Device) -> Result<()> {
         .to_dtype(DType::BF16)?;
     let ds = (&p * dp.broadcast_sub(&delta)?)?;
     let mm = 2.0 * (l * l * hd * heads) as f64;
-    let rows: [(&str, f64, &dyn Fn() -> Result<Tensor>); 9] = [
+    type Row<'a> = (&'a str, f64, &'a dyn Fn() -> Result<Tensor>);
+    let rows: [Row; 9] = [
         ("attention backward (whole)", 5.0 * mm, &|| {
             let [dq, dk, dv] = engine::models::fused::attention_backward([&q, &k, &v], &o, &g)?;
             Ok((dq.sum_all()? + dk.sum_all()? + dv.sum_all()?)?)
@@ -514,6 +515,19 @@ fn ops_check(device: &Device) -> Result<()> {
         let (r, x, gate) = (t(&r)?, t(&x)?, t(&mods[2])?);
         Ok(fused::gated_add_backward([&r, &x, &gate], &x, &t(&g)?)?[i].clone())
     };
+    let g3 = rand(&[3, 1, heads, l, hd], 1.0)?;
+    let qkv_back = |f32: bool| -> Result<Tensor> {
+        if f32 {
+            return Ok(fused::qkv_heads_grad(
+                &f32s(&h1)?,
+                &f32s(&g3)?,
+                heads,
+                &scales32,
+                &rope32,
+            )?);
+        }
+        Ok(fused::qkv_heads_grad(&h1, &g3, heads, &scales, &rope)?)
+    };
     type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
     let mut cases: Vec<(&str, Op, Op)> = vec![
         (
@@ -602,6 +616,11 @@ fn ops_check(device: &Device) -> Result<()> {
             Box::new(move || norm_back(i, true)),
         ));
     }
+    cases.push((
+        "qkv_heads backward",
+        Box::new(move || qkv_back(false)),
+        Box::new(move || qkv_back(true)),
+    ));
     for (name, i) in [
         ("gated_add backward: dx", 1),
         ("gated_add backward: d_gate", 2),

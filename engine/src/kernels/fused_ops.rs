@@ -740,3 +740,103 @@ impl CustomOp3 for SoftmaxGrad {
         Ok((out, Shape::from(dims)))
     }
 }
+
+/// [`qkv_heads`]' gradient of its q|k|v rows from that of its (3, B, H, L, 128) heads `g`
+/// (contiguous): (B, L, width) like `qkv`, zero past 3·H·128. `tables` is (2 + L, 128): the q and k
+/// norm scales, then the RoPE rows [cos | sin].
+pub fn qkv_heads_backward(
+    qkv: &Tensor,
+    g: &Tensor,
+    tables: &Tensor,
+    heads: usize,
+    eps: f32,
+) -> Result<Tensor> {
+    qkv.apply_op3_no_bwd(g, tables, &QkvHeadsBackward { heads, eps })
+}
+
+struct QkvHeadsBackward {
+    heads: usize,
+    eps: f32,
+}
+
+impl CustomOp3 for QkvHeadsBackward {
+    fn name(&self) -> &'static str {
+        "qkv-heads-backward-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        qkv: &CudaStorage,
+        ql: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, l, w) = ql.shape().dims3()?;
+        let h = self.heads;
+        let s = ql.stride();
+        if w < 3 * h * HEAD_DIM
+            || s[2] != 1
+            || s[1] % 4 != 0
+            || s[0] % 4 != 0
+            || ql.start_offset() % 4 != 0
+        {
+            bail!(
+                "qkv rows {:?} (strides {s:?}) do not hold {h} heads of q, k and v, 8-byte aligned",
+                ql.dims()
+            )
+        }
+        if gl.dims() != [3, b, h, l, HEAD_DIM] || !gl.is_contiguous() || gl.start_offset() % 4 != 0
+        {
+            bail!("qkv_heads_backward: the heads' gradient must be a contiguous (3, {b}, {h}, {l}, {HEAD_DIM})")
+        }
+        if tl.dims() != [2 + l, HEAD_DIM] || !tl.is_contiguous() || tl.start_offset() % 2 != 0 {
+            bail!(
+                "qkv_heads_backward: tables must be a contiguous ({}, {HEAD_DIM})",
+                2 + l
+            )
+        }
+        let dev = &qkv.device;
+        // SAFETY: the kernel writes the q, k and v columns; the rest is zeroed here.
+        let mut out = unsafe { dev.alloc(b * l * w) }?;
+        if w > 3 * h * HEAD_DIM {
+            dev.cuda_stream().memset_zeros(&mut out).w()?;
+        }
+        let (qv, gv, tv) = (bf16_view!(qkv, ql), bf16_view!(g, gl), bf16_view!(t, tl));
+        let (bi, li, hi) = (b as i32, l as i32, h as i32);
+        let (row_stride, batch_stride, out_row) = (s[1] as i64, s[0] as i64, w as i64);
+        let func =
+            dev.get_or_load_custom_func("qkv_heads_backward_bf16", MODULE, super::ptx::FUSED_OPS)?;
+        let mut launch = func.builder();
+        launch.arg(&qv).arg(&gv).arg(&tv).arg(&out);
+        launch.arg(&bi).arg(&li).arg(&hi);
+        launch
+            .arg(&row_stride)
+            .arg(&batch_stride)
+            .arg(&out_row)
+            .arg(&self.eps);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * l * h).div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; shapes checked above.
+        unsafe { launch.launch(cfg) }.w()?;
+        let out = CudaStorage {
+            slice: CudaStorageSlice::BF16(out),
+            device: dev.clone(),
+        };
+        Ok((out, Shape::from((b, l, w))))
+    }
+}

@@ -300,6 +300,7 @@ pub fn gelu_cat(a: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
 
 /// RoPE tables for a run of positions: cos and sin (L, D/2), and both side by side (L, D) for the
 /// fused kernel.
+#[derive(Clone)]
 pub struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
@@ -329,6 +330,7 @@ impl Rope {
 }
 
 /// The q and k RMS-norm scales of one attention, (D,) each, and stacked (2, D) for the fused kernel.
+#[derive(Clone)]
 pub struct QkScales {
     pub q: Tensor,
     pub k: Tensor,
@@ -366,10 +368,9 @@ pub fn qkv_heads(
             EPS,
         )?;
         if qkv.track_op() {
-            let (sq, sk) = (scales.q.clone(), scales.k.clone());
-            let (cos, sin) = (rope.cos.clone(), rope.sin.clone());
+            let (scales, rope) = (scales.clone(), rope.clone());
             out = autodiff::with_gradient(qkv, out, move |qkv, _, g| {
-                qkv_heads_backward(qkv, g, heads, [&sq, &sk], [&cos, &sin])
+                qkv_heads_grad(qkv, g, heads, &scales, &rope)
             })?;
         }
         return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
@@ -384,6 +385,34 @@ pub fn qkv_heads(
     let q = autodiff::rope_i(&q, &rope.cos, &rope.sin)?;
     let k = autodiff::rope_i(&k, &rope.cos, &rope.sin)?;
     Ok((q, k, v))
+}
+
+/// [`qkv_heads_backward`], one kernel on the fused path.
+pub fn qkv_heads_grad(
+    qkv: &Tensor,
+    g: &Tensor,
+    heads: usize,
+    scales: &QkScales,
+    rope: &Rope,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_value(&[qkv, g]) {
+        let tables = Tensor::cat(&[&scales.both, &rope.packed], 0)?;
+        return crate::kernels::fused_ops::qkv_heads_backward(
+            qkv,
+            &g.contiguous()?,
+            &tables,
+            heads,
+            EPS,
+        );
+    }
+    qkv_heads_backward(
+        qkv,
+        g,
+        heads,
+        [&scales.q, &scales.k],
+        [&rope.cos, &rope.sin],
+    )
 }
 
 /// The gradient of the fused q|k|v rows of [`qkv_heads`] from that of its stacked (3, B, H, L, D) heads
