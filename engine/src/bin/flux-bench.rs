@@ -4,7 +4,8 @@
 //!   flux-bench forward  --model DIR --inputs REF.safetensors   one transformer step vs diffusers
 //!                       [--compare-plain]                     ... and vs our own plain attention path
 //!   flux-bench generate --model DIR --size 1024 --steps 28     end-to-end timing
-//!   flux-bench profile [--size 1024]                          each op of a single block, timed alone
+//!   flux-bench profile [--size 1024]                          each op of a single block (and training's
+//!                                                             attention backward, the VAE's ops), timed alone
 //!   flux-bench train --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
 //!                    [--no-checkpointing]
 //!       LoRA training steps (forward, backward, clipping, AdamW) as the trainer takes them, on random
