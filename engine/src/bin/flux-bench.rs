@@ -108,8 +108,123 @@ fn kernels_check(_: &Device) -> Result<()> {
 #[cfg(feature = "cuda")]
 fn kernels_check(device: &Device) -> Result<()> {
     let attention = attention_check(device);
+    let optimizer = optimizer_check(device);
     ops_check(device)?;
-    attention
+    attention.and(optimizer)
+}
+
+/// The optimizer's kernels (training/optim.rs: clipping's norm, AdamW) against its plain candle ops:
+/// three clipped AdamW steps from the same f32 values and gradients, at LoRA shapes and a ragged one.
+/// Fails where a parameter, moment, clipped gradient or norm differs by more than 1e-5 of the largest
+/// magnitude of the plain path's.
+#[cfg(feature = "cuda")]
+fn optimizer_check(device: &Device) -> Result<()> {
+    use candle_core::{backprop::GradStore, Var};
+    use engine::models::fused;
+    use engine::training::optim::{clipped_grads, AdamW};
+    let shapes: [&[usize]; 3] = [&[16, 3072], &[9216, 16], &[7, 33]];
+    let randn = |std: f32| -> Result<Vec<Tensor>> {
+        Ok(shapes
+            .iter()
+            .map(|s| Tensor::randn(0f32, std, *s, device))
+            .collect::<candle_core::Result<_>>()?)
+    };
+    let init = randn(0.1)?;
+    let grads = (0..3).map(|_| randn(1.0)).collect::<Result<Vec<_>>>()?;
+    let fresh = || -> Result<AdamW> {
+        let vars = init
+            .iter()
+            .map(|t| Var::from_tensor(&t.copy()?))
+            .collect::<candle_core::Result<_>>()?;
+        AdamW::new(vars, 1e-2)
+    };
+    // A clipped step as the trainer takes it: the clipped gradients and their norm before clipping.
+    // max_norm is below the gradients' norm (~440), so that the clipping scales them.
+    let step = |opt: &mut AdamW, gs: &[Tensor], lr: f64| -> Result<(Vec<Tensor>, f64)> {
+        let mut store = GradStore::default();
+        for (v, g) in opt.vars.iter().zip(gs) {
+            store.insert(v.as_tensor(), g.clone());
+        }
+        let (clipped, norm) = clipped_grads(&opt.vars, &store, 100.0)?;
+        opt.step(&clipped, lr)?;
+        Ok((clipped, norm))
+    };
+    // A path's optimizer after three steps, the clipped gradients and norm of every step, and the
+    // time of a step (on an optimizer of its own).
+    struct Run {
+        opt: AdamW,
+        clipped: Vec<Vec<Tensor>>,
+        norms: Vec<f64>,
+        seconds: f64,
+    }
+    let run = |on: bool| -> Result<Run> {
+        fused::set_enabled(on);
+        let mut opt = fresh()?;
+        let (mut clipped, mut norms) = (Vec::new(), Vec::new());
+        for (i, gs) in grads.iter().enumerate() {
+            let (c, norm) = step(&mut opt, gs, 1e-3 * (i + 1) as f64)?;
+            clipped.push(c);
+            norms.push(norm);
+        }
+        let mut timed = fresh()?;
+        let seconds = time_median(device, 10, || {
+            Ok(step(&mut timed, &grads[0], 1e-3)?.0[0].clone())
+        })?;
+        Ok(Run {
+            opt,
+            clipped,
+            norms,
+            seconds,
+        })
+    };
+    let plain = run(false);
+    let out = run(true);
+    fused::set_enabled(true);
+    let (plain, out) = (plain?, out?);
+    // max |a − b| / max |b|
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        let max = |t: &Tensor| -> Result<f32> { Ok(t.abs()?.max_all()?.to_scalar::<f32>()?) };
+        Ok(max(&(a - b)?)? / max(b)?)
+    };
+    let mut ok = true;
+    for (i, shape) in shapes.iter().enumerate() {
+        // one per step
+        let grad = out
+            .clipped
+            .iter()
+            .zip(&plain.clipped)
+            .map(|(a, b)| rel(&a[i], &b[i]))
+            .collect::<Result<Vec<_>>>()?;
+        let [param, m, v] = [
+            rel(&out.opt.vars[i], &plain.opt.vars[i])?,
+            rel(&out.opt.m[i], &plain.opt.m[i])?,
+            rel(&out.opt.v[i], &plain.opt.v[i])?,
+        ];
+        let pass = [param, m, v].iter().chain(&grad).all(|d| *d <= 1e-5);
+        ok &= pass;
+        println!(
+            "{}",
+            serde_json::json!({"what": "optimizer", "shape": shape, "pass": pass,
+                "param_max_rel": param, "m_max_rel": m, "v_max_rel": v,
+                "clipped_grad_max_rel_per_step": grad})
+        );
+    }
+    let norm: Vec<f64> = out
+        .norms
+        .iter()
+        .zip(&plain.norms)
+        .map(|(a, b)| (a - b).abs() / b)
+        .collect();
+    let pass = norm.iter().all(|d| *d <= 1e-5);
+    ok &= pass;
+    println!(
+        "{}",
+        serde_json::json!({"what": "optimizer", "grad_norm_rel_per_step": norm, "pass": pass,
+            "plain_norms": plain.norms, "fused_norms": out.norms,
+            "fused_step_ms": out.seconds * 1e3, "plain_step_ms": plain.seconds * 1e3})
+    );
+    anyhow::ensure!(ok, "the optimizer's kernels disagree with its plain path");
+    Ok(())
 }
 
 /// The fused attention kernel against the plain path on fresh random (B, H, L, 128) heads at

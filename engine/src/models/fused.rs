@@ -14,11 +14,17 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Whether the fused kernels are switched on (they are unless [`set_enabled`] turned them off): also
+/// the switch of the optimizer's kernels (`training::optim`).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Whether the fused kernels take these inputs: switched on, bf16 on a CUDA device, and no gradient to
 /// carry (the kernels have no backward pass; a training forward takes the plain, differentiable path).
 #[cfg(feature = "cuda")]
 fn fused(inputs: &[&Tensor]) -> bool {
-    ENABLED.load(Ordering::Relaxed)
+    enabled()
         && inputs.iter().all(|t| !t.track_op())
         && crate::kernels::fused_ops::supports(inputs[0])
 }
@@ -27,7 +33,7 @@ fn fused(inputs: &[&Tensor]) -> bool {
 /// hand-written backward ([`attention`], [`norm_modulate`], [`gated_add`]).
 #[cfg(feature = "cuda")]
 fn fused_value(inputs: &[&Tensor]) -> bool {
-    ENABLED.load(Ordering::Relaxed) && crate::kernels::fused_ops::supports(inputs[0])
+    enabled() && crate::kernels::fused_ops::supports(inputs[0])
 }
 
 /// A fused kernel's `value` of three inputs, with `backward` as its gradient where an input carries one.
