@@ -137,7 +137,7 @@ fn row_strides(l: &Layout, dims: (usize, usize, usize, usize)) -> Result<[i64; 3
     if l.dims() != [dims.0, dims.1, dims.2, dims.3]
         || s[3] != 1
         || s[..3].iter().any(|x| x % 8 != 0)
-        || l.start_offset() % 8 != 0
+        || !l.start_offset().is_multiple_of(8)
     {
         bail!(
             "flash attention needs q, k, v of one shape with unit stride along the head dim and \

@@ -28,7 +28,9 @@ fn cpu_only() -> Result<(CpuStorage, Shape)> {
 }
 
 fn contiguous_rows(l: &Layout, what: &str) -> Result<()> {
-    if !l.is_contiguous() || l.start_offset() % 8 != 0 || l.dims().last().is_none_or(|c| c % 8 != 0)
+    if !l.is_contiguous()
+        || !l.start_offset().is_multiple_of(8)
+        || l.dims().last().is_none_or(|c| c % 8 != 0)
     {
         bail!(
             "{what} must be contiguous, 16-byte aligned, with a multiple of 8 columns ({:?})",
@@ -43,7 +45,7 @@ fn vector_stride(l: &Layout, batch: usize, cols: usize, what: &str) -> Result<i6
     let (s, d) = (l.stride(), l.dims());
     if d != [batch, 1, cols]
         || s[2] != 1
-        || l.start_offset() % 8 != 0
+        || !l.start_offset().is_multiple_of(8)
         || (batch > 1 && s[0] % 8 != 0)
     {
         bail!("{what} must be ({batch}, 1, {cols}) with unit stride along the last dim (got {d:?} {s:?})")
@@ -283,9 +285,9 @@ impl CustomOp3 for QkvHeads {
         let s = ql.stride();
         if w < 3 * h * HEAD_DIM
             || s[2] != 1
-            || s[1] % 4 != 0
-            || s[0] % 4 != 0
-            || ql.start_offset() % 4 != 0
+            || !s[1].is_multiple_of(4)
+            || !s[0].is_multiple_of(4)
+            || !ql.start_offset().is_multiple_of(4)
         {
             bail!(
                 "qkv rows {:?} (strides {s:?}) do not hold {h} heads of q, k and v, 8-byte aligned",
@@ -295,7 +297,8 @@ impl CustomOp3 for QkvHeads {
         if scl.dims() != [2, HEAD_DIM] || !scl.is_contiguous() {
             bail!("q/k norm scales must be a contiguous (2, {HEAD_DIM})")
         }
-        if rl.dims() != [l, HEAD_DIM] || !rl.is_contiguous() || rl.start_offset() % 2 != 0 {
+        if rl.dims() != [l, HEAD_DIM] || !rl.is_contiguous() || !rl.start_offset().is_multiple_of(2)
+        {
             bail!(
                 "rope table must be a contiguous ({l}, {HEAD_DIM}) [cos | sin], got {:?}",
                 rl.dims()
@@ -371,8 +374,8 @@ impl CustomOp2 for GeluCat {
         if (mb, ml_len) != (b, l)
             || s[2] != 1
             || cm % 8 != 0
-            || s[1] % 8 != 0
-            || ml.start_offset() % 8 != 0
+            || !s[1].is_multiple_of(8)
+            || !ml.start_offset().is_multiple_of(8)
             || (b > 1 && s[0] != l * s[1])
         {
             bail!(
@@ -788,20 +791,25 @@ impl CustomOp3 for QkvHeadsBackward {
         let s = ql.stride();
         if w < 3 * h * HEAD_DIM
             || s[2] != 1
-            || s[1] % 4 != 0
-            || s[0] % 4 != 0
-            || ql.start_offset() % 4 != 0
+            || !s[1].is_multiple_of(4)
+            || !s[0].is_multiple_of(4)
+            || !ql.start_offset().is_multiple_of(4)
         {
             bail!(
                 "qkv rows {:?} (strides {s:?}) do not hold {h} heads of q, k and v, 8-byte aligned",
                 ql.dims()
             )
         }
-        if gl.dims() != [3, b, h, l, HEAD_DIM] || !gl.is_contiguous() || gl.start_offset() % 4 != 0
+        if gl.dims() != [3, b, h, l, HEAD_DIM]
+            || !gl.is_contiguous()
+            || !gl.start_offset().is_multiple_of(4)
         {
             bail!("qkv_heads_backward: the heads' gradient must be a contiguous (3, {b}, {h}, {l}, {HEAD_DIM})")
         }
-        if tl.dims() != [2 + l, HEAD_DIM] || !tl.is_contiguous() || tl.start_offset() % 2 != 0 {
+        if tl.dims() != [2 + l, HEAD_DIM]
+            || !tl.is_contiguous()
+            || !tl.start_offset().is_multiple_of(2)
+        {
             bail!(
                 "qkv_heads_backward: tables must be a contiguous ({}, {HEAD_DIM})",
                 2 + l

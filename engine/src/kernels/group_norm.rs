@@ -52,13 +52,13 @@ impl CustomOp3 for GroupNorm {
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dims = xl.dims();
-        if dims.len() < 3 || !xl.is_contiguous() || xl.start_offset() % 8 != 0 {
+        if dims.len() < 3 || !xl.is_contiguous() || !xl.start_offset().is_multiple_of(8) {
             bail!("group norm input must be contiguous (B, C, ...), 16-byte aligned, got {dims:?}")
         }
         let (batch, channels) = (dims[0], dims[1]);
         let hw: usize = dims[2..].iter().product();
         let g = self.groups;
-        if channels % g != 0 || hw % 8 != 0 {
+        if channels % g != 0 || !hw.is_multiple_of(8) {
             bail!("group norm needs C % groups == 0 and H·W % 8 == 0, got {dims:?} in {g} groups")
         }
         for (l, what) in [(wl, "weight"), (bl, "bias")] {
