@@ -7,10 +7,11 @@
 //!   flux-bench profile [--size 1024]                          each op of a single block (and training's
 //!                                                             attention backward, the VAE's ops), timed alone
 //!   flux-bench train --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
-//!                    [--no-checkpointing]
+//!                    [--no-checkpointing] [--profile-step]
 //!       LoRA training steps (forward, backward, clipping, AdamW) as the trainer takes them, on random
 //!       FLUX.1-dev-size weights unless --model gives a diffusers folder; peft's bench_train_ref.py shapes;
-//!       gradient checkpointing per block unless --no-checkpointing
+//!       gradient checkpointing per block unless --no-checkpointing; --profile-step brackets the last step
+//!       with the CUDA profiler API, for `ncu --profile-from-start off` (scripts/gpu/train-profile.sh)
 //!   flux-bench train-check                                    training gradients: the fused kernels' values
 //!       with hand-written backward passes, with and without checkpointing, against the plain path (4 blocks)
 //! `--plain` turns the fused kernels off (CUDA builds; the CPU always takes the plain path).
@@ -971,6 +972,7 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     let rank: usize = arg(args, "--rank").map_or(Ok(16), |s| s.parse())?;
     let t5_len: usize = arg(args, "--t5-len").map_or(Ok(512), |s| s.parse())?;
     let checkpointing = !args.iter().any(|a| a == "--no-checkpointing");
+    let profile_step = args.iter().any(|a| a == "--profile-step");
     let targets = match arg(args, "--targets").as_deref() {
         None | Some("attention") => Targets::Attention,
         Some("all_linear") => Targets::AllLinear,
@@ -1009,6 +1011,11 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     // after each, so the sum is a little over the step's own time).
     let mut phases: [Vec<f64>; 3] = Default::default();
     for i in 0..steps + 2 {
+        let profiled = profile_step && i == steps + 1;
+        if profiled {
+            sync(device)?;
+            profiler(device, true)?;
+        }
         let start = Instant::now();
         lora.attach(&model, true);
         let mse = |pred: &Tensor| -> Result<Tensor> {
@@ -1038,6 +1045,9 @@ fn train(args: &[String], device: &Device) -> Result<()> {
         adam.step(&clipped, 1e-4)?;
         sync(device)?;
         let t_all = start.elapsed().as_secs_f64();
+        if profiled {
+            profiler(device, false)?;
+        }
         // The first two steps warm up kernels and the allocator, as in peft's bench.
         if i >= 2 {
             times.push(t_all);
@@ -1082,6 +1092,29 @@ fn train(args: &[String], device: &Device) -> Result<()> {
             "median_step_s": median(&times), "losses": losses})
     );
     Ok(())
+}
+
+/// Starts or stops the attached CUDA profiler's collection (a no-op without one).
+#[cfg(feature = "cuda")]
+fn profiler(device: &Device, on: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+    // The profiler API acts on the thread's current context, which candle does not leave bound.
+    device
+        .as_cuda_device()?
+        .cuda_stream()
+        .context()
+        .bind_to_thread()?;
+    if on {
+        profiler_start()?
+    } else {
+        profiler_stop()?
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler(_: &Device, _: bool) -> Result<()> {
+    anyhow::bail!("--profile-step needs a CUDA build")
 }
 
 /// The adapters' gradients of one training step on a 4-block FLUX.1-dev-width model (random bf16 weights,
