@@ -299,12 +299,12 @@ fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
         );
     }
 }
-/// Gradient checkpointing changes what is kept, not what is computed: the loss and every adapter's
-/// gradient equal those of candle's autograd over the whole pass, with adapters on every layer (the
-/// embedders and the final layer included) and on the attention only (the first block's input then
-/// needs no gradient).
+/// LoRA training's hand-written backward passes, with gradient checkpointing and without, give the loss
+/// and every adapter's gradient of candle's autograd over the whole pass (the plain ops, each with candle's
+/// own backward), with adapters on every layer (the embedders, modulations and final layer included) and
+/// on the attention only (the first block's input then needs no gradient).
 #[test]
-fn checkpointed_gradients_equal_the_whole_graphs() {
+fn hand_written_gradients_equal_candles_autograd() {
     let pipe = tiny();
     let model = &pipe.transformer;
     let r = common::reference("transformer_dev");
@@ -329,37 +329,43 @@ fn checkpointed_gradients_equal_the_whole_graphs() {
         let lora = LoraSet::new(model, targets, 4, 8.0, 0, &Device::Cpu).unwrap();
         lora.load_peft_tensors(&file).unwrap();
         lora.attach(model, true);
-        let (loss_whole, whole) = model.loss_and_grads(&inputs, &mse, false).unwrap();
-        let (loss_ckpt, ckpt) = model.loss_and_grads(&inputs, &mse, true).unwrap();
-        LoraSet::detach(model);
-        let (a, b) = (
-            loss_whole.to_scalar::<f32>().unwrap(),
-            loss_ckpt.to_scalar::<f32>().unwrap(),
-        );
-        assert_eq!(a, b, "{targets:?}: the loss");
-        let mut worst = 0f64;
-        for v in lora.vars() {
-            let (w, c) = (whole.get(v.as_tensor()), ckpt.get(v.as_tensor()));
-            let (w, c) = (w.expect("a gradient"), c.expect("a checkpointed gradient"));
+        let l = mse(&model.forward(&inputs).unwrap()).unwrap();
+        let autograd = l.backward().unwrap();
+        let want = l.to_scalar::<f32>().unwrap();
+        for checkpointing in [false, true] {
+            let (loss, grads) = model.loss_and_grads(&inputs, &mse, checkpointing).unwrap();
+            let case = format!("{targets:?}, checkpointing {checkpointing}");
+            let got = loss.to_scalar::<f32>().unwrap();
             assert!(
-                w.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    > 0.0
+                ((got - want) / want).abs() < 1e-6,
+                "{case}: loss {got} against {want}"
             );
-            worst = worst.max(common::rel_err(c, w));
+            let mut worst = 0f64;
+            for v in lora.vars() {
+                let w = autograd.get(v.as_tensor()).expect("a gradient");
+                let g = grads.get(v.as_tensor()).expect("a hand-written gradient");
+                assert!(
+                    w.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                        > 0.0
+                );
+                worst = worst.max(common::rel_err(g, w));
+            }
+            // f32 throughout: the formulas differ (the norm's and GELU's backward written out) and so
+            // does the order of additions, nothing else.
+            assert!(worst < 1e-5, "{case}: gradients differ by {worst:e}");
+            eprintln!("{case}: loss {got}, worst gradient difference {worst:e}");
+            assert_eq!(
+                grads.get_ids().count(),
+                lora.vars().len(),
+                "{case}: only the adapters' gradients are returned"
+            );
         }
-        // Only the order of additions differs (the conditioning vector's gradient is summed per block).
-        assert!(worst < 5e-6, "{targets:?}: gradients differ by {worst:e}");
-        eprintln!("{targets:?}: loss {a}, worst gradient difference {worst:e}");
-        assert_eq!(
-            ckpt.get_ids().count(),
-            lora.vars().len(),
-            "{targets:?}: only the adapters' gradients are returned"
-        );
+        LoraSet::detach(model);
     }
 }
 

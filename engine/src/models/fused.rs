@@ -287,11 +287,28 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.track_op() && fused_value(&[x]) {
         let value = x.detach().gelu()?;
-        return autodiff::with_gradient(x, value, |x, _, g| {
-            crate::kernels::fused_ops::gelu_backward(&x.contiguous()?, &g.contiguous()?)
-        });
+        return autodiff::with_gradient(x, value, |x, _, g| gelu_backward(x, g));
     }
     x.gelu()
+}
+
+/// `g · gelu′(x)` for [`gelu`]: one kernel on the fused path, in f32 otherwise, with
+/// gelu′(x) = ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3c·x²), t = tanh(√(2/π)(x + c·x³)), c = 0.044715.
+pub fn gelu_backward(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::DType;
+    #[cfg(feature = "cuda")]
+    if fused_value(&[x, g]) {
+        return crate::kernels::fused_ops::gelu_backward(&x.contiguous()?, &g.contiguous()?);
+    }
+    const C: f64 = 0.044715;
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let x32 = x.to_dtype(DType::F32)?;
+    let x2 = x32.sqr()?;
+    let t = ((&x32 + (&x2 * &x32)?.affine(C, 0.0)?)? * k)?.tanh()?;
+    let left = ((&t + 1.0)? * 0.5)?;
+    let right =
+        ((&x32 * 0.5)? * ((t.sqr()?.neg()? + 1.0)? * k)?)?.mul(&(x2.affine(3.0 * C, 1.0))?)?;
+    (g.to_dtype(DType::F32)? * (left + right)?)?.to_dtype(g.dtype())
 }
 
 /// `[a | gelu(m)]` along the last dim (tanh-approximated GELU, as FLUX's MLPs use): the single

@@ -6,6 +6,7 @@
 //! tensors `Var`s, which are applied unmerged, and leaves the base alone.
 
 use super::autodiff;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId};
 use std::cell::Cell;
 use std::sync::{Arc, RwLock};
@@ -52,6 +53,15 @@ impl Adapter {
             self.scale.to_bits(),
             self.out_offset,
         )
+    }
+
+    /// `A` and `s·B` detached, in `dtype`: the product runs in the base's precision, as peft's under
+    /// autocast, with the scale folded into the small `B`.
+    fn factors(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.down.detach().to_dtype(dtype)?,
+            (self.up.detach() * self.scale)?.to_dtype(dtype)?,
+        ))
     }
 
     fn rows(&self) -> Result<std::ops::Range<usize>> {
@@ -135,6 +145,16 @@ impl Linear {
             .iter()
             .flat_map(|a| [a.down.id(), a.up.id()])
             .collect()
+    }
+
+    /// Whether the base weight itself is trained (a full fine-tune's variable).
+    pub fn trains_weight(&self) -> bool {
+        self.state
+            .read()
+            .expect("adapter lock poisoned")
+            .base
+            .weight()
+            .is_variable()
     }
 
     pub fn adapter_count(&self) -> usize {
@@ -339,6 +359,110 @@ impl Module for Linear {
             .collect::<Result<Vec<_>>>()?;
         splice(&y, last, &sums)
     }
+}
+
+/// What [`Linear::backward`] reads of a training forward ([`Linear::forward_saved`]): the adapters it
+/// applied, the layer's input (kept only when there are adapters: the input gradient needs the weight alone)
+/// and each adapter's `A x`.
+pub struct Saved {
+    adapters: Vec<Arc<Adapter>>,
+    x: Option<Tensor>,
+    down_x: Vec<Tensor>,
+}
+
+impl Linear {
+    /// Training's forward of a frozen layer with trained adapters, recording no graph: `W x + b` through
+    /// the fused path, then each adapter's `s·B(A x)` added into its rows in place (no rebuilt output), with
+    /// what [`Linear::backward`] needs. `x` carries no gradient.
+    pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
+        let (base, adapters) = self.prepare(x)?;
+        let y = crate::models::fused::linear(&base, x)?;
+        let last = y.rank() - 1;
+        let mut down_x = Vec::with_capacity(adapters.len());
+        for a in &adapters {
+            let (down, up) = a.factors(x.dtype())?;
+            let ax = x.broadcast_matmul(&down.t()?)?;
+            let delta = ax.broadcast_matmul(&up.t()?)?;
+            let rows = a.rows()?;
+            let sum = (y.narrow(last, rows.start, rows.len())? + delta)?;
+            y.slice_set(&sum, last, rows.start)?;
+            down_x.push(ax);
+        }
+        let x = (!adapters.is_empty()).then(|| x.clone());
+        Ok((
+            y,
+            Saved {
+                adapters,
+                x,
+                down_x,
+            },
+        ))
+    }
+
+    /// The backward pass of [`Linear::forward_saved`] from the output's gradient `dy`: the adapters' factors'
+    /// gradients added into `grads` (in their own dtype, as candle's autograd gives a `Var`), and the input's
+    /// gradient `dy W + Σ s (dy B) A` when `input_grad` is set.
+    pub fn backward(
+        &self,
+        saved: Saved,
+        dy: &Tensor,
+        grads: &mut GradStore,
+        input_grad: bool,
+    ) -> Result<Option<Tensor>> {
+        let w = self
+            .state
+            .read()
+            .expect("adapter lock poisoned")
+            .base
+            .weight()
+            .clone();
+        let dims = dy.dims();
+        let out = dims[dims.len() - 1];
+        let n = dy.elem_count() / out;
+        let dy = dy.contiguous()?.reshape((n, out))?;
+        let mut dx = if input_grad {
+            Some(dy.matmul(&w)?)
+        } else {
+            None
+        };
+        for (a, ax) in saved.adapters.iter().zip(saved.down_x) {
+            let (down, up) = a.factors(dy.dtype())?;
+            let rows = a.rows()?;
+            let dy_a = dy.narrow(1, rows.start, rows.len())?.contiguous()?;
+            let ax = ax.reshape((n, a.down.dim(0)?))?;
+            let x = saved.x.as_ref().expect("inputs are saved with adapters");
+            let x = x.reshape((n, x.elem_count() / n))?;
+            // d(s·B) = dyᵀ (A x); the scale is folded into `up` as in the forward.
+            let d_up = (dy_a.t()?.matmul(&ax)? * a.scale)?;
+            let dy_up = dy_a.matmul(&up)?;
+            let d_down = dy_up.t()?.matmul(&x)?;
+            if let Some(dx) = dx.as_mut() {
+                *dx = (&*dx + dy_up.matmul(&down)?)?;
+            }
+            accumulate(grads, &a.up, d_up.to_dtype(a.up.dtype())?)?;
+            accumulate(grads, &a.down, d_down.to_dtype(a.down.dtype())?)?;
+        }
+        dx.map(|dx| {
+            dx.reshape(
+                dims.iter()
+                    .take(dims.len() - 1)
+                    .copied()
+                    .chain([w.dim(1)?])
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .transpose()
+    }
+}
+
+/// Adds `g` to `t`'s gradient in `grads`.
+fn accumulate(grads: &mut GradStore, t: &Tensor, g: Tensor) -> Result<()> {
+    let sum = match grads.remove(t) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    grads.insert(t, sum);
+    Ok(())
 }
 
 /// `y` with `delta` added to its entries `offset ..` along `dim`.

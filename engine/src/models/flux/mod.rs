@@ -1,5 +1,6 @@
 //! FLUX.1 transformer: config, checkpoint layouts, model.
 
+mod backward;
 mod config;
 pub mod layout;
 mod model;

@@ -1,9 +1,10 @@
 //! The FLUX.1 rectified-flow transformer (double-stream then single-stream blocks), written
 //! against BFL's layer names. Every linear layer is the adapter-aware [`Linear`].
 
+use super::backward::BlockGrads;
 use super::{FluxConfig, FluxWeights};
 use crate::models::fused::{self, QkScales, Rope};
-use crate::models::linear::{without_gradients, Linear};
+use crate::models::linear::Linear;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, TensorId, Var, D};
@@ -94,9 +95,9 @@ impl MlpEmbedder {
 }
 
 /// Projects `silu(vec)` to `n` modulation vectors of (B, 1, hidden).
-struct Modulation {
-    lin: Linear,
-    n: usize,
+pub(super) struct Modulation {
+    pub(super) lin: Linear,
+    pub(super) n: usize,
 }
 
 impl Modulation {
@@ -107,7 +108,7 @@ impl Modulation {
         })
     }
 
-    fn forward(&self, vec: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    pub(super) fn forward(&self, vec: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         self.lin
             .forward(&vec.silu()?)?
             .unsqueeze(1)?
@@ -123,9 +124,9 @@ fn qk_norm(w: &FluxWeights, prefix: &str, head_dim: usize) -> Result<QkScales> {
     )?)
 }
 
-struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+pub(super) struct Mlp {
+    pub(super) fc1: Linear,
+    pub(super) fc2: Linear,
 }
 
 impl Mlp {
@@ -142,12 +143,12 @@ impl Mlp {
 }
 
 /// One stream (image or text) of a double block.
-struct Stream {
-    modulation: Modulation,
-    qkv: Linear,
-    norm: QkScales,
-    proj: Linear,
-    mlp: Mlp,
+pub(super) struct Stream {
+    pub(super) modulation: Modulation,
+    pub(super) qkv: Linear,
+    pub(super) norm: QkScales,
+    pub(super) proj: Linear,
+    pub(super) mlp: Mlp,
 }
 
 impl Stream {
@@ -173,9 +174,9 @@ impl Stream {
     }
 }
 
-struct DoubleBlock {
-    img: Stream,
-    txt: Stream,
+pub(super) struct DoubleBlock {
+    pub(super) img: Stream,
+    pub(super) txt: Stream,
 }
 
 impl DoubleBlock {
@@ -235,11 +236,11 @@ impl DoubleBlock {
     }
 }
 
-struct SingleBlock {
-    modulation: Modulation,
-    linear1: Linear,
-    linear2: Linear,
-    norm: QkScales,
+pub(super) struct SingleBlock {
+    pub(super) modulation: Modulation,
+    pub(super) linear1: Linear,
+    pub(super) linear2: Linear,
+    pub(super) norm: QkScales,
 }
 
 impl SingleBlock {
@@ -434,27 +435,28 @@ impl FluxTransformer {
         self.tail(&x_all, t_len, &vec)
     }
 
-    /// `loss(forward(x))` (detached) and the gradients of the variables it depends on (the adapters).
+    /// `loss(forward(x))` (detached) and the gradients of the variables it depends on.
     ///
-    /// Without checkpointing this is candle's autograd over the whole pass, whose graph keeps every
-    /// intermediate of every block alive until the backward pass ends. With it, one pass without a graph
-    /// keeps only each block's input; then, from the last block to the first, each block is run again
-    /// from its saved input (a fresh variable) with a graph, and backpropagated from the gradient of its
-    /// output: one block's graph alive at a time. See docs/training.md.
+    /// A full fine-tune (the base weights are variables) takes candle's autograd over the whole pass. LoRA
+    /// training takes the blocks' hand-written backward passes ([`super::backward`]): the forward keeps what
+    /// each block's backward reads (with `checkpointing`, only each block's input, and the block is run
+    /// again just before its backward), then the blocks are backpropagated from the last to the first.
+    /// The head (embedders), the tail (final layer and loss) and the modulations, all small, keep candle's
+    /// autograd. See docs/training.md.
     pub fn loss_and_grads(
         &self,
         x: &FluxInputs,
         loss: &dyn Fn(&Tensor) -> Result<Tensor>,
         checkpointing: bool,
     ) -> Result<(Tensor, GradStore)> {
-        if !checkpointing {
+        if self.linears().iter().any(|l| l.trains_weight()) {
             let l = loss(&self.forward(x)?)?;
             let grads = l.backward()?;
             return Ok((l.detach(), grads));
         }
         let heads = self.cfg.num_heads;
         let rope = self.rope(x)?;
-        // Which segments have a trained layer before them, and so need the gradient of their input.
+        // Which blocks have a trained layer before them, and so must pass a gradient to their input.
         let head_trains = trains(&self.head_linears());
         let mut before = head_trains;
         let mut double_needs = Vec::with_capacity(self.double_blocks.len());
@@ -469,78 +471,59 @@ impl FluxTransformer {
         }
         let tail_needs = before;
 
-        // The forward pass without a graph (and so through the fused kernels), keeping each block's input.
-        let (vec, double_in, single_in, last) = without_gradients(|| -> Result<_> {
-            let (vec, mut img, mut txt) = self.head(x)?;
-            let mut double_in = Vec::with_capacity(self.double_blocks.len());
-            for b in &self.double_blocks {
-                double_in.push((img.clone(), txt.clone()));
-                (img, txt) = b.forward(&img, &txt, &vec, &rope, heads)?;
-            }
-            let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
-            let mut single_in = Vec::with_capacity(self.single_blocks.len());
-            for b in &self.single_blocks {
-                single_in.push(x_all.clone());
-                x_all = b.forward(&x_all, &vec, &rope, heads)?;
-            }
-            Ok((vec, double_in, single_in, x_all))
-        })?;
-        let t_len = x.txt.dim(1)?;
+        // The head keeps its graph (when it trains) until the blocks' gradients reach it. The blocks read
+        // the conditioning vector through `vec_in`, whose gradient is summed over all of them in f32.
+        let (vec, img, txt) = self.head(x)?;
+        let vec_in = Input::new(&vec.detach(), head_trains)?;
+        let t_len = txt.dim(1)?;
+        let (mut i, mut t) = (img.detach(), txt.detach());
+        let mut doubles = Vec::with_capacity(self.double_blocks.len());
+        for b in &self.double_blocks {
+            let (ni, nt, saved) = b.forward_saved(&i, &t, vec_in.tensor(), &rope, heads)?;
+            doubles.push(if checkpointing {
+                Kept::Input((i, t))
+            } else {
+                Kept::Saved(saved)
+            });
+            (i, t) = (ni, nt);
+        }
+        let mut x_all = Tensor::cat(&[&t, &i], 1)?;
+        let mut singles = Vec::with_capacity(self.single_blocks.len());
+        for b in &self.single_blocks {
+            let (y, saved) = b.forward_saved(&x_all, vec_in.tensor(), &rope, heads)?;
+            singles.push(if checkpointing {
+                Kept::Input(x_all)
+            } else {
+                Kept::Saved(saved)
+            });
+            x_all = y;
+        }
 
-        // candle's backward pass also leaves gradients for inputs that track nothing (tables, constants):
-        // only the adapters' are kept.
-        let adapter_ids: HashSet<TensorId> = self
-            .linears()
-            .iter()
-            .flat_map(|l| l.adapter_ids())
-            .collect();
-        let mut total = GradStore::default();
-        let mut keep = |grads: GradStore| -> Result<()> {
-            let mut mine = GradStore::default();
-            for id in &adapter_ids {
-                if let Some(g) = grads.get_id(*id) {
-                    mine.insert_id(*id, g.clone());
-                }
-            }
-            Ok(total.extend(mine)?)
-        };
-        // The conditioning vector feeds every block: its gradient is summed over all of them (in f32).
-        let vec_in = Input::new(&vec, head_trains)?;
-        let mut vec_grad: Option<Tensor> = None;
-        let mut add_vec_grad = |grads: &mut GradStore| -> Result<()> {
-            if let Some(g) = vec_in.take_grad(grads) {
-                let g = g.to_dtype(DType::F32)?;
-                vec_grad = Some(match vec_grad.take() {
-                    Some(sum) => (sum + g)?,
-                    None => g,
-                });
-            }
-            Ok(())
-        };
-
-        let x_in = Input::new(&last, tail_needs)?;
+        let mut gathered = Gathered::new(self, &vec_in);
+        let x_in = Input::new(&x_all, tail_needs)?;
         let l = loss(&self.tail(x_in.tensor(), t_len, vec_in.tensor())?)?;
         let mut grads = l.backward()?;
         // The final layer's graph goes now, not after the blocks.
         let l = l.detach();
         let mut x_grad = x_in.take_grad(&mut grads);
-        add_vec_grad(&mut grads)?;
-        keep(grads)?;
+        gathered.keep(grads)?;
 
-        for ((b, input), needs) in self
+        for ((b, kept), needs) in self
             .single_blocks
             .iter()
-            .zip(single_in)
+            .zip(singles)
             .zip(single_needs)
             .rev()
         {
             let Some(g) = x_grad.take() else { break };
-            let x_in = Input::new(&input, needs)?;
-            let out = b.forward(x_in.tensor(), vec_in.tensor(), &rope, heads)?;
-            let mut grads = backprop(&[(&out, &g)])?;
-            x_grad = x_in.take_grad(&mut grads);
-            add_vec_grad(&mut grads)?;
-            keep(grads)?;
+            let saved = match kept {
+                Kept::Saved(s) => s,
+                Kept::Input(x) => b.forward_saved(&x, vec_in.tensor(), &rope, heads)?.1,
+            };
+            let mut back = BlockGrads::default();
+            let dx = b.backward(saved, &g, &rope, heads, &mut back)?;
+            gathered.block(back)?;
+            x_grad = needs.then_some(dx);
         }
 
         // The joint sequence was [text | image].
@@ -551,47 +534,97 @@ impl FluxTransformer {
             )),
             None => None,
         };
-        for ((b, (img, txt)), needs) in self
+        for ((b, kept), needs) in self
             .double_blocks
             .iter()
-            .zip(double_in)
+            .zip(doubles)
             .zip(double_needs)
             .rev()
         {
             let Some((g_img, g_txt)) = stream_grads.take() else {
                 break;
             };
-            let (img_in, txt_in) = (Input::new(&img, needs)?, Input::new(&txt, needs)?);
-            let (img_out, txt_out) = b.forward(
-                img_in.tensor(),
-                txt_in.tensor(),
-                vec_in.tensor(),
-                &rope,
-                heads,
-            )?;
-            let mut grads = backprop(&[(&img_out, &g_img), (&txt_out, &g_txt)])?;
-            stream_grads = match (img_in.take_grad(&mut grads), txt_in.take_grad(&mut grads)) {
-                (Some(gi), Some(gt)) => Some((gi, gt)),
-                _ => None,
+            let saved = match kept {
+                Kept::Saved(s) => s,
+                Kept::Input((i, t)) => b.forward_saved(&i, &t, vec_in.tensor(), &rope, heads)?.2,
             };
-            add_vec_grad(&mut grads)?;
-            keep(grads)?;
+            let mut back = BlockGrads::default();
+            let d = b.backward(saved, (&g_img, &g_txt), &rope, heads, &mut back)?;
+            gathered.block(back)?;
+            stream_grads = needs.then_some(d);
         }
 
         if head_trains {
-            let (vec, img, txt) = self.head(x)?;
-            let mut pairs = Vec::new();
+            let vec_grad = gathered.vec_grad.take();
             let vec_grad = vec_grad.map(|g| g.to_dtype(vec.dtype())).transpose()?;
+            let mut pairs = Vec::new();
             if let Some(g) = &vec_grad {
                 pairs.push((&vec, g));
             }
             if let Some((g_img, g_txt)) = &stream_grads {
                 pairs.extend([(&img, g_img), (&txt, g_txt)]);
             }
-            keep(backprop(&pairs)?)?;
+            gathered.keep(backprop(&pairs)?)?;
         }
-        Ok((l, total))
+        Ok((l, gathered.total))
     }
+}
+
+/// The gradients gathered over a LoRA step's backward passes: the adapters', and the conditioning
+/// vector's summed over every block in f32.
+struct Gathered<'a> {
+    adapter_ids: HashSet<TensorId>,
+    vec_in: &'a Input,
+    vec_grad: Option<Tensor>,
+    total: GradStore,
+}
+
+impl<'a> Gathered<'a> {
+    fn new(model: &FluxTransformer, vec_in: &'a Input) -> Self {
+        Self {
+            adapter_ids: model
+                .linears()
+                .iter()
+                .flat_map(|l| l.adapter_ids())
+                .collect(),
+            vec_in,
+            vec_grad: None,
+            total: GradStore::default(),
+        }
+    }
+
+    /// A candle backward pass's gradients: the conditioning vector's is added up; of the rest only the
+    /// adapters' are kept (candle also leaves gradients for inputs that track nothing: tables, constants).
+    fn keep(&mut self, mut grads: GradStore) -> Result<()> {
+        if let Some(g) = self.vec_in.take_grad(&mut grads) {
+            let g = g.to_dtype(DType::F32)?;
+            self.vec_grad = Some(match self.vec_grad.take() {
+                Some(sum) => (sum + g)?,
+                None => g,
+            });
+        }
+        let mut mine = GradStore::default();
+        for id in &self.adapter_ids {
+            if let Some(g) = grads.get_id(*id) {
+                mine.insert_id(*id, g.clone());
+            }
+        }
+        Ok(self.total.extend(mine)?)
+    }
+
+    /// A block's backward: its adapters' gradients, and its modulations' taken through candle's graph to
+    /// the conditioning vector and any adapters of the modulation layers.
+    fn block(&mut self, grads: BlockGrads) -> Result<()> {
+        let pairs: Vec<_> = grads.modulation.iter().map(|(m, d)| (m, d)).collect();
+        self.keep(backprop(&pairs)?)?;
+        Ok(self.total.extend(grads.adapters)?)
+    }
+}
+
+/// What the forward keeps of a block for its backward: its input (checkpointing) or what the backward reads.
+enum Kept<I, S> {
+    Input(I),
+    Saved(S),
 }
 
 /// Whether any of these layers carries an adapter (in training: a trained one).

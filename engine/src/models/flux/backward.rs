@@ -1,0 +1,375 @@
+//! LoRA training's pass through the blocks without candle's autograd: each block's forward keeps what its
+//! backward reads (as torch's autograd would save it), and its backward is written out op by op with the
+//! fused kernels' backward passes. candle's graph kept every intermediate, added every gradient into a fresh
+//! zero tensor and padded each narrow's gradient to full size: 46% of a 512² step's kernel time went to its
+//! adds (scripts/gpu/PREDICTIONS.md, run 28). The modulation vectors, which come from the small
+//! conditioning vector, keep their candle graph: [`BlockGrads::modulation`] hands their gradients back.
+
+use super::model::{DoubleBlock, SingleBlock, Stream};
+use crate::models::fused::{self, Rope};
+use crate::models::linear::Saved;
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, D};
+
+/// What a block's backward gives besides its input's gradient: the adapters' gradients, and each
+/// modulation vector with its gradient, for one candle backward pass through the conditioning vector.
+#[derive(Default)]
+pub struct BlockGrads {
+    pub adapters: GradStore,
+    pub modulation: Vec<(Tensor, Tensor)>,
+}
+
+/// One stream's activations up to its attention (before it the q/k/v heads).
+struct StreamIn {
+    x: Tensor,
+    m: Vec<Tensor>,
+    qkv: Tensor,
+    qkv_saved: Saved,
+}
+
+/// One stream's activations after the attention.
+struct StreamOut {
+    attn_saved: Saved,
+    proj: Tensor,
+    x1: Tensor,
+    fc1_saved: Saved,
+    h: Tensor,
+    fc2_saved: Saved,
+    mlp: Tensor,
+}
+
+pub struct DoubleSaved {
+    img: (StreamIn, StreamOut),
+    txt: (StreamIn, StreamOut),
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+}
+
+pub struct SingleSaved {
+    x: Tensor,
+    m: Vec<Tensor>,
+    h1: Tensor,
+    h1_saved: Saved,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    out_saved: Saved,
+    out: Tensor,
+}
+
+fn detached(m: &[Tensor]) -> Vec<Tensor> {
+    m.iter().map(Tensor::detach).collect()
+}
+
+impl Stream {
+    fn forward_in(&self, x: &Tensor, vec: &Tensor) -> Result<StreamIn> {
+        let m = self.modulation.forward(vec)?;
+        let md = detached(&m);
+        let (qkv, qkv_saved) = self
+            .qkv
+            .forward_saved(&fused::norm_modulate(x, &md[0], &md[1])?)?;
+        Ok(StreamIn {
+            x: x.clone(),
+            m,
+            qkv,
+            qkv_saved,
+        })
+    }
+
+    /// The stream's output from its rows of the attention, and what the backward reads.
+    fn forward_out(&self, input: &StreamIn, attn: &Tensor) -> Result<(Tensor, StreamOut)> {
+        let md = detached(&input.m);
+        let (proj, attn_saved) = self.proj.forward_saved(&attn.contiguous()?)?;
+        let x1 = fused::gated_add(&input.x, &proj, &md[2])?;
+        let (h, fc1_saved) = self
+            .mlp
+            .fc1
+            .forward_saved(&fused::norm_modulate(&x1, &md[3], &md[4])?)?;
+        let (mlp, fc2_saved) = self.mlp.fc2.forward_saved(&fused::gelu(&h)?)?;
+        let y = fused::gated_add(&x1, &mlp, &md[5])?;
+        Ok((
+            y,
+            StreamOut {
+                attn_saved,
+                proj,
+                x1,
+                fc1_saved,
+                h,
+                fc2_saved,
+                mlp,
+            },
+        ))
+    }
+
+    /// From the stream output's gradient to its attention rows' gradient; `mods` collects the
+    /// modulation gradients (shift, scale and gate of the attention and the MLP, in that order). The
+    /// norm's and gated add's backward passes read no output value: `dy` stands in for it.
+    fn backward_out(
+        &self,
+        input: &StreamIn,
+        saved: StreamOut,
+        dy: &Tensor,
+        out: &mut BlockGrads,
+        mods: &mut [Option<Tensor>; 6],
+    ) -> Result<(Tensor, Tensor)> {
+        let grads = &mut out.adapters;
+        let md = detached(&input.m);
+        let [_, d_mlp, d_gate2] =
+            fused::gated_add_backward([&saved.x1, &saved.mlp, &md[5]], dy, dy)?;
+        let d_act = needed(
+            self.mlp
+                .fc2
+                .backward(saved.fc2_saved, &d_mlp, grads, true)?,
+        )?;
+        let d_h = fused::gelu_backward(&saved.h, &d_act)?;
+        let d_in2 = needed(self.mlp.fc1.backward(saved.fc1_saved, &d_h, grads, true)?)?;
+        let [d_x1n, d_shift2, d_scale2] =
+            fused::norm_modulate_backward([&saved.x1, &md[3], &md[4]], dy, &d_in2)?;
+        let d_x1 = (dy + d_x1n)?;
+        let [_, d_proj, d_gate1] =
+            fused::gated_add_backward([&input.x, &saved.proj, &md[2]], &d_x1, &d_x1)?;
+        let d_attn = needed(self.proj.backward(saved.attn_saved, &d_proj, grads, true)?)?;
+        mods[2] = Some(d_gate1);
+        mods[3] = Some(d_shift2);
+        mods[4] = Some(d_scale2);
+        mods[5] = Some(d_gate2);
+        Ok((d_x1, d_attn))
+    }
+
+    /// From the gradient of the stream's q/k/v heads (stacked (3, B, H, L, D)) and of its residual
+    /// `d_x1` to its input's.
+    fn backward_in(
+        &self,
+        input: StreamIn,
+        d_heads: &Tensor,
+        d_x1: Tensor,
+        (heads, rope): (usize, &Rope),
+        mut mods: [Option<Tensor>; 6],
+        out: &mut BlockGrads,
+    ) -> Result<Tensor> {
+        let md = detached(&input.m);
+        let d_qkv = fused::qkv_heads_grad(&input.qkv, d_heads, heads, &self.norm, rope)?;
+        let d_in = needed(
+            self.qkv
+                .backward(input.qkv_saved, &d_qkv, &mut out.adapters, true)?,
+        )?;
+        let [d_xn, d_shift1, d_scale1] =
+            fused::norm_modulate_backward([&input.x, &md[0], &md[1]], &d_x1, &d_in)?;
+        mods[0] = Some(d_shift1);
+        mods[1] = Some(d_scale1);
+        push_modulation(out, input.m, mods)?;
+        d_x1 + d_xn
+    }
+}
+
+/// An input gradient that was asked for.
+fn needed(t: Option<Tensor>) -> Result<Tensor> {
+    t.ok_or_else(|| candle_core::Error::Msg("an input gradient was asked for".into()))
+}
+
+fn push_modulation<const N: usize>(
+    out: &mut BlockGrads,
+    m: Vec<Tensor>,
+    grads: [Option<Tensor>; N],
+) -> Result<()> {
+    for (m, d) in m.into_iter().zip(grads) {
+        let d =
+            d.ok_or_else(|| candle_core::Error::Msg("a modulation gradient is missing".into()))?;
+        out.modulation.push((m, d));
+    }
+    Ok(())
+}
+
+/// The gradients of q, k and v of a joint attention, each split at `at` along the tokens: the text
+/// stream's heads and the image stream's, each stacked (3, B, H, L, D) as `qkv_heads_grad` reads them.
+fn split_heads(d: [Tensor; 3], at: usize) -> Result<(Tensor, Tensor)> {
+    let len = d[0].dim(2)?;
+    let part = |start, n| -> Result<Tensor> {
+        let parts = d
+            .iter()
+            .map(|t| t.narrow(2, start, n))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&parts, 0)
+    };
+    Ok((part(0, at)?, part(at, len - at)?))
+}
+
+impl DoubleBlock {
+    /// [`DoubleBlock::forward`] recording no graph (but the modulation's), keeping what
+    /// [`DoubleBlock::backward`] reads.
+    pub fn forward_saved(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+        heads: usize,
+    ) -> Result<(Tensor, Tensor, DoubleSaved)> {
+        let (t_len, i_len) = (txt.dim(1)?, img.dim(1)?);
+        let img_in = self.img.forward_in(img, vec)?;
+        let txt_in = self.txt.forward_in(txt, vec)?;
+        let (tq, tk, tv) =
+            fused::qkv_heads(&txt_in.qkv, heads, &self.txt.norm, &rope.rows(0, t_len)?)?;
+        let (iq, ik, iv) = fused::qkv_heads(
+            &img_in.qkv,
+            heads,
+            &self.img.norm,
+            &rope.rows(t_len, i_len)?,
+        )?;
+        let q = Tensor::cat(&[&tq, &iq], 2)?;
+        let k = Tensor::cat(&[&tk, &ik], 2)?;
+        let v = Tensor::cat(&[&tv, &iv], 2)?;
+        let attn = fused::attention(&q, &k, &v)?;
+        let (img_y, img_out) = self
+            .img
+            .forward_out(&img_in, &attn.narrow(1, t_len, i_len)?)?;
+        let (txt_y, txt_out) = self.txt.forward_out(&txt_in, &attn.narrow(1, 0, t_len)?)?;
+        Ok((
+            img_y,
+            txt_y,
+            DoubleSaved {
+                img: (img_in, img_out),
+                txt: (txt_in, txt_out),
+                q,
+                k,
+                v,
+                attn,
+            },
+        ))
+    }
+
+    /// The gradients of the block's image and text inputs from its outputs' `d_img` and `d_txt`.
+    pub fn backward(
+        &self,
+        saved: DoubleSaved,
+        (d_img, d_txt): (&Tensor, &Tensor),
+        rope: &Rope,
+        heads: usize,
+        out: &mut BlockGrads,
+    ) -> Result<(Tensor, Tensor)> {
+        let (img_in, img_out) = saved.img;
+        let (txt_in, txt_out) = saved.txt;
+        let (t_len, i_len) = (txt_in.x.dim(1)?, img_in.x.dim(1)?);
+        let mut img_mods: [Option<Tensor>; 6] = Default::default();
+        let mut txt_mods: [Option<Tensor>; 6] = Default::default();
+        let (d_img1, d_img_attn) =
+            self.img
+                .backward_out(&img_in, img_out, d_img, out, &mut img_mods)?;
+        let (d_txt1, d_txt_attn) =
+            self.txt
+                .backward_out(&txt_in, txt_out, d_txt, out, &mut txt_mods)?;
+        let d_attn = Tensor::cat(&[&d_txt_attn, &d_img_attn], 1)?;
+        let d = fused::attention_backward([&saved.q, &saved.k, &saved.v], &saved.attn, &d_attn)?;
+        let (d_txt_heads, d_img_heads) = split_heads(d, t_len)?;
+        let d_img = self.img.backward_in(
+            img_in,
+            &d_img_heads,
+            d_img1,
+            (heads, &rope.rows(t_len, i_len)?),
+            img_mods,
+            out,
+        )?;
+        let d_txt = self.txt.backward_in(
+            txt_in,
+            &d_txt_heads,
+            d_txt1,
+            (heads, &rope.rows(0, t_len)?),
+            txt_mods,
+            out,
+        )?;
+        Ok((d_img, d_txt))
+    }
+}
+
+impl SingleBlock {
+    /// [`SingleBlock::forward`] recording no graph (but the modulation's), keeping what
+    /// [`SingleBlock::backward`] reads.
+    pub fn forward_saved(
+        &self,
+        x: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+        heads: usize,
+    ) -> Result<(Tensor, SingleSaved)> {
+        let m = self.modulation.forward(vec)?;
+        let md = detached(&m);
+        let (h1, h1_saved) = self
+            .linear1
+            .forward_saved(&fused::norm_modulate(x, &md[0], &md[1])?)?;
+        let (q, k, v) = fused::qkv_heads(&h1, heads, &self.norm, rope)?;
+        let attn = fused::attention(&q, &k, &v)?;
+        let (out, out_saved) = self
+            .linear2
+            .forward_saved(&fused::gelu_cat(&attn, &self.mlp_input(&h1)?)?)?;
+        let y = fused::gated_add(x, &out, &md[2])?;
+        Ok((
+            y,
+            SingleSaved {
+                x: x.clone(),
+                m,
+                h1,
+                h1_saved,
+                q,
+                k,
+                v,
+                attn,
+                out_saved,
+                out,
+            },
+        ))
+    }
+
+    /// linear1's output past q, k and v: the MLP's input.
+    fn mlp_input(&self, h1: &Tensor) -> Result<Tensor> {
+        let three_hidden = 3 * self.linear2.out_features();
+        h1.narrow(D::Minus1, three_hidden, h1.dim(D::Minus1)? - three_hidden)
+    }
+
+    /// The gradient of the block's input from its output's `dy`.
+    pub fn backward(
+        &self,
+        saved: SingleSaved,
+        dy: &Tensor,
+        rope: &Rope,
+        heads: usize,
+        out: &mut BlockGrads,
+    ) -> Result<Tensor> {
+        let md = detached(&saved.m);
+        let hidden = self.linear2.out_features();
+        let [_, d_out, d_gate] = fused::gated_add_backward([&saved.x, &saved.out, &md[2]], dy, dy)?;
+        let d_cat =
+            needed(
+                self.linear2
+                    .backward(saved.out_saved, &d_out, &mut out.adapters, true)?,
+            )?;
+        let d_attn = d_cat.narrow(D::Minus1, 0, hidden)?;
+        let d_mlp = fused::gelu_backward(
+            &self.mlp_input(&saved.h1)?,
+            &d_cat.narrow(D::Minus1, hidden, d_cat.dim(D::Minus1)? - hidden)?,
+        )?;
+        let [dq, dk, dv] =
+            fused::attention_backward([&saved.q, &saved.k, &saved.v], &saved.attn, &d_attn)?;
+        drop(d_cat);
+        let d_h1 = fused::qkv_heads_grad(
+            &saved.h1,
+            &Tensor::stack(&[dq, dk, dv], 0)?,
+            heads,
+            &self.norm,
+            rope,
+        )?;
+        // qkv_heads' gradient leaves the MLP's columns zero: the MLP's goes there.
+        d_h1.slice_set(&d_mlp.contiguous()?, D::Minus1, 3 * hidden)?;
+        let d_in =
+            needed(
+                self.linear1
+                    .backward(saved.h1_saved, &d_h1, &mut out.adapters, true)?,
+            )?;
+        let [d_xn, d_shift, d_scale] =
+            fused::norm_modulate_backward([&saved.x, &md[0], &md[1]], dy, &d_in)?;
+        push_modulation(out, saved.m, [Some(d_shift), Some(d_scale), Some(d_gate)])?;
+        dy + d_xn
+    }
+}
