@@ -111,8 +111,66 @@ fn kernels_check(_: &Device) -> Result<()> {
 fn kernels_check(device: &Device) -> Result<()> {
     let attention = attention_check(device);
     let optimizer = optimizer_check(device);
+    let gemm = add_matmul_check(device);
     ops_check(device)?;
-    attention.and(optimizer)
+    attention.and(optimizer).and(gemm)
+}
+
+/// `kernels::gemm::add_matmul` (an adapter's update added into its rows in place, cuBLAS with β = 1)
+/// against the same sum in f32: a q/k/v slice of a fused layer's output (b transposed) and an input
+/// gradient (b as is). Fails at a relative L2 error over the slice past 1e-2 (the output is bf16) or if
+/// a column outside the slice changed at all.
+#[cfg(feature = "cuda")]
+fn add_matmul_check(device: &Device) -> Result<()> {
+    let randn = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)?)
+    };
+    let mut worst = 0f32;
+    for (c_shape, at, a_shape, b_shape, transposed) in [
+        (
+            &[1, 300, 9216][..],
+            3072,
+            &[1, 300, 16][..],
+            &[3072, 16][..],
+            true,
+        ),
+        (&[300, 3072][..], 0, &[300, 16][..], &[16, 3072][..], false),
+    ] {
+        let (c, a, b) = (randn(c_shape)?, randn(a_shape)?, randn(b_shape)?);
+        let before = c.to_dtype(DType::F32)?;
+        engine::kernels::gemm::add_matmul(&c, at, &a, &b, transposed)?;
+        let b32 = b.to_dtype(DType::F32)?;
+        let b32 = if transposed { b32.t()? } else { b32 };
+        let p = a.to_dtype(DType::F32)?.broadcast_matmul(&b32)?;
+        let last = c.rank() - 1;
+        let n = p.dim(last)?;
+        let want = before.slice_scatter(&(before.narrow(last, at, n)? + &p)?, last, at)?;
+        let got = c.to_dtype(DType::F32)?;
+        let err = rel_l2(&got.narrow(last, at, n)?, &want.narrow(last, at, n)?)?;
+        let diff = (&got - &want)?.abs()?;
+        let mut outside = 0f32;
+        for (start, len) in [(0, at), (at + n, c.dim(last)? - at - n)] {
+            if len > 0 {
+                let d = diff
+                    .narrow(last, start, len)?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                outside = outside.max(d);
+            }
+        }
+        println!(
+            "{}",
+            serde_json::json!({"what": "kernel_check", "op": "add_matmul", "c": c_shape, "at": at,
+                "b_transposed": transposed, "rel_l2": err, "outside_max_diff": outside})
+        );
+        anyhow::ensure!(
+            outside == 0.0,
+            "add_matmul changed columns outside its slice"
+        );
+        worst = worst.max(err);
+    }
+    anyhow::ensure!(worst < 1e-2, "add_matmul off by {worst:e}");
+    Ok(())
 }
 
 /// The optimizer's kernels (training/optim.rs: clipping's norm, AdamW) against its plain candle ops:
@@ -1063,21 +1121,19 @@ fn train(args: &[String], device: &Device) -> Result<()> {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied()
     };
-    // The graph-free forward pass alone (checkpointing's first pass), to tell it from the rest.
+    // Training's forward pass alone, to tell it from the rest.
     let mut forward_s = Vec::new();
     lora.attach(&model, true);
     for _ in 0..3 {
         let start = Instant::now();
-        engine::models::linear::without_gradients(|| {
-            model.forward(&FluxInputs {
-                img: &img,
-                img_ids: &img_ids,
-                txt: &txt,
-                txt_ids: &txt_ids,
-                timesteps: &t,
-                y: &pooled,
-                guidance: cfg.guidance_embed.then_some(&g),
-            })
+        model.training_forward(&FluxInputs {
+            img: &img,
+            img_ids: &img_ids,
+            txt: &txt,
+            txt_ids: &txt_ids,
+            timesteps: &t,
+            y: &pooled,
+            guidance: cfg.guidance_embed.then_some(&g),
         })?;
         sync(device)?;
         forward_s.push(start.elapsed().as_secs_f64());
@@ -1085,7 +1141,7 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     LoraSet::detach(&model);
     println!(
         "{}",
-        serde_json::json!({"what": "train", "graph_free_forward_s": forward_s,
+        serde_json::json!({"what": "train", "forward_s": forward_s,
             "median_grads_s": median(&phases[0]), "median_clip_s": median(&phases[1]),
             "median_adamw_s": median(&phases[2]), "size": size, "image_tokens": side * side, "text_tokens": t5_len,
             "rank": rank, "targets": format!("{targets:?}"), "checkpointing": checkpointing, "lora_params": lora.parameter_count(),

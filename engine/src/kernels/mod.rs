@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod conv;
 pub mod flash_attn;
 pub mod fused_ops;
+pub mod gemm;
 pub mod group_norm;
 
 mod ptx {

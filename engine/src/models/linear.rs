@@ -8,25 +8,7 @@
 use super::autodiff;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId};
-use std::cell::Cell;
 use std::sync::{Arc, RwLock};
-
-thread_local! {
-    static WITHOUT_GRADIENTS: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with every adapter's tensors detached: the same values with no graph recorded (so the
-/// fused kernels run). Gradient checkpointing's first pass, which only keeps each block's input.
-pub fn without_gradients<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            WITHOUT_GRADIENTS.with(|w| w.set(self.0));
-        }
-    }
-    let _restore = Restore(WITHOUT_GRADIENTS.with(|w| w.replace(true)));
-    f()
-}
 
 /// A low-rank update: `down` is (rank, in), `up` is (out, rank). `up` may cover only a slice of
 /// the output rows (a LoRA trained on `to_q` placed on a fused `qkv` layer): `out_offset` says
@@ -182,7 +164,7 @@ impl Linear {
 
 impl State {
     /// Whether a forward of `x` uses the adapters merged: when nothing takes a gradient. A training
-    /// step's adapters are `Var`s (unmerged, also in `without_gradients` passes); its samples use
+    /// step's adapters are `Var`s (unmerged); its samples use
     /// detached copies, merged like a generation's.
     fn merges_for(&self, x: &Tensor) -> bool {
         !self.adapters.is_empty()
@@ -313,21 +295,15 @@ impl Module for Linear {
         if adapters.is_empty() {
             return Ok(y);
         }
-        let detached = WITHOUT_GRADIENTS.with(Cell::get);
         let last = y.rank() - 1;
         // The updates summed per output slice (offset, update), each slice then added once.
         let mut slices: Vec<(usize, Tensor)> = Vec::new();
         for a in adapters.iter() {
-            let (down, up) = if detached {
-                (a.down.detach(), a.up.detach())
-            } else {
-                (a.down.clone(), a.up.clone())
-            };
             // Adapters may be f32 (training) over a bf16 base: the product runs in the base's precision,
             // as peft's under autocast, with the scale folded into the small `up` (no full-size f32
             // copies of the input or the update; their gradients reach the f32 factors through the casts).
-            let down = down.to_dtype(x.dtype())?;
-            let up = (up * a.scale)?.to_dtype(x.dtype())?;
+            let down = a.down.to_dtype(x.dtype())?;
+            let up = (&a.up * a.scale)?.to_dtype(x.dtype())?;
             let delta = x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?;
             let rows = delta.dim(last)?;
             match slices
@@ -377,15 +353,11 @@ impl Linear {
     pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
         let (base, adapters) = self.prepare(x)?;
         let y = crate::models::fused::linear(&base, x)?;
-        let last = y.rank() - 1;
         let mut down_x = Vec::with_capacity(adapters.len());
         for a in &adapters {
             let (down, up) = a.factors(x.dtype())?;
             let ax = x.broadcast_matmul(&down.t()?)?;
-            let delta = ax.broadcast_matmul(&up.t()?)?;
-            let rows = a.rows()?;
-            let sum = (y.narrow(last, rows.start, rows.len())? + delta)?;
-            y.slice_set(&sum, last, rows.start)?;
+            add_product(&y, a.out_offset, &ax, &up.t()?)?;
             down_x.push(ax);
         }
         let x = (!adapters.is_empty()).then(|| x.clone());
@@ -420,7 +392,7 @@ impl Linear {
         let out = dims[dims.len() - 1];
         let n = dy.elem_count() / out;
         let dy = dy.contiguous()?.reshape((n, out))?;
-        let mut dx = if input_grad {
+        let dx = if input_grad {
             Some(dy.matmul(&w)?)
         } else {
             None
@@ -436,8 +408,8 @@ impl Linear {
             let d_up = (dy_a.t()?.matmul(&ax)? * a.scale)?;
             let dy_up = dy_a.matmul(&up)?;
             let d_down = dy_up.t()?.matmul(&x)?;
-            if let Some(dx) = dx.as_mut() {
-                *dx = (&*dx + dy_up.matmul(&down)?)?;
+            if let Some(dx) = &dx {
+                add_product(dx, 0, &dy_up, &down)?;
             }
             accumulate(grads, &a.up, d_up.to_dtype(a.up.dtype())?)?;
             accumulate(grads, &a.down, d_down.to_dtype(a.down.dtype())?)?;
@@ -453,6 +425,25 @@ impl Linear {
         })
         .transpose()
     }
+}
+
+/// `y[.., at .. at + n] += a · b` in place, for `a` (.., k) and `b` (k, n): one cuBLAS product with
+/// β = 1 on the fused path, a product, an add and a copy into the slice otherwise.
+fn add_product(y: &Tensor, at: usize, a: &Tensor, b: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if crate::models::fused::enabled() && crate::kernels::gemm::supports(y) {
+        // `b` is a transposed view of a contiguous (n, k) factor or a contiguous (k, n) one.
+        let (b, transposed) = if b.t()?.is_contiguous() {
+            (b.t()?, true)
+        } else {
+            (b.contiguous()?, false)
+        };
+        return crate::kernels::gemm::add_matmul(y, at, &a.contiguous()?, &b, transposed);
+    }
+    let p = a.broadcast_matmul(b)?;
+    let last = y.rank() - 1;
+    let sum = (y.narrow(last, at, p.dim(last)?)? + p)?;
+    y.slice_set(&sum, last, at)
 }
 
 /// Adds `g` to `t`'s gradient in `grads`.
@@ -676,9 +667,9 @@ mod tests {
         Ok(())
     }
 
-    /// Training's `Var` adapters, also in a `without_gradients` pass, and a trained (`Var`) base
-    /// weight are applied unmerged; a merge made for sampling (detached copies) is undone first and
-    /// the adapters get their gradients.
+    /// Training's `Var` adapters and a trained (`Var`) base weight are applied unmerged; a merge made for
+    /// sampling (detached copies) is undone first; the adapters get their gradients, and training's
+    /// hand-written backward gives the same gradients as candle's autograd.
     #[test]
     fn training_adapters_are_not_merged() -> Result<()> {
         let (w, b) = (random(&[12, 6], DType::F32)?, random(&[12], DType::F32)?);
@@ -702,15 +693,26 @@ mod tests {
 
         let training = placed(down.as_tensor().clone(), up.as_tensor().clone());
         linear.set_adapters(training);
-        let checkpointed = without_gradients(|| linear.forward(&x))?;
+        let (trained, saved) = linear.forward_saved(&x)?;
         assert!(!merged(&linear));
         assert_eq!(bits(&weight(&linear))?, original);
-        assert!(relative(&checkpointed, &sampled)? < 1e-5);
+        assert!(relative(&trained, &sampled)? < 1e-5);
 
         let xv = Var::from_tensor(&x)?;
-        let grads = linear.forward(xv.as_tensor())?.sum_all()?.backward()?;
+        let dy = random(&[1, 3, 12], DType::F32)?;
+        let grads = (linear.forward(xv.as_tensor())? * &dy)?
+            .sum_all()?
+            .backward()?;
         assert!(!merged(&linear));
-        assert!(grads.get(down.as_tensor()).is_some() && grads.get(up.as_tensor()).is_some());
+        let mut by_hand = GradStore::default();
+        let dx = linear
+            .backward(saved, &dy, &mut by_hand, true)?
+            .expect("asked for");
+        assert!(relative(&dx, grads.get(xv.as_tensor()).expect("x's gradient"))? < 1e-5);
+        for factor in [down.as_tensor(), up.as_tensor()] {
+            let want = grads.get(factor).expect("a gradient");
+            assert!(relative(by_hand.get(factor).expect("a gradient by hand"), want)? < 1e-5);
+        }
 
         let trained = Var::from_tensor(&w)?;
         let full = Linear::new("full", trained.as_tensor().clone(), Some(b));

@@ -1,7 +1,7 @@
 //! The FLUX.1 rectified-flow transformer (double-stream then single-stream blocks), written
 //! against BFL's layer names. Every linear layer is the adapter-aware [`Linear`].
 
-use super::backward::BlockGrads;
+use super::backward::{BlockGrads, DoubleSaved, SingleSaved};
 use super::{FluxConfig, FluxWeights};
 use crate::models::fused::{self, QkScales, Rope};
 use crate::models::linear::Linear;
@@ -435,6 +435,56 @@ impl FluxTransformer {
         self.tail(&x_all, t_len, &vec)
     }
 
+    /// LoRA training's forward pass alone, as [`Self::loss_and_grads`] runs it (no graph, the adapters
+    /// unmerged and added into their rows in place) and keeping nothing: what `flux-bench train` times.
+    pub fn training_forward(&self, x: &FluxInputs) -> Result<Tensor> {
+        let (vec, img, txt) = self.head(x)?;
+        let t_len = txt.dim(1)?;
+        let (x_all, _, _) = self.forward_kept(&img, &txt, &vec, &self.rope(x)?, Keep::Nothing)?;
+        self.tail(&x_all, t_len, &vec)
+    }
+
+    /// The blocks' training forward from the head's image and text tokens: the joint sequence after the
+    /// last block, and what `keep` says to keep of each double and single block.
+    #[allow(clippy::type_complexity)]
+    fn forward_kept(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+        keep: Keep,
+    ) -> Result<(
+        Tensor,
+        Vec<Kept<(Tensor, Tensor), DoubleSaved>>,
+        Vec<Kept<Tensor, SingleSaved>>,
+    )> {
+        let heads = self.cfg.num_heads;
+        let (mut i, mut t) = (img.detach(), txt.detach());
+        let mut doubles = Vec::with_capacity(self.double_blocks.len());
+        for b in &self.double_blocks {
+            let (ni, nt, saved) = b.forward_saved(&i, &t, vec, rope, heads)?;
+            match keep {
+                Keep::Nothing => {}
+                Keep::Inputs => doubles.push(Kept::Input((i, t))),
+                Keep::Saved => doubles.push(Kept::Saved(saved)),
+            }
+            (i, t) = (ni, nt);
+        }
+        let mut x_all = Tensor::cat(&[&t, &i], 1)?;
+        let mut singles = Vec::with_capacity(self.single_blocks.len());
+        for b in &self.single_blocks {
+            let (y, saved) = b.forward_saved(&x_all, vec, rope, heads)?;
+            match keep {
+                Keep::Nothing => {}
+                Keep::Inputs => singles.push(Kept::Input(x_all)),
+                Keep::Saved => singles.push(Kept::Saved(saved)),
+            }
+            x_all = y;
+        }
+        Ok((x_all, doubles, singles))
+    }
+
     /// `loss(forward(x))` (detached) and the gradients of the variables it depends on.
     ///
     /// A full fine-tune (the base weights are variables) takes candle's autograd over the whole pass. LoRA
@@ -476,28 +526,13 @@ impl FluxTransformer {
         let (vec, img, txt) = self.head(x)?;
         let vec_in = Input::new(&vec.detach(), head_trains)?;
         let t_len = txt.dim(1)?;
-        let (mut i, mut t) = (img.detach(), txt.detach());
-        let mut doubles = Vec::with_capacity(self.double_blocks.len());
-        for b in &self.double_blocks {
-            let (ni, nt, saved) = b.forward_saved(&i, &t, vec_in.tensor(), &rope, heads)?;
-            doubles.push(if checkpointing {
-                Kept::Input((i, t))
-            } else {
-                Kept::Saved(saved)
-            });
-            (i, t) = (ni, nt);
-        }
-        let mut x_all = Tensor::cat(&[&t, &i], 1)?;
-        let mut singles = Vec::with_capacity(self.single_blocks.len());
-        for b in &self.single_blocks {
-            let (y, saved) = b.forward_saved(&x_all, vec_in.tensor(), &rope, heads)?;
-            singles.push(if checkpointing {
-                Kept::Input(x_all)
-            } else {
-                Kept::Saved(saved)
-            });
-            x_all = y;
-        }
+        let keep = if checkpointing {
+            Keep::Inputs
+        } else {
+            Keep::Saved
+        };
+        let (x_all, doubles, singles) =
+            self.forward_kept(&img, &txt, vec_in.tensor(), &rope, keep)?;
 
         let mut gathered = Gathered::new(self, &vec_in);
         let x_in = Input::new(&x_all, tail_needs)?;
@@ -621,7 +656,17 @@ impl<'a> Gathered<'a> {
     }
 }
 
-/// What the forward keeps of a block for its backward: its input (checkpointing) or what the backward reads.
+/// What a training forward keeps of each block.
+#[derive(Clone, Copy)]
+enum Keep {
+    Nothing,
+    /// Its input (gradient checkpointing: the block runs again before its backward).
+    Inputs,
+    /// What its backward reads.
+    Saved,
+}
+
+/// What the forward kept of a block for its backward.
 enum Kept<I, S> {
     Input(I),
     Saved(S),
