@@ -164,8 +164,8 @@ impl Linear {
 
 impl State {
     /// Whether a forward of `x` uses the adapters merged: when nothing takes a gradient. A training
-    /// step's adapters are `Var`s (unmerged); its samples use
-    /// detached copies, merged like a generation's.
+    /// step's adapters are `Var`s (unmerged); its samples use detached copies, merged like a
+    /// generation's.
     fn merges_for(&self, x: &Tensor) -> bool {
         !self.adapters.is_empty()
             && !x.track_op()
@@ -414,16 +414,9 @@ impl Linear {
             accumulate(grads, &a.up, d_up.to_dtype(a.up.dtype())?)?;
             accumulate(grads, &a.down, d_down.to_dtype(a.down.dtype())?)?;
         }
-        dx.map(|dx| {
-            dx.reshape(
-                dims.iter()
-                    .take(dims.len() - 1)
-                    .copied()
-                    .chain([w.dim(1)?])
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .transpose()
+        let mut in_dims = dims.to_vec();
+        in_dims[dims.len() - 1] = self.in_features;
+        dx.map(|dx| dx.reshape(in_dims)).transpose()
     }
 }
 

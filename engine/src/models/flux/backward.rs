@@ -12,14 +12,15 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, D};
 
 /// What a block's backward gives besides its input's gradient: the adapters' gradients, and each
-/// modulation vector with its gradient, for one candle backward pass through the conditioning vector.
+/// modulation vector with its gradient, for a candle backward pass through the modulation layer to the
+/// conditioning vector.
 #[derive(Default)]
 pub struct BlockGrads {
     pub adapters: GradStore,
     pub modulation: Vec<(Tensor, Tensor)>,
 }
 
-/// One stream's activations up to its attention (before it the q/k/v heads).
+/// What a double block's stream keeps from its input to its q/k/v rows.
 struct StreamIn {
     x: Tensor,
     m: Vec<Tensor>,
@@ -27,7 +28,7 @@ struct StreamIn {
     qkv_saved: Saved,
 }
 
-/// One stream's activations after the attention.
+/// What a double block's stream keeps from its attention rows to its output.
 struct StreamOut {
     attn_saved: Saved,
     proj: Tensor,
@@ -38,6 +39,7 @@ struct StreamOut {
     mlp: Tensor,
 }
 
+/// What [`DoubleBlock::backward`] reads: both streams' activations and the joint attention's.
 pub struct DoubleSaved {
     img: (StreamIn, StreamOut),
     txt: (StreamIn, StreamOut),
@@ -47,6 +49,7 @@ pub struct DoubleSaved {
     attn: Tensor,
 }
 
+/// What [`SingleBlock::backward`] reads.
 pub struct SingleSaved {
     x: Tensor,
     m: Vec<Tensor>,
@@ -60,6 +63,7 @@ pub struct SingleSaved {
     out: Tensor,
 }
 
+/// The modulation vectors' values, for the fused ops (their graph stays with the originals).
 fn detached(m: &[Tensor]) -> Vec<Tensor> {
     m.iter().map(Tensor::detach).collect()
 }
