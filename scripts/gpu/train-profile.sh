@@ -16,6 +16,7 @@ for c in ${CASES:-512-off 512}; do
     512) args="--size 512 --steps 1" ;;
     512-off) args="--size 512 --steps 1 --no-checkpointing" ;;
     1024) args="--size 1024 --steps 1" ;;
+    1024-off) args="--size 1024 --steps 1 --no-checkpointing" ;;
     *) echo "unknown case $c"; exit 2 ;;
   esac
   # shellcheck disable=SC2086
