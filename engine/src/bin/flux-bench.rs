@@ -692,6 +692,7 @@ fn ops_check(device: &Device) -> Result<()> {
         Ok(fused::gated_add_backward([&r, &x, &gate], &x, &t(&g)?)?[i].clone())
     };
     let g3 = rand(&[3, 1, heads, l, hd], 1.0)?;
+    let d_cat = rand(&[1, l, 5 * c], 1.0)?;
     let qkv_back = |f32: bool| -> Result<Tensor> {
         if f32 {
             return Ok(fused::qkv_heads_grad(
@@ -807,6 +808,28 @@ fn ops_check(device: &Device) -> Result<()> {
             Box::new(move || gate_back(i, true)),
         ));
     }
+    // a single block's MLP columns: gelu's backward read in place from linear1's output and linear2's
+    // input gradient, written into linear1's output gradient from column 3·C
+    let gelu_into = |f32: bool| -> Result<Tensor> {
+        let t = |x: &Tensor| if f32 { f32s(x) } else { Ok(x.clone()) };
+        let dst = Tensor::zeros(
+            (1, l, w1),
+            if f32 { DType::F32 } else { DType::BF16 },
+            device,
+        )?;
+        fused::gelu_backward_into(
+            &dst,
+            3 * c,
+            &t(&h1)?.narrow(2, 3 * c, 4 * c)?,
+            &t(&d_cat)?.narrow(2, c, 4 * c)?,
+        )?;
+        Ok(dst)
+    };
+    cases.push((
+        "gelu backward into linear1's gradient",
+        Box::new(move || gelu_into(false)),
+        Box::new(move || gelu_into(true)),
+    ));
     let mut ok = true;
     for (name, op, reference) in &cases {
         let want = reference()?;

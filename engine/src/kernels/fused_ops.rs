@@ -407,9 +407,86 @@ impl CustomOp2 for GeluCat {
     }
 }
 
-/// `g · gelu′(x)` (tanh-approximated GELU) for contiguous bf16 `x` and `g` of one shape: GELU's backward.
+/// A layout read as rows of its last dimension, each a unit-stride run, the rows evenly spaced (a
+/// contiguous tensor, or a slice of a contiguous tensor's columns): (rows, columns, row stride), 16-byte
+/// aligned.
+fn strided_rows(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
+    let (dims, strides) = (l.dims(), l.stride());
+    let Some((&cols, outer)) = dims.split_last() else {
+        bail!("{what} has no columns")
+    };
+    let row = if outer.is_empty() {
+        cols
+    } else {
+        strides[outer.len() - 1]
+    };
+    // The outer dimensions collapse into one run of rows `row` apart.
+    let evenly = (0..outer.len().saturating_sub(1))
+        .all(|i| dims[i] == 1 || strides[i] == strides[i + 1] * dims[i + 1]);
+    if strides[dims.len() - 1] != 1
+        || !evenly
+        || !cols.is_multiple_of(8)
+        || !row.is_multiple_of(8)
+        || !l.start_offset().is_multiple_of(8)
+    {
+        bail!(
+            "{what} must be rows of unit stride, evenly spaced, 16-byte aligned, a multiple of 8 columns \
+             ({:?}, strides {strides:?})",
+            dims
+        )
+    }
+    Ok((outer.iter().product(), cols, row))
+}
+
+/// Launches `gelu_backward_bf16`: g · gelu′(x) over x's and g's rows (one shape) into `dx` from element
+/// `at`, rows `dx_row` apart.
+fn launch_gelu_backward(
+    (x, xl): (&CudaStorage, &Layout),
+    (g, gl): (&CudaStorage, &Layout),
+    dx: &mut CudaStorage,
+    at: usize,
+    dx_row: usize,
+) -> Result<()> {
+    let (rows, cols, x_row) = strided_rows(xl, "gelu_backward's input")?;
+    let (g_rows, g_cols, g_row) = strided_rows(gl, "gelu_backward's gradient")?;
+    if (rows, cols) != (g_rows, g_cols) || xl.dims() != gl.dims() {
+        bail!(
+            "gelu_backward: input {:?} and gradient {:?} differ",
+            xl.dims(),
+            gl.dims()
+        )
+    }
+    let dev = x.device.clone();
+    let (xv, gv) = (bf16_view!(x, xl), bf16_view!(g, gl));
+    let CudaStorageSlice::BF16(d) = &mut dx.slice else {
+        bail!("fused ops take bf16 only")
+    };
+    let mut dv = d.slice_mut(at..);
+    let (x_row, g_row, dx_row, rows_i, cols_i) = (
+        x_row as i64,
+        g_row as i64,
+        dx_row as i64,
+        rows as i64,
+        cols as i32,
+    );
+    let func = dev.get_or_load_custom_func("gelu_backward_bf16", MODULE, super::ptx::FUSED_OPS)?;
+    let mut launch = func.builder();
+    launch.arg(&xv).arg(&x_row).arg(&gv).arg(&g_row);
+    launch.arg(&mut dv).arg(&dx_row).arg(&rows_i).arg(&cols_i);
+    // SAFETY: arguments match the kernel; the rows of x, g and dx were checked by the callers and above.
+    unsafe { launch.launch(grid_stride_config(rows * cols / 8)) }.w()?;
+    Ok(())
+}
+
+/// `g · gelu′(x)` (tanh-approximated GELU) for bf16 `x` and `g` of one shape, each rows of unit stride
+/// (contiguous, or a slice of columns): GELU's backward, as a new contiguous tensor.
 pub fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     x.apply_op2_no_bwd(g, &GeluBackward)
+}
+
+/// [`gelu_backward`] written into the columns `at ..` of the contiguous (rows, width) `dst`, in place.
+pub fn gelu_backward_into(dst: &Tensor, at: usize, x: &Tensor, g: &Tensor) -> Result<()> {
+    dst.inplace_op3(x, g, &GeluBackwardInto { at })
 }
 
 struct GeluBackward;
@@ -434,30 +511,124 @@ impl CustomOp2 for GeluBackward {
         g: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        contiguous_rows(xl, "gelu_backward's input")?;
-        contiguous_rows(gl, "gelu_backward's gradient")?;
-        if xl.dims() != gl.dims() {
+        let n = xl.shape().elem_count();
+        let cols = *xl.dims().last().unwrap_or(&0);
+        let mut out = out_storage(&x.device, n)?;
+        launch_gelu_backward((x, xl), (g, gl), &mut out, 0, cols)?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+struct GeluBackwardInto {
+    at: usize,
+}
+
+impl candle_core::InplaceOp3 for GeluBackwardInto {
+    fn name(&self) -> &'static str {
+        "gelu-backward-into-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        bail!("fused CUDA ops run on CUDA only; the CPU takes the plain path")
+    }
+    fn cuda_fwd(
+        &self,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        contiguous_rows(dl, "gelu_backward_into's destination")?;
+        let width = *dl.dims().last().unwrap_or(&0);
+        let (rows, cols, _) = strided_rows(xl, "gelu_backward's input")?;
+        if rows * width != dl.shape().elem_count()
+            || !self.at.is_multiple_of(8)
+            || self.at + cols > width
+        {
             bail!(
-                "gelu_backward: input {:?} and gradient {:?} differ",
-                xl.dims(),
-                gl.dims()
+                "gelu_backward_into: {:?} from column {} does not take {:?}",
+                dl.dims(),
+                self.at,
+                xl.dims()
             )
         }
-        let n = xl.shape().elem_count();
-        let dev = &x.device;
-        let out = out_storage(dev, n)?;
-        let CudaStorageSlice::BF16(o) = &out.slice else {
-            unreachable!()
-        };
-        let (xv, gv) = (bf16_view!(x, xl), bf16_view!(g, gl));
-        let n8 = (n / 8) as i64;
+        launch_gelu_backward((x, xl), (g, gl), dst, dl.start_offset() + self.at, width)
+    }
+}
+
+/// `Σ a·b` over each row of 128 of contiguous bf16 `a` and `b` of one shape (.., 128), in f32, with the
+/// last dimension kept as 1: the attention backward's `rowsum(dO ⊙ O)`.
+pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &RowDot)
+}
+
+struct RowDot;
+
+impl CustomOp2 for RowDot {
+    fn name(&self) -> &'static str {
+        "row-dot-d128-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only()
+    }
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        contiguous_rows(al, "row_dot's a")?;
+        contiguous_rows(bl, "row_dot's b")?;
+        if al.dims() != bl.dims() || al.dims().last() != Some(&128) {
+            bail!(
+                "row_dot: a {:?} and b {:?} must be one shape of rows of 128",
+                al.dims(),
+                bl.dims()
+            )
+        }
+        let rows = al.shape().elem_count() / 128;
+        let dev = &a.device;
+        // SAFETY: the kernel writes every row's sum.
+        let out = unsafe { dev.alloc::<f32>(rows) }?;
+        let (av, bv) = (bf16_view!(a, al), bf16_view!(b, bl));
+        let rows_i = rows as i64;
         let func =
-            dev.get_or_load_custom_func("gelu_backward_bf16", MODULE, super::ptx::FUSED_OPS)?;
+            dev.get_or_load_custom_func("row_dot_d128_bf16", MODULE, super::ptx::FUSED_OPS)?;
         let mut launch = func.builder();
-        launch.arg(&xv).arg(&gv).arg(o).arg(&n8);
-        // SAFETY: arguments match the kernel; both inputs hold n elements, checked above.
-        unsafe { launch.launch(grid_stride_config(n / 8)) }.w()?;
-        Ok((out, xl.shape().clone()))
+        launch.arg(&av).arg(&bv).arg(&out).arg(&rows_i);
+        // Eight warps a block, one row each.
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; a and b hold `rows` rows of 128, out `rows` floats.
+        unsafe { launch.launch(cfg) }.w()?;
+        let mut dims = al.dims().to_vec();
+        *dims.last_mut().expect("rows of 128") = 1;
+        Ok((
+            CudaStorage {
+                slice: CudaStorageSlice::F32(out),
+                device: dev.clone(),
+            },
+            Shape::from(dims),
+        ))
     }
 }
 

@@ -77,31 +77,57 @@ pub fn attention_backward(
     o: &Tensor,
     g: &Tensor,
 ) -> candle_core::Result<[Tensor; 3]> {
+    let (_, h, _, d) = q.dims4()?;
+    attention_backward_heads(
+        [q, k, v],
+        &column_heads(o, 0, h, d)?,
+        &column_heads(g, 0, h, d)?,
+    )
+}
+
+/// The (B, H, L, D) heads of the columns `first .. first + H·D` of `t` (B, L, W), in one copy when the
+/// columns fall on whole heads of a row (a single block's attention columns of linear2's input gradient).
+pub fn column_heads(t: &Tensor, first: usize, h: usize, d: usize) -> candle_core::Result<Tensor> {
+    let (b, l, w) = t.dims3()?;
+    let rows = if t.is_contiguous() && w.is_multiple_of(d) && first.is_multiple_of(d) {
+        t.reshape((b, l, w / d, d))?.narrow(2, first / d, h)?
+    } else {
+        t.narrow(2, first, h * d)?
+            .contiguous()?
+            .reshape((b, l, h, d))?
+    };
+    rows.transpose(1, 2)?.contiguous()
+}
+
+/// [`attention_backward`] with the output `o` and its gradient `g` as (B, H, L, D) heads.
+pub fn attention_backward_heads(
+    [q, k, v]: [&Tensor; 3],
+    o: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<[Tensor; 3]> {
     use candle_core::{DType, D};
-    let (b, h, l, d) = q.dims4()?;
+    let d = q.dim(3)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let heads = |t: &Tensor| t.reshape((b, l, h, d))?.transpose(1, 2)?.contiguous();
-    let (o, g) = (heads(o)?, heads(g)?);
     #[cfg(feature = "cuda")]
-    if fused_value(&[q, &g]) {
+    if fused_value(&[q, g]) {
         // The softmax and `p (dp - delta)` in one kernel: candle's passes over the (L × L) scores took
         // 80% of this function (scripts/gpu/PREDICTIONS.md, run 23).
-        let delta = (&g * &o)?.to_dtype(DType::F32)?.sum_keepdim(D::Minus1)?;
+        let delta = crate::kernels::fused_ops::row_dot(g, o)?;
         let (p, ds) = crate::kernels::fused_ops::softmax_grad(
             &q.matmul(&k.t()?)?,
             &g.matmul(&v.t()?)?,
             &delta,
             scale as f32,
         )?;
-        let dv = p.t()?.matmul(&g)?;
+        let dv = p.t()?.matmul(g)?;
         drop(p);
         let dq = (ds.matmul(k)? * scale)?;
         let dk = (ds.t()?.matmul(q)? * scale)?;
         return Ok([dq, dk, dv]);
     }
     let p = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
-    let dv = p.t()?.matmul(&g)?;
-    let delta = (&g * &o)?
+    let dv = p.t()?.matmul(g)?;
+    let delta = (g * o)?
         .to_dtype(DType::F32)?
         .sum_keepdim(D::Minus1)?
         .to_dtype(g.dtype())?;
@@ -298,7 +324,7 @@ pub fn gelu_backward(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     use candle_core::DType;
     #[cfg(feature = "cuda")]
     if fused_value(&[x, g]) {
-        return crate::kernels::fused_ops::gelu_backward(&x.contiguous()?, &g.contiguous()?);
+        return crate::kernels::fused_ops::gelu_backward(x, g);
     }
     const C: f64 = 0.044715;
     let k = (2.0 / std::f64::consts::PI).sqrt();
@@ -309,6 +335,25 @@ pub fn gelu_backward(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     let right =
         ((&x32 * 0.5)? * ((t.sqr()?.neg()? + 1.0)? * k)?)?.mul(&(x2.affine(3.0 * C, 1.0))?)?;
     (g.to_dtype(DType::F32)? * (left + right)?)?.to_dtype(g.dtype())
+}
+
+/// [`gelu_backward`] written into the columns `at ..` of the contiguous `dst` (B, L, W), in place: one
+/// kernel reading `x` and `g` where they lie on the fused path (a single block's MLP columns).
+pub fn gelu_backward_into(
+    dst: &Tensor,
+    at: usize,
+    x: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if fused_value(&[x, g]) {
+        return crate::kernels::fused_ops::gelu_backward_into(dst, at, x, g);
+    }
+    dst.slice_set(
+        &gelu_backward(x, g)?.contiguous()?,
+        candle_core::D::Minus1,
+        at,
+    )
 }
 
 /// `[a | gelu(m)]` along the last dim (tanh-approximated GELU, as FLUX's MLPs use): the single

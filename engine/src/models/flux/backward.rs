@@ -349,14 +349,12 @@ impl SingleBlock {
                 self.linear2
                     .backward(saved.out_saved, &d_out, &mut out.adapters, true)?,
             )?;
-        let d_attn = d_cat.narrow(D::Minus1, 0, hidden)?;
-        let d_mlp = fused::gelu_backward(
-            &self.mlp_input(&saved.h1)?,
-            &d_cat.narrow(D::Minus1, hidden, d_cat.dim(D::Minus1)? - hidden)?,
+        let (_, n_heads, _, head_dim) = saved.q.dims4()?;
+        let [dq, dk, dv] = fused::attention_backward_heads(
+            [&saved.q, &saved.k, &saved.v],
+            &fused::column_heads(&saved.attn, 0, n_heads, head_dim)?,
+            &fused::column_heads(&d_cat, 0, n_heads, head_dim)?,
         )?;
-        let [dq, dk, dv] =
-            fused::attention_backward([&saved.q, &saved.k, &saved.v], &saved.attn, &d_attn)?;
-        drop(d_cat);
         let d_h1 = fused::qkv_heads_grad(
             &saved.h1,
             &Tensor::stack(&[dq, dk, dv], 0)?,
@@ -365,7 +363,13 @@ impl SingleBlock {
             rope,
         )?;
         // qkv_heads' gradient leaves the MLP's columns zero: the MLP's goes there.
-        d_h1.slice_set(&d_mlp.contiguous()?, D::Minus1, 3 * hidden)?;
+        fused::gelu_backward_into(
+            &d_h1,
+            3 * hidden,
+            &self.mlp_input(&saved.h1)?,
+            &d_cat.narrow(D::Minus1, hidden, d_cat.dim(D::Minus1)? - hidden)?,
+        )?;
+        drop(d_cat);
         let d_in =
             needed(
                 self.linear1
