@@ -677,7 +677,8 @@ fn trains(linears: &[&Linear]) -> bool {
     linears.iter().any(|l| l.adapter_count() > 0)
 }
 
-/// A checkpointed segment's saved input: a fresh variable when the gradient must flow past it.
+/// Where a candle graph starts inside a training step (the tail's input, the conditioning vector): a fresh
+/// variable when the gradient must flow past it.
 enum Input {
     Variable(Var),
     Fixed(Tensor),
@@ -708,7 +709,7 @@ impl Input {
     }
 }
 
-/// Backpropagates the output gradients `grad` of the segment outputs `out`: the gradients of
+/// Backpropagates the output gradients `grad` of the graph outputs `out`: the gradients of
 /// `Σ sum(out ⊙ grad)`, whose gradient with respect to each `out` is its `grad`.
 fn backprop(pairs: &[(&Tensor, &Tensor)]) -> Result<GradStore> {
     let mut surrogate: Option<Tensor> = None;
