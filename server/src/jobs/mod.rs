@@ -217,15 +217,18 @@ impl Shared {
             );
             self.hub.close(&job);
             published.map_err(Shared::store_error("recording the cancellation"))?;
-        } else if let Some(flag) = self.cancels().get(&id) {
-            // Running: the worker stops at its next step and records the cancellation itself.
+        } else if let Some(flag) = self.cancels().get(&id).cloned() {
+            // Running: the worker stops at its next step and records the cancellation itself. A job that
+            // has just ended still holds its flag for a moment (the worker records its last status, then
+            // lets go of the flag): that one is finished, as below.
             flag.store(true, Ordering::SeqCst);
-        } else {
             let record = self.record(id)?;
-            return Err(ApiError::conflict(format!(
-                "job {job} is already {}",
-                record.status.as_str()
-            )));
+            if record.status.is_finished() {
+                return Err(already(&record));
+            }
+            return Ok(record);
+        } else {
+            return Err(already(&self.record(id)?));
         }
         self.record(id)
     }
@@ -236,6 +239,15 @@ impl Shared {
             .map_err(Shared::store_error("reading the job"))?
             .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
     }
+}
+
+/// The 409 for cancelling a job that has finished.
+fn already(record: &JobRecord) -> ApiError {
+    ApiError::conflict(format!(
+        "job {} is already {}",
+        record.id,
+        record.status.as_str()
+    ))
 }
 
 /// A job folder with no job row is an upload the last process never acknowledged (killed mid-upload):
