@@ -1087,6 +1087,15 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     let (img_ids, txt_ids) = (image_ids(side, side, device)?, text_ids(t5_len, device)?);
     let t = Tensor::new(&[0.5f32], device)?;
     let g = Tensor::new(&[1.0f32], device)?;
+    let inputs = FluxInputs {
+        img: &img,
+        img_ids: &img_ids,
+        txt: &txt,
+        txt_ids: &txt_ids,
+        timesteps: &t,
+        y: &pooled,
+        guidance: cfg.guidance_embed.then_some(&g),
+    };
     let mut times = Vec::new();
     let mut losses = Vec::new();
     // Where a step's time goes: the loss and gradients, the clipping, the AdamW update (synchronised
@@ -1103,19 +1112,7 @@ fn train(args: &[String], device: &Device) -> Result<()> {
         let mse = |pred: &Tensor| -> Result<Tensor> {
             Ok((pred.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?)
         };
-        let out = model.loss_and_grads(
-            &FluxInputs {
-                img: &img,
-                img_ids: &img_ids,
-                txt: &txt,
-                txt_ids: &txt_ids,
-                timesteps: &t,
-                y: &pooled,
-                guidance: cfg.guidance_embed.then_some(&g),
-            },
-            &mse,
-            checkpointing,
-        );
+        let out = model.loss_and_grads(&inputs, &mse, checkpointing);
         LoraSet::detach(&model);
         let (loss, grads) = out?;
         sync(device)?;
@@ -1149,15 +1146,7 @@ fn train(args: &[String], device: &Device) -> Result<()> {
     lora.attach(&model, true);
     for _ in 0..3 {
         let start = Instant::now();
-        model.training_forward(&FluxInputs {
-            img: &img,
-            img_ids: &img_ids,
-            txt: &txt,
-            txt_ids: &txt_ids,
-            timesteps: &t,
-            y: &pooled,
-            guidance: cfg.guidance_embed.then_some(&g),
-        })?;
+        model.training_forward(&inputs)?;
         sync(device)?;
         forward_s.push(start.elapsed().as_secs_f64());
     }

@@ -215,18 +215,7 @@ impl DoubleBlock {
         let (t_len, i_len) = (txt.dim(1)?, img.dim(1)?);
         let img_in = self.img.forward_in(img, vec)?;
         let txt_in = self.txt.forward_in(txt, vec)?;
-        let (tq, tk, tv) =
-            fused::qkv_heads(&txt_in.qkv, heads, &self.txt.norm, &rope.rows(0, t_len)?)?;
-        let (iq, ik, iv) = fused::qkv_heads(
-            &img_in.qkv,
-            heads,
-            &self.img.norm,
-            &rope.rows(t_len, i_len)?,
-        )?;
-        let q = Tensor::cat(&[&tq, &iq], 2)?;
-        let k = Tensor::cat(&[&tk, &ik], 2)?;
-        let v = Tensor::cat(&[&tv, &iv], 2)?;
-        let attn = fused::attention(&q, &k, &v)?;
+        let [q, k, v, attn] = self.joint_attention(&txt_in.qkv, &img_in.qkv, rope, heads)?;
         let (img_y, img_out) = self
             .img
             .forward_out(&img_in, &attn.narrow(1, t_len, i_len)?)?;
