@@ -10,6 +10,8 @@ fn main() {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
         cudaforge::KernelBuilder::new()
             .source_dir("kernels")
+            // Headers are not sources: a change to one rebuilds the kernels that include it.
+            .watch(["kernels/attention.cuh"])
             .args(["-std=c++17", "-O3", "--use_fast_math"])
             .build_ptx()
             .and_then(|ptx| ptx.write(out.join("ptx.rs")))

@@ -9,28 +9,15 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "attention.cuh"
+
 namespace {
 
-constexpr int D = 128;         // head dim
-constexpr int BC = 64;         // keys per tile
-constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-constexpr int TILE = BC * D;   // elements in one K or V tile
+using namespace attn;
 
 // Element offset of chunk `c` of row `r` in a [rows][D] tile: chunks are XOR-swizzled with the row so
 // that ldmatrix's eight row reads of one column hit eight different bank groups.
 __device__ __forceinline__ int swz(int r, int c) { return r * D + ((c ^ (r & 7)) << 3); }
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; `valid` false writes zeros (rows past the sequence end).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -50,11 +37,6 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // Loads rows [row0, row0 + ROWS) of one (batch, head) into a swizzled tile; rows >= n become zeros.
@@ -78,7 +60,7 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat
 template <int WARPS>
 __device__ __forceinline__ void flash_attn_fwd(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                                                const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out,
-                                               int n, int heads, float scale_log2,
+                                               float* __restrict__ lse, int n, int heads, float scale_log2,
                                                int64_t q_sb, int64_t q_sh, int64_t q_sn,
                                                int64_t k_sb, int64_t k_sh, int64_t k_sn,
                                                int64_t v_sb, int64_t v_sh, int64_t v_sn) {
@@ -217,6 +199,11 @@ __device__ __forceinline__ void flash_attn_fwd(const __nv_bfloat16* __restrict__
     const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
     const int row_lo = q0 + warp * 16 + lane / 4, row_hi = row_lo + 8;
     const int col = (lane % 4) * 2;
+    if (lse != nullptr && lane % 4 == 0) {
+        float* lb = lse + ((int64_t)b * heads + h) * n;
+        if (row_lo < n) lb[row_lo] = m_lo + log2f(l_lo);
+        if (row_hi < n) lb[row_hi] = m_hi + log2f(l_hi);
+    }
     const int64_t out_row = (int64_t)heads * D;
     __nv_bfloat16* ob = out + (int64_t)b * n * out_row + (int64_t)h * D + col;
 #pragma unroll
@@ -229,14 +216,114 @@ __device__ __forceinline__ void flash_attn_fwd(const __nv_bfloat16* __restrict__
 #endif
 }
 
+// The first half of attention's backward for 16 query rows a warp (WARPS warps) of one (batch, head),
+// walking the keys 64 at a time as the forward does: with S = Q Kᵀ and dP = dO Vᵀ computed here,
+// P = exp2(S · scale_log2 − lse) (the forward's log-sum-exp, so no second softmax pass) and
+// dS = P (dP − delta) · scale are written out in bf16; the three products that follow (dV = Pᵀ dO,
+// dQ = dS K, dK = dSᵀ Q) are cuBLAS's. S and dP never reach memory.
+//
+// q, k, v, g (= dO): (B, H, N, D) with the strides as in flash_attn_fwd (g's given separately); lse and
+// delta: contiguous (B, H, N) f32; p and ds: contiguous (B, H, N, N). Grid: (ceil(N / (16·WARPS)), H, B);
+// 32·WARPS threads; dynamic shared memory: the Q and dO tiles and two K and two V tiles.
+template <int WARPS>
+__device__ __forceinline__ void flash_attn_bwd_probs(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                                     const __nv_bfloat16* __restrict__ v, const __nv_bfloat16* __restrict__ g,
+                                                     const float* __restrict__ lse, const float* __restrict__ delta,
+                                                     __nv_bfloat16* __restrict__ p, __nv_bfloat16* __restrict__ ds,
+                                                     int n, int heads, float scale_log2, float scale,
+                                                     int64_t q_sb, int64_t q_sh, int64_t q_sn,
+                                                     int64_t k_sb, int64_t k_sh, int64_t k_sn,
+                                                     int64_t v_sb, int64_t v_sh, int64_t v_sn,
+                                                     int64_t g_sb, int64_t g_sh, int64_t g_sn) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    constexpr int BR = WARPS * 16;
+    constexpr int THREADS = WARPS * 32;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    __nv_bfloat16* sg = sq + BR * D;
+    __nv_bfloat16* sk = sg + BR * D;    // two K tiles
+    __nv_bfloat16* sv = sk + 2 * TILE;  // two V tiles
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int q0 = blockIdx.x * BR, h = blockIdx.y, b = blockIdx.z;
+    const __nv_bfloat16* kb = k + b * k_sb + h * k_sh;
+    const __nv_bfloat16* vb = v + b * v_sb + h * v_sh;
+
+    load_tile<BR, THREADS>(sq, q + b * q_sb + h * q_sh, q_sn, q0, n, tid);
+    load_tile<BR, THREADS>(sg, g + b * g_sb + h * g_sh, g_sn, q0, n, tid);
+    load_tile<BC, THREADS>(sk, kb, k_sn, 0, n, tid);
+    load_tile<BC, THREADS>(sv, vb, v_sn, 0, n, tid);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    // This warp's 16 rows of Q and of dO as A fragments.
+    uint32_t qf[D / 16][4], gf[D / 16][4];
+    {
+        int r = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            ldsm_x4(qf[kk], smem_addr(sq + swz(r, kk * 2 + lane / 16)));
+            ldsm_x4(gf[kk], smem_addr(sg + swz(r, kk * 2 + lane / 16)));
+        }
+    }
+    const int64_t bh = (int64_t)b * heads + h;
+    const int row0 = q0 + warp * 16;  // this warp's first row
+    const RowStats stats(lse, delta, bh, row0 + lane / 4, n);
+    // The staging of this warp's P and dS: its own rows of the Q and dO tiles, free once their fragments
+    // are in registers (a warp's 16 rows span 4096 bytes, a staging 2304).
+    __nv_bfloat16* st_p = sq + warp * 16 * D;
+    __nv_bfloat16* st_ds = sg + warp * 16 * D;
+    static_assert(STAGED <= 16 * D, "a staging fits in a warp's rows of a tile");
+
+    const int tiles = (n + BC - 1) / BC;
+    for (int j = 0; j < tiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < tiles) {
+            load_tile<BC, THREADS>(sk + (buf ^ 1) * TILE, kb, k_sn, (j + 1) * BC, n, tid);
+            load_tile<BC, THREADS>(sv + (buf ^ 1) * TILE, vb, v_sn, (j + 1) * BC, n, tid);
+            cp_async_commit();
+        }
+        const __nv_bfloat16* tk = sk + buf * TILE;
+        const __nv_bfloat16* tv = sv + buf * TILE;
+
+        // S = Q Kᵀ and dP = dO Vᵀ, 16 rows x 64 keys each: V's rows are read as K's are.
+        float s[BC / 8][4], dp[BC / 8][4];
+#pragma unroll
+        for (int i = 0; i < BC / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < BC / 16; ++np) {
+                uint32_t bk[4], bv[4];
+                int r = np * 16 + (lane % 8) + (lane / 16) * 8;
+                ldsm_x4(bk, smem_addr(tk + swz(r, kk * 2 + (lane / 8) % 2)));
+                ldsm_x4(bv, smem_addr(tv + swz(r, kk * 2 + (lane / 8) % 2)));
+                mma(s[2 * np], qf[kk], bk[0], bk[1]);
+                mma(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+                mma(dp[2 * np], gf[kk], bv[0], bv[1]);
+                mma(dp[2 * np + 1], gf[kk], bv[2], bv[3]);
+            }
+        }
+
+        store_probs_grad(s, dp, stats, scale_log2, scale, st_p, st_ds, p, ds, bh, row0, j * BC, n, lane);
+
+        if (j + 1 < tiles) cp_async_wait_all();
+        __syncthreads();
+    }
+#endif
+}
+
 }  // namespace
 
 #define FLASH_ATTN_ARGS                                                                                   \
     const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,                             \
-        const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ out, int n, int heads,           \
-        float scale_log2, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh,           \
+        const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ out, float *__restrict__ lse,     \
+        int n, int heads, float scale_log2, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh,           \
         int64_t k_sn, int64_t v_sb, int64_t v_sh, int64_t v_sn
-#define FLASH_ATTN_PASS q, k, v, out, n, heads, scale_log2, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn
+#define FLASH_ATTN_PASS q, k, v, out, lse, n, heads, scale_log2, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn
 
 // 64 query rows a block, two blocks an SM.
 extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_fwd_bf16_d128_r64(FLASH_ATTN_ARGS) {
@@ -245,4 +332,15 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_fwd_bf16_d128_r6
 // 128 query rows a block, one block an SM.
 extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_fwd_bf16_d128_r128(FLASH_ATTN_ARGS) {
     flash_attn_fwd<8>(FLASH_ATTN_PASS);
+}
+
+// The backward's probabilities and score gradients, 64 query rows a block, two blocks an SM.
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_bwd_probs_bf16_d128_r64(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+    const __nv_bfloat16* __restrict__ g, const float* __restrict__ lse, const float* __restrict__ delta,
+    __nv_bfloat16* __restrict__ p, __nv_bfloat16* __restrict__ ds, int n, int heads, float scale_log2, float scale,
+    int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh, int64_t k_sn, int64_t v_sb, int64_t v_sh,
+    int64_t v_sn, int64_t g_sb, int64_t g_sh, int64_t g_sn) {
+    flash_attn_bwd_probs<4>(q, k, v, g, lse, delta, p, ds, n, heads, scale_log2, scale, q_sb, q_sh, q_sn, k_sb, k_sh,
+                            k_sn, v_sb, v_sh, v_sn, g_sb, g_sh, g_sn);
 }

@@ -15,35 +15,18 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "attention.cuh"
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 namespace {
 
-constexpr int D = 128;        // head dim
-constexpr int HALF = 64;      // head dims in one 128-byte swizzled row
-constexpr int BC = 64;        // keys per tile
-constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-constexpr int TILE = BC * D;  // elements in one K or V tile
+using namespace attn;
+constexpr int HALF = 64;  // head dims in one 128-byte swizzled row
 
 // Element offset of chunk `c` (0..15) of row `r` in a tile of `rows` rows: half `c / 8` holds rows of
 // 64 dims; within it chunk `c % 8` is XOR-swizzled with the row (wgmma's 128-byte swizzle).
 __device__ __forceinline__ int swz(int rows, int r, int c) {
     return (c >> 3) * rows * HALF + r * HALF + (((c & 7) ^ (r & 7)) << 3);
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 template <int ROWS, int THREADS>
@@ -194,7 +177,7 @@ __device__ __forceinline__ void rescale(float (&o)[D / 8][4], float a_lo, float 
 template <int WGS>
 __device__ __forceinline__ void flash_attn_wgmma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                                                  const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out,
-                                                 int n, int heads, float scale_log2,
+                                                 float* __restrict__ lse, int n, int heads, float scale_log2,
                                                  int64_t q_sb, int64_t q_sh, int64_t q_sn,
                                                  int64_t k_sb, int64_t k_sh, int64_t k_sn,
                                                  int64_t v_sb, int64_t v_sh, int64_t v_sn) {
@@ -290,6 +273,11 @@ __device__ __forceinline__ void flash_attn_wgmma(const __nv_bfloat16* __restrict
     const float inv_lo = 1.f / sm.l_lo, inv_hi = 1.f / sm.l_hi;
     const int row_lo = q0 + wg * 64 + warp * 16 + lane / 4, row_hi = row_lo + 8;
     const int col = (lane % 4) * 2;
+    if (lse != nullptr && lane % 4 == 0) {
+        float* lb = lse + ((int64_t)b * heads + h) * n;
+        if (row_lo < n) lb[row_lo] = sm.m_lo + log2f(sm.l_lo);
+        if (row_hi < n) lb[row_hi] = sm.m_hi + log2f(sm.l_hi);
+    }
     const int64_t out_row = (int64_t)heads * D;
     __nv_bfloat16* ob = out + (int64_t)b * n * out_row + (int64_t)h * D + col;
 #pragma unroll
@@ -301,18 +289,114 @@ __device__ __forceinline__ void flash_attn_wgmma(const __nv_bfloat16* __restrict
     }
 }
 
+// The backward's probabilities and score gradients (flash_attn.cu's flash_attn_bwd_probs, which says
+// what they are) on warpgroup MMAs: per 64-key tile, S = Q Kᵀ and dP = dO Vᵀ are issued together,
+// both operands read from shared memory as the forward's S is. Q and dO stay in shared memory (wgmma
+// reads them every tile), so P and dS are staged in a region of their own. Grid: (ceil(N / (64·WGS)),
+// H, B); 128·WGS threads; dynamic shared memory: 1024 bytes of alignment slack, the Q and dO tiles, two
+// K and two V tiles, and 16 rows of P and of dS a warp.
+template <int WGS>
+__device__ __forceinline__ void flash_attn_bwd_probs_wgmma(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+    const __nv_bfloat16* __restrict__ g, const float* __restrict__ lse, const float* __restrict__ delta,
+    __nv_bfloat16* __restrict__ p, __nv_bfloat16* __restrict__ ds, int n, int heads, float scale_log2, float scale,
+    int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh, int64_t k_sn, int64_t v_sb, int64_t v_sh,
+    int64_t v_sn, int64_t g_sb, int64_t g_sh, int64_t g_sn) {
+    constexpr int BR = WGS * 64;
+    constexpr int THREADS = WGS * 128;
+    constexpr int STAGES = 2;
+    extern __shared__ unsigned char smem_raw[];
+    __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(
+        smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+    __nv_bfloat16* sg = sq + BR * D;
+    __nv_bfloat16* sk = sg + BR * D;         // STAGES K tiles
+    __nv_bfloat16* sv = sk + STAGES * TILE;  // STAGES V tiles
+    __nv_bfloat16* staged = sv + STAGES * TILE;
+
+    const int tid = threadIdx.x, lane = tid % 32, wg = tid / 128, warp = (tid / 32) % 4;
+    const int q0 = blockIdx.x * BR, h = blockIdx.y, b = blockIdx.z;
+    const __nv_bfloat16* kb = k + b * k_sb + h * k_sh;
+    const __nv_bfloat16* vb = v + b * v_sb + h * v_sh;
+    const int tiles = (n + BC - 1) / BC;
+    auto load_kv = [&](int t) {
+        const int st = t % STAGES;
+        load_tile<BC, THREADS>(sk + st * TILE, kb, k_sn, t * BC, n, tid);
+        load_tile<BC, THREADS>(sv + st * TILE, vb, v_sn, t * BC, n, tid);
+    };
+    constexpr uint32_t ATOM = 1024;
+    const __nv_bfloat16* sq_wg = sq + wg * 64 * HALF;
+    const __nv_bfloat16* sg_wg = sg + wg * 64 * HALF;
+    // S = Q Kᵀ and dP = dO Vᵀ for tile t in one commit group.
+    auto issue = [&](float (&s)[BC / 8][4], float (&dp)[BC / 8][4], int t) {
+        const __nv_bfloat16* tk = sk + (t % STAGES) * TILE;
+        const __nv_bfloat16* tv = sv + (t % STAGES) * TILE;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int half = kk / 4, col = (kk % 4) * 16;
+            wgmma_qk(s, desc(sq_wg + half * BR * HALF + col, 16, ATOM), desc(tk + half * BC * HALF + col, 16, ATOM),
+                     kk > 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int half = kk / 4, col = (kk % 4) * 16;
+            wgmma_qk(dp, desc(sg_wg + half * BR * HALF + col, 16, ATOM), desc(tv + half * BC * HALF + col, 16, ATOM),
+                     kk > 0);
+        }
+        wgmma_commit();
+    };
+
+    load_tile<BR, THREADS>(sq, q + b * q_sb + h * q_sh, q_sn, q0, n, tid);
+    load_tile<BR, THREADS>(sg, g + b * g_sb + h * g_sh, g_sn, q0, n, tid);
+    load_kv(0);
+    cp_async_commit();
+    cp_async_wait_all();
+    fence_async_shared();
+    __syncthreads();
+
+    const int64_t bh = (int64_t)b * heads + h;
+    const int row0 = q0 + wg * 64 + warp * 16;  // this warp's first row
+    const RowStats stats(lse, delta, bh, row0 + lane / 4, n);
+    __nv_bfloat16* st_p = staged + (wg * 4 + warp) * 2 * STAGED;
+    __nv_bfloat16* st_ds = st_p + STAGED;
+
+    float s[BC / 8][4], dp[BC / 8][4];
+#pragma unroll
+    for (int i = 0; i < BC / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+    for (int j = 0; j < tiles; ++j) {
+        if (j + 1 < tiles) {
+            load_kv(j + 1);
+            cp_async_commit();
+        }
+        issue(s, dp, j);
+        wgmma_wait<0>();
+        fence_regs(s);
+        fence_regs(dp);
+        store_probs_grad(s, dp, stats, scale_log2, scale, st_p, st_ds, p, ds, bh, row0, j * BC, n, lane);
+        if (j + 1 < tiles) {
+            cp_async_wait_all();
+            fence_async_shared();
+        }
+        __syncthreads();
+    }
+}
+
 }  // namespace
 #define WGMMA_KERNEL(WGS) flash_attn_wgmma<WGS>(FLASH_ATTN_PASS)
+#define WGMMA_BWD_KERNEL(WGS) flash_attn_bwd_probs_wgmma<WGS>(BWD_PROBS_PASS)
 #else
 #define WGMMA_KERNEL(WGS)
+#define WGMMA_BWD_KERNEL(WGS)
 #endif
 
 #define FLASH_ATTN_ARGS                                                                                   \
     const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,                             \
-        const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ out, int n, int heads,           \
-        float scale_log2, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh,           \
+        const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ out, float *__restrict__ lse,     \
+        int n, int heads, float scale_log2, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh,           \
         int64_t k_sn, int64_t v_sb, int64_t v_sh, int64_t v_sn
-#define FLASH_ATTN_PASS q, k, v, out, n, heads, scale_log2, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn
+#define FLASH_ATTN_PASS q, k, v, out, lse, n, heads, scale_log2, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn
 
 // 192 query rows a block: three warpgroups share each K/V tile (the fastest at FLUX's lengths).
 extern "C" __global__ void __launch_bounds__(384, 1) flash_attn_wgmma_bf16_d128_r192(FLASH_ATTN_ARGS) {
@@ -321,4 +405,19 @@ extern "C" __global__ void __launch_bounds__(384, 1) flash_attn_wgmma_bf16_d128_
 // 128 query rows a block: two warpgroups.
 extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_wgmma_bf16_d128_r128(FLASH_ATTN_ARGS) {
     WGMMA_KERNEL(2);
+}
+
+#define BWD_PROBS_ARGS                                                                                              \
+    const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v, \
+        const __nv_bfloat16 *__restrict__ g, const float *__restrict__ lse, const float *__restrict__ delta,       \
+        __nv_bfloat16 *__restrict__ p, __nv_bfloat16 *__restrict__ ds, int n, int heads, float scale_log2,        \
+        float scale, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh, int64_t k_sn,          \
+        int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t g_sb, int64_t g_sh, int64_t g_sn
+#define BWD_PROBS_PASS                                                                                         \
+    q, k, v, g, lse, delta, p, ds, n, heads, scale_log2, scale, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, \
+        v_sn, g_sb, g_sh, g_sn
+
+// The backward's probabilities and score gradients, 128 query rows a block: two warpgroups.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_probs_wgmma_bf16_d128_r128(BWD_PROBS_ARGS) {
+    WGMMA_BWD_KERNEL(2);
 }

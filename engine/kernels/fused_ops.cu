@@ -7,7 +7,7 @@
 //   qkv_heads:      fused q|k|v rows -> (B, H, L, D) heads, RMS-normed q and k, RoPE on q and k
 //   gelu_cat:       [a | gelu(m)]; gelu_backward: g * gelu'(x) (row-strided)
 //   row_dot_d128:   Σ a·b per row of 128 (attention backward's delta)
-//   training backward passes: norm_modulate_backward, gated_add_backward (+ column_sums), softmax_grad,
+//   training backward passes: norm_modulate_backward, gated_add_backward (+ column_sums),
 //                   qkv_heads_backward
 // Rows are contiguous with `cols` a multiple of 8 (16-byte vectors).
 #include <cuda_bf16.h>
@@ -332,83 +332,6 @@ extern "C" __global__ void column_sums_bf16(const float* __restrict__ partial, _
         for (int blk = 0; blk < blocks_per_batch; ++blk)
             s += partial[(((int64_t)b * blocks_per_batch + blk) * parts + k) * cols + c];
         out[((int64_t)k * batch + b) * cols + c] = __float2bfloat16(s);
-    }
-}
-
-// Attention backward's softmax step, one block per row of n scores: p = softmax(s·scale) and
-// ds = p·(dp − delta[row]), written to out[0] and out[1] of (2, rows, n). The row's max and sum in one
-// online pass (log2 domain), then one pass writing both. 16-byte vectors when n is a multiple of 8.
-extern "C" __global__ void softmax_grad_bf16(const __nv_bfloat16* __restrict__ s, const __nv_bfloat16* __restrict__ dp,
-                                             const float* __restrict__ delta, __nv_bfloat16* __restrict__ out,
-                                             int64_t rows, int n, float scale_log2) {
-    __shared__ float shared_m[32], shared_l[32];
-    const int64_t row = blockIdx.x;
-    const __nv_bfloat16* sr = s + row * n;
-    const bool vec = n % 8 == 0;
-    float m = -INFINITY, l = 0.f;
-    auto add = [&](float v) {
-        v *= scale_log2;
-        if (v > m) {
-            l = l * exp2f(m - v) + 1.f;
-            m = v;
-        } else {
-            l += exp2f(v - m);
-        }
-    };
-    if (vec) {
-        for (int c = threadIdx.x * 8; c < n; c += blockDim.x * 8) {
-            float a[8];
-            unpack(load8(sr + c), a);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) add(a[j]);
-        }
-    } else {
-        for (int c = threadIdx.x; c < n; c += blockDim.x) add(__bfloat162float(sr[c]));
-    }
-    // (max, sum) pairs combined over the warp, then over the warps.
-    auto combine = [](float& m, float& l, float m2, float l2) {
-        const float mx = fmaxf(m, m2);
-        if (mx == -INFINITY) return;
-        l = l * exp2f(m - mx) + l2 * exp2f(m2 - mx);
-        m = mx;
-    };
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-        combine(m, l, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, l, off));
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    if (lane == 0) {
-        shared_m[warp] = m;
-        shared_l[warp] = l;
-    }
-    __syncthreads();
-    m = lane < warps ? shared_m[lane] : -INFINITY;
-    l = lane < warps ? shared_l[lane] : 0.f;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-        combine(m, l, __shfl_xor_sync(0xffffffff, m, off), __shfl_xor_sync(0xffffffff, l, off));
-    const float inv = 1.f / l, d = delta[row];
-    __nv_bfloat16* p_out = out + row * n;
-    __nv_bfloat16* ds_out = out + (rows + row) * n;
-    const __nv_bfloat16* dpr = dp + row * n;
-    if (vec) {
-        for (int c = threadIdx.x * 8; c < n; c += blockDim.x * 8) {
-            float a[8], b[8];
-            unpack(load8(sr + c), a);
-            unpack(load8(dpr + c), b);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                a[j] = exp2f(fmaf(a[j], scale_log2, -m)) * inv;
-                b[j] = a[j] * (b[j] - d);
-            }
-            store8(p_out + c, pack(a));
-            store8(ds_out + c, pack(b));
-        }
-    } else {
-        for (int c = threadIdx.x; c < n; c += blockDim.x) {
-            const float p = exp2f(fmaf(__bfloat162float(sr[c]), scale_log2, -m)) * inv;
-            p_out[c] = __float2bfloat16(p);
-            ds_out[c] = __float2bfloat16(p * (__bfloat162float(dpr[c]) - d));
-        }
     }
 }
 

@@ -287,12 +287,16 @@ fn optimizer_check(device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// The fused attention kernel against the plain path on fresh random (B, H, L, 128) heads at
+/// The fused attention kernels against the plain path on fresh random (B, H, L, 128) heads at
 /// FLUX's shapes (and ragged and strided ones): error of each against the plain path in f32, and
-/// time. Fails when the fused output is not finite or further than bf16 rounding from f32.
+/// time: the forward's output, and the backward's probabilities and score gradients from the forward's
+/// log-sum-exp. Fails when an output is not finite or further than bf16 rounding from f32.
 #[cfg(feature = "cuda")]
 fn attention_check(device: &Device) -> Result<()> {
-    use engine::kernels::flash_attn::{flash_attn_variant, Variant};
+    use engine::kernels::flash_attn::{
+        flash_attn_lse, flash_attn_variant, probs_grad_variant, Variant,
+    };
+    use engine::kernels::fused_ops::row_dot;
     use engine::models::fused::plain_attention as plain;
     let (heads, d) = (24, 128);
     let scale = 1.0 / (d as f32).sqrt();
@@ -302,7 +306,7 @@ fn attention_check(device: &Device) -> Result<()> {
         (1536, 1.0, false),
         (4608, 1.0, false),
         (4608, 3.0, true),
-        (1000, 1.0, false),
+        (1001, 1.0, false),
     ] {
         let make = |std: f32| -> Result<Tensor> {
             let t = if strided {
@@ -341,6 +345,33 @@ fn attention_check(device: &Device) -> Result<()> {
             ok &= pass;
             report[variant.name()] = serde_json::json!({"pass": pass, "finite": finite,
                 "rel_l2_vs_f32": err, "ms": t * 1e3, "tflops": flops / t / 1e12});
+        }
+
+        // The backward's P = softmax(q kᵀ · scale) and dS · scale = P (g vᵀ − delta) · scale.
+        let (o, lse) = flash_attn_lse(&q, &k, &v, scale)?;
+        let o = o.transpose(1, 2)?.contiguous()?;
+        let g = make(1.0)?;
+        let delta = row_dot(&g.contiguous()?, &o)?;
+        let p_want = candle_nn::ops::softmax_last_dim(
+            &(f32s(&q)?.matmul(&f32s(&k)?.t()?)? * scale as f64)?,
+        )?;
+        let ds_want = ((&p_want * f32s(&g)?.matmul(&f32s(&v)?.t()?)?.broadcast_sub(&delta)?)?
+            * scale as f64)?;
+        for variant in Variant::BACKWARD.into_iter().filter(|v| v.runs_on(cuda)) {
+            let run = || probs_grad_variant([&q, &k, &v], &g, &lse, &delta, scale, variant);
+            let (p, ds) = run()?;
+            let finite = [&p, &ds].iter().all(|t| {
+                t.to_dtype(DType::F32)
+                    .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
+                    .is_ok_and(f32::is_finite)
+            });
+            let (err_p, err_ds) = (rel_l2(&p, &p_want)?, rel_l2(&ds, &ds_want)?);
+            let t = time_median(device, 10, || Ok(run()?.0))?;
+            let pass = finite && err_p < 1e-2 && err_ds < 2e-2;
+            ok &= pass;
+            report[format!("backward_{}", variant.name())] = serde_json::json!({"pass": pass,
+                "finite": finite, "p_rel_l2_vs_f32": err_p, "ds_rel_l2_vs_f32": err_ds,
+                "ms": t * 1e3, "tflops": flops / t / 1e12});
         }
         println!("{report}");
     }
@@ -469,10 +500,10 @@ fn profile(args: &[String], device: &Device) -> Result<()> {
     profile_vae(size, device)
 }
 
-/// Training's attention backward (`fused::attention_backward`, FlashAttention's backward in candle ops)
-/// at the joint sequence length `l`, whole and piece by piece: where a training step's time goes.
+/// Training's attention backward (`fused::attention_backward`) at the joint sequence length `l`, whole
+/// and, on the fused path, piece by piece: where a training step's time goes.
 fn profile_attention_backward(l: usize, device: &Device) -> Result<()> {
-    use candle_core::D;
+    use engine::models::fused;
     let (heads, hd) = (24, 128);
     let rand = |shape: &[usize]| -> Result<Tensor> {
         Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(DType::BF16)?)
@@ -482,47 +513,77 @@ fn profile_attention_backward(l: usize, device: &Device) -> Result<()> {
         rand(&[1, heads, l, hd])?,
         rand(&[1, heads, l, hd])?,
     );
-    let o = engine::models::fused::attention(&q, &k, &v)?;
+    let (o, lse) = fused::attention_saved(&q, &k, &v)?;
     let g = rand(&[1, l, heads * hd])?;
-    let heads_of = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.reshape((1, l, heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    };
-    let (oh, gh) = (heads_of(&o)?, heads_of(&g)?);
-    let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (&q * scale)?.matmul(&k.t()?)?;
-    let p = candle_nn::ops::softmax_last_dim(&scores)?;
-    let dp = gh.matmul(&v.t()?)?;
-    let delta = (&gh * &oh)?
-        .to_dtype(DType::F32)?
-        .sum_keepdim(D::Minus1)?
-        .to_dtype(DType::BF16)?;
-    let ds = (&p * dp.broadcast_sub(&delta)?)?;
+    let heads_of = |t: &Tensor| fused::column_heads(t, 0, heads, hd);
     let mm = 2.0 * (l * l * hd * heads) as f64;
-    type Row<'a> = (&'a str, f64, &'a dyn Fn() -> Result<Tensor>);
-    let rows: [Row; 9] = [
-        ("attention backward (whole)", 5.0 * mm, &|| {
-            let [dq, dk, dv] = engine::models::fused::attention_backward([&q, &k, &v], &o, &g)?;
-            Ok((dq.sum_all()? + dk.sum_all()? + dv.sum_all()?)?)
-        }),
-        ("  heads of o and g (2 copies)", 0.0, &|| {
-            Ok((heads_of(&o)? + heads_of(&g)?)?)
-        }),
-        ("  scores q kᵀ", mm, &|| Ok((&q * scale)?.matmul(&k.t()?)?)),
-        ("  softmax", 0.0, &|| {
-            Ok(candle_nn::ops::softmax_last_dim(&scores)?)
-        }),
-        ("  dv = pᵀ g", mm, &|| Ok(p.t()?.matmul(&gh)?)),
-        ("  dp = g vᵀ", mm, &|| Ok(gh.matmul(&v.t()?)?)),
-        ("  ds = p (dp - delta)", 0.0, &|| {
-            Ok((&p * dp.broadcast_sub(&delta)?)?)
-        }),
-        ("  dq = ds k", mm, &|| Ok((ds.matmul(&k)? * scale)?)),
-        ("  dk = dsᵀ q", mm, &|| Ok((ds.t()?.matmul(&q)? * scale)?)),
+    type Row<'a> = (&'a str, f64, Box<dyn Fn() -> Result<Tensor> + 'a>);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))] // the fused path adds its pieces
+    let mut rows: Vec<Row> = vec![
+        (
+            "attention backward (whole)",
+            5.0 * mm,
+            Box::new(|| {
+                let [dq, dk, dv] = fused::attention_backward([&q, &k, &v], &o, &g, lse.as_ref())?;
+                Ok((dq.sum_all()? + dk.sum_all()? + dv.sum_all()?)?)
+            }),
+        ),
+        (
+            "  heads of o and g (2 copies)",
+            0.0,
+            Box::new(|| Ok((heads_of(&o)? + heads_of(&g)?)?)),
+        ),
     ];
+    #[cfg(feature = "cuda")]
+    if let Some(lse) = &lse {
+        use engine::kernels::{flash_attn::probs_grad, fused_ops::row_dot};
+        let (oh, gh) = (heads_of(&o)?, heads_of(&g)?);
+        let delta = row_dot(&gh, &oh)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (p, ds) = probs_grad([&q, &k, &v], &gh, lse, &delta, scale)?;
+        let pieces: [Row; 5] = [
+            (
+                "  delta = rowsum(g ⊙ o)",
+                0.0,
+                Box::new(move || Ok(row_dot(&gh, &oh)?)),
+            ),
+            (
+                "  p and ds (one kernel: q kᵀ and g vᵀ)",
+                2.0 * mm,
+                Box::new({
+                    let (q, k, v, g) = (q.clone(), k.clone(), v.clone(), heads_of(&g)?);
+                    move || Ok(probs_grad([&q, &k, &v], &g, lse, &delta, scale)?.0)
+                }),
+            ),
+            (
+                "  dv = pᵀ g",
+                mm,
+                Box::new({
+                    let g = heads_of(&g)?;
+                    move || Ok(p.t()?.matmul(&g)?)
+                }),
+            ),
+            (
+                "  dq = ds k",
+                mm,
+                Box::new({
+                    let (ds, k) = (ds.clone(), k.clone());
+                    move || Ok(ds.matmul(&k)?)
+                }),
+            ),
+            (
+                "  dk = dsᵀ q",
+                mm,
+                Box::new({
+                    let q = q.clone();
+                    move || Ok(ds.t()?.matmul(&q)?)
+                }),
+            ),
+        ];
+        rows.extend(pieces);
+    }
     for (op, flops, f) in rows {
-        let ms = time_median(device, 10, f)? * 1e3;
+        let ms = time_median(device, 10, &*f)? * 1e3;
         let tflops = (flops > 0.0).then(|| flops / ms / 1e9);
         println!(
             "{}",
@@ -675,10 +736,12 @@ fn ops_check(device: &Device) -> Result<()> {
         rand(&[1, heads, l, hd], 1.0)?,
         rand(&[1, heads, l, hd], 1.0)?,
     );
-    let o = fused::attention(&q, &k, &v)?;
+    let (o, lse) = fused::attention_saved(&q, &k, &v)?;
+    // f32 takes the plain path, the reference; bf16 the kernel with the forward's log-sum-exp.
     let attn_back = |i: usize, f32: bool| -> Result<Tensor> {
         let t = |x: &Tensor| if f32 { f32s(x) } else { Ok(x.clone()) };
-        let grads = fused::attention_backward([&t(&q)?, &t(&k)?, &t(&v)?], &t(&o)?, &t(&g)?)?;
+        let lse = if f32 { None } else { lse.as_ref() };
+        let grads = fused::attention_backward([&t(&q)?, &t(&k)?, &t(&v)?], &t(&o)?, &t(&g)?, lse)?;
         Ok(grads[i].clone())
     };
     let norm_back = |i: usize, f32: bool| -> Result<Tensor> {

@@ -10,10 +10,10 @@
 //! with param or with g: a second write lock on a storage already held would wait forever. candle
 //! checks param against g; the optimizer allocates m and v itself, one fresh buffer each.
 
+use super::with_storage_mut;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{bail, CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
-use std::cell::Cell;
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
 
 const MODULE: &str = "adamw";
 const THREADS: usize = 256;
@@ -46,29 +46,6 @@ fn grid(n: usize, max_blocks: usize) -> LaunchConfig {
         block_dim: (THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// Lends `t`'s storage to `f` under its write lock, through an in-place op (the only way candle lends it).
-fn with_storage_mut(
-    t: &Tensor,
-    f: impl FnOnce(&mut CudaStorage, &Layout) -> Result<()>,
-) -> Result<()> {
-    struct Lend<F>(Cell<Option<F>>);
-    impl<F: FnOnce(&mut CudaStorage, &Layout) -> Result<()>> InplaceOp1 for Lend<F> {
-        fn name(&self) -> &'static str {
-            "lend-storage"
-        }
-        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-            cpu_only()
-        }
-        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
-            match self.0.take() {
-                Some(f) => f(s, l),
-                None => bail!("an in-place op ran twice"),
-            }
-        }
-    }
-    t.inplace_op1(&Lend(Cell::new(Some(f))))
 }
 
 /// One AdamW update's scalars, folded on the host in f64; the kernel takes them as f32, as candle's

@@ -6,9 +6,14 @@
 use candle_core::cuda_backend::cudarc::driver::sys::{
     CUdevice_attribute_enum, CUfunction_attribute_enum,
 };
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use half::bf16;
 
 /// Whether the warpgroup kernels were compiled (the PTX targets sm_90a; elsewhere they are empty).
 static SM90A_BUILD: std::sync::LazyLock<bool> =
@@ -77,6 +82,37 @@ impl Variant {
         }
     }
 
+    /// The backward's probability kernels ([`probs_grad`]), fastest first: on an H100 at 4608 tokens
+    /// wg128 ~0.8 ms and r64 1.21 ms (scripts/gpu/PREDICTIONS.md, runs 37-38).
+    pub const BACKWARD: [Variant; 2] = [
+        Variant {
+            wgmma: true,
+            rows: 128,
+        },
+        Variant {
+            wgmma: false,
+            rows: 64,
+        },
+    ];
+
+    fn backward_kernel(&self) -> (String, &'static str, &'static str) {
+        if self.wgmma {
+            let name = format!("flash_attn_bwd_probs_wgmma_bf16_d128_r{}", self.rows);
+            (name, "flash_attn_sm90", super::ptx::FLASH_ATTN_SM90)
+        } else {
+            let name = format!("flash_attn_bwd_probs_bf16_d128_r{}", self.rows);
+            (name, "flash_attn", super::ptx::FLASH_ATTN)
+        }
+    }
+
+    /// The backward's shared memory: the Q and dO tiles, two K and two V tiles; the warpgroup kernels
+    /// also stage each warp's 16 rows of P and of dS (rows of 72 bf16) and align to 1024 bytes.
+    fn backward_shared_bytes(&self) -> u32 {
+        let tiles = ((2 * self.rows + 4 * KEYS_PER_TILE) * HEAD_DIM * 2) as u32;
+        let staging = (self.rows / 16 * 2 * 16 * (KEYS_PER_TILE + 8) * 2) as u32;
+        tiles + if self.wgmma { staging + 1024 } else { 0 }
+    }
+
     /// Threads a block: 128 a warpgroup of 64 rows, or 32 a warp of 16 rows.
     fn threads(&self) -> u32 {
         2 * self.rows as u32
@@ -102,17 +138,22 @@ pub fn supports(q: &Tensor) -> bool {
         && Variant::ALL.iter().any(|v| v.runs_on(dev))
 }
 
-/// softmax(q kᵀ · scale) v for q, k, v of shape (B, H, L, 128), bf16 on CUDA (see [`supports`]), with
-/// the first of [`Variant::ALL`] that runs on the device. Returns (B, L, H, 128), contiguous: as
-/// (B, L, H·128) it is the attention block's output layout.
-pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+/// The first of [`Variant::ALL`] that runs on `q`'s device.
+fn variant_for(q: &Tensor) -> Result<Variant> {
     let Device::Cuda(dev) = q.device() else {
         bail!("the fused attention kernel runs on CUDA only")
     };
     let Some(variant) = Variant::ALL.into_iter().find(|v| v.runs_on(dev)) else {
         bail!("no fused attention kernel runs on this GPU (needs compute capability 8.0 or newer)")
     };
-    flash_attn_variant(q, k, v, scale, variant)
+    Ok(variant)
+}
+
+/// softmax(q kᵀ · scale) v for q, k, v of shape (B, H, L, 128), bf16 on CUDA (see [`supports`]), with
+/// the first of [`Variant::ALL`] that runs on the device. Returns (B, L, H, 128), contiguous: as
+/// (B, L, H·128) it is the attention block's output layout.
+pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    flash_attn_variant(q, k, v, scale, variant_for(q)?)
 }
 
 /// [`flash_attn`] with the given kernel.
@@ -123,12 +164,39 @@ pub fn flash_attn_variant(
     scale: f32,
     variant: Variant,
 ) -> Result<Tensor> {
-    q.apply_op3_no_bwd(k, v, &FlashAttn { scale, variant })
+    q.apply_op3_no_bwd(
+        k,
+        v,
+        &FlashAttn {
+            scale,
+            variant,
+            lse: None,
+        },
+    )
+}
+
+/// [`flash_attn`] and each row's log-sum-exp of its scaled scores in log2 units, (B, H, L) f32: what
+/// the backward ([`probs_grad`]) reads to compute the probabilities again without a softmax pass.
+pub fn flash_attn_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
+    let (b, h, l, _) = q.dims4()?;
+    let lse = Tensor::zeros((b, h, l), DType::F32, q.device())?;
+    let out = q.apply_op3_no_bwd(
+        k,
+        v,
+        &FlashAttn {
+            scale,
+            variant: variant_for(q)?,
+            lse: Some(lse.clone()),
+        },
+    )?;
+    Ok((out, lse))
 }
 
 struct FlashAttn {
     scale: f32,
     variant: Variant,
+    /// Where the kernel writes the rows' log-sum-exp, if anywhere.
+    lse: Option<Tensor>,
 }
 
 /// Element strides of batch, head and position; the kernel reads 16-byte rows.
@@ -146,6 +214,43 @@ fn row_strides(l: &Layout, dims: (usize, usize, usize, usize)) -> Result<[i64; 3
         )
     }
     Ok([s[0] as i64, s[1] as i64, s[2] as i64])
+}
+
+/// A bf16 (B, H, L, 128) operand: its storage from `start_offset` and its [`row_strides`].
+fn heads_view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    dims: (usize, usize, usize, usize),
+) -> Result<(CudaView<'a, bf16>, [i64; 3])> {
+    if dims.3 != HEAD_DIM {
+        bail!(
+            "flash attention is built for head dim {HEAD_DIM}, got {}",
+            dims.3
+        )
+    }
+    let strides = row_strides(l, dims)?;
+    let CudaStorageSlice::BF16(x) = &s.slice else {
+        bail!("flash attention takes bf16 only")
+    };
+    Ok((x.slice(l.start_offset()..), strides))
+}
+
+/// A contiguous f32 (B, H, L) tensor's storage: the rows' log-sum-exp or delta.
+fn row_values<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    dims: (usize, usize, usize),
+) -> Result<CudaView<'a, f32>> {
+    let CudaStorageSlice::F32(x) = &s.slice else {
+        bail!("the rows' values are f32")
+    };
+    if !l.is_contiguous() || l.shape().elem_count() != dims.0 * dims.1 * dims.2 {
+        bail!(
+            "the rows' values must be contiguous {dims:?} (got {:?})",
+            l.dims()
+        )
+    }
+    Ok(x.slice(l.start_offset()..))
 }
 
 impl CustomOp3 for FlashAttn {
@@ -176,20 +281,9 @@ impl CustomOp3 for FlashAttn {
     ) -> Result<(CudaStorage, Shape)> {
         let dims = ql.shape().dims4()?;
         let (b, h, n, d) = dims;
-        if d != HEAD_DIM {
-            bail!("flash attention is built for head dim {HEAD_DIM}, got {d}")
-        }
-        let [qsb, qsh, qsn] = row_strides(ql, dims)?;
-        let [ksb, ksh, ksn] = row_strides(kl, dims)?;
-        let [vsb, vsh, vsn] = row_strides(vl, dims)?;
-        let (CudaStorageSlice::BF16(qs), CudaStorageSlice::BF16(ks), CudaStorageSlice::BF16(vs)) =
-            (&q.slice, &k.slice, &v.slice)
-        else {
-            bail!("flash attention takes bf16 only")
-        };
-        let qv = qs.slice(ql.start_offset()..);
-        let kv = ks.slice(kl.start_offset()..);
-        let vv = vs.slice(vl.start_offset()..);
+        let (qv, [qsb, qsh, qsn]) = heads_view(q, ql, dims)?;
+        let (kv, [ksb, ksh, ksn]) = heads_view(k, kl, dims)?;
+        let (vv, [vsb, vsh, vsn]) = heads_view(v, vl, dims)?;
         let dev = &q.device;
         if !self.variant.runs_on(dev) {
             bail!(
@@ -198,15 +292,15 @@ impl CustomOp3 for FlashAttn {
             )
         }
         let (name, module, ptx) = self.variant.kernel();
-        let func = dev.get_or_load_custom_func(&name, module, ptx)?;
         let shared_bytes = self.variant.shared_bytes();
+        let func = dev.get_or_load_custom_func(&name, module, ptx)?;
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             shared_bytes as i32,
         )
         .w()?;
         // SAFETY: every element is written by the kernel (one thread per output pair, rows < n).
-        let out = unsafe { dev.alloc(b * n * h * d) }?;
+        let out = unsafe { dev.alloc::<bf16>(b * n * h * d) }?;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(self.variant.rows) as u32, h as u32, b as u32),
             block_dim: (self.variant.threads(), 1, 1),
@@ -214,18 +308,181 @@ impl CustomOp3 for FlashAttn {
         };
         let (n_i, h_i) = (n as i32, h as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
-        let mut launch = func.builder();
-        launch.arg(&qv).arg(&kv).arg(&vv).arg(&out);
-        launch.arg(&n_i).arg(&h_i).arg(&scale_log2);
-        for s in [&qsb, &qsh, &qsn, &ksb, &ksh, &ksn, &vsb, &vsh, &vsn] {
-            launch.arg(s);
+        let run = |lse: Option<&mut CudaViewMut<f32>>| -> Result<()> {
+            let mut launch = func.builder();
+            launch.arg(&qv).arg(&kv).arg(&vv).arg(&out);
+            let null = 0u64;
+            match lse {
+                Some(lse) => launch.arg(lse),
+                None => launch.arg(&null),
+            };
+            launch.arg(&n_i).arg(&h_i).arg(&scale_log2);
+            for s in [&qsb, &qsh, &qsn, &ksb, &ksh, &ksn, &vsb, &vsh, &vsn] {
+                launch.arg(s);
+            }
+            // SAFETY: argument list matches the kernel's signature; shapes and strides checked
+            // above, lse (when given) holds B·H·L floats.
+            unsafe { launch.launch(cfg) }.w()?;
+            Ok(())
+        };
+        match &self.lse {
+            None => run(None)?,
+            Some(lse) => super::with_storage_mut(lse, |s, l| {
+                let lse = s.as_cuda_slice_mut::<f32>()?;
+                if !l.is_contiguous() || l.dims() != [b, h, n] {
+                    bail!("the log-sum-exp must be contiguous ({b}, {h}, {n})")
+                }
+                run(Some(&mut lse.slice_mut(l.start_offset()..)))
+            })?,
         }
-        // SAFETY: argument list matches the kernel's signature; shapes and strides checked above.
-        unsafe { launch.launch(cfg) }.w()?;
         let out = CudaStorage {
             slice: CudaStorageSlice::BF16(out),
             device: dev.clone(),
         };
         Ok((out, Shape::from((b, n, h, d))))
+    }
+}
+
+/// Attention's backward up to its three products: the probabilities `P` and the score gradients
+/// `dS · scale`, each (B, H, L, L) bf16, from q, k, v and the output's gradient `g` (all (B, H, L, 128)),
+/// the forward's `lse` ([`flash_attn_lse`]) and `delta = rowsum(g ⊙ o)` ((B, H, L) f32). The scores
+/// and their gradients `dP = g vᵀ` stay in registers (`flash_attn_bwd_probs` in `kernels/flash_attn.cu`
+/// and `kernels/flash_attn_sm90.cu`), with the first of [`Variant::BACKWARD`] that runs on the device.
+pub fn probs_grad(
+    qkv: [&Tensor; 3],
+    g: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let Device::Cuda(dev) = qkv[0].device() else {
+        bail!("the attention backward's kernel runs on CUDA only")
+    };
+    let Some(variant) = Variant::BACKWARD.into_iter().find(|v| v.runs_on(dev)) else {
+        bail!("the attention backward's kernel needs compute capability 8.0 or newer")
+    };
+    probs_grad_variant(qkv, g, lse, delta, scale, variant)
+}
+
+/// [`probs_grad`] with the given kernel (one of [`Variant::BACKWARD`]).
+pub fn probs_grad_variant(
+    [q, k, v]: [&Tensor; 3],
+    g: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+    scale: f32,
+    variant: Variant,
+) -> Result<(Tensor, Tensor)> {
+    if !Variant::BACKWARD.contains(&variant) {
+        bail!("no attention backward kernel {}", variant.name())
+    }
+    let both = q.apply_op3_no_bwd(
+        k,
+        v,
+        &ProbsGrad {
+            g: g.clone(),
+            lse: lse.clone(),
+            delta: delta.clone(),
+            scale,
+            variant,
+        },
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct ProbsGrad {
+    g: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    scale: f32,
+    variant: Variant,
+}
+
+impl CustomOp3 for ProbsGrad {
+    fn name(&self) -> &'static str {
+        "flash-attn-bwd-probs-bf16-d128"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the attention backward's kernel runs on CUDA only; the CPU takes the plain path")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = ql.shape().dims4()?;
+        let (b, h, n, _) = dims;
+        let (qv, [qsb, qsh, qsn]) = heads_view(q, ql, dims)?;
+        let (kv, [ksb, ksh, ksn]) = heads_view(k, kl, dims)?;
+        let (vv, [vsb, vsh, vsn]) = heads_view(v, vl, dims)?;
+        // The op lends three storages; the other inputs are read under their own read locks.
+        let (gs, gl) = self.g.storage_and_layout();
+        let (ls, ll) = self.lse.storage_and_layout();
+        let (ds, dl) = self.delta.storage_and_layout();
+        let (Storage::Cuda(gs), Storage::Cuda(ls), Storage::Cuda(ds)) = (&*gs, &*ls, &*ds) else {
+            bail!("the attention backward's inputs must all be on the GPU")
+        };
+        let (gv, [gsb, gsh, gsn]) = heads_view(gs, gl, dims)?;
+        let lv = row_values(ls, ll, (b, h, n))?;
+        let dv = row_values(ds, dl, (b, h, n))?;
+        let dev = &q.device;
+        if !self.variant.runs_on(dev) {
+            bail!(
+                "the {} attention backward kernel does not run on this GPU or build",
+                self.variant.name()
+            )
+        }
+        let (name, module, ptx) = self.variant.backward_kernel();
+        let shared_bytes = self.variant.backward_shared_bytes();
+        let func = dev.get_or_load_custom_func(&name, module, ptx)?;
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared_bytes as i32,
+        )
+        .w()?;
+        let len = b * h * n * n;
+        // SAFETY: the kernel writes every (row, key) of both halves.
+        let out = unsafe { dev.alloc::<bf16>(2 * len) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(self.variant.rows) as u32, h as u32, b as u32),
+            block_dim: (self.variant.threads(), 1, 1),
+            shared_mem_bytes: shared_bytes,
+        };
+        let (n_i, h_i) = (n as i32, h as i32);
+        let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+        {
+            let (p, d_s) = (out.slice(..len), out.slice(len..));
+            let mut launch = func.builder();
+            launch.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&dv);
+            launch.arg(&p).arg(&d_s);
+            launch.arg(&n_i).arg(&h_i).arg(&scale_log2).arg(&self.scale);
+            for s in [
+                &qsb, &qsh, &qsn, &ksb, &ksh, &ksn, &vsb, &vsh, &vsn, &gsb, &gsh, &gsn,
+            ] {
+                launch.arg(s);
+            }
+            // SAFETY: argument list matches the kernel's signature; shapes, strides and the row values'
+            // lengths checked above.
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        let out = CudaStorage {
+            slice: CudaStorageSlice::BF16(out),
+            device: dev.clone(),
+        };
+        Ok((out, Shape::from((2, b, h, n, n))))
     }
 }

@@ -8,6 +8,34 @@ pub mod fused_ops;
 pub mod gemm;
 pub mod group_norm;
 
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
+use std::cell::Cell;
+
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// Lends `t`'s storage to `f` under its write lock, through an in-place op (the only way candle lends
+/// it): how a kernel writes more than the one output a custom op returns.
+pub(crate) fn with_storage_mut(
+    t: &Tensor,
+    f: impl FnOnce(&mut CudaStorage, &Layout) -> Result<()>,
+) -> Result<()> {
+    struct Lend<F>(Cell<Option<F>>);
+    impl<F: FnOnce(&mut CudaStorage, &Layout) -> Result<()>> InplaceOp1 for Lend<F> {
+        fn name(&self) -> &'static str {
+            "lend-storage"
+        }
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            bail!("lending a storage is for CUDA tensors")
+        }
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+            match self.0.take() {
+                Some(f) => f(s, l),
+                None => bail!("an in-place op ran twice"),
+            }
+        }
+    }
+    t.inplace_op1(&Lend(Cell::new(Some(f))))
 }

@@ -54,34 +54,61 @@ const EPS: f32 = 1e-6;
 
 /// softmax(q kᵀ / √D) v over (B, H, L, D) heads, returned as (B, L, H·D). On the fused path the value
 /// comes from the kernel even in training, with [`attention_backward`] as its gradient: the graph then
-/// keeps q, k, v and the output, not the (L × L) scores and probabilities of every head.
+/// keeps q, k, v, the output and the rows' log-sum-exp, not the (L × L) scores of every head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused_value(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
         let (b, h, l, d) = q.dims4()?;
         let scale = 1.0 / (d as f32).sqrt();
         let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-        let value =
-            crate::kernels::flash_attn::flash_attn(&qd, &kd, &vd, scale)?.reshape((b, l, h * d))?;
-        return differentiable3([q, k, v], value, attention_backward);
+        if [q, k, v].iter().all(|t| !t.track_op()) {
+            return crate::kernels::flash_attn::flash_attn(&qd, &kd, &vd, scale)?.reshape((
+                b,
+                l,
+                h * d,
+            ));
+        }
+        let (value, lse) = crate::kernels::flash_attn::flash_attn_lse(&qd, &kd, &vd, scale)?;
+        return autodiff::with_gradient3(
+            [q, k, v],
+            value.reshape((b, l, h * d))?,
+            move |qkv, o, g| attention_backward(qkv, o, g, Some(&lse)),
+        );
     }
     plain_attention(q, k, v)
 }
 
-/// The gradients of q, k and v of [`attention`] from the gradient `g` of its output `o` (both (B, L, H·D)):
-/// FlashAttention's backward in candle ops, with the softmax step (`p` and `p (dp − delta)`) one kernel on
-/// the fused path. The probabilities are computed again (one product and a softmax) rather than kept;
-/// `rowsum(g ⊙ o)` stands in for `rowsum(dP ⊙ P)` in softmax's backward.
+/// [`attention`] recording no graph, with what [`attention_backward`] reads besides q, k, v and the
+/// output: the rows' log-sum-exp where the fused kernel ran (None on the plain path).
+pub fn attention_saved(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if fused_value(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
+        let (b, h, l, d) = q.dims4()?;
+        let (value, lse) =
+            crate::kernels::flash_attn::flash_attn_lse(q, k, v, 1.0 / (d as f32).sqrt())?;
+        return Ok((value.reshape((b, l, h * d))?, Some(lse)));
+    }
+    Ok((plain_attention(q, k, v)?, None))
+}
+
+/// The gradients of q, k and v of [`attention`] from the gradient `g` of its output `o` (both (B, L, H·D))
+/// and, from the fused forward, the rows' log-sum-exp `lse` ([`attention_saved`]).
 pub fn attention_backward(
     [q, k, v]: [&Tensor; 3],
     o: &Tensor,
     g: &Tensor,
+    lse: Option<&Tensor>,
 ) -> candle_core::Result<[Tensor; 3]> {
     let (_, h, _, d) = q.dims4()?;
     attention_backward_heads(
         [q, k, v],
         &column_heads(o, 0, h, d)?,
         &column_heads(g, 0, h, d)?,
+        lse,
     )
 }
 
@@ -99,32 +126,33 @@ pub fn column_heads(t: &Tensor, first: usize, h: usize, d: usize) -> candle_core
     rows.transpose(1, 2)?.contiguous()
 }
 
-/// [`attention_backward`] with the output `o` and its gradient `g` as (B, H, L, D) heads.
+/// [`attention_backward`] with the output `o` and its gradient `g` as (B, H, L, D) heads: FlashAttention's
+/// backward, the probabilities computed again rather than kept, and `rowsum(g ⊙ o)` standing in for
+/// `rowsum(dP ⊙ P)` in softmax's backward. With the forward's `lse` on the GPU, one kernel computes the
+/// probabilities and the scores' gradients (the scores never reach memory) and cuBLAS the three
+/// products; otherwise candle's ops do it all.
 pub fn attention_backward_heads(
     [q, k, v]: [&Tensor; 3],
     o: &Tensor,
     g: &Tensor,
+    lse: Option<&Tensor>,
 ) -> candle_core::Result<[Tensor; 3]> {
     use candle_core::{DType, D};
     let d = q.dim(3)?;
     let scale = 1.0 / (d as f64).sqrt();
     #[cfg(feature = "cuda")]
-    if fused_value(&[q, g]) {
-        // The softmax and `p (dp - delta)` in one kernel: candle's passes over the (L × L) scores took
-        // 80% of this function (scripts/gpu/PREDICTIONS.md, run 23).
+    if let (Some(lse), true) = (lse, fused_value(&[q, g])) {
         let delta = crate::kernels::fused_ops::row_dot(g, o)?;
-        let (p, ds) = crate::kernels::fused_ops::softmax_grad(
-            &q.matmul(&k.t()?)?,
-            &g.matmul(&v.t()?)?,
-            &delta,
-            scale as f32,
-        )?;
+        // ds comes scaled: the two products below need no pass of their own for it.
+        let (p, ds) =
+            crate::kernels::flash_attn::probs_grad([q, k, v], g, lse, &delta, scale as f32)?;
         let dv = p.t()?.matmul(g)?;
         drop(p);
-        let dq = (ds.matmul(k)? * scale)?;
-        let dk = (ds.t()?.matmul(q)? * scale)?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
         return Ok([dq, dk, dv]);
     }
+    let _ = lse;
     let p = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
     let dv = p.t()?.matmul(g)?;
     let delta = (g * o)?
@@ -745,7 +773,7 @@ mod tests {
         check(
             [heads, heads, heads],
             |[q, k, v]| plain_attention(q, k, v),
-            attention_backward,
+            |qkv, o, g| attention_backward(qkv, o, g, None),
         )?;
         let (x, m): (&[usize], &[usize]) = (&[2, 5, 16], &[2, 1, 16]);
         check(

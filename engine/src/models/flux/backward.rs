@@ -43,10 +43,7 @@ struct StreamOut {
 pub struct DoubleSaved {
     img: (StreamIn, StreamOut),
     txt: (StreamIn, StreamOut),
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn: Tensor,
+    attn: AttentionSaved,
 }
 
 /// What [`SingleBlock::backward`] reads.
@@ -55,12 +52,30 @@ pub struct SingleSaved {
     m: Vec<Tensor>,
     h1: Tensor,
     h1_saved: Saved,
+    attn: AttentionSaved,
+    out_saved: Saved,
+    out: Tensor,
+}
+
+/// What an attention's backward reads: its heads, its output (B, L, H·D) and, from the fused kernel,
+/// its rows' log-sum-exp.
+struct AttentionSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    attn: Tensor,
-    out_saved: Saved,
     out: Tensor,
+    lse: Option<Tensor>,
+}
+
+impl AttentionSaved {
+    fn new([q, k, v]: [Tensor; 3]) -> Result<Self> {
+        let (out, lse) = fused::attention_saved(&q, &k, &v)?;
+        Ok(Self { q, k, v, out, lse })
+    }
+
+    fn qkv(&self) -> [&Tensor; 3] {
+        [&self.q, &self.k, &self.v]
+    }
 }
 
 /// The modulation vectors' values, for the fused ops (their graph stays with the originals).
@@ -215,20 +230,19 @@ impl DoubleBlock {
         let (t_len, i_len) = (txt.dim(1)?, img.dim(1)?);
         let img_in = self.img.forward_in(img, vec)?;
         let txt_in = self.txt.forward_in(txt, vec)?;
-        let [q, k, v, attn] = self.joint_attention(&txt_in.qkv, &img_in.qkv, rope, heads)?;
+        let attn = AttentionSaved::new(self.joint_heads(&txt_in.qkv, &img_in.qkv, rope, heads)?)?;
         let (img_y, img_out) = self
             .img
-            .forward_out(&img_in, &attn.narrow(1, t_len, i_len)?)?;
-        let (txt_y, txt_out) = self.txt.forward_out(&txt_in, &attn.narrow(1, 0, t_len)?)?;
+            .forward_out(&img_in, &attn.out.narrow(1, t_len, i_len)?)?;
+        let (txt_y, txt_out) = self
+            .txt
+            .forward_out(&txt_in, &attn.out.narrow(1, 0, t_len)?)?;
         Ok((
             img_y,
             txt_y,
             DoubleSaved {
                 img: (img_in, img_out),
                 txt: (txt_in, txt_out),
-                q,
-                k,
-                v,
                 attn,
             },
         ))
@@ -255,7 +269,8 @@ impl DoubleBlock {
             self.txt
                 .backward_out(&txt_in, txt_out, d_txt, out, &mut txt_mods)?;
         let d_attn = Tensor::cat(&[&d_txt_attn, &d_img_attn], 1)?;
-        let d = fused::attention_backward([&saved.q, &saved.k, &saved.v], &saved.attn, &d_attn)?;
+        let a = &saved.attn;
+        let d = fused::attention_backward(a.qkv(), &a.out, &d_attn, a.lse.as_ref())?;
         let (d_txt_heads, d_img_heads) = split_heads(d, t_len)?;
         let d_img = self.img.backward_in(
             img_in,
@@ -293,10 +308,10 @@ impl SingleBlock {
             .linear1
             .forward_saved(&fused::norm_modulate(x, &md[0], &md[1])?)?;
         let (q, k, v) = fused::qkv_heads(&h1, heads, &self.norm, rope)?;
-        let attn = fused::attention(&q, &k, &v)?;
+        let attn = AttentionSaved::new([q, k, v])?;
         let (out, out_saved) = self
             .linear2
-            .forward_saved(&fused::gelu_cat(&attn, &self.mlp_input(&h1)?)?)?;
+            .forward_saved(&fused::gelu_cat(&attn.out, &self.mlp_input(&h1)?)?)?;
         let y = fused::gated_add(x, &out, &md[2])?;
         Ok((
             y,
@@ -305,9 +320,6 @@ impl SingleBlock {
                 m,
                 h1,
                 h1_saved,
-                q,
-                k,
-                v,
                 attn,
                 out_saved,
                 out,
@@ -338,11 +350,13 @@ impl SingleBlock {
                 self.linear2
                     .backward(saved.out_saved, &d_out, &mut out.adapters, true)?,
             )?;
-        let (_, n_heads, _, head_dim) = saved.q.dims4()?;
+        let a = &saved.attn;
+        let (_, n_heads, _, head_dim) = a.q.dims4()?;
         let [dq, dk, dv] = fused::attention_backward_heads(
-            [&saved.q, &saved.k, &saved.v],
-            &fused::column_heads(&saved.attn, 0, n_heads, head_dim)?,
+            a.qkv(),
+            &fused::column_heads(&a.out, 0, n_heads, head_dim)?,
             &fused::column_heads(&d_cat, 0, n_heads, head_dim)?,
+            a.lse.as_ref(),
         )?;
         let d_h1 = fused::qkv_heads_grad(
             &saved.h1,

@@ -186,24 +186,24 @@ impl DoubleBlock {
         out
     }
 
-    /// The joint attention over `[text | image]` from each stream's q|k|v rows: q, k, v (B, H, L, D) and
-    /// the output (B, L, H·D). Text tokens come first, as in the position ids.
-    pub(super) fn joint_attention(
+    /// The heads of the joint attention over `[text | image]` from each stream's q|k|v rows: q, k, v
+    /// (B, H, L, D). Text tokens come first, as in the position ids.
+    pub(super) fn joint_heads(
         &self,
         txt_qkv: &Tensor,
         img_qkv: &Tensor,
         rope: &Rope,
         heads: usize,
-    ) -> candle_core::Result<[Tensor; 4]> {
+    ) -> candle_core::Result<[Tensor; 3]> {
         let (t_len, i_len) = (txt_qkv.dim(1)?, img_qkv.dim(1)?);
         let (tq, tk, tv) = fused::qkv_heads(txt_qkv, heads, &self.txt.norm, &rope.rows(0, t_len)?)?;
         let (iq, ik, iv) =
             fused::qkv_heads(img_qkv, heads, &self.img.norm, &rope.rows(t_len, i_len)?)?;
-        let q = Tensor::cat(&[&tq, &iq], 2)?;
-        let k = Tensor::cat(&[&tk, &ik], 2)?;
-        let v = Tensor::cat(&[&tv, &iv], 2)?;
-        let attn = fused::attention(&q, &k, &v)?;
-        Ok([q, k, v, attn])
+        Ok([
+            Tensor::cat(&[&tq, &iq], 2)?,
+            Tensor::cat(&[&tk, &ik], 2)?,
+            Tensor::cat(&[&tv, &iv], 2)?,
+        ])
     }
 
     fn forward(
@@ -220,12 +220,13 @@ impl DoubleBlock {
         let txt_in = fused::norm_modulate(txt, &tm[0], &tm[1])?;
         // Text tokens come first in the joint sequence, as in the position ids.
         let (t_len, i_len) = (txt.dim(1)?, img.dim(1)?);
-        let [_, _, _, attn] = self.joint_attention(
+        let [q, k, v] = self.joint_heads(
             &self.txt.qkv.forward(&txt_in)?,
             &self.img.qkv.forward(&img_in)?,
             rope,
             heads,
         )?;
+        let attn = fused::attention(&q, &k, &v)?;
         let txt_attn = attn.narrow(1, 0, t_len)?;
         let img_attn = attn.narrow(1, t_len, i_len)?;
 
