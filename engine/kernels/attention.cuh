@@ -49,52 +49,58 @@ struct RowStats {
     }
 };
 
-// P = exp2(S · scale_log2 − lse) and dS · scale = P (dP − delta) · scale of one warp's rows row0 ..
-// row0 + 15 and keys key0 .. key0 + 63, into rows of the contiguous (B, H, N, N) p and ds of head bh.
-// s and dp are the MMA fragments: rows g (elements 0, 1) and g + 8 (2, 3), keys 8i + 2(lane % 4) + {0, 1}.
-// They go through the warp's staging `st_p` and `st_ds` (STAGED elements of shared memory each): stored straight from
-// the fragments, a warp's stores touch 8 rows x 16 bytes each and ran at a fifth of memory speed
-// (scripts/gpu/PREDICTIONS.md, run 36); from the staging a quarter of the warp writes one row's 128 bytes.
-__device__ __forceinline__ void store_probs_grad(const float (&s)[BC / 8][4], const float (&dp)[BC / 8][4],
-                                                 const RowStats& r, float scale_log2, float scale,
-                                                 __nv_bfloat16* st_p, __nv_bfloat16* st_ds, __nv_bfloat16* __restrict__ p,
-                                                 __nv_bfloat16* __restrict__ ds, int64_t bh, int row0, int key0,
-                                                 int n, int lane) {
+// One warp's 16 x 64 tile of f32 MMA fragments (rows g in elements 0, 1 and g + 8 in 2, 3, g = lane / 4;
+// columns 8i + 2(lane % 4) + {0, 1}) as bf16 into rows row0 .. row0 + 15, columns col0 .. col0 + 63 of
+// the contiguous (N, N) matrix `out` of head bh (rows and columns past n left out). Through the warp's
+// staging `st` (STAGED elements of shared memory): stored straight from the fragments, a warp's stores
+// touch 8 rows x 16 bytes each and ran at a fifth of memory speed (scripts/gpu/PREDICTIONS.md, run 36);
+// from the staging a quarter of the warp writes one row's 128 bytes.
+__device__ __forceinline__ void store_tile(const float (&x)[BC / 8][4], __nv_bfloat16* st,
+                                           __nv_bfloat16* __restrict__ out, int64_t bh, int row0, int col0, int n,
+                                           int lane) {
 #pragma unroll
     for (int i = 0; i < BC / 8; ++i) {
-        const float p0 = exp2f(fmaf(s[i][0], scale_log2, -r.lse_lo));
-        const float p1 = exp2f(fmaf(s[i][1], scale_log2, -r.lse_lo));
-        const float p2 = exp2f(fmaf(s[i][2], scale_log2, -r.lse_hi));
-        const float p3 = exp2f(fmaf(s[i][3], scale_log2, -r.lse_hi));
         const int at = (lane / 4) * SROW + i * 8 + (lane % 4) * 2;
-        *reinterpret_cast<uint32_t*>(st_p + at) = pack_bf16(p0, p1);
-        *reinterpret_cast<uint32_t*>(st_p + at + 8 * SROW) = pack_bf16(p2, p3);
-        *reinterpret_cast<uint32_t*>(st_ds + at) =
-            pack_bf16(p0 * (dp[i][0] - r.delta_lo) * scale, p1 * (dp[i][1] - r.delta_lo) * scale);
-        *reinterpret_cast<uint32_t*>(st_ds + at + 8 * SROW) =
-            pack_bf16(p2 * (dp[i][2] - r.delta_hi) * scale, p3 * (dp[i][3] - r.delta_hi) * scale);
+        *reinterpret_cast<uint32_t*>(st + at) = pack_bf16(x[i][0], x[i][1]);
+        *reinterpret_cast<uint32_t*>(st + at + 8 * SROW) = pack_bf16(x[i][2], x[i][3]);
     }
     __syncwarp();
     const bool vec = n % 8 == 0;  // 16-byte aligned rows
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
-        const int rr = it * 4 + lane / 8, c = (lane % 8) * 8;
-        const int row = row0 + rr, key = key0 + c;
-        if (row >= n || key >= n) continue;
-        const int64_t at = (bh * n + row) * n + key;
-        const __nv_bfloat16* src_p = st_p + rr * SROW + c;
-        const __nv_bfloat16* src_ds = st_ds + rr * SROW + c;
+        const int r = it * 4 + lane / 8, c = (lane % 8) * 8;
+        const int row = row0 + r, col = col0 + c;
+        if (row >= n || col >= n) continue;
+        const int64_t at = (bh * n + row) * n + col;
+        const __nv_bfloat16* src = st + r * SROW + c;
         if (vec) {
-            *reinterpret_cast<uint4*>(p + at) = *reinterpret_cast<const uint4*>(src_p);
-            *reinterpret_cast<uint4*>(ds + at) = *reinterpret_cast<const uint4*>(src_ds);
+            *reinterpret_cast<uint4*>(out + at) = *reinterpret_cast<const uint4*>(src);
         } else {
-            for (int e = 0; e < 8 && key + e < n; ++e) {
-                p[at + e] = src_p[e];
-                ds[at + e] = src_ds[e];
-            }
+            for (int e = 0; e < 8 && col + e < n; ++e) out[at + e] = src[e];
         }
     }
-    __syncwarp();  // the staging is free for the next tile
+    __syncwarp();  // the staging is free again
+}
+
+// P = exp2(S · scale_log2 − lse) and dS · scale = P (dP − delta) · scale of one warp's rows row0 ..
+// row0 + 15 and keys key0 .. key0 + 63 (s and dp: the scores' and dP's fragments, overwritten with P
+// and dS), into the contiguous (B, H, N, N) p and ds of head bh, through the stagings st_p and st_ds.
+__device__ __forceinline__ void store_probs_grad(float (&s)[BC / 8][4], float (&dp)[BC / 8][4], const RowStats& r,
+                                                 float scale_log2, float scale, __nv_bfloat16* st_p,
+                                                 __nv_bfloat16* st_ds, __nv_bfloat16* __restrict__ p,
+                                                 __nv_bfloat16* __restrict__ ds, int64_t bh, int row0, int key0,
+                                                 int n, int lane) {
+#pragma unroll
+    for (int i = 0; i < BC / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float lse = e < 2 ? r.lse_lo : r.lse_hi, delta = e < 2 ? r.delta_lo : r.delta_hi;
+            s[i][e] = exp2f(fmaf(s[i][e], scale_log2, -lse));
+            dp[i][e] = s[i][e] * (dp[i][e] - delta) * scale;
+        }
+    }
+    store_tile(s, st_p, p, bh, row0, key0, n, lane);
+    store_tile(dp, st_ds, ds, bh, row0, key0, n, lane);
 }
 
 }  // namespace attn

@@ -68,6 +68,15 @@ __device__ __forceinline__ void fence_regs(float (&r)[N][4]) {
         for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
 }
 
+// A-fragment registers that an issued wgmma still reads: kept alive (and unchanged) to this point.
+template <int N>
+__device__ __forceinline__ void keep_regs(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
 #define F4(a) "+f"(a[0]), "+f"(a[1]), "+f"(a[2]), "+f"(a[3])
 
 // s (64 rows x 64 keys) = (accumulate ? s : 0) + A · B for A (64 x 16) and B (16 x 64) both
@@ -289,106 +298,185 @@ __device__ __forceinline__ void flash_attn_wgmma(const __nv_bfloat16* __restrict
     }
 }
 
-// The backward's probabilities and score gradients (flash_attn.cu's flash_attn_bwd_probs, which says
-// what they are) on warpgroup MMAs: per 64-key tile, S = Q Kᵀ and dP = dO Vᵀ are issued together,
-// both operands read from shared memory as the forward's S is. Q and dO stay in shared memory (wgmma
-// reads them every tile), so P and dS are staged in a region of their own. Grid: (ceil(N / (64·WGS)),
-// H, B); 128·WGS threads; dynamic shared memory: 1024 bytes of alignment slack, the Q and dO tiles, two
-// K and two V tiles, and 16 rows of P and of dS a warp.
+// Attention's backward for WGS warpgroups of 64 keys each of one (batch, head), after
+// FlashAttention-3's: the block keeps its keys' K and V tiles and dK, dV accumulators, and walks the
+// queries 64 at a time (Q and dO tiles loading one ahead). Per tile, with S and dP transposed (keys as
+// rows) so that each warpgroup's products stay its own:
+//   Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (operands in shared memory, K-major),
+//   Pᵀ = exp2(Sᵀ · scale_log2 − lse) and dSᵀ = Pᵀ (dPᵀ − delta) (per query: columns),
+//   dV += Pᵀ dO and dK += dSᵀ Q (Pᵀ, dSᵀ from registers; dO and Q read N-major, as the forward's V),
+// and dSᵀ · scale is written out through shared memory for dQ = dS K, cuBLAS's. P never reaches memory.
+// dK leaves multiplied by scale.
+//
+// q, k, v, g (= dO): (B, H, N, D), unit stride along D, element strides (multiples of 8); lse (log2
+// units) and delta = rowsum(dO ⊙ O): contiguous (B, H, N) f32; dk, dv: contiguous (B, H, N, D); ds_t:
+// contiguous (B, H, N, N), keys as rows. Grid: (ceil(N / (64·WGS)), H, B); 128·WGS threads; dynamic
+// shared memory: 1024 bytes of alignment slack, the K and V tiles, two stages of Q and dO tiles and of
+// their rows' lse and delta, and a staging of 16 rows a warp.
 template <int WGS>
-__device__ __forceinline__ void flash_attn_bwd_probs_wgmma(
+__device__ __forceinline__ void flash_attn_bwd_kv_wgmma(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
     const __nv_bfloat16* __restrict__ g, const float* __restrict__ lse, const float* __restrict__ delta,
-    __nv_bfloat16* __restrict__ p, __nv_bfloat16* __restrict__ ds, int n, int heads, float scale_log2, float scale,
-    int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh, int64_t k_sn, int64_t v_sb, int64_t v_sh,
-    int64_t v_sn, int64_t g_sb, int64_t g_sh, int64_t g_sn) {
-    constexpr int BR = WGS * 64;
+    __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv, __nv_bfloat16* __restrict__ ds_t, int n,
+    int heads, float scale_log2, float scale, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh,
+    int64_t k_sn, int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t g_sb, int64_t g_sh, int64_t g_sn) {
+    constexpr int BK = WGS * 64;  // keys a block
     constexpr int THREADS = WGS * 128;
     constexpr int STAGES = 2;
     extern __shared__ unsigned char smem_raw[];
-    __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(
+    __nv_bfloat16* sk = reinterpret_cast<__nv_bfloat16*>(
         smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
-    __nv_bfloat16* sg = sq + BR * D;
-    __nv_bfloat16* sk = sg + BR * D;         // STAGES K tiles
-    __nv_bfloat16* sv = sk + STAGES * TILE;  // STAGES V tiles
-    __nv_bfloat16* staged = sv + STAGES * TILE;
+    __nv_bfloat16* sv = sk + BK * D;
+    __nv_bfloat16* sq = sv + BK * D;         // STAGES Q tiles of BC queries
+    __nv_bfloat16* sg = sq + STAGES * TILE;  // STAGES dO tiles
+    __nv_bfloat16* staged = sg + STAGES * TILE;
+    float* s_lse = reinterpret_cast<float*>(staged + THREADS / 32 * STAGED);  // STAGES x BC
+    float* s_delta = s_lse + STAGES * BC;
 
     const int tid = threadIdx.x, lane = tid % 32, wg = tid / 128, warp = (tid / 32) % 4;
-    const int q0 = blockIdx.x * BR, h = blockIdx.y, b = blockIdx.z;
-    const __nv_bfloat16* kb = k + b * k_sb + h * k_sh;
-    const __nv_bfloat16* vb = v + b * v_sb + h * v_sh;
+    const int k0 = blockIdx.x * BK, h = blockIdx.y, b = blockIdx.z;
+    const int64_t bh = (int64_t)b * heads + h;
+    const __nv_bfloat16* qb = q + b * q_sb + h * q_sh;
+    const __nv_bfloat16* gb = g + b * g_sb + h * g_sh;
     const int tiles = (n + BC - 1) / BC;
-    auto load_kv = [&](int t) {
+    auto load_q = [&](int t) {
         const int st = t % STAGES;
-        load_tile<BC, THREADS>(sk + st * TILE, kb, k_sn, t * BC, n, tid);
-        load_tile<BC, THREADS>(sv + st * TILE, vb, v_sn, t * BC, n, tid);
+        load_tile<BC, THREADS>(sq + st * TILE, qb, q_sn, t * BC, n, tid);
+        load_tile<BC, THREADS>(sg + st * TILE, gb, g_sn, t * BC, n, tid);
+        // Queries past the end get an infinite log-sum-exp: probability 0, no gradient.
+        for (int i = tid; i < BC; i += THREADS) {
+            const int row = t * BC + i;
+            s_lse[st * BC + i] = row < n ? lse[bh * n + row] : INFINITY;
+            s_delta[st * BC + i] = row < n ? delta[bh * n + row] : 0.f;
+        }
     };
-    constexpr uint32_t ATOM = 1024;
-    const __nv_bfloat16* sq_wg = sq + wg * 64 * HALF;
-    const __nv_bfloat16* sg_wg = sg + wg * 64 * HALF;
-    // S = Q Kᵀ and dP = dO Vᵀ for tile t in one commit group.
-    auto issue = [&](float (&s)[BC / 8][4], float (&dp)[BC / 8][4], int t) {
-        const __nv_bfloat16* tk = sk + (t % STAGES) * TILE;
-        const __nv_bfloat16* tv = sv + (t % STAGES) * TILE;
+
+    constexpr uint32_t ATOM = 1024, T_HALF = BC * HALF * 2;
+    const __nv_bfloat16* sk_wg = sk + wg * 64 * HALF;
+    const __nv_bfloat16* sv_wg = sv + wg * 64 * HALF;
+    // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for tile t in one commit group.
+    auto issue_scores = [&](float (&st_)[BC / 8][4], float (&dpt)[BC / 8][4], int t) {
+        const __nv_bfloat16* tq = sq + (t % STAGES) * TILE;
+        const __nv_bfloat16* tg = sg + (t % STAGES) * TILE;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int half = kk / 4, col = (kk % 4) * 16;
-            wgmma_qk(s, desc(sq_wg + half * BR * HALF + col, 16, ATOM), desc(tk + half * BC * HALF + col, 16, ATOM),
+            wgmma_qk(st_, desc(sk_wg + half * BK * HALF + col, 16, ATOM), desc(tq + half * BC * HALF + col, 16, ATOM),
                      kk > 0);
         }
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int half = kk / 4, col = (kk % 4) * 16;
-            wgmma_qk(dp, desc(sg_wg + half * BR * HALF + col, 16, ATOM), desc(tv + half * BC * HALF + col, 16, ATOM),
+            wgmma_qk(dpt, desc(sv_wg + half * BK * HALF + col, 16, ATOM), desc(tg + half * BC * HALF + col, 16, ATOM),
                      kk > 0);
         }
         wgmma_commit();
     };
+    // dV += Pᵀ dO and dK += dSᵀ Q for tile t: 4 steps of 16 queries each.
+    auto issue_grads = [&](float (&dv_)[D / 8][4], float (&dk_)[D / 8][4], const uint32_t (&pf)[BC / 16][4],
+                           const uint32_t (&dsf)[BC / 16][4], int t) {
+        const __nv_bfloat16* tq = sq + (t % STAGES) * TILE;
+        const __nv_bfloat16* tg = sg + (t % STAGES) * TILE;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) wgmma_pv(dv_, pf[kk], desc(tg + kk * 16 * HALF, T_HALF, ATOM));
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; ++kk) wgmma_pv(dk_, dsf[kk], desc(tq + kk * 16 * HALF, T_HALF, ATOM));
+        wgmma_commit();
+    };
 
-    load_tile<BR, THREADS>(sq, q + b * q_sb + h * q_sh, q_sn, q0, n, tid);
-    load_tile<BR, THREADS>(sg, g + b * g_sb + h * g_sh, g_sn, q0, n, tid);
-    load_kv(0);
+    load_tile<BK, THREADS>(sk, k + b * k_sb + h * k_sh, k_sn, k0, n, tid);
+    load_tile<BK, THREADS>(sv, v + b * v_sb + h * v_sh, v_sn, k0, n, tid);
+    load_q(0);
     cp_async_commit();
     cp_async_wait_all();
     fence_async_shared();
     __syncthreads();
 
-    const int64_t bh = (int64_t)b * heads + h;
-    const int row0 = q0 + wg * 64 + warp * 16;  // this warp's first row
-    const RowStats stats(lse, delta, bh, row0 + lane / 4, n);
-    __nv_bfloat16* st_p = staged + (wg * 4 + warp) * 2 * STAGED;
-    __nv_bfloat16* st_ds = st_p + STAGED;
-
-    float s[BC / 8][4], dp[BC / 8][4];
+    float dv_acc[D / 8][4], dk_acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dv_acc[i][e] = dk_acc[i][e] = 0.f;
+    float st_[BC / 8][4], dpt[BC / 8][4];
 #pragma unroll
     for (int i = 0; i < BC / 8; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+        for (int e = 0; e < 4; ++e) st_[i][e] = dpt[i][e] = 0.f;
+    uint32_t pf[BC / 16][4], dsf[BC / 16][4];
+    const int key0 = k0 + wg * 64 + warp * 16;  // this warp's first key
+    __nv_bfloat16* st_ds = staged + (wg * 4 + warp) * STAGED;
+
     for (int j = 0; j < tiles; ++j) {
         if (j + 1 < tiles) {
-            load_kv(j + 1);
+            load_q(j + 1);
             cp_async_commit();
         }
-        issue(s, dp, j);
+        issue_scores(st_, dpt, j);
         wgmma_wait<0>();
-        fence_regs(s);
-        fence_regs(dp);
-        store_probs_grad(s, dp, stats, scale_log2, scale, st_p, st_ds, p, ds, bh, row0, j * BC, n, lane);
+        fence_regs(st_);
+        fence_regs(dpt);
+        // Element e of column group i is query 8i + 2(lane % 4) + (e & 1) of the tile.
+        const float* tl = s_lse + (j % STAGES) * BC;
+        const float* td = s_delta + (j % STAGES) * BC;
+#pragma unroll
+        for (int i = 0; i < BC / 8; ++i) {
+            const int c = i * 8 + (lane % 4) * 2;
+            const float l0 = tl[c], l1 = tl[c + 1], d0 = td[c], d1 = td[c + 1];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(fmaf(st_[i][e], scale_log2, -(e & 1 ? l1 : l0)));
+                st_[i][e] = p;
+                dpt[i][e] = p * (dpt[i][e] - (e & 1 ? d1 : d0));
+            }
+        }
+        pack(st_, pf);
+        pack(dpt, dsf);
+        issue_grads(dv_acc, dk_acc, pf, dsf, j);
+        // dSᵀ · scale out while the tensor cores take the two products.
+#pragma unroll
+        for (int i = 0; i < BC / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dpt[i][e] *= scale;
+        store_tile(dpt, st_ds, ds_t, bh, key0, j * BC, n, lane);
+        wgmma_wait<0>();
+        fence_regs(dv_acc);
+        fence_regs(dk_acc);
+        keep_regs(pf);  // the products read them until the wait
+        keep_regs(dsf);
         if (j + 1 < tiles) {
             cp_async_wait_all();
             fence_async_shared();
         }
         __syncthreads();
     }
+
+    // Rows g and g + 8 of this warp's 16 keys, dims 8i + 2(lane % 4) + {0, 1}.
+    const int row_lo = key0 + lane / 4, row_hi = row_lo + 8, col = (lane % 4) * 2;
+    __nv_bfloat16* dkb = dk + bh * n * D + col;
+    __nv_bfloat16* dvb = dv + bh * n * D + col;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        if (row_lo < n) {
+            *reinterpret_cast<uint32_t*>(dkb + (int64_t)row_lo * D + i * 8) =
+                pack_bf16(dk_acc[i][0] * scale, dk_acc[i][1] * scale);
+            *reinterpret_cast<uint32_t*>(dvb + (int64_t)row_lo * D + i * 8) = pack_bf16(dv_acc[i][0], dv_acc[i][1]);
+        }
+        if (row_hi < n) {
+            *reinterpret_cast<uint32_t*>(dkb + (int64_t)row_hi * D + i * 8) =
+                pack_bf16(dk_acc[i][2] * scale, dk_acc[i][3] * scale);
+            *reinterpret_cast<uint32_t*>(dvb + (int64_t)row_hi * D + i * 8) = pack_bf16(dv_acc[i][2], dv_acc[i][3]);
+        }
+    }
 }
 
 }  // namespace
 #define WGMMA_KERNEL(WGS) flash_attn_wgmma<WGS>(FLASH_ATTN_PASS)
-#define WGMMA_BWD_KERNEL(WGS) flash_attn_bwd_probs_wgmma<WGS>(BWD_PROBS_PASS)
+#define WGMMA_BWD_KV_KERNEL(WGS) flash_attn_bwd_kv_wgmma<WGS>(BWD_KV_PASS)
 #else
 #define WGMMA_KERNEL(WGS)
-#define WGMMA_BWD_KERNEL(WGS)
+#define WGMMA_BWD_KV_KERNEL(WGS)
 #endif
 
 #define FLASH_ATTN_ARGS                                                                                   \
@@ -407,17 +495,18 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_wgmma_bf16_d128_
     WGMMA_KERNEL(2);
 }
 
-#define BWD_PROBS_ARGS                                                                                              \
+#define BWD_KV_ARGS                                                                                                 \
     const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v, \
         const __nv_bfloat16 *__restrict__ g, const float *__restrict__ lse, const float *__restrict__ delta,       \
-        __nv_bfloat16 *__restrict__ p, __nv_bfloat16 *__restrict__ ds, int n, int heads, float scale_log2,        \
-        float scale, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb, int64_t k_sh, int64_t k_sn,          \
-        int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t g_sb, int64_t g_sh, int64_t g_sn
-#define BWD_PROBS_PASS                                                                                         \
-    q, k, v, g, lse, delta, p, ds, n, heads, scale_log2, scale, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, \
-        v_sn, g_sb, g_sh, g_sn
+        __nv_bfloat16 *__restrict__ dk, __nv_bfloat16 *__restrict__ dv, __nv_bfloat16 *__restrict__ ds_t, int n,  \
+        int heads, float scale_log2, float scale, int64_t q_sb, int64_t q_sh, int64_t q_sn, int64_t k_sb,         \
+        int64_t k_sh, int64_t k_sn, int64_t v_sb, int64_t v_sh, int64_t v_sn, int64_t g_sb, int64_t g_sh,         \
+        int64_t g_sn
+#define BWD_KV_PASS                                                                                                \
+    q, k, v, g, lse, delta, dk, dv, ds_t, n, heads, scale_log2, scale, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, \
+        v_sh, v_sn, g_sb, g_sh, g_sn
 
-// The backward's probabilities and score gradients, 128 query rows a block: two warpgroups.
-extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_probs_wgmma_bf16_d128_r128(BWD_PROBS_ARGS) {
-    WGMMA_BWD_KERNEL(2);
+// The backward's dK, dV and dSᵀ, 128 keys a block: two warpgroups.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_attn_bwd_kv_wgmma_bf16_d128_r128(BWD_KV_ARGS) {
+    WGMMA_BWD_KV_KERNEL(2);
 }

@@ -6,7 +6,7 @@
 //   gated_add:      y = r + x * gate                    (per-batch gate vector)
 //   qkv_heads:      fused q|k|v rows -> (B, H, L, D) heads, RMS-normed q and k, RoPE on q and k
 //   gelu_cat:       [a | gelu(m)]; gelu_backward: g * gelu'(x) (row-strided)
-//   row_dot_d128:   Σ a·b per row of 128 (attention backward's delta)
+//   head_dot_d128:  Σ a·b per head of 128 columns (attention backward's delta)
 //   training backward passes: norm_modulate_backward, gated_add_backward (+ column_sums),
 //                   qkv_heads_backward
 // Rows are contiguous with `cols` a multiple of 8 (16-byte vectors).
@@ -211,15 +211,20 @@ extern "C" __global__ void gelu_backward_bf16(const __nv_bfloat16* __restrict__ 
     }
 }
 
-// out[r] = Σ_c a[r][c]·b[r][c] in f32 over contiguous rows of 128 columns, one warp a row: the attention
-// backward's rowsum(dO ⊙ O) (candle took a product, a cast to f32 and a sum, 0.3 ms at 4608 tokens).
-extern "C" __global__ void row_dot_d128_bf16(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b,
-                                             float* __restrict__ out, int64_t rows) {
-    const int64_t row = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
+// Σ a·b in f32 over each head's 128 columns of `rows` = B·len rows of a and b (a_row and b_row
+// elements apart), into out as (B, heads, len): the attention backward's delta = rowsum(dO ⊙ O), read
+// from the (B, L, H·128) rows where they lie (candle took a product, a cast to f32 and a sum, 0.3 ms at
+// 4608 tokens, after two copies into heads). One warp a (row, head).
+extern "C" __global__ void head_dot_d128_bf16(const __nv_bfloat16* __restrict__ a, const __nv_bfloat16* __restrict__ b,
+                                              float* __restrict__ out, int64_t a_row, int64_t b_row, int64_t rows,
+                                              int len, int heads) {
+    const int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(a + row * 128 + lane * 4);
-    const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(b + row * 128 + lane * 4);
+    if (w >= rows * heads) return;
+    const int64_t r = w / heads;
+    const int h = w % heads;
+    const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(a + r * a_row + h * 128 + lane * 4);
+    const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(b + r * b_row + h * 128 + lane * 4);
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -229,7 +234,7 @@ extern "C" __global__ void row_dot_d128_bf16(const __nv_bfloat16* __restrict__ a
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) out[row] = sum;
+    if (lane == 0) out[((r / len) * heads + h) * len + r % len] = sum;
 }
 
 // ---- Backward passes (LoRA training) ----

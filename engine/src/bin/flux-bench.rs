@@ -294,9 +294,9 @@ fn optimizer_check(device: &Device) -> Result<()> {
 #[cfg(feature = "cuda")]
 fn attention_check(device: &Device) -> Result<()> {
     use engine::kernels::flash_attn::{
-        flash_attn_lse, flash_attn_variant, probs_grad_variant, Variant,
+        backward_with, flash_attn_lse, flash_attn_variant, Backward, Variant,
     };
-    use engine::kernels::fused_ops::row_dot;
+    use engine::kernels::fused_ops::head_dot;
     use engine::models::fused::plain_attention as plain;
     let (heads, d) = (24, 128);
     let scale = 1.0 / (d as f32).sqrt();
@@ -347,31 +347,43 @@ fn attention_check(device: &Device) -> Result<()> {
                 "rel_l2_vs_f32": err, "ms": t * 1e3, "tflops": flops / t / 1e12});
         }
 
-        // The backward's P = softmax(q kᵀ · scale) and dS · scale = P (g vᵀ − delta) · scale.
+        // The backward's dq, dk, dv from the forward's log-sum-exp, against the plain path in f32.
+        // g as heads (strided in the strided case), delta from the (B, L, H·D) rows as training has them.
         let (o, lse) = flash_attn_lse(&q, &k, &v, scale)?;
-        let o = o.transpose(1, 2)?.contiguous()?;
+        let o_rows = o.reshape((1, n, heads * d))?;
         let g = make(1.0)?;
-        let delta = row_dot(&g.contiguous()?, &o)?;
-        let p_want = candle_nn::ops::softmax_last_dim(
-            &(f32s(&q)?.matmul(&f32s(&k)?.t()?)? * scale as f64)?,
+        let g_rows = g
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((1, n, heads * d))?;
+        let delta = head_dot(&g_rows, &o_rows)?;
+        let want = engine::models::fused::plain_attention_backward(
+            [&f32s(&q)?, &f32s(&k)?, &f32s(&v)?],
+            &f32s(&o.transpose(1, 2)?)?,
+            &f32s(&g)?,
         )?;
-        let ds_want = ((&p_want * f32s(&g)?.matmul(&f32s(&v)?.t()?)?.broadcast_sub(&delta)?)?
-            * scale as f64)?;
-        for variant in Variant::BACKWARD.into_iter().filter(|v| v.runs_on(cuda)) {
-            let run = || probs_grad_variant([&q, &k, &v], &g, &lse, &delta, scale, variant);
-            let (p, ds) = run()?;
-            let finite = [&p, &ds].iter().all(|t| {
-                t.to_dtype(DType::F32)
-                    .and_then(|t| t.abs()?.max_all()?.to_scalar::<f32>())
-                    .is_ok_and(f32::is_finite)
-            });
-            let (err_p, err_ds) = (rel_l2(&p, &p_want)?, rel_l2(&ds, &ds_want)?);
-            let t = time_median(device, 10, || Ok(run()?.0))?;
-            let pass = finite && err_p < 1e-2 && err_ds < 2e-2;
+        for kernel in Backward::ALL.into_iter().filter(|k| k.runs_on(cuda)) {
+            let run = || backward_with(kernel, [&q, &k, &v], &g, &lse, &delta, scale);
+            let got = run()?;
+            let mut r = serde_json::json!({});
+            let mut pass = true;
+            for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+                let finite = a
+                    .to_dtype(DType::F32)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?
+                    .is_finite();
+                let err = rel_l2(a, b)?;
+                pass &= finite && err < 1e-2;
+                r[format!("{name}_rel_l2_vs_f32")] = serde_json::json!(err);
+            }
+            let t = time_median(device, 10, || Ok(run()?[0].clone()))?;
             ok &= pass;
-            report[format!("backward_{}", variant.name())] = serde_json::json!({"pass": pass,
-                "finite": finite, "p_rel_l2_vs_f32": err_p, "ds_rel_l2_vs_f32": err_ds,
-                "ms": t * 1e3, "tflops": flops / t / 1e12});
+            r["pass"] = serde_json::json!(pass);
+            r["ms"] = serde_json::json!(t * 1e3);
+            r["tflops"] = serde_json::json!(5.0 / 2.0 * flops / t / 1e12);
+            report[format!("backward_{}", kernel.name())] = r;
         }
         println!("{report}");
     }
@@ -515,72 +527,45 @@ fn profile_attention_backward(l: usize, device: &Device) -> Result<()> {
     );
     let (o, lse) = fused::attention_saved(&q, &k, &v)?;
     let g = rand(&[1, l, heads * hd])?;
-    let heads_of = |t: &Tensor| fused::column_heads(t, 0, heads, hd);
     let mm = 2.0 * (l * l * hd * heads) as f64;
     type Row<'a> = (&'a str, f64, Box<dyn Fn() -> Result<Tensor> + 'a>);
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))] // the fused path adds its pieces
-    let mut rows: Vec<Row> = vec![
-        (
-            "attention backward (whole)",
-            5.0 * mm,
-            Box::new(|| {
-                let [dq, dk, dv] = fused::attention_backward([&q, &k, &v], &o, &g, lse.as_ref())?;
-                Ok((dq.sum_all()? + dk.sum_all()? + dv.sum_all()?)?)
-            }),
-        ),
-        (
-            "  heads of o and g (2 copies)",
-            0.0,
-            Box::new(|| Ok((heads_of(&o)? + heads_of(&g)?)?)),
-        ),
-    ];
+    let mut rows: Vec<Row> = vec![(
+        "attention backward (whole)",
+        5.0 * mm,
+        Box::new(|| {
+            let [dq, dk, dv] = fused::attention_backward([&q, &k, &v], &o, &g, lse.as_ref())?;
+            Ok((dq.sum_all()? + dk.sum_all()? + dv.sum_all()?)?)
+        }),
+    )];
     #[cfg(feature = "cuda")]
-    if let Some(lse) = &lse {
-        use engine::kernels::{flash_attn::probs_grad, fused_ops::row_dot};
-        let (oh, gh) = (heads_of(&o)?, heads_of(&g)?);
-        let delta = row_dot(&gh, &oh)?;
+    if let (Some(lse), Device::Cuda(cuda)) = (&lse, device) {
+        use engine::kernels::{flash_attn, fused_ops::head_dot};
+        let delta = head_dot(&g, &o)?;
+        rows.push((
+            "  delta = rowsum(g ⊙ o) per head",
+            0.0,
+            Box::new(|| Ok(head_dot(&g, &o)?)),
+        ));
         let scale = 1.0 / (hd as f32).sqrt();
-        let (p, ds) = probs_grad([&q, &k, &v], &gh, lse, &delta, scale)?;
-        let pieces: [Row; 5] = [
-            (
-                "  delta = rowsum(g ⊙ o)",
-                0.0,
-                Box::new(move || Ok(row_dot(&gh, &oh)?)),
-            ),
-            (
-                "  p and ds (one kernel: q kᵀ and g vᵀ)",
-                2.0 * mm,
-                Box::new({
-                    let (q, k, v, g) = (q.clone(), k.clone(), v.clone(), heads_of(&g)?);
-                    move || Ok(probs_grad([&q, &k, &v], &g, lse, &delta, scale)?.0)
+        for kernel in flash_attn::Backward::ALL {
+            if !kernel.runs_on(cuda) {
+                continue;
+            }
+            let (q, k, v, g, delta) = (q.clone(), k.clone(), v.clone(), g.clone(), delta.clone());
+            rows.push((
+                match kernel {
+                    flash_attn::Backward::Kv => "  kernel kv_wg128 + cuBLAS dq = ds k",
+                    flash_attn::Backward::Probs => "  kernel probs_r64 + cuBLAS dv, dq, dk",
+                },
+                5.0 * mm,
+                Box::new(move || {
+                    let [dq, ..] =
+                        flash_attn::backward_with(kernel, [&q, &k, &v], &g, lse, &delta, scale)?;
+                    Ok(dq)
                 }),
-            ),
-            (
-                "  dv = pᵀ g",
-                mm,
-                Box::new({
-                    let g = heads_of(&g)?;
-                    move || Ok(p.t()?.matmul(&g)?)
-                }),
-            ),
-            (
-                "  dq = ds k",
-                mm,
-                Box::new({
-                    let (ds, k) = (ds.clone(), k.clone());
-                    move || Ok(ds.matmul(&k)?)
-                }),
-            ),
-            (
-                "  dk = dsᵀ q",
-                mm,
-                Box::new({
-                    let q = q.clone();
-                    move || Ok(ds.t()?.matmul(&q)?)
-                }),
-            ),
-        ];
-        rows.extend(pieces);
+            ));
+        }
     }
     for (op, flops, f) in rows {
         let ms = time_median(device, 10, &*f)? * 1e3;

@@ -82,37 +82,6 @@ impl Variant {
         }
     }
 
-    /// The backward's probability kernels ([`probs_grad`]), fastest first: on an H100 at 4608 tokens
-    /// wg128 ~0.8 ms and r64 1.21 ms (scripts/gpu/PREDICTIONS.md, runs 37-38).
-    pub const BACKWARD: [Variant; 2] = [
-        Variant {
-            wgmma: true,
-            rows: 128,
-        },
-        Variant {
-            wgmma: false,
-            rows: 64,
-        },
-    ];
-
-    fn backward_kernel(&self) -> (String, &'static str, &'static str) {
-        if self.wgmma {
-            let name = format!("flash_attn_bwd_probs_wgmma_bf16_d128_r{}", self.rows);
-            (name, "flash_attn_sm90", super::ptx::FLASH_ATTN_SM90)
-        } else {
-            let name = format!("flash_attn_bwd_probs_bf16_d128_r{}", self.rows);
-            (name, "flash_attn", super::ptx::FLASH_ATTN)
-        }
-    }
-
-    /// The backward's shared memory: the Q and dO tiles, two K and two V tiles; the warpgroup kernels
-    /// also stage each warp's 16 rows of P and of dS (rows of 72 bf16) and align to 1024 bytes.
-    fn backward_shared_bytes(&self) -> u32 {
-        let tiles = ((2 * self.rows + 4 * KEYS_PER_TILE) * HEAD_DIM * 2) as u32;
-        let staging = (self.rows / 16 * 2 * 16 * (KEYS_PER_TILE + 8) * 2) as u32;
-        tiles + if self.wgmma { staging + 1024 } else { 0 }
-    }
-
     /// Threads a block: 128 a warpgroup of 64 rows, or 32 a warp of 16 rows.
     fn threads(&self) -> u32 {
         2 * self.rows as u32
@@ -176,7 +145,7 @@ pub fn flash_attn_variant(
 }
 
 /// [`flash_attn`] and each row's log-sum-exp of its scaled scores in log2 units, (B, H, L) f32: what
-/// the backward ([`probs_grad`]) reads to compute the probabilities again without a softmax pass.
+/// the backward ([`backward`]) reads to compute the probabilities again without a softmax pass.
 pub fn flash_attn_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
     let (b, h, l, _) = q.dims4()?;
     let lse = Tensor::zeros((b, h, l), DType::F32, q.device())?;
@@ -233,6 +202,38 @@ fn heads_view<'a>(
         bail!("flash attention takes bf16 only")
     };
     Ok((x.slice(l.start_offset()..), strides))
+}
+
+/// The output's gradient as [`heads_view`] reads it: (B, H, L, D) heads, or (B, L, H·D) rows of any
+/// 16-byte aligned row stride (a single block's attention columns of its wider rows).
+fn grad_view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    dims: (usize, usize, usize, usize),
+) -> Result<(CudaView<'a, bf16>, [i64; 3])> {
+    let (b, h, n, d) = dims;
+    if l.dims().len() != 3 {
+        return heads_view(s, l, dims);
+    }
+    let st = l.stride();
+    if l.dims() != [b, n, h * d]
+        || st[2] != 1
+        || st[..2].iter().any(|x| x % 8 != 0)
+        || !l.start_offset().is_multiple_of(8)
+    {
+        bail!(
+            "the attention backward needs the output's gradient as ({b}, {n}, {}) rows of unit stride,              16-byte aligned (got {:?} strides {st:?})",
+            h * d,
+            l.dims()
+        )
+    }
+    let CudaStorageSlice::BF16(x) = &s.slice else {
+        bail!("flash attention takes bf16 only")
+    };
+    Ok((
+        x.slice(l.start_offset()..),
+        [st[0] as i64, d as i64, st[1] as i64],
+    ))
 }
 
 /// A contiguous f32 (B, H, L) tensor's storage: the rows' log-sum-exp or delta.
@@ -343,64 +344,176 @@ impl CustomOp3 for FlashAttn {
     }
 }
 
-/// Attention's backward up to its three products: the probabilities `P` and the score gradients
-/// `dS · scale`, each (B, H, L, L) bf16, from q, k, v and the output's gradient `g` (all (B, H, L, 128)),
-/// the forward's `lse` ([`flash_attn_lse`]) and `delta = rowsum(g ⊙ o)` ((B, H, L) f32). The scores
-/// and their gradients `dP = g vᵀ` stay in registers (`flash_attn_bwd_probs` in `kernels/flash_attn.cu`
-/// and `kernels/flash_attn_sm90.cu`), with the first of [`Variant::BACKWARD`] that runs on the device.
-pub fn probs_grad(
+/// One kernel of attention's backward. Both compute the scores S = q kᵀ and their gradients
+/// dP = g vᵀ in registers from the forward's log-sum-exp, so neither is written to memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backward {
+    /// dK, dV and dSᵀ, 128 keys a block on Hopper's warpgroup MMAs (`flash_attn_bwd_kv_wgmma` in
+    /// `kernels/flash_attn_sm90.cu`); cuBLAS then takes dQ = dS k.
+    Kv,
+    /// P and dS of 64 query rows a block on warp MMAs (`flash_attn_bwd_probs` in
+    /// `kernels/flash_attn.cu`, sm_80 and newer); cuBLAS then takes dV = Pᵀ g, dQ = dS k, dK = dSᵀ q.
+    Probs,
+}
+
+impl Backward {
+    /// Every kernel, fastest first: [`backward`] takes the first that runs on the device (on an H100
+    /// at 4608 tokens, ~1.6 against 2.5 ms for the whole backward; scripts/gpu/PREDICTIONS.md, run 39).
+    pub const ALL: [Backward; 2] = [Backward::Kv, Backward::Probs];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backward::Kv => "kv_wg128",
+            Backward::Probs => "probs_r64",
+        }
+    }
+
+    fn variant(&self) -> Variant {
+        match self {
+            Backward::Kv => Variant {
+                wgmma: true,
+                rows: 128,
+            },
+            Backward::Probs => Variant {
+                wgmma: false,
+                rows: 64,
+            },
+        }
+    }
+
+    /// Whether this build's kernel runs on `dev` (as the forward's of the same instructions).
+    pub fn runs_on(&self, dev: &CudaDevice) -> bool {
+        self.variant().runs_on(dev)
+    }
+
+    fn kernel(&self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Backward::Kv => (
+                "flash_attn_bwd_kv_wgmma_bf16_d128_r128",
+                "flash_attn_sm90",
+                super::ptx::FLASH_ATTN_SM90,
+            ),
+            Backward::Probs => (
+                "flash_attn_bwd_probs_bf16_d128_r64",
+                "flash_attn",
+                super::ptx::FLASH_ATTN,
+            ),
+        }
+    }
+
+    /// Kv: 1024 bytes of alignment slack, the block's K and V tiles, two stages of Q and dO tiles
+    /// and of their rows' lse and delta, and a staging of 16 rows of 72 bf16 a warp. Probs: its Q and
+    /// dO tiles (which also take the staging) and two K and two V tiles.
+    fn shared_bytes(&self) -> u32 {
+        let rows = self.variant().rows;
+        let bytes = match self {
+            Backward::Kv => {
+                1024 + 2 * rows * HEAD_DIM * 2
+                    + 2 * 2 * KEYS_PER_TILE * HEAD_DIM * 2
+                    + rows / 16 * 16 * (KEYS_PER_TILE + 8) * 2
+                    + 2 * 2 * KEYS_PER_TILE * 4
+            }
+            Backward::Probs => (2 * rows + 4 * KEYS_PER_TILE) * HEAD_DIM * 2,
+        };
+        bytes as u32
+    }
+
+    /// The lengths of the kernel's outputs, in one buffer: Kv's dK, dV (B, H, L, D) and dSᵀ (B, H, L, L);
+    /// Probs' P and dS (B, H, L, L).
+    fn outputs(&self, (b, h, n, d): (usize, usize, usize, usize)) -> Vec<usize> {
+        match self {
+            Backward::Kv => vec![b * h * n * d, b * h * n * d, b * h * n * n],
+            Backward::Probs => vec![b * h * n * n, b * h * n * n],
+        }
+    }
+}
+
+/// The gradients [dq, dk, dv] of `softmax(q kᵀ · scale) v` for q, k, v (B, H, L, 128) and the
+/// output's gradient `g`, as (B, H, L, 128) heads or (B, L, H·128) rows, all bf16 on CUDA with any
+/// 16-byte aligned row strides (cuBLAS's products copy what they need contiguous), from the forward's `lse`
+/// ([`flash_attn_lse`]) and `delta = rowsum(g ⊙ o)` ((B, H, L) f32), with the first of
+/// [`Backward::ALL`] that runs on the device.
+pub fn backward(
     qkv: [&Tensor; 3],
     g: &Tensor,
     lse: &Tensor,
     delta: &Tensor,
     scale: f32,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<[Tensor; 3]> {
     let Device::Cuda(dev) = qkv[0].device() else {
-        bail!("the attention backward's kernel runs on CUDA only")
+        bail!("the attention backward's kernels run on CUDA only")
     };
-    let Some(variant) = Variant::BACKWARD.into_iter().find(|v| v.runs_on(dev)) else {
-        bail!("the attention backward's kernel needs compute capability 8.0 or newer")
+    let Some(kernel) = Backward::ALL.into_iter().find(|k| k.runs_on(dev)) else {
+        bail!("the attention backward's kernels need compute capability 8.0 or newer")
     };
-    probs_grad_variant(qkv, g, lse, delta, scale, variant)
+    backward_with(kernel, qkv, g, lse, delta, scale)
 }
 
-/// [`probs_grad`] with the given kernel (one of [`Variant::BACKWARD`]).
-pub fn probs_grad_variant(
+/// [`backward`] with the given kernel.
+pub fn backward_with(
+    kernel: Backward,
     [q, k, v]: [&Tensor; 3],
     g: &Tensor,
     lse: &Tensor,
     delta: &Tensor,
     scale: f32,
-    variant: Variant,
-) -> Result<(Tensor, Tensor)> {
-    if !Variant::BACKWARD.contains(&variant) {
-        bail!("no attention backward kernel {}", variant.name())
-    }
-    let both = q.apply_op3_no_bwd(
+) -> Result<[Tensor; 3]> {
+    let dims = q.dims4()?;
+    let (b, h, n, d) = dims;
+    let flat = q.apply_op3_no_bwd(
         k,
         v,
-        &ProbsGrad {
+        &BackwardOp {
             g: g.clone(),
             lse: lse.clone(),
             delta: delta.clone(),
             scale,
-            variant,
+            kernel,
         },
     )?;
-    Ok((both.get(0)?, both.get(1)?))
+    let mut at = 0;
+    let mut parts = Vec::new();
+    for len in kernel.outputs(dims) {
+        parts.push(flat.narrow(0, at, len)?);
+        at += len;
+    }
+    let heads = |t: &Tensor| t.reshape((b, h, n, d));
+    let scores = |t: &Tensor| t.reshape((b, h, n, n));
+    match kernel {
+        Backward::Kv => {
+            let ds_t = scores(&parts[2])?;
+            let dq = ds_t.t()?.matmul(&k.contiguous()?)?;
+            Ok([dq, heads(&parts[0])?, heads(&parts[1])?])
+        }
+        Backward::Probs => {
+            let (p, ds) = (scores(&parts[0])?, scores(&parts[1])?);
+            let g = match g.rank() {
+                3 => g.contiguous()?.reshape((b, n, h, d))?.transpose(1, 2)?,
+                _ => g.clone(),
+            };
+            let dv = p.t()?.matmul(&g.contiguous()?)?;
+            drop(p);
+            // ds comes scaled: the two products need no pass of their own for it.
+            Ok([
+                ds.matmul(&k.contiguous()?)?,
+                ds.t()?.matmul(&q.contiguous()?)?,
+                dv,
+            ])
+        }
+    }
 }
 
-struct ProbsGrad {
+struct BackwardOp {
     g: Tensor,
     lse: Tensor,
     delta: Tensor,
     scale: f32,
-    variant: Variant,
+    kernel: Backward,
 }
 
-impl CustomOp3 for ProbsGrad {
+impl CustomOp3 for BackwardOp {
     fn name(&self) -> &'static str {
-        "flash-attn-bwd-probs-bf16-d128"
+        "flash-attn-bwd-bf16-d128"
     }
 
     fn cpu_fwd(
@@ -412,7 +525,7 @@ impl CustomOp3 for ProbsGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("the attention backward's kernel runs on CUDA only; the CPU takes the plain path")
+        bail!("the attention backward's kernels run on CUDA only; the CPU takes the plain path")
     }
 
     fn cuda_fwd(
@@ -436,53 +549,64 @@ impl CustomOp3 for ProbsGrad {
         let (Storage::Cuda(gs), Storage::Cuda(ls), Storage::Cuda(ds)) = (&*gs, &*ls, &*ds) else {
             bail!("the attention backward's inputs must all be on the GPU")
         };
-        let (gv, [gsb, gsh, gsn]) = heads_view(gs, gl, dims)?;
+        let (gv, [gsb, gsh, gsn]) = grad_view(gs, gl, dims)?;
         let lv = row_values(ls, ll, (b, h, n))?;
         let dv = row_values(ds, dl, (b, h, n))?;
         let dev = &q.device;
-        if !self.variant.runs_on(dev) {
+        if !self.kernel.runs_on(dev) {
             bail!(
                 "the {} attention backward kernel does not run on this GPU or build",
-                self.variant.name()
+                self.kernel.name()
             )
         }
-        let (name, module, ptx) = self.variant.backward_kernel();
-        let shared_bytes = self.variant.backward_shared_bytes();
-        let func = dev.get_or_load_custom_func(&name, module, ptx)?;
+        let (name, module, ptx) = self.kernel.kernel();
+        let shared_bytes = self.kernel.shared_bytes();
+        let func = dev.get_or_load_custom_func(name, module, ptx)?;
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             shared_bytes as i32,
         )
         .w()?;
-        let len = b * h * n * n;
-        // SAFETY: the kernel writes every (row, key) of both halves.
-        let out = unsafe { dev.alloc::<bf16>(2 * len) }?;
+        let lens = self.kernel.outputs(dims);
+        let total = lens.iter().sum();
+        // SAFETY: the kernel writes every element of each output.
+        let out = unsafe { dev.alloc::<bf16>(total) }?;
+        let variant = self.kernel.variant();
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(self.variant.rows) as u32, h as u32, b as u32),
-            block_dim: (self.variant.threads(), 1, 1),
+            grid_dim: (n.div_ceil(variant.rows) as u32, h as u32, b as u32),
+            block_dim: (variant.threads(), 1, 1),
             shared_mem_bytes: shared_bytes,
         };
         let (n_i, h_i) = (n as i32, h as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         {
-            let (p, d_s) = (out.slice(..len), out.slice(len..));
+            let mut at = 0;
+            let parts: Vec<_> = lens
+                .iter()
+                .map(|len| {
+                    at += len;
+                    out.slice(at - len..at)
+                })
+                .collect();
             let mut launch = func.builder();
             launch.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&dv);
-            launch.arg(&p).arg(&d_s);
+            for part in &parts {
+                launch.arg(part);
+            }
             launch.arg(&n_i).arg(&h_i).arg(&scale_log2).arg(&self.scale);
             for s in [
                 &qsb, &qsh, &qsn, &ksb, &ksh, &ksn, &vsb, &vsh, &vsn, &gsb, &gsh, &gsn,
             ] {
                 launch.arg(s);
             }
-            // SAFETY: argument list matches the kernel's signature; shapes, strides and the row values'
-            // lengths checked above.
+            // SAFETY: argument list matches the kernel's signature; shapes, strides and the row
+            // values' lengths checked above.
             unsafe { launch.launch(cfg) }.w()?;
         }
         let out = CudaStorage {
             slice: CudaStorageSlice::BF16(out),
             device: dev.clone(),
         };
-        Ok((out, Shape::from((2, b, h, n, n))))
+        Ok((out, Shape::from(total)))
     }
 }

@@ -565,17 +565,17 @@ impl candle_core::InplaceOp3 for GeluBackwardInto {
     }
 }
 
-/// `Σ a·b` over each row of 128 of contiguous bf16 `a` and `b` of one shape (.., 128), in f32, with the
-/// last dimension kept as 1: the attention backward's `rowsum(dO ⊙ O)`.
-pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.apply_op2_no_bwd(b, &RowDot)
+/// `Σ a·b` in f32 over each head's 128 columns of bf16 `a` and `b` (B, L, H·128), each of evenly
+/// spaced rows (a narrow of wider rows will do), as (B, H, L): the attention backward's `rowsum(dO ⊙ O)`.
+pub fn head_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &HeadDot)
 }
 
-struct RowDot;
+struct HeadDot;
 
-impl CustomOp2 for RowDot {
+impl CustomOp2 for HeadDot {
     fn name(&self) -> &'static str {
-        "row-dot-d128-bf16"
+        "head-dot-d128-bf16"
     }
     fn cpu_fwd(
         &self,
@@ -593,41 +593,48 @@ impl CustomOp2 for RowDot {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        contiguous_rows(al, "row_dot's a")?;
-        contiguous_rows(bl, "row_dot's b")?;
-        if al.dims() != bl.dims() || al.dims().last() != Some(&128) {
+        let (batch, len, width) = al.shape().dims3()?;
+        let (rows, cols, a_row) = strided_rows(al, "head_dot's a")?;
+        let (_, _, b_row) = strided_rows(bl, "head_dot's b")?;
+        if al.dims() != bl.dims() || !cols.is_multiple_of(128) {
             bail!(
-                "row_dot: a {:?} and b {:?} must be one shape of rows of 128",
+                "head_dot: a {:?} and b {:?} must be one shape of heads of 128",
                 al.dims(),
                 bl.dims()
             )
         }
-        let rows = al.shape().elem_count() / 128;
+        let heads = width / 128;
         let dev = &a.device;
-        // SAFETY: the kernel writes every row's sum.
-        let out = unsafe { dev.alloc::<f32>(rows) }?;
+        // SAFETY: the kernel writes every (row, head)'s sum.
+        let out = unsafe { dev.alloc::<f32>(rows * heads) }?;
         let (av, bv) = (bf16_view!(a, al), bf16_view!(b, bl));
-        let rows_i = rows as i64;
+        let (a_row, b_row, rows_i) = (a_row as i64, b_row as i64, rows as i64);
+        let (len_i, heads_i) = (len as i32, heads as i32);
         let func =
-            dev.get_or_load_custom_func("row_dot_d128_bf16", MODULE, super::ptx::FUSED_OPS)?;
+            dev.get_or_load_custom_func("head_dot_d128_bf16", MODULE, super::ptx::FUSED_OPS)?;
         let mut launch = func.builder();
-        launch.arg(&av).arg(&bv).arg(&out).arg(&rows_i);
-        // Eight warps a block, one row each.
+        launch.arg(&av).arg(&bv).arg(&out);
+        launch
+            .arg(&a_row)
+            .arg(&b_row)
+            .arg(&rows_i)
+            .arg(&len_i)
+            .arg(&heads_i);
+        // Eight warps a block, one (row, head) each.
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            grid_dim: ((rows * heads).div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: arguments match the kernel; a and b hold `rows` rows of 128, out `rows` floats.
+        // SAFETY: arguments match the kernel; a and b hold `rows` rows of `heads` heads of 128 at
+        // their row strides, out rows·heads floats.
         unsafe { launch.launch(cfg) }.w()?;
-        let mut dims = al.dims().to_vec();
-        *dims.last_mut().expect("rows of 128") = 1;
         Ok((
             CudaStorage {
                 slice: CudaStorageSlice::F32(out),
                 device: dev.clone(),
             },
-            Shape::from(dims),
+            Shape::from((batch, heads, len)),
         ))
     }
 }

@@ -95,8 +95,10 @@ pub fn attention_saved(
     Ok((plain_attention(q, k, v)?, None))
 }
 
-/// The gradients of q, k and v of [`attention`] from the gradient `g` of its output `o` (both (B, L, H·D))
-/// and, from the fused forward, the rows' log-sum-exp `lse` ([`attention_saved`]).
+/// The gradients of q, k and v of [`attention`] from the gradient `g` of its output `o` (both (B, L, H·D)
+/// rows; `g` may be a narrow of wider rows) and, from the fused forward, the rows' log-sum-exp `lse`
+/// ([`attention_saved`]): with it on the GPU, the kernels of [`crate::kernels::flash_attn::backward`]
+/// read `g` where it lies and never write the scores; otherwise [`plain_attention_backward`].
 pub fn attention_backward(
     [q, k, v]: [&Tensor; 3],
     o: &Tensor,
@@ -104,16 +106,22 @@ pub fn attention_backward(
     lse: Option<&Tensor>,
 ) -> candle_core::Result<[Tensor; 3]> {
     let (_, h, _, d) = q.dims4()?;
-    attention_backward_heads(
+    #[cfg(feature = "cuda")]
+    if let (Some(lse), true) = (lse, fused_value(&[q, g])) {
+        let delta = crate::kernels::fused_ops::head_dot(g, o)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        return crate::kernels::flash_attn::backward([q, k, v], g, lse, &delta, scale);
+    }
+    let _ = lse;
+    plain_attention_backward(
         [q, k, v],
         &column_heads(o, 0, h, d)?,
         &column_heads(g, 0, h, d)?,
-        lse,
     )
 }
 
 /// The (B, H, L, D) heads of the columns `first .. first + H·D` of `t` (B, L, W), in one copy when the
-/// columns fall on whole heads of a row (a single block's attention columns of linear2's input gradient).
+/// columns fall on whole heads of a row.
 pub fn column_heads(t: &Tensor, first: usize, h: usize, d: usize) -> candle_core::Result<Tensor> {
     let (b, l, w) = t.dims3()?;
     let rows = if t.is_contiguous() && w.is_multiple_of(d) && first.is_multiple_of(d) {
@@ -126,33 +134,16 @@ pub fn column_heads(t: &Tensor, first: usize, h: usize, d: usize) -> candle_core
     rows.transpose(1, 2)?.contiguous()
 }
 
-/// [`attention_backward`] with the output `o` and its gradient `g` as (B, H, L, D) heads: FlashAttention's
-/// backward, the probabilities computed again rather than kept, and `rowsum(g ⊙ o)` standing in for
-/// `rowsum(dP ⊙ P)` in softmax's backward. With the forward's `lse` on the GPU, one kernel computes the
-/// probabilities and the scores' gradients (the scores never reach memory) and cuBLAS the three
-/// products; otherwise candle's ops do it all.
-pub fn attention_backward_heads(
+/// FlashAttention's backward in candle ops, with the output `o` and its gradient `g` as (B, H, L, D)
+/// heads: the probabilities computed again rather than kept, and `rowsum(g ⊙ o)` standing in for
+/// `rowsum(dP ⊙ P)` in softmax's backward. The reference the kernels are checked against.
+pub fn plain_attention_backward(
     [q, k, v]: [&Tensor; 3],
     o: &Tensor,
     g: &Tensor,
-    lse: Option<&Tensor>,
 ) -> candle_core::Result<[Tensor; 3]> {
     use candle_core::{DType, D};
-    let d = q.dim(3)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    #[cfg(feature = "cuda")]
-    if let (Some(lse), true) = (lse, fused_value(&[q, g])) {
-        let delta = crate::kernels::fused_ops::row_dot(g, o)?;
-        // ds comes scaled: the two products below need no pass of their own for it.
-        let (p, ds) =
-            crate::kernels::flash_attn::probs_grad([q, k, v], g, lse, &delta, scale as f32)?;
-        let dv = p.t()?.matmul(g)?;
-        drop(p);
-        let dq = ds.matmul(k)?;
-        let dk = ds.t()?.matmul(q)?;
-        return Ok([dq, dk, dv]);
-    }
-    let _ = lse;
+    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
     let p = candle_nn::ops::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
     let dv = p.t()?.matmul(g)?;
     let delta = (g * o)?

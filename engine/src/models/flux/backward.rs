@@ -351,11 +351,10 @@ impl SingleBlock {
                     .backward(saved.out_saved, &d_out, &mut out.adapters, true)?,
             )?;
         let a = &saved.attn;
-        let (_, n_heads, _, head_dim) = a.q.dims4()?;
-        let [dq, dk, dv] = fused::attention_backward_heads(
+        let [dq, dk, dv] = fused::attention_backward(
             a.qkv(),
-            &fused::column_heads(&a.out, 0, n_heads, head_dim)?,
-            &fused::column_heads(&d_cat, 0, n_heads, head_dim)?,
+            &a.out,
+            &d_cat.narrow(D::Minus1, 0, hidden)?,
             a.lse.as_ref(),
         )?;
         let d_h1 = fused::qkv_heads_grad(
