@@ -340,15 +340,18 @@ extern "C" __global__ void column_sums_bf16(const float* __restrict__ partial, _
     }
 }
 
-// qkv_heads' backward. g: (3, B, H, L, 128) gradients of the heads; qkv: the forward's input rows as
-// qkv_heads reads them; tables: (2 + L, 128) = the q and k norm scales, then RoPE's [cos | sin] rows;
-// out: (B, L, out_row) rows, of which the first 3·H·128 columns are written (the caller zeroes the rest).
-// q and k: RoPE backwards (the rotation by −sin), times the norm scale, then the RMS norm's backward
-// dx = r·gw − x·r³·mean(gw·x); v's gradient is copied. One warp per (batch, token, head), 4 values a lane.
-extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ g,
+// qkv_heads' backward. gq, gk, gv: (B, H, g_len, 128) gradients of the heads, of which tokens g_at ..
+// g_at + len are these rows' (a double block's text or image part of the joint attention's); qkv: the
+// forward's input rows as qkv_heads reads them; tables: (2 + len, 128) = the q and k norm scales, then
+// RoPE's [cos | sin] rows; out: (B, len, out_row) rows, of which the first 3·H·128 columns are written
+// (the caller zeroes the rest). q and k: RoPE backwards (the rotation by −sin), times the norm scale, then
+// the RMS norm's backward dx = r·gw − x·r³·mean(gw·x); v's gradient is copied. One warp per (batch,
+// token, head), 4 values a lane.
+extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ gq,
+                                                   const __nv_bfloat16* __restrict__ gk, const __nv_bfloat16* __restrict__ gv,
                                                    const __nv_bfloat16* __restrict__ tables, __nv_bfloat16* __restrict__ out,
-                                                   int batch, int len, int heads, int64_t row_stride, int64_t batch_stride,
-                                                   int64_t out_row, float eps) {
+                                                   int batch, int len, int heads, int g_len, int g_at, int64_t row_stride,
+                                                   int64_t batch_stride, int64_t out_row, float eps) {
     constexpr int D = 128;
     const int64_t warp = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x % 32;
@@ -357,9 +360,9 @@ extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restri
     const int l = (warp / heads) % len;
     const int b = warp / ((int64_t)heads * len);
     const int64_t hd = (int64_t)heads * D;
-    const int64_t plane = (int64_t)batch * heads * len * D;
     const __nv_bfloat16* src = qkv + b * batch_stride + l * row_stride + h * D + lane * 4;
-    const __nv_bfloat16* gs = g + (((int64_t)b * heads + h) * len + l) * D + lane * 4;
+    const int64_t at = (((int64_t)b * heads + h) * g_len + g_at + l) * D + lane * 4;
+    const __nv_bfloat16* gs[2] = {gq + at, gk + at};
     __nv_bfloat16* dst = out + ((int64_t)b * len + l) * out_row + h * D + lane * 4;
     const __nv_bfloat16* rope = tables + (2 + (int64_t)l) * D;
     const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope + lane * 2));
@@ -368,7 +371,7 @@ extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restri
     for (int which = 0; which < 2; ++which) {
         const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(src + which * hd);
         const float2 x0 = __bfloat1622float2(p[0]), x1 = __bfloat1622float2(p[1]);
-        const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(gs + which * plane);
+        const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(gs[which]);
         const float2 g0 = __bfloat1622float2(gp[0]), g1 = __bfloat1622float2(gp[1]);
         const __nv_bfloat162* w = reinterpret_cast<const __nv_bfloat162*>(tables + which * D + lane * 4);
         const float2 w0 = __bfloat1622float2(w[0]), w1 = __bfloat1622float2(w[1]);
@@ -382,5 +385,5 @@ extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restri
         o[0] = __floats2bfloat162_rn(u0 * r - x0.x * k, u1 * r - x0.y * k);
         o[1] = __floats2bfloat162_rn(u2 * r - x1.x * k, u3 * r - x1.y * k);
     }
-    *reinterpret_cast<uint2*>(dst + 2 * hd) = *reinterpret_cast<const uint2*>(gs + 2 * plane);
+    *reinterpret_cast<uint2*>(dst + 2 * hd) = *reinterpret_cast<const uint2*>(gv + at);
 }

@@ -170,6 +170,28 @@ fn add_matmul_check(device: &Device) -> Result<()> {
         worst = worst.max(err);
     }
     anyhow::ensure!(worst < 1e-2, "add_matmul off by {worst:e}");
+
+    // gemm::matmul on an adapter's rows of a single block's linear1 gradient (a column slice), read
+    // transposed (dBᵀ's product) and not (dy·sB's), and with a transposed second operand.
+    let dy = randn(&[4608, 21504])?;
+    let dy_a = dy.narrow(1, 3072, 3072)?;
+    let (ax, up) = (randn(&[4608, 16])?, randn(&[3072, 16])?);
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+    for (what, a, b) in [
+        ("dy_aᵀ · ax", dy_a.t()?, ax.clone()),
+        ("dy_a · up", dy_a.clone(), up.clone()),
+        ("ax · upᵀ", ax.clone(), up.t()?),
+    ] {
+        let got = engine::kernels::gemm::matmul(&a, &b)?;
+        let want = f32s(&a)?.matmul(&f32s(&b)?)?;
+        let err = rel_l2(&got, &want)?;
+        println!(
+            "{}",
+            serde_json::json!({"what": "kernel_check", "op": "strided matmul", "case": what,
+                "a": a.dims(), "b": b.dims(), "rel_l2": err})
+        );
+        anyhow::ensure!(err < 1e-2, "the strided matmul {what} off by {err:e}");
+    }
     Ok(())
 }
 
@@ -743,15 +765,18 @@ fn ops_check(device: &Device) -> Result<()> {
     let d_cat = rand(&[1, l, 5 * c], 1.0)?;
     let qkv_back = |f32: bool| -> Result<Tensor> {
         if f32 {
+            let g = f32s(&g3)?;
             return Ok(fused::qkv_heads_grad(
                 &f32s(&h1)?,
-                &f32s(&g3)?,
+                [&g.get(0)?, &g.get(1)?, &g.get(2)?],
+                0,
                 heads,
                 &scales32,
                 &rope32,
             )?);
         }
-        Ok(fused::qkv_heads_grad(&h1, &g3, heads, &scales, &rope)?)
+        let g = [&g3.get(0)?, &g3.get(1)?, &g3.get(2)?];
+        Ok(fused::qkv_heads_grad(&h1, g, 0, heads, &scales, &rope)?)
     };
     type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
     let mut cases: Vec<(&str, Op, Op)> = vec![

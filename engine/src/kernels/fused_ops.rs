@@ -3,7 +3,9 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
 
 const MODULE: &str = "fused_ops";
 const HEAD_DIM: usize = 128;
@@ -842,22 +844,37 @@ impl CustomOp3 for GatedAddBackward {
     }
 }
 
-/// [`qkv_heads`]' gradient of its q|k|v rows from that of its (3, B, H, L, 128) heads `g`
-/// (contiguous): (B, L, width) like `qkv`, zero past 3·H·128. `tables` is (2 + L, 128): the q and k
-/// norm scales, then the RoPE rows [cos | sin].
+/// [`qkv_heads`]' gradient of its q|k|v rows from those of its heads, `dq`, `dk`, `dv` (each a
+/// contiguous (B, H, L', 128)) at the tokens `at .. at + L` (all of them for a single block; a double
+/// block's text or image part of the joint attention): (B, L, width) like `qkv`, zero past 3·H·128.
+/// `tables` is (2 + L, 128): the q and k norm scales, then the RoPE rows [cos | sin].
 pub fn qkv_heads_backward(
     qkv: &Tensor,
-    g: &Tensor,
+    [dq, dk, dv]: [&Tensor; 3],
+    at: usize,
     tables: &Tensor,
     heads: usize,
     eps: f32,
 ) -> Result<Tensor> {
-    qkv.apply_op3_no_bwd(g, tables, &QkvHeadsBackward { heads, eps })
+    qkv.apply_op3_no_bwd(
+        dq,
+        tables,
+        &QkvHeadsBackward {
+            heads,
+            eps,
+            at,
+            dk: dk.clone(),
+            dv: dv.clone(),
+        },
+    )
 }
 
 struct QkvHeadsBackward {
     heads: usize,
     eps: f32,
+    at: usize,
+    dk: Tensor,
+    dv: Tensor,
 }
 
 impl CustomOp3 for QkvHeadsBackward {
@@ -879,8 +896,8 @@ impl CustomOp3 for QkvHeadsBackward {
         &self,
         qkv: &CudaStorage,
         ql: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
+        gq: &CudaStorage,
+        gql: &Layout,
         t: &CudaStorage,
         tl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
@@ -898,11 +915,27 @@ impl CustomOp3 for QkvHeadsBackward {
                 ql.dims()
             )
         }
-        if gl.dims() != [3, b, h, l, HEAD_DIM]
-            || !gl.is_contiguous()
-            || !gl.start_offset().is_multiple_of(4)
-        {
-            bail!("qkv_heads_backward: the heads' gradient must be a contiguous (3, {b}, {h}, {l}, {HEAD_DIM})")
+        // The op lends one of the three heads' gradients; the other two are read under their own locks.
+        let (gks, gkl) = self.dk.storage_and_layout();
+        let (gvs, gvl) = self.dv.storage_and_layout();
+        let (Storage::Cuda(gks), Storage::Cuda(gvs)) = (&*gks, &*gvs) else {
+            bail!("qkv_heads_backward: the heads' gradients must be on the GPU")
+        };
+        let g_len = gql.dims().get(2).copied().unwrap_or(0);
+        for gl in [gql, gkl, gvl] {
+            if gl.dims() != [b, h, g_len, HEAD_DIM]
+                || !gl.is_contiguous()
+                || !gl.start_offset().is_multiple_of(4)
+                || self.at + l > g_len
+            {
+                bail!(
+                    "qkv_heads_backward: the heads' gradients must be contiguous ({b}, {h}, L, {HEAD_DIM}) \
+                     with tokens {} .. {} (got {:?})",
+                    self.at,
+                    self.at + l,
+                    gl.dims()
+                )
+            }
         }
         if tl.dims() != [2 + l, HEAD_DIM]
             || !tl.is_contiguous()
@@ -919,14 +952,26 @@ impl CustomOp3 for QkvHeadsBackward {
         if w > 3 * h * HEAD_DIM {
             dev.cuda_stream().memset_zeros(&mut out).w()?;
         }
-        let (qv, gv, tv) = (bf16_view!(qkv, ql), bf16_view!(g, gl), bf16_view!(t, tl));
+        let (qv, tv) = (bf16_view!(qkv, ql), bf16_view!(t, tl));
+        let (gqv, gkv, gvv) = (
+            bf16_view!(gq, gql),
+            bf16_view!(gks, gkl),
+            bf16_view!(gvs, gvl),
+        );
         let (bi, li, hi) = (b as i32, l as i32, h as i32);
+        let (g_len, g_at) = (g_len as i32, self.at as i32);
         let (row_stride, batch_stride, out_row) = (s[1] as i64, s[0] as i64, w as i64);
         let func =
             dev.get_or_load_custom_func("qkv_heads_backward_bf16", MODULE, super::ptx::FUSED_OPS)?;
         let mut launch = func.builder();
-        launch.arg(&qv).arg(&gv).arg(&tv).arg(&out);
-        launch.arg(&bi).arg(&li).arg(&hi);
+        launch
+            .arg(&qv)
+            .arg(&gqv)
+            .arg(&gkv)
+            .arg(&gvv)
+            .arg(&tv)
+            .arg(&out);
+        launch.arg(&bi).arg(&li).arg(&hi).arg(&g_len).arg(&g_at);
         launch
             .arg(&row_stride)
             .arg(&batch_stride)

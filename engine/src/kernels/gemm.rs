@@ -1,12 +1,18 @@
-//! `c[.., at .. at + n] += a · b` in place, through cuBLAS with β = 1 (bf16 in and out, f32
-//! accumulation): LoRA training adds each adapter's update `(A x)·(sB)ᵀ` into its rows of a layer's
-//! output, and its part `(dy·sB)·A` of the input gradient into the frozen weight's, with no full-size
-//! temporary and no separate add over the output (scripts/gpu/PREDICTIONS.md, run 31). The CPU, and
-//! `--plain`, take candle ops (`models::linear`).
+//! LoRA training's products that candle's matmul would need copies for, through cuBLAS (bf16 in and
+//! out, f32 accumulation). The CPU, and `--plain`, take candle ops (`models::linear`).
+//! - [`add_matmul`]: `c[.., at .. at + n] += a · b` in place, with β = 1: each adapter's update
+//!   `(A x)·(sB)ᵀ` goes into its rows of a layer's output, and its part `(dy·sB)·A` of the input
+//!   gradient into the frozen weight's, with no full-size temporary and no separate add over the output
+//!   (scripts/gpu/PREDICTIONS.md, run 31).
+//! - [`matmul`]: `a · b` for matrices of any leading dimension, transposed or not: an adapter's rows of
+//!   the output's gradient are read as a column slice of it (candle copied them first: 18 ms of a
+//!   1024² step; run 41).
 
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, DType, InplaceOp3, Layout, Result, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
+};
 
 /// Whether [`add_matmul`] can write into `c`: contiguous bf16 on CUDA.
 pub fn supports(c: &Tensor) -> bool {
@@ -112,5 +118,107 @@ impl InplaceOp3 for AddMatmul {
         // SAFETY: the shapes and leading dimensions were checked against the three layouts above.
         unsafe { blas.gemm(cfg, &bv, &av, &mut cv) }.w()?;
         Ok(())
+    }
+}
+
+/// Whether [`matmul`] takes `a` and `b`: 2-D bf16 on CUDA whose rows or columns have unit stride.
+pub fn supports_matmul(a: &Tensor, b: &Tensor) -> bool {
+    [a, b]
+        .iter()
+        .all(|t| t.device().is_cuda() && t.dtype() == DType::BF16 && operand(t.layout()).is_ok())
+}
+
+/// `a · b` for 2-D bf16 `a` (m, k) and `b` (k, n) on CUDA, each a row-major matrix of any leading
+/// dimension or the transpose of one (a column slice, a `.t()`): cuBLAS reads them where they lie.
+/// Returns a contiguous (m, n).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &Matmul)
+}
+
+struct Matmul;
+
+/// A 2-D layout as cuBLAS reads it: (rows, cols, leading dimension, whether it is the transpose of a
+/// row-major matrix).
+fn operand(l: &Layout) -> Result<(usize, usize, usize, bool)> {
+    let (&[rows, cols], &[s0, s1]) = (l.dims(), l.stride()) else {
+        bail!("matmul takes matrices (got {:?})", l.dims())
+    };
+    if s1 == 1 && s0 >= cols.max(1) {
+        Ok((rows, cols, s0, false))
+    } else if s0 == 1 && s1 >= rows.max(1) {
+        Ok((rows, cols, s1, true))
+    } else {
+        bail!(
+            "matmul needs rows or columns of unit stride (got {:?} strides {:?})",
+            l.dims(),
+            l.stride()
+        )
+    }
+}
+
+impl CustomOp2 for Matmul {
+    fn name(&self) -> &'static str {
+        "strided-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the strided matmul runs on CUDA only; the CPU takes candle ops")
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, k, lda, a_t) = operand(al)?;
+        let (bk, n, ldb, b_t) = operand(bl)?;
+        if bk != k {
+            bail!("matmul: a {:?} · b {:?} do not chain", al.dims(), bl.dims())
+        }
+        // Row-major c = a·b is column-major cᵀ = bᵀ·aᵀ: cuBLAS's first operand is b, its second a. A
+        // row-major matrix read column-major is its transpose already; a transposed one needs op T.
+        let op = |t| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let cfg = GemmConfig {
+            transa: op(b_t),
+            transb: op(a_t),
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: WithDType::from_f64(1.0),
+            lda: ldb as i32,
+            ldb: lda as i32,
+            beta: WithDType::from_f64(0.0),
+            ldc: n as i32,
+        };
+        let (CudaStorageSlice::BF16(av), CudaStorageSlice::BF16(bv)) = (&a.slice, &b.slice) else {
+            bail!("matmul takes bf16 only")
+        };
+        let (av, bv) = (av.slice(al.start_offset()..), bv.slice(bl.start_offset()..));
+        let dev = &a.device;
+        // SAFETY: cuBLAS writes all m·n elements (β = 0).
+        let mut c = unsafe { dev.alloc::<half::bf16>(m * n) }?;
+        // SAFETY: the shapes and leading dimensions were checked against both layouts above.
+        unsafe { dev.cublas_handle().gemm(cfg, &bv, &av, &mut c) }.w()?;
+        Ok((
+            CudaStorage {
+                slice: CudaStorageSlice::BF16(c),
+                device: dev.clone(),
+            },
+            Shape::from((m, n)),
+        ))
     }
 }

@@ -457,7 +457,8 @@ pub fn qkv_heads(
         if qkv.track_op() {
             let (scales, rope) = (scales.clone(), rope.clone());
             out = autodiff::with_gradient(qkv, out, move |qkv, _, g| {
-                qkv_heads_grad(qkv, g, heads, &scales, &rope)
+                let (gq, gk, gv) = (g.get(0)?, g.get(1)?, g.get(2)?);
+                qkv_heads_grad(qkv, [&gq, &gk, &gv], 0, heads, &scales, &rope)
             })?;
         }
         return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
@@ -474,28 +475,34 @@ pub fn qkv_heads(
     Ok((q, k, v))
 }
 
-/// [`qkv_heads_backward`], one kernel on the fused path.
+/// [`qkv_heads_backward`] from the heads' gradients `dq`, `dk`, `dv` (B, H, L', D) at the tokens
+/// `at .. at + L` of `qkv`'s L rows (a double block's stream is a part of the joint attention): one
+/// kernel reading them in place on the fused path.
 pub fn qkv_heads_grad(
     qkv: &Tensor,
-    g: &Tensor,
+    [dq, dk, dv]: [&Tensor; 3],
+    at: usize,
     heads: usize,
     scales: &QkScales,
     rope: &Rope,
 ) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if fused_value(&[qkv, g]) {
+    if fused_value(&[qkv, dq]) {
         let tables = Tensor::cat(&[&scales.both, &rope.packed], 0)?;
         return crate::kernels::fused_ops::qkv_heads_backward(
             qkv,
-            &g.contiguous()?,
+            [&dq.contiguous()?, &dk.contiguous()?, &dv.contiguous()?],
+            at,
             &tables,
             heads,
             EPS,
         );
     }
+    let l = qkv.dim(1)?;
+    let part = |t: &Tensor| t.narrow(2, at, l);
     qkv_heads_backward(
         qkv,
-        g,
+        &Tensor::stack(&[part(dq)?, part(dk)?, part(dv)?], 0)?,
         heads,
         [&scales.q, &scales.k],
         [&rope.cos, &rope.sin],

@@ -339,11 +339,12 @@ impl Module for Linear {
 
 /// What [`Linear::backward`] reads of a training forward ([`Linear::forward_saved`]): the adapters it
 /// applied, the layer's input (kept only when there are adapters: the input gradient needs the weight alone)
-/// and each adapter's `A x`.
+/// and each adapter's `A x` and factors in the input's dtype.
 pub struct Saved {
     adapters: Vec<Arc<Adapter>>,
     x: Option<Tensor>,
     down_x: Vec<Tensor>,
+    factors: Vec<(Tensor, Tensor)>,
 }
 
 impl Linear {
@@ -354,11 +355,13 @@ impl Linear {
         let (base, adapters) = self.prepare(x)?;
         let y = crate::models::fused::linear(&base, x)?;
         let mut down_x = Vec::with_capacity(adapters.len());
+        let mut factors = Vec::with_capacity(adapters.len());
         for a in &adapters {
             let (down, up) = a.factors(x.dtype())?;
             let ax = x.broadcast_matmul(&down.t()?)?;
             add_product(&y, a.out_offset, &ax, &up.t()?)?;
             down_x.push(ax);
+            factors.push((down, up));
         }
         let x = (!adapters.is_empty()).then(|| x.clone());
         Ok((
@@ -367,6 +370,7 @@ impl Linear {
                 adapters,
                 x,
                 down_x,
+                factors,
             },
         ))
     }
@@ -397,16 +401,17 @@ impl Linear {
         } else {
             None
         };
-        for (a, ax) in saved.adapters.iter().zip(saved.down_x) {
-            let (down, up) = a.factors(dy.dtype())?;
+        let adapters = saved.adapters.iter().zip(saved.down_x).zip(saved.factors);
+        for ((a, ax), (down, up)) in adapters {
             let rows = a.rows()?;
-            let dy_a = dy.narrow(1, rows.start, rows.len())?.contiguous()?;
+            // The adapter's rows of dy, read in place where the strided product can.
+            let dy_a = dy.narrow(1, rows.start, rows.len())?;
             let ax = ax.reshape((n, a.down.dim(0)?))?;
             let x = saved.x.as_ref().expect("inputs are saved with adapters");
             let x = x.reshape((n, x.elem_count() / n))?;
             // d(s·B) = dyᵀ (A x); the scale is folded into `up` as in the forward.
-            let d_up = (dy_a.t()?.matmul(&ax)? * a.scale)?;
-            let dy_up = dy_a.matmul(&up)?;
+            let d_up = (strided_matmul(&dy_a.t()?, &ax)? * a.scale)?;
+            let dy_up = strided_matmul(&dy_a, &up)?;
             let d_down = dy_up.t()?.matmul(&x)?;
             if let Some(dx) = &dx {
                 add_product(dx, 0, &dy_up, &down)?;
@@ -437,6 +442,16 @@ fn add_product(y: &Tensor, at: usize, a: &Tensor, b: &Tensor) -> Result<()> {
     let last = y.rank() - 1;
     let sum = (y.narrow(last, at, p.dim(last)?)? + p)?;
     y.slice_set(&sum, last, at)
+}
+
+/// `a · b` of two matrices, either of which may be a column slice or a transpose: cuBLAS reads them in
+/// place on the fused path; candle's matmul, which needs them contiguous, copies them otherwise.
+fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::models::fused::enabled() && crate::kernels::gemm::supports_matmul(a, b) {
+        return crate::kernels::gemm::matmul(a, b);
+    }
+    a.contiguous()?.matmul(&b.contiguous()?)
 }
 
 /// Adds `g` to `t`'s gradient in `grads`.

@@ -158,19 +158,19 @@ impl Stream {
         Ok((d_x1, d_attn))
     }
 
-    /// From the gradient of the stream's q/k/v heads (stacked (3, B, H, L, D)) and of its residual
-    /// `d_x1` to its input's.
+    /// From the gradient of the stream's q/k/v heads (the joint attention's dq, dk, dv (B, H, L', D),
+    /// this stream's tokens from `at`) and of its residual `d_x1` to its input's.
     fn backward_in(
         &self,
         input: StreamIn,
-        d_heads: &Tensor,
+        (d_heads, at): ([&Tensor; 3], usize),
         d_x1: Tensor,
         (heads, rope): (usize, &Rope),
         mut mods: [Option<Tensor>; 6],
         out: &mut BlockGrads,
     ) -> Result<Tensor> {
         let md = detached(&input.m);
-        let d_qkv = fused::qkv_heads_grad(&input.qkv, d_heads, heads, &self.norm, rope)?;
+        let d_qkv = fused::qkv_heads_grad(&input.qkv, d_heads, at, heads, &self.norm, rope)?;
         let d_in = needed(
             self.qkv
                 .backward(input.qkv_saved, &d_qkv, &mut out.adapters, true)?,
@@ -200,20 +200,6 @@ fn push_modulation<const N: usize>(
         out.modulation.push((m, d));
     }
     Ok(())
-}
-
-/// The gradients of q, k and v of a joint attention, each split at `at` along the tokens: the text
-/// stream's heads and the image stream's, each stacked (3, B, H, L, D) as `qkv_heads_grad` reads them.
-fn split_heads(d: [Tensor; 3], at: usize) -> Result<(Tensor, Tensor)> {
-    let len = d[0].dim(2)?;
-    let part = |start, n| -> Result<Tensor> {
-        let parts = d
-            .iter()
-            .map(|t| t.narrow(2, start, n))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&parts, 0)
-    };
-    Ok((part(0, at)?, part(at, len - at)?))
 }
 
 impl DoubleBlock {
@@ -271,10 +257,10 @@ impl DoubleBlock {
         let d_attn = Tensor::cat(&[&d_txt_attn, &d_img_attn], 1)?;
         let a = &saved.attn;
         let d = fused::attention_backward(a.qkv(), &a.out, &d_attn, a.lse.as_ref())?;
-        let (d_txt_heads, d_img_heads) = split_heads(d, t_len)?;
+        let d_heads = [&d[0], &d[1], &d[2]];
         let d_img = self.img.backward_in(
             img_in,
-            &d_img_heads,
+            (d_heads, t_len),
             d_img1,
             (heads, &rope.rows(t_len, i_len)?),
             img_mods,
@@ -282,7 +268,7 @@ impl DoubleBlock {
         )?;
         let d_txt = self.txt.backward_in(
             txt_in,
-            &d_txt_heads,
+            (d_heads, 0),
             d_txt1,
             (heads, &rope.rows(0, t_len)?),
             txt_mods,
@@ -357,13 +343,7 @@ impl SingleBlock {
             &d_cat.narrow(D::Minus1, 0, hidden)?,
             a.lse.as_ref(),
         )?;
-        let d_h1 = fused::qkv_heads_grad(
-            &saved.h1,
-            &Tensor::stack(&[dq, dk, dv], 0)?,
-            heads,
-            &self.norm,
-            rope,
-        )?;
+        let d_h1 = fused::qkv_heads_grad(&saved.h1, [&dq, &dk, &dv], 0, heads, &self.norm, rope)?;
         // qkv_heads' gradient leaves the MLP's columns zero: the MLP's goes there.
         fused::gelu_backward_into(
             &d_h1,
