@@ -1,7 +1,6 @@
 // Memory-bound ops of a FLUX block fused into single passes over bf16 tensors (f32 arithmetic inside):
 // candle runs each as several kernels, and its broadcasting kernels index every element through
 // divisions, which made a bias add 15x slower than the memory allows.
-//   add_bias:       y = x + bias                        (rows x cols) + (cols)
 //   norm_modulate:  y = LayerNorm(x) * (1 + scale) + shift   (no affine; per-batch modulation vectors)
 //   gated_add:      y = r + x * gate                    (per-batch gate vector)
 //   qkv_heads:      fused q|k|v rows -> (B, H, L, D) heads, RMS-normed q and k, RoPE on q and k
@@ -56,20 +55,6 @@ __device__ __forceinline__ float block_sum(float x, float* shared32) {
 }
 
 }  // namespace
-
-extern "C" __global__ void add_bias_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ bias,
-                                         __nv_bfloat16* __restrict__ y, int64_t rows, int cols) {
-    const int c8 = cols / 8;
-    const int64_t n = rows * c8;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        float a[8], b[8];
-        unpack(load8(x + i * 8), a);
-        unpack(load8(bias + (i % c8) * 8), b);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) a[j] += b[j];
-        store8(y + i * 8, pack(a));
-    }
-}
 
 // One block per row. shift/scale: per-batch vectors, `vec_bstride` elements apart; batch = row / rows_per_batch.
 extern "C" __global__ void norm_modulate_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ shift,
@@ -327,17 +312,27 @@ extern "C" __global__ void gated_add_backward_bf16(const __nv_bfloat16* __restri
     for (int j = 0; j < 8; ++j) p[j] = acc[j];
 }
 
-// out[k][b][c] = Σ over blocks of partial[b][block][k][c], as bf16 (k < parts).
+// out[k][b][c] = Σ over blocks of partial[b][block][k][c], as bf16 (k < parts). A block takes 32
+// columns, its 8 rows of threads every 8th block of partials, added up in shared memory in a fixed order:
+// one thread a column looping over all 576 blocks of a 1024² image was latency-bound (0.04 ms a call,
+// 9 ms a training step; scripts/gpu/PREDICTIONS.md, run 41). Block: (32, COLUMN_SUM_ROWS).
+constexpr int COLUMN_SUM_ROWS = 8;
 extern "C" __global__ void column_sums_bf16(const float* __restrict__ partial, __nv_bfloat16* __restrict__ out,
                                             int batch, int blocks_per_batch, int parts, int cols) {
+    __shared__ float acc[COLUMN_SUM_ROWS][33];
     const int64_t n = (int64_t)batch * parts * cols;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int c = i % cols, k = (i / cols) % parts, b = i / ((int64_t)cols * parts);
-        float s = 0.f;
-        for (int blk = 0; blk < blocks_per_batch; ++blk)
+    const int64_t i = blockIdx.x * 32 + threadIdx.x;
+    const int c = i % cols, k = (i / cols) % parts, b = i / ((int64_t)cols * parts);
+    float s = 0.f;
+    if (i < n)
+        for (int blk = threadIdx.y; blk < blocks_per_batch; blk += COLUMN_SUM_ROWS)
             s += partial[(((int64_t)b * blocks_per_batch + blk) * parts + k) * cols + c];
-        out[((int64_t)k * batch + b) * cols + c] = __float2bfloat16(s);
-    }
+    acc[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y != 0 || i >= n) return;
+#pragma unroll
+    for (int y = 1; y < COLUMN_SUM_ROWS; ++y) s += acc[y][threadIdx.x];
+    out[((int64_t)k * batch + b) * cols + c] = __float2bfloat16(s);
 }
 
 // qkv_heads' backward. gq, gk, gv: (B, H, g_len, 128) gradients of the heads, of which tokens g_at ..

@@ -60,7 +60,11 @@ line("peak GPU memory",
                                                    f"{d['peak_allocated_gib']:.1f} GiB allocated / {d.get('peak_reserved_gib', 0):.1f} reserved (torch)")])
 for a in attn:
     fused = ", ".join(f"{k} {v['ms']:.2f} ms ({v['tflops']:.0f} TFLOP/s, rel. L2 {v['rel_l2_vs_f32']:.1e})"
-                      for k, v in a.items() if isinstance(v, dict))
+                      for k, v in a.items() if isinstance(v, dict) and not k.startswith("backward_"))
+    # The backward kernels' entries: dq, dk, dv against f32 and the whole backward's rate.
+    fused += "".join(f"; {k} {v['ms']:.2f} ms ({v['tflops']:.0f} TFLOP/s, dq/dk/dv rel. L2 "
+                     f"{v['dq_rel_l2_vs_f32']:.1e}/{v['dk_rel_l2_vs_f32']:.1e}/{v['dv_rel_l2_vs_f32']:.1e})"
+                     for k, v in a.items() if k.startswith("backward_"))
     print(f"attention {a['shape']} strided={a['strided']}: plain {a['plain_ms']:.2f} ms "
           f"(rel. L2 {a['plain_bf16_rel_l2_vs_f32']:.1e}); fused {fused}")
 for o in ops:

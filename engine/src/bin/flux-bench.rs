@@ -1261,16 +1261,20 @@ fn profiler(_: &Device, _: bool) -> Result<()> {
 
 /// The adapters' gradients of one training step on a 4-block FLUX.1-dev-width model (random bf16 weights,
 /// trained-looking adapters on every layer, 512x512): the fused path with checkpointing and without,
-/// against the plain path (every op composed of candle's, its autograd throughout).
+/// against the plain path (every op composed of candle's, its autograd throughout), and each of them
+/// against the plain path in f32 on the same random draws (`vs_f32`): the bf16 paths differ from each
+/// other by rounding, so the f32 one says which rounds less.
 fn train_check(device: &Device) -> Result<()> {
     use engine::models::flux::{image_ids, text_ids};
     use engine::training::{lora::LoraSet, Targets};
+    const SEED: u64 = 7;
     let dtype = engine::device::compute_dtype(device);
     let cfg = FluxConfig {
         depth: 2,
         depth_single: 2,
         ..FluxConfig::dev()
     };
+    device.set_seed(SEED)?;
     let model = FluxTransformer::load(&FluxWeights::random(dtype, device), &cfg, dtype, device)?;
     let lora = LoraSet::new(&model, Targets::AllLinear, 16, 16.0, 0, device)?;
     for a in &lora.adapters {
@@ -1326,13 +1330,38 @@ fn train_check(device: &Device) -> Result<()> {
         let (loss, grads) = out?;
         Ok((loss.to_scalar::<f32>()?, flat(&grads)?))
     };
-    let compare = |(loss, grads): (f32, Tensor)| -> Result<serde_json::Value> {
-        let dot = (&grads * &plain)?.sum_all()?.to_scalar::<f32>()?;
+    // The f32 reference: the same draws unrounded (the seed again), the same adapters and inputs.
+    device.set_seed(SEED)?;
+    let f32 = DType::F32;
+    let model32 = FluxTransformer::load(&FluxWeights::random(f32, device), &cfg, f32, device)?;
+    let (img32, txt32, pooled32) = (
+        img.to_dtype(f32)?,
+        txt.to_dtype(f32)?,
+        pooled.to_dtype(f32)?,
+    );
+    let inputs32 = FluxInputs {
+        img: &img32,
+        txt: &txt32,
+        y: &pooled32,
+        ..inputs
+    };
+    lora.attach(&model32, true);
+    let reference32 = mse(&model32.forward(&inputs32)?)?.backward();
+    LoraSet::detach(&model32);
+    drop(model32);
+    let exact = flat(&reference32?)?;
+    let distance = |grads: &Tensor, to: &Tensor| -> Result<serde_json::Value> {
+        let dot = (grads * to)?.sum_all()?.to_scalar::<f32>()?;
         let norm =
             |t: &Tensor| -> Result<f32> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()) };
-        let (a, b) = (norm(&grads)?, norm(&plain)?);
-        Ok(serde_json::json!({"loss": loss, "cosine": dot / (a * b),
-            "rel_l2": norm(&(&grads - &plain)?)? / b}))
+        let (a, b) = (norm(grads)?, norm(to)?);
+        Ok(serde_json::json!({"cosine": dot / (a * b), "rel_l2": norm(&(grads - to)?)? / b}))
+    };
+    let compare = |(loss, grads): (f32, Tensor)| -> Result<serde_json::Value> {
+        let mut r = distance(&grads, &plain)?;
+        r["loss"] = serde_json::json!(loss);
+        r["vs_f32"] = distance(&grads, &exact)?;
+        Ok(r)
     };
     let plain_hand_written = compare(run(false, false)?)?;
     let fused_ckpt = compare(run(true, true)?)?;
@@ -1341,6 +1370,7 @@ fn train_check(device: &Device) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"what": "train_check", "plain_loss": plain_loss,
+            "plain_vs_f32": distance(&plain, &exact)?,
             "plain_hand_written": plain_hand_written, "fused_checkpointed": fused_ckpt,
             "fused_saved": fused_saved})
     );

@@ -72,56 +72,6 @@ fn out_storage(dev: &CudaDevice, len: usize) -> Result<CudaStorage> {
     })
 }
 
-/// `x + bias` over the last dim.
-pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(bias, &AddBias)
-}
-
-struct AddBias;
-
-impl CustomOp2 for AddBias {
-    fn name(&self) -> &'static str {
-        "add-bias-bf16"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        contiguous_rows(xl, "add_bias input")?;
-        contiguous_rows(bl, "bias")?;
-        let cols = bl.dims()[bl.dims().len() - 1];
-        if bl.dims().len() != 1 || xl.dims().last() != Some(&cols) {
-            bail!("bias {:?} does not fit input {:?}", bl.dims(), xl.dims())
-        }
-        let n = xl.shape().elem_count();
-        let dev = &x.device;
-        let out = out_storage(dev, n)?;
-        let CudaStorageSlice::BF16(o) = &out.slice else {
-            unreachable!()
-        };
-        let (xv, bv) = (bf16_view!(x, xl), bf16_view!(b, bl));
-        let (rows, cols_i) = ((n / cols) as i64, cols as i32);
-        let func = dev.get_or_load_custom_func("add_bias_bf16", MODULE, super::ptx::FUSED_OPS)?;
-        let mut launch = func.builder();
-        launch.arg(&xv).arg(&bv).arg(o).arg(&rows).arg(&cols_i);
-        // SAFETY: arguments match the kernel; sizes checked above.
-        unsafe { launch.launch(grid_stride_config(n / 8)) }.w()?;
-        Ok((out, xl.shape().clone()))
-    }
-}
-
 /// LayerNorm(x) (no affine, `eps`) · (1 + scale) + shift, for x (B, L, C) and (B, 1, C) vectors.
 pub fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
     x.apply_op3_no_bwd(shift, scale, &NormModulate { eps })
@@ -678,8 +628,14 @@ fn column_sums<T>(
         .arg(&blocks_i)
         .arg(&parts_i)
         .arg(&ci);
+    // 32 columns a block, 8 rows of threads (`COLUMN_SUM_ROWS` in the .cu file).
+    let cfg = LaunchConfig {
+        grid_dim: ((b * parts * c).div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: arguments match the kernel; partial holds b·blocks·parts·c values, out parts·b·c.
-    unsafe { launch.launch(grid_stride_config(b * parts * c)) }.w()?;
+    unsafe { launch.launch(cfg) }.w()?;
     Ok(())
 }
 

@@ -7,12 +7,18 @@
 //! - [`matmul`]: `a · b` for matrices of any leading dimension, transposed or not: an adapter's rows of
 //!   the output's gradient are read as a column slice of it (candle copied them first: 18 ms of a
 //!   1024² step; run 41).
+//! - [`linear`]: `x Wᵀ + b` with the bias added by cuBLASLt's epilogue as the product's tiles are
+//!   written, not by a pass of its own over the output (314 passes, 9 ms of a 1024² step; run 41).
 
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul as LtMatmul, MatmulConfig};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId, WrapErr};
+use candle_core::CustomOp3;
 use candle_core::{
     bail, CpuStorage, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
 };
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 /// Whether [`add_matmul`] can write into `c`: contiguous bf16 on CUDA.
 pub fn supports(c: &Tensor) -> bool {
@@ -219,6 +225,116 @@ impl CustomOp2 for Matmul {
                 device: dev.clone(),
             },
             Shape::from((m, n)),
+        ))
+    }
+}
+
+/// `x Wᵀ + b` for bf16 `x` (rows, k) contiguous, the weight `W` (n, k) contiguous and the bias `b` (n)
+/// on CUDA: one cuBLASLt product with the bias epilogue. Returns a contiguous (rows, n).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.apply_op3_no_bwd(weight, bias, &Linear)
+}
+
+struct Linear;
+
+/// One cuBLASLt handle (and its workspace) per device, made on first use.
+static LT: LazyLock<Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn lt_error(
+    e: candle_core::cuda_backend::cudarc::cublaslt::result::CublasError,
+) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+}
+
+fn lt_handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    let mut handles = LT.lock().expect("cuBLASLt handles lock poisoned");
+    if let Some(h) = handles.get(&dev.id()) {
+        return Ok(h.clone());
+    }
+    let h = Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(lt_error)?);
+    handles.insert(dev.id(), h.clone());
+    Ok(h)
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear-bias-epilogue"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the cuBLASLt linear runs on CUDA only; the CPU takes candle ops")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, k) = matrix(xl, "x")?;
+        let (n, wk) = matrix(wl, "the weight")?;
+        if wk != k || wl.dims().len() != 2 || bl.dims() != [n] || !bl.is_contiguous() {
+            bail!(
+                "linear: x {:?}, weight {:?} and bias {:?} do not fit",
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            )
+        }
+        let (CudaStorageSlice::BF16(xv), CudaStorageSlice::BF16(wv), CudaStorageSlice::BF16(bv)) =
+            (&x.slice, &w.slice, &b.slice)
+        else {
+            bail!("linear takes bf16 only")
+        };
+        let (xv, wv, bv) = (
+            xv.slice(xl.start_offset()..),
+            wv.slice(wl.start_offset()..),
+            bv.slice(bl.start_offset()..),
+        );
+        let dev = &x.device;
+        // Column-major: yᵀ (n, rows) = W (n, k) · xᵀ (k, rows); W's rows are its columns, so it is read
+        // transposed. The epilogue adds the bias down each of yᵀ's columns.
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: rows as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: cuBLASLt writes all rows·n elements (β = 0).
+        let mut y = unsafe { dev.alloc::<half::bf16>(rows * n) }?;
+        let lt = lt_handle(dev)?;
+        // SAFETY: the shapes and leading dimensions were checked against the three layouts above.
+        unsafe { lt.matmul(cfg, &wv, &xv, &mut y, Some(&bv), None) }.map_err(lt_error)?;
+        Ok((
+            CudaStorage {
+                slice: CudaStorageSlice::BF16(y),
+                device: dev.clone(),
+            },
+            Shape::from((rows, n)),
         ))
     }
 }
