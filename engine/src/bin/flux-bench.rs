@@ -177,13 +177,25 @@ fn add_matmul_check(device: &Device) -> Result<()> {
     let dy_a = dy.narrow(1, 3072, 3072)?;
     let (ax, up) = (randn(&[4608, 16])?, randn(&[3072, 16])?);
     let f32s = |t: &Tensor| t.to_dtype(DType::F32);
-    for (what, a, b) in [
-        ("dy_aᵀ · ax", dy_a.t()?, ax.clone()),
-        ("dy_a · up", dy_a.clone(), up.clone()),
-        ("ax · upᵀ", ax.clone(), up.t()?),
+    for (what, a, b, alpha, out) in [
+        ("dy_aᵀ · ax", dy_a.t()?, ax.clone(), 1.0, DType::BF16),
+        ("dy_a · up", dy_a.clone(), up.clone(), 1.0, DType::BF16),
+        ("ax · upᵀ", ax.clone(), up.t()?, 1.0, DType::BF16),
+        (
+            "0.5 · dy_aᵀ · ax into f32",
+            dy_a.t()?,
+            ax.clone(),
+            0.5,
+            DType::F32,
+        ),
     ] {
-        let got = engine::kernels::gemm::matmul(&a, &b)?;
-        let want = f32s(&a)?.matmul(&f32s(&b)?)?;
+        let got = engine::kernels::gemm::matmul(&a, &b, alpha, out)?;
+        anyhow::ensure!(
+            got.dtype() == out,
+            "the strided matmul wrote {:?}",
+            got.dtype()
+        );
+        let want = (f32s(&a)?.matmul(&f32s(&b)?)? * alpha)?;
         let err = rel_l2(&got, &want)?;
         println!(
             "{}",
@@ -203,7 +215,7 @@ fn add_matmul_check(device: &Device) -> Result<()> {
 fn optimizer_check(device: &Device) -> Result<()> {
     use candle_core::{backprop::GradStore, Var};
     use engine::models::fused;
-    use engine::training::optim::{clipped_grads, AdamW};
+    use engine::training::optim::{clip_grads, AdamW};
     let shapes: [&[usize]; 3] = [&[16, 3072], &[9216, 16], &[7, 33]];
     let randn = |std: f32| -> Result<Vec<Tensor>> {
         Ok(shapes
@@ -227,9 +239,9 @@ fn optimizer_check(device: &Device) -> Result<()> {
         for (v, g) in opt.vars.iter().zip(gs) {
             store.insert(v.as_tensor(), g.clone());
         }
-        let (clipped, norm) = clipped_grads(&opt.vars, &store, 100.0)?;
-        opt.step(&clipped, lr)?;
-        Ok((clipped, norm))
+        let clipped = clip_grads(&opt.vars, &store, 100.0)?;
+        opt.step(&clipped.grads, clipped.scale, lr)?;
+        Ok((clipped.scaled()?, clipped.norm))
     };
     // A path's optimizer after three steps, the clipped gradients and norm of every step, and the
     // time of a step (on an optimizer of its own).
@@ -1190,11 +1202,11 @@ fn train(args: &[String], device: &Device) -> Result<()> {
         let (loss, grads) = out?;
         sync(device)?;
         let t_grads = start.elapsed().as_secs_f64();
-        let (clipped, _) = optim::clipped_grads(&adam.vars, &grads, 1.0)?;
+        let clipped = optim::clip_grads(&adam.vars, &grads, 1.0)?;
         drop(grads);
         sync(device)?;
         let t_clip = start.elapsed().as_secs_f64();
-        adam.step(&clipped, 1e-4)?;
+        adam.step(&clipped.grads, clipped.scale, 1e-4)?;
         sync(device)?;
         let t_all = start.elapsed().as_secs_f64();
         if profiled {

@@ -52,6 +52,8 @@ fn grid(n: usize, max_blocks: usize) -> LaunchConfig {
 /// scalar ops (`affine`) do.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
+    /// The factor the gradient is multiplied by first (gradient clipping's).
+    pub grad_scale: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -116,6 +118,7 @@ impl InplaceOp2 for Update<'_> {
                 let s = self.step;
                 let f = |x: f64| x as f32;
                 let scalars = [
+                    f(s.grad_scale),
                     f(s.beta1),
                     f(1.0 - s.beta1),
                     f(s.beta2),

@@ -134,14 +134,21 @@ pub fn supports_matmul(a: &Tensor, b: &Tensor) -> bool {
         .all(|t| t.device().is_cuda() && t.dtype() == DType::BF16 && operand(t.layout()).is_ok())
 }
 
-/// `a · b` for 2-D bf16 `a` (m, k) and `b` (k, n) on CUDA, each a row-major matrix of any leading
-/// dimension or the transpose of one (a column slice, a `.t()`): cuBLAS reads them where they lie.
-/// Returns a contiguous (m, n).
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.apply_op2_no_bwd(b, &Matmul)
+/// `alpha · a · b` for 2-D bf16 `a` (m, k) and `b` (k, n) on CUDA, each a row-major matrix of any
+/// leading dimension or the transpose of one (a column slice, a `.t()`): cuBLAS reads them where they
+/// lie. Returns a contiguous (m, n) in `out` (bf16, or f32 straight from the f32 accumulators: an
+/// adapter's gradient for its f32 factor, with its scale as `alpha`, is then one kernel, not three).
+pub fn matmul(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Tensor> {
+    if !matches!(out, DType::BF16 | DType::F32) {
+        bail!("matmul writes bf16 or f32, not {out:?}")
+    }
+    a.apply_op2_no_bwd(b, &Matmul { alpha, out })
 }
 
-struct Matmul;
+struct Matmul {
+    alpha: f64,
+    out: DType,
+}
 
 /// A 2-D layout as cuBLAS reads it: (rows, cols, leading dimension, whether it is the transpose of a
 /// row-major matrix).
@@ -184,6 +191,8 @@ impl CustomOp2 for Matmul {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
         let (m, k, lda, a_t) = operand(al)?;
         let (bk, n, ldb, b_t) = operand(bl)?;
         if bk != k {
@@ -198,30 +207,63 @@ impl CustomOp2 for Matmul {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let cfg = GemmConfig {
-            transa: op(b_t),
-            transb: op(a_t),
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: WithDType::from_f64(1.0),
-            lda: ldb as i32,
-            ldb: lda as i32,
-            beta: WithDType::from_f64(0.0),
-            ldc: n as i32,
-        };
         let (CudaStorageSlice::BF16(av), CudaStorageSlice::BF16(bv)) = (&a.slice, &b.slice) else {
             bail!("matmul takes bf16 only")
         };
         let (av, bv) = (av.slice(al.start_offset()..), bv.slice(bl.start_offset()..));
         let dev = &a.device;
-        // SAFETY: cuBLAS writes all m·n elements (β = 0).
-        let mut c = unsafe { dev.alloc::<half::bf16>(m * n) }?;
-        // SAFETY: the shapes and leading dimensions were checked against both layouts above.
-        unsafe { dev.cublas_handle().gemm(cfg, &bv, &av, &mut c) }.w()?;
+        let stream = dev.cuda_stream();
+        let (alpha, beta) = (self.alpha as f32, 0f32);
+        let blas = dev.cublas_handle();
+        let gemm = |c: *mut std::ffi::c_void, c_type| {
+            let (ap, _a_rec) = av.device_ptr(&stream);
+            let (bp, _b_rec) = bv.device_ptr(&stream);
+            // SAFETY: the shapes and leading dimensions were checked against both layouts above; c
+            // holds m·n elements of c_type; α and β are host f32 (the handle's pointer mode).
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    op(b_t),
+                    op(a_t),
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    bp as *const _,
+                    sys::cudaDataType_t::CUDA_R_16BF,
+                    ldb as i32,
+                    ap as *const _,
+                    sys::cudaDataType_t::CUDA_R_16BF,
+                    lda as i32,
+                    &beta as *const f32 as *const _,
+                    c,
+                    c_type,
+                    n as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))
+        };
+        // SAFETY (both allocations): cuBLAS writes all m·n elements (β = 0).
+        let slice = if self.out == DType::F32 {
+            let mut c = unsafe { dev.alloc::<f32>(m * n) }?;
+            {
+                let (cp, _c_rec) = c.device_ptr_mut(&stream);
+                gemm(cp as *mut _, sys::cudaDataType_t::CUDA_R_32F)?;
+            }
+            CudaStorageSlice::F32(c)
+        } else {
+            let mut c = unsafe { dev.alloc::<half::bf16>(m * n) }?;
+            {
+                let (cp, _c_rec) = c.device_ptr_mut(&stream);
+                gemm(cp as *mut _, sys::cudaDataType_t::CUDA_R_16BF)?;
+            }
+            CudaStorageSlice::BF16(c)
+        };
         Ok((
             CudaStorage {
-                slice: CudaStorageSlice::BF16(c),
+                slice,
                 device: dev.clone(),
             },
             Shape::from((m, n)),

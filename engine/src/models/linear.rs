@@ -409,15 +409,16 @@ impl Linear {
             let ax = ax.reshape((n, a.down.dim(0)?))?;
             let x = saved.x.as_ref().expect("inputs are saved with adapters");
             let x = x.reshape((n, x.elem_count() / n))?;
-            // d(s·B) = dyᵀ (A x); the scale is folded into `up` as in the forward.
-            let d_up = (strided_matmul(&dy_a.t()?, &ax)? * a.scale)?;
-            let dy_up = strided_matmul(&dy_a, &up)?;
-            let d_down = dy_up.t()?.matmul(&x)?;
+            // d(s·B) = dyᵀ (A x); the scale is folded into `up` as in the forward. The factors'
+            // gradients come in the factors' own dtype.
+            let d_up = strided_matmul(&dy_a.t()?, &ax, a.scale, a.up.dtype())?;
+            let dy_up = strided_matmul(&dy_a, &up, 1.0, dy.dtype())?;
+            let d_down = strided_matmul(&dy_up.t()?, &x, 1.0, a.down.dtype())?;
             if let Some(dx) = &dx {
                 add_product(dx, 0, &dy_up, &down)?;
             }
-            accumulate(grads, &a.up, d_up.to_dtype(a.up.dtype())?)?;
-            accumulate(grads, &a.down, d_down.to_dtype(a.down.dtype())?)?;
+            accumulate(grads, &a.up, d_up)?;
+            accumulate(grads, &a.down, d_down)?;
         }
         let mut in_dims = dims.to_vec();
         in_dims[dims.len() - 1] = self.in_features;
@@ -444,14 +445,17 @@ fn add_product(y: &Tensor, at: usize, a: &Tensor, b: &Tensor) -> Result<()> {
     y.slice_set(&sum, last, at)
 }
 
-/// `a · b` of two matrices, either of which may be a column slice or a transpose: cuBLAS reads them in
-/// place on the fused path; candle's matmul, which needs them contiguous, copies them otherwise.
-fn strided_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `alpha · a · b` in `out` of two matrices, either of which may be a column slice or a transpose:
+/// cuBLAS reads them in place and writes `out` from its f32 accumulators on the fused path; candle's
+/// matmul, which needs them contiguous, copies them otherwise.
+fn strided_matmul(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::models::fused::enabled() && crate::kernels::gemm::supports_matmul(a, b) {
-        return crate::kernels::gemm::matmul(a, b);
+        return crate::kernels::gemm::matmul(a, b, alpha, out);
     }
-    a.contiguous()?.matmul(&b.contiguous()?)
+    let p = a.contiguous()?.matmul(&b.contiguous()?)?;
+    let p = if alpha == 1.0 { p } else { (p * alpha)? };
+    p.to_dtype(out)
 }
 
 /// Adds `g` to `t`'s gradient in `grads`.

@@ -36,13 +36,15 @@ impl AdamW {
         })
     }
 
-    /// One update with these gradients (already clipped) at learning rate `lr`.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with these gradients, each multiplied by `grad_scale` first (gradient clipping's
+    /// factor, [`Clipped::scale`]: inside the kernel on the fused path), at learning rate `lr`.
+    pub fn step(&mut self, grads: &[Tensor], grad_scale: f64, lr: f64) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         #[cfg(feature = "cuda")]
         let fused_step = crate::kernels::adamw::AdamWStep {
+            grad_scale,
             beta1: self.beta1,
             beta2: self.beta2,
             eps: self.eps,
@@ -57,6 +59,7 @@ impl AdamW {
                 crate::kernels::adamw::adamw_step(var, m, v, g, &fused_step)?;
                 continue;
             }
+            let g = &(g * grad_scale)?;
             let next_m = ((m.as_tensor() * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let next_v = ((v.as_tensor() * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let denom = ((next_v.sqrt()? / bc2.sqrt())? + self.eps)?;
@@ -70,9 +73,29 @@ impl AdamW {
     }
 }
 
-/// The gradients of `vars` (zeros for one the loss does not reach), scaled down so that their global
-/// L2 norm is at most `max_norm` (torch's clip_grad_norm_); also returns the norm before clipping.
-pub fn clipped_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<(Vec<Tensor>, f64)> {
+/// The gradients of `vars` (zeros for one the loss does not reach) with the factor that scales them
+/// down so that their global L2 norm is at most `max_norm` (torch's clip_grad_norm_), and that norm
+/// before clipping. [`AdamW::step`] applies the factor (on the GPU inside its kernel: a pass of its own
+/// over every gradient was hundreds of kernel launches a step).
+pub struct Clipped {
+    pub grads: Vec<Tensor>,
+    pub scale: f64,
+    pub norm: f64,
+}
+
+impl Clipped {
+    /// The gradients with the factor applied, as torch's clip_grad_norm_ leaves them.
+    pub fn scaled(&self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .grads
+            .iter()
+            .map(|g| g * self.scale)
+            .collect::<candle_core::Result<_>>()?)
+    }
+}
+
+/// [`Clipped`] gradients of `vars` from `grads`.
+pub fn clip_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<Clipped> {
     let gs = vars
         .iter()
         .map(|v| match grads.get(v.as_tensor()) {
@@ -81,15 +104,16 @@ pub fn clipped_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let norm = sum_of_squares(&gs)?.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let coef = max_norm / (norm + 1e-6);
-        let gs = gs
-            .iter()
-            .map(|g| g * coef)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        return Ok((gs, norm));
-    }
-    Ok((gs, norm))
+    let scale = if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    Ok(Clipped {
+        grads: gs,
+        scale,
+        norm,
+    })
 }
 
 /// Σ g² over all of `gs`, read back from the device once for all of them, not once per variable. On
@@ -166,7 +190,7 @@ mod tests {
         let w = Var::new(&[1.0f32, -2.0], &dev)?;
         let mut opt = AdamW::new(vec![w.clone()], 0.1)?;
         let g = Tensor::new(&[0.5f32, 0.25], &dev)?;
-        opt.step(&[g], 0.01)?;
+        opt.step(&[g], 1.0, 0.01)?;
         // Step 1: m̂ = g, v̂ = g², so the update is lr·sign(g) (eps aside), after the decay.
         let got = w.as_tensor().to_vec1::<f32>()?;
         let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) - 0.01];
@@ -183,9 +207,13 @@ mod tests {
         let b = Var::new(&[4.0f32], &dev)?;
         let loss = ((a.as_tensor() * 3.0)? + (b.as_tensor() * 4.0)?)?.sum_all()?;
         let grads = loss.backward()?;
-        let (gs, norm) = clipped_grads(&[a, b], &grads, 1.0)?;
-        assert!((norm - 5.0).abs() < 1e-9);
-        let g: Vec<f32> = gs.iter().map(|g| g.to_vec1::<f32>().unwrap()[0]).collect();
+        let clipped = clip_grads(&[a, b], &grads, 1.0)?;
+        assert!((clipped.norm - 5.0).abs() < 1e-9);
+        let g: Vec<f32> = clipped
+            .scaled()?
+            .iter()
+            .map(|g| g.to_vec1::<f32>().unwrap()[0])
+            .collect();
         assert!(
             (g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5,
             "{g:?}"

@@ -311,8 +311,8 @@ impl Trainer {
         if !loss.is_finite() {
             bail!("the loss is {loss} at step {step}: lower the learning rate");
         }
-        let (grads_clipped, grad_norm) =
-            optim::clipped_grads(&self.optimizer.vars, &grads, s.max_grad_norm)?;
+        let clipped = optim::clip_grads(&self.optimizer.vars, &grads, s.max_grad_norm)?;
+        let grad_norm = clipped.norm;
         drop(grads);
         let lr = optim::learning_rate(
             s.learning_rate,
@@ -321,7 +321,7 @@ impl Trainer {
             step,
             s.steps,
         );
-        self.optimizer.step(&grads_clipped, lr)?;
+        self.optimizer.step(&clipped.grads, clipped.scale, lr)?;
         self.step = step;
         self.losses.push(loss);
 
