@@ -112,7 +112,7 @@ pub fn attention_backward(
         let scale = 1.0 / (d as f32).sqrt();
         return crate::kernels::flash_attn::backward([q, k, v], g, lse, &delta, scale);
     }
-    let _ = lse;
+    let _ = lse; // read on the fused path only
     plain_attention_backward(
         [q, k, v],
         &column_heads(o, 0, h, d)?,
@@ -216,6 +216,11 @@ fn attention_in_chunks(
 pub fn linear(base: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let (true, Some(bias)) = (fused(&[x]), base.bias()) {
+        // cuBLASLt reads the weight and bias as they are stored: row-major, contiguous (as loaded and
+        // as merged); another layout takes candle's path.
+        if !(base.weight().is_contiguous() && bias.is_contiguous()) {
+            return base.forward(x);
+        }
         let x = x.contiguous()?;
         let dims = x.dims();
         let k = dims[dims.len() - 1];
