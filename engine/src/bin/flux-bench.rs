@@ -322,7 +322,7 @@ fn optimizer_check(device: &Device) -> Result<()> {
 }
 
 /// The fused attention kernels against the plain path on fresh random (B, H, L, 128) heads at
-/// FLUX's shapes (and ragged and strided ones): error of each against the plain path in f32, and
+/// FLUX's shapes (and ragged, strided and batched ones): error of each against the plain path in f32, and
 /// time: the forward's output, and the backward's probabilities and score gradients from the forward's
 /// log-sum-exp. Fails when an output is not finite or further than bf16 rounding from f32.
 #[cfg(feature = "cuda")]
@@ -335,18 +335,19 @@ fn attention_check(device: &Device) -> Result<()> {
     let (heads, d) = (24, 128);
     let scale = 1.0 / (d as f32).sqrt();
     let mut ok = true;
-    // (sequence length, q's std, q/k/v as transposed (B, L, H, D) views)
-    for (n, q_std, strided) in [
-        (1536, 1.0, false),
-        (4608, 1.0, false),
-        (4608, 3.0, true),
-        (1001, 1.0, false),
+    // (batch, sequence length, q's std, q/k/v as transposed (B, L, H, D) views)
+    for (bs, n, q_std, strided) in [
+        (1, 1536, 1.0, false),
+        (1, 4608, 1.0, false),
+        (1, 4608, 3.0, true),
+        (1, 1001, 1.0, false),
+        (2, 1536, 1.0, true),
     ] {
         let make = |std: f32| -> Result<Tensor> {
             let t = if strided {
-                Tensor::randn(0f32, std, (1, n, heads, d), device)?.transpose(1, 2)?
+                Tensor::randn(0f32, std, (bs, n, heads, d), device)?.transpose(1, 2)?
             } else {
-                Tensor::randn(0f32, std, (1, heads, n, d), device)?
+                Tensor::randn(0f32, std, (bs, heads, n, d), device)?
             };
             Ok(t.to_dtype(DType::BF16)?)
         };
@@ -355,8 +356,8 @@ fn attention_check(device: &Device) -> Result<()> {
         let want = plain(&f32s(&q)?, &f32s(&k)?, &f32s(&v)?)?;
         let plain_bf16 = plain(&q, &k, &v)?;
         let t_plain = time_median(device, 5, || Ok(plain(&q, &k, &v)?))?;
-        let flops = 4.0 * (n * n * heads * d) as f64;
-        let mut report = serde_json::json!({"what": "attention", "shape": [1, heads, n, d], "q_std": q_std,
+        let flops = 4.0 * (bs * n * n * heads * d) as f64;
+        let mut report = serde_json::json!({"what": "attention", "shape": [bs, heads, n, d], "q_std": q_std,
             "strided": strided, "plain_bf16_rel_l2_vs_f32": rel_l2(&plain_bf16, &want)?,
             "plain_ms": t_plain * 1e3, "plain_tflops": flops / t_plain / 1e12});
         let Device::Cuda(cuda) = device else {
@@ -364,7 +365,7 @@ fn attention_check(device: &Device) -> Result<()> {
         };
         for variant in Variant::ALL.into_iter().filter(|v| v.runs_on(cuda)) {
             let fused = || {
-                Ok(flash_attn_variant(&q, &k, &v, scale, variant)?.reshape((1, n, heads * d))?)
+                Ok(flash_attn_variant(&q, &k, &v, scale, variant)?.reshape((bs, n, heads * d))?)
             };
             let out = fused()?;
             let finite = out
@@ -384,12 +385,12 @@ fn attention_check(device: &Device) -> Result<()> {
         // The backward's dq, dk, dv from the forward's log-sum-exp, against the plain path in f32.
         // g as heads (strided in the strided case), delta from the (B, L, H·D) rows as training has them.
         let (o, lse) = flash_attn_lse(&q, &k, &v, scale)?;
-        let o_rows = o.reshape((1, n, heads * d))?;
+        let o_rows = o.reshape((bs, n, heads * d))?;
         let g = make(1.0)?;
         let g_rows = g
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((1, n, heads * d))?;
+            .reshape((bs, n, heads * d))?;
         let delta = head_dot(&g_rows, &o_rows)?;
         let want = engine::models::fused::plain_attention_backward(
             [&f32s(&q)?, &f32s(&k)?, &f32s(&v)?],
