@@ -13,7 +13,7 @@
 use super::with_storage_mut;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{bail, DType, InplaceOp2, Layout, Result, Tensor};
 
 const MODULE: &str = "adamw";
 const THREADS: usize = 256;
@@ -24,10 +24,6 @@ pub const PARTIALS: usize = 128;
 /// Contiguous f32 on CUDA: the tensors the kernels take.
 pub fn supports(t: &Tensor) -> bool {
     t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous()
-}
-
-fn cpu_only() -> Result<()> {
-    bail!("the optimizer's CUDA kernels run on CUDA only; the CPU takes the plain path")
 }
 
 fn contiguous(l: &Layout, dims: &[usize], what: &str) -> Result<()> {
@@ -90,9 +86,7 @@ impl InplaceOp2 for Update<'_> {
     fn name(&self) -> &'static str {
         "adamw-f32"
     }
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        cpu_only()
-    }
+    super::cuda_only!(inplace 2);
     fn cuda_fwd(
         &self,
         p: &mut CudaStorage,
@@ -160,9 +154,7 @@ impl InplaceOp2 for SumSquares {
     fn name(&self) -> &'static str {
         "sum-squares-f32"
     }
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        cpu_only()
-    }
+    super::cuda_only!(inplace 2);
     fn cuda_fwd(
         &self,
         out: &mut CudaStorage,

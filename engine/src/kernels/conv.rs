@@ -2,7 +2,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CustomOp2, Layout, Result, Shape, Tensor};
 
 const MODULE: &str = "conv";
 
@@ -22,15 +22,7 @@ impl CustomOp2 for TapSum {
     fn name(&self) -> &'static str {
         "conv3x3-tap-sum-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused convolution runs on CUDA only; the CPU takes the plain path")
-    }
+    super::cuda_only!(2);
     fn cuda_fwd(
         &self,
         t: &CudaStorage,

@@ -10,9 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{
-    bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use half::bf16;
 
 /// Whether the warpgroup kernels were compiled (the PTX targets sm_90a; elsewhere they are empty).
@@ -259,17 +257,7 @@ impl CustomOp3 for FlashAttn {
         "flash-attn-bf16-d128"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused attention kernel runs on CUDA only; the CPU takes the plain path")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -516,17 +504,7 @@ impl CustomOp3 for BackwardOp {
         "flash-attn-bwd-bf16-d128"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the attention backward's kernels run on CUDA only; the CPU takes the plain path")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,

@@ -3,9 +3,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 const MODULE: &str = "fused_ops";
 const HEAD_DIM: usize = 128;
@@ -23,10 +21,6 @@ macro_rules! bf16_view {
             _ => bail!("fused ops take bf16 only"),
         }
     };
-}
-
-fn cpu_only() -> Result<(CpuStorage, Shape)> {
-    bail!("fused CUDA ops run on CUDA only; the CPU takes the plain path")
 }
 
 fn contiguous_rows(l: &Layout, what: &str) -> Result<()> {
@@ -85,17 +79,7 @@ impl CustomOp3 for NormModulate {
     fn name(&self) -> &'static str {
         "norm-modulate-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(3);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -145,17 +129,7 @@ impl CustomOp3 for GatedAdd {
     fn name(&self) -> &'static str {
         "gated-add-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(3);
     fn cuda_fwd(
         &self,
         r: &CudaStorage,
@@ -212,17 +186,7 @@ impl CustomOp3 for QkvHeads {
     fn name(&self) -> &'static str {
         "qkv-heads-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(3);
     fn cuda_fwd(
         &self,
         qkv: &CudaStorage,
@@ -302,15 +266,7 @@ impl CustomOp2 for GeluCat {
     fn name(&self) -> &'static str {
         "gelu-cat-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(2);
     fn cuda_fwd(
         &self,
         a: &CudaStorage,
@@ -447,15 +403,7 @@ impl CustomOp2 for GeluBackward {
     fn name(&self) -> &'static str {
         "gelu-backward-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(2);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -479,17 +427,7 @@ impl candle_core::InplaceOp3 for GeluBackwardInto {
     fn name(&self) -> &'static str {
         "gelu-backward-into-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        bail!("fused CUDA ops run on CUDA only; the CPU takes the plain path")
-    }
+    super::cuda_only!(inplace 3);
     fn cuda_fwd(
         &self,
         dst: &mut CudaStorage,
@@ -529,15 +467,7 @@ impl CustomOp2 for HeadDot {
     fn name(&self) -> &'static str {
         "head-dot-d128-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(2);
     fn cuda_fwd(
         &self,
         a: &CudaStorage,
@@ -665,17 +595,7 @@ impl CustomOp3 for NormModulateBackward {
     fn name(&self) -> &'static str {
         "norm-modulate-backward-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(3);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -741,17 +661,7 @@ impl CustomOp3 for GatedAddBackward {
     fn name(&self) -> &'static str {
         "gated-add-backward-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(3);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -837,17 +747,7 @@ impl CustomOp3 for QkvHeadsBackward {
     fn name(&self) -> &'static str {
         "qkv-heads-backward-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only()
-    }
+    super::cuda_only!(3);
     fn cuda_fwd(
         &self,
         qkv: &CudaStorage,

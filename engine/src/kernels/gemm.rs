@@ -14,9 +14,7 @@ use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, Ge
 use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul as LtMatmul, MatmulConfig};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::CustomOp3;
-use candle_core::{
-    bail, CpuStorage, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{bail, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Tensor, WithDType};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -54,17 +52,7 @@ impl InplaceOp3 for AddMatmul {
         "add-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        bail!("add_matmul runs on CUDA only; the CPU takes candle ops")
-    }
+    super::cuda_only!(inplace 3);
 
     fn cuda_fwd(
         &self,
@@ -174,15 +162,7 @@ impl CustomOp2 for Matmul {
         "strided-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the strided matmul runs on CUDA only; the CPU takes candle ops")
-    }
+    super::cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -304,17 +284,7 @@ impl CustomOp3 for Linear {
         "linear-bias-epilogue"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the cuBLASLt linear runs on CUDA only; the CPU takes candle ops")
-    }
+    super::cuda_only!(3);
 
     fn cuda_fwd(
         &self,

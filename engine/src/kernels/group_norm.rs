@@ -2,7 +2,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CustomOp3, Layout, Result, Shape, Tensor};
 
 const MODULE: &str = "group_norm";
 /// Elements of a group one block reduces: enough blocks to fill the GPU for the decoder's 32 groups.
@@ -31,17 +31,7 @@ impl CustomOp3 for GroupNorm {
     fn name(&self) -> &'static str {
         "group-norm-bf16"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused group norm runs on CUDA only; the CPU takes the plain path")
-    }
+    super::cuda_only!(3);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,

@@ -12,6 +12,73 @@ use candle_core::cuda_backend::CudaStorage;
 use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
 use std::cell::Cell;
 
+/// The `cpu_fwd` of a custom op that has only a CUDA kernel: its callers check that the tensors are
+/// on CUDA and take candle's ops otherwise, so reaching it is a caller's mistake, named by the op.
+/// `cuda_only!(N)` for a `CustomOpN`, `cuda_only!(inplace N)` for an `InplaceOpN`.
+macro_rules! cuda_only {
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(
+                "{} runs on CUDA only; the CPU takes candle's ops",
+                self.name()
+            )
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(
+                "{} runs on CUDA only; the CPU takes candle's ops",
+                self.name()
+            )
+        }
+    };
+    (inplace 2) => {
+        fn cpu_fwd(
+            &self,
+            _: &mut candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<()> {
+            candle_core::bail!(
+                "{} runs on CUDA only; the CPU takes candle's ops",
+                self.name()
+            )
+        }
+    };
+    (inplace 3) => {
+        fn cpu_fwd(
+            &self,
+            _: &mut candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<()> {
+            candle_core::bail!(
+                "{} runs on CUDA only; the CPU takes candle's ops",
+                self.name()
+            )
+        }
+    };
+}
+use cuda_only;
+
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
