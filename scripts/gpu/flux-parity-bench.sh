@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (see docs/performance.md): random full-size FLUX.1-dev through diffusers and
-# through our flux-bench binary, same weights and inputs, one run; prints the figures table last.
+# through our flux-bench binary, same weights and inputs, one run; prints the run's record last.
 # Needs: the CUDA build of flux-bench (BENCH, default .gpu/flux-bench), .whl/ with diffusers' wheel.
 # Writes JSON lines and logs to $OUT (or ./gpu-out). SKIP_F32=1 skips our f32 parity step.
 set -uo pipefail
@@ -28,4 +28,6 @@ for mode in $modes; do
   esac 2>&1 | tee -a "$OUT/ours.jsonl"
   kill $p; echo "{\"what\": \"peak_mem_mib\", \"mode\": \"$mode\", \"value\": $(sort -n "$OUT/mem-$mode.txt" | tail -1)}" | tee -a "$OUT/ours.jsonl"
 done
-python3 "$HERE/summarize.py" "$OUT" | tee "$OUT/table.md"
+# The run's compact record: save it as bench/results/DATE-generation-runN.json, then
+# `cargo run -p tools --bin bench-tables -- write` renders the docs' tables from it.
+python3 "$HERE/../../bench/record.py" generation "$OUT" --command "bash scripts/gpu/flux-parity-bench.sh" | tee "$OUT/record.json"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# On the GPU machine (scripts/gpu/PREDICTIONS.md runs 7 and 8): LoRA training steps at FLUX.1-dev size
+# On the GPU machine: LoRA training steps at FLUX.1-dev size
 # (`flux-bench train`, random bf16 weights, rank 16) with gradient checkpointing on and off, at 512x512 and
 # 1024x1024, after `flux-bench train-check` (the gradients against the plain path); peak device memory of
-# each process sampled by nvidia-smi every 50 ms, as run 6 did.
+# each process sampled by nvidia-smi every 50 ms.
 # Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench). Writes summary.jsonl (one JSON line
-# per measurement) and run8.tgz (logs and memory traces) to $OUT (or ./gpu-out).
+# per measurement) and logs.tgz (logs and memory traces) to $OUT (or ./gpu-out); `python3 bench/record.py
+# training $OUT` turns them (with peft's output saved as $OUT/peft.txt) into the run's record.
 set -uo pipefail
 FINAL=${OUT:-gpu-out}; mkdir -p "$FINAL"
 OUT=$(mktemp -d)
@@ -33,4 +34,4 @@ for c in ${CASES:-512 512-all 1024 512-off 1024-off}; do
   esac
 done
 cp "$OUT/summary.jsonl" "$FINAL/"
-tar czf "$FINAL/run8.tgz" -C "$OUT" .
+tar czf "$FINAL/logs.tgz" -C "$OUT" .

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# On the GPU machine (scripts/gpu/PREDICTIONS.md run 28): every kernel of one LoRA training step at
+# On the GPU machine: every kernel of one LoRA training step at
 # FLUX.1-dev size (`flux-bench train --profile-step`, random bf16 weights, rank 16 on the attention
 # projections), timed by Nsight Compute with the clocks left alone, then summed per kernel name by
 # kernel-summary.py. Usage: CASES="512-off 512" bash scripts/gpu/train-profile.sh
 # Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench) and ncu on the PATH (or NCU).
 # Writes, per case, kernels-CASE.csv.gz (every kernel in launch order) and summary-CASE.txt to $OUT.
-# ncu's replays make this slow: run 28 took 410 s for the two 512² cases (one step each).
+# ncu's replays make this slow: several minutes for the two 512² cases (one step each).
 set -uo pipefail
 FINAL=${OUT:-gpu-out}; mkdir -p "$FINAL"
 BENCH=${BENCH:-.gpu/flux-bench}

@@ -1,0 +1,148 @@
+"""Turns one GPU run's raw output into its compact record for bench/results/ (the figures tables in the
+README and docs are rendered from those records: `cargo run -p tools -- bench-tables`).
+
+  python3 bench/record.py generation OUT_DIR   # from scripts/gpu/flux-parity-bench.sh's OUT_DIR
+  python3 bench/record.py training OUT_DIR     # scripts/gpu/train-memory-bench.sh's OUT_DIR (+ bench_train_ref.py's output as peft.txt)
+
+Options: --date YYYY-MM-DD (default today), --gpu NAME (default: OUT_DIR/gpu.txt's first field), --run N,
+--command "..." (what was run), --change "..." (what the run changed). The record goes to stdout; save it as bench/results/DATE-WHAT-runN.json.
+"""
+import argparse, datetime, json, re, statistics, sys
+
+
+def lines(path):
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{"):
+            yield json.loads(line)
+
+
+def r(x, digits=4):
+    return None if x is None else round(float(x), digits)
+
+
+def generation(out):
+    ref = json.load(open(f"{out}/diffusers.json"))
+    gens, peaks, attention, ops, forward = {}, {}, [], [], None
+    for rec in lines(f"{out}/ours.jsonl"):
+        what = rec.get("what")
+        if what == "generate":
+            gens[rec["size"]] = rec
+        elif what == "peak_mem_mib":
+            peaks[rec["mode"]] = rec["value"]
+        elif what == "attention":
+            attention.append(rec)
+        elif what == "fused-op":
+            ops.append(rec)
+        elif what == "forward" and rec.get("dtype") == "BF16":
+            forward = rec
+    sizes = []
+    for size in sorted(gens, reverse=True):
+        warm = gens[size]["runs"][-1]  # the first run includes loading the text encoders' kernels
+        flops = gens[size]["flops_per_step"]
+        step_ref = statistics.median(ref["step_s"]) if size == 1024 else ref.get(f"step_s_{size}")
+        pipe = ref[f"pipeline_{size}"][-1]
+        sizes.append({
+            "size": size,
+            "steps": gens[size]["steps"],
+            "ours": {
+                "total_s": r(warm["total_s"], 3),
+                "step_s": r(warm["median_step_s"]),
+                "step_tflops": r(flops / warm["median_step_s"] / 1e12, 1),
+                "decode_s": r(warm["decode_ms"] / 1e3, 3),
+                "peak_in_use_gib": r(peaks.get(f"generate-{size}", 0) / 1024, 1),
+            },
+            "reference": {
+                "total_s": r(pipe["total_s"], 3),
+                "step_s": r(step_ref),
+                "step_tflops": r(flops / step_ref / 1e12, 1) if step_ref else None,
+                "decode_s": r(ref.get(f"decode_s_{size}"), 3),
+                "peak_allocated_gib": r(pipe["peak_allocated_gib"], 1),
+                "peak_reserved_gib": r(pipe.get("peak_reserved_gib"), 1),
+            },
+        })
+    record = {"what": "generation", "sizes": sizes,
+              "reference": "diffusers " + ref["versions"]["diffusers"] + ", torch " + ref["versions"]["torch"]}
+    if forward:
+        record["step_1024"] = {
+            "bare_s": r(statistics.median(forward["step_s"])),
+            "one_lora_r16_s": r(forward.get("lora_r16_step_s")),
+            "two_loras_r16_s": r(forward.get("two_loras_r16_step_s")),
+            "plain_ops_s": r(forward.get("plain_step_s")),
+            "vs_diffusers_f32_cosine": r(forward.get("diffusers_f32", {}).get("cosine"), 5),
+        }
+    record["kernels"] = [
+        {"op": f"attention {'x'.join(map(str, a['shape']))}{' strided' if a['strided'] else ''}",
+         "plain_ms": r(a["plain_ms"], 3),
+         "fused_ms": r(min(v["ms"] for k, v in a.items() if isinstance(v, dict) and not k.startswith("backward_")), 3),
+         "fused_rel_l2_vs_f32": r(max(v["rel_l2_vs_f32"] for k, v in a.items()
+                                      if isinstance(v, dict) and not k.startswith("backward_")), 5),
+         "plain_bf16_rel_l2_vs_f32": r(a["plain_bf16_rel_l2_vs_f32"], 5),
+         "fused_tflops": r(max(v["tflops"] for k, v in a.items() if isinstance(v, dict) and not k.startswith("backward_")), 0)}
+        for a in attention
+    ] + [
+        {"op": o["op"], "plain_ms": r(o["plain_ms"], 3), "fused_ms": r(o["fused_ms"], 3),
+         "fused_rel_l2_vs_f32": r(o["fused_rel_l2_vs_f32"], 5),
+         "plain_bf16_rel_l2_vs_f32": r(o["plain_bf16_rel_l2_vs_f32"], 5)}
+        for o in ops
+    ]
+    return record
+
+
+PEFT = re.compile(r"RESULT peft .* (\d+)x\d+ .*grad_ckpt=(True|False): ([0-9.]+) s/step, peak ([0-9.]+) GiB allocated")
+
+
+def training(out):
+    ours, peaks = {}, {}
+    import os
+    name = "train.jsonl" if os.path.exists(f"{out}/train.jsonl") else "summary.jsonl"
+    for rec in lines(f"{out}/{name}"):
+        if rec.get("what") == "train":
+            ours[(rec["size"], rec["checkpointing"])] = rec
+        elif rec.get("what") == "peak_mem_mib":
+            size = int(rec["case"].split("-")[0])
+            peaks[(size, not rec["case"].endswith("-off"))] = rec["value"]
+    ref = {}
+    try:
+        for line in open(f"{out}/peft.txt"):
+            m = PEFT.search(line)
+            if m:
+                ref[(int(m[1]), m[2] == "True")] = {"step_s": r(m[3], 3), "peak_allocated_gib": r(m[4], 1)}
+    except FileNotFoundError:
+        pass
+    cases = []
+    for key in sorted(ours, key=lambda k: (k[0], k[1])):
+        o = ours[key]
+        cases.append({
+            "size": key[0], "checkpointing": key[1],
+            "ours": {"step_s": r(o["median_step_s"], 3), "peak_in_use_gib": r(peaks.get(key, 0) / 1024, 1)},
+            "reference": ref.get(key),
+        })
+    any_ = next(iter(ours.values()))
+    return {"what": "lora-training", "rank": any_["rank"], "targets": any_["targets"].lower(),
+            "text_tokens": any_["text_tokens"], "reference": "peft + diffusers (bench_train_ref.py)", "cases": cases}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["generation", "training"])
+    p.add_argument("out")
+    p.add_argument("--date", default=datetime.date.today().isoformat())
+    p.add_argument("--gpu")
+    p.add_argument("--run", type=int)
+    p.add_argument("--command")
+    p.add_argument("--change", help="what this run changed, for the history tables")
+    a = p.parse_args()
+    gpu = a.gpu
+    if not gpu:
+        try:
+            gpu = open(f"{a.out}/gpu.txt").read().split(",")[0].strip()
+        except FileNotFoundError:
+            sys.exit("no --gpu and no OUT_DIR/gpu.txt")
+    body = generation(a.out) if a.what == "generation" else training(a.out)
+    head = {"date": a.date, "run": a.run, "gpu": gpu, "command": a.command, "change": a.change}
+    print(json.dumps({**head, **body}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
