@@ -1,5 +1,5 @@
 // The second half of a 3x3 convolution (stride 1, padding 1) done as one matrix product and a sum
-// (engine/src/models/fused.rs `upsample_conv2d`): the product of the nine stacked tap matrices
+// (engine/src/ops/conv.rs `upsample_conv2d`): the product of the nine stacked tap matrices
 // (9·Cout, Cin) with the input (Cin, h·w) holds every tap's contribution at every input position;
 // output (c, y, x) is the bias plus tap (kh, kw)'s row c at position (y+kh-1, x+kw-1), summed in f32,
 // where positions outside the image (the zero padding) contribute nothing. Unlike im2col, the matrix

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod kernels;
 pub mod lora;
 pub mod models;
+pub mod ops;
 pub mod pipeline;
 pub mod presets;
 pub mod sampling;

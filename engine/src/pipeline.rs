@@ -8,6 +8,7 @@ use crate::models::codec::ImageCodec;
 use crate::models::flux::{self, FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
 use crate::models::minilm::MiniLmPrompt;
 use crate::models::text::{ClipEncoder, T5Encoder};
+use crate::ops::Kernels;
 use crate::presets::Preset;
 use crate::sampling::{latents, preview::LatentPreview, schedule::ScheduleConfig};
 use anyhow::{bail, Context, Result};
@@ -82,6 +83,8 @@ pub struct LoadOptions {
     /// The MiniLM folder of a model conditioned on MiniLM (the built-in model), as
     /// `scripts/fetch-models` installs it.
     pub text_encoder_dir: PathBuf,
+    /// The path of the models' ops: fused kernels where the build and the device have them.
+    pub kernels: Kernels,
 }
 
 impl LoadOptions {
@@ -91,6 +94,7 @@ impl LoadOptions {
             transformer_file: None,
             t5_max_len: p.t5_max_len,
             text_encoder_dir: PathBuf::from(crate::classifier::DEFAULT_ENCODER_DIR),
+            kernels: Kernels::default(),
         }
     }
 }
@@ -263,7 +267,7 @@ impl FluxPipeline {
                 (weights, cfg)
             }
         };
-        let transformer = FluxTransformer::load(&weights, &cfg, dtype, device)?;
+        let transformer = FluxTransformer::load(&weights, &cfg, dtype, device, opts.kernels)?;
         let (text_spec, codec) = if pixel_model {
             let tokens = index
                 .text_tokens
@@ -287,6 +291,7 @@ impl FluxPipeline {
                     &dir.join("vae"),
                     dtype,
                     device,
+                    opts.kernels,
                 )?)),
             )
         };

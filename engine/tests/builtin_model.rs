@@ -25,6 +25,7 @@ fn options(dir: &Path) -> LoadOptions {
         transformer_file: None,
         t5_max_len: builtin::TEXT_TOKENS,
         text_encoder_dir: repo_root().join(engine::classifier::DEFAULT_ENCODER_DIR),
+        kernels: engine::ops::Kernels::Plain,
     }
 }
 

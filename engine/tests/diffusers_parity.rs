@@ -9,6 +9,7 @@ use common::*;
 use engine::models::autoencoder::Autoencoder;
 use engine::models::flux::{FluxConfig, FluxInputs, FluxTransformer, FluxWeights, Layout};
 use engine::models::text::{clip_tokenizer, ClipEncoder, T5Encoder};
+use engine::ops::Kernels;
 use engine::pipeline::{Control, FluxPipeline, LoadOptions};
 use engine::sampling::schedule::ScheduleConfig;
 
@@ -24,7 +25,8 @@ fn dev_config() -> FluxConfig {
 
 fn run_transformer(weights: &FluxWeights, cfg: &FluxConfig, reference: &str) {
     let r = common::reference(reference);
-    let model = FluxTransformer::load(weights, cfg, DType::F32, &Device::Cpu).unwrap();
+    let model =
+        FluxTransformer::load(weights, cfg, DType::F32, &Device::Cpu, Kernels::Plain).unwrap();
     let out = common::forward_on_reference(&model, &r);
     assert_close(reference, &out, &r["out"], FORWARD_TOL);
 }
@@ -66,7 +68,8 @@ fn schnell_transformer_from_bf16_bfl_file() {
 #[test]
 fn guidance_model_refuses_to_run_without_guidance() {
     let w = FluxWeights::open(&tiny_dev().join("transformer"), DType::F32, &Device::Cpu).unwrap();
-    let model = FluxTransformer::load(&w, &dev_config(), DType::F32, &Device::Cpu).unwrap();
+    let model =
+        FluxTransformer::load(&w, &dev_config(), DType::F32, &Device::Cpu, Kernels::Plain).unwrap();
     let r = reference("transformer_dev");
     let err = model
         .forward(&FluxInputs {
@@ -175,7 +178,13 @@ fn clip_tokenizer_from_vocab_and_merges() {
 #[test]
 fn autoencoder_decode_and_encode() {
     let r = reference("vae");
-    let vae = Autoencoder::load(&tiny_dev().join("vae"), DType::F32, &Device::Cpu).unwrap();
+    let vae = Autoencoder::load(
+        &tiny_dev().join("vae"),
+        DType::F32,
+        &Device::Cpu,
+        Kernels::Plain,
+    )
+    .unwrap();
     assert_eq!(vae.config.downscale(), 2);
     assert_close(
         "vae decode",
@@ -236,6 +245,7 @@ fn four_step_pipeline_matches_diffusers() {
         transformer_file: None,
         t5_max_len: meta["max_sequence_length"].as_u64().unwrap() as usize,
         text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
+        kernels: engine::ops::Kernels::Plain,
     };
     let pipe = FluxPipeline::load_dir(&tiny_dev(), &opts, &Device::Cpu).unwrap();
     let (txt, pooled) = pipe

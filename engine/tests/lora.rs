@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use engine::lora::{self, LoraCache, LoraFile};
 use engine::models::flux::{FluxConfig, FluxTransformer, FluxWeights};
+use engine::ops::Kernels;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ fn model() -> FluxTransformer {
             .unwrap();
     let cfg = FluxConfig::from_diffusers_json(&json).unwrap();
     let w = FluxWeights::open(&tiny_dev().join("transformer"), DType::F32, &Device::Cpu).unwrap();
-    FluxTransformer::load(&w, &cfg, DType::F32, &Device::Cpu).unwrap()
+    FluxTransformer::load(&w, &cfg, DType::F32, &Device::Cpu, Kernels::Plain).unwrap()
 }
 
 fn forward(model: &FluxTransformer) -> Tensor {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine (see docs/performance.md): random full-size FLUX.1-dev through diffusers and
 # through our flux-bench binary, same weights and inputs, one run; prints the run's record last.
-# Needs: the CUDA build of flux-bench (BENCH, default .gpu/flux-bench), .whl/ with diffusers' wheel.
+# Needs: the CUDA build of flux-bench (BENCH, default .gpu/flux-bench) and of the kernel tests
+# (KERNEL_TESTS, default .gpu/gpu_kernels: docs/performance.md says how to build them), .whl/ with
+# diffusers' wheel.
 # Writes JSON lines and logs to $OUT (or ./gpu-out). SKIP_F32=1 skips our f32 parity step.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -10,8 +12,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 M=/tmp/flux-rand; R=/tmp/flux-ref.safetensors
 BENCH=${BENCH:-.gpu/flux-bench}
-# the fused kernels against the plain path first: no model needed, fails fast
-$BENCH kernels 2>&1 | tee -a "$OUT/ours.jsonl" || { echo "kernel check failed"; exit 1; }
+# the fused kernels against the plain path first (engine/tests/gpu_kernels.rs): no model needed, fails fast
+KERNEL_TESTS=${KERNEL_TESTS:-.gpu/gpu_kernels}
+"$KERNEL_TESTS" --nocapture --test-threads=1 2>&1 | tee -a "$OUT/ours.jsonl" || { echo "kernel check failed"; exit 1; }
 PYTHONUNBUFFERED=1 python3 "$HERE/full_size_reference.py" $M $R engine/tests/fixtures/tiny-flux-dev \
   > "$OUT/diffusers.json" 2> "$OUT/diffusers.log" || { tail -30 "$OUT/diffusers.log"; exit 1; }
 cat "$OUT/diffusers.json"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# On the GPU machine: LoRA training steps at FLUX.1-dev size
+# On the GPU machine (docs/performance.md): LoRA training steps at FLUX.1-dev size
 # (`flux-bench train`, random bf16 weights, rank 16) with gradient checkpointing on and off, at 512x512 and
-# 1024x1024, after `flux-bench train-check` (the gradients against the plain path); peak device memory of
-# each process sampled by nvidia-smi every 50 ms.
-# Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench). Writes summary.jsonl (one JSON line
-# per measurement) and logs.tgz (logs and memory traces) to $OUT (or ./gpu-out); `python3 bench/record.py
-# training $OUT` turns them (with peft's output saved as $OUT/peft.txt) into the run's record.
+# 1024x1024, after engine/tests/gpu_training.rs (the gradients against the plain path); peak device memory
+# of each process sampled by nvidia-smi every 50 ms.
+# Needs the CUDA builds of flux-bench (BENCH, default .gpu/flux-bench) and of the training test
+# (TRAINING_TESTS, default .gpu/gpu_training: docs/performance.md says how to build it). Writes
+# summary.jsonl (one JSON line per measurement) and logs.tgz (logs and memory traces) to $OUT (or
+# ./gpu-out); `python3 bench/record.py training $OUT` turns them (with peft's output saved as
+# $OUT/peft.txt) into the run's record.
 set -uo pipefail
 FINAL=${OUT:-gpu-out}; mkdir -p "$FINAL"
 OUT=$(mktemp -d)
@@ -23,7 +25,8 @@ case_() {
   [ $rc = 0 ] || tail -3 "$OUT/train-$name.log"
 }
 # The gradients first: no model weights needed beyond 4 blocks, fails fast.
-timeout 120 "$BENCH" train-check 2>&1 | tee "$OUT/train-check.json" | tee -a "$OUT/summary.jsonl"
+TRAINING_TESTS=${TRAINING_TESTS:-.gpu/gpu_training}
+timeout 120 "$TRAINING_TESTS" --nocapture 2>&1 | tee "$OUT/train-check.json" | tee -a "$OUT/summary.jsonl"
 for c in ${CASES:-512 512-all 1024 512-off 1024-off}; do
   case $c in
     512) case_ 512 --size 512 --steps 10 --rank 16 ;;

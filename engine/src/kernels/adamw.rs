@@ -1,6 +1,6 @@
 //! Launchers for `kernels/adamw.cu`: the optimizer's per-variable passes over contiguous f32 tensors,
 //! one kernel each. `training::optim` takes them where [`supports`] says so and keeps the candle ops
-//! as the plain path and the reference (`flux-bench kernels` compares the two).
+//! as the plain path and the reference (engine/tests/gpu_kernels.rs compares the two).
 //!
 //! AdamW writes three tensors (param, m, v) in one kernel, but an in-place op lends the `&mut` storage
 //! of one tensor only. Nesting them lends more: [`adamw_step`] is an in-place op on param (g read),

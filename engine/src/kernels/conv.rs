@@ -7,7 +7,7 @@ use candle_core::{bail, CustomOp2, Layout, Result, Shape, Tensor};
 const MODULE: &str = "conv";
 
 /// Output (B, Cout, H, W) from the taps product of the input upsampled by `up`, (B, 9·Cout,
-/// (H/up)·(W/up)), and the bias (Cout,): `fused::tap_sum` is the plain path and the reference.
+/// (H/up)·(W/up)), and the bias (Cout,): `ops::conv::tap_sum` is the plain path and the reference.
 pub fn tap_sum(taps: &Tensor, bias: &Tensor, h: usize, w: usize, up: usize) -> Result<Tensor> {
     taps.apply_op2_no_bwd(bias, &TapSum { h, w, up })
 }

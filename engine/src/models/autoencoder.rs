@@ -1,7 +1,7 @@
 //! FLUX's autoencoder (diffusers' AutoencoderKL layout, 16 latent channels, no quant convs):
 //! images to latents for training, latents to images for generation.
 
-use crate::models::fused;
+use crate::ops::{self, Kernels};
 use anyhow::{Context, Result};
 use candle_core::{Module, Tensor, D};
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
@@ -70,9 +70,16 @@ struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
     groups: usize,
+    kernels: Kernels,
 }
 
-fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+    k: Kernels,
+) -> Result<GroupNorm> {
     let weight = vb.get(channels, "weight")?;
     let bias = vb.get(channels, "bias")?;
     Ok(GroupNorm {
@@ -80,6 +87,7 @@ fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Resul
         weight,
         bias,
         groups,
+        kernels: k,
     })
 }
 
@@ -95,11 +103,11 @@ impl GroupNorm {
 
     fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         let eps = EPS as f32;
-        fused::group_norm(
+        ops::norm::group_norm(
+            self.kernels,
             x,
             &self.plain,
-            &self.weight,
-            &self.bias,
+            [&self.weight, &self.bias],
             self.groups,
             eps,
             silu,
@@ -107,29 +115,36 @@ impl GroupNorm {
     }
 }
 
-/// A 3x3 convolution that takes the fused path where it fits (`fused::conv2d`).
-struct Conv3(Conv2d);
+/// A 3x3 convolution that takes the fused path where it fits ([`ops::conv::conv2d`]).
+struct Conv3(Conv2d, Kernels);
 
 impl Module for Conv3 {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        fused::conv2d(x, &self.0)
+        ops::conv::conv2d(self.1, x, &self.0)
     }
 }
 
 impl Conv3 {
     /// On `x` upsampled twice by nearest neighbour, without making that copy where the fused path runs.
     fn forward_upsampled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        fused::upsample_conv2d(x, &self.0, 2)
+        ops::conv::upsample_conv2d(self.1, x, &self.0, 2)
     }
 }
 
-fn conv3(cin: usize, cout: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv3> {
+fn conv3(
+    cin: usize,
+    cout: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+    k: Kernels,
+) -> Result<Conv3> {
     let cfg = Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    Ok(Conv3(conv2d(cin, cout, 3, cfg, vb)?))
+    Ok(Conv3(conv2d(cin, cout, 3, cfg, vb)?, k))
 }
 
 struct Resnet {
@@ -141,7 +156,7 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder, k: Kernels) -> Result<Self> {
         let shortcut = if cin != cout {
             Some(conv2d(
                 cin,
@@ -154,10 +169,10 @@ impl Resnet {
             None
         };
         Ok(Self {
-            norm1: group_norm(groups, cin, EPS, vb.pp("norm1"))?,
-            conv1: conv3(cin, cout, 1, 1, vb.pp("conv1"))?,
-            norm2: group_norm(groups, cout, EPS, vb.pp("norm2"))?,
-            conv2: conv3(cout, cout, 1, 1, vb.pp("conv2"))?,
+            norm1: group_norm(groups, cin, EPS, vb.pp("norm1"), k)?,
+            conv1: conv3(cin, cout, 1, 1, vb.pp("conv1"), k)?,
+            norm2: group_norm(groups, cout, EPS, vb.pp("norm2"), k)?,
+            conv2: conv3(cout, cout, 1, 1, vb.pp("conv2"), k)?,
             shortcut,
         })
     }
@@ -182,9 +197,9 @@ struct SpatialAttention {
 }
 
 impl SpatialAttention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, groups: usize, vb: VarBuilder, k: Kernels) -> Result<Self> {
         Ok(Self {
-            norm: group_norm(groups, c, EPS, vb.pp("group_norm"))?,
+            norm: group_norm(groups, c, EPS, vb.pp("group_norm"), k)?,
             q: linear(c, c, vb.pp("to_q"))?,
             k: linear(c, c, vb.pp("to_k"))?,
             v: linear(c, c, vb.pp("to_v"))?,
@@ -203,7 +218,7 @@ impl SpatialAttention {
         let k = self.k.forward(&t)?;
         let v = self.v.forward(&t)?;
         let q = (q * (1.0 / (c as f64).sqrt()))?;
-        let o = self.out.forward(&crate::models::fused::softmax_attention(
+        let o = self.out.forward(&ops::attention::softmax_attention(
             &q,
             &k,
             &v,
@@ -220,16 +235,16 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new(c: usize, cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, cfg: &AutoencoderConfig, vb: VarBuilder, k: Kernels) -> Result<Self> {
         let g = cfg.norm_num_groups;
         Ok(Self {
-            res0: Resnet::new(c, c, g, vb.pp("resnets.0"))?,
+            res0: Resnet::new(c, c, g, vb.pp("resnets.0"), k)?,
             attn: if cfg.mid_block_attention {
-                Some(SpatialAttention::new(c, g, vb.pp("attentions.0"))?)
+                Some(SpatialAttention::new(c, g, vb.pp("attentions.0"), k)?)
             } else {
                 None
             },
-            res1: Resnet::new(c, c, g, vb.pp("resnets.1"))?,
+            res1: Resnet::new(c, c, g, vb.pp("resnets.1"), k)?,
         })
     }
 
@@ -251,7 +266,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &AutoencoderConfig, vb: VarBuilder, k: Kernels) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let g = cfg.norm_num_groups;
         let mut down = Vec::new();
@@ -265,11 +280,12 @@ impl Encoder {
                         cout,
                         g,
                         b.pp(format!("resnets.{j}")),
+                        k,
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsample = if i + 1 < ch.len() {
-                Some(conv3(cout, cout, 2, 0, b.pp("downsamplers.0.conv"))?)
+                Some(conv3(cout, cout, 2, 0, b.pp("downsamplers.0.conv"), k)?)
             } else {
                 None
             };
@@ -278,11 +294,11 @@ impl Encoder {
         }
         let last = *ch.last().context("empty block_out_channels")?;
         Ok(Self {
-            conv_in: conv3(3, ch[0], 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv3(3, ch[0], 1, 1, vb.pp("conv_in"), k)?,
             down,
-            mid: MidBlock::new(last, cfg, vb.pp("mid_block"))?,
-            norm_out: group_norm(g, last, EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv3(last, 2 * cfg.latent_channels, 1, 1, vb.pp("conv_out"))?,
+            mid: MidBlock::new(last, cfg, vb.pp("mid_block"), k)?,
+            norm_out: group_norm(g, last, EPS, vb.pp("conv_norm_out"), k)?,
+            conv_out: conv3(last, 2 * cfg.latent_channels, 1, 1, vb.pp("conv_out"), k)?,
         })
     }
 
@@ -315,7 +331,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &AutoencoderConfig, vb: VarBuilder, k: Kernels) -> Result<Self> {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let g = cfg.norm_num_groups;
         let mut up = Vec::new();
@@ -329,11 +345,12 @@ impl Decoder {
                         cout,
                         g,
                         b.pp(format!("resnets.{j}")),
+                        k,
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsample = if i + 1 < rev.len() {
-                Some(conv3(cout, cout, 1, 1, b.pp("upsamplers.0.conv"))?)
+                Some(conv3(cout, cout, 1, 1, b.pp("upsamplers.0.conv"), k)?)
             } else {
                 None
             };
@@ -342,11 +359,11 @@ impl Decoder {
         }
         let first = *rev.last().context("empty block_out_channels")?;
         Ok(Self {
-            conv_in: conv3(cfg.latent_channels, rev[0], 1, 1, vb.pp("conv_in"))?,
-            mid: MidBlock::new(rev[0], cfg, vb.pp("mid_block"))?,
+            conv_in: conv3(cfg.latent_channels, rev[0], 1, 1, vb.pp("conv_in"), k)?,
+            mid: MidBlock::new(rev[0], cfg, vb.pp("mid_block"), k)?,
             up,
-            norm_out: group_norm(g, first, EPS, vb.pp("conv_norm_out"))?,
-            conv_out: conv3(first, 3, 1, 1, vb.pp("conv_out"))?,
+            norm_out: group_norm(g, first, EPS, vb.pp("conv_norm_out"), k)?,
+            conv_out: conv3(first, 3, 1, 1, vb.pp("conv_out"), k)?,
         })
     }
 
@@ -377,10 +394,12 @@ pub struct Autoencoder {
 }
 
 impl Autoencoder {
-    pub fn new(cfg: &AutoencoderConfig, vb: VarBuilder) -> Result<Self> {
+    /// The autoencoder of `cfg` from `vb`, its ops taking the path `kernels` says.
+    pub fn new(cfg: &AutoencoderConfig, vb: VarBuilder, kernels: Kernels) -> Result<Self> {
+        let k = kernels;
         Ok(Self {
-            encoder: Encoder::new(cfg, vb.pp("encoder")).context("autoencoder encoder")?,
-            decoder: Decoder::new(cfg, vb.pp("decoder")).context("autoencoder decoder")?,
+            encoder: Encoder::new(cfg, vb.pp("encoder"), k).context("autoencoder encoder")?,
+            decoder: Decoder::new(cfg, vb.pp("decoder"), k).context("autoencoder decoder")?,
             config: cfg.clone(),
         })
     }
@@ -390,13 +409,18 @@ impl Autoencoder {
         dir: &Path,
         dtype: candle_core::DType,
         device: &candle_core::Device,
+        kernels: Kernels,
     ) -> Result<Self> {
         let json: serde_json::Value = serde_json::from_slice(
             &std::fs::read(dir.join("config.json"))
                 .with_context(|| format!("reading {}/config.json", dir.display()))?,
         )?;
         let cfg = AutoencoderConfig::from_diffusers_json(&json)?;
-        Self::new(&cfg, crate::weights::var_builder(dir, dtype, device)?)
+        Self::new(
+            &cfg,
+            crate::weights::var_builder(dir, dtype, device)?,
+            kernels,
+        )
     }
 
     /// Images in [-1, 1] (B, 3, H, W) to the raw latent distribution.

@@ -5,7 +5,7 @@
 //! original rows it replaced on the host to put back exactly. Training makes the adapters'
 //! tensors `Var`s, which are applied unmerged, and leaves the base alone.
 
-use super::autodiff;
+use crate::ops::{self, autodiff, Kernels};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId};
 use std::sync::{Arc, RwLock};
@@ -61,6 +61,8 @@ pub struct Linear {
     in_features: usize,
     out_features: usize,
     state: RwLock<State>,
+    /// The path of its products ([`ops::linear`]).
+    kernels: Kernels,
 }
 
 /// The weight a forward multiplies by and the adapters set on the layer, changed together under
@@ -83,7 +85,12 @@ struct Merged {
 }
 
 impl Linear {
-    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        kernels: Kernels,
+    ) -> Self {
         Self {
             name: name.into(),
             in_features: weight.dim(1).unwrap_or(0),
@@ -93,6 +100,7 @@ impl Linear {
                 adapters: Vec::new(),
                 merged: None,
             }),
+            kernels,
         }
     }
 
@@ -288,9 +296,9 @@ impl Module for Linear {
             // A full fine-tune trains the weight itself: candle's matmul gives it its gradient.
             base.forward(x)?
         } else if x.track_op() {
-            frozen_base(&base, x)?
+            frozen_base(self.kernels, &base, x)?
         } else {
-            crate::models::fused::linear(&base, x)?
+            ops::linear::linear(self.kernels, &base, x)?
         };
         if adapters.is_empty() {
             return Ok(y);
@@ -353,13 +361,13 @@ impl Linear {
     /// what [`Linear::backward`] needs. `x` carries no gradient.
     pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
         let (base, adapters) = self.prepare(x)?;
-        let y = crate::models::fused::linear(&base, x)?;
+        let y = ops::linear::linear(self.kernels, &base, x)?;
         let mut down_x = Vec::with_capacity(adapters.len());
         let mut factors = Vec::with_capacity(adapters.len());
         for a in &adapters {
             let (down, up) = a.factors(x.dtype())?;
             let ax = x.broadcast_matmul(&down.t()?)?;
-            add_product(&y, a.out_offset, &ax, &up.t()?)?;
+            ops::linear::add_product(self.kernels, &y, a.out_offset, &ax, &up.t()?)?;
             down_x.push(ax);
             factors.push((down, up));
         }
@@ -411,11 +419,12 @@ impl Linear {
             let x = x.reshape((n, x.elem_count() / n))?;
             // d(s·B) = dyᵀ (A x); the scale is folded into `up` as in the forward. The factors'
             // gradients come in the factors' own dtype.
-            let d_up = strided_matmul(&dy_a.t()?, &ax, a.scale, a.up.dtype())?;
-            let dy_up = strided_matmul(&dy_a, &up, 1.0, dy.dtype())?;
-            let d_down = strided_matmul(&dy_up.t()?, &x, 1.0, a.down.dtype())?;
+            let k = self.kernels;
+            let d_up = ops::linear::strided_matmul(k, &dy_a.t()?, &ax, a.scale, a.up.dtype())?;
+            let dy_up = ops::linear::strided_matmul(k, &dy_a, &up, 1.0, dy.dtype())?;
+            let d_down = ops::linear::strided_matmul(k, &dy_up.t()?, &x, 1.0, a.down.dtype())?;
             if let Some(dx) = &dx {
-                add_product(dx, 0, &dy_up, &down)?;
+                ops::linear::add_product(k, dx, 0, &dy_up, &down)?;
             }
             accumulate(grads, &a.up, d_up)?;
             accumulate(grads, &a.down, d_down)?;
@@ -424,38 +433,6 @@ impl Linear {
         in_dims[dims.len() - 1] = self.in_features;
         dx.map(|dx| dx.reshape(in_dims)).transpose()
     }
-}
-
-/// `y[.., at .. at + n] += a · b` in place, for `a` (.., k) and `b` (k, n): one cuBLAS product with
-/// β = 1 on the fused path, a product, an add and a copy into the slice otherwise.
-fn add_product(y: &Tensor, at: usize, a: &Tensor, b: &Tensor) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if crate::models::fused::enabled() && crate::kernels::gemm::supports(y) {
-        // `b` is a transposed view of a contiguous (n, k) factor or a contiguous (k, n) one.
-        let (b, transposed) = if b.t()?.is_contiguous() {
-            (b.t()?, true)
-        } else {
-            (b.contiguous()?, false)
-        };
-        return crate::kernels::gemm::add_matmul(y, at, &a.contiguous()?, &b, transposed);
-    }
-    let p = a.broadcast_matmul(b)?;
-    let last = y.rank() - 1;
-    let sum = (y.narrow(last, at, p.dim(last)?)? + p)?;
-    y.slice_set(&sum, last, at)
-}
-
-/// `alpha · a · b` in `out` of two matrices, either of which may be a column slice or a transpose:
-/// cuBLAS reads them in place and writes `out` from its f32 accumulators on the fused path; candle's
-/// matmul, which needs them contiguous, copies them otherwise.
-fn strided_matmul(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if crate::models::fused::enabled() && crate::kernels::gemm::supports_matmul(a, b) {
-        return crate::kernels::gemm::matmul(a, b, alpha, out);
-    }
-    let p = a.contiguous()?.matmul(&b.contiguous()?)?;
-    let p = if alpha == 1.0 { p } else { (p * alpha)? };
-    p.to_dtype(out)
 }
 
 /// Adds `g` to `t`'s gradient in `grads`.
@@ -497,8 +474,8 @@ fn splice(y: &Tensor, dim: usize, parts: &[(usize, Tensor)]) -> Result<Tensor> {
 /// `W x + b` for an input that carries a gradient, passing the gradient to `x` only. Through candle's
 /// matmul the backward pass would also compute the weight's gradient: wasted work on a frozen layer,
 /// and a weight-sized buffer per layer kept until the optimizer step (24 GB for FLUX.1-dev in bf16).
-fn frozen_base(base: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
-    let y = crate::models::fused::linear(base, &x.detach())?;
+fn frozen_base(kernels: Kernels, base: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    let y = ops::linear::linear(kernels, base, &x.detach())?;
     let w = base.weight().clone();
     autodiff::with_gradient(x, y, move |_, _, grad| grad.broadcast_matmul(&w))
 }
@@ -585,7 +562,7 @@ mod tests {
             for (case, out, slices) in cases {
                 let inputs = 6;
                 let (w, b) = (random(&[out, inputs], dtype)?, random(&[out], dtype)?);
-                let linear = Linear::new("l", w.clone(), Some(b.clone()));
+                let linear = Linear::new("l", w.clone(), Some(b.clone()), Kernels::Plain);
                 let adapters = slices
                     .iter()
                     .map(|&(offset, rows)| adapter(offset, rows, inputs, dtype))
@@ -615,9 +592,10 @@ mod tests {
             let (out, inputs) = (20, 6);
             let (w, b) = (random(&[out, inputs], dtype)?, random(&[out], dtype)?);
             let original = bits(&w)?;
-            let linear = Linear::new("l", w.clone(), Some(b.clone()));
+            let linear = Linear::new("l", w.clone(), Some(b.clone()), Kernels::Plain);
             let x = random(&[2, 3, inputs], dtype)?;
-            let bare = Linear::new("bare", w.clone(), Some(b.clone())).forward(&x)?;
+            let bare =
+                Linear::new("bare", w.clone(), Some(b.clone()), Kernels::Plain).forward(&x)?;
 
             let qkv = vec![
                 adapter(0, 4, inputs, dtype)?,
@@ -654,7 +632,7 @@ mod tests {
     #[test]
     fn the_same_adapters_placed_again_keep_their_merge() -> Result<()> {
         let (w, b) = (random(&[12, 6], DType::F32)?, random(&[12], DType::F32)?);
-        let linear = Linear::new("l", w.clone(), Some(b.clone()));
+        let linear = Linear::new("l", w.clone(), Some(b.clone()), Kernels::Plain);
         let x = random(&[1, 3, 6], DType::F32)?;
         let first = adapter(4, 4, 6, DType::F32)?;
         let placed = |scale: f64| {
@@ -686,7 +664,7 @@ mod tests {
     fn training_adapters_are_not_merged() -> Result<()> {
         let (w, b) = (random(&[12, 6], DType::F32)?, random(&[12], DType::F32)?);
         let original = bits(&w)?;
-        let linear = Linear::new("l", w.clone(), Some(b.clone()));
+        let linear = Linear::new("l", w.clone(), Some(b.clone()), Kernels::Plain);
         let down = Var::from_tensor(&random(&[2, 6], DType::F32)?)?;
         let up = Var::from_tensor(&random(&[4, 2], DType::F32)?)?;
         let placed = |down: Tensor, up: Tensor| {
@@ -727,7 +705,7 @@ mod tests {
         }
 
         let trained = Var::from_tensor(&w)?;
-        let full = Linear::new("full", trained.as_tensor().clone(), Some(b));
+        let full = Linear::new("full", trained.as_tensor().clone(), Some(b), Kernels::Plain);
         full.set_adapters(sampling);
         full.forward(&x)?;
         assert!(!merged(&full));
@@ -741,7 +719,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (6, 4), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 6, &dev)?;
-        let linear = Linear::new("l", w.clone(), Some(b.clone()));
+        let linear = Linear::new("l", w.clone(), Some(b.clone()), Kernels::Plain);
         let down = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4), &dev)?)?;
         let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 2), &dev)?)?;
         linear.set_adapters(vec![Arc::new(Adapter {

@@ -1,10 +1,8 @@
 //! Model code: each module one model family, loading its checkpoints' own tensor names.
 
-pub mod autodiff;
 pub mod autoencoder;
 pub mod codec;
 pub mod flux;
-pub mod fused;
 pub mod linear;
 pub mod minilm;
 pub mod text;

@@ -4,8 +4,9 @@
 //! model computes with them directly and sampling during training needs no swap.
 
 use super::checkpoint;
-use super::trainer::Trainable;
+use super::trainable::Trainable;
 use crate::models::flux::FluxTransformer;
+use crate::ops::Kernels;
 use anyhow::Result;
 use candle_core::{DType, Var};
 use std::collections::HashMap;
@@ -75,13 +76,9 @@ pub fn initial_weights(
     use rand::{Rng, SeedableRng};
 
     let cpu = Device::Cpu;
-    // The model built on placeholder weights names every linear layer and its shape.
-    let shapes = FluxTransformer::load(
-        &FluxWeights::random(DType::F32, &cpu),
-        cfg,
-        DType::F32,
-        &cpu,
-    )?;
+    // The model built on zeros names every linear layer and its shape.
+    let zeros = FluxWeights::from_var_builder(candle_nn::VarBuilder::zeros(DType::F32, &cpu))?;
+    let shapes = FluxTransformer::load(&zeros, cfg, DType::F32, &cpu, Kernels::Plain)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = Vec::new();
     for linear in shapes.linears() {

@@ -4,12 +4,15 @@
 
 pub mod checkpoint;
 pub mod dataset;
+pub mod flux_backward;
 pub mod full;
 pub mod lora;
 pub mod objective;
 pub mod optim;
 pub mod settings;
+mod trainable;
 mod trainer;
 
 pub use settings::{Schedule, SigmaSampling, Targets, TrainSettings};
-pub use trainer::{Report, StepStats, TrainJob, Trainable, Trainer};
+pub use trainable::Trainable;
+pub use trainer::{Report, StepStats, TrainJob, Trainer};

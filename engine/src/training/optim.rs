@@ -2,6 +2,7 @@
 //! them), the learning-rate schedule, and gradient clipping by global norm, as torch does them.
 
 use super::settings::Schedule;
+use crate::ops::Kernels;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -19,10 +20,12 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// The path of its update and of [`clip_grads`]' norm: one kernel each on CUDA where fused.
+    pub kernels: Kernels,
 }
 
 impl AdamW {
-    pub fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self> {
+    pub fn new(vars: Vec<Var>, weight_decay: f64, kernels: Kernels) -> Result<Self> {
         let zeros = |v: &Var| Var::zeros(v.shape(), v.dtype(), v.device());
         Ok(Self {
             m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
@@ -33,6 +36,7 @@ impl AdamW {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
+            kernels,
         })
     }
 
@@ -55,7 +59,10 @@ impl AdamW {
         for (((var, m), v), g) in self.vars.iter().zip(&self.m).zip(&self.v).zip(grads) {
             // One kernel for the whole update where it fits, the ops below as ~17 kernels otherwise.
             #[cfg(feature = "cuda")]
-            if fused([var.as_tensor(), m.as_tensor(), v.as_tensor(), g]) {
+            if fused(
+                self.kernels,
+                [var.as_tensor(), m.as_tensor(), v.as_tensor(), g],
+            ) {
                 crate::kernels::adamw::adamw_step(var, m, v, g, &fused_step)?;
                 continue;
             }
@@ -95,7 +102,12 @@ impl Clipped {
 }
 
 /// [`Clipped`] gradients of `vars` from `grads`.
-pub fn clip_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<Clipped> {
+pub fn clip_grads(
+    vars: &[Var],
+    grads: &GradStore,
+    max_norm: f64,
+    kernels: Kernels,
+) -> Result<Clipped> {
     let gs = vars
         .iter()
         .map(|v| match grads.get(v.as_tensor()) {
@@ -103,7 +115,7 @@ pub fn clip_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<Clip
             None => v.as_tensor().zeros_like(),
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let norm = sum_of_squares(&gs)?.sqrt();
+    let norm = sum_of_squares(kernels, &gs)?.sqrt();
     let scale = if max_norm > 0.0 && norm > max_norm {
         max_norm / (norm + 1e-6)
     } else {
@@ -119,9 +131,11 @@ pub fn clip_grads(vars: &[Var], grads: &GradStore, max_norm: f64) -> Result<Clip
 /// Σ g² over all of `gs`, read back from the device once for all of them, not once per variable. On
 /// CUDA one kernel per gradient writes partial sums (candle's square, sum and copy into the stack take
 /// three).
-fn sum_of_squares(gs: &[Tensor]) -> candle_core::Result<f64> {
+// The policy is read on the CUDA path only.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn sum_of_squares(kernels: Kernels, gs: &[Tensor]) -> candle_core::Result<f64> {
     #[cfg(feature = "cuda")]
-    if !gs.is_empty() && fused(gs) {
+    if !gs.is_empty() && fused(kernels, gs) {
         use crate::kernels::adamw::{sum_squares, PARTIALS};
         let partials = Tensor::zeros((gs.len(), PARTIALS), DType::F32, gs[0].device())?;
         for (i, g) in gs.iter().enumerate() {
@@ -139,11 +153,11 @@ fn sum_of_squares(gs: &[Tensor]) -> candle_core::Result<f64> {
         .to_scalar::<f64>()
 }
 
-/// Whether the optimizer's kernels take these tensors: the fused kernels switched on
-/// (`models::fused::set_enabled`) and every tensor contiguous f32 on CUDA.
+/// Whether the optimizer's kernels take these tensors: the policy says fused and every tensor is
+/// contiguous f32 on CUDA.
 #[cfg(feature = "cuda")]
-fn fused<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> bool {
-    crate::models::fused::enabled() && ts.into_iter().all(crate::kernels::adamw::supports)
+fn fused<'a>(kernels: Kernels, ts: impl IntoIterator<Item = &'a Tensor>) -> bool {
+    kernels == Kernels::Fused && ts.into_iter().all(crate::kernels::adamw::supports)
 }
 
 /// The learning rate of 1-based step `step` of `total`: linear warm-up from 0, then constant or half a
@@ -188,7 +202,7 @@ mod tests {
     fn adamw_matches_torch() -> Result<()> {
         let dev = Device::Cpu;
         let w = Var::new(&[1.0f32, -2.0], &dev)?;
-        let mut opt = AdamW::new(vec![w.clone()], 0.1)?;
+        let mut opt = AdamW::new(vec![w.clone()], 0.1, Kernels::Plain)?;
         let g = Tensor::new(&[0.5f32, 0.25], &dev)?;
         opt.step(&[g], 1.0, 0.01)?;
         // Step 1: m̂ = g, v̂ = g², so the update is lr·sign(g) (eps aside), after the decay.
@@ -207,7 +221,7 @@ mod tests {
         let b = Var::new(&[4.0f32], &dev)?;
         let loss = ((a.as_tensor() * 3.0)? + (b.as_tensor() * 4.0)?)?.sum_all()?;
         let grads = loss.backward()?;
-        let clipped = clip_grads(&[a, b], &grads, 1.0)?;
+        let clipped = clip_grads(&[a, b], &grads, 1.0, Kernels::Plain)?;
         assert!((clipped.norm - 5.0).abs() < 1e-9);
         let g: Vec<f32> = clipped
             .scaled()?

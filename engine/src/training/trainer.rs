@@ -3,63 +3,22 @@
 
 use super::checkpoint;
 use super::dataset::{self, DatasetReport};
+use super::flux_backward;
 use super::full::FullWeights;
 use super::lora::LoraSet;
 use super::objective::{self, StepDraws};
 use super::optim::{self, AdamW};
 use super::settings::TrainSettings;
-use crate::models::flux::{self, FluxInputs, FluxTransformer};
+use super::trainable::Trainable;
+use crate::models::flux::{self, FluxInputs};
 use crate::pipeline::{self, Control, FluxPipeline};
 use crate::sampling::latents;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// What a run trains: LoRA adapters ([`LoraSet`]), or every weight of a pipeline loaded trainable
-/// ([`FullWeights`]: its `vars` are the weights themselves, `attach` has nothing to do, and `save`
-/// writes the model).
-pub trait Trainable {
-    fn vars(&self) -> Vec<Var>;
-    /// Makes the model compute with the trained parameters: the variables themselves when `trainable`,
-    /// detached copies otherwise (sampling).
-    fn attach(&self, model: &FluxTransformer, trainable: bool);
-    /// Leaves the model as generation expects it.
-    fn detach(&self, model: &FluxTransformer);
-    fn save(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()>;
-    /// A line for the log: what is trained.
-    fn describe(&self) -> String;
-    /// Whether gradient checkpointing may be used: its pass keeps the adapters' gradients only.
-    fn checkpointable(&self) -> bool {
-        true
-    }
-}
-
-impl Trainable for LoraSet {
-    fn vars(&self) -> Vec<Var> {
-        LoraSet::vars(self)
-    }
-    fn attach(&self, model: &FluxTransformer, trainable: bool) {
-        LoraSet::attach(self, model, trainable)
-    }
-    fn detach(&self, model: &FluxTransformer) {
-        LoraSet::detach(model)
-    }
-    fn save(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()> {
-        self.save_peft(path, metadata)
-    }
-    fn describe(&self) -> String {
-        format!(
-            "LoRA rank {} alpha {} on {} layers ({:.2}M parameters, f32)",
-            self.rank,
-            self.alpha,
-            self.adapters.len(),
-            self.parameter_count() as f64 / 1e6
-        )
-    }
-}
 
 /// Everything a run needs besides the model.
 #[derive(Debug, Clone)]
@@ -213,7 +172,8 @@ impl Trainer {
             Box::new(FullWeights::new(pipe.weights(), DType::F16))
         };
         report(Report::Log(format!("training {}", trainable.describe())));
-        let mut optimizer = AdamW::new(trainable.vars(), s.weight_decay)?;
+        let mut optimizer =
+            AdamW::new(trainable.vars(), s.weight_decay, pipe.transformer.kernels())?;
         let mut step = 0;
         let mut losses = Vec::new();
         if job.resume {
@@ -311,7 +271,12 @@ impl Trainer {
         if !loss.is_finite() {
             bail!("the loss is {loss} at step {step}: lower the learning rate");
         }
-        let clipped = optim::clip_grads(&self.optimizer.vars, &grads, s.max_grad_norm)?;
+        let clipped = optim::clip_grads(
+            &self.optimizer.vars,
+            &grads,
+            s.max_grad_norm,
+            self.optimizer.kernels,
+        )?;
         let grad_norm = clipped.norm;
         drop(grads);
         let lr = optim::learning_rate(
@@ -409,8 +374,7 @@ impl Trainer {
         let out = if train {
             let checkpointing = self.trainable.checkpointable()
                 && s.gradient_checkpointing.unwrap_or_else(|| device.is_cuda());
-            model
-                .loss_and_grads(&inputs, &mse, checkpointing)
+            flux_backward::loss_and_grads(model, &inputs, &mse, checkpointing)
                 .map(|(loss, grads)| (loss, Some(grads)))
         } else {
             model

@@ -1,6 +1,5 @@
 //! FLUX.1 transformer: config, checkpoint layouts, model.
 
-mod backward;
 mod config;
 pub mod layout;
 mod model;
@@ -10,4 +9,6 @@ pub use config::FluxConfig;
 pub use model::{
     image_ids, rope_tables, text_ids, timestep_embedding, FluxInputs, FluxTransformer,
 };
+/// The blocks, for training's hand-written backward passes (`training::flux_backward`).
+pub(crate) use model::{DoubleBlock, SingleBlock, Stream};
 pub use weights::{FluxWeights, Layout};

@@ -2,6 +2,7 @@
 
 use super::layout::{diffusers_parts, DiffusersParts};
 use crate::models::linear::Linear;
+use crate::ops::Kernels;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -19,8 +20,6 @@ pub enum Layout {
 pub struct FluxWeights {
     vb: VarBuilder<'static>,
     pub layout: Layout,
-    /// Random weights instead of a checkpoint's (benchmarks at full size without the files).
-    random: Option<(DType, Device)>,
 }
 
 impl FluxWeights {
@@ -35,41 +34,19 @@ impl FluxWeights {
             Ok(Self {
                 vb,
                 layout: Layout::Bfl,
-                random: None,
             })
         } else if vb.contains_tensor("model.diffusion_model.double_blocks.0.img_attn.qkv.weight") {
             Ok(Self {
                 vb: vb.pp("model.diffusion_model"),
                 layout: Layout::Bfl,
-                random: None,
             })
         } else if vb.contains_tensor("transformer_blocks.0.attn.to_q.weight") {
             Ok(Self {
                 vb,
                 layout: Layout::Diffusers,
-                random: None,
             })
         } else {
             bail!("not a FLUX transformer checkpoint: neither BFL keys (double_blocks.0.img_attn.qkv) nor diffusers keys (transformer_blocks.0.attn.to_q) are present")
-        }
-    }
-
-    /// Weights drawn from N(0, 0.02) (norm scales around 1), as a model is built: for timing a full-size
-    /// model without its files. The values are never zeros, so no kernel can take a shortcut.
-    pub fn random(dtype: DType, device: &Device) -> Self {
-        Self {
-            vb: VarBuilder::zeros(dtype, device),
-            layout: Layout::Bfl,
-            random: Some((dtype, device.clone())),
-        }
-    }
-
-    fn random_tensor(&self, shape: &[usize], mean: f64) -> Result<Option<Tensor>> {
-        match &self.random {
-            Some((dtype, device)) => Ok(Some(
-                Tensor::randn(mean as f32, 0.02, shape, device)?.to_dtype(*dtype)?,
-            )),
-            None => Ok(None),
         }
     }
 
@@ -122,36 +99,42 @@ impl FluxWeights {
         }
     }
 
-    /// A linear layer with bias, checked against the shape the config expects.
-    pub fn linear(&self, layer: &str, in_dim: usize, out_dim: usize) -> Result<Linear> {
-        if let Some(w) = self.random_tensor(&[out_dim, in_dim], 0.0)? {
-            let b = self.random_tensor(&[out_dim], 0.0)?;
-            return Ok(Linear::new(layer, w, b));
-        }
-        let w = self.tensor(layer, "weight")?;
-        let b = self.tensor(layer, "bias")?;
-        if w.dims() != [out_dim, in_dim] || b.dims() != [out_dim] {
+    /// A tensor of a BFL-named layer that must have `shape`. A BFL checkpoint is asked with the shape
+    /// (a [`VarBuilder`] that makes its tensors, as `VarBuilder::zeros` does, needs it); a diffusers
+    /// one is assembled first and checked after.
+    fn shaped(&self, layer: &str, suffix: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = match self.layout {
+            Layout::Bfl => self
+                .vb
+                .get(shape, &format!("{layer}.{suffix}"))
+                .with_context(|| format!("FLUX layer `{layer}`: the config expects {shape:?}"))?,
+            Layout::Diffusers => self.tensor(layer, suffix)?,
+        };
+        if t.dims() != shape {
             bail!(
-                "FLUX layer `{layer}` has shape {:?} (bias {:?}), the config expects [{out_dim}, {in_dim}]",
-                w.dims(),
-                b.dims()
+                "FLUX layer `{layer}` has a {suffix} of shape {:?}, the config expects {shape:?}",
+                t.dims()
             );
         }
-        Ok(Linear::new(layer, w, Some(b)))
+        Ok(t)
+    }
+
+    /// A linear layer with bias, checked against the shape the config expects, its products taking the
+    /// path `kernels` says.
+    pub fn linear(
+        &self,
+        layer: &str,
+        in_dim: usize,
+        out_dim: usize,
+        kernels: Kernels,
+    ) -> Result<Linear> {
+        let w = self.shaped(layer, "weight", &[out_dim, in_dim])?;
+        let b = self.shaped(layer, "bias", &[out_dim])?;
+        Ok(Linear::new(layer, w, Some(b), kernels))
     }
 
     pub fn norm_scale(&self, layer: &str, dim: usize) -> Result<Tensor> {
-        if let Some(s) = self.random_tensor(&[dim], 1.0)? {
-            return Ok(s);
-        }
-        let s = self.tensor(layer, "scale")?;
-        if s.dims() != [dim] {
-            bail!(
-                "FLUX norm `{layer}` has shape {:?}, expected [{dim}]",
-                s.dims()
-            );
-        }
-        Ok(s)
+        self.shaped(layer, "scale", &[dim])
     }
 
     /// Guesses the config of a BFL single file from its tensor shapes. The RoPE axes cannot be

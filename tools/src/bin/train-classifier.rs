@@ -2,8 +2,8 @@
 //! `--bench`, measures single-prompt latency. Run from the repository root:
 //!
 //! ```text
-//! cargo run --release -p engine --bin train-classifier            # train, evaluate, write the head
-//! cargo run --release -p engine --bin train-classifier -- --eval-only --bench 500
+//! cargo run --release -p tools --bin train-classifier            # train, evaluate, write the head
+//! cargo run --release -p tools --bin train-classifier -- --eval-only --bench 500
 //! ```
 
 use std::collections::BTreeMap;
