@@ -1,0 +1,333 @@
+//! The figures tables of the README and docs, made from the GPU measurements' records in bench/results/.
+//!
+//! A table's place in a markdown file is marked `<!-- bench-table NAME -->` ... `<!-- /bench-table -->`;
+//! `write` fills every marked place from the records, `check` lists the places whose text differs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The markdown files that hold tables, relative to the workspace root.
+pub const DOCS: [&str; 3] = ["README.md", "docs/performance.md", "docs/training.md"];
+
+#[derive(Debug, Deserialize)]
+struct Head {
+    date: String,
+    run: Option<u32>,
+    gpu: String,
+    command: Option<String>,
+    /// What the run changed, for the history tables.
+    change: Option<String>,
+    what: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Generation {
+    #[serde(flatten)]
+    head: Head,
+    reference: String,
+    sizes: Vec<GenerationSize>,
+    #[serde(default)]
+    kernels: Vec<Kernel>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerationSize {
+    size: u32,
+    ours: GenerationFigures,
+    reference: GenerationFigures,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerationFigures {
+    total_s: f64,
+    step_s: Option<f64>,
+    step_tflops: Option<f64>,
+    decode_s: Option<f64>,
+    peak_in_use_gib: Option<f64>,
+    peak_allocated_gib: Option<f64>,
+    peak_reserved_gib: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Kernel {
+    op: String,
+    plain_ms: f64,
+    fused_ms: f64,
+    fused_rel_l2_vs_f32: f64,
+    plain_bf16_rel_l2_vs_f32: f64,
+    fused_tflops: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Training {
+    #[serde(flatten)]
+    head: Head,
+    reference: String,
+    cases: Vec<TrainingCase>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TrainingCase {
+    size: u32,
+    checkpointing: bool,
+    ours: TrainingFigures,
+    reference: Option<TrainingFigures>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TrainingFigures {
+    step_s: f64,
+    peak_in_use_gib: Option<f64>,
+    peak_allocated_gib: Option<f64>,
+}
+
+/// Every record, oldest first.
+pub struct Records {
+    generation: Vec<Generation>,
+    training: Vec<Training>,
+}
+
+impl Records {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        files.retain(|p| p.extension().is_some_and(|e| e == "json"));
+        let mut records = Records { generation: Vec::new(), training: Vec::new() };
+        for file in files {
+            let text = std::fs::read_to_string(&file)?;
+            let head: Head = serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))?;
+            match head.what.as_str() {
+                "generation" => records.generation.push(serde_json::from_str(&text)?),
+                "lora-training" => records.training.push(serde_json::from_str(&text)?),
+                other => bail!("{}: unknown record kind {other:?}", file.display()),
+            }
+        }
+        records.generation.sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records.training.sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        Ok(records)
+    }
+
+    /// The table called `name`, in markdown.
+    pub fn table(&self, name: &str) -> Result<String> {
+        match name {
+            "generation" => self.generation_table(),
+            "generation-history" => Ok(self.generation_history()),
+            "kernels" => self.kernels_table(),
+            "lora-training" => self.training_table(),
+            "lora-training-history" => Ok(self.training_history()),
+            _ => bail!("no table called {name:?}"),
+        }
+    }
+
+    fn latest_generation(&self) -> Result<&Generation> {
+        self.generation.last().context("no generation record in bench/results")
+    }
+
+    fn generation_table(&self) -> Result<String> {
+        let g = self.latest_generation()?;
+        let mut t = String::new();
+        t += &format!("{}. Reproduce: `{}`.\n\n", source(&g.head, &g.reference), command(&g.head));
+        t += "|";
+        for s in &g.sizes {
+            t += &format!(" | ours {0}x{0} | diffusers {0}x{0}", s.size);
+        }
+        t += " |\n|---|";
+        t += &"---|---|".repeat(g.sizes.len());
+        t += "\n";
+        let row = |name: &str, cell: &dyn Fn(&GenerationFigures, bool) -> String| {
+            let mut r = format!("| {name} |");
+            for s in &g.sizes {
+                r += &format!(" {} | {} |", cell(&s.ours, true), cell(&s.reference, false));
+            }
+            r + "\n"
+        };
+        t += &row("28-step generation, end to end (T5-XXL + CLIP, denoise, VAE decode)", &|f, _| secs(Some(f.total_s), 2));
+        t += &row("one transformer step", &|f, _| secs(f.step_s, 3));
+        t += &row("achieved TFLOP/s in a step", &|f, _| f.step_tflops.map(|x| format!("{x:.0}")).unwrap_or_default());
+        t += &row("VAE decode", &|f, _| secs(f.decode_s, 3));
+        t += &row("peak GPU memory", &|f, ours| {
+            if ours {
+                f.peak_in_use_gib.map(|x| format!("{x:.1} GiB in use (nvidia-smi)")).unwrap_or_default()
+            } else {
+                format!(
+                    "{} GiB allocated, {} reserved (torch)",
+                    f.peak_allocated_gib.map(|x| format!("{x:.1}")).unwrap_or_default(),
+                    f.peak_reserved_gib.map(|x| format!("{x:.1}")).unwrap_or_default()
+                )
+            }
+        });
+        Ok(t)
+    }
+
+    fn generation_history(&self) -> String {
+        let mut t = String::from(
+            "| date | run | change | ours 1024x1024 | diffusers 1024x1024 | ours step | diffusers step | ours 512x512 | diffusers 512x512 |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for g in &self.generation {
+            let at = |size| g.sizes.iter().find(|s| s.size == size);
+            let (big, small) = (at(1024), at(512));
+            t += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                g.head.date,
+                g.head.run.map(|r| r.to_string()).unwrap_or_default(),
+                g.head.change.as_deref().unwrap_or(""),
+                secs(big.map(|s| s.ours.total_s), 2),
+                secs(big.map(|s| s.reference.total_s), 2),
+                secs(big.and_then(|s| s.ours.step_s), 3),
+                secs(big.and_then(|s| s.reference.step_s), 3),
+                secs(small.map(|s| s.ours.total_s), 2),
+                secs(small.map(|s| s.reference.total_s), 2),
+            );
+        }
+        t
+    }
+
+    fn kernels_table(&self) -> Result<String> {
+        let g = self.latest_generation()?;
+        let mut t = format!("{}: `engine/tests/gpu_kernels.rs`.\n\n", source(&g.head, "each kernel against the plain candle ops"));
+        t += "| op | fused | plain candle ops | fused rel. L2 vs f32 | plain bf16 rel. L2 vs f32 |\n|---|---|---|---|---|\n";
+        for k in &g.kernels {
+            let rate = k.fused_tflops.map(|x| format!(" ({x:.0} TFLOP/s)")).unwrap_or_default();
+            t += &format!(
+                "| {} | {:.3} ms{} | {:.3} ms | {:.1e} | {:.1e} |\n",
+                k.op, k.fused_ms, rate, k.plain_ms, k.fused_rel_l2_vs_f32, k.plain_bf16_rel_l2_vs_f32
+            );
+        }
+        Ok(t)
+    }
+
+    fn training_table(&self) -> Result<String> {
+        // Each case from the newest record that measured both sides in the same call.
+        let mut cases: Vec<(&Training, &TrainingCase)> = Vec::new();
+        for key in [(512, false), (512, true), (1024, false), (1024, true)] {
+            let found = self.training.iter().rev().find_map(|r| {
+                r.cases
+                    .iter()
+                    .find(|c| (c.size, c.checkpointing) == key && c.reference.is_some())
+                    .map(|c| (r, c))
+            });
+            if let Some(f) = found {
+                cases.push(f);
+            }
+        }
+        if cases.is_empty() {
+            bail!("no LoRA training record with a reference in bench/results");
+        }
+        let mut t = String::new();
+        let mut seen = Vec::new();
+        for (r, _) in &cases {
+            if !seen.contains(&r.head.run) {
+                seen.push(r.head.run);
+                t += &format!("- {}; reproduce: `{}`\n", source(&r.head, &r.reference), command(&r.head));
+            }
+        }
+        t += "\n| | ours | peft | run |\n|---|---|---|---|\n";
+        for (r, c) in cases {
+            let name = format!("{0}x{0}, {1}", c.size, if c.checkpointing { "checkpointing" } else { "no checkpointing" });
+            let reference = c.reference.as_ref().expect("filtered above");
+            let ours_mem = c.ours.peak_in_use_gib.map(|x| format!(", {x:.1} GiB in use")).unwrap_or_default();
+            let ref_mem = reference.peak_allocated_gib.map(|x| format!(", {x:.1} GiB allocated")).unwrap_or_default();
+            t += &format!(
+                "| {name} step | **{:.3} s**{ours_mem} | {:.3} s{ref_mem} | {} |\n",
+                c.ours.step_s,
+                reference.step_s,
+                r.head.run.map(|r| r.to_string()).unwrap_or_default()
+            );
+        }
+        Ok(t)
+    }
+}
+
+impl Records {
+    /// Every training record that says what it changed, oldest first: one row each.
+    fn training_history(&self) -> String {
+        let mut t = String::from(
+            "| run | change | 512x512 | 512x512, checkpointing | 1024x1024 | 1024x1024, checkpointing |\n|---|---|---|---|---|---|\n",
+        );
+        for r in self.training.iter().filter(|r| r.head.change.is_some()) {
+            let cell = |size, ckpt| {
+                r.cases
+                    .iter()
+                    .find(|c| (c.size, c.checkpointing) == (size, ckpt))
+                    .map(|c| {
+                        let mem = c.ours.peak_in_use_gib.map(|m| format!(" ({m:.1} GiB)")).unwrap_or_default();
+                        format!("{:.3} s{mem}", c.ours.step_s)
+                    })
+                    .unwrap_or_default()
+            };
+            t += &format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.head.run.map(|r| r.to_string()).unwrap_or_default(),
+                r.head.change.as_deref().unwrap_or(""),
+                cell(512, false),
+                cell(512, true),
+                cell(1024, false),
+                cell(1024, true)
+            );
+        }
+        t
+    }
+}
+
+fn secs(x: Option<f64>, digits: usize) -> String {
+    x.map(|x| format!("{x:.digits$} s")).unwrap_or_default()
+}
+
+fn source(h: &Head, reference: &str) -> String {
+    let run = h.run.map(|r| format!(", run {r}")).unwrap_or_default();
+    format!("{} {}{run} ({reference}, same call)", h.gpu, h.date)
+}
+
+fn command(h: &Head) -> &str {
+    h.command.as_deref().unwrap_or("see docs/performance.md")
+}
+
+/// Every marked table of `text` filled from the records.
+pub fn fill(records: &Records, text: &str) -> Result<String> {
+    const OPEN: &str = "<!-- bench-table ";
+    const CLOSE: &str = "<!-- /bench-table -->";
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        let head_end = start + rest[start..].find("-->").context("an unclosed bench-table marker")? + 3;
+        let name = rest[start + OPEN.len()..head_end - 3].trim();
+        let end = head_end + rest[head_end..].find(CLOSE).with_context(|| format!("no {CLOSE} after table {name}"))?;
+        out += &rest[..head_end];
+        out += "\n";
+        out += &records.table(name)?;
+        rest = &rest[end..];
+    }
+    out += rest;
+    Ok(out)
+}
+
+/// The files (of `DOCS`, under `root`) whose tables are not what the records make.
+pub fn stale(root: &Path) -> Result<Vec<String>> {
+    let records = Records::read(&root.join("bench/results"))?;
+    let mut out = Vec::new();
+    for doc in DOCS {
+        let text = std::fs::read_to_string(root.join(doc)).with_context(|| format!("reading {doc}"))?;
+        if fill(&records, &text)? != text {
+            out.push(doc.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Fills every table of `DOCS` under `root` from the records.
+pub fn write(root: &Path) -> Result<()> {
+    let records = Records::read(&root.join("bench/results"))?;
+    for doc in DOCS {
+        let path = root.join(doc);
+        let text = std::fs::read_to_string(&path)?;
+        let filled = fill(&records, &text)?;
+        if filled != text {
+            std::fs::write(&path, filled)?;
+        }
+    }
+    Ok(())
+}
