@@ -146,7 +146,7 @@ impl Hub {
         }
         let api = self.api()?;
         let r = api.model(repo.to_string());
-        let info = match r.info() {
+        let info = match listing(&r) {
             Ok(info) => info,
             Err(e) => {
                 let err = explain(repo, "", e);
@@ -165,20 +165,29 @@ impl Hub {
             }
         };
         let dir = self.repo_dir(repo).join("snapshots").join(&info.sha);
-        let files: Vec<String> = info
+        let files: Vec<Sibling> = info
             .siblings
             .into_iter()
-            .map(|s| s.rfilename)
-            .filter(|f| (wanted.file)(f))
+            .filter(|s| (wanted.file)(&s.rfilename))
             .collect();
         anyhow::ensure!(
             !files.is_empty(),
             "{repo} has none of the files the studio needs"
         );
-        for (i, f) in files.iter().enumerate() {
+        for (i, sibling) in files.iter().enumerate() {
+            let f = &sibling.rfilename;
             let expected = dir.join(f);
             if expected.is_file() {
                 continue;
+            }
+            // A file unchanged since a revision already cached: its blob is there, by content hash.
+            if let Some(blob) = sibling.blob() {
+                let blob_path = self.repo_dir(repo).join("blobs").join(blob);
+                if blob_path.is_file() {
+                    link_blob(&blob_path, &expected, f)
+                        .with_context(|| format!("linking {}", expected.display()))?;
+                    continue;
+                }
             }
             let reporter = Reporter {
                 state: DownloadProgress {
@@ -269,6 +278,66 @@ impl Hub {
             .info()
             .map_err(|e| explain(repo, "", e))?;
         Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+}
+
+/// The repository's listing with each file's blob id (`?blobs=true`, as `huggingface_hub` asks).
+#[derive(Debug, serde::Deserialize)]
+struct Listing {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+    #[serde(rename = "blobId")]
+    blob_id: Option<String>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Lfs {
+    sha256: String,
+}
+
+impl Sibling {
+    /// The name of its blob in the cache: the ETag the hub gives it, an LFS file's SHA-256, else
+    /// the git blob id.
+    fn blob(&self) -> Option<&str> {
+        self.lfs
+            .as_ref()
+            .map(|l| l.sha256.as_str())
+            .or(self.blob_id.as_deref())
+            .filter(|b| !b.is_empty() && b.chars().all(|c| c.is_ascii_hexdigit()))
+    }
+}
+
+fn listing(r: &hf_hub::api::sync::ApiRepo) -> Result<Listing, ApiError> {
+    let response = r
+        .info_request()
+        .query("blobs", "true")
+        .call()
+        .map_err(Box::new)?;
+    Ok(response.into_json()?)
+}
+
+/// The snapshot's entry for `file`, pointing at its blob as `huggingface_hub` lays it out
+/// (`snapshots/<commit>/<file>` → `../../blobs/<id>`).
+fn link_blob(blob: &Path, entry: &Path, file: &str) -> std::io::Result<()> {
+    if let Some(parent) = entry.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    #[cfg(unix)]
+    {
+        let up = "../".repeat(Path::new(file).components().count() + 1);
+        let name = blob.file_name().expect("a blob path ends in its id");
+        std::os::unix::fs::symlink(Path::new(&up).join("blobs").join(name), entry)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        std::fs::copy(blob, entry).map(|_| ())
     }
 }
 

@@ -1,5 +1,5 @@
 //! CLIP as FLUX.1-dev ships it, where the tiny fixture differs: a `tokenizer/` with only vocab.json
-//! + merges.txt, read by transformers 4's slow `CLIPTokenizer` (the class its model_index.json
+//! and merges.txt, read by transformers 4's slow `CLIPTokenizer` (the class its model_index.json
 //! names), on CJK and unusual Unicode; and the text encoder config's `eos_token_id: 2`, which makes
 //! transformers pool at argmax(input_ids). References made by scripts/fixtures/make_clip_fixtures.py.
 

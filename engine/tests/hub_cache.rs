@@ -50,6 +50,11 @@ struct FakeHub {
 
 impl FakeHub {
     fn start(files: BTreeMap<String, Vec<u8>>) -> Self {
+        Self::at(COMMIT, files)
+    }
+
+    /// The hub with `files` as the revision `commit` of the repository.
+    fn at(commit: &'static str, files: BTreeMap<String, Vec<u8>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -57,7 +62,7 @@ impl FakeHub {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
-                serve(stream, &files, &log);
+                serve(stream, commit, &files, &log);
             }
         });
         Self { url, requests }
@@ -76,7 +81,12 @@ impl FakeHub {
     }
 }
 
-fn serve(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, log: &Mutex<Vec<String>>) {
+fn serve(
+    mut stream: TcpStream,
+    commit: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+    log: &Mutex<Vec<String>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -96,12 +106,14 @@ fn serve(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, log: &Mutex<V
     log.lock()
         .unwrap()
         .push(format!("{path} {}", range.clone().unwrap_or_default()));
-    let (status, headers, body) = if path == format!("/api/models/{REPO}/revision/main") {
+    let (status, headers, body) = if path == format!("/api/models/{REPO}/revision/main?blobs=true")
+    {
+        // As the hub lists with `?blobs=true`: every file here as if stored with LFS.
         let siblings: Vec<_> = files
-            .keys()
-            .map(|f| serde_json::json!({ "rfilename": f }))
+            .iter()
+            .map(|(f, b)| serde_json::json!({ "rfilename": f, "lfs": { "sha256": etag(b) } }))
             .collect();
-        let body = serde_json::json!({ "sha": COMMIT, "siblings": siblings }).to_string();
+        let body = serde_json::json!({ "sha": commit, "siblings": siblings }).to_string();
         ("200 OK", String::new(), body.into_bytes())
     } else if let Some(bytes) = path
         .strip_prefix(&format!("/{REPO}/resolve/main/"))
@@ -118,7 +130,7 @@ fn serve(mut stream: TcpStream, files: &BTreeMap<String, Vec<u8>>, log: &Mutex<V
             _ => bytes.len(),
         };
         let headers = format!(
-            "ETag: \"{}\"\r\nX-Repo-Commit: {COMMIT}\r\nContent-Range: bytes {from}-{}/{}\r\n",
+            "ETag: \"{}\"\r\nX-Repo-Commit: {commit}\r\nContent-Range: bytes {from}-{}/{}\r\n",
             etag(bytes),
             to.max(1) - 1,
             bytes.len()
@@ -330,5 +342,34 @@ fn a_transformer_file_with_a_hub_source_downloads_no_transformer_weights() {
     assert!(
         !options().is_ready_in(&hub),
         "without the file it lacks the weights"
+    );
+}
+
+#[test]
+fn a_new_revision_downloads_only_the_files_that_changed() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut files = files_of(&tiny_dev());
+    let first = FakeHub::start(files.clone());
+    load(&options(), &hub(&first.url, cache.path())).unwrap();
+
+    const NEXT: &str = "89abcdef0123456789abcdef0123456789abcdef";
+    let changed = "scheduler/scheduler_config.json";
+    files.get_mut(changed).unwrap().extend_from_slice(b"\n");
+    let next = FakeHub::at(NEXT, files);
+    let hub = hub(&next.url, cache.path());
+    load(&options(), &hub).unwrap();
+    let fetched = next.file_requests();
+    assert_eq!(
+        fetched,
+        [format!("/{REPO}/resolve/main/{changed} bytes=0-")]
+    );
+    let repo = cache.path().join("models--studio-tests--tiny-flux-dev");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        NEXT
+    );
+    assert_eq!(
+        hub.cached_snapshot(REPO),
+        Some(repo.join("snapshots").join(NEXT))
     );
 }
