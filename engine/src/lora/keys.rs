@@ -333,13 +333,15 @@ mod tests {
             (k.1.as_str(), k.3, k.4),
             ("double_blocks.1.txt_attn.qkv", Role::Up, Format::XLabs)
         );
-        for t5 in [
+        for te in [
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
             "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
             "lora_te3_encoder_block_0_layer_0_SelfAttention_q.alpha",
             "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight",
             "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
         ] {
-            assert!(matches!(parse(t5), Some(Key::TextEncoder { .. })), "{t5}");
+            assert!(matches!(parse(te), Some(Key::TextEncoder { .. })), "{te}");
         }
         assert_eq!(
             parse("diffusion_model.img_in.diff_b"),
