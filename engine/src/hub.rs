@@ -1,8 +1,12 @@
 //! Getting model files: a local folder or file as it is, or a Hugging Face hub repository
-//! downloaded (with progress) into the hub cache. Errors say what the user can do.
+//! through the hub cache (`$HF_HOME/hub`, the layout `huggingface_hub` and `hf-hub` share:
+//! `models--owner--name/{refs/main, snapshots/<commit>/<file>, blobs/}`). A file of the
+//! repository's current revision that is already in the cache is used as it is; a missing one is
+//! downloaded with progress (resuming a partial download). Offline (`HF_HUB_OFFLINE=1`, or the
+//! hub unreachable) a complete cached snapshot is used. Errors say what the user can do.
 
 use anyhow::{anyhow, Context, Result};
-use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::api::Progress;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -63,6 +67,295 @@ impl Source {
     }
 }
 
+/// What a model needs of a hub repository.
+pub struct Wanted<'a> {
+    /// Which of the repository's files to fetch.
+    pub file: &'a dyn Fn(&str) -> bool,
+    /// What a snapshot folder still lacks to be loadable (paths relative to it); empty when
+    /// complete. Offline, this is what tells a complete cached snapshot from a partial one.
+    pub missing: &'a dyn Fn(&Path) -> Vec<String>,
+}
+
+/// The hub and its local cache, as `huggingface_hub` configures them from the environment.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    /// The hub's address (`HF_ENDPOINT`; https://huggingface.co by default).
+    pub endpoint: String,
+    /// The cache folder (`$HF_HOME/hub`; `~/.cache/huggingface/hub` by default).
+    pub cache_dir: PathBuf,
+    pub token: Option<String>,
+    /// Never ask the hub, use only the cache (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+}
+
+impl Hub {
+    /// `HF_ENDPOINT`, `HF_HOME`, `HF_HUB_OFFLINE` and the token (`HF_TOKEN`, else the one
+    /// `huggingface-cli login` saved in `$HF_HOME/token`).
+    pub fn from_env() -> Self {
+        let cache = hf_hub::Cache::from_env();
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+            ["1", "ON", "YES", "TRUE"].contains(&v.trim().to_ascii_uppercase().as_str())
+        });
+        Self {
+            endpoint: std::env::var("HF_ENDPOINT")
+                .unwrap_or_else(|_| "https://huggingface.co".to_string()),
+            token: hf_token().or_else(|| cache.token()),
+            cache_dir: cache.path().clone(),
+            offline,
+        }
+    }
+
+    fn api(&self) -> Result<Api> {
+        ApiBuilder::from_cache(hf_hub::Cache::new(self.cache_dir.clone()))
+            .with_endpoint(self.endpoint.clone())
+            .with_token(self.token.clone())
+            .with_progress(false)
+            .build()
+            .context("setting up the Hugging Face hub client")
+    }
+
+    fn cache(&self, repo: &str) -> hf_hub::CacheRepo {
+        hf_hub::Cache::new(self.cache_dir.clone()).model(repo.to_string())
+    }
+
+    /// The repository's folder in the cache.
+    pub fn repo_dir(&self, repo: &str) -> PathBuf {
+        self.cache_dir
+            .join(hf_hub::Repo::model(repo.to_string()).folder_name())
+    }
+
+    /// The cached snapshot `refs/main` points at, if there is one (no network).
+    pub fn cached_snapshot(&self, repo: &str) -> Option<PathBuf> {
+        let dir = self.repo_dir(repo);
+        let commit = std::fs::read_to_string(dir.join("refs").join("main")).ok()?;
+        let snapshot = dir.join("snapshots").join(commit.trim());
+        snapshot.is_dir().then_some(snapshot)
+    }
+
+    /// `file` of `repo` in the cache, if it is there (no network).
+    pub fn cached_file(&self, repo: &str, file: &str) -> Option<PathBuf> {
+        self.cache(repo).get(file).filter(|p| p.is_file())
+    }
+
+    /// The snapshot folder of `repo` holding every file `wanted` names: the cached files of the
+    /// hub's current revision as they are, the others downloaded. Without the hub, the cached
+    /// snapshot when `wanted.missing` finds it complete.
+    pub fn snapshot(&self, repo: &str, wanted: &Wanted, on: ProgressFn) -> Result<PathBuf> {
+        if self.offline {
+            return self.offline_snapshot(repo, wanted, "HF_HUB_OFFLINE is set");
+        }
+        let api = self.api()?;
+        let r = api.model(repo.to_string());
+        let info = match listing(&r) {
+            Ok(info) => info,
+            Err(e) => {
+                let err = explain(repo, "", e);
+                return match self.offline_snapshot(repo, wanted, &format!("{err:#}")) {
+                    Ok(dir) => {
+                        tracing::warn!(
+                            "{err:#}: using the cached copy of {repo} at {}",
+                            dir.display()
+                        );
+                        Ok(dir)
+                    }
+                    // Not cached at all: the hub's own answer says what to do.
+                    Err(_) if self.cached_snapshot(repo).is_none() => Err(err),
+                    Err(offline) => Err(offline),
+                };
+            }
+        };
+        let dir = self.repo_dir(repo).join("snapshots").join(&info.sha);
+        let files: Vec<Sibling> = info
+            .siblings
+            .into_iter()
+            .filter(|s| (wanted.file)(&s.rfilename))
+            .collect();
+        anyhow::ensure!(
+            !files.is_empty(),
+            "{repo} has none of the files the studio needs"
+        );
+        for (i, sibling) in files.iter().enumerate() {
+            let f = &sibling.rfilename;
+            let expected = dir.join(f);
+            if expected.is_file() {
+                continue;
+            }
+            // A file unchanged since a revision already cached: its blob is there, by content hash.
+            if let Some(blob) = sibling.blob() {
+                let blob_path = self.repo_dir(repo).join("blobs").join(blob);
+                if blob_path.is_file() {
+                    link_blob(&blob_path, &expected, f)
+                        .with_context(|| format!("linking {}", expected.display()))?;
+                    continue;
+                }
+            }
+            let reporter = Reporter {
+                state: DownloadProgress {
+                    files_done: i,
+                    files_total: files.len(),
+                    ..Default::default()
+                },
+                on: on.clone(),
+            };
+            let path = r
+                .download_with_progress(f, reporter)
+                .map_err(|e| explain(repo, f, e))?;
+            anyhow::ensure!(
+                path == expected,
+                "{repo} changed while its files were downloaded (now {}): load it again",
+                path.display()
+            );
+        }
+        // Every file may have come from the cache: `refs/main` still says which revision is current.
+        self.cache(repo)
+            .create_ref(&info.sha)
+            .with_context(|| format!("writing {}", self.repo_dir(repo).display()))?;
+        on(&DownloadProgress {
+            files_done: files.len(),
+            files_total: files.len(),
+            ..Default::default()
+        });
+        let missing = (wanted.missing)(&dir);
+        anyhow::ensure!(
+            missing.is_empty(),
+            "{repo} (revision {}) lacks {}",
+            info.sha,
+            list(&missing)
+        );
+        Ok(dir)
+    }
+
+    /// The cached snapshot, when complete; `why` says why the hub is not asked.
+    fn offline_snapshot(&self, repo: &str, wanted: &Wanted, why: &str) -> Result<PathBuf> {
+        let dir = self.cached_snapshot(repo).with_context(|| {
+            format!(
+                "{repo} is not in the Hugging Face cache ({}) and the hub cannot be asked ({why}): connect to the hub once to download it",
+                self.repo_dir(repo).display()
+            )
+        })?;
+        let missing = (wanted.missing)(&dir);
+        anyhow::ensure!(
+            missing.is_empty(),
+            "the cached copy of {repo} ({}) is incomplete: it lacks {}, and the hub cannot be asked ({why}): connect to the hub to download the rest",
+            dir.display(),
+            list(&missing)
+        );
+        Ok(dir)
+    }
+
+    /// One file of a hub repository (a LoRA, say): the cached one, else downloaded.
+    pub fn file(&self, repo: &str, name: &str, on: ProgressFn) -> Result<PathBuf> {
+        if let Some(path) = self.cached_file(repo, name) {
+            return Ok(path);
+        }
+        anyhow::ensure!(
+            !self.offline,
+            "{repo}/{name} is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
+            self.repo_dir(repo).display()
+        );
+        let reporter = Reporter {
+            state: DownloadProgress {
+                files_total: 1,
+                ..Default::default()
+            },
+            on,
+        };
+        self.api()?
+            .model(repo.to_string())
+            .download_with_progress(name, reporter)
+            .map_err(|e| explain(repo, name, e))
+    }
+
+    /// The file names of a hub repository.
+    pub fn repo_files(&self, repo: &str) -> Result<Vec<String>> {
+        anyhow::ensure!(
+            !self.offline,
+            "listing the files of {repo} needs the hub, and HF_HUB_OFFLINE is set: name the file (owner/repo:file.safetensors)"
+        );
+        let info = self
+            .api()?
+            .model(repo.to_string())
+            .info()
+            .map_err(|e| explain(repo, "", e))?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+}
+
+/// The repository's listing with each file's blob id (`?blobs=true`, as `huggingface_hub` asks).
+#[derive(Debug, serde::Deserialize)]
+struct Listing {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+    #[serde(rename = "blobId")]
+    blob_id: Option<String>,
+    lfs: Option<Lfs>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Lfs {
+    sha256: String,
+}
+
+impl Sibling {
+    /// The name of its blob in the cache: the ETag the hub gives it, an LFS file's SHA-256, else
+    /// the git blob id.
+    fn blob(&self) -> Option<&str> {
+        self.lfs
+            .as_ref()
+            .map(|l| l.sha256.as_str())
+            .or(self.blob_id.as_deref())
+            .filter(|b| !b.is_empty() && b.chars().all(|c| c.is_ascii_hexdigit()))
+    }
+}
+
+fn listing(r: &hf_hub::api::sync::ApiRepo) -> Result<Listing, ApiError> {
+    let response = r
+        .info_request()
+        .query("blobs", "true")
+        .call()
+        .map_err(Box::new)?;
+    Ok(response.into_json()?)
+}
+
+/// The snapshot's entry for `file`, pointing at its blob as `huggingface_hub` lays it out
+/// (`snapshots/<commit>/<file>` → `../../blobs/<id>`).
+fn link_blob(blob: &Path, entry: &Path, file: &str) -> std::io::Result<()> {
+    if let Some(parent) = entry.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    #[cfg(unix)]
+    {
+        let up = "../".repeat(Path::new(file).components().count() + 1);
+        let name = blob.file_name().expect("a blob path ends in its id");
+        std::os::unix::fs::symlink(Path::new(&up).join("blobs").join(name), entry)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        std::fs::copy(blob, entry).map(|_| ())
+    }
+}
+
+/// At most a few names, and how many more.
+fn list(names: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s += &format!(" and {} more", names.len() - SHOWN);
+    }
+    s
+}
+
 struct Reporter {
     state: DownloadProgress,
     on: ProgressFn,
@@ -115,53 +408,6 @@ fn explain(repo: &str, file: &str, err: ApiError) -> anyhow::Error {
     anyhow!("downloading {repo}/{file}: {err}")
 }
 
-/// Downloads the files of `repo` for which `wanted` holds (resuming into the hub cache) and
-/// returns the local snapshot folder.
-pub fn snapshot(repo: &str, wanted: &dyn Fn(&str) -> bool, on: ProgressFn) -> Result<PathBuf> {
-    let api = ApiBuilder::from_env()
-        .with_token(hf_token())
-        .with_progress(false)
-        .build()
-        .context("setting up the Hugging Face hub client")?;
-    let r = api.model(repo.to_string());
-    let info = r.info().map_err(|e| explain(repo, "", e))?;
-    let files: Vec<String> = info
-        .siblings
-        .into_iter()
-        .map(|s| s.rfilename)
-        .filter(|f| wanted(f))
-        .collect();
-    anyhow::ensure!(
-        !files.is_empty(),
-        "{repo} has none of the files the studio needs"
-    );
-    let mut root = None;
-    for (i, f) in files.iter().enumerate() {
-        let reporter = Reporter {
-            state: DownloadProgress {
-                files_done: i,
-                files_total: files.len(),
-                ..Default::default()
-            },
-            on: on.clone(),
-        };
-        let path = r
-            .download_with_progress(f, reporter)
-            .map_err(|e| explain(repo, f, e))?;
-        // The snapshot root is the downloaded path less the file's own relative path.
-        if root.is_none() {
-            let depth = Path::new(f).components().count();
-            root = path.ancestors().nth(depth).map(Path::to_path_buf);
-        }
-    }
-    on(&DownloadProgress {
-        files_done: files.len(),
-        files_total: files.len(),
-        ..Default::default()
-    });
-    root.context("no file was downloaded")
-}
-
 /// Whether `file` of `repo` is already in the local hub cache (no network).
 pub fn is_cached(repo: &str, file: &str) -> bool {
     cached_file(repo, file).is_some()
@@ -169,40 +415,17 @@ pub fn is_cached(repo: &str, file: &str) -> bool {
 
 /// `file` of `repo` in the local hub cache, if it is there (no network).
 pub fn cached_file(repo: &str, file: &str) -> Option<PathBuf> {
-    hf_hub::Cache::from_env().model(repo.to_string()).get(file)
+    Hub::from_env().cached_file(repo, file)
 }
 
 /// The file names of a hub repository.
 pub fn repo_files(repo: &str) -> Result<Vec<String>> {
-    let api = ApiBuilder::from_env()
-        .with_token(hf_token())
-        .with_progress(false)
-        .build()
-        .context("setting up the Hugging Face hub client")?;
-    let info = api
-        .model(repo.to_string())
-        .info()
-        .map_err(|e| explain(repo, "", e))?;
-    Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    Hub::from_env().repo_files(repo)
 }
 
-/// One file of a hub repository (a LoRA, say).
+/// One file of a hub repository (a LoRA, say), from the cache when it is there.
 pub fn file(repo: &str, name: &str, on: ProgressFn) -> Result<PathBuf> {
-    let api = ApiBuilder::from_env()
-        .with_token(hf_token())
-        .with_progress(false)
-        .build()
-        .context("setting up the Hugging Face hub client")?;
-    let reporter = Reporter {
-        state: DownloadProgress {
-            files_total: 1,
-            ..Default::default()
-        },
-        on,
-    };
-    api.model(repo.to_string())
-        .download_with_progress(name, reporter)
-        .map_err(|e| explain(repo, name, e))
+    Hub::from_env().file(repo, name, on)
 }
 
 #[cfg(test)]

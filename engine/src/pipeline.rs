@@ -1,7 +1,7 @@
 //! Text to image with FLUX: encode the prompt, denoise seeded noise with Euler steps along the
 //! flow-matching schedule, decode. One code path for the command line and the server.
 
-use crate::hub::{self, ProgressFn, Source};
+use crate::hub::{Hub, ProgressFn, Source, Wanted};
 use crate::lora::LoraFile;
 use crate::models::autoencoder::Autoencoder;
 use crate::models::codec::ImageCodec;
@@ -97,6 +97,84 @@ impl LoadOptions {
             kernels: Kernels::default(),
         }
     }
+}
+
+impl LoadOptions {
+    /// Whether loading would find every file it reads on this machine: the folder, or the cached
+    /// snapshot of the hub repository, is complete. No network.
+    pub fn is_ready(&self) -> bool {
+        self.is_ready_in(&Hub::from_env())
+    }
+
+    /// [`Self::is_ready`] with this hub cache.
+    pub fn is_ready_in(&self, hub: &Hub) -> bool {
+        let dir = match &self.source {
+            Source::Local(dir) => Some(dir.clone()),
+            Source::Hub(repo) => hub.cached_snapshot(repo),
+        };
+        dir.is_some_and(|d| missing_files(&d, self.transformer_file.is_some()).is_empty())
+    }
+
+    /// The snapshot folder of a hub repository with the files these options load.
+    fn snapshot(&self, hub: &Hub, repo: &str, progress: ProgressFn) -> Result<PathBuf> {
+        let own_transformer = self.transformer_file.is_some();
+        // With a transformer file, the folder's `transformer/` weights are not read: only its config.
+        let file = |f: &str| {
+            crate::presets::is_needed_file(f)
+                && !(own_transformer
+                    && f.starts_with("transformer/")
+                    && f != "transformer/config.json")
+        };
+        let missing = |dir: &Path| missing_files(dir, own_transformer);
+        hub.snapshot(
+            repo,
+            &Wanted {
+                file: &file,
+                missing: &missing,
+            },
+            progress,
+        )
+    }
+}
+
+/// The files loading a diffusers FLUX folder reads that are not there, relative to it (empty when
+/// it is complete). `own_transformer`: a transformer file is given, the folder's weights are not
+/// read.
+pub fn missing_files(dir: &Path, own_transformer: bool) -> Vec<String> {
+    let index: ModelIndex = match read_json(&dir.join("model_index.json"))
+        .and_then(|j| Ok(serde_json::from_value(j)?))
+    {
+        Ok(index) => index,
+        Err(_) => return vec!["model_index.json".into()],
+    };
+    let mut missing = Vec::new();
+    let mut need = |rel: &str| {
+        if !dir.join(rel).is_file() {
+            missing.push(rel.to_string());
+        }
+    };
+    need("scheduler/scheduler_config.json");
+    let mut weights = vec!["vae", "text_encoder", "text_encoder_2"];
+    if index.class_name == PIXEL_FLUX_CLASS {
+        // Its text encoder (MiniLM) is installed apart from the model.
+        weights.clear();
+    } else {
+        need("tokenizer_2/tokenizer.json");
+        if !dir.join("tokenizer/tokenizer.json").is_file() {
+            need("tokenizer/vocab.json");
+            need("tokenizer/merges.txt");
+        }
+    }
+    if !own_transformer {
+        weights.push("transformer");
+    }
+    for part in weights {
+        need(&format!("{part}/config.json"));
+        for f in crate::weights::missing_safetensors(&dir.join(part)) {
+            need(&format!("{part}/{f}"));
+        }
+    }
+    missing
 }
 
 /// `_class_name` in the `model_index.json` of the built-in model: FLUX's transformer on pixels,
@@ -195,11 +273,22 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 impl FluxPipeline {
-    /// Resolves the source (downloading from the hub if needed) and loads every component.
+    /// Resolves the source (from the hub cache, downloading what it lacks) and loads every
+    /// component.
     pub fn load(opts: &LoadOptions, device: &Device, progress: ProgressFn) -> Result<Self> {
+        Self::load_from(opts, &Hub::from_env(), device, progress)
+    }
+
+    /// [`Self::load`] with this hub and cache.
+    pub fn load_from(
+        opts: &LoadOptions,
+        hub: &Hub,
+        device: &Device,
+        progress: ProgressFn,
+    ) -> Result<Self> {
         let dir = match &opts.source {
             Source::Local(p) => p.clone(),
-            Source::Hub(repo) => hub::snapshot(repo, &crate::presets::is_needed_file, progress)?,
+            Source::Hub(repo) => opts.snapshot(hub, repo, progress)?,
         };
         Self::load_dir(&dir, opts, device)
     }

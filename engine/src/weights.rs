@@ -55,6 +55,47 @@ pub fn safetensors_files(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The safetensors files a model folder lacks (names relative to it): the shards its
+/// `*.safetensors.index.json` lists that are not there, or `*.safetensors` when it has neither an
+/// index nor a file.
+pub fn missing_safetensors(dir: &Path) -> Vec<String> {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if let Some(index) = names
+        .iter()
+        .find(|n| n.ends_with(".safetensors.index.json"))
+    {
+        let json: serde_json::Value = match std::fs::read(dir.join(index))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(json) => json,
+            None => return vec![index.clone()],
+        };
+        let mut shards: Vec<String> = json["weight_map"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_str())
+            .filter(|f| !dir.join(f).is_file())
+            .map(str::to_string)
+            .collect();
+        shards.sort();
+        shards.dedup();
+        return shards;
+    }
+    if names.iter().any(|n| n.ends_with(".safetensors")) {
+        Vec::new()
+    } else {
+        vec!["*.safetensors".into()]
+    }
+}
+
 /// Memory-maps the checkpoint; tensors are converted to `dtype` on `device` as they are read.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let files = safetensors_files(path)?;

@@ -104,6 +104,52 @@ fn text_encoder_modules_are_reported_by_name() {
     );
 }
 
+/// Files with keys beside the transformer's adapters, as trainers write them: kohya's T5 adapters
+/// (`lora_te3_`), ComfyUI's T5 adapters and norm/bias differences, a linear weight's `.diff`.
+/// Reported by name where not applied, never a refusal; the output is diffusers' (or, for the
+/// `.diff` diffusers refuses, the base weight plus the difference, as ComfyUI applies it).
+#[test]
+fn text_encoder_adapters_and_differences_are_applied_or_reported_never_refused() {
+    let model = model();
+    let want = expected();
+    let dir = lora_dir();
+    let extra: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("reference_extras.safetensors"), &Device::Cpu)
+            .unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference_extras.json")).unwrap()).unwrap();
+    let cases = cases["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 3);
+    for (name, case) in cases {
+        let file = open(name);
+        assert_eq!(
+            file.format.name(),
+            case["format"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            file.modules.len() as u64,
+            case["modules"].as_u64().unwrap(),
+            "{name}: modules"
+        );
+        let mut skipped = file.skipped.clone();
+        skipped.sort();
+        let want_skipped: Vec<&str> = case["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(skipped, want_skipped, "{name}: reported by name");
+        lora::apply(&model, &[(&file, 1.0)]).unwrap();
+        let reference = case["reference"].as_str().unwrap();
+        let target = extra.get(reference).unwrap_or_else(|| &want[reference]);
+        assert_close(name, &forward(&model), target, TOL);
+    }
+    lora::apply(&model, &[]).unwrap();
+    assert_close("cleared", &forward(&model), &want["base"], TOL);
+}
+
 #[test]
 fn stacked_loras_with_their_own_scales() {
     let model = model();

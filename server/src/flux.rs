@@ -236,7 +236,7 @@ impl Resident {
         }
         let on_disk = match (&p.source, p.source.to_source()) {
             _ if self.local_dir(p).is_some() => true,
-            (PresetSource::Hub(repo), _) => engine::hub::is_cached(repo, "model_index.json"),
+            (PresetSource::Hub(_), _) => engine::pipeline::LoadOptions::from_preset(p).is_ready(),
             (_, Source::Local(dir)) => dir.join("model_index.json").is_file(),
             (_, Source::Hub(_)) => false,
         };
@@ -328,7 +328,7 @@ pub(crate) fn auto_preset(device: &Device, local: bool) -> &'static Preset {
 
 fn flux_dev_obtainable(dev: &Preset) -> bool {
     let cached = match &dev.source {
-        PresetSource::Hub(repo) => engine::hub::is_cached(repo, "model_index.json"),
+        PresetSource::Hub(_) => engine::pipeline::LoadOptions::from_preset(dev).is_ready(),
         PresetSource::Bundled(_) => true,
     };
     cached || engine::hub::hf_token().is_some()

@@ -30,8 +30,9 @@ pub struct Module {
 pub struct LoraFile {
     pub format: Format,
     pub modules: Vec<Module>,
-    /// Text-encoder adapters in the file, which the studio does not apply (its CLIP and T5 are
-    /// not adapter-aware): reported, never silently dropped.
+    /// What the file holds that the studio does not apply, by name: text-encoder adapters (its
+    /// CLIP and T5 are not adapter-aware) and differences of biases and norm scales (only linear
+    /// weights take adapters). Reported, never silently dropped; diffusers skips the same.
     pub skipped: Vec<String>,
 }
 
@@ -77,6 +78,7 @@ impl LoraFile {
         let peft = PeftConfig::from_metadata(metadata)?;
         let mut partial: BTreeMap<String, Partial> = BTreeMap::new();
         let mut skipped = Vec::new();
+        let mut differences = Vec::new();
         let mut formats: BTreeMap<&'static str, (Format, usize)> = BTreeMap::new();
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -110,8 +112,21 @@ impl LoraFile {
                         Role::Alpha => p.alpha = Some(scalar(tensor).with_context(|| format!("`{name}`"))?),
                     }
                 }
+                Some(Key::Difference {
+                    layer,
+                    scheme,
+                    bias,
+                }) => {
+                    if bias || tensor.rank() != 2 {
+                        skipped.push(name.clone());
+                    } else {
+                        let f = format_of(&scheme);
+                        formats.entry(f.name()).or_insert((f, 0)).1 += 1;
+                        differences.push((name.clone(), layer, scheme, tensor.clone()));
+                    }
+                }
                 None => bail!(
-                    "cannot place the LoRA key `{name}`: it is not a FLUX LoRA matrix in any layout the studio knows (kohya, ComfyUI, diffusers/PEFT, XLabs, BFL); DoRA, LoHa, LoKr and bias or norm differences are not supported"
+                    "cannot place the LoRA key `{name}`: it is not a FLUX LoRA matrix in any layout the studio knows (kohya, ComfyUI, diffusers/PEFT, XLabs, BFL); DoRA, LoHa and LoKr are not supported"
                 ),
             }
         }
@@ -122,13 +137,28 @@ impl LoraFile {
                     String::new()
                 } else {
                     format!(
-                        " (only {} text-encoder modules, which the studio does not apply)",
-                        skipped.len()
+                        " (only {} entries the studio does not apply: text-encoder adapters or bias and norm differences, such as `{}`)",
+                        skipped.len(),
+                        skipped[0]
                     )
                 }
             );
         };
-        let mut modules = Vec::with_capacity(partial.len());
+        let mut modules = Vec::with_capacity(partial.len() + differences.len());
+        // A linear weight's whole difference is an adapter of full rank: the identity down, the
+        // difference up (merged into the weight like any adapter, so it costs no extra compute).
+        for (key, layer, scheme, diff) in differences {
+            let (_, in_f) = diff.dims2()?;
+            modules.push(Module {
+                key,
+                layer,
+                scheme,
+                rows: Rows::All,
+                down: Tensor::eye(in_f, dtype, device)?,
+                up: diff.to_device(device)?.to_dtype(dtype)?,
+                scale: 1.0,
+            });
+        }
         for (key, p) in partial {
             let (Some((_, down)), Some((_, up))) = (&p.down, &p.up) else {
                 let present = p
@@ -181,6 +211,15 @@ impl LoraFile {
             modules,
             skipped,
         })
+    }
+}
+
+/// The layout a difference's name is in, when it is the only kind of key telling.
+fn format_of(scheme: &Scheme) -> Format {
+    match scheme {
+        Scheme::BflFlat | Scheme::DiffusersFlat => Format::Kohya,
+        Scheme::Bfl => Format::ComfyUi,
+        Scheme::Diffusers => Format::Diffusers,
     }
 }
 

@@ -77,16 +77,29 @@ pub enum Key {
     },
     /// A text-encoder (CLIP or T5) adapter: the studio adapts the transformer only.
     TextEncoder { module: String },
+    /// A whole difference a trainer stored beside its adapters (LyCORIS and ComfyUI's `.diff`
+    /// for a weight or a norm's scale, `.diff_b` for a bias), added to the named tensor.
+    Difference {
+        layer: String,
+        scheme: Scheme,
+        /// `.diff_b`: a difference of the layer's bias, not its weight.
+        bias: bool,
+    },
 }
 
-const TEXT_ENCODER_PREFIXES: [&str; 6] = [
-    "lora_te_",
-    "lora_te1_",
-    "lora_te2_",
-    "text_encoder.",
-    "text_encoder_2.",
-    "text_encoders.",
-];
+/// Text-encoder adapters: kohya's `lora_te_`, `lora_te1_` (CLIP), `lora_te2_`, `lora_te3_` (T5,
+/// sd-scripts' networks/lora_flux.py), diffusers' components, ComfyUI's `text_encoders.clip_l.`
+/// and `text_encoders.t5xxl.`.
+fn is_text_encoder(key: &str) -> bool {
+    if let Some(rest) = key.strip_prefix("lora_te") {
+        return rest
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .starts_with('_');
+    }
+    ["text_encoder.", "text_encoder_2.", "text_encoders."]
+        .iter()
+        .any(|p| key.starts_with(p))
+}
 
 /// Prefixes in front of a layer name that say nothing about it.
 const CONTAINER_PREFIXES: [&str; 4] = [
@@ -109,9 +122,28 @@ const BFL_TOP_LEVEL: [&str; 8] = [
 
 /// Reads one key; `None` for a key no FLUX LoRA layout has (the caller names it in its error).
 pub fn parse(key: &str) -> Option<Key> {
-    if TEXT_ENCODER_PREFIXES.iter().any(|p| key.starts_with(p)) {
+    if is_text_encoder(key) {
         return Some(Key::TextEncoder {
-            module: module_stem(key).unwrap_or(key).to_string(),
+            module: module_stem(key)
+                .or_else(|| difference_stem(key).map(|(m, _)| m))
+                .unwrap_or(key)
+                .to_string(),
+        });
+    }
+    if let Some((module, bias)) = difference_stem(key) {
+        let (layer, scheme) = if let Some(flat) = module.strip_prefix("lora_unet_") {
+            (flat, Scheme::BflFlat)
+        } else if let Some(flat) = module.strip_prefix("lora_transformer_") {
+            (flat, Scheme::DiffusersFlat)
+        } else {
+            let layer = strip_containers(module);
+            let bfl = BFL_TOP_LEVEL.iter().any(|p| layer.starts_with(p));
+            (layer, if bfl { Scheme::Bfl } else { Scheme::Diffusers })
+        };
+        return Some(Key::Difference {
+            layer: layer.to_string(),
+            scheme,
+            bias,
         });
     }
     if let Some(rest) = key.strip_prefix("lora_unet_") {
@@ -124,10 +156,7 @@ pub fn parse(key: &str) -> Option<Key> {
         return xlabs(key);
     }
     let (module, role, kohya_matrices) = split_role(key)?;
-    let mut layer = module;
-    while let Some(p) = CONTAINER_PREFIXES.iter().find(|p| layer.starts_with(*p)) {
-        layer = &layer[p.len()..];
-    }
+    let layer = strip_containers(module);
     let bfl = BFL_TOP_LEVEL.iter().any(|p| layer.starts_with(p));
     let format = match (bfl, kohya_matrices) {
         (true, true) => Format::ComfyUi,
@@ -159,6 +188,24 @@ fn split_role(key: &str) -> Option<(&str, Role, bool)> {
     SUFFIXES
         .iter()
         .find_map(|(s, role, k)| key.strip_suffix(s).map(|m| (m, *role, *k)))
+}
+
+fn strip_containers(mut layer: &str) -> &str {
+    while let Some(p) = CONTAINER_PREFIXES.iter().find(|p| layer.starts_with(*p)) {
+        layer = &layer[p.len()..];
+    }
+    layer
+}
+
+/// `(the tensor's name, whether it is a bias)` of a `.diff` / `.diff_b` key. ComfyUI names the
+/// tensor (`img_in.weight.diff`, `...key_norm.scale.diff`) or only the layer (`img_in.diff`).
+fn difference_stem(key: &str) -> Option<(&str, bool)> {
+    let (stem, bias) = if let Some(s) = key.strip_suffix(".diff_b") {
+        (s, true)
+    } else {
+        (key.strip_suffix(".diff")?, false)
+    };
+    Some((stem.strip_suffix(".weight").unwrap_or(stem), bias))
 }
 
 fn module_stem(key: &str) -> Option<&str> {
@@ -285,6 +332,32 @@ mod tests {
         assert_eq!(
             (k.1.as_str(), k.3, k.4),
             ("double_blocks.1.txt_attn.qkv", Role::Up, Format::XLabs)
+        );
+        for te in [
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+            "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
+            "lora_te3_encoder_block_0_layer_0_SelfAttention_q.alpha",
+            "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight",
+            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+        ] {
+            assert!(matches!(parse(te), Some(Key::TextEncoder { .. })), "{te}");
+        }
+        assert_eq!(
+            parse("diffusion_model.img_in.diff_b"),
+            Some(Key::Difference {
+                layer: "img_in".into(),
+                scheme: Scheme::Bfl,
+                bias: true
+            })
+        );
+        assert_eq!(
+            parse("lora_unet_double_blocks_0_img_attn_proj.diff"),
+            Some(Key::Difference {
+                layer: "double_blocks_0_img_attn_proj".into(),
+                scheme: Scheme::BflFlat,
+                bias: false
+            })
         );
         assert_eq!(
             parse("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"),

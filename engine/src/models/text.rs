@@ -7,7 +7,7 @@ use candle_transformers::models::{clip::text_model as clip, t5};
 use std::path::Path;
 use tokenizers::{
     models::bpe::BPE,
-    normalizers::{self, replace::ReplacePattern, Lowercase, Replace, NFC},
+    normalizers::{self, replace::ReplacePattern, BertNormalizer, Lowercase, Replace, NFC},
     pre_tokenizers::{
         byte_level::ByteLevel,
         sequence::Sequence,
@@ -189,8 +189,9 @@ impl ClipEncoder {
 }
 
 /// CLIP's tokenizer from `tokenizer.json`, or, for repos that ship only the slow tokenizer's
-/// `vocab.json` + `merges.txt` (FLUX.1-dev's `tokenizer/`), built the way transformers
-/// converts it: lower-cased, CLIP's word split, byte-level BPE with `</w>` word ends.
+/// `vocab.json` + `merges.txt` (FLUX.1-dev's `tokenizer/`, whose model_index.json names the slow
+/// `CLIPTokenizer`), built to give that tokenizer's ids: BERT's text cleaning, NFC, lower-cased,
+/// CLIP's word split, byte-level BPE with `</w>` word ends.
 pub fn clip_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let json = dir.join("tokenizer.json");
     if json.is_file() {
@@ -214,7 +215,19 @@ pub fn clip_tokenizer(dir: &Path) -> Result<Tokenizer> {
         .map_err(err)?;
     let mut tok = Tokenizer::new(bpe);
     tok.with_normalizer(Some(normalizers::Sequence::new(vec![
+        // The slow CLIPTokenizer (transformers 4, without ftfy) cleans the text with BERT's basic
+        // tokenizer first: control and format characters dropped, Unicode spaces made spaces, CJK
+        // ideographs each a word of their own.
+        BertNormalizer::new(true, true, Some(false), false).into(),
         NFC.into(),
+        // Python's str.lower() writes a capital sigma that ends a word as the final form `ς`;
+        // the Lowercase normalizer maps each character alone.
+        Replace::new(
+            ReplacePattern::Regex(r"(?<=[\p{Lu}\p{Ll}\p{Lt}])Σ(?![\p{Lu}\p{Ll}\p{Lt}])".into()),
+            "ς",
+        )
+        .map_err(err)?
+        .into(),
         Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
             .map_err(err)?
             .into(),

@@ -9,7 +9,10 @@ use crate::ops::{activation, attention, norm, residual, Kernels};
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor, D};
 
-/// Sinusoidal embedding of `t` ∈ [0, 1] (FLUX scales it by 1000 first), `[cos | sin]`.
+/// Sinusoidal embedding of `t` ∈ [0, 1] (FLUX scales it by 1000 first), `[cos | sin]`. As in Black
+/// Forest Labs' and diffusers' code, `t` is cast to the model's dtype and scaled in it (in bf16,
+/// guidance 3.5 becomes 3504, a timestep of 0.7595 becomes 756): the embedding both references
+/// give the model. No change in f32.
 pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::Result<Tensor> {
     const TIME_FACTOR: f64 = 1000.0;
     const MAX_PERIOD: f64 = 10_000.0;
@@ -18,7 +21,11 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::
         .map(|i| (-MAX_PERIOD.ln() * i as f64 / half as f64).exp() as f32)
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = (t.to_dtype(DType::F32)? * TIME_FACTOR)?
+    // The product of a bf16/f16 value and 1000 is exact in f32; rounding it is the dtype's multiply.
+    let t = t.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    let args = (t * TIME_FACTOR)?
+        .to_dtype(dtype)?
+        .to_dtype(DType::F32)?
         .unsqueeze(1)?
         .broadcast_mul(&freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)
