@@ -19,6 +19,7 @@ use crate::store::Store;
 use capability::{Capabilities, GenerationPlan, TrainingSpec};
 use hub::{EventHub, Listener};
 use queue::{GenerationTicket, QueueFull, Queues, TrainingTicket};
+pub use worker::panic_message;
 
 /// What a training job keeps in its `params`: enough to start it again after a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
