@@ -1,46 +1,14 @@
-//! Command line and environment. Every setting is a flag with an environment variable beside it; `.env` in
-//! the working directory is read first (for HF_TOKEN), and values already in the environment win over it.
+//! The server's settings. Every setting is a flag with an environment variable beside it (the command line
+//! in `cli` flattens these); `.env` in the working directory is read first (for HF_TOKEN), and values
+//! already in the environment win over it.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser};
+use engine::classifier::{DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH};
 use engine::device::DeviceChoice;
-
-use crate::classifier::ClassifierArgs;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "studio",
-    version,
-    about = "Self-hosted FLUX image studio: HTTP API, jobs and WebSockets"
-)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// Settings of `serve`, also accepted without the subcommand name (serving is the default).
-    #[command(flatten)]
-    pub serve: ServeConfig,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the HTTP server (the default).
-    Serve(ServeConfig),
-    /// Generate one image from a prompt and write it as PNG.
-    Generate(crate::generate::Args),
-    /// Classify prompts read from stdin, one a line: one JSON line each (the `/classify/` answer plus `prompt`).
-    Classify(crate::classifier::Args),
-}
-
-impl Cli {
-    /// The serve settings, whether or not `serve` was named.
-    pub fn into_command(self) -> Command {
-        self.command.unwrap_or(Command::Serve(self.serve))
-    }
-}
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
@@ -98,19 +66,34 @@ pub struct ServeConfig {
     #[arg(long, env = "STUDIO_SITE_DIR", default_value = "target/site")]
     pub site_dir: PathBuf,
     #[command(flatten)]
-    pub classifier: ClassifierArgs,
+    pub classifier: ClassifierConfig,
+}
+
+/// Where the prompt classifier's two parts come from. The defaults are relative to the working directory, the
+/// repository root when started by `scripts/run`.
+#[derive(Debug, Clone, Args)]
+pub struct ClassifierConfig {
+    /// The sentence encoder: a local folder or a hub id (owner/name[@revision]); `scripts/fetch-models`
+    /// installs the default.
+    #[arg(long, env = "STUDIO_CLASSIFIER_MODEL", default_value = DEFAULT_ENCODER_DIR)]
+    pub classifier_model: String,
+    /// The classifier head trained for that encoder (safetensors, from `train-classifier`).
+    #[arg(long, env = "STUDIO_CLASSIFIER_HEAD", default_value = DEFAULT_HEAD_PATH)]
+    pub classifier_head: PathBuf,
+}
+
+/// The settings alone as a command line, for their defaults.
+#[derive(Parser)]
+#[command(name = "studio")]
+struct SettingsOnly {
+    #[command(flatten)]
+    serve: ServeConfig,
 }
 
 impl ServeConfig {
     /// The defaults, as `studio serve` with no flags and no environment would have them.
     pub fn defaults() -> ServeConfig {
-        let cli = Cli::parse_from(["studio"]);
-        match cli.into_command() {
-            Command::Serve(config) => config,
-            Command::Generate(_) | Command::Classify(_) => {
-                unreachable!("no subcommand was given")
-            }
-        }
+        SettingsOnly::parse_from(["studio"]).serve
     }
 }
 
@@ -201,29 +184,13 @@ mod tests {
     }
 
     #[test]
-    fn serve_is_the_default_command_and_flags_work_without_it() {
-        let cli = Cli::parse_from(["studio", "--port", "9000"]);
-        let Command::Serve(config) = cli.into_command() else {
-            panic!("serve expected")
-        };
-        assert_eq!(config.port, 9000);
-        let cli = Cli::parse_from(["studio", "serve", "--port", "9001"]);
-        let Command::Serve(config) = cli.into_command() else {
-            panic!("serve expected")
-        };
-        assert_eq!(config.port, 9001);
-    }
-
-    #[test]
     fn cors_origins_are_exact_origins_or_any() {
-        let cli = Cli::parse_from([
+        let config = SettingsOnly::parse_from([
             "studio",
             "--cors-origins",
             "https://a.example:8443/,http://localhost:3000",
-        ]);
-        let Command::Serve(config) = cli.into_command() else {
-            panic!("serve expected")
-        };
+        ])
+        .serve;
         assert_eq!(
             config.cors_origins,
             [

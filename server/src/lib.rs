@@ -1,16 +1,15 @@
-//! The studio server: configuration, the job system and its store, and the HTTP routes. The binary
-//! (`main.rs`) parses the command line and calls `serve`; tests call `start` with their own capabilities.
+//! The studio server: its settings, the engine behind the capability traits, the job system and its store,
+//! the HTTP routes, and the command line. The binary (`main.rs`) runs `cli`, whose `serve` command calls
+//! `start` with the engine's capabilities; tests call `start` with their own.
 
-pub mod classifier;
+pub mod capabilities;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod files;
-pub mod flux;
-pub mod generate;
 pub mod jobs;
 pub mod routes;
 pub mod store;
-pub mod training;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +19,7 @@ use axum::http::Request;
 
 use config::ServeConfig;
 use files::DataDir;
-use jobs::capability::{Capabilities, Classification};
+use jobs::capability::Capabilities;
 use jobs::Jobs;
 use routes::{AppState, HttpSettings};
 use store::Store;
@@ -32,32 +31,8 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-/// The capabilities of this build, from its configuration. A classifier that fails to load leaves the server
-/// running without it, the error shown by `/health` and in `/classify/`'s 503, so that generation is not held
-/// hostage by a missing encoder; generation loads its models on first use, so only a bad setting stops it here.
-pub fn capabilities(config: &ServeConfig) -> anyhow::Result<Capabilities> {
-    let generation = flux::FluxGeneration::new(config)?;
-    // Training shares generation's resident model: one FLUX in memory.
-    let trainer = training::FluxTraining::new(
-        generation.resident().clone(),
-        generation.default_preset_info(),
-    );
-    let (classification, classification_error) = match config.classifier.load() {
-        Ok(classifier) => (Some(Arc::new(classifier) as Arc<dyn Classification>), None),
-        Err(e) => {
-            tracing::warn!("prompt classification is unavailable: {e:#}");
-            (None, Some(format!("{e:#}")))
-        }
-    };
-    Ok(Capabilities {
-        generation: Some(Arc::new(generation)),
-        classification,
-        classification_error,
-        training: Some(Arc::new(trainer)),
-    })
-}
-
-/// Opens the data directory and database, starts the worker and binds the listener.
+/// Opens the data directory and database, starts the worker and binds the listener; the server stops at
+/// Ctrl-C or SIGTERM.
 pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<Running> {
     let data = DataDir::create(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
@@ -93,17 +68,6 @@ pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<R
             .await
     });
     Ok(Running { addr, jobs, server })
-}
-
-/// Serves until Ctrl-C or SIGTERM.
-pub async fn serve(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<()> {
-    let running = start(config, caps).await?;
-    // The one line scripts and tests read to find the server (the port may have been 0).
-    println!("studio listening on http://{}", running.addr);
-    tracing::info!("data in {}", config.data_dir.display());
-    let result = running.server.await.context("server task")?;
-    running.jobs.shutdown();
-    result.context("serving HTTP")
 }
 
 async fn shutdown_signal() {

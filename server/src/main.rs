@@ -1,5 +1,5 @@
 use clap::Parser;
-use server::config::{Cli, Command};
+use server::cli::{self, Cli};
 
 fn main() -> anyhow::Result<()> {
     // `.env` first, so HF_TOKEN and STUDIO_* there act like the environment (which still wins).
@@ -10,12 +10,5 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().into_command() {
-        Command::Serve(config) => {
-            let caps = server::capabilities(&config)?;
-            tokio::runtime::Runtime::new()?.block_on(server::serve(&config, caps))
-        }
-        Command::Generate(args) => server::generate::run(args),
-        Command::Classify(args) => server::classifier::run(args),
-    }
+    cli::run(Cli::parse())
 }

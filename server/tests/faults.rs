@@ -1,5 +1,6 @@
 //! Faults, with the real binary: a kill -9 in the middle of an upload, a full disk under the data directory,
-//! and damaged model files. Each ends in a clear error or a clean state, and the server keeps serving.
+//! and damaged model files; and, through the library, a model load that panics. Each ends in a clear error or
+//! a clean state, and the server keeps serving.
 
 mod common;
 
@@ -237,4 +238,86 @@ fn a_full_disk_fails_a_generation_with_507_and_keeps_no_image() {
     let (status, body) = generate();
     assert_eq!(status, 200, "{body}");
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_model_load_leaves_the_next_job_working() {
+    use engine::pipeline::FluxPipeline;
+    use server::capabilities::generation::FluxGeneration;
+    use server::capabilities::resident_model::PipelineLoader;
+    use server::jobs::capability::Capabilities;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path());
+    config.preset = Some("flux-tiny".into());
+    config.device = engine::device::DeviceChoice::Cpu;
+    // The engine's own load, after a first attempt that panics part-way through its download.
+    let loads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&loads);
+    let loader: Arc<PipelineLoader> = Arc::new(move |options, device, progress| {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            progress(&engine::hub::DownloadProgress {
+                file: "transformer/diffusion_pytorch_model.safetensors".into(),
+                file_bytes: 1,
+                file_total: 2,
+                files_done: 0,
+                files_total: 1,
+            });
+            panic!("the weights could not be read");
+        }
+        FluxPipeline::load(options, device, progress)
+    });
+    let generation = FluxGeneration::with_loader(&config, loader).unwrap();
+    let caps = Capabilities {
+        generation: Some(Arc::new(generation)),
+        ..Capabilities::default()
+    };
+    let running = server::start(&config, caps).await.unwrap();
+    let url = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let generate = || async {
+        let answer = http
+            .post(format!("{url}/generate/"))
+            .json(&serde_json::json!({"prompt": "a fox", "seed": 3}))
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        (status, answer.json::<serde_json::Value>().await.unwrap())
+    };
+    let tiny_state = || async {
+        let models: app::ModelsResponse = http
+            .get(format!("{url}/models/"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let tiny = models.presets.into_iter().find(|p| p.id == "flux-tiny");
+        tiny.unwrap().state
+    };
+
+    let (status, failed) = generate().await;
+    assert_eq!(
+        (status, error_code(&failed.to_string())),
+        (500, "generation_failed".into()),
+        "{failed}"
+    );
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("loading Tiny FLUX") && message.contains("the weights could not be read"),
+        "{message}"
+    );
+    // Nothing of the broken load stays: not loaded, not shown as downloading.
+    assert_eq!(tiny_state().await, app::ModelState::Ready);
+
+    let (status, image) = generate().await;
+    assert_eq!(status, 200, "{image}");
+    assert_eq!(image["model"], "flux-tiny");
+    assert_eq!(tiny_state().await, app::ModelState::Loaded);
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+    running.jobs.shutdown();
 }

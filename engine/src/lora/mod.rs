@@ -9,9 +9,11 @@ mod file;
 mod keys;
 mod place;
 mod source;
+mod stack;
 
 pub use cache::LoraCache;
 pub use file::{LoraFile, Module};
 pub use keys::Format;
 pub use place::apply;
 pub use source::{with_trigger_words, LoraSource, LoraSpec};
+pub use stack::{prompt_with_trigger_words, FailedLora, LoraStack};

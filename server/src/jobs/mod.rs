@@ -2,7 +2,7 @@
 //! per-job event streams, and kept in the store. See `queue` for the order work is taken in.
 
 pub mod capability;
-pub mod hub;
+pub mod event_hub;
 pub mod queue;
 mod worker;
 
@@ -17,8 +17,9 @@ use crate::error::ApiError;
 use crate::files::{DataDir, JobId};
 use crate::store::Store;
 use capability::{Capabilities, GenerationPlan, TrainingSpec};
-use hub::{EventHub, Listener};
+use event_hub::{EventHub, Listener};
 use queue::{GenerationTicket, QueueFull, Queues, TrainingTicket};
+pub use worker::panic_message;
 
 /// What a training job keeps in its `params`: enough to start it again after a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! The one worker thread: it owns the GPU work, taking jobs from the queues by their policy and turning
 //! what the capabilities report into job events.
 
+use std::any::Any;
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,13 +42,20 @@ pub(super) fn run(shared: Arc<Shared>) {
 /// Runs a capability call, turning a panic into an error so one bad job cannot take the worker down.
 fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(anyhow::anyhow!("internal error: {what}"))
+        Err(anyhow::anyhow!(
+            "internal error: {}",
+            panic_message(&*panic)
+        ))
     })
+}
+
+/// What a panic said, from its payload.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn generate(shared: &Shared, ticket: GenerationTicket) {

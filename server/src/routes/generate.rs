@@ -8,7 +8,7 @@ use super::{ApiJson, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
 use crate::jobs::capability::{JobFailure, LoraChoice, GENERATION_UNAVAILABLE};
-use crate::jobs::hub::Listener;
+use crate::jobs::event_hub::Listener;
 use crate::jobs::Jobs;
 
 /// Text to image; answers when the image is done. Closing the connection cancels the job.

@@ -2,7 +2,7 @@
 //! (one FLUX in memory). Generation and training set their own adapters on the shared layers before each
 //! use, so neither finds the other's.
 
-use crate::flux::Resident;
+use super::resident_model::ResidentModel;
 use crate::jobs::capability::{StepOutcome, Training, TrainingReport, TrainingRun, TrainingSpec};
 use engine::presets::{self, Preset, PresetSource};
 use engine::training::{Report, TrainJob, TrainSettings, Trainer};
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub struct FluxTraining {
-    resident: Arc<Resident>,
+    resident: Arc<ResidentModel>,
     default_preset: &'static Preset,
 }
 
@@ -20,7 +20,7 @@ pub struct FluxTraining {
 const PACE_WINDOW: usize = 20;
 
 impl FluxTraining {
-    pub fn new(resident: Arc<Resident>, default_preset: &'static Preset) -> Self {
+    pub fn new(resident: Arc<ResidentModel>, default_preset: &'static Preset) -> Self {
         Self {
             resident,
             default_preset,

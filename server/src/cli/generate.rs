@@ -3,11 +3,13 @@
 use anyhow::{Context, Result};
 use engine::device::DeviceChoice;
 use engine::hub::{DownloadProgress, Source};
-use engine::lora::{self, LoraCache, LoraSource, LoraSpec};
+use engine::lora::{self, LoraCache, LoraSource, LoraSpec, LoraStack};
 use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions};
 use engine::presets::Preset;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use crate::capabilities::model_choice;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,8 +18,8 @@ pub struct Args {
     /// Where to write the PNG.
     #[arg(short, long, default_value = "image.png")]
     output: PathBuf,
-    /// Model preset (flux-dev, flux-schnell, builtin-emoji, flux-tiny). Default: FLUX.1-dev on a CUDA GPU
-    /// with its weights or an HF_TOKEN, else the built-in model, as the server chooses.
+    /// Model preset (flux-dev, flux-schnell, builtin-emoji; flux-tiny for tests). Default: FLUX.1-dev on a
+    /// CUDA GPU with its weights or an HF_TOKEN, else the built-in model, as the server chooses.
     #[arg(long, env = "STUDIO_PRESET")]
     preset: Option<String>,
     /// A local diffusers FLUX folder or a hub repository id, instead of the preset's.
@@ -75,26 +77,15 @@ fn lora_specs(preset: &Preset, args: &[String]) -> Result<Vec<LoraSpec>> {
     }
     Ok(match &preset.lora {
         None => Vec::new(),
-        Some(l) => vec![LoraSpec {
-            name: l.source.to_string(),
-            source: LoraSource::hub(l.source)?,
-            scale: l.scale,
-            trigger_words: l.trigger_words.iter().map(|w| w.to_string()).collect(),
-        }],
+        Some(l) => vec![LoraSpec::of_preset(l, 1.0)?],
     })
 }
 
 pub fn run(a: Args) -> Result<()> {
     let device = a.device.select()?;
     let preset = match &a.preset {
-        None => crate::flux::auto_preset(&device, a.model.is_some()),
-        Some(name) => engine::presets::find(name).with_context(|| {
-            let names: Vec<_> = engine::presets::PRESETS.iter().map(|p| p.name).collect();
-            format!(
-                "unknown preset `{name}`: choose one of {}",
-                names.join(", ")
-            )
-        })?,
+        None => model_choice::auto_preset(&device, a.model.is_some()),
+        Some(name) => model_choice::named(name)?,
     };
     let mut opts = LoadOptions::from_preset(preset);
     if let Some(m) = &a.model {
@@ -113,13 +104,11 @@ pub fn run(a: Args) -> Result<()> {
         );
     });
     let specs = lora_specs(preset, &a.loras)?;
+    let prompt = lora::prompt_with_trigger_words(&a.prompt, &specs);
     let pipe = FluxPipeline::load(&opts, &device, progress.clone())?;
     let cache = LoraCache::new(&device, pipe.dtype());
-    let mut files = Vec::new();
-    for spec in &specs {
-        let file = cache
-            .get(&spec.source, progress.clone())
-            .map_err(|e| e.context(format!("LoRA {}", spec.name)))?;
+    let loras = LoraStack::load(&cache, specs, progress)?;
+    for (spec, file) in loras.iter() {
         eprintln!(
             "LoRA {} ({} layout, {} modules) at scale {}",
             spec.name,
@@ -134,20 +123,8 @@ pub fn run(a: Args) -> Result<()> {
                 file.skipped[0]
             );
         }
-        files.push(file);
     }
-    let stack: Vec<_> = files
-        .iter()
-        .zip(&specs)
-        .map(|(f, s)| (&**f, s.scale))
-        .collect();
-    pipe.set_loras(&stack)?;
-    let prompt = lora::with_trigger_words(
-        &a.prompt,
-        specs
-            .iter()
-            .flat_map(|s| s.trigger_words.iter().map(String::as_str)),
-    );
+    pipe.set_loras(&loras.scaled())?;
     let params = GenerateParams {
         prompt,
         width: a.width.unwrap_or(preset.width),
