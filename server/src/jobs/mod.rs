@@ -24,7 +24,7 @@ use queue::{GenerationTicket, QueueFull, Queues, TrainingTicket};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingParams {
     pub keywords: Vec<String>,
-    pub settings: serde_json::Map<String, serde_json::Value>,
+    pub settings: app::TrainSettingsForm,
     pub dataset_bytes: u64,
     pub dataset_images: u32,
 }
