@@ -110,6 +110,42 @@ test('a conversation message gets a reply that says what the studio can do', asy
   expect(errors).toEqual([]);
 });
 
+/** Drops a ZIP of end2end/fixtures/ on the train page's drop zone, as a user's drag and drop does. */
+async function dropFixture(page: Page, name: string) {
+  const zip = fs.readFileSync(path.join(__dirname, '..', 'fixtures', name)).toString('base64');
+  const dataTransfer = await page.evaluateHandle(
+    ([b64, file]) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const transfer = new DataTransfer();
+      transfer.items.add(new File([bytes], file, { type: 'application/zip' }));
+      return transfer;
+    },
+    [zip, name],
+  );
+  await page.dispatchEvent('.dropzone', 'drop', { dataTransfer });
+}
+
+test('a dataset with nothing to train on is refused on the page with the reasons, before any upload', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/studio/train');
+  let uploads = 0;
+  page.on('request', (r) => {
+    if (r.method() === 'POST' && new URL(r.url()).pathname.startsWith('/train')) uploads += 1;
+  });
+  await dropFixture(page, 'unusable.zip');
+  await expect(page.getByRole('heading', { name: '0 images will be used' })).toBeVisible();
+  // The server's own upload check, run in the page: the same files and reasons it would answer 422 with.
+  await expect(page.locator('.rejected')).toContainText('photos/cut.png');
+  await expect(page.locator('.rejected')).toContainText('__MACOSX/photos/._red.png');
+  await expect(page.getByRole('alert').filter({ hasText: 're-export' })).toBeVisible();
+  await page.getByLabel('Trigger words').fill('sqrstyle');
+  await page.getByRole('button', { name: 'Start training' }).click();
+  await expect(page.getByRole('alert').filter({ hasText: 'cannot be trained on' })).toBeVisible();
+  await shot(page, info, '08-train-refused');
+  expect(uploads).toBe(0);
+  expect(errors).toEqual([]);
+});
+
 test('a ZIP dropped on the train page is previewed, uploaded, and starts a run', async ({ page, request }, info) => {
   const health = await (await request.get('/health')).json();
   const training = health.capabilities.find((c: any) => c.name === 'training');
@@ -122,14 +158,7 @@ test('a ZIP dropped on the train page is previewed, uploaded, and starts a run',
   const errors = watchConsole(page);
   await open(page, '/studio/train');
   await shot(page, info, '07-train-empty');
-  const zip = fs.readFileSync(path.join(__dirname, '..', 'fixtures', 'dataset.zip')).toString('base64');
-  const dataTransfer = await page.evaluateHandle((b64) => {
-    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-    const transfer = new DataTransfer();
-    transfer.items.add(new File([bytes], 'dataset.zip', { type: 'application/zip' }));
-    return transfer;
-  }, zip);
-  await page.dispatchEvent('.dropzone', 'drop', { dataTransfer });
+  await dropFixture(page, 'dataset.zip');
   await expect(page.getByRole('heading', { name: '3 images will be used' })).toBeVisible();
   await expect(page.locator('.thumbs img')).toHaveCount(3);
   await expect(page.locator('.thumbs li', { hasText: 'red.png' })).toContainText('captioned');

@@ -3,7 +3,7 @@
 use leptos::ev::{KeyboardEvent, SubmitEvent};
 use leptos::prelude::*;
 
-use super::*;
+use super::state::ChatState;
 
 #[component]
 pub(super) fn Composer(chat: ChatState) -> impl IntoView {

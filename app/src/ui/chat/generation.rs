@@ -2,9 +2,9 @@
 
 use leptos::prelude::*;
 
-use super::super::api::{self};
-use super::super::ErrorBox;
-use super::*;
+use super::state::{ChatState, GenState, Phase};
+use crate::ui::api;
+use crate::ui::ErrorBox;
 use crate::GenerateRequest;
 
 #[component]

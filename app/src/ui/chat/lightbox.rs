@@ -3,7 +3,7 @@
 use leptos::ev::KeyboardEvent;
 use leptos::prelude::*;
 
-use super::*;
+use super::state::ChatState;
 
 #[component]
 pub(super) fn Lightbox(chat: ChatState) -> impl IntoView {

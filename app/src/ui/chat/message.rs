@@ -2,8 +2,9 @@
 
 use leptos::prelude::*;
 
-use super::super::ErrorBox;
-use super::*;
+use super::generation::GenerationView;
+use super::state::{ChatState, Entry};
+use crate::ui::ErrorBox;
 use crate::Label;
 
 #[component]

@@ -20,13 +20,10 @@ use crate::HealthResponse;
 
 use composer::Composer;
 pub use generation::short_id;
-use generation::*;
 use lightbox::Lightbox;
 use message::EntryView;
-use settings::*;
-use socket::*;
+use settings::SettingsPanel;
 pub use state::ChatState;
-use state::*;
 
 #[component]
 pub fn ChatPage() -> impl IntoView {

@@ -2,10 +2,11 @@
 
 use leptos::prelude::*;
 
-use super::super::api::Load;
-use super::super::sizes::{dimensions, ASPECTS, SIDES};
-use super::super::{ErrorBox, Loading};
-use super::*;
+use super::generation::short_id;
+use super::state::ChatState;
+use crate::ui::api::Load;
+use crate::ui::sizes::{dimensions, ASPECTS, SIDES};
+use crate::ui::{ErrorBox, Loading};
 use crate::GenerateRequest;
 
 /// The generation settings, as the form holds them: text where the user may leave a field empty to get the

@@ -5,8 +5,8 @@ use gloo_net::websocket::futures::WebSocket;
 use gloo_net::websocket::{Message, WebSocketError};
 use leptos::prelude::*;
 
-use super::super::api::{self};
-use super::*;
+use super::state::{GenState, Phase};
+use crate::ui::api;
 use crate::{GenerateRequest, JobEvent};
 
 /// Runs one generation over the WebSocket, folding its events into `state`. The socket stays open until the

@@ -2,9 +2,10 @@
 
 use leptos::prelude::*;
 
-use super::super::api::{self, Load};
-use super::super::reply::reply;
-use super::*;
+use super::settings::Settings;
+use super::socket::stream_generation;
+use crate::ui::api::{self, Load};
+use crate::ui::reply::reply;
 use crate::{
     ClassifyRequest, ClassifyResponse, EventBody, GenerateRequest, GenerateResponse,
     HealthResponse, JobEvent, JobStatus, Label, LoraList, ModelsResponse,
