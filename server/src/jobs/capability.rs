@@ -175,7 +175,8 @@ pub struct TrainingSpec {
     /// Where the finished LoRA (safetensors) must be written.
     pub lora_file: PathBuf,
     pub keywords: Vec<String>,
-    pub settings: TrainSettingsForm,
+    /// Boxed: a spec waits in the queue's tickets, which stay small.
+    pub settings: Box<TrainSettingsForm>,
     pub resume: bool,
 }
 

@@ -200,7 +200,7 @@ impl Shared {
             samples_dir: self.data.samples_dir(id),
             lora_file: self.data.lora(id),
             keywords: params.keywords.clone(),
-            settings: params.settings.clone(),
+            settings: Box::new(params.settings.clone()),
             resume,
         }
     }
