@@ -3,11 +3,14 @@ use utoipa::ToSchema;
 
 use crate::{ErrorDetail, GenerateResponse, JobStatus};
 
-/// One message of a job's stream, as both WebSockets send it and as the job's log keeps it.
+/// Every message both WebSockets send, and what the job's log keeps. A request refused before it became
+/// a job, or a failure of the stream itself, is one of these too: an `error` with `seq` 0 ([`JobEvent::unlogged`]).
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct JobEvent {
+    /// The job's id; empty when the request was refused before it became a job.
     pub job_id: String,
-    /// Position in the job's stream, from 1; replay and live delivery never repeat a number.
+    /// Position in the job's stream, from 1; replay and live delivery never repeat a number. 0: an error
+    /// of the stream that is no part of the job's log.
     pub seq: u64,
     /// Milliseconds since the Unix epoch.
     pub at: i64,
@@ -53,6 +56,19 @@ pub enum EventBody {
     Error {
         error: ErrorDetail,
     },
+}
+
+impl JobEvent {
+    /// An error that is no event of a job's log: a generation request refused before it was queued
+    /// (`job_id` empty), or a stream that could not read its job's log.
+    pub fn unlogged(job_id: impl Into<String>, error: ErrorDetail, at: i64) -> JobEvent {
+        JobEvent {
+            job_id: job_id.into(),
+            seq: 0,
+            at,
+            body: EventBody::Error { error },
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for JobEvent {

@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod classify;
+pub mod dataset;
 pub mod error;
 pub mod events;
 pub mod generate;
@@ -17,6 +18,7 @@ pub mod ui;
 
 pub use catalog::*;
 pub use classify::*;
+pub use dataset::{CheckedImage, DatasetCheck, SkippedFile, IMAGE_EXTENSIONS};
 pub use error::*;
 pub use events::*;
 pub use generate::*;

@@ -1,7 +1,7 @@
 //! The one error type of the HTTP layer: every failure answers `{"error": {"code", "message"}}` with a
 //! fitting status, including the extractors' own rejections.
 
-use app::{ErrorBody, ErrorDetail};
+use app::{ErrorBody, ErrorCode, ErrorDetail, SkippedFile};
 use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -9,56 +9,64 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+/// An error answer: its [`ErrorCode`] decides the HTTP status.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
+    /// For `invalid_dataset`: each file of the upload that cannot be trained on, and why.
+    pub files: Vec<SkippedFile>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status,
             code,
             message: message.into(),
+            files: Vec::new(),
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     pub fn validation(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", message)
+        ApiError::new(ErrorCode::Validation, message)
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::new(ErrorCode::NotFound, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        ApiError::new(ErrorCode::Unavailable, message)
     }
 
     pub fn conflict(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+        ApiError::new(ErrorCode::Conflict, message)
     }
 
     pub fn queue_full(what: &str) -> ApiError {
         ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "queue_full",
+            ErrorCode::QueueFull,
             format!("the {what} queue is full; retry after a job finishes"),
         )
+    }
+
+    /// A training ZIP with nothing to train on: the message says what to do, `files` names each file.
+    pub fn invalid_dataset(message: impl Into<String>, files: Vec<SkippedFile>) -> ApiError {
+        ApiError {
+            files,
+            ..ApiError::new(ErrorCode::InvalidDataset, message)
+        }
     }
 
     /// For failures of ours (database, disk): the detail goes to the log, the client gets the gist.
     pub fn internal(context: &str, err: impl std::fmt::Display) -> ApiError {
         tracing::error!("{context}: {err}");
         ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             format!("{context}; see the server log"),
         )
     }
@@ -98,8 +106,7 @@ impl ApiError {
     fn disk_full(context: &str, err: impl std::fmt::Display) -> ApiError {
         tracing::error!("{context}: {err}");
         ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "insufficient_storage",
+            ErrorCode::InsufficientStorage,
             format!(
                 "{context}: the server's disk is full; free space in its data directory and retry"
             ),
@@ -108,8 +115,9 @@ impl ApiError {
 
     pub fn detail(&self) -> ErrorDetail {
         ErrorDetail {
-            code: self.code.to_owned(),
+            code: self.code,
             message: self.message.clone(),
+            files: self.files.clone(),
         }
     }
 }
@@ -117,7 +125,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
-            self.status,
+            self.status(),
             Json(ErrorBody {
                 error: self.detail(),
             }),
@@ -128,39 +136,37 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
-        let (status, code) = match &rejection {
-            JsonRejection::JsonDataError(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-            JsonRejection::JsonSyntaxError(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
-            JsonRejection::MissingJsonContentType(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            }
+        let code = match &rejection {
+            JsonRejection::JsonDataError(_) => ErrorCode::Validation,
+            JsonRejection::JsonSyntaxError(_) => ErrorCode::InvalidJson,
+            JsonRejection::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
             JsonRejection::BytesRejection(_)
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE =>
             {
-                (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+                ErrorCode::TooLarge
             }
-            _ => (rejection.status(), "bad_request"),
+            _ => ErrorCode::BadRequest,
         };
-        ApiError::new(status, code, rejection.body_text())
+        ApiError::new(code, rejection.body_text())
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> ApiError {
-        ApiError::bad_request("invalid_path", rejection.body_text())
+        ApiError::new(ErrorCode::InvalidPath, rejection.body_text())
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> ApiError {
-        ApiError::bad_request("invalid_query", rejection.body_text())
+        ApiError::new(ErrorCode::InvalidQuery, rejection.body_text())
     }
 }
 
 impl From<WebSocketUpgradeRejection> for ApiError {
     fn from(rejection: WebSocketUpgradeRejection) -> ApiError {
-        ApiError::bad_request(
-            "websocket_required",
+        ApiError::new(
+            ErrorCode::WebsocketRequired,
             format!("this route is a WebSocket: {}", rejection.body_text()),
         )
     }
@@ -169,8 +175,7 @@ impl From<WebSocketUpgradeRejection> for ApiError {
 impl From<MultipartRejection> for ApiError {
     fn from(rejection: MultipartRejection) -> ApiError {
         ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             format!(
                 "expected a multipart/form-data body: {}",
                 rejection.body_text()
@@ -183,12 +188,11 @@ impl From<MultipartError> for ApiError {
     fn from(err: MultipartError) -> ApiError {
         if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
+                ErrorCode::TooLarge,
                 "the upload is larger than the server accepts",
             )
         } else {
-            ApiError::bad_request("invalid_multipart", err.body_text())
+            ApiError::new(ErrorCode::InvalidMultipart, err.body_text())
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, error_code, eventually, zip_of, FakeGeneration, FakeTraining};
+use common::{config, error_code, eventually, tiny_png, zip_of, FakeGeneration, FakeTraining};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use server::jobs::capability::Capabilities;
@@ -334,10 +334,11 @@ async fn generation_websocket_streams_steps_then_the_result_and_closing_cancels(
 #[tokio::test]
 async fn training_upload_streams_to_the_job_folder_and_runs_to_a_lora() {
     let s = studio(Duration::ZERO, 4, 1 << 20).await;
+    let png = tiny_png(16, 16);
     let zip = zip_of(&[
-        ("set/a.png", b"png"),
+        ("set/a.png", &png),
         ("set/a.txt", b"caption"),
-        ("b.JPG", b"jpg"),
+        ("b.PNG", &png),
         ("notes.md", b"x"),
     ]);
     let (status, accepted) = s
@@ -430,7 +431,9 @@ async fn training_upload_streams_to_the_job_folder_and_runs_to_a_lora() {
 #[tokio::test]
 async fn training_websocket_follows_a_live_job_to_its_end() {
     let s = studio(Duration::ZERO, 4, 1 << 20).await;
-    let (status, accepted) = s.upload(zip_of(&[("a.webp", b"w")]), "one, two", &[]).await;
+    let (status, accepted) = s
+        .upload(zip_of(&[("a.png", &tiny_png(16, 16))]), "one, two", &[])
+        .await;
     assert_eq!(status, 202);
     assert_eq!(accepted["keywords"], json!(["one", "two"]));
     let id = accepted["model_id"].as_str().unwrap();
@@ -457,7 +460,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
     let (status, body) = s.upload(b"not a zip".to_vec(), "a", &[]).await;
     assert_eq!(
         (status, error_code(&body.to_string())),
-        (422, "validation".into())
+        (422, "invalid_dataset".into())
     );
     let (status, body) = s.upload(zip_of(&[("readme.txt", b"x")]), "a", &[]).await;
     assert_eq!(status, 422);
@@ -465,10 +468,11 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
         .as_str()
         .unwrap()
         .contains("no png"));
-    let (status, _) = s.upload(zip_of(&[("a.png", b"x")]), "[1, 2]", &[]).await;
+    let png = tiny_png(16, 16);
+    let (status, _) = s.upload(zip_of(&[("a.png", &png)]), "[1, 2]", &[]).await;
     assert_eq!(status, 422);
     let (status, body) = s
-        .upload(zip_of(&[("a.png", b"x")]), "a", &[("rank", "\"big\"")])
+        .upload(zip_of(&[("a.png", &png)]), "a", &[("rank", "\"big\"")])
         .await;
     assert_eq!(status, 422, "{body}");
     let (status, body) = s

@@ -9,13 +9,11 @@
 mod api;
 mod chart;
 mod chat;
-mod dataset;
 mod gallery;
 mod jobs;
 mod reply;
 mod sizes;
 mod token;
-mod train;
 mod training;
 
 use leptos::prelude::*;
@@ -80,8 +78,8 @@ pub fn App() -> impl IntoView {
                 <main id="main">
                     <Routes fallback=NotFound>
                         <Route path=path!("/") view=chat::ChatPage />
-                        <Route path=path!("/studio/train") view=train::TrainPage />
-                        <Route path=path!("/studio/train/:id") view=training::TrainingPage />
+                        <Route path=path!("/studio/train") view=training::TrainPage />
+                        <Route path=path!("/studio/train/:id") view=training::TrainingRunPage />
                         <Route path=path!("/studio/gallery") view=gallery::GalleryPage />
                         <Route path=path!("/studio/jobs") view=jobs::JobsPage />
                         <Route path=path!("/studio/token") view=token::TokenPage />

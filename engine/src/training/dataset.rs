@@ -1,31 +1,19 @@
 //! The training set from an uploaded ZIP: images at any folder depth with optional same-stem `.txt`
-//! captions, read in memory (nothing is extracted, so no entry name can reach the file system), with caps
-//! on sizes and pixel counts against hostile archives; each image cropped to the aspect-ratio bucket
-//! closest to its shape; and a report of what was used and what was skipped, and why.
+//! captions, read by `app::dataset::archive` (the rules and limits the upload check and the browser apply
+//! too: nothing extracted, every read bounded, headers checked before decoding); each image cropped to
+//! the aspect-ratio bucket closest to its shape; and a report of what was used and what was skipped, and why.
 
 use anyhow::{bail, Context, Result};
-use image::{imageops::FilterType, DynamicImage, ImageDecoder, RgbImage};
+use app::dataset::archive::Archive;
+pub use app::dataset::{
+    MAX_CAPTION_BYTES, MAX_ENTRIES, MAX_IMAGES, MAX_IMAGE_BYTES, MAX_PIXELS, MAX_TOTAL_BYTES,
+};
+pub use app::SkippedFile as Skipped;
+use image::{imageops::FilterType, DynamicImage, RgbImage};
 use serde::Serialize;
-use std::collections::HashMap;
-use std::io::{Cursor, Read, Seek};
+use std::io::{Read, Seek};
 use std::path::Path;
 
-/// Entries looked at in one ZIP.
-pub const MAX_ENTRIES: usize = 20_000;
-/// Images used from one ZIP; the rest are skipped with that reason.
-pub const MAX_IMAGES: usize = 2_000;
-/// Largest image file (uncompressed bytes).
-pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
-/// Largest caption file.
-pub const MAX_CAPTION_BYTES: u64 = 16 << 10;
-/// Everything read out of one ZIP together (uncompressed bytes).
-pub const MAX_TOTAL_BYTES: u64 = 8 << 30;
-/// Largest decoded image: a small file that claims more pixels (a decompression bomb) is skipped before
-/// it is decoded.
-pub const MAX_PIXELS: u64 = 64_000_000;
-/// Longest caption kept, in characters.
-const MAX_CAPTION_CHARS: usize = 2_000;
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 /// Buckets range from 1:2 to 2:1.
 const MAX_ASPECT: f64 = 2.0;
 
@@ -47,12 +35,6 @@ pub struct UsedImage {
     pub has_caption_file: bool,
     pub original: [u32; 2],
     pub bucket: [u32; 2],
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Skipped {
-    pub file: String,
-    pub reason: String,
 }
 
 /// What was used and what was skipped; kept as `dataset-report.json` in the job's folder.
@@ -148,70 +130,6 @@ pub fn caption_with_keywords(keywords: &[String], caption: Option<&str>) -> Stri
     parts.join(", ")
 }
 
-fn extension(name: &str) -> Option<String> {
-    Path::new(name)
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-}
-
-/// The entry's name without its extension: an image and its caption share it.
-fn stem_key(name: &str) -> String {
-    match name.rfind('.') {
-        Some(dot) if !name[dot..].contains('/') => name[..dot].to_string(),
-        _ => name.to_string(),
-    }
-}
-
-/// Reads an entry fully, refusing more than `cap` bytes whatever its header claims.
-fn read_capped(entry: &mut impl Read, cap: u64) -> Result<Vec<u8>, String> {
-    let mut bytes = Vec::new();
-    entry
-        .take(cap + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot be decompressed ({e})"))?;
-    if bytes.len() as u64 > cap {
-        return Err(format!("larger than the {} MiB limit", cap >> 20));
-    }
-    Ok(bytes)
-}
-
-/// Decodes an image after checking its claimed size, turning it upright per its EXIF orientation.
-fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
-    let reader = |limits: image::Limits| {
-        let mut r = image::ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| format!("unreadable ({e})"))?;
-        r.limits(limits);
-        Ok::<_, String>(r)
-    };
-    // The header alone first, so that our limit (not the decoder's) names the problem.
-    let (w, h) = reader(image::Limits::no_limits())?
-        .into_dimensions()
-        .map_err(|e| format!("not a readable png, jpeg or webp image ({e})"))?;
-    if u64::from(w) * u64::from(h) > MAX_PIXELS {
-        return Err(format!(
-            "{w}x{h} pixels is over the {} megapixel limit",
-            MAX_PIXELS / 1_000_000
-        ));
-    }
-    if w < 8 || h < 8 {
-        return Err(format!("{w}x{h} pixels is too small to train on"));
-    }
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_PIXELS * 8);
-    let mut decoder = reader(limits)?
-        .into_decoder()
-        .map_err(|e| format!("not a readable image ({e})"))?;
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image =
-        DynamicImage::from_decoder(decoder).map_err(|e| format!("corrupt image data ({e})"))?;
-    image.apply_orientation(orientation);
-    Ok(image)
-}
-
 /// Reads the ZIP at `path`: the images it can use, cropped to buckets of `resolution` with sides
 /// multiples of `multiple`, and the report. Fails only when the file is no ZIP or no image is usable.
 pub fn load(
@@ -231,116 +149,26 @@ pub fn read(
     resolution: u32,
     multiple: u32,
 ) -> Result<(Vec<Sample>, DatasetReport)> {
-    let mut zip =
-        zip::ZipArchive::new(reader).context("the dataset is not a readable ZIP archive")?;
-    let mut skipped = Vec::new();
-    let mut skip = |file: &str, reason: String| {
-        skipped.push(Skipped {
-            file: file.to_string(),
-            reason,
-        })
-    };
-    // First the directory: which entries are images, which are captions, by name alone.
-    let mut images = Vec::new();
-    let mut captions: HashMap<String, usize> = HashMap::new();
-    for i in 0..zip.len() {
-        let entry = match zip.by_index_raw(i) {
-            Ok(e) => e,
-            Err(e) => {
-                skip(&format!("entry {i}"), format!("damaged ZIP entry ({e})"));
-                continue;
-            }
-        };
-        let raw = String::from_utf8_lossy(entry.name_raw()).into_owned();
-        if entry.is_dir() {
-            continue;
-        }
-        if i >= MAX_ENTRIES {
-            skip(&raw, format!("the ZIP has more than {MAX_ENTRIES} entries"));
-            continue;
-        }
-        // Metadata of other systems: macOS resource forks and hidden files.
-        if raw.starts_with("__MACOSX/")
-            || raw.rsplit('/').next().is_some_and(|n| n.starts_with('.'))
-        {
-            continue;
-        }
-        let Some(name) = entry
-            .enclosed_name()
-            .and_then(|p| p.to_str().map(str::to_string))
-        else {
-            skip(&raw, "unsafe name (absolute or leaving the archive)".into());
-            continue;
-        };
-        let name = name.replace('\\', "/");
-        if entry.is_symlink() {
-            skip(&name, "a symbolic link".into());
-            continue;
-        }
-        if entry.encrypted() {
-            skip(&name, "encrypted".into());
-            continue;
-        }
-        match extension(&name).as_deref() {
-            Some(e) if IMAGE_EXTENSIONS.contains(&e) => images.push((i, name)),
-            Some("txt") => {
-                captions.insert(stem_key(&name), i);
-            }
-            _ => skip(&name, "not a png, jpg, jpeg or webp image".into()),
-        }
-    }
-    images.sort_by(|a, b| a.1.cmp(&b.1));
-
+    let mut archive = Archive::open(reader).map_err(anyhow::Error::msg)?;
     let buckets = buckets(resolution, multiple);
-    let mut total = 0u64;
     let mut samples = Vec::new();
     let mut used = Vec::new();
-    for (index, name) in images {
+    for (index, name) in archive.images() {
         if samples.len() >= MAX_IMAGES {
-            skip(&name, format!("over the limit of {MAX_IMAGES} images"));
+            archive.skip(name, format!("over the limit of {MAX_IMAGES} images"));
             continue;
         }
-        let mut read_entry = |i: usize, cap: u64| -> Result<Vec<u8>, String> {
-            let mut entry = zip.by_index(i).map_err(|e| format!("unreadable ({e})"))?;
-            let bytes = read_capped(&mut entry, cap)?;
-            total += bytes.len() as u64;
-            if total > MAX_TOTAL_BYTES {
-                return Err(format!(
-                    "the ZIP holds more than {} GiB of data",
-                    MAX_TOTAL_BYTES >> 30
-                ));
-            }
-            Ok(bytes)
-        };
-        let image = match read_entry(index, MAX_IMAGE_BYTES).and_then(|b| decode(&b)) {
+        let image = match archive.image(index) {
             Ok(image) => image,
             Err(reason) => {
-                skip(&name, reason);
+                archive.skip(name, reason);
                 continue;
             }
         };
-        let own_caption = match captions.get(&stem_key(&name)) {
-            Some(&i) => match read_entry(i, MAX_CAPTION_BYTES) {
-                Ok(bytes) => match String::from_utf8(bytes) {
-                    Ok(text) => Some(text.chars().take(MAX_CAPTION_CHARS).collect::<String>()),
-                    Err(_) => {
-                        skip(
-                            &format!("{}.txt", stem_key(&name)),
-                            "caption is not UTF-8 text; the image is used without it".into(),
-                        );
-                        None
-                    }
-                },
-                Err(reason) => {
-                    skip(
-                        &format!("{}.txt", stem_key(&name)),
-                        format!("caption {reason}; the image is used without it"),
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
+        let own_caption = archive.caption(&name).unwrap_or_else(|skipped| {
+            archive.skip(skipped.file, skipped.reason);
+            None
+        });
         let caption = caption_with_keywords(keywords, own_caption.as_deref());
         let bucket = nearest_bucket(image.width(), image.height(), &buckets);
         used.push(UsedImage {
@@ -366,7 +194,7 @@ pub fn read(
         resolution,
         keywords: keywords.to_vec(),
         used,
-        skipped,
+        skipped: archive.skipped().to_vec(),
         buckets: counts,
     };
     if samples.is_empty() {
@@ -391,6 +219,8 @@ pub fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::io::Cursor;
     use std::io::Write;
 
     fn png(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
@@ -476,10 +306,12 @@ mod tests {
         assert!(reasons["notes.md"].contains("not a png"));
         assert!(reasons["broken.jpg"].contains("not a readable"));
         assert!(reasons["../escape.png"].contains("unsafe name"));
-        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons["__MACOSX/a/._red.PNG"].contains("system file"));
+        assert!(reasons["lonely.txt"].contains("caption without an image"));
+        assert_eq!(reasons.len(), 5, "{reasons:?}");
         assert_eq!(report.used.len(), 2);
         assert!(report.lines()[0]
-            .starts_with("dataset: 2 images used (1 with a caption file), 3 files skipped"));
+            .starts_with("dataset: 2 images used (1 with a caption file), 5 files skipped"));
     }
 
     fn crc32(bytes: &[u8]) -> u32 {

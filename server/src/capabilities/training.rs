@@ -4,9 +4,9 @@
 
 use super::resident_model::ResidentModel;
 use crate::jobs::capability::{StepOutcome, Training, TrainingReport, TrainingRun, TrainingSpec};
+use app::TrainSettingsForm;
 use engine::presets::{self, Preset, PresetSource};
 use engine::training::{Report, TrainJob, TrainSettings, Trainer};
-use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,17 +30,16 @@ impl FluxTraining {
     /// The base model (the `model` field, else the server's default) and the settings over its defaults.
     fn resolve(
         &self,
-        fields: &Map<String, Value>,
+        form: &TrainSettingsForm,
     ) -> Result<(&'static Preset, TrainSettings), String> {
-        let preset = match fields.get("model") {
+        let preset = match &form.model {
             None => self.default_preset,
-            Some(Value::String(name)) => presets::find(name).ok_or_else(|| {
+            Some(name) => presets::find(name).ok_or_else(|| {
                 let names: Vec<&str> = presets::PRESETS.iter().map(|p| p.name).collect();
                 format!("model must be one of {} (got {name:?})", names.join(", "))
             })?,
-            Some(other) => return Err(format!("model must be a preset name (got {other})")),
         };
-        let settings = TrainSettings::from_fields(fields, preset.width as u32)?;
+        let settings = TrainSettings::resolve(form, preset.width as u32)?;
         Ok((preset, settings))
     }
 }
@@ -56,7 +55,7 @@ fn forward(report: &mut dyn FnMut(TrainingReport)) -> impl FnMut(Report) + '_ {
 }
 
 impl Training for FluxTraining {
-    fn check_settings(&self, settings: &Map<String, Value>) -> Result<(), String> {
+    fn check_settings(&self, settings: &TrainSettingsForm) -> Result<(), String> {
         self.resolve(settings).map(|_| ())
     }
 

@@ -6,31 +6,31 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use app::{GenerateRequest, PresetInfo};
+use app::{ErrorCode, GenerateRequest, PresetInfo, TrainSettingsForm};
 use image::RgbImage;
 
-/// A failed job that is not the studio's fault, with the error code clients get (see `JobFailure::status`
-/// for the HTTP answer); any other error of a job is reported as the studio's (`generation_failed`).
+/// A failed job that is not the studio's fault, with the error code clients get (its HTTP answer is
+/// [`ErrorCode::status`]); any other error of a job is reported as the studio's (`generation_failed`).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct JobFailure {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl JobFailure {
     /// A hub LoRA that does not exist: the request named it wrongly (422).
-    pub const LORA_NOT_FOUND: &'static str = "lora_not_found";
+    pub const LORA_NOT_FOUND: ErrorCode = ErrorCode::LoraNotFound;
     /// A hub LoRA that could not be fetched (network, hub, token): worth retrying later (503).
-    pub const LORA_UNAVAILABLE: &'static str = "lora_unavailable";
+    pub const LORA_UNAVAILABLE: ErrorCode = ErrorCode::LoraUnavailable;
     /// The device ran out of memory inside the job: smaller sizes or fewer LoRAs may fit (503).
-    pub const OUT_OF_MEMORY: &'static str = "out_of_memory";
+    pub const OUT_OF_MEMORY: ErrorCode = ErrorCode::OutOfMemory;
     /// The data directory's disk is full: the operator's to fix (507).
-    pub const DISK_FULL: &'static str = "insufficient_storage";
+    pub const DISK_FULL: ErrorCode = ErrorCode::InsufficientStorage;
 
     /// The code and message a failed job reports: a [`JobFailure`] anywhere in the chain as it is, a
     /// CUDA out-of-memory error as [`JobFailure::OUT_OF_MEMORY`], anything else under `fallback`.
-    pub fn describe(err: &anyhow::Error, fallback: &'static str) -> (&'static str, String) {
+    pub fn describe(err: &anyhow::Error, fallback: ErrorCode) -> (ErrorCode, String) {
         // candle appends a backtrace to its errors, on lines of their own: for the log, not the client.
         let full = format!("{err:#}");
         let text = full.lines().next().unwrap_or_default().trim_end();
@@ -144,11 +144,9 @@ pub trait Classification: Send + Sync {
 
 /// LoRA training, advanced one optimizer step at a time so the worker can serve generations in between.
 pub trait Training: Send + Sync {
-    /// Checks the extra form fields of `POST /train/` (on the request path, cheap); `Err` is answered 422.
-    fn check_settings(
-        &self,
-        settings: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), String>;
+    /// Checks the settings of `POST /train/` (typed and range-checked already) against the model they
+    /// name (on the request path, cheap); `Err` is answered 422.
+    fn check_settings(&self, settings: &TrainSettingsForm) -> Result<(), String>;
 
     /// Reads the dataset, caches encodings, loads what is needed: the `preparing` phase. With `spec.resume`,
     /// continues from the latest checkpoint in `spec.job_dir` when there is one.
@@ -177,7 +175,8 @@ pub struct TrainingSpec {
     /// Where the finished LoRA (safetensors) must be written.
     pub lora_file: PathBuf,
     pub keywords: Vec<String>,
-    pub settings: serde_json::Map<String, serde_json::Value>,
+    /// Boxed: a spec waits in the queue's tickets, which stay small.
+    pub settings: Box<TrainSettingsForm>,
     pub resume: bool,
 }
 
@@ -251,6 +250,7 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::JobFailure;
+    use app::ErrorCode;
 
     #[test]
     fn a_failure_is_reported_by_its_cause() {
@@ -260,7 +260,7 @@ mod tests {
         })
         .context("generating");
         assert_eq!(
-            JobFailure::describe(&typed, "generation_failed").0,
+            JobFailure::describe(&typed, ErrorCode::GenerationFailed).0,
             JobFailure::LORA_NOT_FOUND
         );
         // As candle passes a cudarc allocation failure up: with its backtrace on the following lines
@@ -269,20 +269,20 @@ mod tests {
             "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")\n   0: <unknown>\n   1: <unknown>"
         )
         .context("denoising step 3");
-        let (code, message) = JobFailure::describe(&oom, "generation_failed");
+        let (code, message) = JobFailure::describe(&oom, ErrorCode::GenerationFailed);
         assert_eq!(code, JobFailure::OUT_OF_MEMORY);
         assert!(message.contains("smaller size"), "{message}");
         assert!(message.ends_with("out of memory\"))"), "{message}");
         let full = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::StorageFull))
             .context("writing the image");
         assert_eq!(
-            JobFailure::describe(&full, "generation_failed").0,
+            JobFailure::describe(&full, ErrorCode::GenerationFailed).0,
             JobFailure::DISK_FULL
         );
         let other = anyhow::anyhow!("a NaN in the latents");
         assert_eq!(
-            JobFailure::describe(&other, "generation_failed").0,
-            "generation_failed"
+            JobFailure::describe(&other, ErrorCode::GenerationFailed).0,
+            ErrorCode::GenerationFailed
         );
     }
 }

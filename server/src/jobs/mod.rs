@@ -25,7 +25,7 @@ pub use worker::panic_message;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingParams {
     pub keywords: Vec<String>,
-    pub settings: serde_json::Map<String, serde_json::Value>,
+    pub settings: app::TrainSettingsForm,
     pub dataset_bytes: u64,
     pub dataset_images: u32,
 }
@@ -201,7 +201,7 @@ impl Shared {
             samples_dir: self.data.samples_dir(id),
             lora_file: self.data.lora(id),
             keywords: params.keywords.clone(),
-            settings: params.settings.clone(),
+            settings: Box::new(params.settings.clone()),
             resume,
         }
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use app::{ErrorDetail, EventBody, GenerateResponse, JobStatus};
+use app::{ErrorCode, ErrorDetail, EventBody, GenerateResponse, JobStatus};
 use base64::Engine as _;
 use image::RgbImage;
 
@@ -65,7 +65,7 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
         // Only reachable if the capability was removed while jobs waited; fail the job rather than hang.
         shared.fail(
             &job,
-            "unavailable",
+            ErrorCode::Unavailable,
             crate::jobs::capability::GENERATION_UNAVAILABLE,
         );
         return shared.finish(id);
@@ -132,7 +132,7 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
         Err(err) => {
             // A failed job keeps no image (a full disk may have left part of one).
             let _ = std::fs::remove_file(shared.data.image(id));
-            let (code, message) = JobFailure::describe(&err, "generation_failed");
+            let (code, message) = JobFailure::describe(&err, ErrorCode::GenerationFailed);
             shared.fail(&job, code, &message)
         }
     }
@@ -145,7 +145,7 @@ fn start_training(shared: &Shared, ticket: TrainingTicket) -> Option<ActiveTrain
     let Some(training) = shared.caps.training.clone() else {
         shared.fail(
             &job,
-            "unavailable",
+            ErrorCode::Unavailable,
             crate::jobs::capability::TRAINING_UNAVAILABLE,
         );
         shared.finish(id);
@@ -164,7 +164,7 @@ fn start_training(shared: &Shared, ticket: TrainingTicket) -> Option<ActiveTrain
             Some(ActiveTraining { id, run, cancel })
         }
         Err(err) => {
-            shared.fail(&job, "training_failed", &format!("{err:#}"));
+            shared.fail(&job, ErrorCode::TrainingFailed, &format!("{err:#}"));
             shared.finish(id);
             None
         }
@@ -190,12 +190,12 @@ fn training_step(shared: &Shared, mut training: ActiveTraining) -> Option<Active
                 Ok(()) => shared.set_status(&job, JobStatus::Completed),
                 Err(err) => shared.fail(
                     &job,
-                    "training_failed",
+                    ErrorCode::TrainingFailed,
                     &format!("recording the result: {err:#}"),
                 ),
             }
         }
-        Err(err) => shared.fail(&job, "training_failed", &format!("{err:#}")),
+        Err(err) => shared.fail(&job, ErrorCode::TrainingFailed, &format!("{err:#}")),
     }
     shared.finish(id);
     None
@@ -213,15 +213,12 @@ impl Shared {
         self.emit(job, EventBody::Status { status });
     }
 
-    fn fail(&self, job: &str, code: &str, message: &str) {
+    fn fail(&self, job: &str, code: ErrorCode, message: &str) {
         tracing::warn!("job {job} failed: {message}");
         self.emit(
             job,
             EventBody::Error {
-                error: ErrorDetail {
-                    code: code.into(),
-                    message: message.into(),
-                },
+                error: ErrorDetail::new(code, message),
             },
         );
         self.set_status(job, JobStatus::Failed);

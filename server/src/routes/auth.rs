@@ -5,7 +5,7 @@
 //! The UI's pages and files stay public: they hold no data, and a browser must load them to be asked.
 
 use axum::extract::{Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -50,8 +50,7 @@ pub async fn require_token(
         return next.run(request).await;
     }
     let mut response = ApiError::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
+        app::ErrorCode::Unauthorized,
         "this server needs `Authorization: Bearer <token>` (or `?token=` on WebSockets)",
     )
     .into_response();

@@ -1,13 +1,12 @@
-use app::{ErrorBody, EventBody, GenerateRequest, GenerateResponse, JobKind, JobStatus};
+use app::{ErrorBody, ErrorCode, EventBody, GenerateRequest, GenerateResponse, JobKind, JobStatus};
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::Json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiJson, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
-use crate::jobs::capability::{JobFailure, LoraChoice, GENERATION_UNAVAILABLE};
+use crate::jobs::capability::{LoraChoice, GENERATION_UNAVAILABLE};
 use crate::jobs::event_hub::Listener;
 use crate::jobs::Jobs;
 
@@ -106,39 +105,13 @@ async fn wait_for_result(listener: &mut Listener) -> Result<GenerateResponse, Ap
         };
         match &event.body {
             EventBody::Result(response) => return Ok((**response).clone()),
+            // The job's code answers with its own status (`ErrorCode::status`).
             EventBody::Error { error } => {
-                let (status, code) = match error.code.as_str() {
-                    "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "generation_failed"),
-                    JobFailure::LORA_UNAVAILABLE => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        JobFailure::LORA_UNAVAILABLE,
-                    ),
-                    JobFailure::OUT_OF_MEMORY => {
-                        (StatusCode::SERVICE_UNAVAILABLE, JobFailure::OUT_OF_MEMORY)
-                    }
-                    JobFailure::DISK_FULL => {
-                        (StatusCode::INSUFFICIENT_STORAGE, JobFailure::DISK_FULL)
-                    }
-                    JobFailure::LORA_NOT_FOUND => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, JobFailure::LORA_NOT_FOUND)
-                    }
-                    _ => (StatusCode::INTERNAL_SERVER_ERROR, "generation_failed"),
-                };
-                return Err(ApiError {
-                    status,
-                    code,
-                    message: error.message.clone(),
-                });
+                return Err(ApiError::new(error.code, error.message.clone()));
             }
             EventBody::Status {
                 status: JobStatus::Cancelled,
-            } => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "cancelled",
-                    "the job was cancelled",
-                ))
-            }
+            } => return Err(ApiError::new(ErrorCode::Cancelled, "the job was cancelled")),
             _ => {}
         }
     }

@@ -15,7 +15,7 @@ mod ws;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
@@ -120,8 +120,7 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
         .fallback(ui::not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                app::ErrorCode::MethodNotAllowed,
                 "this route does not take that method; see /docs",
             )
         })
@@ -132,8 +131,7 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
         .layer(cors(&state.settings.cors_origins))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
+                app::ErrorCode::Internal,
                 "the request failed inside the server; see the server log",
             )
             .into_response()

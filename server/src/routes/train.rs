@@ -1,14 +1,14 @@
 use std::path::Path;
 
+use app::dataset::archive;
 use app::{
-    ErrorBody, JobKind, JobRecord, JobStatus, TrainAccepted, TrainForm, TrainStatus,
-    IMAGE_EXTENSIONS,
+    DatasetCheck, ErrorBody, ErrorCode, JobKind, JobRecord, JobStatus, TrainAccepted, TrainForm,
+    TrainRequest, TrainStatus, MAX_SETTINGS_FIELDS,
 };
 use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::{job_id, ApiPath, AppState};
@@ -16,10 +16,6 @@ use crate::error::ApiError;
 use crate::files::JobId;
 use crate::jobs::capability::TRAINING_UNAVAILABLE;
 use crate::jobs::TrainingParams;
-
-const MAX_KEYWORDS: usize = 50;
-const MAX_KEYWORD_CHARS: usize = 200;
-const MAX_SETTINGS: usize = 64;
 
 /// Starts LoRA training on a ZIP of images. The ZIP is streamed to the job's folder, never held in memory.
 #[utoipa::path(post, path = "/train/", tag = "train",
@@ -29,7 +25,7 @@ const MAX_SETTINGS: usize = 64;
         (status = 400, description = "Malformed multipart body", body = ErrorBody),
         (status = 413, description = "Upload over the server's cap", body = ErrorBody),
         (status = 415, description = "Not multipart/form-data", body = ErrorBody),
-        (status = 422, description = "Missing field, bad keywords, no images in the ZIP, bad settings", body = ErrorBody),
+        (status = 422, description = "Missing field, bad keywords or settings (`validation`); a ZIP with nothing to train on (`invalid_dataset`, with `files`: each file and why)", body = ErrorBody),
         (status = 429, description = "Training queue full", body = ErrorBody),
         (status = 503, description = "Training not available", body = ErrorBody),
         (status = 507, description = "The server's disk is full", body = ErrorBody),
@@ -51,10 +47,18 @@ pub async fn train(
         .await
         .map_err(|e| ApiError::storage("creating the job folder", e))?;
     let accepted = async {
-        let params = receive(&state, id, &mut multipart).await?;
+        let (request, dataset_bytes) = receive(&state, id, &mut multipart).await?;
         training
-            .check_settings(&params.settings)
+            .check_settings(&request.settings)
             .map_err(ApiError::validation)?;
+        // The costly check last, once the cheap ones passed.
+        let check = check_dataset(state.jobs.data().dataset(id)).await?;
+        let params = TrainingParams {
+            keywords: request.keywords,
+            settings: request.settings,
+            dataset_bytes,
+            dataset_images: check.images.len() as u32,
+        };
         state.jobs.submit_training(id, params.clone()).await?;
         Ok(TrainAccepted {
             model_id: id.to_string(),
@@ -75,22 +79,22 @@ pub async fn train(
     accepted.map(|body| (StatusCode::ACCEPTED, Json(body)))
 }
 
+/// Streams the dataset to the job's folder and reads the text fields into a typed request; the dataset's
+/// size in bytes beside it.
 async fn receive(
     state: &AppState,
     id: JobId,
     multipart: &mut Multipart,
-) -> Result<TrainingParams, ApiError> {
+) -> Result<(TrainRequest, u64), ApiError> {
     let settings_limit = state.settings.json_limit;
     let upload_limit = state.settings.upload_limit;
     let too_large = |err: MultipartError| {
         let err = ApiError::from(err);
-        if err.status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError {
-                message: format!(
-                    "the upload is larger than this server's cap of {upload_limit} bytes"
-                ),
-                ..err
-            }
+        if err.code == ErrorCode::TooLarge {
+            ApiError::new(
+                ErrorCode::TooLarge,
+                format!("the upload is larger than this server's cap of {upload_limit} bytes"),
+            )
         } else {
             err
         }
@@ -98,13 +102,13 @@ async fn receive(
     let field_error = |e: FieldError| e.map(too_large);
     let mut dataset_bytes = None;
     let mut keywords = None;
-    let mut settings = Map::new();
+    let mut settings: Vec<(String, String)> = Vec::new();
     while let Some(field) = multipart.next_field().await.map_err(too_large)? {
         let name = field.name().unwrap_or_default().to_owned();
         match name.as_str() {
             "dataset" if dataset_bytes.is_some() => {
-                return Err(ApiError::bad_request(
-                    "duplicate_field",
+                return Err(ApiError::new(
+                    ErrorCode::DuplicateField,
                     "more than one dataset",
                 ))
             }
@@ -116,43 +120,37 @@ async fn receive(
                 )
             }
             "keywords" => {
-                keywords = Some(parse_keywords(
-                    &read_text(field, settings_limit)
+                keywords = Some(
+                    read_text(field, settings_limit)
                         .await
                         .map_err(field_error)?,
-                )?)
+                )
             }
             "" => {
-                return Err(ApiError::bad_request(
-                    "invalid_multipart",
+                return Err(ApiError::new(
+                    ErrorCode::InvalidMultipart,
                     "a form field without a name",
                 ))
             }
-            _ if settings.len() >= MAX_SETTINGS => {
+            // Refused as they come: more fields than a settings form has is no settings form.
+            _ if settings.len() >= MAX_SETTINGS_FIELDS => {
                 return Err(ApiError::validation(format!(
-                    "more than {MAX_SETTINGS} settings fields"
+                    "more than {MAX_SETTINGS_FIELDS} settings fields"
                 )))
             }
             _ => {
                 let text = read_text(field, settings_limit)
                     .await
                     .map_err(field_error)?;
-                // Numbers and booleans arrive as text in a form; JSON-looking values are taken as JSON.
-                let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                settings.insert(name, value);
+                settings.push((name, text));
             }
         }
     }
     let dataset_bytes = dataset_bytes
         .ok_or_else(|| ApiError::validation("missing form field `dataset` (a ZIP of images)"))?;
     let keywords = keywords.ok_or_else(|| ApiError::validation("missing form field `keywords`"))?;
-    let dataset_images = count_images(state.jobs.data().dataset(id)).await?;
-    Ok(TrainingParams {
-        keywords,
-        settings,
-        dataset_bytes,
-        dataset_images,
-    })
+    let request = TrainRequest::from_form(&keywords, &settings).map_err(ApiError::validation)?;
+    Ok((request, dataset_bytes))
 }
 
 /// Reading a form field failed: in the body (mapped by the caller, which knows the cap) or on our side.
@@ -190,91 +188,33 @@ async fn read_text(mut field: Field<'_>, limit: usize) -> Result<String, FieldEr
     while let Some(chunk) = field.chunk().await.map_err(FieldError::Multipart)? {
         if bytes.len() + chunk.len() > limit {
             let message = format!("form field `{name}` is longer than {limit} bytes");
-            return Err(FieldError::Api(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                message,
-            )));
+            return Err(FieldError::Api(ApiError::new(ErrorCode::TooLarge, message)));
         }
         bytes.extend_from_slice(&chunk);
     }
     String::from_utf8(bytes).map_err(|_| {
-        FieldError::Api(ApiError::bad_request(
-            "invalid_utf8",
+        FieldError::Api(ApiError::new(
+            ErrorCode::InvalidUtf8,
             format!("form field `{name}` is not UTF-8"),
         ))
     })
 }
 
-/// A JSON list of strings, or a comma-separated string.
-fn parse_keywords(text: &str) -> Result<Vec<String>, ApiError> {
-    let text = text.trim();
-    let raw: Vec<String> = if text.starts_with('[') {
-        serde_json::from_str(text).map_err(|_| {
-            ApiError::validation(
-                "keywords must be a JSON list of strings or a comma-separated string",
-            )
-        })?
-    } else {
-        text.split(',').map(str::to_owned).collect()
-    };
-    let keywords: Vec<String> = raw
-        .iter()
-        .map(|k| k.trim().to_owned())
-        .filter(|k| !k.is_empty())
-        .collect();
-    if keywords.is_empty() {
-        return Err(ApiError::validation(
-            "keywords must name at least one keyword",
-        ));
-    }
-    if keywords.len() > MAX_KEYWORDS {
-        return Err(ApiError::validation(format!(
-            "more than {MAX_KEYWORDS} keywords"
-        )));
-    }
-    if let Some(long) = keywords
-        .iter()
-        .find(|k| k.chars().count() > MAX_KEYWORD_CHARS)
-    {
-        return Err(ApiError::validation(format!(
-            "keyword longer than {MAX_KEYWORD_CHARS} characters: {long:.40}..."
-        )));
-    }
-    Ok(keywords)
-}
-
-/// Reads the ZIP's directory (not its contents) to refuse a non-ZIP or an image-less one before queueing.
-async fn count_images(path: std::path::PathBuf) -> Result<u32, ApiError> {
-    let count = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+/// Judges the stored ZIP as the trainer will read it (`app::dataset::archive::check`: bounded reads,
+/// headers checked before bounded decodes), off the async runtime: a ZIP with nothing to train on is
+/// refused here, before it takes a queue slot, with each file and its reason.
+async fn check_dataset(path: std::path::PathBuf) -> Result<DatasetCheck, ApiError> {
+    let check = tokio::task::spawn_blocking(move || -> Result<DatasetCheck, String> {
         let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        let mut archive = zip::ZipArchive::new(file)
-            .map_err(|e| format!("the dataset is not a readable ZIP: {e}"))?;
-        let mut images = 0u32;
-        for i in 0..archive.len() {
-            let entry = archive
-                .by_index_raw(i)
-                .map_err(|e| format!("the dataset's ZIP is damaged: {e}"))?;
-            let is_image = entry.is_file()
-                && entry.name().is_ok_and(|name| {
-                    Path::new(name.as_ref())
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
-                });
-            images += u32::from(is_image);
-        }
-        Ok(images)
+        archive::check(std::io::BufReader::new(file))
     })
     .await
-    .map_err(|e| ApiError::internal("reading the ZIP", e))?
-    .map_err(ApiError::validation)?;
-    if count == 0 {
-        return Err(ApiError::validation(
-            "the dataset ZIP holds no png, jpg, jpeg or webp images",
-        ));
+    .map_err(|e| ApiError::internal("checking the ZIP", e))?
+    .map_err(|message| ApiError::invalid_dataset(message, Vec::new()))?;
+    match check.refusal() {
+        Some(message) => Err(ApiError::invalid_dataset(message, check.skipped)),
+        None => Ok(check),
     }
-    Ok(count)
 }
 
 /// A training job's progress, as the original service reported it.
@@ -330,36 +270,5 @@ fn train_status(record: JobRecord) -> TrainStatus {
         error: record.error,
         keywords,
         updated_at: record.updated_at,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keywords_as_json_list_or_comma_separated() {
-        let expected = vec![
-            "realistic".to_string(),
-            "detailed".into(),
-            "high quality".into(),
-        ];
-        assert_eq!(
-            parse_keywords(r#"["realistic", "detailed", "high quality"]"#).unwrap(),
-            expected
-        );
-        assert_eq!(
-            parse_keywords("realistic, detailed,high quality ,").unwrap(),
-            expected
-        );
-        assert_eq!(
-            parse_keywords("[1, 2]").unwrap_err().status,
-            StatusCode::UNPROCESSABLE_ENTITY
-        );
-        assert_eq!(
-            parse_keywords(" , ").unwrap_err().status,
-            StatusCode::UNPROCESSABLE_ENTITY
-        );
-        assert!(parse_keywords(&"k,".repeat(MAX_KEYWORDS + 1)).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! `{"type": "cancel"}` cancels the job. Training: the job's log is replayed, then live events follow until
 //! the job ends; closing this socket does not touch the job.
 
-use app::{ClientMessage, EventBody, GenerateRequest, JobEvent};
+use app::{ClientMessage, ErrorCode, EventBody, GenerateRequest, JobEvent};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -16,10 +16,11 @@ use super::train::training_record;
 use super::{job_id, ApiPath, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
+use crate::store::now_ms;
 
 /// Generation stream: send a `GenerateRequest` as the first text message.
 #[utoipa::path(get, path = "/ws/generate", tag = "streams", responses(
-    (status = 101, description = "WebSocket: send a GenerateRequest, receive JobEvent messages"),
+    (status = 101, description = "WebSocket: send a GenerateRequest, receive JobEvent messages (a refused request: one `error` JobEvent with seq 0)"),
 ))]
 pub async fn generation(
     State(state): State<AppState>,
@@ -56,11 +57,10 @@ async fn send_json(socket: &mut WebSocket, value: &impl Serialize) -> bool {
     }
 }
 
+/// A request refused before it became a job: the stream's one message, then the close.
 async fn send_error_and_close(mut socket: WebSocket, error: ApiError) {
-    let body = EventBody::Error {
-        error: error.detail(),
-    };
-    if send_json(&mut socket, &body).await {
+    let event = JobEvent::unlogged("", error.detail(), now_ms());
+    if send_json(&mut socket, &event).await {
         close(socket).await;
     }
 }
@@ -82,8 +82,8 @@ async fn generation_session(state: AppState, mut socket: WebSocket) {
         match socket.recv().await {
             Some(Ok(Message::Text(text))) => break serde_json::from_str::<GenerateRequest>(&text),
             Some(Ok(Message::Binary(_))) => {
-                let error = ApiError::bad_request(
-                    "invalid_json",
+                let error = ApiError::new(
+                    ErrorCode::InvalidJson,
                     "send the request as a JSON text message",
                 );
                 return send_error_and_close(socket, error).await;
@@ -96,12 +96,11 @@ async fn generation_session(state: AppState, mut socket: WebSocket) {
         Ok(request) => request,
         Err(err) => {
             let code = if err.is_data() {
-                "validation"
+                ErrorCode::Validation
             } else {
-                "invalid_json"
+                ErrorCode::InvalidJson
             };
-            let error =
-                ApiError::bad_request(code, format!("the request is not a GenerateRequest: {err}"));
+            let error = ApiError::new(code, format!("the request is not a GenerateRequest: {err}"));
             return send_error_and_close(socket, error).await;
         }
     };
@@ -201,13 +200,8 @@ async fn replay(state: &AppState, id: JobId, socket: &mut WebSocket, last: &mut 
         Ok(events) => events,
         Err(err) => {
             let error = ApiError::internal("reading the job's log", format!("{err:#}"));
-            let _ = send_json(
-                socket,
-                &EventBody::Error {
-                    error: error.detail(),
-                },
-            )
-            .await;
+            let event = JobEvent::unlogged(id.to_string(), error.detail(), now_ms());
+            let _ = send_json(socket, &event).await;
             return false;
         }
     };

@@ -233,12 +233,10 @@ struct FakeRun {
 }
 
 impl Training for FakeTraining {
-    fn check_settings(
-        &self,
-        settings: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), String> {
-        match settings.get("rank") {
-            Some(rank) if !rank.is_u64() => Err("rank must be a whole number".into()),
+    /// As the real trainer: a model it does not have is refused.
+    fn check_settings(&self, settings: &app::TrainSettingsForm) -> Result<(), String> {
+        match settings.model.as_deref() {
+            Some(model) if model != "tiny" => Err(format!("model must be tiny (got {model:?})")),
             _ => Ok(()),
         }
     }
@@ -288,6 +286,15 @@ impl TrainingRun for FakeRun {
         std::fs::write(&self.spec.lora_file, b"fake safetensors")?;
         Ok(StepOutcome::Finished)
     }
+}
+
+/// A small flat PNG: an image the upload check and the trainer accept.
+pub fn tiny_png(w: u32, h: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    RgbImage::from_pixel(w, h, image::Rgb([200, 120, 20]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png
 }
 
 /// A ZIP (stored, uncompressed) with the given (name, bytes) entries.

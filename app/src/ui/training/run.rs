@@ -9,10 +9,10 @@ use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::hooks::use_params_map;
 
-use super::api;
-use super::chart;
-use super::chat::short_id;
-use super::{ErrorBox, Loading};
+use super::super::api;
+use super::super::chart;
+use super::super::chat::short_id;
+use super::super::{ErrorBox, Loading};
 use crate::{EventBody, JobEvent, JobStatus, TrainStatus};
 
 /// Everything the page shows, folded from the status answer and the stream.
@@ -37,10 +37,13 @@ struct Run {
 
 impl Run {
     fn apply(&mut self, event: JobEvent) {
-        if event.seq <= self.seq {
-            return;
+        // seq 0: an error of the stream itself, no event of the job's log.
+        if event.seq != 0 {
+            if event.seq <= self.seq {
+                return;
+            }
+            self.seq = event.seq;
         }
-        self.seq = event.seq;
         match event.body {
             EventBody::Status { status } => {
                 self.status = Some(status);
@@ -94,7 +97,7 @@ fn status_label(status: Option<JobStatus>) -> &'static str {
 }
 
 #[component]
-pub fn TrainingPage() -> impl IntoView {
+pub fn TrainingRunPage() -> impl IntoView {
     let params = use_params_map();
     let id = move || params.with(|p| p.get("id").unwrap_or_default());
     let run = RwSignal::new(Run::default());

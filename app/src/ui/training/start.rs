@@ -8,9 +8,9 @@ use leptos_meta::Title;
 use leptos_router::hooks::use_navigate;
 use wasm_bindgen::JsValue;
 
-use super::api;
+use super::super::api;
+use super::super::{ErrorBox, Loading};
 use super::dataset::{self, Preview, Verdict};
-use super::{ErrorBox, Loading};
 use crate::TrainAccepted;
 
 /// The dropped dataset: one ZIP as it is, or images to be packed into one.
@@ -68,8 +68,13 @@ pub fn TrainPage() -> impl IntoView {
                 reading.set(false);
             });
         } else {
-            preview.set(Some(dataset::preview_files(&files)));
-            dropped.set(Some(Dropped::Images(files)));
+            dropped.set(Some(Dropped::Images(files.clone())));
+            preview.set(None);
+            reading.set(true);
+            leptos::task::spawn_local(async move {
+                preview.set(Some(dataset::preview_files(&files).await));
+                reading.set(false);
+            });
         }
     };
     let on_drop = move |ev: DragEvent| {
@@ -92,6 +97,15 @@ pub fn TrainPage() -> impl IntoView {
             ));
             return;
         };
+        // The server would answer the same refusal after the whole upload.
+        if let Some(refusal) =
+            preview.with_untracked(|p| p.as_ref().and_then(|p| p.refusal.clone()))
+        {
+            error.set(Some(format!(
+                "This dataset cannot be trained on: {refusal}"
+            )));
+            return;
+        }
         if keywords.with_untracked(|k| k.trim().is_empty()) {
             error.set(Some(
                 "Give at least one trigger word: it is how prompts will call up what this LoRA learns.".into(),
@@ -184,7 +198,7 @@ pub fn TrainPage() -> impl IntoView {
                     <span>"or press to choose files (png, jpg, jpeg, webp, with optional .txt captions)"</span>
                 </label>
                 <Show when=move || reading.get()>
-                    <Loading what="Reading the ZIP…" />
+                    <Loading what="Checking the images…" />
                 </Show>
                 {move || preview.get().map(|p| view! { <PreviewGrid preview=p /> })}
                 <div class="fields">
@@ -274,8 +288,8 @@ fn PreviewGrid(preview: Preview) -> impl IntoView {
     let rejected: Vec<_> = preview
         .files
         .iter()
-        .filter_map(|f| match f.verdict {
-            Verdict::Rejected(why) => Some((f.name.clone(), why)),
+        .filter_map(|f| match &f.verdict {
+            Verdict::Rejected(why) => Some((f.name.clone(), why.clone())),
             _ => None,
         })
         .collect();
@@ -291,9 +305,7 @@ fn PreviewGrid(preview: Preview) -> impl IntoView {
         <section class="preview-grid" aria-label="Dataset preview">
             {preview.note.map(|note| view! { <p class="note">{note}</p> })}
             <h2>{format!("{used} image{} will be used", if used == 1 { "" } else { "s" })}</h2>
-            <Show when=move || used == 0>
-                <ErrorBox message="No usable images: the set needs png, jpg, jpeg or webp files." />
-            </Show>
+            {preview.refusal.map(|message| view! { <ErrorBox message /> })}
             <ul class="thumbs">
                 {images
                     .into_iter()

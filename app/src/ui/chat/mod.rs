@@ -1,0 +1,114 @@
+//! Chat and generate: every message is classified by `POST /classify/`; an image request becomes a
+//! generation over `/ws/generate` with live step previews, anything else gets a reply that says what the
+//! studio can do. The thread lives for the whole visit (not just this page), so a generation keeps going
+//! and stays visible while the user looks at the gallery or the jobs.
+
+mod composer;
+mod generation;
+mod lightbox;
+mod message;
+mod settings;
+mod socket;
+mod state;
+
+use leptos::prelude::*;
+use leptos_meta::Title;
+use leptos_router::hooks::use_query_map;
+
+use super::api::{self, Load};
+use crate::HealthResponse;
+
+use composer::Composer;
+pub use generation::short_id;
+use lightbox::Lightbox;
+use message::EntryView;
+use settings::SettingsPanel;
+pub use state::ChatState;
+
+#[component]
+pub fn ChatPage() -> impl IntoView {
+    let chat = expect_context::<ChatState>();
+    let query = use_query_map();
+    Effect::new(move |_| {
+        // Once per visit: the lists the settings offer, and what this server can do.
+        if matches!(chat.models.get_untracked(), Load::Loading) {
+            api::load_into("/models/".into(), chat.models);
+        }
+        api::load_into("/loras/".into(), chat.loras);
+        leptos::task::spawn_local(async move {
+            if let Ok(health) = api::get::<HealthResponse>("/health").await {
+                chat.health.set(Some(health));
+            }
+        });
+        // "Generate with this LoRA" links here with ?lora=<model_id>.
+        if let Some(lora) = query.get_untracked().get("lora") {
+            chat.settings.lora.set(lora);
+        }
+    });
+    view! {
+        <Title text="Chat · FLUX studio" />
+        <div class="chat-layout">
+            <section class="chat" aria-label="Chat">
+                <Thread chat />
+                <Composer chat />
+            </section>
+            <SettingsPanel chat />
+        </div>
+        <Lightbox chat />
+    }
+    .into_any()
+}
+
+#[component]
+pub(super) fn Thread(chat: ChatState) -> impl IntoView {
+    let end = NodeRef::<leptos::html::Div>::new();
+    Effect::new(move |_| {
+        chat.thread.with(Vec::len);
+        if let Some(end) = end.get() {
+            end.scroll_into_view();
+        }
+    });
+    view! {
+        <div class="thread" aria-live="polite">
+            <Show when=move || chat.thread.with(Vec::is_empty)>
+                <Welcome chat />
+            </Show>
+            <For
+                each=move || chat.thread.get()
+                key=|item| item.id
+                children=move |item| view! { <EntryView chat entry=item.entry /> }
+            />
+            <div node_ref=end></div>
+        </div>
+    }
+}
+
+#[component]
+pub(super) fn Welcome(chat: ChatState) -> impl IntoView {
+    let examples = [
+        "a lighthouse on a cliff at dusk, oil painting",
+        "portrait of an old sailor, 35mm photo",
+        "what can you do?",
+    ];
+    view! {
+        <div class="welcome">
+            <h1>"What shall we make?"</h1>
+            <p>
+                "Describe an image and the studio draws it, showing each step as it sharpens. "
+                "Ask anything else and it tells you what it can do."
+            </p>
+            <div class="examples">
+                {examples
+                    .into_iter()
+                    .map(|text| {
+                        view! {
+                            <button class="chip" on:click=move |_| chat.send(text.to_owned())>
+                                {text}
+                            </button>
+                        }
+                    })
+                    .collect_view()}
+            </div>
+        </div>
+    }
+}

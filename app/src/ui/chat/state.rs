@@ -1,0 +1,225 @@
+//! The chat's state for the whole visit: the thread, the settings, each generation's live state.
+
+use leptos::prelude::*;
+
+use super::settings::Settings;
+use super::socket::stream_generation;
+use crate::ui::api::{self, Load};
+use crate::ui::reply::reply;
+use crate::{
+    ClassifyRequest, ClassifyResponse, EventBody, GenerateRequest, GenerateResponse,
+    HealthResponse, JobEvent, JobStatus, Label, LoraList, ModelsResponse,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Connecting,
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    pub(super) fn is_over(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+/// One generation's live state, as its stream reports it.
+#[derive(Debug, Clone)]
+pub(super) struct GenState {
+    pub(super) phase: Phase,
+    pub(super) job_id: Option<String>,
+    pub(super) step: u32,
+    pub(super) total: u32,
+    /// A data URL of the latest step's preview.
+    pub(super) preview: Option<String>,
+    pub(super) result: Option<GenerateResponse>,
+    pub(super) error: Option<String>,
+    pub(super) cancelling: bool,
+    pub(super) copied: bool,
+}
+
+impl GenState {
+    pub(super) fn new() -> GenState {
+        GenState {
+            phase: Phase::Connecting,
+            job_id: None,
+            step: 0,
+            total: 0,
+            preview: None,
+            result: None,
+            error: None,
+            cancelling: false,
+            copied: false,
+        }
+    }
+
+    pub(super) fn finish(&mut self, mut response: GenerateResponse) {
+        // The PNG stays downloadable under /images/; the thread keeps only its address.
+        response.image = String::new();
+        self.job_id = Some(response.job_id.clone());
+        self.result = Some(response);
+    }
+
+    pub(super) fn apply(&mut self, event: JobEvent) {
+        // A request refused before it became a job has no id.
+        if !event.job_id.is_empty() {
+            self.job_id = Some(event.job_id);
+        }
+        match event.body {
+            EventBody::Status { status } => {
+                self.phase = match status {
+                    JobStatus::Queued => Phase::Queued,
+                    JobStatus::Completed => Phase::Done,
+                    JobStatus::Cancelled => Phase::Cancelled,
+                    JobStatus::Failed | JobStatus::Interrupted => Phase::Failed,
+                    _ => Phase::Running,
+                }
+            }
+            EventBody::Step {
+                step,
+                total,
+                preview,
+                ..
+            } => {
+                self.phase = Phase::Running;
+                self.step = step;
+                self.total = total;
+                if let Some(png) = preview {
+                    self.preview = Some(api::png_data_url(&png));
+                }
+            }
+            EventBody::Result(response) => self.finish(*response),
+            EventBody::Error { error } => {
+                self.phase = Phase::Failed;
+                self.error = Some(error.message);
+            }
+            EventBody::Log { .. } | EventBody::Sample { .. } => {}
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(super) enum Entry {
+    /// The user's message and, once classified, what the classifier said.
+    User {
+        text: String,
+        verdict: RwSignal<Option<Result<ClassifyResponse, ()>>>,
+    },
+    Reply(Vec<String>),
+    /// The message could not be classified; offers to generate anyway.
+    Unclassified {
+        prompt: String,
+        message: String,
+    },
+    Generation {
+        request: GenerateRequest,
+        state: RwSignal<GenState>,
+    },
+}
+
+#[derive(Clone)]
+pub(super) struct Item {
+    pub(super) id: usize,
+    pub(super) entry: Entry,
+}
+
+/// What the chat keeps for the whole visit; provided by `App`.
+#[derive(Clone, Copy)]
+pub struct ChatState {
+    pub(super) thread: RwSignal<Vec<Item>>,
+    pub(super) next_id: StoredValue<usize>,
+    pub(super) settings: Settings,
+    pub(super) models: RwSignal<Load<ModelsResponse>>,
+    pub(super) loras: RwSignal<Load<LoraList>>,
+    pub(super) health: RwSignal<Option<HealthResponse>>,
+    /// The image shown full size, if any.
+    pub(super) lightbox: RwSignal<Option<String>>,
+    /// Signals of new entries belong to the app, not to the page that happened to create them.
+    pub(super) owner: StoredValue<Owner>,
+}
+
+impl ChatState {
+    pub fn provide() {
+        let state = ChatState {
+            thread: RwSignal::new(Vec::new()),
+            next_id: StoredValue::new(0),
+            settings: Settings::new(),
+            models: RwSignal::new(Load::Loading),
+            loras: RwSignal::new(Load::Loading),
+            health: RwSignal::new(None),
+            lightbox: RwSignal::new(None),
+            owner: StoredValue::new(
+                Owner::current().expect("ChatState::provide runs in a component"),
+            ),
+        };
+        provide_context(state);
+    }
+
+    pub(super) fn push(&self, entry: Entry) {
+        let id = self.next_id.get_value();
+        self.next_id.set_value(id + 1);
+        self.thread.update(|t| t.push(Item { id, entry }));
+    }
+
+    pub(super) fn signal<T: Send + Sync + 'static>(&self, value: T) -> RwSignal<T> {
+        self.owner
+            .with_value(|owner| owner.with(|| RwSignal::new(value)))
+    }
+
+    /// The user sent a message: classify it, then generate or reply.
+    pub(super) fn send(self, text: String) {
+        let verdict = self.signal(None);
+        self.push(Entry::User {
+            text: text.clone(),
+            verdict,
+        });
+        leptos::task::spawn_local(async move {
+            let answer: Result<ClassifyResponse, String> = api::post(
+                "/classify/",
+                &ClassifyRequest {
+                    prompt: text.clone(),
+                },
+            )
+            .await;
+            match answer {
+                Ok(answer) => {
+                    verdict.set(Some(Ok(answer.clone())));
+                    if answer.label == Label::ImageRequest {
+                        self.generate(text);
+                    } else {
+                        let health = self.health.get_untracked();
+                        self.push(Entry::Reply(reply(&text, health.as_ref())));
+                    }
+                }
+                Err(message) => {
+                    verdict.set(Some(Err(())));
+                    self.push(Entry::Unclassified {
+                        prompt: text,
+                        message,
+                    });
+                }
+            }
+        });
+    }
+
+    /// Generates `prompt` with the current settings.
+    pub(super) fn generate(self, prompt: String) {
+        match self.settings.request(&prompt) {
+            Ok(request) => self.start(request),
+            Err(message) => self.push(Entry::Unclassified { prompt, message }),
+        }
+    }
+
+    pub(super) fn start(self, request: GenerateRequest) {
+        let state = self.signal(GenState::new());
+        self.push(Entry::Generation {
+            request: request.clone(),
+            state,
+        });
+        leptos::task::spawn_local(stream_generation(request, state));
+    }
+}

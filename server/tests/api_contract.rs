@@ -1,0 +1,126 @@
+//! The API's contract is the types of `app`, and /openapi.json shows them: one error-code enum whose
+//! every code has one status, the typed training settings, and one message type on the generation
+//! WebSocket, a refused request included.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use app::{ErrorCode, JobEvent};
+use common::{config, FakeGeneration, FakeTraining};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use server::jobs::capability::Capabilities;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn studio() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let caps = Capabilities {
+        generation: Some(Arc::new(FakeGeneration::new(Duration::ZERO))),
+        classification: None,
+        classification_error: None,
+        training: Some(Arc::new(FakeTraining {
+            steps: 2,
+            step_time: Duration::ZERO,
+        })),
+    };
+    let running = server::start(&config(dir.path()), caps).await.unwrap();
+    (dir, format!("http://{}", running.addr))
+}
+
+#[tokio::test]
+async fn the_openapi_document_shows_the_error_codes_and_the_training_settings() {
+    let (_dir, url) = studio().await;
+    let doc: Value = reqwest::get(format!("{url}/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let codes: Vec<&str> = schemas["ErrorCode"]["enum"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ErrorCode enum in {}", schemas["ErrorCode"]))
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let all: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(codes, all);
+    for field in ["steps", "rank", "learning_rate", "resolution", "model"] {
+        assert!(
+            schemas["TrainSettingsForm"]["properties"]
+                .get(field)
+                .is_some(),
+            "{field} missing from {}",
+            schemas["TrainSettingsForm"]
+        );
+    }
+    assert!(schemas["ErrorDetail"]["properties"].get("files").is_some());
+    assert!(schemas.get("JobEvent").is_some());
+}
+
+#[tokio::test]
+async fn every_error_answers_with_the_status_of_its_code() {
+    let (_dir, url) = studio().await;
+    let http = reqwest::Client::new();
+    for (method, path, body) in [
+        ("GET", "/jobs/not-a-uuid", None),
+        ("GET", "/jobs/3f2a0d7e-8c1b-4d7a-9c55-0123456789ab", None),
+        ("POST", "/generate/", Some("{")),
+        (
+            "POST",
+            "/generate/",
+            Some(r#"{"prompt": "x", "width": 100000}"#),
+        ),
+        ("DELETE", "/health", None),
+    ] {
+        let mut request = http.request(method.parse().unwrap(), format!("{url}{path}"));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let answer: app::ErrorBody = response.json().await.unwrap();
+        assert_eq!(
+            status,
+            answer.error.code.status(),
+            "{method} {path}: {answer:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refused_generation_request_is_a_job_event_like_every_other_message() {
+    let (_dir, url) = studio().await;
+    let ws = format!("{}/ws/generate", url.replace("http://", "ws://"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
+    socket
+        .send(Message::Text(r#"{"prompt": "x", "width": 100000}"#.into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(text))) = socket.next().await else {
+        panic!("no message");
+    };
+    let event: JobEvent = serde_json::from_str(&text).unwrap();
+    assert_eq!((event.job_id.as_str(), event.seq), ("", 0), "{text}");
+    match event.body {
+        app::EventBody::Error { error } => assert_eq!(error.code, ErrorCode::Validation),
+        other => panic!("not an error: {other:?}"),
+    }
+    // An accepted one: the same type throughout.
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
+    socket
+        .send(Message::Text(r#"{"prompt": "x", "steps": 2}"#.into()))
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    while let Some(Ok(Message::Text(text))) = socket.next().await {
+        let event: JobEvent = serde_json::from_str(&text).unwrap();
+        assert!(!event.job_id.is_empty());
+        seqs.push(event.seq);
+    }
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
