@@ -35,7 +35,7 @@ fn card(job: &JobRecord) -> Option<Card> {
         Some("none") => lines.push("no LoRA".into()),
         Some(lora) => lines.push(format!(
             "LoRA {} × {}",
-            super::chat::short_id(lora),
+            super::short_id(lora),
             request.lora_scale.unwrap_or(1.0)
         )),
     }

@@ -7,7 +7,7 @@ use leptos::prelude::*;
 use leptos_meta::Title;
 
 use super::api::{self, Load};
-use super::chat::short_id;
+use super::short_id;
 use super::{ErrorBox, Loading};
 use crate::{HealthResponse, JobKind, JobList, JobRecord};
 

@@ -125,3 +125,8 @@ fn Loading(#[prop(into)] what: String) -> impl IntoView {
         </p>
     }
 }
+
+/// The first block of a UUID: enough to tell a user's LoRAs and jobs apart.
+pub fn short_id(id: &str) -> &str {
+    id.split('-').next().unwrap_or(id)
+}

@@ -16,12 +16,13 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cycles = tools::module_graph::workspace_cycles(&args.root)?;
+    if cycles.is_empty() {
+        println!("no import cycle between the modules of any crate");
+        return Ok(());
+    }
     for cycle in &cycles {
         eprint!("{cycle}");
     }
-    if !cycles.is_empty() {
-        anyhow::bail!("{} import cycle(s) between modules", cycles.len());
-    }
-    println!("no import cycle between the modules of any crate");
-    Ok(())
+    eprintln!("{} import cycle(s) between modules", cycles.len());
+    std::process::exit(1);
 }

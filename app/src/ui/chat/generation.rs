@@ -2,9 +2,10 @@
 
 use leptos::prelude::*;
 
-use super::state::{ChatState, GenState, Phase};
+use super::progress::{GenState, Phase};
+use super::state::ChatState;
 use crate::ui::api;
-use crate::ui::ErrorBox;
+use crate::ui::{short_id, ErrorBox};
 use crate::GenerateRequest;
 
 #[component]
@@ -223,9 +224,4 @@ pub(super) fn settings_summary(request: &GenerateRequest) -> String {
         parts.push(format!("seed {seed}"));
     }
     parts.join(" · ")
-}
-
-/// The first block of a UUID: enough to tell a user's LoRAs apart.
-pub fn short_id(id: &str) -> &str {
-    id.split('-').next().unwrap_or(id)
 }

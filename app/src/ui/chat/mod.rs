@@ -4,9 +4,11 @@
 //! and stays visible while the user looks at the gallery or the jobs.
 
 mod composer;
+mod form;
 mod generation;
 mod lightbox;
 mod message;
+mod progress;
 mod settings;
 mod socket;
 mod state;
@@ -19,7 +21,6 @@ use super::api::{self, Load};
 use crate::HealthResponse;
 
 use composer::Composer;
-pub use generation::short_id;
 use lightbox::Lightbox;
 use message::EntryView;
 use settings::SettingsPanel;

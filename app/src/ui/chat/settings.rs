@@ -1,79 +1,11 @@
-//! The generation settings: what the form holds, the request it makes, and the panel that edits them.
+//! The panel that edits the generation settings.
 
 use leptos::prelude::*;
 
-use super::generation::short_id;
 use super::state::ChatState;
 use crate::ui::api::Load;
 use crate::ui::sizes::{dimensions, ASPECTS, SIDES};
-use crate::ui::{ErrorBox, Loading};
-use crate::GenerateRequest;
-
-/// The generation settings, as the form holds them: text where the user may leave a field empty to get the
-/// model's default.
-#[derive(Clone, Copy)]
-pub(super) struct Settings {
-    /// A preset id; empty: the server's default preset.
-    pub(super) model: RwSignal<String>,
-    /// Empty: the preset's own LoRA; `none`; or a trained `model_id`.
-    pub(super) lora: RwSignal<String>,
-    pub(super) lora_scale: RwSignal<f32>,
-    pub(super) steps: RwSignal<String>,
-    pub(super) guidance: RwSignal<String>,
-    /// An index into `ASPECTS`; `None`: the model's default size.
-    pub(super) aspect: RwSignal<Option<usize>>,
-    pub(super) side: RwSignal<u32>,
-    /// Empty: a random seed for each image.
-    pub(super) seed: RwSignal<String>,
-}
-
-impl Settings {
-    pub(super) fn new() -> Settings {
-        Settings {
-            model: RwSignal::new(String::new()),
-            lora: RwSignal::new(String::new()),
-            lora_scale: RwSignal::new(1.0),
-            steps: RwSignal::new(String::new()),
-            guidance: RwSignal::new(String::new()),
-            aspect: RwSignal::new(None),
-            side: RwSignal::new(512),
-            seed: RwSignal::new(String::new()),
-        }
-    }
-
-    /// The request for `prompt`, or what is wrong with a field.
-    pub(super) fn request(&self, prompt: &str) -> Result<GenerateRequest, String> {
-        fn number<T: std::str::FromStr>(name: &str, text: &str) -> Result<Option<T>, String> {
-            let text = text.trim();
-            if text.is_empty() {
-                return Ok(None);
-            }
-            text.parse()
-                .map(Some)
-                .map_err(|_| format!("{name} must be a number, got “{text}”"))
-        }
-        let lora = self.lora.get_untracked();
-        let size = self
-            .aspect
-            .get_untracked()
-            .map(|i| dimensions(ASPECTS[i].1, self.side.get_untracked()));
-        let model = self.model.get_untracked();
-        let request = GenerateRequest {
-            prompt: prompt.trim().to_owned(),
-            seed: number("Seed", &self.seed.get_untracked())?,
-            steps: number("Steps", &self.steps.get_untracked())?,
-            guidance: number("Guidance", &self.guidance.get_untracked())?,
-            width: size.map(|s| s.0),
-            height: size.map(|s| s.1),
-            lora_scale: (!lora.is_empty() && lora != "none")
-                .then(|| self.lora_scale.get_untracked()),
-            lora: (!lora.is_empty()).then_some(lora),
-            model: (!model.is_empty()).then_some(model),
-        };
-        request.validate()?;
-        Ok(request)
-    }
-}
+use crate::ui::{short_id, ErrorBox, Loading};
 
 #[component]
 pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {

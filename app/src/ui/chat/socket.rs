@@ -5,7 +5,7 @@ use gloo_net::websocket::futures::WebSocket;
 use gloo_net::websocket::{Message, WebSocketError};
 use leptos::prelude::*;
 
-use super::state::{GenState, Phase};
+use super::progress::{GenState, Phase};
 use crate::ui::api;
 use crate::{GenerateRequest, JobEvent};
 

@@ -11,8 +11,8 @@ use leptos_router::hooks::use_params_map;
 
 use super::super::api;
 use super::super::chart;
-use super::super::chat::short_id;
 use super::super::{ErrorBox, Loading};
+use crate::ui::short_id;
 use crate::{EventBody, JobEvent, JobStatus, TrainStatus};
 
 /// Everything the page shows, folded from the status answer and the stream.
