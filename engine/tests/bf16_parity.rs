@@ -8,6 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use engine::models::flux::{timestep_embedding, FluxConfig, FluxTransformer, FluxWeights};
+use engine::ops::Kernels;
 
 /// One bf16 step (2^-8) of values below 1: the embeddings are bf16 and may round the other way
 /// where the arguments (up to a few thousand radians) differ in their last f32 bit.
@@ -24,7 +25,7 @@ fn model(dtype: DType) -> FluxTransformer {
             .unwrap();
     let cfg = FluxConfig::from_diffusers_json(&json).unwrap();
     let w = FluxWeights::open(&tiny_dev().join("transformer"), dtype, &Device::Cpu).unwrap();
-    FluxTransformer::load(&w, &cfg, dtype, &Device::Cpu).unwrap()
+    FluxTransformer::load(&w, &cfg, dtype, &Device::Cpu, Kernels::Plain).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
