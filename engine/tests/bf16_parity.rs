@@ -23,9 +23,9 @@ const EMBEDDING_TOL: f64 = 1.0 / 256.0;
 /// the output moved much further: see the measured errors in the test's message.
 const STEP_TOL: f64 = 2e-2;
 
-/// None: the q and k heads are diffusers' to the bit. Both round the RMS norm to bf16 once and the
-/// rotation once, from the same f32 arithmetic on f32 tables. Tables rounded to bf16 and a rotation
-/// in bf16 (as before) moved a few thousand of the fixture's values by one or two bf16 steps.
+/// None: the q and k heads are diffusers' to the bit, as both round the RMS norm to bf16 once and
+/// the rotation once, from the same f32 arithmetic on f32 tables. Tables and rotation in bf16 (as
+/// before) moved nearly half of the values by one or two bf16 steps.
 const HEADS_TOL: f64 = 0.0;
 
 fn config() -> FluxConfig {
@@ -105,6 +105,8 @@ fn q_and_k_are_rotated_in_f32_as_diffusers_rotates_them() {
     }
 }
 
+/// The step above with the image tokens spread over a 1024x1024 grid's positions (0..63), where the
+/// RoPE angles are largest.
 #[test]
 fn a_bf16_step_at_a_1024_grids_positions_matches_diffusers_in_bf16() {
     let mut r = reference("transformer_dev_bf16");
