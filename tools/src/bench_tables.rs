@@ -96,18 +96,26 @@ impl Records {
             .map(|e| e.map(|e| e.path()))
             .collect::<std::io::Result<_>>()?;
         files.retain(|p| p.extension().is_some_and(|e| e == "json"));
-        let mut records = Records { generation: Vec::new(), training: Vec::new() };
+        let mut records = Records {
+            generation: Vec::new(),
+            training: Vec::new(),
+        };
         for file in files {
             let text = std::fs::read_to_string(&file)?;
-            let head: Head = serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))?;
+            let head: Head = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", file.display()))?;
             match head.what.as_str() {
                 "generation" => records.generation.push(serde_json::from_str(&text)?),
                 "lora-training" => records.training.push(serde_json::from_str(&text)?),
                 other => bail!("{}: unknown record kind {other:?}", file.display()),
             }
         }
-        records.generation.sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
-        records.training.sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records
+            .generation
+            .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records
+            .training
+            .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
         Ok(records)
     }
 
@@ -124,13 +132,19 @@ impl Records {
     }
 
     fn latest_generation(&self) -> Result<&Generation> {
-        self.generation.last().context("no generation record in bench/results")
+        self.generation
+            .last()
+            .context("no generation record in bench/results")
     }
 
     fn generation_table(&self) -> Result<String> {
         let g = self.latest_generation()?;
         let mut t = String::new();
-        t += &format!("{}. Reproduce: `{}`.\n\n", source(&g.head, &g.reference), command(&g.head));
+        t += &format!(
+            "{}. Reproduce: `{}`.\n\n",
+            source(&g.head, &g.reference),
+            command(&g.head)
+        );
         t += "|";
         for s in &g.sizes {
             t += &format!(" | ours {0}x{0} | diffusers {0}x{0}", s.size);
@@ -145,18 +159,29 @@ impl Records {
             }
             r + "\n"
         };
-        t += &row("28-step generation, end to end (T5-XXL + CLIP, denoise, VAE decode)", &|f, _| secs(Some(f.total_s), 2));
+        t += &row(
+            "28-step generation, end to end (T5-XXL + CLIP, denoise, VAE decode)",
+            &|f, _| secs(Some(f.total_s), 2),
+        );
         t += &row("one transformer step", &|f, _| secs(f.step_s, 3));
-        t += &row("achieved TFLOP/s in a step", &|f, _| f.step_tflops.map(|x| format!("{x:.0}")).unwrap_or_default());
+        t += &row("achieved TFLOP/s in a step", &|f, _| {
+            f.step_tflops.map(|x| format!("{x:.0}")).unwrap_or_default()
+        });
         t += &row("VAE decode", &|f, _| secs(f.decode_s, 3));
         t += &row("peak GPU memory", &|f, ours| {
             if ours {
-                f.peak_in_use_gib.map(|x| format!("{x:.1} GiB in use (nvidia-smi)")).unwrap_or_default()
+                f.peak_in_use_gib
+                    .map(|x| format!("{x:.1} GiB in use (nvidia-smi)"))
+                    .unwrap_or_default()
             } else {
                 format!(
                     "{} GiB allocated, {} reserved (torch)",
-                    f.peak_allocated_gib.map(|x| format!("{x:.1}")).unwrap_or_default(),
-                    f.peak_reserved_gib.map(|x| format!("{x:.1}")).unwrap_or_default()
+                    f.peak_allocated_gib
+                        .map(|x| format!("{x:.1}"))
+                        .unwrap_or_default(),
+                    f.peak_reserved_gib
+                        .map(|x| format!("{x:.1}"))
+                        .unwrap_or_default()
                 )
             }
         });
@@ -188,13 +213,24 @@ impl Records {
 
     fn kernels_table(&self) -> Result<String> {
         let g = self.latest_generation()?;
-        let mut t = format!("{}: `engine/tests/gpu_kernels.rs`.\n\n", source(&g.head, "each kernel against the plain candle ops"));
+        let mut t = format!(
+            "{}: `engine/tests/gpu_kernels.rs`.\n\n",
+            source(&g.head, "each kernel against the plain candle ops")
+        );
         t += "| op | fused | plain candle ops | fused rel. L2 vs f32 | plain bf16 rel. L2 vs f32 |\n|---|---|---|---|---|\n";
         for k in &g.kernels {
-            let rate = k.fused_tflops.map(|x| format!(" ({x:.0} TFLOP/s)")).unwrap_or_default();
+            let rate = k
+                .fused_tflops
+                .map(|x| format!(" ({x:.0} TFLOP/s)"))
+                .unwrap_or_default();
             t += &format!(
                 "| {} | {:.3} ms{} | {:.3} ms | {:.1e} | {:.1e} |\n",
-                k.op, k.fused_ms, rate, k.plain_ms, k.fused_rel_l2_vs_f32, k.plain_bf16_rel_l2_vs_f32
+                k.op,
+                k.fused_ms,
+                rate,
+                k.plain_ms,
+                k.fused_rel_l2_vs_f32,
+                k.plain_bf16_rel_l2_vs_f32
             );
         }
         Ok(t)
@@ -222,15 +258,34 @@ impl Records {
         for (r, _) in &cases {
             if !seen.contains(&r.head.run) {
                 seen.push(r.head.run);
-                t += &format!("- {}; reproduce: `{}`\n", source(&r.head, &r.reference), command(&r.head));
+                t += &format!(
+                    "- {}; reproduce: `{}`\n",
+                    source(&r.head, &r.reference),
+                    command(&r.head)
+                );
             }
         }
         t += "\n| | ours | peft | run |\n|---|---|---|---|\n";
         for (r, c) in cases {
-            let name = format!("{0}x{0}, {1}", c.size, if c.checkpointing { "checkpointing" } else { "no checkpointing" });
+            let name = format!(
+                "{0}x{0}, {1}",
+                c.size,
+                if c.checkpointing {
+                    "checkpointing"
+                } else {
+                    "no checkpointing"
+                }
+            );
             let reference = c.reference.as_ref().expect("filtered above");
-            let ours_mem = c.ours.peak_in_use_gib.map(|x| format!(", {x:.1} GiB in use")).unwrap_or_default();
-            let ref_mem = reference.peak_allocated_gib.map(|x| format!(", {x:.1} GiB allocated")).unwrap_or_default();
+            let ours_mem = c
+                .ours
+                .peak_in_use_gib
+                .map(|x| format!(", {x:.1} GiB in use"))
+                .unwrap_or_default();
+            let ref_mem = reference
+                .peak_allocated_gib
+                .map(|x| format!(", {x:.1} GiB allocated"))
+                .unwrap_or_default();
             t += &format!(
                 "| {name} step | **{:.3} s**{ours_mem} | {:.3} s{ref_mem} | {} |\n",
                 c.ours.step_s,
@@ -254,7 +309,11 @@ impl Records {
                     .iter()
                     .find(|c| (c.size, c.checkpointing) == (size, ckpt))
                     .map(|c| {
-                        let mem = c.ours.peak_in_use_gib.map(|m| format!(" ({m:.1} GiB)")).unwrap_or_default();
+                        let mem = c
+                            .ours
+                            .peak_in_use_gib
+                            .map(|m| format!(" ({m:.1} GiB)"))
+                            .unwrap_or_default();
                         format!("{:.3} s{mem}", c.ours.step_s)
                     })
                     .unwrap_or_default()
@@ -293,9 +352,16 @@ pub fn fill(records: &Records, text: &str) -> Result<String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find(OPEN) {
-        let head_end = start + rest[start..].find("-->").context("an unclosed bench-table marker")? + 3;
+        let head_end = start
+            + rest[start..]
+                .find("-->")
+                .context("an unclosed bench-table marker")?
+            + 3;
         let name = rest[start + OPEN.len()..head_end - 3].trim();
-        let end = head_end + rest[head_end..].find(CLOSE).with_context(|| format!("no {CLOSE} after table {name}"))?;
+        let end = head_end
+            + rest[head_end..]
+                .find(CLOSE)
+                .with_context(|| format!("no {CLOSE} after table {name}"))?;
         out += &rest[..head_end];
         out += "\n";
         out += &records.table(name)?;
@@ -310,7 +376,8 @@ pub fn stale(root: &Path) -> Result<Vec<String>> {
     let records = Records::read(&root.join("bench/results"))?;
     let mut out = Vec::new();
     for doc in DOCS {
-        let text = std::fs::read_to_string(root.join(doc)).with_context(|| format!("reading {doc}"))?;
+        let text =
+            std::fs::read_to_string(root.join(doc)).with_context(|| format!("reading {doc}"))?;
         if fill(&records, &text)? != text {
             out.push(doc.to_string());
         }

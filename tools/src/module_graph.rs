@@ -54,8 +54,18 @@ pub struct Cycle {
 
 impl fmt::Display for Cycle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parent = if self.parent.is_empty() { "crate root".to_string() } else { self.parent.clone() };
-        writeln!(f, "{}: the modules {{{}}} under {} import each other:", self.krate, self.members.join(", "), parent)?;
+        let parent = if self.parent.is_empty() {
+            "crate root".to_string()
+        } else {
+            self.parent.clone()
+        };
+        writeln!(
+            f,
+            "{}: the modules {{{}}} under {} import each other:",
+            self.krate,
+            self.members.join(", "),
+            parent
+        )?;
         for e in &self.edges {
             writeln!(f, "  {} -> {}  ({})", e.from, e.to, e.site)?;
         }
@@ -66,22 +76,40 @@ impl fmt::Display for Cycle {
 impl CrateGraph {
     /// Reads the crate whose root file is `root` (src/lib.rs or src/main.rs), following `mod` items.
     pub fn read(name: &str, root: &Path, base: &Path) -> Result<Self> {
-        let mut graph = CrateGraph { name: name.to_string(), base: base.to_path_buf(), modules: BTreeMap::new() };
-        let dir = root.parent().context("root file has no folder")?.to_path_buf();
+        let mut graph = CrateGraph {
+            name: name.to_string(),
+            base: base.to_path_buf(),
+            modules: BTreeMap::new(),
+        };
+        let dir = root
+            .parent()
+            .context("root file has no folder")?
+            .to_path_buf();
         graph.read_file(Vec::new(), root, &dir)?;
         Ok(graph)
     }
 
     /// `dir` is where the file's own `mod x;` children live.
     fn read_file(&mut self, path: ModPath, file: &Path, dir: &Path) -> Result<()> {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let ast = syn::parse_file(&text).with_context(|| format!("parsing {}", file.display()))?;
         self.read_items(path, file, dir, &ast.items)
     }
 
-    fn read_items(&mut self, path: ModPath, file: &Path, dir: &Path, items: &[syn::Item]) -> Result<()> {
-        let mut module =
-            Module { file: file.to_path_buf(), children: BTreeSet::new(), imports: HashMap::new(), refs: Vec::new() };
+    fn read_items(
+        &mut self,
+        path: ModPath,
+        file: &Path,
+        dir: &Path,
+        items: &[syn::Item],
+    ) -> Result<()> {
+        let mut module = Module {
+            file: file.to_path_buf(),
+            children: BTreeSet::new(),
+            imports: HashMap::new(),
+            refs: Vec::new(),
+        };
         let mut nested = Vec::new();
         for item in items {
             if let syn::Item::Mod(m) = item {
@@ -91,7 +119,11 @@ impl CrateGraph {
             }
         }
         let children = module.children.clone();
-        let mut collect = Collector { here: &path, children: &children, module: &mut module };
+        let mut collect = Collector {
+            here: &path,
+            children: &children,
+            module: &mut module,
+        };
         for item in items {
             if !matches!(item, syn::Item::Mod(_)) {
                 collect.visit_item(item);
@@ -108,7 +140,10 @@ impl CrateGraph {
             }
             let explicit = m.attrs.iter().find_map(|a| match &a.meta {
                 syn::Meta::NameValue(nv) if nv.path.is_ident("path") => match &nv.value {
-                    syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => Some(s.value()),
+                    syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(s),
+                        ..
+                    }) => Some(s.value()),
                     _ => None,
                 },
                 _ => None,
@@ -120,9 +155,17 @@ impl CrateGraph {
                     let d = f.parent().unwrap_or(dir).to_path_buf();
                     (f, d)
                 }
-                None if dir.join(format!("{name}.rs")).is_file() => (dir.join(format!("{name}.rs")), dir.join(&name)),
-                None if dir.join(&name).join("mod.rs").is_file() => (dir.join(&name).join("mod.rs"), dir.join(&name)),
-                None => anyhow::bail!("{}: module `{name}` has no file in {}", file.display(), dir.display()),
+                None if dir.join(format!("{name}.rs")).is_file() => {
+                    (dir.join(format!("{name}.rs")), dir.join(&name))
+                }
+                None if dir.join(&name).join("mod.rs").is_file() => {
+                    (dir.join(&name).join("mod.rs"), dir.join(&name))
+                }
+                None => anyhow::bail!(
+                    "{}: module `{name}` has no file in {}",
+                    file.display(),
+                    dir.display()
+                ),
             };
             self.read_file(child, &child_file, &child_dir)?;
         }
@@ -178,9 +221,18 @@ impl CrateGraph {
                 let edges = edges
                     .iter()
                     .filter(|((a, b), _)| members.contains(a) && members.contains(b))
-                    .map(|((a, b), site)| Edge { from: a.clone(), to: b.clone(), site: site.clone() })
+                    .map(|((a, b), site)| Edge {
+                        from: a.clone(),
+                        to: b.clone(),
+                        site: site.clone(),
+                    })
                     .collect();
-                out.push(Cycle { krate: self.name.clone(), parent: show(&parent), members: scc, edges });
+                out.push(Cycle {
+                    krate: self.name.clone(),
+                    parent: show(&parent),
+                    members: scc,
+                    edges,
+                });
             }
         }
         out
@@ -295,7 +347,12 @@ impl Collector<'_> {
                 prefix.pop();
             }
             syn::UseTree::Name(n) => self.use_leaf(prefix, &n.ident.to_string(), None, line),
-            syn::UseTree::Rename(r) => self.use_leaf(prefix, &r.ident.to_string(), Some(r.rename.to_string()), line),
+            syn::UseTree::Rename(r) => self.use_leaf(
+                prefix,
+                &r.ident.to_string(),
+                Some(r.rename.to_string()),
+                line,
+            ),
             syn::UseTree::Glob(_) => {
                 if let Some(abs) = self.absolute(prefix) {
                     self.module.refs.push((abs, line));
@@ -334,7 +391,10 @@ impl<'ast> Visit<'ast> for Collector<'_> {
 
     fn visit_path(&mut self, p: &'ast syn::Path) {
         let segs: Vec<String> = p.segments.iter().map(|s| s.ident.to_string()).collect();
-        if matches!(segs.first().map(String::as_str), Some("crate" | "super" | "self")) {
+        if matches!(
+            segs.first().map(String::as_str),
+            Some("crate" | "super" | "self")
+        ) {
             if let Some(abs) = self.absolute(&segs) {
                 let line = p.segments[0].ident.span().start().line;
                 self.module.refs.push((abs, line));
@@ -354,7 +414,11 @@ pub fn workspace_cycles(root: &Path) -> Result<Vec<Cycle>> {
         if !dir.join("Cargo.toml").is_file() || !src.is_dir() {
             continue;
         }
-        let name = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         let mut roots = Vec::new();
         for f in ["lib.rs", "main.rs"] {
             if src.join(f).is_file() {
@@ -399,13 +463,25 @@ mod tests {
             &[
                 ("src/lib.rs", "pub mod a;\npub mod b;\n"),
                 ("src/a.rs", "use crate::b::B;\npub struct A(B);\n"),
-                ("src/b.rs", "pub struct B;\nfn f() -> super::a::A { todo!() }\n"),
+                (
+                    "src/b.rs",
+                    "pub struct B;\nfn f() -> super::a::A { todo!() }\n",
+                ),
             ],
         );
-        let cycles = CrateGraph::read("t", &dir.path().join("src/lib.rs"), dir.path()).unwrap().cycles();
+        let cycles = CrateGraph::read("t", &dir.path().join("src/lib.rs"), dir.path())
+            .unwrap()
+            .cycles();
         assert_eq!(cycles.len(), 1, "{cycles:?}");
         assert_eq!(cycles[0].members, ["a", "b"]);
-        assert!(cycles[0].edges.iter().any(|e| e.site.contains("src/b.rs:2")), "{:?}", cycles[0].edges);
+        assert!(
+            cycles[0]
+                .edges
+                .iter()
+                .any(|e| e.site.contains("src/b.rs:2")),
+            "{:?}",
+            cycles[0].edges
+        );
     }
 
     #[test]
@@ -415,12 +491,23 @@ mod tests {
             dir.path(),
             &[
                 ("src/lib.rs", "pub mod models;\n"),
-                ("src/models/mod.rs", "mod model;\nmod train;\npub use model::Model;\npub use train::Grads;\n"),
-                ("src/models/model.rs", "pub struct Model;\nimpl Model { fn g(&self) -> super::Grads { todo!() } }\n"),
-                ("src/models/train.rs", "use super::Model;\npub struct Grads(Model);\n"),
+                (
+                    "src/models/mod.rs",
+                    "mod model;\nmod train;\npub use model::Model;\npub use train::Grads;\n",
+                ),
+                (
+                    "src/models/model.rs",
+                    "pub struct Model;\nimpl Model { fn g(&self) -> super::Grads { todo!() } }\n",
+                ),
+                (
+                    "src/models/train.rs",
+                    "use super::Model;\npub struct Grads(Model);\n",
+                ),
             ],
         );
-        let cycles = CrateGraph::read("t", &dir.path().join("src/lib.rs"), dir.path()).unwrap().cycles();
+        let cycles = CrateGraph::read("t", &dir.path().join("src/lib.rs"), dir.path())
+            .unwrap()
+            .cycles();
         assert_eq!(cycles.len(), 1, "{cycles:?}");
         assert_eq!(cycles[0].parent, "models");
     }
@@ -436,7 +523,9 @@ mod tests {
                 ("src/b.rs", "pub struct B;\n"),
             ],
         );
-        let cycles = CrateGraph::read("t", &dir.path().join("src/lib.rs"), dir.path()).unwrap().cycles();
+        let cycles = CrateGraph::read("t", &dir.path().join("src/lib.rs"), dir.path())
+            .unwrap()
+            .cycles();
         assert!(cycles.is_empty(), "{cycles:?}");
     }
 }

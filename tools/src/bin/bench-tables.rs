@@ -30,7 +30,10 @@ fn main() -> anyhow::Result<()> {
         Command::Check => {
             let stale = tools::bench_tables::stale(&args.root)?;
             if !stale.is_empty() {
-                anyhow::bail!("tables differ from bench/results in {}: run `bench-tables write`", stale.join(", "));
+                anyhow::bail!(
+                    "tables differ from bench/results in {}: run `bench-tables write`",
+                    stale.join(", ")
+                );
             }
             Ok(())
         }
