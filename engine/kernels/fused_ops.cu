@@ -107,10 +107,10 @@ extern "C" __global__ void gated_add_bf16(const __nv_bfloat16* __restrict__ r, c
 
 // qkv: (B, L, >= 3·H·128) rows of q|k|v, `row_stride` elements from token to token and `batch_stride`
 // from batch to batch. norm_scales: (2, 128) = [q scale; k scale]. rope: (L, 128) = [cos(64) | sin(64)]
-// per position (FLUX's interleaved pairs). out: (3, B, H, L, 128) = q, k, v.
+// per position (FLUX's interleaved pairs), f32 as the references keep it. out: (3, B, H, L, 128) = q, k, v.
 // One warp per (batch, token, head), 4 consecutive elements a lane (two RoPE pairs).
 extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ norm_scales,
-                                          const __nv_bfloat16* __restrict__ rope, __nv_bfloat16* __restrict__ out,
+                                          const float* __restrict__ rope, __nv_bfloat16* __restrict__ out,
                                           int batch, int len, int heads, int64_t row_stride, int64_t batch_stride,
                                           float eps) {
     constexpr int D = 128;
@@ -125,8 +125,8 @@ extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* __restrict__ qkv,
     const int64_t plane = (int64_t)batch * heads * len * D;
     __nv_bfloat16* dst = out + (((int64_t)b * heads + h) * len + l) * D + lane * 4;
 
-    const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope + (int64_t)l * D + lane * 2));
-    const float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope + (int64_t)l * D + 64 + lane * 2));
+    const float2 cs = *reinterpret_cast<const float2*>(rope + (int64_t)l * D + lane * 2);
+    const float2 sn = *reinterpret_cast<const float2*>(rope + (int64_t)l * D + 64 + lane * 2);
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
         const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(src + which * hd);
@@ -134,7 +134,7 @@ extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* __restrict__ qkv,
         const float rms = rsqrtf(warp_sum(x0.x * x0.x + x0.y * x0.y + x1.x * x1.x + x1.y * x1.y) / D + eps);
         const __nv_bfloat162* w = reinterpret_cast<const __nv_bfloat162*>(norm_scales + which * D + lane * 4);
         const float2 w0 = __bfloat1622float2(w[0]), w1 = __bfloat1622float2(w[1]);
-        // RMS norm rounded to bf16 as the plain path stores it, then RoPE on each (even, odd) pair.
+        // RMS norm rounded to bf16 as the plain path stores it, then RoPE on each (even, odd) pair in f32.
         float2 n0 = __bfloat1622float2(__floats2bfloat162_rn(x0.x * rms * w0.x, x0.y * rms * w0.y));
         float2 n1 = __bfloat1622float2(__floats2bfloat162_rn(x1.x * rms * w1.x, x1.y * rms * w1.y));
         __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dst + which * plane);
@@ -337,14 +337,15 @@ extern "C" __global__ void column_sums_bf16(const float* __restrict__ partial, _
 
 // qkv_heads' backward. gq, gk, gv: (B, H, g_len, 128) gradients of the heads, of which tokens g_at ..
 // g_at + len are these rows' (a double block's text or image part of the joint attention's); qkv: the
-// forward's input rows as qkv_heads reads them; tables: (2 + len, 128) = the q and k norm scales, then
-// RoPE's [cos | sin] rows; out: (B, len, out_row) rows, of which the first 3·H·128 columns are written
-// (the caller zeroes the rest). q and k: RoPE backwards (the rotation by −sin), times the norm scale, then
-// the RMS norm's backward dx = r·gw − x·r³·mean(gw·x); v's gradient is copied. One warp per (batch,
-// token, head), 4 values a lane.
+// forward's input rows as qkv_heads reads them; norm_scales: (2, 128) = the q and k norm scales; rope:
+// (len, 128) = RoPE's [cos | sin] rows in f32; out: (B, len, out_row) rows, of which the first 3·H·128
+// columns are written (the caller zeroes the rest). q and k: RoPE backwards (the rotation by −sin), times
+// the norm scale, then the RMS norm's backward dx = r·gw − x·r³·mean(gw·x); v's gradient is copied. One
+// warp per (batch, token, head), 4 values a lane.
 extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ gq,
                                                    const __nv_bfloat16* __restrict__ gk, const __nv_bfloat16* __restrict__ gv,
-                                                   const __nv_bfloat16* __restrict__ tables, __nv_bfloat16* __restrict__ out,
+                                                   const __nv_bfloat16* __restrict__ norm_scales,
+                                                   const float* __restrict__ rope, __nv_bfloat16* __restrict__ out,
                                                    int batch, int len, int heads, int g_len, int g_at, int64_t row_stride,
                                                    int64_t batch_stride, int64_t out_row, float eps) {
     constexpr int D = 128;
@@ -359,16 +360,15 @@ extern "C" __global__ void qkv_heads_backward_bf16(const __nv_bfloat16* __restri
     const int64_t at = (((int64_t)b * heads + h) * g_len + g_at + l) * D + lane * 4;
     const __nv_bfloat16* gs[2] = {gq + at, gk + at};
     __nv_bfloat16* dst = out + ((int64_t)b * len + l) * out_row + h * D + lane * 4;
-    const __nv_bfloat16* rope = tables + (2 + (int64_t)l) * D;
-    const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope + lane * 2));
-    const float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope + 64 + lane * 2));
+    const float2 cs = *reinterpret_cast<const float2*>(rope + (int64_t)l * D + lane * 2);
+    const float2 sn = *reinterpret_cast<const float2*>(rope + (int64_t)l * D + 64 + lane * 2);
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
         const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(src + which * hd);
         const float2 x0 = __bfloat1622float2(p[0]), x1 = __bfloat1622float2(p[1]);
         const __nv_bfloat162* gp = reinterpret_cast<const __nv_bfloat162*>(gs[which]);
         const float2 g0 = __bfloat1622float2(gp[0]), g1 = __bfloat1622float2(gp[1]);
-        const __nv_bfloat162* w = reinterpret_cast<const __nv_bfloat162*>(tables + which * D + lane * 4);
+        const __nv_bfloat162* w = reinterpret_cast<const __nv_bfloat162*>(norm_scales + which * D + lane * 4);
         const float2 w0 = __bfloat1622float2(w[0]), w1 = __bfloat1622float2(w[1]);
         // The transposed rotation of each (even, odd) pair, then the norm scale.
         const float u0 = (g0.x * cs.x + g0.y * sn.x) * w0.x, u1 = (g0.y * cs.x - g0.x * sn.x) * w0.y;

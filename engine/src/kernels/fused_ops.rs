@@ -23,6 +23,17 @@ macro_rules! bf16_view {
     };
 }
 
+/// The f32 device memory of a storage from its layout's start: the RoPE tables, which stay f32 as
+/// the references keep them.
+macro_rules! f32_view {
+    ($s:expr, $l:expr, $what:expr) => {
+        match &$s.slice {
+            CudaStorageSlice::F32(x) => x.slice($l.start_offset()..),
+            _ => bail!("{} must be f32", $what),
+        }
+    };
+}
+
 fn contiguous_rows(l: &Layout, what: &str) -> Result<()> {
     if !l.is_contiguous()
         || !l.start_offset().is_multiple_of(8)
@@ -165,8 +176,8 @@ impl CustomOp3 for GatedAdd {
 }
 
 /// q, k, v heads (3, B, H, L, 128) from fused q|k|v rows (B, L, ≥ 3·H·128, unit stride along the
-/// last dim): q and k RMS-normed by `scales` (2, 128) = [q; k] and rotated by `rope` (L, 128) =
-/// [cos | sin] of FLUX's interleaved RoPE.
+/// last dim): q and k RMS-normed by `scales` (2, 128) = [q; k] and rotated in f32 by `rope` (L, 128)
+/// = [cos | sin] of FLUX's interleaved RoPE, f32.
 pub fn qkv_heads(
     qkv: &Tensor,
     scales: &Tensor,
@@ -216,7 +227,7 @@ impl CustomOp3 for QkvHeads {
         if rl.dims() != [l, HEAD_DIM] || !rl.is_contiguous() || !rl.start_offset().is_multiple_of(2)
         {
             bail!(
-                "rope table must be a contiguous ({l}, {HEAD_DIM}) [cos | sin], got {:?}",
+                "rope table must be a contiguous f32 ({l}, {HEAD_DIM}) [cos | sin], got {:?}",
                 rl.dims()
             )
         }
@@ -228,7 +239,7 @@ impl CustomOp3 for QkvHeads {
         let (qv, scv, rv) = (
             bf16_view!(qkv, ql),
             bf16_view!(sc, scl),
-            bf16_view!(rope, rl),
+            f32_view!(rope, rl, "the rope table"),
         );
         let (bi, li, hi) = (b as i32, l as i32, h as i32);
         let (row_stride, batch_stride) = (s[1] as i64, s[0] as i64);
@@ -713,24 +724,26 @@ impl CustomOp3 for GatedAddBackward {
 /// [`qkv_heads`]' gradient of its q|k|v rows from those of its heads, `dq`, `dk`, `dv` (each a
 /// contiguous (B, H, L', 128)) at the tokens `at .. at + L` (all of them for a single block; a double
 /// block's text or image part of the joint attention): (B, L, width) like `qkv`, zero past 3·H·128.
-/// `tables` is (2 + L, 128): the q and k norm scales, then the RoPE rows [cos | sin].
+/// `scales` (2, 128) = [q; k] and `rope` (L, 128) = [cos | sin] in f32 are the forward's.
 pub fn qkv_heads_backward(
     qkv: &Tensor,
     [dq, dk, dv]: [&Tensor; 3],
     at: usize,
-    tables: &Tensor,
+    scales: &Tensor,
+    rope: &Tensor,
     heads: usize,
     eps: f32,
 ) -> Result<Tensor> {
     qkv.apply_op3_no_bwd(
         dq,
-        tables,
+        rope,
         &QkvHeadsBackward {
             heads,
             eps,
             at,
             dk: dk.clone(),
             dv: dv.clone(),
+            scales: scales.clone(),
         },
     )
 }
@@ -741,6 +754,7 @@ struct QkvHeadsBackward {
     at: usize,
     dk: Tensor,
     dv: Tensor,
+    scales: Tensor,
 }
 
 impl CustomOp3 for QkvHeadsBackward {
@@ -754,8 +768,8 @@ impl CustomOp3 for QkvHeadsBackward {
         ql: &Layout,
         gq: &CudaStorage,
         gql: &Layout,
-        t: &CudaStorage,
-        tl: &Layout,
+        rope: &CudaStorage,
+        rl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (b, l, w) = ql.shape().dims3()?;
         let h = self.heads;
@@ -771,11 +785,14 @@ impl CustomOp3 for QkvHeadsBackward {
                 ql.dims()
             )
         }
-        // The op lends one of the three heads' gradients; the other two are read under their own locks.
+        // The op lends one of the three heads' gradients; the other two and the norm scales are read
+        // under their own locks.
         let (gks, gkl) = self.dk.storage_and_layout();
         let (gvs, gvl) = self.dv.storage_and_layout();
-        let (Storage::Cuda(gks), Storage::Cuda(gvs)) = (&*gks, &*gvs) else {
-            bail!("qkv_heads_backward: the heads' gradients must be on the GPU")
+        let (scs, scl) = self.scales.storage_and_layout();
+        let (Storage::Cuda(gks), Storage::Cuda(gvs), Storage::Cuda(scs)) = (&*gks, &*gvs, &*scs)
+        else {
+            bail!("qkv_heads_backward: the heads' gradients and the norm scales must be on the GPU")
         };
         let g_len = gql.dims().get(2).copied().unwrap_or(0);
         for gl in [gql, gkl, gvl] {
@@ -793,13 +810,14 @@ impl CustomOp3 for QkvHeadsBackward {
                 )
             }
         }
-        if tl.dims() != [2 + l, HEAD_DIM]
-            || !tl.is_contiguous()
-            || !tl.start_offset().is_multiple_of(2)
+        if scl.dims() != [2, HEAD_DIM] || !scl.is_contiguous() {
+            bail!("qkv_heads_backward: q/k norm scales must be a contiguous (2, {HEAD_DIM})")
+        }
+        if rl.dims() != [l, HEAD_DIM] || !rl.is_contiguous() || !rl.start_offset().is_multiple_of(2)
         {
             bail!(
-                "qkv_heads_backward: tables must be a contiguous ({}, {HEAD_DIM})",
-                2 + l
+                "qkv_heads_backward: rope table must be a contiguous f32 ({l}, {HEAD_DIM}) [cos | sin], got {:?}",
+                rl.dims()
             )
         }
         let dev = &qkv.device;
@@ -808,7 +826,11 @@ impl CustomOp3 for QkvHeadsBackward {
         if w > 3 * h * HEAD_DIM {
             dev.cuda_stream().memset_zeros(&mut out).w()?;
         }
-        let (qv, tv) = (bf16_view!(qkv, ql), bf16_view!(t, tl));
+        let (qv, scv, rv) = (
+            bf16_view!(qkv, ql),
+            bf16_view!(scs, scl),
+            f32_view!(rope, rl, "qkv_heads_backward: the rope table"),
+        );
         let (gqv, gkv, gvv) = (
             bf16_view!(gq, gql),
             bf16_view!(gks, gkl),
@@ -825,7 +847,8 @@ impl CustomOp3 for QkvHeadsBackward {
             .arg(&gqv)
             .arg(&gkv)
             .arg(&gvv)
-            .arg(&tv)
+            .arg(&scv)
+            .arg(&rv)
             .arg(&out);
         launch.arg(&bi).arg(&li).arg(&hi).arg(&g_len).arg(&g_at);
         launch

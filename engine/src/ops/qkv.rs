@@ -2,10 +2,11 @@
 //! RoPE, and the way back for training. One kernel each way on CUDA in bf16.
 
 use super::{Kernels, EPS};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// RoPE tables for a run of positions: cos and sin (L, D/2), and both side by side (L, D) for the
-/// fused kernel.
+/// fused kernel. f32 whatever the model's dtype, and q and k are rotated in f32 then rounded to it
+/// once, as Black Forest Labs' and diffusers' code rotate them.
 #[derive(Clone)]
 pub struct Rope {
     pub cos: Tensor,
@@ -16,6 +17,13 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(cos: Tensor, sin: Tensor) -> candle_core::Result<Self> {
+        if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
+            candle_core::bail!(
+                "RoPE tables are f32 (got {:?} and {:?})",
+                cos.dtype(),
+                sin.dtype()
+            )
+        }
         Ok(Self {
             #[cfg(feature = "cuda")]
             packed: Tensor::cat(&[&cos, &sin], 1)?,
@@ -91,11 +99,20 @@ pub fn qkv_heads(
     let q = qkv.get(0)?.contiguous()?;
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
-    let q = crate::ops::autodiff::rms_norm(&q, &scales.q, EPS)?;
-    let k = crate::ops::autodiff::rms_norm(&k, &scales.k, EPS)?;
-    let q = crate::ops::autodiff::rope_i(&q, &rope.cos, &rope.sin)?;
-    let k = crate::ops::autodiff::rope_i(&k, &rope.cos, &rope.sin)?;
+    let q = norm_and_rotate(&q, &scales.q, rope)?;
+    let k = norm_and_rotate(&k, &scales.k, rope)?;
     Ok((q, k, v))
+}
+
+/// `x` RMS-normed by `scale` and rotated by `rope`, each in f32 and rounded to `x`'s dtype, as the
+/// references and the fused kernel round them (candle's CPU norm rounds a bf16 row's rms and
+/// quotient to bf16 on the way).
+fn norm_and_rotate(x: &Tensor, scale: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
+    use crate::ops::autodiff::{rms_norm, rope_i};
+    let dtype = x.dtype();
+    let x = rms_norm(&x.to_dtype(DType::F32)?, &scale.to_dtype(DType::F32)?, EPS)?;
+    let x = x.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    rope_i(&x, &rope.cos, &rope.sin)?.to_dtype(dtype)
 }
 
 /// [`qkv_heads_backward`] from the heads' gradients `dq`, `dk`, `dv` (B, H, L', D) at the tokens
@@ -112,12 +129,12 @@ pub fn qkv_heads_grad(
 ) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if kernels.fused_value(&[qkv, dq]) {
-        let tables = Tensor::cat(&[&scales.both, &rope.packed], 0)?;
         return crate::kernels::fused_ops::qkv_heads_backward(
             qkv,
             [&dq.contiguous()?, &dk.contiguous()?, &dv.contiguous()?],
             at,
-            &tables,
+            &scales.both,
+            &rope.packed,
             heads,
             EPS,
         );
@@ -134,7 +151,7 @@ pub fn qkv_heads_grad(
 }
 
 /// The gradient of the fused q|k|v rows of [`qkv_heads`] from that of its stacked (3, B, H, L, D) heads
-/// `g`: RoPE's backward is the rotation the other way (−sin), the RMS norm's
+/// `g`: RoPE's backward is the rotation the other way (−sin, in f32 as the forward's), the RMS norm's
 /// dx = r·(w·g) − x·r³·mean(w·g·x) with r = 1/√(mean(x²) + ε); v's passes through; the rows past
 /// 3·H·D (a single block's MLP input) get none.
 pub fn qkv_heads_backward(
@@ -144,7 +161,7 @@ pub fn qkv_heads_backward(
     [scale_q, scale_k]: [&Tensor; 2],
     [cos, sin]: [&Tensor; 2],
 ) -> candle_core::Result<Tensor> {
-    use candle_core::{DType, D};
+    use candle_core::D;
     let (b, l, width) = qkv.dims3()?;
     let d = scale_q.dim(0)?;
     let hd = heads * d;
@@ -155,11 +172,10 @@ pub fn qkv_heads_backward(
     let neg_sin = sin.neg()?;
     let mut parts = Vec::with_capacity(3);
     for (i, w) in [scale_q, scale_k].into_iter().enumerate() {
-        let unrotated = candle_nn::rotary_emb::rope_i(&g.get(i)?.contiguous()?, cos, &neg_sin)?;
+        let g = g.get(i)?.to_dtype(DType::F32)?.contiguous()?;
+        let unrotated = candle_nn::rotary_emb::rope_i(&g, cos, &neg_sin)?;
         let x = raw.get(i)?.to_dtype(DType::F32)?;
-        let gw = unrotated
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+        let gw = unrotated.broadcast_mul(&w.to_dtype(DType::F32)?)?;
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(EPS))?
             .sqrt()?
             .recip()?;

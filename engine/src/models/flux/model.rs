@@ -31,8 +31,10 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::
     Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)
 }
 
-/// cos/sin tables (positions × head_dim/2) of FLUX's 3-axis RoPE for position ids (L, 3).
-pub fn rope_tables(ids: &Tensor, cfg: &FluxConfig, dtype: DType) -> Result<(Tensor, Tensor)> {
+/// cos/sin tables (positions × head_dim/2) of FLUX's 3-axis RoPE for position ids (L, 3), in f32
+/// whatever the model's dtype: Black Forest Labs' and diffusers' code keep them in f32 and rotate
+/// q and k in f32, so a bf16 model sees the rotation they give it.
+pub fn rope_tables(ids: &Tensor, cfg: &FluxConfig) -> Result<(Tensor, Tensor)> {
     let ids = ids.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let half = cfg.head_dim() / 2;
     let mut cos = Vec::with_capacity(ids.len() * half);
@@ -48,8 +50,8 @@ pub fn rope_tables(ids: &Tensor, cfg: &FluxConfig, dtype: DType) -> Result<(Tens
         }
     }
     let n = ids.len();
-    let cos = Tensor::from_vec(cos, (n, half), &Device::Cpu)?.to_dtype(dtype)?;
-    let sin = Tensor::from_vec(sin, (n, half), &Device::Cpu)?.to_dtype(dtype)?;
+    let cos = Tensor::from_vec(cos, (n, half), &Device::Cpu)?;
+    let sin = Tensor::from_vec(sin, (n, half), &Device::Cpu)?;
     Ok((cos, sin))
 }
 
@@ -459,7 +461,7 @@ impl FluxTransformer {
 
     pub(crate) fn rope(&self, x: &FluxInputs) -> Result<Rope> {
         let ids = Tensor::cat(&[x.txt_ids, x.img_ids], 0)?;
-        let (cos, sin) = rope_tables(&ids, &self.cfg, self.dtype)?;
+        let (cos, sin) = rope_tables(&ids, &self.cfg)?;
         Ok(Rope::new(
             cos.to_device(&self.device)?,
             sin.to_device(&self.device)?,
