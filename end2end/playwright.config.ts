@@ -1,5 +1,5 @@
 // Browser tests of the studio (docs/ui.md): Debian's Chromium, driven by Playwright, against the real
-// `studio` binary serving the tiny FLUX preset on the CPU, with a fresh data folder each run.
+// `studio` binary serving the built-in model on the CPU, with a fresh data folder each run.
 import { defineConfig } from '@playwright/test';
 import { execSync } from 'node:child_process';
 import * as fs from 'node:fs';

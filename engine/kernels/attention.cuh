@@ -53,7 +53,7 @@ struct RowStats {
 // columns 8i + 2(lane % 4) + {0, 1}) as bf16 into rows row0 .. row0 + 15, columns col0 .. col0 + 63 of
 // the contiguous (N, N) matrix `out` of head bh (rows and columns past n left out). Through the warp's
 // staging `st` (STAGED elements of shared memory): stored straight from the fragments, a warp's stores
-// touch 8 rows x 16 bytes each and ran at a fifth of memory speed (scripts/gpu/PREDICTIONS.md, run 36);
+// touch 8 rows x 16 bytes each and ran at a fifth of memory speed;
 // from the staging a quarter of the warp writes one row's 128 bytes.
 __device__ __forceinline__ void store_tile(const float (&x)[BC / 8][4], __nv_bfloat16* st,
                                            __nv_bfloat16* __restrict__ out, int64_t bh, int row0, int col0, int n,

@@ -181,8 +181,7 @@ __device__ __forceinline__ void rescale(float (&o)[D / 8][4], float a_lo, float 
 //
 // Per tile: S = Q Kᵀ, softmax, O += P V, each waited for; the warpgroups of the SM overlap each other.
 // FlashAttention-3's intra-warpgroup overlap (a tile's S issued with the previous tile's P V, the
-// softmax running meanwhile, three K/V stages) was measured slower here: 354 against 370 TFLOP/s
-// (scripts/gpu/PREDICTIONS.md, run 22).
+// softmax running meanwhile, three K/V stages) was measured slower here with two warpgroups.
 template <int WGS>
 __device__ __forceinline__ void flash_attn_wgmma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                                                  const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out,

@@ -314,8 +314,8 @@ extern "C" __global__ void gated_add_backward_bf16(const __nv_bfloat16* __restri
 
 // out[k][b][c] = Σ over blocks of partial[b][block][k][c], as bf16 (k < parts). A block takes 32
 // columns, its 8 rows of threads every 8th block of partials, added up in shared memory in a fixed order:
-// one thread a column looping over all 576 blocks of a 1024² image was latency-bound (0.04 ms a call,
-// 9 ms a training step; scripts/gpu/PREDICTIONS.md, run 41). Block: (32, COLUMN_SUM_ROWS).
+// one thread a column looping over all 576 blocks of a 1024² image was latency-bound. Block: (32,
+// COLUMN_SUM_ROWS).
 constexpr int COLUMN_SUM_ROWS = 8;
 extern "C" __global__ void column_sums_bf16(const float* __restrict__ partial, __nv_bfloat16* __restrict__ out,
                                             int batch, int blocks_per_batch, int parts, int cols) {

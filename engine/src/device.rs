@@ -53,8 +53,8 @@ impl DeviceChoice {
 
 /// The first CUDA GPU, its freed memory kept for reuse. candle allocates from the driver's default
 /// memory pool, which by default hands freed memory back at every synchronisation, so the next large
-/// allocation maps its pages afresh: measured, a 2.4 GB buffer then cost ~7 ms to allocate, more than the
-/// kernel filling it (scripts/gpu/PREDICTIONS.md, run 15). Kept, as torch's caching allocator keeps it.
+/// allocation maps its pages afresh, which was measured to cost more than the kernel filling the buffer.
+/// Kept, as torch's caching allocator keeps it.
 fn new_cuda() -> candle_core::Result<Device> {
     let device = Device::new_cuda(0)?;
     #[cfg(feature = "cuda")]

@@ -32,8 +32,8 @@ pub struct Variant {
 
 impl Variant {
     /// Every variant, for benchmarks; [`flash_attn`] picks the first that [`Variant::runs_on`] the device.
-    /// Fastest first at FLUX's sequence lengths (4608 and 1536 tokens on an H100: wg192 390 and
-    /// 264 TFLOP/s, wg128 370 and 234, r64 266 and 203; scripts/gpu/PREDICTIONS.md, run 22).
+    /// Fastest first at FLUX's sequence lengths (4608 and 1536 tokens) on Hopper, as measured
+    /// (docs/performance.md's kernels table).
     pub const ALL: [Variant; 4] = [
         Variant {
             wgmma: true,
@@ -345,8 +345,8 @@ pub enum Backward {
 }
 
 impl Backward {
-    /// Every kernel, fastest first: [`backward`] takes the first that runs on the device (on an H100
-    /// at 4608 tokens, ~1.6 against 2.5 ms for the whole backward; scripts/gpu/PREDICTIONS.md, run 39).
+    /// Every kernel, fastest first: [`backward`] takes the first that runs on the device (the
+    /// warpgroup kernel keeps K, V and their gradients on chip, so it moves far less memory).
     pub const ALL: [Backward; 2] = [Backward::Kv, Backward::Probs];
 
     pub fn name(&self) -> &'static str {

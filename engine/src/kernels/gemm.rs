@@ -1,14 +1,13 @@
 //! LoRA training's products that candle's matmul would need copies for, through cuBLAS (bf16 in and
-//! out, f32 accumulation). The CPU, and `--plain`, take candle ops (`models::linear`).
+//! out, f32 accumulation). The CPU, and `Kernels::Plain`, take candle ops (`models::linear`).
 //! - [`add_matmul`]: `c[.., at .. at + n] += a · b` in place, with β = 1: each adapter's update
 //!   `(A x)·(sB)ᵀ` goes into its rows of a layer's output, and its part `(dy·sB)·A` of the input
-//!   gradient into the frozen weight's, with no full-size temporary and no separate add over the output
-//!   (scripts/gpu/PREDICTIONS.md, run 31).
+//!   gradient into the frozen weight's, with no full-size temporary and no separate add over the output.
 //! - [`matmul`]: `a · b` for matrices of any leading dimension, transposed or not: an adapter's rows of
-//!   the output's gradient are read as a column slice of it (candle copied them first: 18 ms of a
-//!   1024² step; run 41).
+//!   the output's gradient are read as a column slice of it (candle would copy them first, once per
+//!   adapter and step).
 //! - [`linear`]: `x Wᵀ + b` with the bias added by cuBLASLt's epilogue as the product's tiles are
-//!   written, not by a pass of its own over the output (314 passes, 9 ms of a 1024² step; run 41).
+//!   written, not by a pass of its own over the output of every layer.
 
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul as LtMatmul, MatmulConfig};
