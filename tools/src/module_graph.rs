@@ -463,10 +463,7 @@ mod tests {
             &[
                 ("src/lib.rs", "pub mod a;\npub mod b;\n"),
                 ("src/a.rs", "use crate::b::B;\npub struct A(B);\n"),
-                (
-                    "src/b.rs",
-                    "pub struct B;\nfn f() -> super::a::A { todo!() }\n",
-                ),
+                ("src/b.rs", "pub struct B;\nfn f(_: super::a::A) {}\n"),
             ],
         );
         let cycles = CrateGraph::read("t", &dir.path().join("src/lib.rs"), dir.path())
@@ -497,7 +494,7 @@ mod tests {
                 ),
                 (
                     "src/models/model.rs",
-                    "pub struct Model;\nimpl Model { fn g(&self) -> super::Grads { todo!() } }\n",
+                    "pub struct Model;\nimpl Model { fn g(&self, _: super::Grads) {} }\n",
                 ),
                 (
                     "src/models/train.rs",
