@@ -146,3 +146,83 @@ fn check_header(file: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// How a model's large weights (its linear layers') are held on the device: what the memory plan
+/// counts and what loading makes of a checkpoint. Norms, biases and embeddings stay in the compute
+/// dtype whatever the format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// bf16 (or the compute dtype): today's exact numerics.
+    Bf16,
+    /// `float8_e4m3fn` with a per-tensor scale, as Black Forest Labs' and ComfyUI's fp8 files ship.
+    Fp8,
+    /// A GGUF block type (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0, ...), as city96's GGUF files ship.
+    Gguf(candle_core::quantized::GgmlDType),
+}
+
+impl WeightFormat {
+    /// Bytes that `params` weights take in this format (GGUF's per-block scales included).
+    pub fn bytes(&self, params: u64) -> u64 {
+        match self {
+            Self::Bf16 => 2 * params,
+            Self::Fp8 => params,
+            Self::Gguf(t) => params * t.type_size() as u64 / t.block_size() as u64,
+        }
+    }
+
+    /// The name users write (`--weights fp8`, a preset's field): `bf16`, `fp8`, `q8_0`, `q6_k`,
+    /// `q5_k`, `q4_k`, `q4_0`.
+    pub fn parse(name: &str) -> Result<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "bf16" => Self::Bf16,
+            "fp8" | "float8_e4m3fn" => Self::Fp8,
+            "q8_0" => Self::Gguf(G::Q8_0),
+            "q6_k" => Self::Gguf(G::Q6K),
+            "q5_k" | "q5_k_s" => Self::Gguf(G::Q5K),
+            "q4_k" | "q4_k_s" => Self::Gguf(G::Q4K),
+            "q4_0" => Self::Gguf(G::Q4_0),
+            other => bail!(
+                "unknown weight format `{other}`: use bf16, fp8, q8_0, q6_k, q5_k, q4_k or q4_0"
+            ),
+        })
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use candle_core::quantized::GgmlDType as G;
+        let name = match self {
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+            Self::Gguf(G::Q8_0) => "q8_0",
+            Self::Gguf(G::Q6K) => "q6_k",
+            Self::Gguf(G::Q5K) => "q5_k",
+            Self::Gguf(G::Q4K) => "q4_k",
+            Self::Gguf(G::Q4_0) => "q4_0",
+            Self::Gguf(other) => return write!(f, "{}", format!("{other:?}").to_lowercase()),
+        };
+        f.write_str(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WeightFormat;
+
+    #[test]
+    fn weight_formats_round_trip_their_names_and_count_block_scales() {
+        for name in ["bf16", "fp8", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"] {
+            let format = WeightFormat::parse(name).unwrap();
+            assert_eq!(format.to_string(), name);
+        }
+        // Q8_0: 32 weights in 34 bytes (a f16 scale per block); Q4_0: 32 in 18.
+        assert_eq!(WeightFormat::parse("q8_0").unwrap().bytes(32), 34);
+        assert_eq!(WeightFormat::parse("q4_0").unwrap().bytes(32), 18);
+        assert_eq!(WeightFormat::Bf16.bytes(10), 20);
+        assert!(WeightFormat::parse("nf4")
+            .unwrap_err()
+            .to_string()
+            .contains("q4_0"));
+    }
+}
