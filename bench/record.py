@@ -69,7 +69,11 @@ def generation(out):
             "one_lora_r16_s": r(forward.get("lora_r16_step_s")),
             "two_loras_r16_s": r(forward.get("two_loras_r16_step_s")),
             "plain_ops_s": r(forward.get("plain_step_s")),
+            "vs_diffusers_bf16_cosine": r(forward.get("diffusers_bf16", {}).get("cosine"), 5),
             "vs_diffusers_f32_cosine": r(forward.get("diffusers_f32", {}).get("cosine"), 5),
+            # diffusers' own bf16 step against its f32 one: how far bf16 rounding alone moves
+            # this random-weight network, the yardstick for the two lines above.
+            "diffusers_bf16_vs_f32_cosine": r(ref.get("diffusers_bf16_vs_f32", {}).get("cosine"), 5),
         }
     record["kernels"] = [
         {"op": f"attention {'x'.join(map(str, a['shape']))}{' strided' if a['strided'] else ''}",
