@@ -11,6 +11,7 @@ use crate::models::text::{ClipEncoder, T5Encoder};
 use crate::ops::Kernels;
 use crate::presets::Preset;
 use crate::sampling::{latents, preview::LatentPreview, schedule::ScheduleConfig};
+use crate::weights::WeightFormat;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use image::RgbImage;
@@ -85,6 +86,9 @@ pub struct LoadOptions {
     pub text_encoder_dir: PathBuf,
     /// The path of the models' ops: fused kernels where the build and the device have them.
     pub kernels: Kernels,
+    /// The format the transformer's linear layers are held in: `None` keeps the checkpoint's
+    /// (bf16, fp8 or GGUF as stored); another is made from it on load.
+    pub weights: Option<WeightFormat>,
 }
 
 impl LoadOptions {
@@ -95,6 +99,7 @@ impl LoadOptions {
             t5_max_len: p.t5_max_len,
             text_encoder_dir: PathBuf::from(crate::classifier::DEFAULT_ENCODER_DIR),
             kernels: Kernels::default(),
+            weights: None,
         }
     }
 }
@@ -165,8 +170,17 @@ pub fn missing_files(dir: &Path, own_transformer: bool) -> Vec<String> {
             need("tokenizer/merges.txt");
         }
     }
-    if !own_transformer {
+    // A GGUF transformer (city96's) in `transformer/` stands for its safetensors.
+    let gguf = std::fs::read_dir(dir.join("transformer"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().extension().is_some_and(|x| x == "gguf"));
+    if !own_transformer && !gguf {
         weights.push("transformer");
+    }
+    if gguf && !own_transformer {
+        need("transformer/config.json");
     }
     for part in weights {
         need(&format!("{part}/config.json"));
@@ -320,6 +334,9 @@ impl FluxPipeline {
         let index: ModelIndex = serde_json::from_value(read_json(&dir.join("model_index.json"))?)
             .context("model_index.json")?;
         let pixel_model = index.class_name == PIXEL_FLUX_CLASS;
+        if trainable && opts.weights.is_some_and(|f| f != WeightFormat::Bf16) {
+            bail!("a full fine-tune trains the weights themselves in f32: load it without --weights (fp8 and GGUF bases are for LoRA training)");
+        }
         let dtype = if trainable {
             DType::F32
         } else {
@@ -328,7 +345,7 @@ impl FluxPipeline {
         let mut vars = Vec::new();
         let (weights, cfg) = match &opts.transformer_file {
             Some(file) => {
-                let w = FluxWeights::open(file, dtype, device)?;
+                let w = FluxWeights::open(file, dtype, device)?.in_format(opts.weights);
                 // The folder's config, when there is one, knows what the file cannot tell.
                 let cfg = match read_json(&dir.join("transformer/config.json")) {
                     Ok(json) => FluxConfig::from_diffusers_json(&json)?,
@@ -351,7 +368,7 @@ impl FluxPipeline {
                         device,
                     ))?
                 } else {
-                    FluxWeights::open(&t, dtype, device)?
+                    FluxWeights::open(&t, dtype, device)?.in_format(opts.weights)
                 };
                 (weights, cfg)
             }
