@@ -186,6 +186,19 @@ impl Base {
         }
     }
 
+    /// Training's product: `x · dequant(W)ᵀ + b` exactly, so that the backward pass's
+    /// `dy · dequant(W)` is the gradient of what the forward computed. (GGUF's quantized kernels
+    /// also round the input to 8 bits per block, a different function than the one differentiated.)
+    fn forward_exact(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => ops::linear::linear(kernels, l, x),
+            Self::Quantized(q) => {
+                let w = q.weight.dequantize(x.dtype())?;
+                ops::linear::linear(kernels, &candle_nn::Linear::new(w, q.bias.clone()), x)
+            }
+        }
+    }
+
     /// The weight in `dtype`, for the input's gradient `dy W`.
     fn weight(&self, dtype: DType) -> Result<Tensor> {
         match self {
@@ -267,6 +280,16 @@ impl Linear {
             }),
             kernels,
         })
+    }
+
+    /// The base weight in `dtype`, dequantized if it is held quantized (the adapters' merge, if
+    /// any, included): what the layer's products multiply by.
+    pub fn base_weight(&self, dtype: DType) -> Result<Tensor> {
+        self.state
+            .read()
+            .expect("adapter lock poisoned")
+            .base
+            .weight(dtype)
     }
 
     /// The format the base weight is held in: bf16 (the compute dtype) for a dense one.
@@ -473,6 +496,14 @@ impl Module for Linear {
             // A full fine-tune trains the weight itself: candle's matmul gives it its gradient.
             Base::Dense(l) if l.weight().is_variable() => l.forward(x)?,
             _ if x.track_op() => frozen_base(self.kernels, base, x)?,
+            // Trained adapters on an input without a gradient (the first layers): the product that
+            // their gradients are taken through, as in `frozen_base`.
+            _ if adapters
+                .iter()
+                .any(|a| a.down.is_variable() || a.up.is_variable()) =>
+            {
+                base.forward_exact(self.kernels, x)?
+            }
             _ => base.forward(self.kernels, x)?,
         };
         if adapters.is_empty() {
@@ -536,7 +567,7 @@ impl Linear {
     /// what [`Linear::backward`] needs. `x` carries no gradient.
     pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
         let (base, adapters) = self.prepare(x)?;
-        let y = base.forward(self.kernels, x)?;
+        let y = base.forward_exact(self.kernels, x)?;
         let mut down_x = Vec::with_capacity(adapters.len());
         let mut factors = Vec::with_capacity(adapters.len());
         for a in &adapters {
@@ -651,7 +682,7 @@ fn splice(y: &Tensor, dim: usize, parts: &[(usize, Tensor)]) -> Result<Tensor> {
 /// and a weight-sized buffer per layer kept until the optimizer step (24 GB for FLUX.1-dev in bf16).
 /// A quantized base is dequantized again in the backward pass rather than kept dense between the two.
 fn frozen_base(kernels: Kernels, base: Base, x: &Tensor) -> Result<Tensor> {
-    let y = base.forward(kernels, &x.detach())?;
+    let y = base.forward_exact(kernels, &x.detach())?;
     autodiff::with_gradient(x, y, move |_, _, grad| {
         grad.broadcast_matmul(&base.weight(grad.dtype())?)
     })
