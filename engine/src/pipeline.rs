@@ -170,20 +170,15 @@ pub fn missing_files(dir: &Path, own_transformer: bool) -> Vec<String> {
             need("tokenizer/merges.txt");
         }
     }
-    // A GGUF transformer (city96's) in `transformer/` stands for its safetensors.
-    let gguf = std::fs::read_dir(dir.join("transformer"))
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .any(|e| e.path().extension().is_some_and(|x| x == "gguf"));
-    if !own_transformer && !gguf {
+    if !own_transformer {
         weights.push("transformer");
-    }
-    if gguf && !own_transformer {
-        need("transformer/config.json");
     }
     for part in weights {
         need(&format!("{part}/config.json"));
+        // A GGUF file (city96's transformer or T5 encoder) stands for the part's safetensors.
+        if matches!(crate::weights::gguf_file(&dir.join(part)), Ok(Some(_))) {
+            continue;
+        }
         for f in crate::weights::missing_safetensors(&dir.join(part)) {
             need(&format!("{part}/{f}"));
         }

@@ -411,3 +411,32 @@ fn a_lora_training_step_on_a_quantized_base_gets_the_dense_bases_gradients() {
         }
     }
 }
+
+/// city96-style T5 encoder GGUF files (llama.cpp's names, written by gguf-py's own name map) in the
+/// model folder's `text_encoder_2/`: the F32 file gives the safetensors encoder's hidden states
+/// exactly, the Q8_0 file within its format's error.
+#[test]
+fn t5_gguf_files_in_llama_cpps_names_encode_as_the_safetensors_encoder() {
+    use engine::models::text::T5Encoder;
+    let folder = tiny_dev().join("text_encoder_2");
+    let tokenizer = tiny_dev().join("tokenizer_2");
+    let prompt = "a fox reading under a tree";
+    let encode = |dir: &Path| {
+        T5Encoder::load(dir, &tokenizer, 16, DType::F32, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+            .encode(prompt)
+            .unwrap()
+    };
+    let want = encode(&folder);
+    for (file, tolerance) in [("t5-tiny-F32.gguf", 0.0), ("t5-tiny-Q8_0.gguf", 2e-2)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(folder.join("config.json"), dir.path().join("config.json")).unwrap();
+        std::fs::copy(quant().join(file), dir.path().join(file)).unwrap();
+        let got = encode(dir.path());
+        if tolerance == 0.0 {
+            assert_eq!(bits(&got), bits(&want), "{file}");
+        } else {
+            assert_close(file, &got, &want, tolerance);
+        }
+    }
+}

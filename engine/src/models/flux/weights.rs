@@ -11,7 +11,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// The prefix ComfyUI's single files put before BFL's names.
@@ -50,49 +50,13 @@ enum Stored {
     Gguf(HashMap<String, Arc<QTensor>>),
 }
 
-/// A GGUF transformer among `path` (the file itself, or the one `.gguf` of a folder that has no
-/// safetensors).
-fn gguf_file(path: &Path) -> Result<Option<PathBuf>> {
-    let is_gguf = |p: &Path| {
-        p.extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    };
-    if path.is_file() {
-        return Ok(is_gguf(path).then(|| path.to_path_buf()));
-    }
-    if !path.is_dir() {
-        return Ok(None);
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    if entries
-        .iter()
-        .any(|p| p.extension().is_some_and(|e| e == "safetensors"))
-    {
-        return Ok(None);
-    }
-    entries.retain(|p| is_gguf(p));
-    entries.sort();
-    match entries.as_slice() {
-        [] => Ok(None),
-        [one] => Ok(Some(one.clone())),
-        more => bail!(
-            "{} holds {} .gguf files: keep one, or give it with --transformer-file",
-            path.display(),
-            more.len()
-        ),
-    }
-}
-
 impl FluxWeights {
     /// Opens a FLUX transformer: a BFL or ComfyUI single file (bf16 or fp8), a diffusers
     /// `transformer/` folder, or a GGUF file (or a folder holding one). Linear layers come as
     /// stored unless [`Self::in_format`] asks for another format.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let read = || -> Result<Self> {
-            if let Some(file) = gguf_file(path)? {
+            if let Some(file) = crate::weights::gguf_file(path)? {
                 return Self::open_gguf(&file, dtype, device);
             }
             let vb = crate::weights::var_builder(path, dtype, device)?;
