@@ -369,6 +369,15 @@ impl FluxPipeline {
             }
         };
         let transformer = FluxTransformer::load(&weights, &cfg, dtype, device, opts.kernels)?;
+        let mut formats: Vec<(WeightFormat, usize)> = Vec::new();
+        for l in transformer.linears() {
+            match formats.iter_mut().find(|(f, _)| *f == l.format()) {
+                Some((_, n)) => *n += 1,
+                None => formats.push((l.format(), 1)),
+            }
+        }
+        let formats: Vec<String> = formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
+        tracing::info!("transformer linear layers: {}", formats.join(", "));
         let (text_spec, codec) = if pixel_model {
             let tokens = index
                 .text_tokens

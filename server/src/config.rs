@@ -195,6 +195,21 @@ mod tests {
     }
 
     #[test]
+    fn weights_take_a_format_by_name_and_refuse_others_with_the_list() {
+        let config = SettingsOnly::parse_from(["studio", "--weights", "Q8_0"]).serve;
+        assert_eq!(
+            config.weights,
+            Some(WeightFormat::Gguf(candle_core::quantized::GgmlDType::Q8_0))
+        );
+        assert_eq!(ServeConfig::defaults().weights, None);
+        let err = SettingsOnly::try_parse_from(["studio", "--weights", "nf4"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("fp8") && err.contains("q4_0"), "{err}");
+    }
+
+    #[test]
     fn cors_origins_are_exact_origins_or_any() {
         let config = SettingsOnly::parse_from([
             "studio",

@@ -150,7 +150,14 @@ impl QuantizedBase {
                 ops::linear::linear(kernels, &candle_nn::Linear::new(w, self.bias.clone()), x)
             }
             QuantizedWeight::Gguf(q) => {
-                let y = QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)?;
+                // As rows: every backend's quantized product takes a matrix.
+                let dims = x.dims();
+                let k = dims[dims.len() - 1];
+                let rows = x.contiguous()?.reshape((x.elem_count() / k, k))?;
+                let y = QMatMul::QTensor(q.clone()).forward(&rows)?;
+                let mut out = dims.to_vec();
+                *out.last_mut().expect("rank >= 1") = y.dim(1)?;
+                let y = y.reshape(out)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
                     None => Ok(y),
