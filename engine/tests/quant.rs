@@ -440,3 +440,65 @@ fn t5_gguf_files_in_llama_cpps_names_encode_as_the_safetensors_encoder() {
         }
     }
 }
+
+/// A model folder whose `transformer/` holds city96's GGUF file and whose `text_encoder_2/` holds a T5
+/// GGUF file (each beside its config.json, no safetensors) counts as complete and generates as the
+/// `--transformer-file` run of the same file does.
+#[test]
+fn a_model_folder_with_gguf_files_in_place_of_safetensors_is_complete_and_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("model");
+    copy_dir(&tiny_dev(), &root);
+    for (part, file) in [
+        ("transformer", "flux1-tiny-dev-Q8_0.gguf"),
+        ("text_encoder_2", "t5-tiny-F32.gguf"),
+    ] {
+        for entry in std::fs::read_dir(root.join(part)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name().unwrap() != "config.json" {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        assert!(
+            !engine::pipeline::missing_files(&root, false).is_empty(),
+            "{part} emptied"
+        );
+        std::fs::copy(quant().join(file), root.join(part).join(file)).unwrap();
+    }
+    assert_eq!(
+        engine::pipeline::missing_files(&root, false),
+        Vec::<String>::new()
+    );
+    let preset = engine::presets::find(engine::presets::FLUX_TINY).unwrap();
+    let opts = LoadOptions {
+        source: Source::Local(root.clone()),
+        kernels: Kernels::Plain,
+        ..LoadOptions::from_preset(preset)
+    };
+    let pipe = FluxPipeline::load(&opts, &Device::Cpu, Arc::new(|_| {})).unwrap();
+    let format = WeightFormat::Gguf(GgmlDType::Q8_0);
+    assert!(pipe
+        .transformer
+        .linears()
+        .iter()
+        .all(|l| l.format() == format));
+    let r = reference("transformer_dev");
+    let want = forward_on_reference(&model(&gguf_model_file("Q8_0"), None), &r);
+    assert_eq!(
+        bits(&forward_on_reference(&pipe.transformer, &r)),
+        bits(&want)
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
