@@ -94,7 +94,10 @@ impl QuantizedWeight {
                 if w.rank() != 2 || w.dim(1)? % dtype.block_size() != 0 {
                     return Ok(None);
                 }
-                let q = QTensor::quantize_onto(&w.to_dtype(DType::F32)?, dtype, w.device())?;
+                // candle quantizes on the host (its CUDA storage does so too), then places the
+                // blocks on the weight's device.
+                let host = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+                let q = QTensor::quantize_onto(&host, dtype, w.device())?;
                 Ok(Some(Self::Gguf(Arc::new(q))))
             }
         }
