@@ -118,18 +118,17 @@ impl QuantizedWeight {
         }
     }
 
-    /// The weight in `dtype`: fp8 widened to f32 and scaled there (one rounding, to `dtype`), GGUF
-    /// blocks dequantized by candle as llama.cpp does.
+    /// The weight in `dtype`: fp8 widened to `dtype` (exactly: every fp8 value is a bf16 one) and
+    /// scaled there, as ComfyUI dequantizes scaled fp8; GGUF blocks dequantized by candle as
+    /// llama.cpp does.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Self::Fp8 { weight, scale } => {
-                let w = weight.to_dtype(DType::F32)?;
-                let w = if *scale == 1.0 {
-                    w
-                } else {
-                    w.broadcast_mul(&Tensor::new(*scale, w.device())?)?
-                };
-                w.to_dtype(dtype)
+                let w = weight.to_dtype(dtype)?;
+                if *scale == 1.0 {
+                    return Ok(w);
+                }
+                w.broadcast_mul(&Tensor::new(*scale, w.device())?.to_dtype(dtype)?)
             }
             Self::Gguf(q) => q.dequantize(&q.device())?.to_dtype(dtype),
         }
