@@ -195,7 +195,7 @@ fn a_quantized_layer_stays_within_its_formats_error_of_the_dense_one() {
         let layer = Linear::quantized(name, q, Some(b.clone()), Kernels::Plain).unwrap();
         let got = candle_core::Module::forward(&layer, &x).unwrap();
         let e = rel_err(&got, &want);
-        eprintln!("layer {name}: relative error {e:.2e} (tolerance {tolerance:.0e})");
+        eprintln!("layer {name}: relative error {e:.2e} (tolerance {tolerance:.1e})");
         assert!(e < tolerance, "{name}: {e:e}");
         assert!(e > 0.0, "{name}: the weight was not quantized");
     }
