@@ -11,6 +11,7 @@ use crate::models::text::{ClipEncoder, T5Encoder};
 use crate::ops::Kernels;
 use crate::presets::Preset;
 use crate::sampling::{latents, preview::LatentPreview, schedule::ScheduleConfig};
+use crate::weights::WeightFormat;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use image::RgbImage;
@@ -85,6 +86,9 @@ pub struct LoadOptions {
     pub text_encoder_dir: PathBuf,
     /// The path of the models' ops: fused kernels where the build and the device have them.
     pub kernels: Kernels,
+    /// The format the transformer's linear layers are held in: `None` keeps the checkpoint's
+    /// (bf16, fp8 or GGUF as stored); another is made from it on load.
+    pub weights: Option<WeightFormat>,
 }
 
 impl LoadOptions {
@@ -95,6 +99,7 @@ impl LoadOptions {
             t5_max_len: p.t5_max_len,
             text_encoder_dir: PathBuf::from(crate::classifier::DEFAULT_ENCODER_DIR),
             kernels: Kernels::default(),
+            weights: None,
         }
     }
 }
@@ -170,6 +175,10 @@ pub fn missing_files(dir: &Path, own_transformer: bool) -> Vec<String> {
     }
     for part in weights {
         need(&format!("{part}/config.json"));
+        // A GGUF file (city96's transformer or T5 encoder) stands for the part's safetensors.
+        if matches!(crate::weights::gguf_file(&dir.join(part)), Ok(Some(_))) {
+            continue;
+        }
         for f in crate::weights::missing_safetensors(&dir.join(part)) {
             need(&format!("{part}/{f}"));
         }
@@ -320,6 +329,9 @@ impl FluxPipeline {
         let index: ModelIndex = serde_json::from_value(read_json(&dir.join("model_index.json"))?)
             .context("model_index.json")?;
         let pixel_model = index.class_name == PIXEL_FLUX_CLASS;
+        if trainable && opts.weights.is_some_and(|f| f != WeightFormat::Bf16) {
+            bail!("a full fine-tune trains the weights themselves in f32: load it without --weights (fp8 and GGUF bases are for LoRA training)");
+        }
         let dtype = if trainable {
             DType::F32
         } else {
@@ -328,7 +340,7 @@ impl FluxPipeline {
         let mut vars = Vec::new();
         let (weights, cfg) = match &opts.transformer_file {
             Some(file) => {
-                let w = FluxWeights::open(file, dtype, device)?;
+                let w = FluxWeights::open(file, dtype, device)?.in_format(opts.weights);
                 // The folder's config, when there is one, knows what the file cannot tell.
                 let cfg = match read_json(&dir.join("transformer/config.json")) {
                     Ok(json) => FluxConfig::from_diffusers_json(&json)?,
@@ -351,12 +363,21 @@ impl FluxPipeline {
                         device,
                     ))?
                 } else {
-                    FluxWeights::open(&t, dtype, device)?
+                    FluxWeights::open(&t, dtype, device)?.in_format(opts.weights)
                 };
                 (weights, cfg)
             }
         };
         let transformer = FluxTransformer::load(&weights, &cfg, dtype, device, opts.kernels)?;
+        let mut formats: Vec<(WeightFormat, usize)> = Vec::new();
+        for l in transformer.linears() {
+            match formats.iter_mut().find(|(f, _)| *f == l.format()) {
+                Some((_, n)) => *n += 1,
+                None => formats.push((l.format(), 1)),
+            }
+        }
+        let formats: Vec<String> = formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
+        tracing::info!("transformer linear layers: {}", formats.join(", "));
         let (text_spec, codec) = if pixel_model {
             let tokens = index
                 .text_tokens

@@ -96,6 +96,42 @@ pub fn missing_safetensors(dir: &Path) -> Vec<String> {
     }
 }
 
+/// The GGUF file among `path`: the file itself, or the one `.gguf` of a folder that has no
+/// safetensors (city96's FLUX transformer or T5 encoder in a model folder's part).
+pub fn gguf_file(path: &Path) -> Result<Option<PathBuf>> {
+    let is_gguf = |p: &Path| {
+        p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    };
+    if path.is_file() {
+        return Ok(is_gguf(path).then(|| path.to_path_buf()));
+    }
+    if !path.is_dir() {
+        return Ok(None);
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    if entries
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "safetensors"))
+    {
+        return Ok(None);
+    }
+    entries.retain(|p| is_gguf(p));
+    entries.sort();
+    match entries.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        more => bail!(
+            "{} holds {} .gguf files: keep the one to load",
+            path.display(),
+            more.len()
+        ),
+    }
+}
+
 /// Memory-maps the checkpoint; tensors are converted to `dtype` on `device` as they are read.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let files = safetensors_files(path)?;

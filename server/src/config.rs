@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser};
 use engine::classifier::{DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH};
 use engine::device::DeviceChoice;
+use engine::weights::WeightFormat;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
@@ -32,6 +33,11 @@ pub struct ServeConfig {
     /// on a machine with no network or with the weights already on disk. No token is needed then.
     #[arg(long, env = "STUDIO_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// The format the FLUX transformer's linear layers are held in: bf16, fp8, q8_0, q6_k, q5_k,
+    /// q4_k or q4_0, made from the checkpoint as it loads. Not given: as the checkpoint stores them
+    /// (an fp8 or GGUF file stays fp8 or GGUF).
+    #[arg(long, env = "STUDIO_WEIGHTS", value_parser = parse_weights)]
+    pub weights: Option<WeightFormat>,
     /// Folder of LoRA files (`.safetensors`) that `/generate/` may name by file name, with or without
     /// the extension; `<data-dir>/loras` when not given. No other server-side path is accepted over HTTP.
     #[arg(long, env = "STUDIO_LORA_DIR")]
@@ -95,6 +101,11 @@ impl ServeConfig {
     pub fn defaults() -> ServeConfig {
         SettingsOnly::parse_from(["studio"]).serve
     }
+}
+
+/// `--weights`: a [`WeightFormat`] by the name users write.
+pub fn parse_weights(name: &str) -> Result<WeightFormat, String> {
+    WeightFormat::parse(name).map_err(|e| e.to_string())
 }
 
 /// A value never printed: Debug and logs show `***`.
@@ -181,6 +192,21 @@ mod tests {
         assert_eq!(parse_bytes("2g"), Ok(2 << 30));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn weights_take_a_format_by_name_and_refuse_others_with_the_list() {
+        let config = SettingsOnly::parse_from(["studio", "--weights", "Q8_0"]).serve;
+        assert_eq!(
+            config.weights,
+            Some(WeightFormat::Gguf(candle_core::quantized::GgmlDType::Q8_0))
+        );
+        assert_eq!(ServeConfig::defaults().weights, None);
+        let err = SettingsOnly::try_parse_from(["studio", "--weights", "nf4"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("fp8") && err.contains("q4_0"), "{err}");
     }
 
     #[test]

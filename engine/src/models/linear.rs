@@ -4,9 +4,15 @@
 //! weight `W + Σ sᵢ BᵢAᵢ` (one product instead of a rebuilt output per adapted layer), keeping the
 //! original rows it replaced on the host to put back exactly. Training makes the adapters'
 //! tensors `Var`s, which are applied unmerged, and leaves the base alone.
+//!
+//! The base weight may also be stored quantized ([`QuantizedWeight`]: fp8 with a per-tensor scale,
+//! or GGUF blocks). Adapters on such a base are always applied unmerged: merging would requantize
+//! the weight, losing the adapters' small updates in its rounding and the original bytes with them.
 
 use crate::ops::{self, autodiff, Kernels};
+use crate::weights::WeightFormat;
 use candle_core::backprop::GradStore;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId};
 use std::sync::{Arc, RwLock};
 
@@ -51,6 +57,166 @@ impl Adapter {
     }
 }
 
+/// The largest finite `float8_e4m3fn` value: an fp8 weight made from a wider one is scaled so that
+/// its largest magnitude lands here, as torch's and ComfyUI's per-tensor fp8 quantization does.
+pub const FP8_E4M3_MAX: f32 = 448.0;
+
+/// A base weight held in fewer bits than the compute dtype, (out, in) as a dense one.
+#[derive(Clone, Debug)]
+pub enum QuantizedWeight {
+    /// `float8_e4m3fn` values; the weight is `weight · scale`.
+    Fp8 { weight: Tensor, scale: f32 },
+    /// GGUF blocks, multiplied by candle's quantized kernels (CUDA ones on a GPU).
+    Gguf(Arc<QTensor>),
+}
+
+impl QuantizedWeight {
+    /// `w` in `format`, or `None` for bf16 or when `w`'s rows do not split into the format's
+    /// blocks (GGUF quantizes each row in blocks of 32 or 256 values).
+    pub fn from_dense(w: &Tensor, format: WeightFormat) -> Result<Option<Self>> {
+        match format {
+            WeightFormat::Bf16 => Ok(None),
+            WeightFormat::Fp8 => {
+                // torch's and ComfyUI's per-tensor scale: the largest magnitude maps onto fp8's
+                // largest value; the division is an exact f32 one, then fp8's nearest-even rounding.
+                let w = w.to_dtype(DType::F32)?;
+                let absmax = w.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let scale = if absmax > 0.0 {
+                    absmax / FP8_E4M3_MAX
+                } else {
+                    1.0
+                };
+                let divisor = Tensor::new(scale, w.device())?;
+                let weight = w.broadcast_div(&divisor)?.to_dtype(DType::F8E4M3)?;
+                Ok(Some(Self::Fp8 { weight, scale }))
+            }
+            WeightFormat::Gguf(dtype) => {
+                if w.rank() != 2 || w.dim(1)? % dtype.block_size() != 0 {
+                    return Ok(None);
+                }
+                // candle quantizes on the host (its CUDA storage does so too), then places the
+                // blocks on the weight's device.
+                let host = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+                let q = QTensor::quantize_onto(&host, dtype, w.device())?;
+                Ok(Some(Self::Gguf(Arc::new(q))))
+            }
+        }
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            Self::Fp8 { .. } => WeightFormat::Fp8,
+            Self::Gguf(q) => WeightFormat::Gguf(q.dtype()),
+        }
+    }
+
+    /// (out, in).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Fp8 { weight, .. } => weight.dims2(),
+            Self::Gguf(q) => q.shape().dims2(),
+        }
+    }
+
+    /// The weight in `dtype`: fp8 widened to `dtype` (exactly: every fp8 value is a bf16 one) and
+    /// scaled there, as ComfyUI dequantizes scaled fp8; GGUF blocks dequantized by candle as
+    /// llama.cpp does.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Fp8 { weight, scale } => {
+                let w = weight.to_dtype(dtype)?;
+                if *scale == 1.0 {
+                    return Ok(w);
+                }
+                w.broadcast_mul(&Tensor::new(*scale, w.device())?.to_dtype(dtype)?)
+            }
+            Self::Gguf(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+        }
+    }
+}
+
+/// A frozen quantized base: `x Wᵀ + b` with `W` dequantized inside the product.
+#[derive(Clone, Debug)]
+struct QuantizedBase {
+    weight: QuantizedWeight,
+    bias: Option<Tensor>,
+}
+
+impl QuantizedBase {
+    fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            // No fp8 product yet: the weight is widened to the input's dtype for each product,
+            // so only the fp8 bytes stay resident.
+            QuantizedWeight::Fp8 { .. } => {
+                let w = self.weight.dequantize(x.dtype())?;
+                ops::linear::linear(kernels, &candle_nn::Linear::new(w, self.bias.clone()), x)
+            }
+            QuantizedWeight::Gguf(q) => {
+                // As rows: every backend's quantized product takes a matrix.
+                let dims = x.dims();
+                let k = dims[dims.len() - 1];
+                let rows = x.contiguous()?.reshape((x.elem_count() / k, k))?;
+                let y = QMatMul::QTensor(q.clone()).forward(&rows)?;
+                let mut out = dims.to_vec();
+                *out.last_mut().expect("rank >= 1") = y.dim(1)?;
+                let y = y.reshape(out)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// The weight a layer multiplies by: dense (mergeable, trainable) or quantized (frozen).
+#[derive(Clone, Debug)]
+enum Base {
+    Dense(candle_nn::Linear),
+    Quantized(QuantizedBase),
+}
+
+impl Base {
+    fn dense(&self) -> Option<&candle_nn::Linear> {
+        match self {
+            Self::Dense(l) => Some(l),
+            Self::Quantized(_) => None,
+        }
+    }
+
+    fn is_variable(&self) -> bool {
+        self.dense().is_some_and(|l| l.weight().is_variable())
+    }
+
+    fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => ops::linear::linear(kernels, l, x),
+            Self::Quantized(q) => q.forward(kernels, x),
+        }
+    }
+
+    /// Training's product: `x · dequant(W)ᵀ + b` exactly, so that the backward pass's
+    /// `dy · dequant(W)` is the gradient of what the forward computed. (GGUF's quantized kernels
+    /// also round the input to 8 bits per block, a different function than the one differentiated.)
+    fn forward_exact(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => ops::linear::linear(kernels, l, x),
+            Self::Quantized(q) => {
+                let w = q.weight.dequantize(x.dtype())?;
+                ops::linear::linear(kernels, &candle_nn::Linear::new(w, q.bias.clone()), x)
+            }
+        }
+    }
+
+    /// The weight in `dtype`, for the input's gradient `dy W`.
+    fn weight(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.weight().to_dtype(dtype),
+            Self::Quantized(q) => q.weight.dequantize(dtype),
+        }
+    }
+}
+
 /// Rows of a weight merged at a time: bounds the f32 temporaries of a merge to a few MB per
 /// chunk (a whole fused FLUX layer in f32 would be 264 MB of GPU memory at once).
 const MERGE_CHUNK_ROWS: usize = 1024;
@@ -70,8 +236,8 @@ pub struct Linear {
 #[derive(Debug)]
 struct State {
     /// The original weight and bias, or while `merged` is set the weight with those adapters added.
-    /// Only one of the two weights is on the device at a time.
-    base: candle_nn::Linear,
+    /// Only one of the two weights is on the device at a time. A quantized base is never merged.
+    base: Base,
     adapters: Vec<Arc<Adapter>>,
     merged: Option<Merged>,
 }
@@ -96,11 +262,50 @@ impl Linear {
             in_features: weight.dim(1).unwrap_or(0),
             out_features: weight.dim(0).unwrap_or(0),
             state: RwLock::new(State {
-                base: candle_nn::Linear::new(weight, bias),
+                base: Base::Dense(candle_nn::Linear::new(weight, bias)),
                 adapters: Vec::new(),
                 merged: None,
             }),
             kernels,
+        }
+    }
+
+    /// A frozen layer whose weight is stored quantized; the bias stays dense.
+    pub fn quantized(
+        name: impl Into<String>,
+        weight: QuantizedWeight,
+        bias: Option<Tensor>,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let (out_features, in_features) = weight.dims()?;
+        Ok(Self {
+            name: name.into(),
+            in_features,
+            out_features,
+            state: RwLock::new(State {
+                base: Base::Quantized(QuantizedBase { weight, bias }),
+                adapters: Vec::new(),
+                merged: None,
+            }),
+            kernels,
+        })
+    }
+
+    /// The base weight in `dtype`, dequantized if it is held quantized (the adapters' merge, if
+    /// any, included): what the layer's products multiply by.
+    pub fn base_weight(&self, dtype: DType) -> Result<Tensor> {
+        self.state
+            .read()
+            .expect("adapter lock poisoned")
+            .base
+            .weight(dtype)
+    }
+
+    /// The format the base weight is held in: bf16 (the compute dtype) for a dense one.
+    pub fn format(&self) -> WeightFormat {
+        match &self.state.read().expect("adapter lock poisoned").base {
+            Base::Dense(_) => WeightFormat::Bf16,
+            Base::Quantized(q) => q.weight.format(),
         }
     }
 
@@ -143,7 +348,6 @@ impl Linear {
             .read()
             .expect("adapter lock poisoned")
             .base
-            .weight()
             .is_variable()
     }
 
@@ -157,7 +361,7 @@ impl Linear {
 
     /// The weight to multiply `x` by and the adapters left to apply unmerged, the weight first
     /// merged or restored if this forward needs the other one.
-    fn prepare(&self, x: &Tensor) -> Result<(candle_nn::Linear, Vec<Arc<Adapter>>)> {
+    fn prepare(&self, x: &Tensor) -> Result<(Base, Vec<Arc<Adapter>>)> {
         let ready = self.state.read().expect("adapter lock poisoned").ready(x);
         match ready {
             Some(ready) => Ok(ready),
@@ -173,11 +377,11 @@ impl Linear {
 impl State {
     /// Whether a forward of `x` uses the adapters merged: when nothing takes a gradient. A training
     /// step's adapters are `Var`s (unmerged); its samples use detached copies, merged like a
-    /// generation's.
+    /// generation's. A quantized base keeps its adapters unmerged.
     fn merges_for(&self, x: &Tensor) -> bool {
         !self.adapters.is_empty()
             && !x.track_op()
-            && !self.base.weight().is_variable()
+            && self.base.dense().is_some_and(|l| !l.weight().is_variable())
             && self
                 .adapters
                 .iter()
@@ -185,7 +389,7 @@ impl State {
     }
 
     /// What [`Self::prepare`] returns, if the weight is already the one a forward of `x` needs.
-    fn ready(&self, x: &Tensor) -> Option<(candle_nn::Linear, Vec<Arc<Adapter>>)> {
+    fn ready(&self, x: &Tensor) -> Option<(Base, Vec<Arc<Adapter>>)> {
         let merges = self.merges_for(x);
         match &self.merged {
             None if !merges => Some((self.base.clone(), self.adapters.clone())),
@@ -207,7 +411,7 @@ impl State {
     /// undone first. Only forwards read the weight, so it changes here rather than when the
     /// adapters are set: the server clears them after each generation and places the same files
     /// again for the next, which then finds its merge in place.
-    fn prepare(&mut self, x: &Tensor) -> Result<(candle_nn::Linear, Vec<Arc<Adapter>>)> {
+    fn prepare(&mut self, x: &Tensor) -> Result<(Base, Vec<Arc<Adapter>>)> {
         // Another forward may have prepared it while this one waited for the lock.
         if let Some(ready) = self.ready(x) {
             return Ok(ready);
@@ -222,17 +426,17 @@ impl State {
 
     /// Puts the original rows back: the weight is the original's bytes again. Nothing changes on error.
     fn restore(&mut self) -> Result<()> {
-        let Some(merged) = &self.merged else {
+        let (Some(merged), Base::Dense(base)) = (&self.merged, &self.base) else {
             return Ok(());
         };
-        let w = self.base.weight();
+        let w = base.weight();
         let rows = merged
             .original
             .iter()
             .map(|(at, rows)| Ok((*at, rows.to_device(w.device())?)))
             .collect::<Result<Vec<_>>>()?;
         let weight = splice(w, 0, &rows)?;
-        self.base = candle_nn::Linear::new(weight, self.base.bias().cloned());
+        self.base = Base::Dense(candle_nn::Linear::new(weight, base.bias().cloned()));
         self.merged = None;
         Ok(())
     }
@@ -241,7 +445,12 @@ impl State {
     /// are copied to the host and the original dropped, so the device holds one weight as before.
     /// Nothing changes on error.
     fn merge(&mut self) -> Result<()> {
-        let w = self.base.weight();
+        let Base::Dense(base) = &self.base else {
+            return Err(candle_core::Error::Msg(
+                "a quantized base weight is never merged".into(),
+            ));
+        };
+        let w = base.weight();
         let mut spans = self
             .adapters
             .iter()
@@ -284,7 +493,7 @@ impl State {
             keys: self.adapters.iter().map(|a| a.key()).collect(),
             original,
         });
-        self.base = candle_nn::Linear::new(weight, self.base.bias().cloned());
+        self.base = Base::Dense(candle_nn::Linear::new(weight, base.bias().cloned()));
         Ok(())
     }
 }
@@ -292,13 +501,19 @@ impl State {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (base, adapters) = self.prepare(x)?;
-        let y = if base.weight().is_variable() {
+        let y = match &base {
             // A full fine-tune trains the weight itself: candle's matmul gives it its gradient.
-            base.forward(x)?
-        } else if x.track_op() {
-            frozen_base(self.kernels, &base, x)?
-        } else {
-            ops::linear::linear(self.kernels, &base, x)?
+            Base::Dense(l) if l.weight().is_variable() => l.forward(x)?,
+            _ if x.track_op() => frozen_base(self.kernels, base, x)?,
+            // Trained adapters on an input without a gradient (the first layers): the product that
+            // their gradients are taken through, as in `frozen_base`.
+            _ if adapters
+                .iter()
+                .any(|a| a.down.is_variable() || a.up.is_variable()) =>
+            {
+                base.forward_exact(self.kernels, x)?
+            }
+            _ => base.forward(self.kernels, x)?,
         };
         if adapters.is_empty() {
             return Ok(y);
@@ -361,7 +576,7 @@ impl Linear {
     /// what [`Linear::backward`] needs. `x` carries no gradient.
     pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
         let (base, adapters) = self.prepare(x)?;
-        let y = ops::linear::linear(self.kernels, &base, x)?;
+        let y = base.forward_exact(self.kernels, x)?;
         let mut down_x = Vec::with_capacity(adapters.len());
         let mut factors = Vec::with_capacity(adapters.len());
         for a in &adapters {
@@ -393,19 +608,19 @@ impl Linear {
         grads: &mut GradStore,
         input_grad: bool,
     ) -> Result<Option<Tensor>> {
-        let w = self
+        let base = self
             .state
             .read()
             .expect("adapter lock poisoned")
             .base
-            .weight()
             .clone();
         let dims = dy.dims();
         let out = dims[dims.len() - 1];
         let n = dy.elem_count() / out;
         let dy = dy.contiguous()?.reshape((n, out))?;
         let dx = if input_grad {
-            Some(dy.matmul(&w)?)
+            // A quantized base is dequantized for this product only.
+            Some(dy.matmul(&base.weight(dy.dtype())?)?)
         } else {
             None
         };
@@ -474,10 +689,12 @@ fn splice(y: &Tensor, dim: usize, parts: &[(usize, Tensor)]) -> Result<Tensor> {
 /// `W x + b` for an input that carries a gradient, passing the gradient to `x` only. Through candle's
 /// matmul the backward pass would also compute the weight's gradient: wasted work on a frozen layer,
 /// and a weight-sized buffer per layer kept until the optimizer step (24 GB for FLUX.1-dev in bf16).
-fn frozen_base(kernels: Kernels, base: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
-    let y = ops::linear::linear(kernels, base, &x.detach())?;
-    let w = base.weight().clone();
-    autodiff::with_gradient(x, y, move |_, _, grad| grad.broadcast_matmul(&w))
+/// A quantized base is dequantized again in the backward pass rather than kept dense between the two.
+fn frozen_base(kernels: Kernels, base: Base, x: &Tensor) -> Result<Tensor> {
+    let y = base.forward_exact(kernels, &x.detach())?;
+    autodiff::with_gradient(x, y, move |_, _, grad| {
+        grad.broadcast_matmul(&base.weight(grad.dtype())?)
+    })
 }
 
 #[cfg(test)]
@@ -491,7 +708,8 @@ mod tests {
 
     /// The weight the layer multiplies by now.
     fn weight(linear: &Linear) -> Tensor {
-        linear.state.read().unwrap().base.weight().clone()
+        let state = linear.state.read().unwrap();
+        state.base.dense().expect("a dense base").weight().clone()
     }
 
     /// The values' bits, through f32 (which holds a bf16 exactly).
@@ -792,6 +1010,104 @@ mod tests {
             !shapes.iter().any(|d| d == &[4, 6] || d == &[6, 4]),
             "{shapes:?}"
         );
+        Ok(())
+    }
+
+    /// Normal values from a fixed seed: the quantized products' tolerances hold for these inputs.
+    fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n = shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n)
+            .map(|_| rng.sample(rand_distr::StandardNormal))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// A rank-2 adapter on 8 rows from `offset`, from a fixed seed.
+    fn seeded_adapter(offset: usize, inputs: usize, seed: u64) -> Result<Arc<Adapter>> {
+        Ok(Arc::new(Adapter {
+            down: seeded(&[2, inputs], seed)?,
+            up: seeded(&[8, 2], seed + 100)?,
+            scale: 0.75,
+            out_offset: offset,
+        }))
+    }
+
+    /// Adapters on an fp8 or GGUF base are applied unmerged, q, k and v slices of a fused layer
+    /// included, and give what they give on the dequantized weight as a dense base; a training
+    /// forward and the hand-written backward give the adapters the dense base's gradients.
+    #[test]
+    fn adapters_on_quantized_bases_match_the_dequantized_dense_base() -> Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let (out, inputs) = (24, 64);
+        let w = seeded(&[out, inputs], 1)?;
+        let b = seeded(&[out], 2)?;
+        let x = seeded(&[2, 3, inputs], 3)?;
+        // GGUF's CPU product quantizes the input to 8 bits per block as llama.cpp does: its
+        // products differ from the dequantized weight's by that rounding.
+        for (format, tolerance) in [
+            (WeightFormat::Fp8, 1e-5),
+            (WeightFormat::Gguf(GgmlDType::Q8_0), 1e-2),
+            (WeightFormat::Gguf(GgmlDType::Q4_0), 1e-2),
+        ] {
+            let q = QuantizedWeight::from_dense(&w, format)?.expect("quantizable");
+            let dense_w = q.dequantize(DType::F32)?;
+            let linear = Linear::quantized("l", q, Some(b.clone()), Kernels::Plain)?;
+            assert_eq!(linear.format(), format);
+            let dense = Linear::new("d", dense_w.clone(), Some(b.clone()), Kernels::Plain);
+            let adapters = vec![
+                seeded_adapter(0, inputs, 10)?,
+                seeded_adapter(8, inputs, 11)?,
+                seeded_adapter(16, inputs, 12)?,
+            ];
+            linear.set_adapters(adapters.clone());
+            dense.set_adapters(adapters.clone());
+            let y = linear.forward(&x)?;
+            assert!(!merged(&linear), "{format}");
+            let want = formula(&dense_w, &b, &adapters, &x)?;
+            let size = magnitude(&dense_w, &b, &adapters, &x)?;
+            let err = relative_to(&y, &want, &size)?;
+            assert!(err < tolerance, "{format}: {err}");
+            assert!(relative_to(&y, &dense.forward(&x)?, &size)? < tolerance);
+
+            // Training: Var adapters, the hand-written backward against candle's autograd on the
+            // dense base.
+            let down = Var::from_tensor(&seeded(&[2, inputs], 4)?)?;
+            let up = Var::from_tensor(&seeded(&[8, 2], 5)?)?;
+            let training = vec![Arc::new(Adapter {
+                down: down.as_tensor().clone(),
+                up: up.as_tensor().clone(),
+                scale: 0.5,
+                out_offset: 8,
+            })];
+            linear.set_adapters(training.clone());
+            dense.set_adapters(training);
+            let dy = seeded(&[2, 3, out], 6)?;
+            let (_, saved) = linear.forward_saved(&x)?;
+            let mut by_hand = GradStore::default();
+            let dx = linear
+                .backward(saved, &dy, &mut by_hand, true)?
+                .expect("asked for");
+            let xv = Var::from_tensor(&x)?;
+            let grads = (dense.forward(xv.as_tensor())? * &dy)?
+                .sum_all()?
+                .backward()?;
+            let want_dx = grads.get(xv.as_tensor()).expect("x's gradient");
+            assert!(relative(&dx, want_dx)? < 1e-5, "{format}");
+            for factor in [down.as_tensor(), up.as_tensor()] {
+                let want = grads.get(factor).expect("a gradient");
+                let got = by_hand.get(factor).expect("a gradient by hand");
+                let err = relative(got, want)?;
+                assert!(err < tolerance, "{format}: {err}");
+            }
+            // Through candle's autograd too (the quantized base passes the input its gradient).
+            let quantized_grads = (linear.forward(xv.as_tensor())? * &dy)?
+                .sum_all()?
+                .backward()?;
+            let dx = quantized_grads.get(xv.as_tensor()).expect("x's gradient");
+            assert!(relative(dx, want_dx)? < 1e-5, "{format}");
+        }
         Ok(())
     }
 }

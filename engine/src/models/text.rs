@@ -73,9 +73,19 @@ impl T5Encoder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let cfg: t5::Config = serde_json::from_value(read_json(&model_dir.join("config.json"))?)
-            .context("T5 config.json")?;
-        let vb = crate::weights::var_builder(model_dir, dtype, device)?;
+        let json = read_json(&model_dir.join("config.json"))?;
+        let cfg: t5::Config = serde_json::from_value(json.clone()).context("T5 config.json")?;
+        let vb = match crate::weights::gguf_file(model_dir)? {
+            Some(file) => {
+                // Gated (v1.1, FLUX's) T5s have two input projections, the original one.
+                let gated = json["is_gated_act"].as_bool().unwrap_or(false)
+                    || json["feed_forward_proj"]
+                        .as_str()
+                        .is_some_and(|f| f.starts_with("gated-"));
+                t5_gguf(&file, gated, dtype, device)?
+            }
+            None => crate::weights::var_builder(model_dir, dtype, device)?,
+        };
         let model = t5::T5EncoderModel::load(vb, &cfg).context("loading the T5 encoder")?;
         let tok = Tokenizer::from_file(tokenizer_dir.join("tokenizer.json"))
             .map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
@@ -98,6 +108,67 @@ impl T5Encoder {
         let ids = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
         Ok(self.model.forward_dt(&ids, Some(self.dtype))?)
     }
+}
+
+/// transformers' name of a T5 encoder tensor that llama.cpp names `name` (city96's t5-v1_1-xxl GGUF
+/// files): gguf-py's `MODEL_TENSORS[T5ENCODER]` and `tensor_mapping.py`.
+fn t5_name_from_llama_cpp(name: &str, gated: bool) -> Option<String> {
+    let (stem, suffix) = name.rsplit_once('.')?;
+    let hf = match stem {
+        "token_embd" => "shared".to_string(),
+        "enc.output_norm" => "encoder.final_layer_norm".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("enc.blk.")?;
+            let (i, part) = rest.split_once('.')?;
+            let b = format!("encoder.block.{i}.layer");
+            match part {
+                "attn_norm" => format!("{b}.0.layer_norm"),
+                "attn_q" => format!("{b}.0.SelfAttention.q"),
+                "attn_k" => format!("{b}.0.SelfAttention.k"),
+                "attn_v" => format!("{b}.0.SelfAttention.v"),
+                "attn_o" => format!("{b}.0.SelfAttention.o"),
+                "attn_rel_b" => format!("{b}.0.SelfAttention.relative_attention_bias"),
+                "ffn_norm" => format!("{b}.1.layer_norm"),
+                "ffn_gate" => format!("{b}.1.DenseReluDense.wi_0"),
+                "ffn_up" if gated => format!("{b}.1.DenseReluDense.wi_1"),
+                "ffn_up" => format!("{b}.1.DenseReluDense.wi"),
+                "ffn_down" => format!("{b}.1.DenseReluDense.wo"),
+                _ => return None,
+            }
+        }
+    };
+    Some(format!("{hf}.{suffix}"))
+}
+
+/// A T5 encoder GGUF file in llama.cpp's names, dequantized into the encoder's tensors by
+/// transformers' names. (The encoder is held in `dtype`: a quantized T5 is a later step.)
+fn t5_gguf(
+    file: &Path,
+    gated: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<candle_nn::VarBuilder<'static>> {
+    use candle_core::quantized::gguf_file;
+    let mut reader =
+        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a readable GGUF file ({e}); download it again",
+            file.display()
+        )
+    })?;
+    let mut tensors = std::collections::HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let hf = t5_name_from_llama_cpp(name, gated).with_context(|| {
+            format!(
+                "{}: `{name}` is not a T5 encoder tensor of llama.cpp's layout",
+                file.display()
+            )
+        })?;
+        let q = content.tensor(&mut reader, name, device)?;
+        tensors.insert(hf, q.dequantize(device)?.to_dtype(dtype)?);
+    }
+    Ok(candle_nn::VarBuilder::from_tensors(tensors, dtype, device))
 }
 
 pub struct ClipEncoder {

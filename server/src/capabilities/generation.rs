@@ -66,7 +66,9 @@ impl FluxGeneration {
         let loras = LoraCache::new(&device, engine::device::compute_dtype(&device));
         Ok(Self {
             default_preset,
-            resident: Arc::new(ResidentModel::new(device, local, loader)),
+            resident: Arc::new(
+                ResidentModel::new(device, local, loader).with_weights(config.weights),
+            ),
             lora_dir,
             loras,
         })

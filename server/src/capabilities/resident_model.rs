@@ -13,6 +13,7 @@ use candle_core::Device;
 use engine::hub::{DownloadProgress, ProgressFn, Source};
 use engine::pipeline::{FluxPipeline, LoadOptions};
 use engine::presets::{Preset, PresetSource};
+use engine::weights::WeightFormat;
 
 use crate::jobs::panic_message;
 
@@ -31,6 +32,8 @@ pub struct ResidentModel {
     /// The download progress (0..1) of each preset being downloaded.
     downloads: Arc<Mutex<HashMap<&'static str, f32>>>,
     loader: Arc<PipelineLoader>,
+    /// `--weights`: the transformer's weight format, `None` for the checkpoint's own.
+    weights: Option<WeightFormat>,
 }
 
 /// Both locks guard values that are whole after any panic (each change is one assignment or one map
@@ -52,7 +55,14 @@ impl ResidentModel {
             loaded: Mutex::new(None),
             downloads: Arc::default(),
             loader,
+            weights: None,
         }
+    }
+
+    /// Loads the transformer's linear layers in `weights` (`--weights`), or as stored when `None`.
+    pub fn with_weights(mut self, weights: Option<WeightFormat>) -> Self {
+        self.weights = weights;
+        self
     }
 
     /// The preset's pipeline, loaded (and downloaded) on first use. Another preset replaces the resident
@@ -104,6 +114,7 @@ impl ResidentModel {
             lock(&downloads).insert(name, f);
         });
         let mut options = LoadOptions::from_preset(preset);
+        options.weights = self.weights;
         if let Some(dir) = self.local_dir(preset) {
             options.source = Source::Local(dir.to_path_buf());
         }

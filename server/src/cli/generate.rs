@@ -25,9 +25,14 @@ pub struct Args {
     /// A local diffusers FLUX folder or a hub repository id, instead of the preset's.
     #[arg(long)]
     model: Option<String>,
-    /// A BFL-layout transformer file (e.g. flux1-dev.safetensors) to use instead of the folder's.
+    /// A transformer file to use instead of the folder's: BFL's or ComfyUI's single file (bf16 or
+    /// fp8, e.g. flux1-dev.safetensors) or a GGUF file (e.g. city96's flux1-dev-Q8_0.gguf).
     #[arg(long)]
     transformer_file: Option<PathBuf>,
+    /// The format the transformer's linear layers are held in: bf16, fp8, q8_0, q6_k, q5_k, q4_k or
+    /// q4_0, made from the checkpoint as it loads. Not given: as the checkpoint stores them.
+    #[arg(long, env = "STUDIO_WEIGHTS", value_parser = crate::config::parse_weights)]
+    weights: Option<engine::weights::WeightFormat>,
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long)]
@@ -92,6 +97,7 @@ pub fn run(a: Args) -> Result<()> {
         opts.source = Source::parse(m)?;
     }
     opts.transformer_file = a.transformer_file.clone();
+    opts.weights = a.weights;
     eprintln!("loading {} on {:?}", preset.title, device);
     let progress = Arc::new(|p: &DownloadProgress| {
         eprint!(

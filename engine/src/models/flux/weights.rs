@@ -1,12 +1,21 @@
-//! Reads FLUX transformer weights from either checkpoint layout into BFL-named layers.
+//! Reads FLUX transformer weights from either checkpoint layout into BFL-named layers, its linear
+//! layers' weights in the format they are stored in (bf16, fp8, GGUF blocks) or the one asked for.
 
 use super::layout::{diffusers_parts, DiffusersParts};
-use crate::models::linear::Linear;
+use crate::models::linear::{Linear, QuantizedWeight};
 use crate::ops::Kernels;
+use crate::weights::WeightFormat;
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+
+/// The prefix ComfyUI's single files put before BFL's names.
+const COMFY_PREFIX: &str = "model.diffusion_model.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -20,33 +29,170 @@ pub enum Layout {
 pub struct FluxWeights {
     vb: VarBuilder<'static>,
     pub layout: Layout,
+    /// Where linear layers' weights are read as they are stored when that is not the compute dtype.
+    stored: Stored,
+    /// The format loading makes of the linear layers' weights; `None` keeps each as stored.
+    format: Option<WeightFormat>,
+}
+
+/// Linear layers' weights as a checkpoint stores them, beside the converting [`VarBuilder`].
+enum Stored {
+    /// Everything is read through the `VarBuilder`.
+    Dense,
+    /// BFL-layout safetensors files, read raw so that `F8_E4M3` weights stay fp8: BFL's and
+    /// ComfyUI's fp8 releases. `prefix` is ComfyUI's `model.diffusion_model.` or empty.
+    Safetensors {
+        st: Arc<MmapedSafetensors>,
+        prefix: &'static str,
+    },
+    /// A GGUF file's quantized tensors by BFL name (city96's FLUX GGUF files); its F32, F16 and
+    /// BF16 tensors are in the `VarBuilder`.
+    Gguf(HashMap<String, Arc<QTensor>>),
 }
 
 impl FluxWeights {
+    /// Opens a FLUX transformer: a BFL or ComfyUI single file (bf16 or fp8), a diffusers
+    /// `transformer/` folder, or a GGUF file (or a folder holding one). Linear layers come as
+    /// stored unless [`Self::in_format`] asks for another format.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let vb = crate::weights::var_builder(path, dtype, device)?;
-        Self::from_var_builder(vb)
-            .with_context(|| format!("reading the FLUX transformer at {}", path.display()))
+        let read = || -> Result<Self> {
+            if let Some(file) = crate::weights::gguf_file(path)? {
+                return Self::open_gguf(&file, dtype, device);
+            }
+            let vb = crate::weights::var_builder(path, dtype, device)?;
+            let mut weights = Self::from_var_builder(vb)?;
+            let files = crate::weights::safetensors_files(path)?;
+            // SAFETY: as `var_builder`'s: model files are not written while a model is alive.
+            let st = Arc::new(unsafe { MmapedSafetensors::multi(&files)? });
+            weights.stored = match weights.layout {
+                Layout::Bfl => {
+                    let prefix = if st.get(&format!("{COMFY_PREFIX}img_in.weight")).is_ok() {
+                        COMFY_PREFIX
+                    } else {
+                        ""
+                    };
+                    Stored::Safetensors { st, prefix }
+                }
+                Layout::Diffusers => {
+                    if st.get("transformer_blocks.0.attn.to_q.weight")?.dtype()
+                        == safetensors::Dtype::F8_E4M3
+                    {
+                        bail!("fp8 weights in a diffusers folder are not read: use the BFL or ComfyUI single file with --transformer-file");
+                    }
+                    Stored::Dense
+                }
+            };
+            Ok(weights)
+        };
+        read().with_context(|| format!("reading the FLUX transformer at {}", path.display()))
+    }
+
+    /// Linear layers made in `format` as they load (fp8 by a per-tensor absmax scale, GGUF blocks
+    /// by candle's quantizer), or kept as stored when it is `None`.
+    pub fn in_format(mut self, format: Option<WeightFormat>) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// A GGUF file in BFL's names, as city96's FLUX GGUF files ship: its quantized tensors stay
+    /// quantized (on `device`), its F32, F16 and BF16 ones are read as `dtype`.
+    fn open_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a readable GGUF file ({e}); download it again",
+                path.display()
+            )
+        })?;
+        let (mut dense, mut quantized) = (HashMap::new(), HashMap::new());
+        for name in content.tensor_infos.keys() {
+            let q = content.tensor(&mut file, name, device)?;
+            let name = name.strip_prefix(COMFY_PREFIX).unwrap_or(name).to_string();
+            match q.dtype() {
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                    dense.insert(name, q.dequantize(device)?);
+                }
+                _ => {
+                    quantized.insert(name, Arc::new(q));
+                }
+            }
+        }
+        if !(dense.contains_key("img_in.weight") || quantized.contains_key("img_in.weight"))
+            || !dense.contains_key("double_blocks.0.img_attn.norm.query_norm.scale")
+        {
+            bail!("not a FLUX transformer GGUF file: BFL's tensor names (img_in, double_blocks.0.img_attn.qkv, ...) are not present");
+        }
+        Ok(Self {
+            vb: VarBuilder::from_tensors(dense, dtype, device),
+            layout: Layout::Bfl,
+            stored: Stored::Gguf(quantized),
+            format: None,
+        })
     }
 
     pub fn from_var_builder(vb: VarBuilder<'static>) -> Result<Self> {
-        if vb.contains_tensor("double_blocks.0.img_attn.qkv.weight") {
-            Ok(Self {
-                vb,
-                layout: Layout::Bfl,
-            })
+        let (vb, layout) = if vb.contains_tensor("double_blocks.0.img_attn.qkv.weight") {
+            (vb, Layout::Bfl)
         } else if vb.contains_tensor("model.diffusion_model.double_blocks.0.img_attn.qkv.weight") {
-            Ok(Self {
-                vb: vb.pp("model.diffusion_model"),
-                layout: Layout::Bfl,
-            })
+            (vb.pp("model.diffusion_model"), Layout::Bfl)
         } else if vb.contains_tensor("transformer_blocks.0.attn.to_q.weight") {
-            Ok(Self {
-                vb,
-                layout: Layout::Diffusers,
-            })
+            (vb, Layout::Diffusers)
         } else {
             bail!("not a FLUX transformer checkpoint: neither BFL keys (double_blocks.0.img_attn.qkv) nor diffusers keys (transformer_blocks.0.attn.to_q) are present")
+        };
+        Ok(Self {
+            vb,
+            layout,
+            stored: Stored::Dense,
+            format: None,
+        })
+    }
+
+    /// A layer's weight as the checkpoint stores it, when that is quantized (fp8, GGUF blocks).
+    fn stored_weight(&self, layer: &str) -> Result<Option<QuantizedWeight>> {
+        let name = format!("{layer}.weight");
+        match &self.stored {
+            Stored::Dense => Ok(None),
+            Stored::Gguf(q) => Ok(q.get(&name).cloned().map(QuantizedWeight::Gguf)),
+            Stored::Safetensors { st, prefix } => {
+                let full = format!("{prefix}{name}");
+                // A missing weight is reported by the dense path, with the shape expected.
+                if !st
+                    .get(&full)
+                    .is_ok_and(|t| t.dtype() == safetensors::Dtype::F8_E4M3)
+                {
+                    return Ok(None);
+                }
+                let weight = st.load(&full, self.vb.device())?;
+                // ComfyUI's "scaled fp8" files write `<layer>.scale_weight` (and a `scaled_fp8`
+                // marker); other exporters `<layer>.weight_scale`; BFL's fp8 files none (scale 1).
+                let mut scale = 1.0;
+                for suffix in ["scale_weight", "weight_scale"] {
+                    let Ok(s) = st.load(&format!("{prefix}{layer}.{suffix}"), &Device::Cpu) else {
+                        continue;
+                    };
+                    let s = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let [s] = s.as_slice() else {
+                        bail!("`{layer}.{suffix}` holds {} scales: only per-tensor fp8 scales are read", s.len());
+                    };
+                    scale = *s;
+                    break;
+                }
+                Ok(Some(QuantizedWeight::Fp8 { weight, scale }))
+            }
+        }
+    }
+
+    /// The shape of a layer's weight, read without loading it where the file says it.
+    fn weight_dims(&self, layer: &str) -> Result<Vec<usize>> {
+        let name = format!("{layer}.weight");
+        match &self.stored {
+            Stored::Gguf(q) if q.contains_key(&name) => Ok(q[&name].shape().dims().to_vec()),
+            Stored::Safetensors { st, prefix } => {
+                Ok(st.get(&format!("{prefix}{name}"))?.shape().to_vec())
+            }
+            _ => Ok(self.tensor(layer, "weight")?.dims().to_vec()),
         }
     }
 
@@ -55,6 +201,7 @@ impl FluxWeights {
             Layout::Bfl => {
                 self.vb.contains_tensor(&format!("{layer}.weight"))
                     || self.vb.contains_tensor(&format!("{layer}.scale"))
+                    || matches!(&self.stored, Stored::Gguf(q) if q.contains_key(&format!("{layer}.weight")))
             }
             Layout::Diffusers => match diffusers_parts(layer) {
                 Some(DiffusersParts::Same(n)) | Some(DiffusersParts::SwappedHalves(n)) => {
@@ -128,9 +275,37 @@ impl FluxWeights {
         out_dim: usize,
         kernels: Kernels,
     ) -> Result<Linear> {
-        let w = self.shaped(layer, "weight", &[out_dim, in_dim])?;
         let b = self.shaped(layer, "bias", &[out_dim])?;
-        Ok(Linear::new(layer, w, Some(b), kernels))
+        let dtype = self.vb.dtype();
+        let w = match self.stored_weight(layer)? {
+            Some(q) => {
+                if q.dims()? != (out_dim, in_dim) {
+                    bail!(
+                        "FLUX layer `{layer}` has a weight of shape {:?}, the config expects {:?}",
+                        q.dims()?,
+                        (out_dim, in_dim)
+                    );
+                }
+                match self.format {
+                    None => return Ok(Linear::quantized(layer, q, Some(b), kernels)?),
+                    Some(f) if f == q.format() => {
+                        return Ok(Linear::quantized(layer, q, Some(b), kernels)?)
+                    }
+                    // Another format: from the stored weight's values.
+                    Some(_) => q.dequantize(DType::F32)?,
+                }
+            }
+            None => self.shaped(layer, "weight", &[out_dim, in_dim])?,
+        };
+        let made = match self.format {
+            Some(f) => QuantizedWeight::from_dense(&w, f)?,
+            None => None,
+        };
+        Ok(match made {
+            Some(q) => Linear::quantized(layer, q, Some(b), kernels)?,
+            // bf16, or a layer whose rows do not split into the format's blocks.
+            None => Linear::new(layer, w.to_dtype(dtype)?, Some(b), kernels),
+        })
     }
 
     pub fn norm_scale(&self, layer: &str, dim: usize) -> Result<Tensor> {
@@ -140,9 +315,7 @@ impl FluxWeights {
     /// Guesses the config of a BFL single file from its tensor shapes. The RoPE axes cannot be
     /// read off the weights: FLUX's own split is used when the head dimension is FLUX's (128).
     pub fn infer_config(&self) -> Result<super::FluxConfig> {
-        let dims = |layer: &str| -> Result<Vec<usize>> {
-            Ok(self.tensor(layer, "weight")?.dims().to_vec())
-        };
+        let dims = |layer: &str| self.weight_dims(layer);
         let img_in = dims("img_in")?;
         let (hidden, in_channels) = (img_in[0], img_in[1]);
         let head_dim = self
