@@ -5,6 +5,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use engine::models::flux::{FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
 use engine::ops::Kernels;
+use engine::weights::WeightFormat;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,7 +40,12 @@ fn inputs_of(r: &HashMap<String, Tensor>) -> FluxInputs<'_> {
     }
 }
 
-pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
+pub fn run(
+    a: &Args,
+    device: &Device,
+    kernels: Kernels,
+    weights: Option<WeightFormat>,
+) -> Result<()> {
     let (model, inputs, f32) = (a.model.as_path(), a.inputs.as_str(), a.f32);
     let dtype = if f32 {
         DType::F32
@@ -51,7 +57,7 @@ pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
         &std::fs::read(t.join("config.json"))?,
     )?)?;
     let t0 = Instant::now();
-    let w = FluxWeights::open(&t, dtype, device)?;
+    let w = FluxWeights::open(&t, dtype, device)?.in_format(weights);
     let m = FluxTransformer::load(&w, &cfg, dtype, device, kernels)?;
     sync(device)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -79,6 +85,7 @@ pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
     }
     let step = median(times.clone());
     let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"), "load_s": load_s,
+        "weights": weights.map_or("as stored".to_string(), |w| w.to_string()),
         "step_s": times, "flops_per_step": flops, "step_tflops": flops / step / 1e12});
     if !f32 {
         // The cost of LoRA adapters applied unmerged (as the studio applies them): one of rank 16 on

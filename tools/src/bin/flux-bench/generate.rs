@@ -7,6 +7,7 @@ use engine::hub::Source;
 use engine::models::flux::FluxConfig;
 use engine::ops::Kernels;
 use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions};
+use engine::weights::WeightFormat;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -25,7 +26,12 @@ pub struct Args {
     t5_len: usize,
 }
 
-pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
+pub fn run(
+    a: &Args,
+    device: &Device,
+    kernels: Kernels,
+    weights: Option<WeightFormat>,
+) -> Result<()> {
     let (model, size, steps, t5_len) = (a.model.as_path(), a.size, a.steps, a.t5_len);
     let cfg = FluxConfig::from_diffusers_json(&serde_json::from_slice(&std::fs::read(
         model.join("transformer/config.json"),
@@ -36,7 +42,7 @@ pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
         t5_max_len: t5_len,
         text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
         kernels,
-        weights: None,
+        weights,
     };
     let t0 = Instant::now();
     let pipe = FluxPipeline::load_dir(model, &opts, device)?;
@@ -71,6 +77,7 @@ pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({"what": "generate", "size": size, "steps": steps, "load_s": load_s, "runs": runs,
+            "weights": weights.map_or("as stored".to_string(), |w| w.to_string()),
             "flops_per_step": flops})
     );
     Ok(())

@@ -3,7 +3,7 @@
 //! are tests: engine/tests/gpu_kernels.rs and engine/tests/gpu_training.rs (docs/performance.md).
 //!
 //! ```text
-//! flux-bench forward  --model DIR --inputs REF.safetensors [--compare-plain]
+//! flux-bench forward  --model DIR --inputs REF.safetensors [--compare-plain] [--weights fp8]
 //! flux-bench generate --model DIR --size 1024 --steps 28
 //! flux-bench profile  [--size 1024]
 //! flux-bench train    --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
@@ -22,6 +22,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use engine::device::DeviceChoice;
 use engine::ops::Kernels;
+use engine::weights::WeightFormat;
 
 #[derive(Parser)]
 #[command(about = "Timings of FLUX on the studio's engine")]
@@ -29,6 +30,10 @@ struct Args {
     /// Candle's ops only: the models are built without the fused CUDA kernels.
     #[arg(long, global = true)]
     plain: bool,
+    /// The transformer's linear weights made into this format on load (`fp8`, `q8_0`, `q4_k`, ...:
+    /// engine::weights::WeightFormat); as stored when absent.
+    #[arg(long, global = true, value_parser = WeightFormat::parse)]
+    weights: Option<WeightFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,8 +59,8 @@ fn main() -> Result<()> {
         Kernels::Fused
     };
     match args.command {
-        Command::Forward(a) => forward::run(&a, &device, kernels),
-        Command::Generate(a) => generate::run(&a, &device, kernels),
+        Command::Forward(a) => forward::run(&a, &device, kernels, args.weights),
+        Command::Generate(a) => generate::run(&a, &device, kernels, args.weights),
         Command::Profile(a) => profile::run(&a, &device, kernels),
         Command::Train(a) => train::run(&a, &device, kernels),
     }
