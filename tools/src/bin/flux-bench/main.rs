@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! flux-bench forward  --model DIR --inputs REF.safetensors [--compare-plain]
-//! flux-bench generate --model DIR --size 1024 --steps 28
+//! flux-bench generate --model DIR --size 1024 --steps 28 [--batch N] [--step-cache T]
 //! flux-bench profile  [--size 1024]
 //! flux-bench train    --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
 //! ```
