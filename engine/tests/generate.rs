@@ -141,13 +141,20 @@ fn a_batch_of_three_is_three_single_generations_at_consecutive_seeds() {
     };
     let out = pipe
         .generate(&batch, &mut |p| {
-            previews.push((0..p.images()).map(|i| p.preview(i).unwrap()).count());
+            let each: Vec<_> = (0..p.images())
+                .map(|i| p.preview(i).unwrap().dimensions())
+                .collect();
+            previews.push(each);
             Control::Continue
         })
         .unwrap();
     assert_eq!(out.images.len(), 3);
     assert_eq!(out.seed, 41);
-    assert_eq!(previews, [3, 3, 3], "a preview of each image at each step");
+    assert_eq!(
+        previews,
+        vec![vec![(24, 16); 3]; 3],
+        "a preview of each image at each step"
+    );
     let (batched, _) = latents(&pipe, &batch, None);
     for (i, seed) in batch.seeds().enumerate() {
         let single = pipe
