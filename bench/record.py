@@ -23,10 +23,14 @@ def r(x, digits=4):
 
 def generation(out):
     ref = json.load(open(f"{out}/diffusers.json"))
-    gens, peaks, attention, ops, forward = {}, {}, [], [], None
+    gens, batches, cache, peaks, attention, ops, forward = {}, {}, None, {}, [], [], None
     for rec in lines(f"{out}/ours.jsonl"):
         what = rec.get("what")
-        if what == "generate":
+        if what == "generate" and "step_cache" in rec:
+            cache = rec
+        elif what == "generate" and rec.get("batch", 1) > 1:
+            batches[(rec["size"], rec["batch"])] = rec
+        elif what == "generate":
             gens[rec["size"]] = rec
         elif what == "peak_mem_mib":
             peaks[rec["mode"]] = rec["value"]
@@ -63,6 +67,36 @@ def generation(out):
         })
     record = {"what": "generation", "sizes": sizes,
               "reference": "diffusers " + ref["versions"]["diffusers"] + ", torch " + ref["versions"]["torch"]}
+    # Several images a request: ours `flux-bench generate --batch N` (batch 1 is the plain run), diffusers'
+    # `num_images_per_prompt` (full_size_reference.py's batches_SIZE).
+    for size in sorted({s for s, _ in batches}):
+        theirs = {b["num_images"]: b for b in ref.get(f"batches_{size}", [])}
+        rows = []
+        for n in sorted({1, *[b for s, b in batches if s == size], *theirs}):
+            mine = gens.get(size) if n == 1 else batches.get((size, n))
+            warm = mine["runs"][-1] if mine else None
+            mode = f"generate-{size}" if n == 1 else f"generate-{size}-b{n}"
+            rows.append({
+                "size": size, "images": n,
+                "ours": warm and {
+                    "total_s": r(warm["total_s"], 3),
+                    "images_per_minute": r(n * 60 / warm["total_s"], 2),
+                    "peak_in_use_gib": r(peaks[mode] / 1024, 1) if mode in peaks else None,
+                },
+                "reference": n in theirs and {
+                    "total_s": r(theirs[n]["total_s"], 3),
+                    "images_per_minute": r(n * 60 / theirs[n]["total_s"], 2),
+                    "peak_allocated_gib": r(theirs[n]["peak_allocated_gib"], 1),
+                } or None,
+            })
+        record.setdefault("batches", []).extend(rows)
+    if cache:
+        full, cached = cache["runs"][-1], cache["step_cache"]["runs"][-1]
+        record["step_cache"] = {
+            "size": cache["size"], "steps": cache["steps"], "threshold": cache["step_cache"]["threshold"],
+            "full_total_s": r(full["total_s"], 3), "cached_total_s": r(cached["total_s"], 3),
+            "skipped_steps": cached["skipped_steps"], "image_error": r(cached["image_error"], 4),
+        }
     if forward:
         record["step_1024"] = {
             "bare_s": r(statistics.median(forward["step_s"])),

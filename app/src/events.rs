@@ -44,6 +44,10 @@ pub enum EventBody {
         /// A small base64 PNG of the current latent (generation only; live streams only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         preview: Option<String>,
+        /// Which image of a request for several the preview is of (from 0); each step then sends
+        /// one event per image. Absent for a single image.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<u32>,
     },
     /// A sample image made during training, downloadable at `url`.
     Sample {
@@ -174,6 +178,7 @@ mod tests {
                 seconds_per_step: None,
                 eta_seconds: None,
                 preview: Some("x".into()),
+                image: None,
             },
         };
         let json = serde_json::to_value(&event).unwrap();
@@ -198,6 +203,8 @@ mod tests {
             elapsed_ms: 5,
             job_id: "job-1".into(),
             loras: Vec::new(),
+            images: Vec::new(),
+            step_cache: None,
         };
         let event = JobEvent {
             job_id: "job-1".into(),

@@ -12,6 +12,11 @@ pub mod limits {
     pub const MAX_LORA_SCALE: f32 = 4.0;
     /// Far above what T5's 512 tokens can use; stops megabyte prompts reaching the tokenizer.
     pub const MAX_PROMPT_CHARS: usize = 4000;
+    /// Images of one request, made as one batch.
+    pub const MAX_IMAGES: u32 = 4;
+    /// The step cache's threshold is a relative change: beyond 1 every step after the first would be
+    /// skipped.
+    pub const MAX_STEP_CACHE: f32 = 1.0;
 }
 
 /// `POST /generate/` and the first message of the generation WebSocket. Fields not listed here are ignored,
@@ -41,6 +46,15 @@ pub struct GenerateRequest {
     /// A preset id from `GET /models/`; the server's default preset when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// How many images to make, 1 to 4 (default 1), as one batch: image `i` is the one a single
+    /// request with `seed + i` makes. More than one are listed in the answer's `images`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_images: Option<u32>,
+    /// The first-block step cache's threshold, 0 to 1 (e.g. 0.1): a step whose first block changed
+    /// by less than this (relative) since the last full step reuses the rest of that step. Faster,
+    /// not exact; 0 runs every step in full. The preset's setting when absent (off for all presets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_cache: Option<f32>,
 }
 
 impl GenerateRequest {
@@ -78,6 +92,20 @@ impl GenerateRequest {
                 ));
             }
         }
+        if let Some(n) = self.num_images {
+            if !(1..=MAX_IMAGES).contains(&n) {
+                return Err(format!(
+                    "num_images must be between 1 and {MAX_IMAGES}, got {n}"
+                ));
+            }
+        }
+        if let Some(t) = self.step_cache {
+            if !(0.0..=MAX_STEP_CACHE).contains(&t) {
+                return Err(format!(
+                    "step_cache must be between 0 and {MAX_STEP_CACHE}, got {t}"
+                ));
+            }
+        }
         if let Some(s) = self.lora_scale {
             if !(-MAX_LORA_SCALE..=MAX_LORA_SCALE).contains(&s) {
                 return Err(format!(
@@ -92,8 +120,9 @@ impl GenerateRequest {
 /// `POST /generate/` answer, and the `result` event of the generation WebSocket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GenerateResponse {
-    /// The image as base64-encoded PNG.
+    /// The image as base64-encoded PNG: the first of `images` when there are several.
     pub image: String,
+    /// The first image's seed.
     pub seed: u64,
     pub width: u32,
     pub height: u32,
@@ -107,6 +136,29 @@ pub struct GenerateResponse {
     /// The LoRAs applied, in order, with the scale each was applied at (empty for none).
     #[serde(default)]
     pub loras: Vec<AppliedLora>,
+    /// Every image, in seed order, when the request asked for more than one (`num_images`); absent
+    /// for one, whose answer is `image` alone, as it always was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<BatchImage>,
+    /// What the step cache did, when the generation ran with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_cache: Option<StepCacheReport>,
+}
+
+/// One image of a request for several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BatchImage {
+    /// Base64-encoded PNG (in the job's record: its URL, `/images/{job_id}/{index}`).
+    pub image: String,
+    pub seed: u64,
+}
+
+/// The step cache's effect on one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StepCacheReport {
+    pub threshold: f32,
+    /// Denoising steps that reused the cache instead of running the whole transformer.
+    pub skipped_steps: u32,
 }
 
 /// One LoRA a generation used.
@@ -158,5 +210,23 @@ mod tests {
             ..request("a")
         };
         assert!(nan.validate().unwrap_err().contains("guidance"));
+        for n in [0, 5] {
+            let many = GenerateRequest {
+                num_images: Some(n),
+                ..request("a")
+            };
+            assert!(many.validate().unwrap_err().contains("num_images"), "{n}");
+        }
+        let four = GenerateRequest {
+            num_images: Some(4),
+            step_cache: Some(0.1),
+            ..request("a")
+        };
+        assert!(four.validate().is_ok());
+        let cache = GenerateRequest {
+            step_cache: Some(-0.1),
+            ..request("a")
+        };
+        assert!(cache.validate().unwrap_err().contains("step_cache"));
     }
 }

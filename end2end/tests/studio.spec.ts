@@ -96,6 +96,27 @@ test('a running generation can be cancelled', async ({ page }, info) => {
   expect(errors).toEqual([]);
 });
 
+test('two images in one request show their previews, then both images as a grid', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/');
+  await page.getByLabel('Steps').fill('8');
+  await page.getByLabel('Images').selectOption('2');
+  await page.getByLabel('Message').fill('a red heart sticker, watercolor painting');
+  await page.getByRole('button', { name: 'Send' }).click();
+  const card = page.locator('.generation').last();
+  await expect(card.locator('img.result')).toHaveCount(2, { timeout: 120_000 });
+  await expect(card.locator('.canvas.grid')).toBeVisible();
+  await shot(page, info, '05b-chat-two-images');
+  // Each is the server's stored image of its index, and it loaded.
+  const results = card.locator('img.result');
+  for (const i of [0, 1]) {
+    expect(await results.nth(i).getAttribute('src')).toMatch(new RegExp(`^/images/[0-9a-f-]{36}/${i}$`));
+    expect(await results.nth(i).evaluate((img: HTMLImageElement) => img.naturalWidth)).toBeGreaterThan(0);
+  }
+  await expect(card.locator('.summary')).toContainText('2 images');
+  expect(errors).toEqual([]);
+});
+
 test('a conversation message gets a reply that says what the studio can do', async ({ page }, info) => {
   const errors = watchConsole(page);
   await open(page, '/');

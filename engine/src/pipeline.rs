@@ -10,7 +10,9 @@ use crate::models::minilm::MiniLmPrompt;
 use crate::models::text::{ClipEncoder, T5Encoder};
 use crate::ops::Kernels;
 use crate::presets::Preset;
-use crate::sampling::{latents, preview::LatentPreview, schedule::ScheduleConfig};
+use crate::sampling::{
+    latents, preview::LatentPreview, schedule::ScheduleConfig, step_cache::StepCache,
+};
 use crate::weights::WeightFormat;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -26,7 +28,40 @@ pub struct GenerateParams {
     pub height: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// The seed of the first image; image `i` of a batch starts from the noise of `seed + i`, so
+    /// each image of a batch is the one a single generation at its own seed makes.
     pub seed: u64,
+    /// Images made as one batch through the transformer (at least 1).
+    pub num_images: usize,
+    /// The first-block step cache's threshold ([`StepCache`]); `None` runs every step in full.
+    pub step_cache: Option<f64>,
+}
+
+impl GenerateParams {
+    /// One image at `seed`, every step computed in full.
+    pub fn new(
+        prompt: impl Into<String>,
+        (width, height): (usize, usize),
+        steps: usize,
+        guidance: f64,
+        seed: u64,
+    ) -> Self {
+        Self {
+            prompt: prompt.into(),
+            width,
+            height,
+            steps,
+            guidance,
+            seed,
+            num_images: 1,
+            step_cache: None,
+        }
+    }
+
+    /// The seed of each image of the batch.
+    pub fn seeds(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.num_images as u64).map(|i| self.seed.wrapping_add(i))
+    }
 }
 
 /// What the per-step callback sees.
@@ -43,9 +78,15 @@ pub struct StepProgress<'a> {
 }
 
 impl StepProgress<'_> {
-    /// A small RGB picture of the current estimate, one pixel per latent cell.
-    pub fn preview(&self) -> Result<RgbImage> {
-        let z = latents::unpack(self.denoised, self.grid.0, self.grid.1)?.squeeze(0)?;
+    /// How many images the batch makes.
+    pub fn images(&self) -> usize {
+        self.denoised.dim(0).unwrap_or(1)
+    }
+
+    /// A small RGB picture of image `index`'s current estimate, one pixel per latent cell.
+    pub fn preview(&self, index: usize) -> Result<RgbImage> {
+        let one = self.denoised.narrow(0, index, 1)?;
+        let z = latents::unpack(&one, self.grid.0, self.grid.1)?.squeeze(0)?;
         self.preview.render(&z)
     }
 }
@@ -66,12 +107,23 @@ pub struct Timings {
     pub encode_ms: u64,
     pub denoise_ms: u64,
     pub decode_ms: u64,
+    /// Denoising steps whose transformer pass the step cache skipped (0 without the cache).
+    pub skipped_steps: usize,
 }
 
 pub struct Generated {
-    pub image: RgbImage,
+    /// One image per seed of [`GenerateParams::seeds`], in order.
+    pub images: Vec<RgbImage>,
+    /// The first image's seed.
     pub seed: u64,
     pub timings: Timings,
+}
+
+impl Generated {
+    /// The first image: the only one of a single generation.
+    pub fn image(&self) -> &RgbImage {
+        &self.images[0]
+    }
 }
 
 /// Where to load a pipeline from, and its per-model settings.
@@ -485,6 +537,20 @@ impl FluxPipeline {
         (height / f, width / f)
     }
 
+    /// The seeded starting noise of each seed, packed and stacked: (seeds, tokens, 64).
+    pub fn batch_noise(
+        &self,
+        seeds: impl IntoIterator<Item = u64>,
+        width: usize,
+        height: usize,
+    ) -> Result<Tensor> {
+        let noise = seeds
+            .into_iter()
+            .map(|seed| self.initial_noise(seed, width, height))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&noise, 0)?)
+    }
+
     /// Seeded starting noise, packed: (1, tokens, 64).
     pub fn initial_noise(&self, seed: u64, width: usize, height: usize) -> Result<Tensor> {
         let (h, w) = self.latent_grid(width, height);
@@ -519,7 +585,7 @@ impl FluxPipeline {
     #[allow(clippy::too_many_arguments)]
     pub fn denoise_guided(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         grid: (usize, usize),
         cond: (&Tensor, &Tensor),
         uncond: Option<(&Tensor, &Tensor)>,
@@ -527,18 +593,45 @@ impl FluxPipeline {
         guidance: f64,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Tensor> {
+        self.denoise_batch(x, grid, cond, uncond, sigmas, guidance, None, on_step)
+    }
+
+    /// [`Self::denoise_guided`] for a batch of images, `x` (images, tokens, 64), from one prompt's
+    /// encodings (1, ..), which every image shares; with classifier-free guidance, the prompt's and
+    /// the empty prompt's halves run as one batch of twice the images. With `cache`, steps go
+    /// through the step cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_batch(
+        &self,
+        mut x: Tensor,
+        grid: (usize, usize),
+        cond: (&Tensor, &Tensor),
+        uncond: Option<(&Tensor, &Tensor)>,
+        sigmas: &[f64],
+        guidance: f64,
+        mut cache: Option<&mut StepCache>,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Tensor> {
         let dev = &self.device;
+        let images = x.dim(0)?;
+        let each = |t: &Tensor| -> Result<Tensor> {
+            Ok(if images > 1 {
+                Tensor::cat(&vec![t; images], 0)?
+            } else {
+                t.clone()
+            })
+        };
         let (txt, pooled) = match uncond {
             Some((u_txt, u_pooled)) => (
-                Tensor::cat(&[cond.0, u_txt], 0)?,
-                Tensor::cat(&[cond.1, u_pooled], 0)?,
+                Tensor::cat(&[each(cond.0)?, each(u_txt)?], 0)?,
+                Tensor::cat(&[each(cond.1)?, each(u_pooled)?], 0)?,
             ),
-            None => (cond.0.clone(), cond.1.clone()),
+            None => (each(cond.0)?, each(cond.1)?),
         };
         let batch = txt.dim(0)?;
         let img_ids = flux::image_ids(grid.0 / 2, grid.1 / 2, dev)?;
         let txt_ids = flux::text_ids(txt.dim(1)?, dev)?;
-        let g = Tensor::new(&[guidance as f32], dev)?;
+        let g = Tensor::new(vec![guidance as f32; batch], dev)?;
         let embedded = self.transformer.config().guidance_embed.then_some(&g);
         let total = sigmas.len() - 1;
         x = x.to_dtype(DType::F32)?;
@@ -546,25 +639,27 @@ impl FluxPipeline {
             let (sigma, next) = (pair[0], pair[1]);
             let t = Tensor::new(vec![sigma as f32; batch], dev)?;
             let img = x.to_dtype(self.dtype)?;
-            let img = if batch > 1 {
-                Tensor::cat(&vec![&img; batch], 0)?
+            let img = if batch > images {
+                Tensor::cat(&[&img, &img], 0)?
             } else {
                 img
             };
-            let out = self
-                .transformer
-                .forward(&FluxInputs {
-                    img: &img,
-                    img_ids: &img_ids,
-                    txt: &txt,
-                    txt_ids: &txt_ids,
-                    timesteps: &t,
-                    y: &pooled,
-                    guidance: embedded,
-                })?
-                .to_dtype(DType::F32)?;
+            let inputs = FluxInputs {
+                img: &img,
+                img_ids: &img_ids,
+                txt: &txt,
+                txt_ids: &txt_ids,
+                timesteps: &t,
+                y: &pooled,
+                guidance: embedded,
+            };
+            let out = match cache.as_deref_mut() {
+                Some(cache) => cache.forward(&self.transformer, &inputs)?,
+                None => self.transformer.forward(&inputs)?,
+            }
+            .to_dtype(DType::F32)?;
             let v = if uncond.is_some() {
-                let (c, u) = (out.get(0)?.unsqueeze(0)?, out.get(1)?.unsqueeze(0)?);
+                let (c, u) = (out.narrow(0, 0, images)?, out.narrow(0, images, images)?);
                 (&u + ((c - &u)? * guidance)?)?
             } else {
                 out
@@ -586,7 +681,7 @@ impl FluxPipeline {
         Ok(x)
     }
 
-    /// Packed model-space latents to pixels in [0, 1] (1, 3, H, W).
+    /// Packed model-space latents to pixels in [0, 1] (B, 3, H, W).
     pub fn decode(&self, packed: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
         let z = latents::unpack(packed, grid.0, grid.1)?;
         let raw = self.codec.from_model_space(&z.to_dtype(self.dtype)?)?;
@@ -614,37 +709,46 @@ impl FluxPipeline {
         if p.steps == 0 {
             bail!("steps must be at least 1");
         }
+        if p.num_images == 0 {
+            bail!("num_images must be at least 1");
+        }
         let t0 = Instant::now();
         let (txt, pooled) = self.encode_prompt(&p.prompt)?;
         let uncond = self.uncond_for(p.guidance)?;
         let grid = self.latent_grid(p.width, p.height);
         txt.device().synchronize()?;
         let t1 = Instant::now();
-        let noise = self.initial_noise(p.seed, p.width, p.height)?;
+        let noise = self.batch_noise(p.seeds(), p.width, p.height)?;
         let sigmas = self.schedule.sigmas(p.steps, noise.dim(1)?);
-        let x = self.denoise_guided(
+        let mut cache = p.step_cache.map(StepCache::new);
+        let x = self.denoise_batch(
             noise,
             grid,
             (&txt, &pooled),
             uncond.as_ref().map(|(t, p)| (t, p)),
             &sigmas,
             p.guidance,
+            cache.as_mut(),
             on_step,
         )?;
         // The GPU runs ahead of the host: wait for the denoising, so that its time is not billed to
         // the decode.
         x.device().synchronize()?;
         let t2 = Instant::now();
-        let pixels = self.decode(&x, grid)?;
-        let image = to_rgb(&pixels)?;
+        // One image at a time: the autoencoder's activations at full size are large, and each image
+        // decodes as it would alone.
+        let images = (0..p.num_images)
+            .map(|i| to_rgb(&self.decode(&x.narrow(0, i, 1)?, grid)?))
+            .collect::<Result<Vec<_>>>()?;
         let t3 = Instant::now();
         Ok(Generated {
-            image,
+            images,
             seed: p.seed,
             timings: Timings {
                 encode_ms: (t1 - t0).as_millis() as u64,
                 denoise_ms: (t2 - t1).as_millis() as u64,
                 decode_ms: (t3 - t2).as_millis() as u64,
+                skipped_steps: cache.as_ref().map_or(0, StepCache::skipped),
             },
         })
     }

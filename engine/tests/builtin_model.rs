@@ -107,18 +107,12 @@ fn mean_rgb(img: &RgbImage) -> [f32; 3] {
 
 fn generate(pipe: &FluxPipeline, prompt: &str, steps: usize, guidance: f64) -> RgbImage {
     pipe.generate(
-        &GenerateParams {
-            prompt: prompt.into(),
-            width: 64,
-            height: 64,
-            steps,
-            guidance,
-            seed: 7,
-        },
+        &GenerateParams::new(prompt, (64, 64), steps, guidance, 7),
         &mut |_| Control::Continue,
     )
     .unwrap()
-    .image
+    .images
+    .remove(0)
 }
 
 /// Full fine-tune of a pixel FLUX far smaller than the built-in one, batches of 4 with caption
@@ -307,4 +301,49 @@ fn a_lora_on_the_builtin_model_changes_what_it_draws() {
     // Emoji sit on white; the style's black ground darkens the picture and its green shows.
     assert!(brightness(a) < brightness(b) - 0.2, "{b:?} -> {a:?}");
     assert!(a[1] > a[0] && a[1] > a[2], "not green: {a:?}");
+}
+
+/// `num_images` on the built-in model, whose classifier-free guidance makes each step a batch of
+/// twice the images: image i is the single generation at seed + i (within one level of rounding:
+/// batched f32 products may sum in another order on the CPU).
+#[test]
+fn three_images_from_the_builtin_model_are_the_single_ones_at_seed_plus_i() {
+    let pipe = builtin_pipeline();
+    let preset = engine::presets::find(engine::presets::BUILTIN_EMOJI).unwrap();
+    let single = |seed| GenerateParams::new("red heart", (64, 64), 8, preset.guidance, seed);
+    let batch = pipe
+        .generate(
+            &GenerateParams {
+                num_images: 3,
+                ..single(20)
+            },
+            &mut |_| Control::Continue,
+        )
+        .unwrap();
+    assert_eq!(batch.images.len(), 3);
+    for (i, image) in batch.images.iter().enumerate() {
+        let alone = generate_at(&pipe, &single(20 + i as u64));
+        let diff = image
+            .pixels()
+            .zip(alone.pixels())
+            .map(|(a, b)| (0..3).map(|c| a.0[c].abs_diff(b.0[c])).max().unwrap())
+            .max()
+            .unwrap();
+        assert!(
+            diff <= 1,
+            "image {i} differs from seed {} alone by {diff}",
+            20 + i
+        );
+    }
+    assert_ne!(
+        batch.images[0], batch.images[1],
+        "other seeds, other pictures"
+    );
+}
+
+fn generate_at(pipe: &FluxPipeline, p: &GenerateParams) -> RgbImage {
+    pipe.generate(p, &mut |_| Control::Continue)
+        .unwrap()
+        .images
+        .remove(0)
 }

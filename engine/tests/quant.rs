@@ -256,14 +256,7 @@ fn generate(file: Option<&Path>, weights: Option<WeightFormat>) -> Tensor {
         ..LoadOptions::from_preset(preset)
     };
     let pipe = FluxPipeline::load(&opts, &Device::Cpu, Arc::new(|_| {})).unwrap();
-    let params = GenerateParams {
-        prompt: "a fox reading under a tree".into(),
-        width: 48,
-        height: 32,
-        steps: 3,
-        guidance: 3.5,
-        seed: 5,
-    };
+    let params = GenerateParams::new("a fox reading under a tree", (48, 32), 3, 3.5, 5);
     let mut last = None;
     pipe.generate(&params, &mut |p| {
         last = Some(p.latents.clone());

@@ -5,12 +5,17 @@
 # (KERNEL_TESTS, default .gpu/gpu_kernels: docs/performance.md says how to build them), .whl/ with
 # diffusers' wheel.
 # Writes JSON lines and logs to $OUT (or ./gpu-out). SKIP_F32=1 skips our f32 parity step.
+# Batches: ours `--batch 2` and `--batch 4` at 1024x1024 beside diffusers' num_images_per_prompt 1, 2, 4
+# (full_size_reference.py; BATCHES="1 2 4" to change both sides); the step cache at STEP_CACHE (0.08)
+# against the full run. SKIP_BATCHES=1 / SKIP_CACHE=1 leave them out.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 M=/tmp/flux-rand; R=/tmp/flux-ref.safetensors
+# the images-a-request counts both sides measure (full_size_reference.py reads it too)
+if [ "${SKIP_BATCHES:-0}" = 1 ]; then BATCHES=""; else BATCHES=${BATCHES:-1 2 4}; fi; export BATCHES
 BENCH=${BENCH:-.gpu/flux-bench}
 # the fused kernels against the plain path first (engine/tests/gpu_kernels.rs): no model needed, fails fast
 KERNEL_TESTS=${KERNEL_TESTS:-.gpu/gpu_kernels}
@@ -21,6 +26,8 @@ cat "$OUT/diffusers.json"
 # peak device memory of our process, sampled every 50 ms
 poll() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem-$1.txt" & echo $!; }
 modes="forward generate-1024 generate-512"; [ "${SKIP_F32:-0}" = 1 ] || modes="forward forward-f32 generate-1024 generate-512"
+for n in $BATCHES; do [ "$n" = 1 ] || modes="$modes generate-1024-b$n"; done
+[ "${SKIP_CACHE:-0}" = 1 ] || modes="$modes cache-1024"
 for mode in $modes; do
   p=$(poll $mode)
   case $mode in
@@ -28,6 +35,8 @@ for mode in $modes; do
     forward-f32) $BENCH forward --model $M --inputs $R --f32 ;;
     generate-1024) $BENCH generate --model $M --size 1024 --steps 28 ;;
     generate-512) $BENCH generate --model $M --size 512 --steps 28 ;;
+    generate-1024-b*) $BENCH generate --model $M --size 1024 --steps 28 --batch "${mode#generate-1024-b}" ;;
+    cache-1024) $BENCH generate --model $M --size 1024 --steps 28 --step-cache "${STEP_CACHE:-0.08}" ;;
   esac 2>&1 | tee -a "$OUT/ours.jsonl"
   kill $p; echo "{\"what\": \"peak_mem_mib\", \"mode\": \"$mode\", \"value\": $(sort -n "$OUT/mem-$mode.txt" | tail -1)}" | tee -a "$OUT/ours.jsonl"
 done

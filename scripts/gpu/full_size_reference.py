@@ -6,7 +6,7 @@ usage: python3 full_size_reference.py MODEL_DIR REF_FILE TOKENIZER_SOURCE_DIR > 
 TOKENIZER_SOURCE_DIR: a diffusers FLUX folder whose tokenizer/ and tokenizer_2/ are copied
 (the tiny fixtures' tokenizers: their ids fit the real vocabularies).
 """
-import json, shutil, sys, time
+import json, os, shutil, sys, time
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -141,6 +141,24 @@ for size in (1024, 512):
         runs.append({"total_s": time.perf_counter() - s, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
                      "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB})
     log[f"pipeline_{size}"] = runs
+# Images per minute with several images a request (`num_images_per_prompt`), warm (the second of two runs):
+# beside ours `flux-bench generate --batch N` in the same call. BATCHES="1 2 4", BATCH_SIZE=1024 by default.
+batch_size = int(os.environ.get("BATCH_SIZE", "1024"))
+log[f"batches_{batch_size}"] = []
+for n in map(int, os.environ.get("BATCHES", "1 2 4").split()):
+    for _ in range(2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        s = time.perf_counter()
+        pipe("a fox reading under a tree, watercolor", height=batch_size, width=batch_size,
+             num_inference_steps=28, guidance_scale=3.5, max_sequence_length=512, num_images_per_prompt=n,
+             generator=torch.Generator(device=dev).manual_seed(0), output_type="pil")
+        torch.cuda.synchronize()
+        total = time.perf_counter() - s
+    log[f"batches_{batch_size}"].append({"num_images": n, "total_s": total, "images_per_minute": n * 60 / total,
+                                         "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+                                         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB})
+    print("batch", log[f"batches_{batch_size}"][-1], file=sys.stderr, flush=True)
 # The same weights and inputs in f32 (48 GB): tells bf16 rounding apart from a real difference.
 del pipe, t5, clip, vae
 torch.cuda.empty_cache()

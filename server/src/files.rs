@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! <data>/studio.db                        jobs, events, settings
-//! <data>/images/<job_id>.png              generated images
+//! <data>/images/<job_id>.png              generated images (a request for several: also <job_id>-<i>.png)
 //! <data>/jobs/<model_id>/dataset.zip      a training upload
 //! <data>/jobs/<model_id>/lora.safetensors the trained LoRA
 //! <data>/jobs/<model_id>/samples/*.png    samples made during training
@@ -67,6 +67,14 @@ impl DataDir {
 
     pub fn image(&self, id: JobId) -> PathBuf {
         self.root.join("images").join(format!("{id}.png"))
+    }
+
+    /// Image `index` of a generation: the first is [`Self::image`], the others `<job_id>-<index>.png`.
+    pub fn image_at(&self, id: JobId, index: u32) -> PathBuf {
+        match index {
+            0 => self.image(id),
+            i => self.root.join("images").join(format!("{id}-{i}.png")),
+        }
     }
 
     pub fn job_dir(&self, id: JobId) -> PathBuf {

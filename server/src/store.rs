@@ -379,6 +379,7 @@ mod tests {
             seconds_per_step: Some(0.5),
             eta_seconds: Some(3.5),
             preview: None,
+            image: None,
         };
         store.record_event(&event("a", 2, step)).unwrap();
         let job = store.job("a").unwrap().unwrap();

@@ -57,6 +57,20 @@ async fn the_openapi_document_shows_the_error_codes_and_the_training_settings() 
         );
     }
     assert!(schemas["ErrorDetail"]["properties"].get("files").is_some());
+    for (schema, field) in [
+        ("GenerateRequest", "num_images"),
+        ("GenerateRequest", "step_cache"),
+        ("GenerateResponse", "images"),
+        ("GenerateResponse", "step_cache"),
+        ("BatchImage", "seed"),
+        ("StepCacheReport", "skipped_steps"),
+    ] {
+        assert!(
+            schemas[schema]["properties"].get(field).is_some(),
+            "{schema}.{field} missing from {}",
+            schemas[schema]
+        );
+    }
     assert!(schemas.get("JobEvent").is_some());
 }
 

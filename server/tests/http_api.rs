@@ -58,6 +58,29 @@ fn contract_curl_commands_work_or_answer_503_with_the_reason() {
         .unwrap();
     let image = image::load_from_memory(&png).unwrap();
     assert_eq!((image.width(), image.height()), (64, 64));
+    // The original service's answer, field for field: a single image is `image` alone.
+    let mut keys: Vec<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "elapsed_ms",
+            "height",
+            "image",
+            "job_id",
+            "loras",
+            "model",
+            "prompt",
+            "seed",
+            "steps",
+            "width"
+        ]
+    );
 
     for (prompt, label) in [
         ("can I see you in the kitchen?", "conversation"),
@@ -444,6 +467,128 @@ async fn generation_websocket_streams_steps_with_previews_then_the_result() {
     }
     assert_eq!(events[5]["seed"], 5);
     assert_eq!(events[6]["status"], "completed");
+}
+
+fn png_pixels(base64_png: &str) -> image::RgbImage {
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(base64_png)
+        .unwrap();
+    image::load_from_memory(&png).unwrap().to_rgb8()
+}
+
+/// `num_images` on the built-in model: three images in one answer, image i the one a single request at
+/// seed + i makes (the batch may round differently by a level), the first also as `image`, each
+/// downloadable; out of range, a JSON error before anything is queued.
+#[test]
+fn three_images_in_one_request_are_the_single_requests_at_consecutive_seeds() {
+    require_classifier_encoder();
+    let (_dir, s) = server();
+    let url = format!("{}/generate/", s.url);
+    let post = |body: &str| {
+        let (status, text) = curl(&[
+            "-X",
+            "POST",
+            &url,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ]);
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    let batch = post(r#"{"prompt": "red heart", "steps": 4, "seed": 70, "num_images": 3}"#);
+    let images = batch["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3, "{batch}");
+    assert_eq!(batch["image"], images[0]["image"]);
+    assert_eq!(batch["seed"], 70);
+    assert!(batch.get("step_cache").is_none(), "no cache asked for");
+    for (i, entry) in images.iter().enumerate() {
+        let seed = 70 + i as u64;
+        assert_eq!(entry["seed"], seed);
+        let single = post(&format!(
+            r#"{{"prompt": "red heart", "steps": 4, "seed": {seed}}}"#
+        ));
+        let (a, b) = (
+            png_pixels(entry["image"].as_str().unwrap()),
+            png_pixels(single["image"].as_str().unwrap()),
+        );
+        let diff = a
+            .pixels()
+            .zip(b.pixels())
+            .map(|(p, q)| (0..3).map(|c| p.0[c].abs_diff(q.0[c])).max().unwrap())
+            .max()
+            .unwrap();
+        assert!(
+            diff <= 1,
+            "image {i} differs from seed {seed} alone by {diff}"
+        );
+        let (status, _) = curl(&[
+            "-o",
+            "/dev/null",
+            &format!("{}/images/{}/{i}", s.url, batch["job_id"].as_str().unwrap()),
+        ]);
+        assert_eq!(status, 200, "image {i} is downloadable");
+    }
+    for n in [0, 5] {
+        let (status, body) = curl(&[
+            "-X",
+            "POST",
+            &url,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &format!(r#"{{"prompt": "red heart", "num_images": {n}}}"#),
+        ]);
+        assert_eq!(
+            (status, error_code(&body)),
+            (422, "validation".into()),
+            "{body}"
+        );
+        assert!(body.contains("num_images"), "{body}");
+    }
+    let cached = post(r#"{"prompt": "red heart", "steps": 4, "seed": 70, "step_cache": 0.0}"#);
+    assert_eq!(
+        cached["step_cache"]["skipped_steps"], 0,
+        "{}",
+        cached["step_cache"]
+    );
+}
+
+/// Two images stream a preview of each at every step, each event naming its image.
+#[tokio::test]
+async fn the_generation_websocket_streams_each_images_previews() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    require_classifier_encoder();
+    let (_dir, s) = server();
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("{}/ws/generate", s.url.replace("http", "ws")))
+            .await
+            .unwrap();
+    socket
+        .send(Message::text(
+            r#"{"prompt": "a cat", "steps": 2, "seed": 5, "num_images": 2}"#,
+        ))
+        .await
+        .unwrap();
+    let mut steps = Vec::new();
+    let mut result = None;
+    while let Some(Ok(Message::Text(text))) = socket.next().await {
+        let e: Value = serde_json::from_str(&text).unwrap();
+        match e["type"].as_str().unwrap() {
+            "step" => {
+                assert!(e["preview"].as_str().is_some_and(|p| !p.is_empty()), "{e}");
+                steps.push((e["step"].as_u64().unwrap(), e["image"].as_u64().unwrap()));
+            }
+            "result" => result = Some(e),
+            _ => {}
+        }
+    }
+    assert_eq!(steps, [(1, 0), (1, 1), (2, 0), (2, 1)]);
+    let result = result.expect("a result");
+    assert_eq!(result["images"].as_array().map(Vec::len), Some(2));
 }
 
 /// The contract's `/classify/` body: the label's probability is the confidence, the two scores sum to 1.

@@ -45,6 +45,7 @@ fn seed_database(data: &std::path::Path) {
         seconds_per_step: Some(0.5),
         eta_seconds: Some(2.5),
         preview: None,
+        image: None,
     };
     store
         .record_event(&JobEvent {

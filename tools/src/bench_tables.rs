@@ -30,6 +30,40 @@ struct Generation {
     sizes: Vec<GenerationSize>,
     #[serde(default)]
     kernels: Vec<Kernel>,
+    /// Several images a request (ours `--batch`, diffusers' `num_images_per_prompt`).
+    #[serde(default)]
+    batches: Vec<GenerationBatch>,
+    /// The first-block step cache against the full run, ours.
+    #[serde(default)]
+    step_cache: Option<StepCacheFigures>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerationBatch {
+    size: u32,
+    images: u32,
+    ours: Option<BatchFigures>,
+    reference: Option<BatchFigures>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchFigures {
+    total_s: f64,
+    images_per_minute: f64,
+    peak_in_use_gib: Option<f64>,
+    peak_allocated_gib: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StepCacheFigures {
+    size: u32,
+    steps: u32,
+    threshold: f64,
+    full_total_s: f64,
+    cached_total_s: f64,
+    skipped_steps: u32,
+    /// The largest pixel difference from the full run's image at the same seed, over 255.
+    image_error: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +159,8 @@ impl Records {
             "generation" => self.generation_table(),
             "generation-history" => Ok(self.generation_history()),
             "kernels" => self.kernels_table(),
+            "generation-batches" => Ok(self.batches_table()),
+            "step-cache" => Ok(self.step_cache_table()),
             "lora-training" => self.training_table(),
             "lora-training-history" => Ok(self.training_history()),
             _ => bail!("no table called {name:?}"),
@@ -329,6 +365,76 @@ impl Records {
             );
         }
         t
+    }
+}
+
+impl Records {
+    /// Images per minute by images a request, from the newest generation record that measured them.
+    fn batches_table(&self) -> String {
+        let Some(g) = self.generation.iter().rev().find(|g| !g.batches.is_empty()) else {
+            return "No GPU run has measured batches yet: `bash scripts/gpu/flux-parity-bench.sh` does \
+                    (ours `flux-bench generate --batch N`, diffusers' `num_images_per_prompt`).\n"
+                .into();
+        };
+        let mut t = format!(
+            "{}. Reproduce: `{}`.\n\n",
+            source(&g.head, &g.reference),
+            command(&g.head)
+        );
+        t += "| images a request | ours | ours images/min | diffusers | diffusers images/min |\n|---|---|---|---|---|\n";
+        let cells = |f: &Option<BatchFigures>, memory: &dyn Fn(&BatchFigures) -> Option<String>| {
+            f.as_ref().map_or((String::new(), String::new()), |f| {
+                let mem = memory(f).map(|m| format!(", {m}")).unwrap_or_default();
+                (
+                    format!("{:.2} s{mem}", f.total_s),
+                    format!("{:.1}", f.images_per_minute),
+                )
+            })
+        };
+        for b in &g.batches {
+            let (ours, ours_rate) = cells(&b.ours, &|f| {
+                f.peak_in_use_gib.map(|x| format!("{x:.1} GiB in use"))
+            });
+            let (reference, reference_rate) = cells(&b.reference, &|f| {
+                f.peak_allocated_gib
+                    .map(|x| format!("{x:.1} GiB allocated"))
+            });
+            t += &format!(
+                "| {} at {1}x{1} | {ours} | {ours_rate} | {reference} | {reference_rate} |\n",
+                b.images, b.size
+            );
+        }
+        t
+    }
+
+    /// The step cache's speed beside its error, from the newest generation record that measured it.
+    fn step_cache_table(&self) -> String {
+        let Some((g, c)) = self
+            .generation
+            .iter()
+            .rev()
+            .find_map(|g| g.step_cache.as_ref().map(|c| (g, c)))
+        else {
+            return "No GPU run has measured the step cache yet: `bash scripts/gpu/flux-parity-bench.sh` \
+                    does (`flux-bench generate --step-cache T`).\n"
+                .into();
+        };
+        format!(
+            "{}. Reproduce: `{}`.\n\n\
+             | {2}x{2}, {3} steps | end to end | steps skipped | largest pixel difference from the full run |\n\
+             |---|---|---|---|\n\
+             | full run | {4:.2} s | 0 | 0 |\n\
+             | step cache {5} | {6:.2} s | {7} | {8:.3} |\n",
+            source(&g.head, "ours"),
+            command(&g.head),
+            c.size,
+            c.steps,
+            c.full_total_s,
+            c.threshold,
+            c.cached_total_s,
+            c.skipped_steps,
+            c.image_error
+        )
     }
 }
 

@@ -1,5 +1,6 @@
-//! Sampling: the schedule, seeded noise and latent packing, the progress preview.
+//! Sampling: the schedule, seeded noise and latent packing, the progress preview, the step cache.
 
 pub mod latents;
 pub mod preview;
 pub mod schedule;
+pub mod step_cache;

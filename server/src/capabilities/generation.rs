@@ -209,6 +209,8 @@ impl Generation for FluxGeneration {
             steps: r.steps.unwrap_or(preset.steps as u32),
             guidance: r.guidance.unwrap_or(preset.guidance as f32),
             seed: r.seed.unwrap_or_default(),
+            num_images: r.num_images.unwrap_or(1),
+            step_cache: r.step_cache.or(preset.step_cache.map(|t| t as f32)),
             lora,
             lora_scale,
         })
@@ -240,18 +242,24 @@ impl Generation for FluxGeneration {
             })
             .collect();
         let params = GenerateParams {
-            prompt: plan.prompt.clone(),
-            width: plan.width as usize,
-            height: plan.height as usize,
-            steps: plan.steps as usize,
-            guidance: plan.guidance as f64,
-            seed: plan.seed,
+            num_images: plan.num_images as usize,
+            step_cache: plan.step_cache.map(f64::from),
+            ..GenerateParams::new(
+                plan.prompt.clone(),
+                (plan.width as usize, plan.height as usize),
+                plan.steps as usize,
+                plan.guidance as f64,
+                plan.seed,
+            )
         };
         let out = pipe.generate(&params, &mut |p| {
             let update = StepUpdate {
                 step: p.step as u32,
                 total: p.total as u32,
-                preview: p.preview().ok(),
+                previews: (0..p.images())
+                    .map(|i| p.preview(i))
+                    .collect::<Result<_>>()
+                    .unwrap_or_default(),
             };
             match on_step(&update) {
                 Control::Continue => pipeline::Control::Continue,
@@ -261,9 +269,10 @@ impl Generation for FluxGeneration {
         pipe.set_loras(&[])?;
         let out = out?;
         Ok(Generated {
-            image: out.image,
+            images: out.images,
             seed: out.seed,
             loras: applied,
+            skipped_steps: params.step_cache.map(|_| out.timings.skipped_steps as u32),
         })
     }
 }

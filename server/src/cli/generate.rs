@@ -6,7 +6,7 @@ use engine::hub::{DownloadProgress, Source};
 use engine::lora::{self, LoraCache, LoraSource, LoraSpec, LoraStack};
 use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions};
 use engine::presets::Preset;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::capabilities::model_choice;
@@ -15,9 +15,17 @@ use crate::capabilities::model_choice;
 pub struct Args {
     /// What to draw.
     pub prompt: String,
-    /// Where to write the PNG.
+    /// Where to write the PNG; with `--num-images`, image i > 0 goes beside it as `<stem>-<i>.png`.
     #[arg(short, long, default_value = "image.png")]
     output: PathBuf,
+    /// Images to make as one batch (1 to 4); image i starts from seed + i.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=app::limits::MAX_IMAGES as i64))]
+    num_images: u32,
+    /// The first-block step cache's threshold (e.g. 0.1): steps whose first block changed less
+    /// than this since the last full step reuse the rest of it. Faster, not exact. Default: the
+    /// preset's (off).
+    #[arg(long)]
+    step_cache: Option<f64>,
     /// Model preset (flux-dev, flux-schnell, builtin-emoji; flux-tiny for tests). Default: FLUX.1-dev on a
     /// CUDA GPU with its weights or an HF_TOKEN, else the built-in model, as the server chooses.
     #[arg(long, env = "STUDIO_PRESET")]
@@ -132,32 +140,61 @@ pub fn run(a: Args) -> Result<()> {
     }
     pipe.set_loras(&loras.scaled())?;
     let params = GenerateParams {
-        prompt,
-        width: a.width.unwrap_or(preset.width),
-        height: a.height.unwrap_or(preset.height),
-        steps: a.steps.unwrap_or(preset.steps),
-        guidance: a.guidance.unwrap_or(preset.guidance),
-        seed: a.seed.unwrap_or_else(rand_seed),
+        num_images: a.num_images as usize,
+        step_cache: a.step_cache.or(preset.step_cache),
+        ..GenerateParams::new(
+            prompt,
+            (
+                a.width.unwrap_or(preset.width),
+                a.height.unwrap_or(preset.height),
+            ),
+            a.steps.unwrap_or(preset.steps),
+            a.guidance.unwrap_or(preset.guidance),
+            a.seed.unwrap_or_else(rand_seed),
+        )
     };
     let out = pipe.generate(&params, &mut |p| {
         eprint!("\rstep {}/{}", p.step, p.total);
         Control::Continue
     })?;
     eprintln!();
-    out.image
-        .save(&a.output)
-        .with_context(|| format!("writing {}", a.output.display()))?;
+    for ((i, image), seed) in out.images.iter().enumerate().zip(params.seeds()) {
+        let path = numbered(&a.output, i);
+        image
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "wrote {} ({}x{}, seed {seed})",
+            path.display(),
+            params.width,
+            params.height
+        );
+    }
+    let cache = match params.step_cache {
+        Some(t) => format!(
+            "; step cache {t}: {} of {} steps skipped",
+            out.timings.skipped_steps, params.steps
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "wrote {} ({}x{}, seed {}; text {} ms, denoise {} ms, decode {} ms)",
-        a.output.display(),
-        params.width,
-        params.height,
-        out.seed,
-        out.timings.encode_ms,
-        out.timings.denoise_ms,
-        out.timings.decode_ms
+        "text {} ms, denoise {} ms, decode {} ms{cache}",
+        out.timings.encode_ms, out.timings.denoise_ms, out.timings.decode_ms
     );
     Ok(())
+}
+
+/// `image.png` for the first image, `image-1.png`, `image-2.png`, ... for the others.
+fn numbered(output: &Path, index: usize) -> PathBuf {
+    if index == 0 {
+        return output.to_path_buf();
+    }
+    let stem = output.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match output.extension() {
+        Some(ext) => format!("{stem}-{index}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{index}"),
+    };
+    output.with_file_name(name)
 }
 
 fn rand_seed() -> u64 {

@@ -110,7 +110,12 @@ pub struct GenerationPlan {
     pub height: u32,
     pub steps: u32,
     pub guidance: f32,
+    /// The first image's seed; image `i` has `seed + i`.
     pub seed: u64,
+    /// Images made as one batch (1 to `app::limits::MAX_IMAGES`).
+    pub num_images: u32,
+    /// The step cache's threshold; `None`: every step in full.
+    pub step_cache: Option<f32>,
     pub lora: LoraChoice,
     pub lora_scale: f32,
 }
@@ -119,8 +124,9 @@ pub struct StepUpdate {
     /// 1-based.
     pub step: u32,
     pub total: u32,
-    /// A small rendering of the current latent, when the engine can make one cheaply.
-    pub preview: Option<RgbImage>,
+    /// A small rendering of each image's current latent, in order, when the engine can make them
+    /// cheaply (else empty).
+    pub previews: Vec<RgbImage>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,10 +136,14 @@ pub enum Control {
 }
 
 pub struct Generated {
-    pub image: RgbImage,
+    /// One image per seed of the plan, in order.
+    pub images: Vec<RgbImage>,
+    /// The first image's seed.
     pub seed: u64,
     /// The LoRAs applied, in order.
     pub loras: Vec<app::AppliedLora>,
+    /// Steps the step cache skipped, when the plan ran with it.
+    pub skipped_steps: Option<u32>,
 }
 
 /// Prompt classification: small, CPU-bound; runs on tokio's blocking pool, beside the worker.

@@ -148,6 +148,8 @@ mod tests {
                 steps: 1,
                 guidance: 1.0,
                 seed: 0,
+                num_images: 1,
+                step_cache: None,
                 lora: LoraChoice::Disabled,
                 lora_scale: 1.0,
             },

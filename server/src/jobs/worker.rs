@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use app::{ErrorCode, ErrorDetail, EventBody, GenerateResponse, JobStatus};
+use app::{
+    BatchImage, ErrorCode, ErrorDetail, EventBody, GenerateResponse, JobStatus, StepCacheReport,
+};
 use base64::Engine as _;
 use image::RgbImage;
 
@@ -78,19 +80,23 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
     let started = Instant::now();
     let outcome = guarded(|| {
         generation.generate(&plan, &mut |update| {
-            let preview = update.preview.as_ref().and_then(|p| png_base64(p).ok());
-            shared.emit(
-                &job,
-                EventBody::Step {
-                    step: update.step,
-                    total: update.total,
-                    loss: None,
-                    learning_rate: None,
-                    seconds_per_step: None,
-                    eta_seconds: None,
-                    preview,
-                },
-            );
+            let step = |preview: Option<&RgbImage>, image| EventBody::Step {
+                step: update.step,
+                total: update.total,
+                loss: None,
+                learning_rate: None,
+                seconds_per_step: None,
+                eta_seconds: None,
+                preview: preview.and_then(|p| png_base64(p).ok()),
+                image,
+            };
+            if plan.num_images > 1 && !update.previews.is_empty() {
+                for (i, preview) in update.previews.iter().enumerate() {
+                    shared.emit(&job, step(Some(preview), Some(i as u32)));
+                }
+            } else {
+                shared.emit(&job, step(update.previews.first(), None));
+            }
             if cancel.load(Ordering::SeqCst) {
                 Control::Cancel
             } else {
@@ -104,23 +110,46 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
         return shared.finish(id);
     }
     let saved = outcome.and_then(|generated| {
-        let png = encode_png(&generated.image)?;
-        std::fs::write(shared.data.image(id), &png)?;
+        let first = generated
+            .images
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("the generation returned no image"))?;
+        let (width, height) = first.dimensions();
+        let mut images = Vec::new();
+        for (i, image) in generated.images.iter().enumerate() {
+            let png = encode_png(image)?;
+            std::fs::write(shared.data.image_at(id, i as u32), &png)?;
+            images.push(BatchImage {
+                image: base64::engine::general_purpose::STANDARD.encode(&png),
+                seed: generated.seed.wrapping_add(i as u64),
+            });
+        }
         let response = GenerateResponse {
-            image: base64::engine::general_purpose::STANDARD.encode(&png),
+            image: images[0].image.clone(),
             seed: generated.seed,
-            width: generated.image.width(),
-            height: generated.image.height(),
+            width,
+            height,
             steps: plan.steps,
             model: plan.model.clone(),
             prompt: plan.prompt.clone(),
             elapsed_ms,
             job_id: job.clone(),
             loras: generated.loras,
+            // One image is `image` alone, as the original service answered.
+            images: if images.len() > 1 { images } else { Vec::new() },
+            step_cache: plan.step_cache.map(|threshold| StepCacheReport {
+                threshold,
+                skipped_steps: generated.skipped_steps.unwrap_or(0),
+            }),
         };
-        // The job's record keeps everything but the pixels, which stay in the PNG file.
+        // The job's record keeps everything but the pixels, which stay in the PNG files.
         let mut record = serde_json::to_value(&response)?;
         record["image"] = serde_json::Value::String(format!("/images/{job}"));
+        if let Some(list) = record["images"].as_array_mut() {
+            for (i, entry) in list.iter_mut().enumerate() {
+                entry["image"] = serde_json::Value::String(format!("/images/{job}/{i}"));
+            }
+        }
         shared.store.set_result(&job, &record)?;
         Ok(response)
     });
@@ -131,7 +160,9 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
         }
         Err(err) => {
             // A failed job keeps no image (a full disk may have left part of one).
-            let _ = std::fs::remove_file(shared.data.image(id));
+            for i in 0..plan.num_images {
+                let _ = std::fs::remove_file(shared.data.image_at(id, i));
+            }
             let (code, message) = JobFailure::describe(&err, ErrorCode::GenerationFailed);
             shared.fail(&job, code, &message)
         }
@@ -243,6 +274,7 @@ impl Shared {
                 seconds_per_step,
                 eta_seconds,
                 preview: None,
+                image: None,
             },
             TrainingReport::Sample { step, file } => {
                 if self.data.sample(id, &file).is_none() {

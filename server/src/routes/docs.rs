@@ -26,6 +26,7 @@ use utoipa::OpenApi;
         super::jobs::show,
         super::jobs::cancel,
         super::downloads::image,
+        super::downloads::image_at,
         super::downloads::sample,
         super::downloads::list_loras,
         super::downloads::lora,

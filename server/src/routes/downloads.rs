@@ -66,6 +66,19 @@ pub async fn image(
     send_file(path, "image/png", None, &format!("image {id}")).await
 }
 
+/// Image `index` (from 0) of a generation that made several (`num_images`).
+#[utoipa::path(get, path = "/images/{job_id}/{index}", tag = "files", responses(
+    (status = 200, content_type = "image/png", body = Vec<u8>),
+    (status = 404, body = ErrorBody),
+))]
+pub async fn image_at(
+    State(state): State<AppState>,
+    ApiPath((id, index)): ApiPath<(String, u32)>,
+) -> Result<Response, ApiError> {
+    let path = state.jobs.data().image_at(job_id(&id)?, index);
+    send_file(path, "image/png", None, &format!("image {index} of {id}")).await
+}
+
 /// A sample image made during a training run.
 #[utoipa::path(get, path = "/train/{model_id}/samples/{file}", tag = "files", responses(
     (status = 200, content_type = "image/png", body = Vec<u8>),

@@ -104,6 +104,7 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
         .route("/jobs/{job_id}", get(jobs::show))
         .route("/jobs/{job_id}/cancel", post(jobs::cancel))
         .route("/images/{job_id}", get(downloads::image))
+        .route("/images/{job_id}/{index}", get(downloads::image_at))
         .route("/loras", get(downloads::list_loras))
         .route("/loras/{model_id}", get(downloads::lora))
         .route("/models", get(info::models))

@@ -186,6 +186,8 @@ impl Generation for FakeGeneration {
             steps: request.steps.unwrap_or(3),
             guidance: request.guidance.unwrap_or(3.5),
             seed: request.seed.expect("the server fills the seed"),
+            num_images: request.num_images.unwrap_or(1),
+            step_cache: request.step_cache,
             lora,
             lora_scale: request.lora_scale.unwrap_or(1.0),
         })
@@ -204,17 +206,27 @@ impl Generation for FakeGeneration {
             let update = StepUpdate {
                 step,
                 total: plan.steps,
-                preview: Some(RgbImage::new(8, 8)),
+                previews: vec![RgbImage::new(8, 8); plan.num_images as usize],
             };
             if on_step(&update) == Control::Cancel {
                 anyhow::bail!("cancelled");
             }
         }
-        let shade = (plan.seed % 256) as u8;
+        // Each seed's own shade, as each seed draws its own picture.
+        let image = |seed: u64| {
+            RgbImage::from_pixel(
+                plan.width,
+                plan.height,
+                image::Rgb([(seed % 256) as u8, 0, 0]),
+            )
+        };
         Ok(Generated {
-            image: RgbImage::from_pixel(plan.width, plan.height, image::Rgb([shade, 0, 0])),
+            images: (0..u64::from(plan.num_images))
+                .map(|i| image(plan.seed.wrapping_add(i)))
+                .collect(),
             seed: plan.seed,
             loras: Vec::new(),
+            skipped_steps: plan.step_cache.map(|_| 0),
         })
     }
 }

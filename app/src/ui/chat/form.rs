@@ -21,6 +21,8 @@ pub(super) struct Settings {
     pub(super) side: RwSignal<u32>,
     /// Empty: a random seed for each image.
     pub(super) seed: RwSignal<String>,
+    /// Images a request makes (1 to `limits::MAX_IMAGES`), shown as a grid.
+    pub(super) num_images: RwSignal<u32>,
 }
 
 impl Settings {
@@ -34,6 +36,7 @@ impl Settings {
             aspect: RwSignal::new(None),
             side: RwSignal::new(512),
             seed: RwSignal::new(String::new()),
+            num_images: RwSignal::new(1),
         }
     }
 
@@ -65,6 +68,8 @@ impl Settings {
                 .then(|| self.lora_scale.get_untracked()),
             lora: (!lora.is_empty()).then_some(lora),
             model: (!model.is_empty()).then_some(model),
+            num_images: Some(self.num_images.get_untracked()).filter(|&n| n > 1),
+            step_cache: None,
         };
         request.validate()?;
         Ok(request)

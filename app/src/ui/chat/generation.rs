@@ -52,43 +52,54 @@ pub(super) fn GenerationView(
                 <p class="prompt">{request.prompt.clone()}</p>
                 <p class="summary">{summary}</p>
             </header>
-            <div class="canvas">
+            <div class="canvas" class:grid=move || state.with(|s| image_count(s) > 1)>
                 {move || {
                     state
                         .with(|s| {
                             if let Some(result) = &s.result {
-                                let url = format!("/images/{}", result.job_id);
-                                let full = url.clone();
-                                view! {
-                                    <button
-                                        class="image-button"
-                                        title="View full size"
-                                        on:click=move |_| chat.lightbox.set(Some(full.clone()))
-                                    >
-                                        <img
-                                            class="result"
-                                            src=url
-                                            alt=format!("Generated: {}", result.prompt)
-                                            width=result.width
-                                            height=result.height
-                                        />
-                                    </button>
-                                }
+                                image_urls(result)
+                                    .into_iter()
+                                    .enumerate()
+                                    .map(|(i, url)| {
+                                        let full = url.clone();
+                                        view! {
+                                            <button
+                                                class="image-button"
+                                                title="View full size"
+                                                on:click=move |_| chat.lightbox.set(Some(full.clone()))
+                                            >
+                                                <img
+                                                    class="result"
+                                                    src=url
+                                                    alt=format!("Generated {}: {}", i + 1, result.prompt)
+                                                    width=result.width
+                                                    height=result.height
+                                                />
+                                            </button>
+                                        }
+                                    })
+                                    .collect_view()
                                     .into_any()
-                            } else if let Some(preview) = &s.preview {
+                            } else if !s.previews.is_empty() {
                                 let sharpness = if s.total == 0 {
                                     0.0
                                 } else {
                                     f64::from(s.step) / f64::from(s.total)
                                 };
-                                view! {
-                                    <img
-                                        class="preview"
-                                        src=preview.clone()
-                                        alt=format!("Preview at step {}", s.step)
-                                        style=format!("filter: blur({:.1}px)", (1.0 - sharpness) * 6.0)
-                                    />
-                                }
+                                s.previews
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, preview)| {
+                                        view! {
+                                            <img
+                                                class="preview"
+                                                src=preview.clone()
+                                                alt=format!("Preview {} at step {}", i + 1, s.step)
+                                                style=format!("filter: blur({:.1}px)", (1.0 - sharpness) * 6.0)
+                                            />
+                                        }
+                                    })
+                                    .collect_view()
                                     .into_any()
                             } else if s.phase.is_over() {
                                 view! { <div class="placeholder">"No image"</div> }.into_any()
@@ -196,6 +207,26 @@ pub(super) fn GenerationView(
     .into_any()
 }
 
+/// How many pictures the canvas shows: the result's, else the previews'.
+fn image_count(s: &GenState) -> usize {
+    match &s.result {
+        Some(result) => result.images.len().max(1),
+        None => s.previews.len(),
+    }
+}
+
+/// The download address of each image of a result: `/images/{job}` for one, `/images/{job}/{i}` for
+/// several.
+fn image_urls(result: &crate::GenerateResponse) -> Vec<String> {
+    if result.images.is_empty() {
+        vec![format!("/images/{}", result.job_id)]
+    } else {
+        (0..result.images.len())
+            .map(|i| format!("/images/{}/{i}", result.job_id))
+            .collect()
+    }
+}
+
 /// The non-default settings of a request, in a line.
 pub(super) fn settings_summary(request: &GenerateRequest) -> String {
     let mut parts = vec![request
@@ -222,6 +253,9 @@ pub(super) fn settings_summary(request: &GenerateRequest) -> String {
     }
     if let Some(seed) = request.seed {
         parts.push(format!("seed {seed}"));
+    }
+    if let Some(n) = request.num_images.filter(|&n| n > 1) {
+        parts.push(format!("{n} images"));
     }
     parts.join(" · ")
 }

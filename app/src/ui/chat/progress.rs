@@ -26,8 +26,8 @@ pub(super) struct GenState {
     pub(super) job_id: Option<String>,
     pub(super) step: u32,
     pub(super) total: u32,
-    /// A data URL of the latest step's preview.
-    pub(super) preview: Option<String>,
+    /// A data URL of the latest step's preview of each image, by the image's index.
+    pub(super) previews: Vec<String>,
     pub(super) result: Option<GenerateResponse>,
     pub(super) error: Option<String>,
     pub(super) cancelling: bool,
@@ -41,7 +41,7 @@ impl GenState {
             job_id: None,
             step: 0,
             total: 0,
-            preview: None,
+            previews: Vec::new(),
             result: None,
             error: None,
             cancelling: false,
@@ -50,8 +50,11 @@ impl GenState {
     }
 
     pub(super) fn finish(&mut self, mut response: GenerateResponse) {
-        // The PNG stays downloadable under /images/; the thread keeps only its address.
+        // The PNGs stay downloadable under /images/; the thread keeps only their addresses.
         response.image = String::new();
+        for image in &mut response.images {
+            image.image = String::new();
+        }
         self.job_id = Some(response.job_id.clone());
         self.result = Some(response);
     }
@@ -75,13 +78,18 @@ impl GenState {
                 step,
                 total,
                 preview,
+                image,
                 ..
             } => {
                 self.phase = Phase::Running;
                 self.step = step;
                 self.total = total;
                 if let Some(png) = preview {
-                    self.preview = Some(api::png_data_url(&png));
+                    let index = image.unwrap_or(0) as usize;
+                    if self.previews.len() <= index {
+                        self.previews.resize(index + 1, String::new());
+                    }
+                    self.previews[index] = api::png_data_url(&png);
                 }
             }
             EventBody::Result(response) => self.finish(*response),

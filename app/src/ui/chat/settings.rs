@@ -197,16 +197,36 @@ pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {
                                 .collect_view()}
                         </select>
                     </fieldset>
-                    <label>
-                        "Seed"
-                        <input
-                            type="number"
-                            min="0"
-                            placeholder="random"
-                            prop:value=move || s.seed.get()
-                            on:input=move |ev| s.seed.set(event_target_value(&ev))
-                        />
-                    </label>
+                    <div class="pair">
+                        <label>
+                            "Seed"
+                            <input
+                                type="number"
+                                min="0"
+                                placeholder="random"
+                                prop:value=move || s.seed.get()
+                                on:input=move |ev| s.seed.set(event_target_value(&ev))
+                            />
+                        </label>
+                        <label>
+                            "Images"
+                            <select on:change=move |ev| {
+                                if let Ok(n) = event_target_value(&ev).parse() {
+                                    s.num_images.set(n)
+                                }
+                            }>
+                                {(1..=crate::limits::MAX_IMAGES)
+                                    .map(|n| {
+                                        view! {
+                                            <option value=n.to_string() selected=move || s.num_images.get() == n>
+                                                {n.to_string()}
+                                            </option>
+                                        }
+                                    })
+                                    .collect_view()}
+                            </select>
+                        </label>
+                    </div>
                 </div>
             </details>
         </aside>

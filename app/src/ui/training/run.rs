@@ -359,6 +359,7 @@ mod tests {
                 seconds_per_step: Some(1.0),
                 eta_seconds: Some(f64::from(100 - step)),
                 preview: None,
+                image: None,
             },
         }
     }

@@ -7,7 +7,7 @@ mod weights;
 
 pub use config::FluxConfig;
 pub use model::{
-    image_ids, rope_tables, text_ids, timestep_embedding, FluxInputs, FluxTransformer,
+    image_ids, rope_tables, text_ids, timestep_embedding, FirstBlock, FluxInputs, FluxTransformer,
 };
 /// The blocks, for training's hand-written backward passes (`training::flux_backward`).
 pub(crate) use model::{DoubleBlock, SingleBlock, Stream};

@@ -474,28 +474,90 @@ impl FluxTransformer {
         let img = x_all
             .narrow(1, t_len, x_all.dim(1)? - t_len)?
             .contiguous()?;
+        self.final_layer(&img, vec)
+    }
+
+    /// The final modulation and projection of the image tokens.
+    fn final_layer(&self, img: &Tensor, vec: &Tensor) -> Result<Tensor> {
         let m = self
             .final_modulation
             .forward(&vec.silu()?)?
             .unsqueeze(1)?
             .chunk(2, D::Minus1)?;
-        let img = norm::norm_modulate(self.kernels, &img, &m[0], &m[1])?;
+        let img = norm::norm_modulate(self.kernels, img, &m[0], &m[1])?;
         Ok(self.final_linear.forward(&img)?)
     }
 
     /// The predicted velocity (B, L, in_channels) for the noisy packed latents.
     pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
-        let (vec, mut img, mut txt) = self.head(x)?;
+        let first = self.first_block(x)?;
+        let img = self.remaining_blocks(&first)?;
+        self.velocity(&img, &first)
+    }
+
+    /// The embeddings and the first double block: the part of a step that a step cache
+    /// (`sampling::step_cache`) always runs, to judge from it whether the rest can be reused.
+    pub fn first_block(&self, x: &FluxInputs) -> Result<FirstBlock> {
+        let (vec, img_in, txt) = self.head(x)?;
         let rope = self.rope(x)?;
+        let block = self
+            .double_blocks
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("this FLUX model has no double blocks"))?;
+        let (img, txt) = block.forward(&img_in, &txt, &vec, &rope, self.cfg.num_heads)?;
+        Ok(FirstBlock {
+            img_in,
+            img,
+            txt,
+            vec,
+            rope,
+        })
+    }
+
+    /// The image tokens after every block following the first.
+    pub fn remaining_blocks(&self, first: &FirstBlock) -> Result<Tensor> {
         let heads = self.cfg.num_heads;
-        for b in &self.double_blocks {
-            (img, txt) = b.forward(&img, &txt, &vec, &rope, heads)?;
+        let (vec, rope) = (&first.vec, &first.rope);
+        let (mut img, mut txt) = (first.img.clone(), first.txt.clone());
+        for b in &self.double_blocks[1..] {
+            (img, txt) = b.forward(&img, &txt, vec, rope, heads)?;
         }
         let t_len = txt.dim(1)?;
         let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
         for b in &self.single_blocks {
-            x_all = b.forward(&x_all, &vec, &rope, heads)?;
+            x_all = b.forward(&x_all, vec, rope, heads)?;
         }
-        self.tail(&x_all, t_len, &vec)
+        // A batch of several makes this slice strided; the norm's fused kernel needs it whole.
+        Ok(x_all
+            .narrow(1, t_len, x_all.dim(1)? - t_len)?
+            .contiguous()?)
+    }
+
+    /// The velocity from the image tokens after the last block.
+    pub fn velocity(&self, img: &Tensor, first: &FirstBlock) -> Result<Tensor> {
+        self.final_layer(img, &first.vec)
+    }
+}
+
+/// A step after the first double block (see [`FluxTransformer::first_block`]).
+pub struct FirstBlock {
+    /// The image tokens entering the first block.
+    img_in: Tensor,
+    /// The image tokens leaving it.
+    img: Tensor,
+    txt: Tensor,
+    vec: Tensor,
+    rope: Rope,
+}
+
+impl FirstBlock {
+    /// The image tokens leaving the first block.
+    pub fn img(&self) -> &Tensor {
+        &self.img
+    }
+
+    /// What the first block added to the image tokens: a step cache compares it between steps.
+    pub fn img_residual(&self) -> Result<Tensor> {
+        Ok((&self.img - &self.img_in)?)
     }
 }

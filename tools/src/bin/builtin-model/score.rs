@@ -87,19 +87,18 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         for &i in set {
             let e = &entries[i];
             let start = Instant::now();
-            let out = pipe.generate(
-                &GenerateParams {
-                    prompt: e.caption.clone(),
-                    width: SIZE as usize,
-                    height: SIZE as usize,
-                    steps: a.steps,
-                    guidance: a.guidance,
-                    seed: 0,
-                },
+            let mut out = pipe.generate(
+                &GenerateParams::new(
+                    e.caption.clone(),
+                    (SIZE as usize, SIZE as usize),
+                    a.steps,
+                    a.guidance,
+                    0,
+                ),
                 &mut |_| engine::pipeline::Control::Continue,
             )?;
             seconds.push(start.elapsed().as_secs_f64());
-            let f = features(&out.image);
+            let f = features(out.image());
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&x, &y| distance(&f, &feats[x]).total_cmp(&distance(&f, &feats[y])));
             t.captions += 1;
@@ -109,7 +108,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             t.subcategory_top1 += usize::from(same(order[0]));
             t.subcategory_chance += (0..n).filter(|&j| same(j)).count() as f64 / n as f64;
             if keep_examples {
-                examples.push((i, out.image, order[0]));
+                examples.push((i, out.images.swap_remove(0), order[0]));
             }
         }
         Ok(t)

@@ -1,4 +1,6 @@
-//! `flux-bench generate`: end-to-end generation, timed per step.
+//! `flux-bench generate`: end-to-end generation, timed per step; with `--batch N`, N images in one
+//! batch (images per minute beside diffusers' `num_images_per_prompt`); with `--step-cache T`, the
+//! step cache's speed and its error against the full run at the same seed.
 
 use crate::timing::{median, step_flops, sync};
 use anyhow::Result;
@@ -6,8 +8,9 @@ use candle_core::Device;
 use engine::hub::Source;
 use engine::models::flux::FluxConfig;
 use engine::ops::Kernels;
-use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions};
+use engine::pipeline::{Control, FluxPipeline, GenerateParams, Generated, LoadOptions};
 use engine::weights::WeightFormat;
+use image::RgbImage;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -24,6 +27,12 @@ pub struct Args {
     /// T5 tokens of the prompt.
     #[arg(long, default_value_t = 512)]
     t5_len: usize,
+    /// Images made as one batch through the transformer.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Also run with the first-block step cache at this threshold, and report its error.
+    #[arg(long)]
+    step_cache: Option<f64>,
 }
 
 pub fn run(
@@ -49,36 +58,78 @@ pub fn run(
     sync(device)?;
     let load_s = t0.elapsed().as_secs_f64();
     let params = GenerateParams {
-        prompt: "a fox reading under a tree, watercolor".into(),
-        width: size,
-        height: size,
-        steps,
-        guidance: 3.5,
-        seed: 0,
+        num_images: a.batch,
+        ..GenerateParams::new(
+            "a fox reading under a tree, watercolor",
+            (size, size),
+            steps,
+            3.5,
+            0,
+        )
     };
-    let flops = step_flops(&cfg, (size / 16) * (size / 16), t5_len);
+    // A step of a batch computes each image's tokens: the products scale with the batch.
+    let flops = step_flops(&cfg, (size / 16) * (size / 16), t5_len) * a.batch as f64;
     let mut runs = Vec::new();
+    let mut full = None;
     for _ in 0..2 {
-        let t = Instant::now();
-        let mut step_times = Vec::new();
-        let mut last = Instant::now();
-        let out = pipe.generate(&params, &mut |_| {
-            let _ = device.synchronize();
-            step_times.push(last.elapsed().as_secs_f64());
-            last = Instant::now();
-            Control::Continue
-        })?;
-        sync(device)?;
-        let step = median(step_times[1..].to_vec());
-        runs.push(serde_json::json!({"total_s": t.elapsed().as_secs_f64(),
-            "encode_ms": out.timings.encode_ms, "denoise_ms": out.timings.denoise_ms,
-            "decode_ms": out.timings.decode_ms, "median_step_s": step, "step_tflops": flops / step / 1e12}));
+        let (run, out) = timed(&pipe, &params, device, flops)?;
+        runs.push(run);
+        full = Some(out);
     }
-    println!(
-        "{}",
-        serde_json::json!({"what": "generate", "size": size, "steps": steps, "load_s": load_s, "runs": runs,
-            "weights": weights.map_or("as stored".to_string(), |w| w.to_string()),
-            "flops_per_step": flops})
-    );
+    let mut record = serde_json::json!({"what": "generate", "size": size, "steps": steps, "batch": a.batch,
+        "weights": weights.map_or("as stored".to_string(), |w| w.to_string()), "load_s": load_s, "runs": runs, "flops_per_step": flops});
+    if let (Some(threshold), Some(full)) = (a.step_cache, full) {
+        let cached = GenerateParams {
+            step_cache: Some(threshold),
+            ..params.clone()
+        };
+        let mut cache_runs = Vec::new();
+        for _ in 0..2 {
+            let (mut run, out) = timed(&pipe, &cached, device, flops)?;
+            run["skipped_steps"] = out.timings.skipped_steps.into();
+            run["image_error"] = image_error(&out.images, &full.images).into();
+            cache_runs.push(run);
+        }
+        record["step_cache"] = serde_json::json!({"threshold": threshold, "runs": cache_runs});
+    }
+    println!("{record}");
     Ok(())
+}
+
+/// One generation, timed; with its images per minute and the median step (the first left out: it
+/// warms up).
+fn timed(
+    pipe: &FluxPipeline,
+    params: &GenerateParams,
+    device: &Device,
+    flops: f64,
+) -> Result<(serde_json::Value, Generated)> {
+    let t = Instant::now();
+    let mut step_times = Vec::new();
+    let mut last = Instant::now();
+    let out = pipe.generate(params, &mut |_| {
+        let _ = device.synchronize();
+        step_times.push(last.elapsed().as_secs_f64());
+        last = Instant::now();
+        Control::Continue
+    })?;
+    sync(device)?;
+    let total = t.elapsed().as_secs_f64();
+    let step = median(step_times[1..].to_vec());
+    let run = serde_json::json!({"total_s": total, "images_per_minute": params.num_images as f64 * 60.0 / total,
+        "encode_ms": out.timings.encode_ms, "denoise_ms": out.timings.denoise_ms,
+        "decode_ms": out.timings.decode_ms, "median_step_s": step, "step_tflops": flops / step / 1e12});
+    Ok((run, out))
+}
+
+/// The largest difference of any channel of any pixel between two runs' images, over 255.
+fn image_error(a: &[RgbImage], b: &[RgbImage]) -> f64 {
+    let most = a
+        .iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.as_raw().iter().zip(y.as_raw()))
+        .map(|(p, q)| p.abs_diff(*q))
+        .max()
+        .unwrap_or(0);
+    f64::from(most) / 255.0
 }

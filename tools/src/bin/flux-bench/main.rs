@@ -3,11 +3,12 @@
 //! are tests: engine/tests/gpu_kernels.rs and engine/tests/gpu_training.rs (docs/performance.md).
 //!
 //! ```text
-//! flux-bench forward  --model DIR --inputs REF.safetensors [--compare-plain] [--weights fp8]
-//! flux-bench generate --model DIR --size 1024 --steps 28
+//! flux-bench forward  --model DIR --inputs REF.safetensors [--compare-plain]
+//! flux-bench generate --model DIR --size 1024 --steps 28 [--batch N] [--step-cache T]
 //! flux-bench profile  [--size 1024]
 //! flux-bench train    --size 512 --steps 10 [--model DIR] [--rank 16] [--targets attention|all_linear]
 //! ```
+//! `--weights fp8` (or a GGUF type) makes the transformer's linear weights into that format on load.
 //! `--plain` builds the models with candle's ops only (the fused kernels off; CUDA builds: the CPU always
 //! takes candle's ops).
 
