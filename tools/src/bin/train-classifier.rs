@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p tools --bin train-classifier            # train, evaluate, write the head
-//! cargo run --release -p tools --bin train-classifier -- --eval-only --bench 500
+//! cargo run --release -p tools --bin train-classifier -- --eval-only --bench 300
 //! ```
 
 use std::collections::BTreeMap;
