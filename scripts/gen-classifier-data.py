@@ -34,12 +34,21 @@ WHEELS = {
 }
 IMAGE, CONV = "image_request", "conversation"
 
-# The issue's own examples are checked by tests; keeping them out of train keeps that check honest.
+# The issues' own examples are checked by tests; keeping them out of train keeps that check honest.
 ISSUE_EXAMPLES = {
     "can I see you in the kitchen?",
     "show me a woman cooking in a bright kitchen",
     "a beautiful woman",
+    "red apple",
+    "write a haiku about autumn",
+    "compose a song",
+    "give me a recipe for pancakes",
+    "another one",
+    "same but at night",
+    "make it bigger",
 }
+# The hand-written held-out set (not made here): no train row may share its text.
+WRITTEN_TEST = "written-test.jsonl"
 
 # ---------------------------------------------------------------- image request parts
 ALWAYS_TRAIN = {"woman", "man", "beautiful", "cat", "dog", "portrait", "a photo of", "a picture of"}
@@ -173,7 +182,7 @@ TRAIN_EDITS = [
     "make it more colorful", "now make it at night", "same but in winter", "add a hat",
     "again but {setting}", "change the background to {setting}", "make it {style}",
     "same prompt, different seed", "now with {lighting}", "redo it in {style}", "make her smile",
-    "make the sky purple", "zoom out a bit", "another one please", "one more with {action}",
+    "make the sky purple", "zoom out a bit", "one more with {action}",
     "do it again but darker", "try again with {lighting}", "make it look like {style}", "make it brighter",
     "can you make it darker?", "add some snow", "remove the background", "make the cat bigger",
     "change her dress to blue", "put it {setting}", "try {style} instead", "less saturated please",
@@ -578,12 +587,211 @@ def norm(text):
     return re.sub(r"[^\w]+", " ", text.lower()).strip()
 
 
+# ---------------------------------------------------------------- the chat's classes (issue 20)
+# Train only: the held-out rows for these classes are hand-written in written-test.jsonl, with
+# their own words. "apple" is left out on purpose: "red apple" is the issue's example.
+ANIMALS = [
+    "cat", "dog", "fox", "owl", "horse", "lion", "tiger", "penguin", "dolphin", "frog", "turtle", "rabbit",
+    "bear", "wolf", "eagle", "parrot", "octopus", "shark", "whale", "bee", "butterfly", "snail", "hedgehog",
+    "squirrel", "duck", "chicken", "cow", "pig", "sheep", "goat", "camel", "zebra", "giraffe", "monkey",
+    "koala", "panda", "sloth", "flamingo", "swan", "crab", "ladybug", "spider", "bat", "mouse", "deer",
+    "kitten", "puppy", "unicorn", "dragon", "dinosaur", "t-rex", "seal", "otter", "beaver",
+    "leopard", "cheetah", "panther", "buffalo", "bison", "donkey", "mule", "pony", "lamb", "rooster",
+    "turkey", "goose", "crow", "raven", "sparrow", "robin", "woodpecker", "vulture", "hawk", "falcon",
+    "stork", "heron", "orca", "manatee", "clownfish", "tuna", "salmon", "trout", "eel",
+    "squid", "shrimp", "oyster", "clam", "slug", "worm", "ant", "beetle", "moth", "grasshopper",
+    "cricket", "mosquito", "lizard", "gecko", "cobra", "python", "tortoise", "toad", "newt", "salamander",
+    "badger", "skunk", "mole", "weasel", "ferret", "chipmunk", "gerbil", "guinea pig", "yak", "reindeer",
+    "elk", "antelope", "gazelle", "hyena", "jackal", "lynx", "cougar", "orangutan", "chimpanzee", "lemur",
+    "bulldog", "beagle", "corgi", "labrador", "pug", "tabby cat", "siamese cat", "kitty", "doggo", "bunny",
+]
+OBJECTS = [
+    "umbrella", "lamp", "chair", "bicycle", "guitar", "clock", "key", "book", "candle", "backpack", "camera",
+    "telescope", "kite", "balloon", "anchor", "trophy", "hammer", "scissors", "teddy bear", "paper plane",
+    "rocket", "globe", "piano", "drum", "violin", "car", "bus", "train", "boat", "airplane", "house",
+    "castle", "tree", "flower", "mountain", "island", "moon", "planet", "crown", "sword", "shield", "hat",
+    "shoe", "sunglasses", "headphones", "phone", "laptop", "robot", "snowman", "lighthouse", "tent",
+    "mailbox", "skateboard", "treasure chest", "wizard hat", "magic lamp", "lantern", "bell", "compass",
+    "bucket", "ladder", "shovel", "rake", "axe", "saw", "wrench", "screwdriver", "drill", "toolbox",
+    "mug", "bowl", "plate", "fork", "spoon", "knife", "frying pan", "blender", "toaster", "fridge",
+    "oven", "bed", "pillow", "blanket", "rug", "mirror", "window", "door", "staircase", "fireplace",
+    "bookshelf", "desk", "stool", "bench", "swing", "slide", "trampoline", "tricycle", "wagon", "van",
+    "truck", "taxi", "ambulance", "fire truck", "police car", "jeep", "limousine", "yacht", "ship",
+    "ferry", "kayak", "raft", "glider", "jet", "satellite", "ufo", "parachute", "cannon", "tank", "castle tower",
+    "bridge", "tunnel", "skyscraper", "cottage", "hut", "cabin", "church", "temple", "mosque", "stadium",
+    "windmill", "waterfall", "volcano", "glacier", "cave", "desert", "jungle", "meadow", "swamp", "canyon",
+    "dress", "jacket", "scarf", "gloves", "boots", "sneakers", "socks", "tie", "bow tie", "ring",
+    "earrings", "bracelet", "wallet", "handbag", "suitcase", "watch", "glasses", "mask", "helmet", "cape",
+    "flute", "harp", "cello", "banjo", "ukulele", "xylophone", "tuba", "bagpipes", "tambourine", "keyboard",
+    "dice", "chess piece", "puzzle", "doll", "yo-yo", "marbles", "kite string", "snow globe",
+    "cactus", "fern", "bonsai", "oak tree", "pine tree", "willow", "lily", "daisy", "orchid", "lavender",
+]
+FOODS = [
+    "banana", "pizza", "burger", "taco", "sushi", "donut", "croissant", "ice cream", "cupcake",
+    "strawberry", "cherries", "watermelon", "pineapple", "avocado", "carrot", "broccoli", "cheese",
+    "bread", "cookie", "lemon", "grapes", "peach", "pear", "coconut", "corn", "egg", "bacon",
+    "spaghetti", "ramen", "dumpling", "popcorn", "pretzel", "waffle", "hot dog", "sandwich", "salad",
+    "chocolate bar", "lollipop", "pie", "cup of tea", "milkshake", "french fries", "burrito",
+    "quesadilla", "enchilada", "tamale", "gyro", "shawarma", "hummus", "pita", "risotto", "ravioli",
+    "gnocchi", "pad thai", "curry", "naan", "biryani", "kimchi", "tempura", "udon", "miso soup", "tofu",
+    "spring roll", "fortune cookie", "brownie", "scone", "crepe", "eclair", "cannoli", "gelato",
+    "sorbet", "popsicle", "fudge", "caramel", "marshmallow", "jelly", "jam", "honey", "butter", "yogurt",
+    "omelette", "sausage", "meatball", "steak", "roast chicken", "fish and chips", "pot roast",
+    "clam chowder", "soup", "stew", "oatmeal", "cereal", "granola", "toast with jam", "banana split",
+    "cantaloupe", "apricot", "plum", "cranberry", "blackberry", "grapefruit", "lychee", "dragon fruit",
+    "persimmon", "tangerine", "cucumber", "tomato", "potato", "onion", "beet", "spinach", "lettuce",
+    "celery", "asparagus", "zucchini", "peas", "beans", "peanut", "almond", "walnut",
+]
+EMOJI_NAMES = [
+    "grinning face", "smiling face with heart-eyes", "face with tears of joy", "thinking face",
+    "winking face", "sleeping face", "red heart", "broken heart", "fire", "sparkles", "star", "rainbow",
+    "sun with face", "crescent moon", "snowflake", "party popper", "wrapped gift", "ghost", "alien",
+    "robot face", "skull", "clown face", "pile of poo", "four leaf clover", "cactus", "palm tree",
+    "sunflower", "rose", "tulip", "cherry blossom", "maple leaf", "volcano", "hourglass", "light bulb",
+    "crystal ball", "smiling face with sunglasses", "loudly crying face", "face screaming in fear",
+    "nerd face", "cowboy hat face", "zany face", "star-struck", "money-mouth face", "angry face",
+    "upside-down face", "melting face", "partying face", "see-no-evil monkey", "jack-o-lantern",
+    "christmas tree", "balloon", "birthday cake", "shooting star", "droplet", "ocean wave", "tornado",
+]
+VISUAL_ADJS = [
+    "red", "green", "blue", "yellow", "purple", "pink", "orange", "black", "white", "golden", "silver",
+    "tiny", "giant", "cute", "happy", "sad", "angry", "sleepy", "fluffy", "spotted", "striped", "smiling",
+    "glowing", "frozen", "melting", "old", "shiny", "baby", "robot", "wooden", "pixel", "neon", "rainbow",
+]
+# Short chat that is not a picture: adjectives and interjections alone are replies.
+SHORT_CHAT = [
+    "how are you", "what's up", "who are you", "good afternoon", "i'm bored", "tell me something",
+    "help", "thanks again", "nice to meet you", "what time is it", "are you there", "how's it going",
+    "hey buddy", "good day", "what's new", "sup", "greetings", "yo", "howdy", "morning!", "amazing",
+    "lovely", "so cute", "incredible", "stunning", "very nice", "so pretty", "cute", "adorable",
+    "impressive", "hello friend", "hey you", "hi there", "what's your name", "are you a bot",
+    "wonderful", "fantastic", "brilliant", "neat", "sweet", "fabulous", "marvelous", "superb",
+    "excellent", "splendid", "delightful", "pretty", "terrific", "outstanding", "magnificent", "so good",
+    "super", "how lovely", "how cute", "so beautiful", "ugly", "weird", "funny", "boring", "scary",
+    "how old are you", "where are you from", "do you dream", "i'm sad", "i'm happy today",
+    "what should i do", "any ideas?", "good evening friend", "long time no see", "you're funny",
+]
+LANGS = ["french", "spanish", "german", "italian", "japanese", "portuguese", "korean", "dutch"]
+TEXT_FRAMES = [
+    "write a haiku about {x}", "write a poem about {x}", "write a short story about {x}",
+    "compose a song about {x}", "write song lyrics about {x}", "write a limerick about a {adj} {x}",
+    "tell me a joke about {x}", "tell me a story about a {adj} {x}", "write a bedtime story about a {x}",
+    "translate '{adj} {x}' into {lang}", "how do you say {x} in {lang}?", "translate this to {lang}: i love my {x}",
+    "list five facts about {x}", "list {n} kinds of {x}", "give me a list of names for a {x}",
+    "explain how a {x} works", "explain why the {x} is {adj}", "what do {x}s eat?", "how big is a {x}?",
+    "plan a {x}-themed birthday party", "plan a trip to see a {x}", "make a packing list for a camping trip",
+    "summarize the history of the {x}", "write an essay about {x}", "brainstorm names for my {x}",
+    "suggest a name for a {adj} {x}", "describe a {x} in three sentences", "what rhymes with {x}?",
+    "write a tweet about my {x}", "draft an email about a lost {x}", "write a product description for a {x}",
+    "give me tips for drawing a {x}", "how do i draw a {x} step by step?", "create a quiz about {x}s",
+    "generate a list of {x} puns", "make a shopping list for a {x} party", "create a meal plan with {food}",
+    "give me a recipe for {food}", "how do i make {food}?", "{food} recipe", "what goes well with {food}?",
+    "how many calories are in {food}?", "is {food} healthy?", "write a review of the {food} i had",
+    "can you write a poem about a {adj} {x}?", "could you explain what a {x} is?",
+    "please write a riddle about a {x}", "compose a haiku about {food}", "write a love letter to {food}",
+    "tell me fun facts about {x}s", "what is the plural of {x}?", "spell {x} backwards",
+    "write a story where a {x} meets a {x2}", "make up a song about a {adj} {x}", "write a rap about {food}",
+    "explain {x}s to a five year old", "describe the taste of {food}", "plan my week around {food}",
+    "summarize: the {x} sat by the {x2} all day", "write a slogan for a {x} shop", "list animals like the {x}",
+    "write a caption for my photo of a {x}", "give me ideas for a {x} costume", "write a description of a {x} for a novel",
+]
+# Follow-ups. A repeat names no change; an edit says how the picture should change; a text edit
+# can only be about words.
+REPEATS = [
+    "another one", "one more", "again", "do it again", "once more", "one more time", "another", "more",
+    "more please", "next", "another please", "gimme another", "same again", "try again", "do another",
+    "again please", "more like this", "keep going", "redo", "retry", "one more please", "let's do another",
+    "make another", "show me another", "can i get another?", "another one!", "encore", "and another",
+    "can you do another one?", "another variation", "different one please", "one more like that",
+]
+EDITS = [
+    "make it bigger", "make it smaller", "zoom in", "zoom out", "same but at night", "same but in winter",
+    "now in {style}", "make it {color}", "add a {obj}", "remove the {obj}", "without the background",
+    "from above", "from the side", "closer", "wider", "brighter", "darker", "more colorful",
+    "black and white", "make the sky {color}", "now with {lighting}", "give it a {color} background",
+    "make it cuter", "make it scarier", "more realistic", "less detail", "same but {setting}",
+    "can you make it bigger?", "what if it was {setting}?", "try it with a {animal}", "now a {animal}",
+    "same with a {animal}", "and a {animal} too", "put a {obj} next to it", "make it look happier",
+    "now make it {color}", "in {style} please", "same scene at sunrise", "make it rain", "add snow",
+    "make the {animal} bigger", "turn it into {style}", "but with a {color} {obj}", "now two of them",
+    "more of them", "change the color to {color}", "flip it", "crop it closer", "lighter please",
+]
+TEXT_EDITS = [
+    "make it shorter", "make it longer", "make it rhyme", "make it funnier", "in french please",
+    "translate it", "summarize that", "explain more", "simpler please", "add a verse", "another verse",
+    "continue", "go on", "keep writing", "rewrite it", "rephrase that", "less formal please", "add a title",
+    "what does that mean?", "say it in fewer words", "make it sadder", "give me more details",
+]
+# After an image: remarks and questions about it are conversation.
+FEEDBACK = [
+    "i love it", "what seed was that?", "how long did that take?", "that's beautiful", "can i download it?",
+    "thanks, that's perfect", "what model did you use?", "why is it blurry?", "why is it so dark?",
+    "that's not what i asked for", "haha the cat looks weird", "perfect, thanks", "wow", "nice",
+    "this is great", "how did you make that?", "can you explain what you did?", "is this free to use?",
+    "who owns this image?", "what resolution is it?", "the hands look strange", "i like the colors",
+    "not bad at all", "ok that's enough pictures", "cool, thanks!", "how many steps was that?",
+    "that's so cute", "looks amazing", "my kid will love this", "can i print it?", "what prompt did you use?",
+]
+
+
+def draw_context(rng, edit=False):
+    """The last answer before a row whose label does not depend on it."""
+    r = rng.random()
+    if edit:  # the old set's edits name the change: image requests, with no context or after an image
+        return None if r < 0.5 else "image"
+    return None if r < 0.5 else "image" if r < 0.75 else "text"
+
+
+def chat_rows(rng, p):
+    """(text, label, source, last answer) rows of the classes the chat needs."""
+    rows = []
+    things = ANIMALS + OBJECTS + FOODS
+
+    def fill(frame):
+        return frame.format(
+            x=rng.choice(things), x2=rng.choice(things), adj=rng.choice(VISUAL_ADJS), food=rng.choice(FOODS),
+            lang=rng.choice(LANGS), n=rng.choice(["three", "5", "ten", "four"]), obj=rng.choice(OBJECTS),
+            animal=rng.choice(ANIMALS), color=rng.choice(VISUAL_ADJS[:11]), style=rng.choice(p["styles"]),
+            lighting=rng.choice(p["lighting"]), setting=rng.choice(p["settings"]))
+
+    def bare():
+        r = rng.random()
+        if r < 0.25:
+            return rng.choice(EMOJI_NAMES)
+        noun = rng.choice(things)
+        if r < 0.5:
+            return noun
+        if r < 0.85:
+            return f"{rng.choice(VISUAL_ADJS)} {noun}"
+        return f"{rng.choice(VISUAL_ADJS)} {rng.choice(VISUAL_ADJS)} {noun}"
+
+    for _ in range(1600):
+        rows.append((bare(), IMAGE, "bare-visual", draw_context(rng)))
+    for _ in range(1000):
+        rows.append((fill(rng.choice(TEXT_FRAMES)), CONV, "text-request", draw_context(rng)))
+    for _ in range(300):
+        rows.append((rng.choice(SHORT_CHAT), CONV, "short-chat", draw_context(rng)))
+    for _ in range(250):
+        rows.append((fill(rng.choice(FEEDBACK)), CONV, "feedback", "image" if rng.random() < 0.8 else None))
+    # Follow-ups: what the last answer was decides.
+    for _ in range(900):
+        ctx = rng.choice(["image", "image", "text", None])
+        rows.append((rng.choice(REPEATS), IMAGE if ctx == "image" else CONV, "follow-up", ctx))
+    for _ in range(800):
+        ctx = rng.choice(["image", "image", "text", None])
+        rows.append((fill(rng.choice(EDITS)), CONV if ctx == "text" else IMAGE, "follow-up", ctx))
+    for _ in range(250):
+        rows.append((rng.choice(TEXT_EDITS), CONV, "follow-up", rng.choice(["text", "text", None])))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/classifier")
     ap.add_argument("--cache", default="target/classifier-sources", help="where the source wheels go")
     args = ap.parse_args()
     wheels = download(Path(args.cache))
+    out_dir = Path(args.out)
     rng = random.Random(SEED)
 
     parts = {}
@@ -622,30 +830,49 @@ def main():
         convs += [(t, "chatterbot") for t in rng.sample(bot, min(len(bot), int(n * 0.15)))]
         convs += [(t, "written") for t in conv_from_frames(conv_frames, rng, int(n * 0.3), slots[side], gen)]
         convs += [(rng.choice(short), "short-reply") for _ in range(n - len(convs))]
-        side_rows = [(surface(t, rng), IMAGE, src) for t, src in images]
-        side_rows += [(surface(t, rng), CONV, src) for t, src in convs]
-        seen, unique = set(), []
-        for text, label, src in side_rows:
-            key = norm(text)
+        side_rows = [(surface(t, rng), IMAGE, src, None) for t, src in images]
+        side_rows += [(surface(t, rng), CONV, src, None) for t, src in convs]
+        if side == "train":
+            # The chat's context: the same rows after an image or a text answer, and the classes
+            # of issue 20 (bare visual phrases, text requests, follow-ups), drawn from their own
+            # generator so that the rows above stay as they were.
+            crng = random.Random(f"{SEED}-train-chat")
+            side_rows = [(t, l, src, draw_context(crng, edit=src == "template-edit")) for t, l, src, _ in side_rows]
+            side_rows += [(surface(t, crng), l, src, ctx) for t, l, src, ctx in chat_rows(crng, parts["train"])]
+        seen, unique, counts = set(), [], {}
+        for text, label, src, ctx in side_rows:
+            key = (norm(text), ctx)
             # Short replies repeat by nature; keep a few repeats but not hundreds of copies.
-            if key and (key not in seen or (label == CONV and len(key) < 12 and rng.random() < 0.15)):
+            # The chat's short follow-ups have few wordings: each may appear a few times per context,
+            # or the context they depend on would be seen too rarely to learn.
+            repeats = src == "follow-up" and counts.get(key, 0) < 4
+            counts[key] = counts.get(key, 0) + 1
+            if key[0] and (key not in seen or repeats
+                           or (label == CONV and len(key[0]) < 12 and rng.random() < 0.15)):
                 seen.add(key)
-                unique.append((text, label, src))
+                unique.append((text, label, src, ctx))
         rows[side] = unique
 
-    test_keys = {norm(t) for t, _, _ in rows["test"]}
-    held_out = test_keys | {norm(x) for x in ISSUE_EXAMPLES}
-    rows["train"] = [(t, l, src) for t, l, src in rows["train"] if norm(t) not in held_out]
+    test_keys = {norm(t) for t, _, _, _ in rows["test"]}
+    written = out_dir / WRITTEN_TEST
+    if not written.is_file():
+        sys.exit(f"{written} is missing: it is hand-written and kept in the repository")
+    written_keys = {norm(json.loads(line)["text"]) for line in written.read_text(encoding="utf-8").splitlines()
+                    if line.strip()}
+    held_out = test_keys | written_keys | {norm(x) for x in ISSUE_EXAMPLES}
+    rows["train"] = [r for r in rows["train"] if norm(r[0]) not in held_out]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir
     for side in ("train", "test"):
         random.Random(f"{SEED}-{side}-order").shuffle(rows[side])
         with open(out / f"{side}.jsonl", "w", encoding="utf-8") as f:
-            for text, label, src in rows[side]:
-                f.write(json.dumps({"text": text, "label": label, "source": src}, ensure_ascii=False) + "\n")
+            for text, label, src, ctx in rows[side]:
+                row = {"text": text, "label": label, "source": src}
+                if ctx:
+                    row["context"] = [{"role": "assistant", "kind": ctx}]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         counts = {}
-        for _, label, src in rows[side]:
+        for _, label, src, _ in rows[side]:
             counts[f"{label}/{src}"] = counts.get(f"{label}/{src}", 0) + 1
         print(f"{side}: {len(rows[side])} rows", json.dumps(dict(sorted(counts.items()))))
 

@@ -5,6 +5,51 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ClassifyRequest {
     pub prompt: String,
+    /// The turns before `prompt`, oldest first; the chat sends its last few (more than
+    /// `MAX_CONTEXT_TURNS`, 64, are refused with 422). Optional: without it a message is judged on its
+    /// own words, as the original contract did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context: Vec<ContextTurn>,
+}
+
+/// Turns beyond this many in `ClassifyRequest::context` are refused: the classifier reads only the last
+/// answer, and a chat needs to send only its last few turns.
+pub const MAX_CONTEXT_TURNS: usize = 64;
+
+/// One earlier turn of the conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ContextTurn {
+    pub role: TurnRole,
+    /// What was said, or the prompt an image was made from.
+    #[serde(default)]
+    pub text: String,
+    pub kind: TurnKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnRole {
+    User,
+    Assistant,
+}
+
+/// Whether a turn was a picture or words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnKind {
+    Image,
+    Text,
+}
+
+/// What the conversation's last answer was, the part of the context the classifier reads: after an
+/// image, "another one" or "same but at night" asks for a picture; after a text answer it asks for more
+/// words. `None` when the assistant has not answered yet (or no context was sent).
+pub fn last_answer(context: &[ContextTurn]) -> Option<TurnKind> {
+    context
+        .iter()
+        .rev()
+        .find(|turn| turn.role == TurnRole::Assistant)
+        .map(|turn| turn.kind)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -71,6 +116,41 @@ mod tests {
         assert!((r.scores.conversation - 0.9).abs() < 1e-6);
         let r = ClassifyResponse::from_image_request_probability(0.5);
         assert_eq!(r.label, Label::Conversation);
+    }
+
+    #[test]
+    fn the_last_answer_is_the_latest_assistant_turn() {
+        let turn = |role, kind| ContextTurn {
+            role,
+            text: String::new(),
+            kind,
+        };
+        assert_eq!(last_answer(&[]), None);
+        assert_eq!(last_answer(&[turn(TurnRole::User, TurnKind::Text)]), None);
+        let context = [
+            turn(TurnRole::User, TurnKind::Text),
+            turn(TurnRole::Assistant, TurnKind::Image),
+            turn(TurnRole::User, TurnKind::Text),
+            turn(TurnRole::Assistant, TurnKind::Text),
+            turn(TurnRole::User, TurnKind::Text),
+        ];
+        assert_eq!(last_answer(&context), Some(TurnKind::Text));
+        assert_eq!(last_answer(&context[..3]), Some(TurnKind::Image));
+    }
+
+    #[test]
+    fn a_request_without_context_is_the_original_contract() {
+        let request: ClassifyRequest = serde_json::from_str(r#"{"prompt": "red apple"}"#).unwrap();
+        assert!(request.context.is_empty());
+        assert_eq!(
+            serde_json::to_value(&request).unwrap(),
+            serde_json::json!({"prompt": "red apple"})
+        );
+        let request: ClassifyRequest = serde_json::from_str(
+            r#"{"prompt": "another one", "context": [{"role": "assistant", "kind": "image"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(last_answer(&request.context), Some(TurnKind::Image));
     }
 
     #[test]

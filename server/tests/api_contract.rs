@@ -7,18 +7,24 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use app::{ErrorCode, JobEvent};
+use app::{ContextTurn, ErrorCode, JobEvent, TurnKind};
 use common::{config, FakeGeneration, FakeTraining};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use server::jobs::capability::Capabilities;
+use server::jobs::capability::{Capabilities, Classification};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn studio() -> (tempfile::TempDir, String) {
+    studio_with(None).await
+}
+
+async fn studio_with(
+    classification: Option<Arc<dyn Classification>>,
+) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let caps = Capabilities {
         generation: Some(Arc::new(FakeGeneration::new(Duration::ZERO))),
-        classification: None,
+        classification,
         classification_error: None,
         training: Some(Arc::new(FakeTraining {
             steps: 2,
@@ -137,4 +143,85 @@ async fn a_refused_generation_request_is_a_job_event_like_every_other_message() 
         seqs.push(event.seq);
     }
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+/// A stand-in that answers from the context alone: 0.9 after an image, 0.2 otherwise. Enough to see
+/// that the route hands the context on; the real classifier is tested in engine/tests/classifier.rs.
+struct ReadsTheLastAnswer;
+
+impl Classification for ReadsTheLastAnswer {
+    fn image_request_probability(
+        &self,
+        _prompt: &str,
+        context: &[ContextTurn],
+    ) -> anyhow::Result<f32> {
+        Ok(match app::last_answer(context) {
+            Some(TurnKind::Image) => 0.9,
+            _ => 0.2,
+        })
+    }
+}
+
+#[tokio::test]
+async fn classify_takes_an_optional_context_and_answers_as_the_original_contract_does() {
+    let (_dir, url) = studio_with(Some(Arc::new(ReadsTheLastAnswer))).await;
+    let http = reqwest::Client::new();
+    let classify = |body: Value| {
+        let request = http.post(format!("{url}/classify/")).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    // Without context: the original request and answer, nothing more.
+    let (status, answer) = classify(serde_json::json!({"prompt": "another one"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["label"], "conversation");
+    assert!((answer["confidence"].as_f64().unwrap() - 0.8).abs() < 1e-6);
+    assert_eq!(answer.as_object().unwrap().len(), 3, "{answer}");
+    // With the turns before it, as the chat sends them.
+    let context = serde_json::json!([
+        {"role": "user", "text": "a fox in the snow", "kind": "text"},
+        {"role": "assistant", "text": "a fox in the snow", "kind": "image"},
+    ]);
+    let (status, answer) =
+        classify(serde_json::json!({"prompt": "another one", "context": context})).await;
+    assert_eq!(
+        (status, &answer["label"]),
+        (200, &Value::from("image_request"))
+    );
+    // Refused before the classifier runs: too many turns, an unknown kind.
+    let turn = serde_json::json!({"role": "user", "text": "hi", "kind": "text"});
+    let long = vec![turn; app::MAX_CONTEXT_TURNS + 1];
+    let (status, answer) = classify(serde_json::json!({"prompt": "x", "context": long})).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "validation");
+    let unknown = serde_json::json!([{"role": "assistant", "kind": "video"}]);
+    let (status, answer) = classify(serde_json::json!({"prompt": "x", "context": unknown})).await;
+    assert_eq!(status, 422, "{answer}");
+
+    // /openapi.json shows the optional context.
+    let doc: Value = reqwest::get(format!("{url}/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let request = &schemas["ClassifyRequest"];
+    assert!(request["properties"].get("context").is_some(), "{request}");
+    assert_eq!(
+        request["required"],
+        serde_json::json!(["prompt"]),
+        "{request}"
+    );
+    assert_eq!(
+        schemas["TurnKind"]["enum"],
+        serde_json::json!(["image", "text"]),
+        "{}",
+        schemas["TurnKind"]
+    );
 }

@@ -1,5 +1,5 @@
-//! The trained part of the classifier: a small network from a sentence embedding to one logit
-//! for "image request", plus the temperature that calibrates it.
+//! The trained part of the classifier: a small network from a sentence embedding and the context's
+//! features to one logit for "image request", plus the temperature that calibrates it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,15 +26,22 @@ pub struct Head {
 }
 
 impl Head {
-    /// The embedding width the head expects.
+    /// The input width the head expects: the embedding's, plus `CONTEXT_FEATURES` for a head that
+    /// reads the context.
     pub fn input_size(&self) -> Result<usize> {
         let w = self.hidden.as_ref().map_or(&self.out.0, |(w, _)| w);
         Ok(w.dim(1)?)
     }
 
-    /// Uncalibrated logits, `[n]`, for `[n, input_size]` embeddings.
-    pub fn logits(&self, embeddings: &Tensor) -> Result<Tensor> {
-        let mut x = embeddings.clone();
+    /// Uncalibrated logits, `[n]`, for `[n, width]` embeddings and their `[n, CONTEXT_FEATURES]`
+    /// context features. A head trained before the context existed takes the embedding alone and
+    /// ignores the context.
+    pub fn logits(&self, embeddings: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut x = if self.input_size()? == embeddings.dim(1)? {
+            embeddings.clone()
+        } else {
+            Tensor::cat(&[embeddings, context], 1)?
+        };
         if let Some((w, b)) = &self.hidden {
             x = x.matmul(&w.t()?)?.broadcast_add(b)?.gelu_erf()?;
         }
@@ -43,8 +50,8 @@ impl Head {
     }
 
     /// Calibrated probabilities that each embedded prompt is an image request.
-    pub fn image_probabilities(&self, embeddings: &Tensor) -> Result<Vec<f32>> {
-        let scaled = (self.logits(embeddings)? / self.temperature as f64)?;
+    pub fn image_probabilities(&self, embeddings: &Tensor, context: &Tensor) -> Result<Vec<f32>> {
+        let scaled = (self.logits(embeddings, context)? / self.temperature as f64)?;
         Ok(candle_nn::ops::sigmoid(&scaled)?.to_vec1::<f32>()?)
     }
 

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub f1_macro: f32,
     /// Expected calibration error: the count-weighted gap between confidence and accuracy.
     pub ece: f32,
+    /// The same over the prompts predicted `image_request` only: whether "image, 0.9" is right
+    /// 90% of the time.
+    pub ece_image_request: f32,
+    /// The same over the prompts predicted `conversation` only.
+    pub ece_conversation: f32,
     /// Mean negative log-likelihood of the true label.
     pub log_loss: f32,
     pub bins: Vec<ReliabilityBin>,
@@ -52,6 +57,18 @@ fn f1(precision: f32, recall: f32) -> f32 {
     }
 }
 
+/// ECE of (count, confidence sum, correct) bins.
+fn ece_of(bins: &[(usize, f64, usize)]) -> f32 {
+    let n: usize = bins.iter().map(|b| b.0).sum();
+    bins.iter()
+        .filter(|b| b.0 > 0)
+        .map(|&(count, conf_sum, correct)| {
+            let gap = conf_sum / count as f64 - correct as f64 / count as f64;
+            count as f64 / n as f64 * gap.abs()
+        })
+        .sum::<f64>() as f32
+}
+
 impl Metrics {
     /// `p_image[i]` is the predicted probability that example `i` is an image request and
     /// `targets[i]` is 1.0 when it is one.
@@ -59,6 +76,11 @@ impl Metrics {
         assert_eq!(p_image.len(), targets.len(), "one prediction per example");
         let mut confusion = [[0usize; 2]; 2];
         let mut sums = vec![(0usize, 0f64, 0usize); BINS];
+        // The same bins for each predicted label: [image_request, conversation].
+        let mut by_label = [
+            vec![(0usize, 0f64, 0usize); BINS],
+            vec![(0usize, 0f64, 0usize); BINS],
+        ];
         let mut log_loss = 0f64;
         for (&p, &y) in p_image.iter().zip(targets) {
             let truth = usize::from(y < 0.5); // 0 = image_request, 1 = conversation
@@ -69,10 +91,15 @@ impl Metrics {
             sums[bin].0 += 1;
             sums[bin].1 += f64::from(confidence);
             sums[bin].2 += usize::from(truth == predicted);
+            let own = &mut by_label[predicted][bin];
+            own.0 += 1;
+            own.1 += f64::from(confidence);
+            own.2 += usize::from(truth == predicted);
             let p_true = if truth == 0 { p } else { 1.0 - p };
             log_loss -= f64::from(p_true.max(1e-7)).ln();
         }
         let n = p_image.len();
+        let [ece_image_request, ece_conversation] = by_label.map(|bins| ece_of(&bins));
         let mut ece = 0f64;
         let bins = sums
             .iter()
@@ -110,6 +137,8 @@ impl Metrics {
             f1_conversation,
             f1_macro: (f1_image + f1_conversation) / 2.0,
             ece: ece as f32,
+            ece_image_request,
+            ece_conversation,
             log_loss: (log_loss / n.max(1) as f64) as f32,
             bins,
         }
@@ -132,8 +161,8 @@ impl fmt::Display for Metrics {
         writeln!(f, "  conversation      {fp:>13}  {tn:>12}")?;
         writeln!(
             f,
-            "calibration ECE {:.4}, log loss {:.4}",
-            self.ece, self.log_loss
+            "calibration ECE {:.4} (predicted image_request {:.4}, predicted conversation {:.4}), log loss {:.4}",
+            self.ece, self.ece_image_request, self.ece_conversation, self.log_loss
         )?;
         writeln!(f, "  confidence      count  mean conf  accuracy")?;
         for b in self.bins.iter().filter(|b| b.count > 0) {
@@ -163,6 +192,12 @@ mod tests {
         // the two lone misses, 0.1 for the pair of hits at 0.9.
         let expected_ece = (0.25 * 0.8) + (0.25 * 0.6) + (0.5 * 0.1);
         assert!((m.ece - expected_ece).abs() < 1e-5, "ece {}", m.ece);
+        // Predicted image: 0.9 right and 0.6 wrong, in two bins; predicted conversation: 0.8
+        // wrong and 0.9 right.
+        let image = 0.5 * 0.1 + 0.5 * 0.6;
+        let conversation = 0.5 * 0.8 + 0.5 * 0.1;
+        assert!((m.ece_image_request - image).abs() < 1e-5, "{m:?}");
+        assert!((m.ece_conversation - conversation).abs() < 1e-5, "{m:?}");
         assert_eq!(m.bins.iter().map(|b| b.count).sum::<usize>(), 4);
     }
 

@@ -1,6 +1,7 @@
 //! The engine's prompt classifier behind the server's `Classification` seam.
 
 use anyhow::{Context, Result};
+use app::ContextTurn;
 use candle_core::Device;
 use engine::classifier::{EncoderSource, PromptClassifier};
 
@@ -22,7 +23,7 @@ pub fn load(config: &ClassifierConfig) -> Result<PromptClassifier> {
 }
 
 impl Classification for PromptClassifier {
-    fn image_request_probability(&self, prompt: &str) -> Result<f32> {
-        PromptClassifier::image_request_probability(self, prompt)
+    fn image_request_probability(&self, prompt: &str, context: &[ContextTurn]) -> Result<f32> {
+        PromptClassifier::image_request_probability(self, prompt, context)
     }
 }

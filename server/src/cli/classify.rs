@@ -57,7 +57,9 @@ fn write_answers(
     out: &mut impl Write,
 ) -> Result<()> {
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let probabilities = classifier.image_request_probabilities(&prompts)?;
+    // Each line is a message judged alone, as `/classify/` judges one sent without context.
+    let probabilities =
+        classifier.image_request_probabilities(&prompts, &vec![None; prompts.len()])?;
     for (prompt, p) in prompts.into_iter().zip(probabilities) {
         let line = Line {
             prompt,

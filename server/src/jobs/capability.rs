@@ -148,8 +148,13 @@ pub struct Generated {
 
 /// Prompt classification: small, CPU-bound; runs on tokio's blocking pool, beside the worker.
 pub trait Classification: Send + Sync {
-    /// Probability (0..1) that the prompt asks for an image rather than conversation.
-    fn image_request_probability(&self, prompt: &str) -> anyhow::Result<f32>;
+    /// Probability (0..1) that the prompt asks for an image rather than conversation, given the turns
+    /// before it (oldest first; empty when the caller sent none).
+    fn image_request_probability(
+        &self,
+        prompt: &str,
+        context: &[app::ContextTurn],
+    ) -> anyhow::Result<f32>;
 }
 
 /// LoRA training, advanced one optimizer step at a time so the worker can serve generations in between.

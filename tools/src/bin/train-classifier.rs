@@ -1,9 +1,10 @@
-//! Trains the prompt classifier's head, evaluates it on the held-out test split and, with
-//! `--bench`, measures single-prompt latency. Run from the repository root:
+//! Trains the prompt classifier's head, evaluates it on the held-out sets (the generated test split
+//! and the hand-written one) and, with `--bench`, measures single-prompt latency. Run from the
+//! repository root:
 //!
 //! ```text
 //! cargo run --release -p tools --bin train-classifier            # train, evaluate, write the head
-//! cargo run --release -p tools --bin train-classifier -- --eval-only --bench 500
+//! cargo run --release -p tools --bin train-classifier -- --eval-only --bench 300
 //! ```
 
 use std::collections::BTreeMap;
@@ -14,13 +15,15 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use engine::classifier::{
-    finetune, fit_temperature, train_head, EncoderSource, EpochReport, Head, Metrics,
-    PromptClassifier, SentenceEncoder, Split, TrainConfig, TuneConfig, DEFAULT_DATA_DIR,
-    DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH,
+    context_tensor, EncoderSource, Example, Head, Metrics, PromptClassifier, SentenceEncoder,
+    Split, DEFAULT_DATA_DIR, DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH, HELD_OUT_SPLITS,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use tools::classifier_training::{
+    finetune, fit_temperature, train_head, EpochReport, Rows, Texts, TrainConfig, TuneConfig,
+};
 
 #[derive(Parser)]
 #[command(about = "Train and evaluate the prompt classifier's head")]
@@ -28,7 +31,7 @@ struct Args {
     /// Encoder folder, or a hub id (owner/name[@revision]) of a BERT-family checkpoint.
     #[arg(long, default_value = DEFAULT_ENCODER_DIR)]
     encoder: String,
-    /// Folder with train.jsonl and test.jsonl.
+    /// Folder with train.jsonl and the held-out test.jsonl and written-test.jsonl.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data: PathBuf,
     /// The head to write (or, with --eval-only, to read); its metadata goes next to it as .json.
@@ -73,7 +76,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = Device::Cpu;
     let source = EncoderSource::parse(&args.encoder)?;
-    let test = Split::load(&args.data.join("test.jsonl"))?;
+    let held_out = Split::load_held_out(&args.data)?;
 
     let trained = if args.eval_only {
         None
@@ -98,22 +101,35 @@ fn main() -> Result<()> {
         source.id(),
         started.elapsed()
     );
-    let test_x = embed(&args, &source, &encoder, &test, "test")?;
-    let test_p = head.image_probabilities(&test_x)?;
-    let metrics = Metrics::compute(&test_p, &test.targets());
+    let mut figures = Vec::new();
+    let mut all_p = Vec::new();
+    for (name, split) in &held_out {
+        let x = embed(&args, &source, &encoder, split, name)?;
+        let context = context_tensor(&split.last_answers(), &device)?;
+        let p = head.image_probabilities(&x, &context)?;
+        let metrics = Metrics::compute(&p, &split.targets());
+        println!("\n== held out: {}", args.data.join(name).display());
+        print!("{metrics}");
+        print_mistakes(split, &p);
+        all_p.extend(p);
+        figures.push((*name, metrics));
+    }
+    let all = Split::join(held_out.iter().map(|(_, s)| s));
+    let metrics = Metrics::compute(&all_p, &all.targets());
     println!(
-        "\n== held-out test split ({})",
-        args.data.join("test.jsonl").display()
+        "\n== all held-out prompts ({})",
+        HELD_OUT_SPLITS.join(" + ")
     );
     print!("{metrics}");
-    print_mistakes(&test, &test_p);
 
     if let Some((train, val, cfg)) = trained {
-        write_metadata(&args, &source, &train, &test, cfg, &head, &val, &metrics)?;
+        write_metadata(
+            &args, &source, &train, &held_out, cfg, &head, &val, &figures, &metrics,
+        )?;
         println!("\nwrote {}", args.head.display());
     }
     if let Some(n) = args.bench {
-        bench(PromptClassifier::from_parts(encoder, head)?, &test, n)?;
+        bench(PromptClassifier::from_parts(encoder, head)?, &all, n)?;
     }
     Ok(())
 }
@@ -155,7 +171,7 @@ fn embed(
 }
 
 /// Indices of the validation rows and of the rows to fit on. The validation rows are carved
-/// from train with their own seed, so the test split stays untouched.
+/// from train with their own seed, so the held-out sets stay untouched.
 fn carve(args: &Args, n: usize) -> (Vec<usize>, Vec<usize>) {
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut StdRng::seed_from_u64(args.seed ^ 0x5eed));
@@ -177,10 +193,16 @@ fn print_log(log: &[EpochReport], every: usize) {
 }
 
 /// Fits the temperature on the validation logits and reports validation metrics.
-fn calibrate(head: &mut Head, val_x: &Tensor, val_y: &[f32]) -> Result<Metrics> {
-    head.temperature = fit_temperature(&head.logits(val_x)?.to_vec1::<f32>()?, val_y);
+fn calibrate(
+    head: &mut Head,
+    val_x: &Tensor,
+    val_context: &Tensor,
+    val_y: &[f32],
+) -> Result<Metrics> {
+    let logits = head.logits(val_x, val_context)?.to_vec1::<f32>()?;
+    head.temperature = fit_temperature(&logits, val_y);
     println!("temperature fitted on validation: {:.3}", head.temperature);
-    let val = Metrics::compute(&head.image_probabilities(val_x)?, val_y);
+    let val = Metrics::compute(&head.image_probabilities(val_x, val_context)?, val_y);
     println!(
         "\n== validation split ({} rows carved from train)",
         val_y.len()
@@ -196,17 +218,20 @@ fn train_only_head(
     train: &Split,
 ) -> Result<(Head, Metrics, serde_json::Value)> {
     let x = embed(args, source, encoder, train, "train")?;
+    let context = context_tensor(&train.last_answers(), x.device())?;
     let targets = train.targets();
     let (val_idx, fit_idx) = carve(args, targets.len());
-    let pick = |idx: &[usize]| -> Result<(Tensor, Vec<f32>)> {
+    let pick = |idx: &[usize]| -> Result<(Tensor, Tensor, Vec<f32>)> {
         let rows: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), x.device())?;
         Ok((
-            x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?,
+            x.index_select(&rows, 0)?,
+            context.index_select(&rows, 0)?,
             idx.iter().map(|&i| targets[i]).collect(),
         ))
     };
-    let (fit_x, fit_y) = pick(&fit_idx)?;
-    let (val_x, val_y) = pick(&val_idx)?;
+    let (fit_x, fit_context, fit_y) = pick(&fit_idx)?;
+    let (val_x, val_context, val_y) = pick(&val_idx)?;
     let cfg = TrainConfig {
         hidden: args.hidden,
         epochs: args.epochs.unwrap_or(TrainConfig::default().epochs),
@@ -216,14 +241,26 @@ fn train_only_head(
         seed: args.seed,
     };
     let started = Instant::now();
-    let (mut head, log) = train_head(&fit_x, &fit_y, &val_x, &val_y, &cfg)?;
+    let (mut head, log) = train_head(
+        Rows {
+            x: &fit_x,
+            context: &fit_context,
+            targets: &fit_y,
+        },
+        Rows {
+            x: &val_x,
+            context: &val_context,
+            targets: &val_y,
+        },
+        &cfg,
+    )?;
     println!(
         "trained the head {} epochs in {:.1?}",
         cfg.epochs,
         started.elapsed()
     );
     print_log(&log, 5);
-    let val = calibrate(&mut head, &val_x, &val_y)?;
+    let val = calibrate(&mut head, &val_x, &val_context, &val_y)?;
     Ok((head, val, serde_json::to_value(&cfg)?))
 }
 
@@ -233,11 +270,14 @@ fn tune(
     train: &Split,
 ) -> Result<(Head, Metrics, serde_json::Value)> {
     let texts = train.texts();
+    let answers = train.last_answers();
     let targets = train.targets();
     let (val_idx, fit_idx) = carve(args, texts.len());
     let fit_texts: Vec<&str> = fit_idx.iter().map(|&i| texts[i]).collect();
+    let fit_answers: Vec<_> = fit_idx.iter().map(|&i| answers[i]).collect();
     let fit_y: Vec<f32> = fit_idx.iter().map(|&i| targets[i]).collect();
     let val_texts: Vec<&str> = val_idx.iter().map(|&i| texts[i]).collect();
+    let val_answers: Vec<_> = val_idx.iter().map(|&i| answers[i]).collect();
     let val_y: Vec<f32> = val_idx.iter().map(|&i| targets[i]).collect();
     let cfg = TuneConfig {
         layers: args.tune_layers,
@@ -250,7 +290,20 @@ fn tune(
         seed: args.seed,
     };
     let started = Instant::now();
-    let (mut head, log) = finetune(source, &fit_texts, &fit_y, &val_texts, &val_y, &cfg)?;
+    let (mut head, log) = finetune(
+        source,
+        Texts {
+            texts: &fit_texts,
+            last_answers: &fit_answers,
+            targets: &fit_y,
+        },
+        Texts {
+            texts: &val_texts,
+            last_answers: &val_answers,
+            targets: &val_y,
+        },
+        &cfg,
+    )?;
     println!(
         "fine-tuned {} encoder layers and the head, {} epochs, in {:.1?}",
         cfg.layers,
@@ -260,7 +313,8 @@ fn tune(
     print_log(&log, 1);
     let encoder = SentenceEncoder::load_with_top(source, &Device::Cpu, head.top.clone())?;
     let val_x = encoder.embed_all(&val_texts, 32)?;
-    let val = calibrate(&mut head, &val_x, &val_y)?;
+    let val_context = context_tensor(&val_answers, &Device::Cpu)?;
+    let val = calibrate(&mut head, &val_x, &val_context, &val_y)?;
     Ok((head, val, serde_json::to_value(&cfg)?))
 }
 
@@ -269,28 +323,34 @@ fn write_metadata(
     args: &Args,
     source: &EncoderSource,
     train: &Split,
-    test: &Split,
+    held_out: &[(&str, Split)],
     cfg: serde_json::Value,
     head: &Head,
     val: &Metrics,
-    test_metrics: &Metrics,
+    figures: &[(&str, Metrics)],
+    all: &Metrics,
 ) -> Result<()> {
     let width = head.input_size()?;
-    let meta = serde_json::json!({
+    let mut meta = serde_json::json!({
         "encoder": source.id(),
         "tuned_encoder_layers": args.tune_layers,
         "embedding": "mean pooling over attention-masked tokens, L2-normalised",
+        "context": "two 0/1 features beside the embedding: the last answer was an image, was text",
         "head": match &head.hidden {
             Some((w, _)) => format!("linear {width}x{0}, GELU, linear {0}x1", w.dim(0)?),
             None => format!("linear {width}x1"),
         },
         "temperature": head.temperature,
         "train": { "rows": train.examples.len(), "sha256": train.sha256 },
-        "test": { "rows": test.examples.len(), "sha256": test.sha256 },
         "config": cfg,
         "validation": val,
-        "test_metrics": test_metrics,
+        "held_out_metrics": all,
     });
+    for ((name, split), (_, metrics)) in held_out.iter().zip(figures) {
+        let key = name.trim_end_matches(".jsonl");
+        meta[key] = serde_json::json!({ "rows": split.examples.len(), "sha256": split.sha256 });
+        meta[format!("{key}_metrics")] = serde_json::to_value(metrics)?;
+    }
     let path = args.head.with_extension("json");
     std::fs::write(&path, serde_json::to_string_pretty(&meta)? + "\n")
         .with_context(|| format!("writing {}", path.display()))
@@ -312,38 +372,47 @@ fn print_mistakes(test: &Split, p_image: &[f32]) {
             correct as f64 * 100.0 / count as f64
         );
     }
-    let mut wrong: Vec<(f32, &str, f32)> = test
+    let mut wrong: Vec<(f32, &Example, f32)> = test
         .examples
         .iter()
         .zip(p_image)
         .zip(test.targets())
         .filter(|((_, &p), y)| (p > 0.5) != (*y > 0.5))
-        .map(|((e, &p), y)| ((p - y).abs(), e.text.as_str(), p))
+        .map(|((e, &p), y)| ((p - y).abs(), e, p))
         .collect();
     wrong.sort_by(|a, b| b.0.total_cmp(&a.0));
     println!("most confident mistakes ({} in all):", wrong.len());
-    for (_, text, p) in wrong.iter().take(15) {
-        println!("  p(image)={p:.3}  {text:?}");
+    for (_, e, p) in wrong.iter().take(15) {
+        let after = match app::last_answer(&e.context) {
+            Some(kind) => format!(" (after {kind:?})"),
+            None => String::new(),
+        };
+        println!("  p(image)={p:.3}  {:?}{after}", e.text);
     }
 }
 
 fn bench(classifier: PromptClassifier, test: &Split, n: usize) -> Result<()> {
     let n = n.max(1);
     let prompts = test.texts();
-    for prompt in prompts.iter().take(10) {
-        classifier.image_request_probability(prompt)?; // warm-up: first calls allocate and spin up threads
+    // Spread over the whole set, so that both held-out files (short chat lines and long prompts)
+    // are timed, each with its context as the chat sends it.
+    let step = (test.examples.len() / n).max(1);
+    let sample: Vec<_> = test.examples.iter().step_by(step).cycle().take(n).collect();
+    for e in sample.iter().take(10) {
+        // Warm-up: first calls allocate and spin up threads.
+        classifier.image_request_probability(&e.text, &e.context)?;
     }
     let mut times: Vec<Duration> = Vec::with_capacity(n);
-    for prompt in prompts.iter().cycle().take(n) {
+    for e in &sample {
         let started = Instant::now();
-        classifier.image_request_probability(prompt)?;
+        classifier.image_request_probability(&e.text, &e.context)?;
         times.push(started.elapsed());
     }
     times.sort();
     let pct = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
     println!(
-        "\n== latency, one prompt per call, {n} calls over test prompts ({} threads)",
+        "\n== latency, one prompt per call, {n} calls over held-out prompts ({} threads)",
         std::thread::available_parallelism().map_or(1, |p| p.get())
     );
     println!(
@@ -355,7 +424,7 @@ fn bench(classifier: PromptClassifier, test: &Split, n: usize) -> Result<()> {
         mean
     );
     let started = Instant::now();
-    classifier.image_request_probabilities(&prompts)?;
+    classifier.image_request_probabilities(&prompts, &test.last_answers())?;
     let elapsed = started.elapsed();
     println!(
         "batch: {} prompts in {:.2?} ({:.0} prompts/s)",

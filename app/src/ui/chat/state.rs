@@ -8,9 +8,12 @@ use super::socket::stream_generation;
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
-    ClassifyRequest, ClassifyResponse, GenerateRequest, HealthResponse, Label, LoraList,
-    ModelsResponse,
+    ClassifyRequest, ClassifyResponse, ContextTurn, GenerateRequest, HealthResponse, Label,
+    LoraList, ModelsResponse, TurnKind, TurnRole,
 };
+
+/// Turns sent with each message to `/classify/`: enough for it to know what the last answer was.
+const CONTEXT_TURNS: usize = 6;
 
 #[derive(Clone)]
 pub(super) enum Entry {
@@ -80,8 +83,34 @@ impl ChatState {
             .with_value(|owner| owner.with(|| RwSignal::new(value)))
     }
 
-    /// The user sent a message: classify it, then generate or reply.
+    /// The thread's last turns, oldest first, as `/classify/` takes them.
+    fn context(&self) -> Vec<ContextTurn> {
+        let turn = |role, text: &str, kind| ContextTurn {
+            role,
+            text: text.to_string(),
+            kind,
+        };
+        let thread = self.thread.get_untracked();
+        let mut turns: Vec<ContextTurn> = thread
+            .iter()
+            .filter_map(|item| match &item.entry {
+                Entry::User { text, .. } => Some(turn(TurnRole::User, text, TurnKind::Text)),
+                Entry::Reply(lines) => {
+                    Some(turn(TurnRole::Assistant, &lines.join("\n"), TurnKind::Text))
+                }
+                Entry::Generation { request, .. } => {
+                    Some(turn(TurnRole::Assistant, &request.prompt, TurnKind::Image))
+                }
+                Entry::Unclassified { .. } => None,
+            })
+            .collect();
+        turns.drain(..turns.len().saturating_sub(CONTEXT_TURNS));
+        turns
+    }
+
+    /// The user sent a message: classify it with the thread before it, then generate or reply.
     pub(super) fn send(self, text: String) {
+        let context = self.context();
         let verdict = self.signal(None);
         self.push(Entry::User {
             text: text.clone(),
@@ -92,6 +121,7 @@ impl ChatState {
                 "/classify/",
                 &ClassifyRequest {
                     prompt: text.clone(),
+                    context,
                 },
             )
             .await;

@@ -11,8 +11,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::encoder::{length_order, pool, EncoderSource, SentenceEncoder};
-use super::head::Head;
+use app::TurnKind;
+use engine::classifier::{
+    context_tensor, length_order, pool, EncoderSource, Head, SentenceEncoder, CONTEXT_FEATURES,
+};
+
 use super::top::TopLayers;
 use super::train::{bce_with_logits, new_head, snapshot, EpochReport};
 
@@ -30,54 +33,61 @@ pub struct TuneConfig {
     pub seed: u64,
 }
 
+/// Prompts with their conversations' last answers and 0/1 targets.
+#[derive(Clone, Copy)]
+pub struct Texts<'a> {
+    pub texts: &'a [&'a str],
+    pub last_answers: &'a [Option<TurnKind>],
+    pub targets: &'a [f32],
+}
+
 /// Bottom-layer outputs of one batch, kept for all epochs.
 struct Batch {
     hidden: Tensor,
     mask: Tensor,
+    context: Tensor,
     targets: Tensor,
 }
 
-fn cache(
-    encoder: &SentenceEncoder,
-    texts: &[&str],
-    targets: &[f32],
-    size: usize,
-) -> Result<Vec<Batch>> {
-    length_order(texts)
+fn cache(encoder: &SentenceEncoder, rows: Texts, size: usize) -> Result<Vec<Batch>> {
+    length_order(rows.texts)
         .chunks(size.max(1))
         .map(|chunk| {
-            let batch_texts: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
-            let batch_targets: Vec<f32> = chunk.iter().map(|&i| targets[i]).collect();
+            let batch_texts: Vec<&str> = chunk.iter().map(|&i| rows.texts[i]).collect();
+            let batch_answers: Vec<_> = chunk.iter().map(|&i| rows.last_answers[i]).collect();
+            let batch_targets: Vec<f32> = chunk.iter().map(|&i| rows.targets[i]).collect();
             let (hidden, mask) = encoder.bottom_states(&batch_texts)?;
             Ok(Batch {
                 hidden,
                 mask,
+                context: context_tensor(&batch_answers, encoder.device())?,
                 targets: Tensor::new(batch_targets.as_slice(), encoder.device())?,
             })
         })
         .collect()
 }
 
-/// Trains the last `cfg.layers` layers and a new head on `texts`; keeps the epoch with the
+/// Trains the last `cfg.layers` layers and a new head on `train`; keeps the epoch with the
 /// lowest validation loss. The returned head carries the tuned layers in `top`.
 pub fn finetune(
     source: &EncoderSource,
-    texts: &[&str],
-    targets: &[f32],
-    val_texts: &[&str],
-    val_targets: &[f32],
+    train: Texts,
+    val: Texts,
     cfg: &TuneConfig,
 ) -> Result<(Head, Vec<EpochReport>)> {
     ensure!(cfg.layers > 0, "fine-tuning needs at least one layer");
-    ensure!(
-        texts.len() == targets.len() && !texts.is_empty(),
-        "one target per text"
-    );
+    for rows in [&train, &val] {
+        ensure!(
+            rows.texts.len() == rows.targets.len() && rows.texts.len() == rows.last_answers.len(),
+            "one target and one last answer per text"
+        );
+    }
+    ensure!(!train.texts.is_empty(), "nothing to train on");
     let device = candle_core::Device::Cpu;
     let pretrained = SentenceEncoder::pretrained_top(source, &device, cfg.layers)?;
     let frozen = SentenceEncoder::load_with_top(source, &device, pretrained.clone())?;
-    let train_batches = cache(&frozen, texts, targets, cfg.batch_size)?;
-    let val_batches = cache(&frozen, val_texts, val_targets, 64)?;
+    let train_batches = cache(&frozen, train, cfg.batch_size)?;
+    let val_batches = cache(&frozen, val, 64)?;
 
     // Tensors that share storage with Vars: the layers built on them train in place.
     let top_vars: HashMap<String, Var> = pretrained
@@ -90,7 +100,12 @@ pub fn finetune(
         .collect();
     let top = TopLayers::new(top_tensors.clone(), cfg.layers, frozen.config())?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let (head_vars, mut live) = new_head(frozen.hidden_size(), cfg.hidden, &mut rng, &device)?;
+    let (head_vars, mut live) = new_head(
+        frozen.hidden_size() + CONTEXT_FEATURES,
+        cfg.hidden,
+        &mut rng,
+        &device,
+    )?;
     live.top = top_tensors;
     // Vars are sorted by name so that the optimiser's state, and so the run, is reproducible.
     let mut names: Vec<&String> = top_vars.keys().collect();
@@ -112,7 +127,10 @@ pub fn finetune(
         },
     )?;
     let logits = |b: &Batch| -> Result<Tensor> {
-        live.logits(&pool(&top.forward(&b.hidden, &b.mask)?, &b.mask)?)
+        live.logits(
+            &pool(&top.forward(&b.hidden, &b.mask)?, &b.mask)?,
+            &b.context,
+        )
     };
 
     let mut order: Vec<usize> = (0..train_batches.len()).collect();
@@ -141,10 +159,10 @@ pub fn finetune(
                 .filter(|(z, t)| (**z > 0.0) == (**t > 0.5))
                 .count();
         }
-        let n_val = val_targets.len().max(1) as f32;
+        let n_val = val.targets.len().max(1) as f32;
         log.push(EpochReport {
             epoch,
-            train_loss: loss_sum / texts.len() as f32,
+            train_loss: loss_sum / train.texts.len() as f32,
             val_loss: val_loss / n_val,
             val_accuracy: correct as f32 / n_val,
         });

@@ -9,7 +9,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-use super::head::Head;
+use engine::classifier::{Head, CONTEXT_FEATURES};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
@@ -37,7 +37,7 @@ impl Default for TrainConfig {
 
 /// Mean binary cross-entropy from logits, written as max(z, 0) - z*y + ln(1 + e^-|z|) so that
 /// large logits neither overflow nor take the log of zero.
-pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub(super) fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let softplus = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
     let loss = ((logits.relu()? - (logits * targets)?)? + softplus)?;
     Ok(loss.mean_all()?)
@@ -64,20 +64,26 @@ pub struct EpochReport {
     pub val_accuracy: f32,
 }
 
-/// Trains a head on `[n, d]` embeddings with 0/1 `targets`, keeping the weights of the epoch
-/// with the lowest validation loss. Returns the head (temperature 1) and the per-epoch log.
-pub fn train_head(
-    x: &Tensor,
-    targets: &[f32],
-    val_x: &Tensor,
-    val_targets: &[f32],
-    cfg: &TrainConfig,
-) -> Result<(Head, Vec<EpochReport>)> {
+/// Embeddings with their context features (`[n, d]` and `[n, CONTEXT_FEATURES]`) and 0/1 targets.
+pub struct Rows<'a> {
+    pub x: &'a Tensor,
+    pub context: &'a Tensor,
+    pub targets: &'a [f32],
+}
+
+/// Trains a head on embeddings and context features, keeping the weights of the epoch with the
+/// lowest validation loss. Returns the head (temperature 1) and the per-epoch log.
+pub fn train_head(train: Rows, val: Rows, cfg: &TrainConfig) -> Result<(Head, Vec<EpochReport>)> {
+    let Rows {
+        x,
+        context,
+        targets,
+    } = train;
     let (n, d) = x.dims2()?;
     ensure!(n == targets.len() && n > 0, "one target per embedding");
     let device = x.device();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let (vars, live) = new_head(d, cfg.hidden, &mut rng, device)?;
+    let (vars, live) = new_head(d + CONTEXT_FEATURES, cfg.hidden, &mut rng, device)?;
     let mut opt = AdamW::new(
         vars,
         ParamsAdamW {
@@ -87,6 +93,7 @@ pub fn train_head(
         },
     )?;
     let y = Tensor::new(targets, device)?;
+    let val_targets = val.targets;
     let val_y = Tensor::new(val_targets, device)?;
     let mut order: Vec<u32> = (0..n as u32).collect();
     let mut best: Option<(f32, Head)> = None;
@@ -96,12 +103,12 @@ pub fn train_head(
         let mut loss_sum = 0f32;
         for batch in order.chunks(cfg.batch_size.max(1)) {
             let idx = Tensor::new(batch, device)?;
-            let logits = live.logits(&x.index_select(&idx, 0)?)?;
+            let logits = live.logits(&x.index_select(&idx, 0)?, &context.index_select(&idx, 0)?)?;
             let loss = bce_with_logits(&logits, &y.index_select(&idx, 0)?)?;
             opt.backward_step(&loss)?;
             loss_sum += loss.to_scalar::<f32>()? * batch.len() as f32;
         }
-        let val_logits = live.logits(val_x)?;
+        let val_logits = live.logits(val.x, val.context)?;
         let val_loss = bce_with_logits(&val_logits, &val_y)?.to_scalar::<f32>()?;
         let correct = val_logits
             .to_vec1::<f32>()?
@@ -125,7 +132,7 @@ pub fn train_head(
 
 /// A freshly initialised head: its trainable Vars, and a Head whose tensors share their storage,
 /// so that it always computes with the current weights and gradients flow through it.
-pub(crate) fn new_head(
+pub(super) fn new_head(
     input: usize,
     hidden: usize,
     rng: &mut StdRng,
@@ -160,7 +167,7 @@ pub(crate) fn new_head(
 }
 
 /// Copies the live weights out of the Vars' shared storage.
-pub(crate) fn snapshot(head: &Head) -> Result<Head> {
+pub(super) fn snapshot(head: &Head) -> Result<Head> {
     Ok(Head {
         top: head
             .top
@@ -241,9 +248,15 @@ mod tests {
             learning_rate: 0.05,
             ..Default::default()
         };
-        let (head, log) = train_head(&x, &y, &x, &y, &cfg)?;
+        let context = Tensor::zeros((4, CONTEXT_FEATURES), DType::F32, &Device::Cpu)?;
+        let rows = || Rows {
+            x: &x,
+            context: &context,
+            targets: &y,
+        };
+        let (head, log) = train_head(rows(), rows(), &cfg)?;
         assert!(log.last().unwrap().val_accuracy == 1.0);
-        let p = head.image_probabilities(&x)?;
+        let p = head.image_probabilities(&x, &context)?;
         assert!(p[0] > 0.9 && p[2] < 0.1, "{p:?}");
         Ok(())
     }
