@@ -19,6 +19,9 @@ pub struct Preset {
     pub height: usize,
     /// The LoRA applied when a request names none (`"lora": "none"` turns it off).
     pub lora: Option<PresetLora>,
+    /// The GPU memory (bytes) the model's memory plan may use when `--gpu-memory` is not given: `None`
+    /// lets it use what the GPU has free when the model loads (docs/memory.md).
+    pub gpu_memory: Option<u64>,
 }
 
 /// A preset's own LoRA.
@@ -77,6 +80,7 @@ pub static PRESETS: &[Preset] = &[
             scale: 1.0,
             trigger_words: &["Super Realism"],
         }),
+        gpu_memory: None,
     },
     Preset {
         name: FLUX_SCHNELL,
@@ -89,6 +93,7 @@ pub static PRESETS: &[Preset] = &[
         width: 1024,
         height: 1024,
         lora: None,
+        gpu_memory: None,
     },
     Preset {
         name: BUILTIN_EMOJI,
@@ -103,6 +108,7 @@ pub static PRESETS: &[Preset] = &[
         width: 64,
         height: 64,
         lora: None,
+        gpu_memory: None,
     },
     Preset {
         name: FLUX_TINY,
@@ -115,6 +121,7 @@ pub static PRESETS: &[Preset] = &[
         width: 64,
         height: 64,
         lora: None,
+        gpu_memory: None,
     },
 ];
 

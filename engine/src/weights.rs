@@ -96,6 +96,30 @@ pub fn missing_safetensors(dir: &Path) -> Vec<String> {
     }
 }
 
+/// The number of weights in a checkpoint (a file, or a folder's safetensors files), from the headers
+/// alone: what the memory plan counts bytes from.
+pub fn parameter_count(path: &Path) -> Result<u64> {
+    use std::io::Read;
+    let mut total = 0u64;
+    for file in safetensors_files(path)? {
+        check_header(&file)?;
+        let mut f = std::fs::File::open(&file)?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n)?;
+        let mut header = vec![0u8; u64::from_le_bytes(n) as usize];
+        f.read_exact(&mut header)?;
+        let json: serde_json::Value = serde_json::from_slice(&header)?;
+        total += json
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.get("shape")?.as_array())
+            .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// Memory-maps the checkpoint; tensors are converted to `dtype` on `device` as they are read.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let files = safetensors_files(path)?;

@@ -26,6 +26,8 @@ fn options(dir: &Path) -> LoadOptions {
         t5_max_len: builtin::TEXT_TOKENS,
         text_encoder_dir: repo_root().join(engine::classifier::DEFAULT_ENCODER_DIR),
         kernels: engine::ops::Kernels::Plain,
+        weights: None,
+        memory: Default::default(),
     }
 }
 

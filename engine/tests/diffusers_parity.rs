@@ -246,6 +246,8 @@ fn four_step_pipeline_matches_diffusers() {
         t5_max_len: meta["max_sequence_length"].as_u64().unwrap() as usize,
         text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
         kernels: engine::ops::Kernels::Plain,
+        weights: None,
+        memory: Default::default(),
     };
     let pipe = FluxPipeline::load_dir(&tiny_dev(), &opts, &Device::Cpu).unwrap();
     let (txt, pooled) = pipe

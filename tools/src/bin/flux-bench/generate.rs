@@ -36,6 +36,8 @@ pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
         t5_max_len: t5_len,
         text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
         kernels,
+        weights: None,
+        memory: Default::default(),
     };
     let t0 = Instant::now();
     let pipe = FluxPipeline::load_dir(model, &opts, device)?;
