@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
-use app::{AppliedLora, GenerateRequest, PresetInfo};
+use app::{AppliedLora, ErrorCode, GenerateRequest, PresetInfo};
 use engine::hub::DownloadProgress;
 use engine::lora::{self, FailedLora, LoraCache, LoraSource, LoraSpec, LoraStack};
 use engine::pipeline::{self, FluxPipeline, GenerateParams};
@@ -66,7 +66,7 @@ impl FluxGeneration {
         let loras = LoraCache::new(&device, engine::device::compute_dtype(&device));
         Ok(Self {
             default_preset,
-            resident: Arc::new(ResidentModel::new(device, local, loader)),
+            resident: Arc::new(ResidentModel::new(device, config.gpu_memory, local, loader)),
             lora_dir,
             loras,
         })
@@ -183,12 +183,22 @@ impl Generation for FluxGeneration {
                 id: p.name.to_string(),
                 description: p.title.to_string(),
                 state: self.resident.state(p),
+                memory_plan: self
+                    .resident
+                    .memory_plan(p)
+                    .map(|plan| resident_model::plan_info(&plan)),
             })
             .collect()
     }
 
     fn default_preset(&self) -> String {
         self.default_preset.name.to_string()
+    }
+
+    fn memory_plan(&self) -> Option<app::MemoryPlanInfo> {
+        self.resident
+            .loaded_plan()
+            .map(|plan| resident_model::plan_info(&plan))
     }
 
     fn plan(&self, r: &GenerateRequest, lora: LoraChoice) -> Result<GenerationPlan, String> {
@@ -199,11 +209,19 @@ impl Generation for FluxGeneration {
         };
         let lora_scale = r.lora_scale.unwrap_or(1.0);
         let specs = self.lora_specs(preset, &lora, lora_scale)?;
+        let width = r.width.unwrap_or(preset.width as u32);
+        let height = r.height.unwrap_or(preset.height as u32);
+        // A loaded model's plan refuses a size that cannot fit before the job is queued; a model not
+        // yet loaded refuses it when its job loads it.
+        if let Some(plan) = self.resident.memory_plan(preset) {
+            plan.fit(width as usize, height as usize)
+                .map_err(|e| e.to_string())?;
+        }
         Ok(GenerationPlan {
             model: preset.name.to_string(),
             prompt: lora::prompt_with_trigger_words(&r.prompt, &specs),
-            width: r.width.unwrap_or(preset.width as u32),
-            height: r.height.unwrap_or(preset.height as u32),
+            width,
+            height,
             steps: r.steps.unwrap_or(preset.steps as u32),
             guidance: r.guidance.unwrap_or(preset.guidance as f32),
             seed: r.seed.unwrap_or_default(),
@@ -257,12 +275,30 @@ impl Generation for FluxGeneration {
             }
         });
         pipe.set_loras(&[])?;
-        let out = out?;
+        let out = out.map_err(|err| {
+            if JobFailure::is_out_of_memory(&err) {
+                // What this job left cached goes; the next job encodes its prompt afresh.
+                pipe.free_caches();
+            }
+            size_refusal(err)
+        })?;
         Ok(Generated {
             image: out.image,
             seed: out.seed,
             loras: applied,
         })
+    }
+}
+
+/// A size the memory plan cannot fit, found when the job loaded the model: the request's fault (422),
+/// with the plan's reason and the setting to change.
+fn size_refusal(err: anyhow::Error) -> anyhow::Error {
+    match err.downcast_ref::<engine::memory::NoFit>() {
+        Some(no_fit) => anyhow::Error::new(JobFailure {
+            code: ErrorCode::Validation,
+            message: no_fit.to_string(),
+        }),
+        None => err,
     }
 }
 
