@@ -131,6 +131,11 @@ async fn the_plan_shows_in_models_and_health_and_a_size_beyond_it_is_refused_bef
         .iter()
         .filter(|p| p.id != "flux-tiny")
         .all(|p| p.memory_plan.is_none()));
+    let doc = get(&http, &format!("{url}/openapi.json")).await;
+    let schemas = &doc["components"]["schemas"];
+    for name in ["MemoryPlanInfo", "MemoryPart", "PartPlacement"] {
+        assert!(schemas.get(name).is_some(), "/openapi.json lacks {name}");
+    }
     let health: app::HealthResponse =
         serde_json::from_value(get(&http, &format!("{url}/health")).await).unwrap();
     assert_eq!(health.memory_plan, Some(plan.clone()));
