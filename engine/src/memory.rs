@@ -441,9 +441,13 @@ impl MemoryPlan {
     }
 }
 
-/// Bytes as GiB with one decimal.
+/// Bytes as GiB with one decimal (MiB below 1 GiB).
 pub fn gib(bytes: u64) -> String {
-    format!("{:.1} GiB", bytes as f64 / GIB)
+    if bytes < 1 << 30 {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} GiB", bytes as f64 / GIB)
+    }
 }
 
 /// `16G`, `16GiB`, `12000M`, `8g`: a memory size (powers of 1024).

@@ -168,3 +168,32 @@ async fn the_plan_shows_in_models_and_health_and_a_size_beyond_it_is_refused_bef
     assert_eq!(jobs_before, jobs_after, "nothing was queued");
     running.jobs.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_fits_in_no_arrangement_fails_its_job_with_503_and_the_setting_to_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path());
+    config.preset = Some("flux-tiny".into());
+    config.device = engine::device::DeviceChoice::Cpu;
+    config.gpu_memory = Some(1 << 20);
+    let caps = server::capabilities::from_config(&config).unwrap();
+    let running = server::start(&config, caps).await.unwrap();
+    let url = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let (status, failed) = post(
+        &http,
+        &format!("{url}/generate/"),
+        json!({"prompt": "a fox", "seed": 3, "steps": 1}),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&failed.to_string())),
+        (503, "unavailable".into()),
+        "{failed}"
+    );
+    let message = failed["error"]["message"].as_str().unwrap();
+    assert!(message.contains("STUDIO_GPU_MEMORY"), "{message}");
+    let health = get(&http, &format!("{url}/health")).await;
+    assert_eq!(health["status"], "ok");
+    running.jobs.shutdown();
+}

@@ -237,7 +237,11 @@ impl Generation for FluxGeneration {
     ) -> Result<Generated> {
         let preset = presets::find(&plan.model)
             .ok_or_else(|| anyhow::anyhow!("unknown model `{}`", plan.model))?;
-        let pipe = self.resident.pipeline(preset)?;
+        // A model that fits in no arrangement of the memory plan is the server's setting, not the request's.
+        let pipe = self
+            .resident
+            .pipeline(preset)
+            .map_err(|err| plan_refusal(err, ErrorCode::Unavailable))?;
         let specs = self
             .lora_specs(preset, &plan.lora, plan.lora_scale)
             .map_err(anyhow::Error::msg)?;
@@ -280,7 +284,7 @@ impl Generation for FluxGeneration {
                 // What this job left cached goes; the next job encodes its prompt afresh.
                 pipe.free_caches();
             }
-            size_refusal(err)
+            plan_refusal(err, ErrorCode::Validation)
         })?;
         Ok(Generated {
             image: out.image,
@@ -290,12 +294,15 @@ impl Generation for FluxGeneration {
     }
 }
 
-/// A size the memory plan cannot fit, found when the job loaded the model: the request's fault (422),
-/// with the plan's reason and the setting to change.
-fn size_refusal(err: anyhow::Error) -> anyhow::Error {
-    match err.downcast_ref::<engine::memory::NoFit>() {
+/// What the memory plan refused, with its reason and the setting to change, under `code`: a size it
+/// cannot fit, found once the job loaded the model (422), or a model that fits in no arrangement (503).
+fn plan_refusal(err: anyhow::Error, code: ErrorCode) -> anyhow::Error {
+    match err
+        .chain()
+        .find_map(|c| c.downcast_ref::<engine::memory::NoFit>())
+    {
         Some(no_fit) => anyhow::Error::new(JobFailure {
-            code: ErrorCode::Validation,
+            code,
             message: no_fit.to_string(),
         }),
         None => err,
