@@ -337,9 +337,8 @@ pub struct FluxPipeline {
     text: Mutex<Option<TextEncoders>>,
     dir: PathBuf,
     text_spec: TextSpec,
-    /// Where the text encoders run (the CPU when the memory plan puts them there) and in which dtype.
+    /// Where the text encoders run: the CPU when the memory plan puts them there.
     text_device: Device,
-    text_dtype: DType,
     prompts: Mutex<PromptCache>,
     /// Prompts the text encoders have encoded (cache misses).
     encodings: AtomicUsize,
@@ -483,21 +482,17 @@ impl FluxPipeline {
                 )?)),
             )
         };
-        let (text_device, text_dtype) = if plan.text_encoders_on_cpu() {
-            (Device::Cpu, dtype)
+        // On the CPU they keep the compute dtype: bf16 halves T5-XXL's host memory.
+        let text_device = if plan.text_encoders_on_cpu() {
+            Device::Cpu
         } else {
-            (device.clone(), dtype)
+            device.clone()
         };
         // Encoders that leave the GPU after each prompt come in with the first one.
         let text = if plan.text_encoders_leave() {
             None
         } else {
-            Some(TextEncoders::load(
-                dir,
-                &text_spec,
-                text_dtype,
-                &text_device,
-            )?)
+            Some(TextEncoders::load(dir, &text_spec, dtype, &text_device)?)
         };
         let schedule: ScheduleConfig =
             serde_json::from_value(read_json(&dir.join("scheduler/scheduler_config.json"))?)
@@ -509,7 +504,6 @@ impl FluxPipeline {
             dir: dir.to_path_buf(),
             text_spec,
             text_device,
-            text_dtype,
             prompts: Mutex::new(PromptCache {
                 entries: VecDeque::new(),
             }),
@@ -545,6 +539,7 @@ impl FluxPipeline {
             Some(file) => file.clone(),
             None => dir.join("transformer"),
         };
+        // A lone BFL file without the folder's config: FLUX.1's hidden size, every released FLUX.1's.
         let hidden = match read_json(&dir.join("transformer/config.json")) {
             Ok(json) => FluxConfig::from_diffusers_json(&json)?.hidden_size,
             Err(_) => FluxConfig::dev().hidden_size,
@@ -682,7 +677,7 @@ impl FluxPipeline {
             *text = Some(TextEncoders::load(
                 &self.dir,
                 &self.text_spec,
-                self.text_dtype,
+                self.dtype,
                 &self.text_device,
             )?);
         }
