@@ -67,6 +67,8 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         t5_max_len: TEXT_TOKENS,
         text_encoder_dir: a.text_encoder.clone(),
         kernels: Kernels::default(),
+        weights: None,
+        memory: Default::default(),
     };
     let pipe = FluxPipeline::load_dir(&a.model, &opts, &Device::Cpu)?;
     let held: Vec<usize> = (0..n).filter(|&i| entries[i].held_out).collect();

@@ -116,6 +116,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         t5_max_len: TEXT_TOKENS,
         text_encoder_dir: a.text_encoder.clone(),
         kernels: Kernels::default(),
+        weights: None,
+        memory: Default::default(),
     };
     let pipe = Arc::new(FluxPipeline::load_dir_trainable(
         &model_dir, &opts, &a.device,
