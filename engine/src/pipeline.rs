@@ -614,6 +614,15 @@ impl FluxPipeline {
         &self.memory
     }
 
+    /// Whether the text encoders are in memory now (a plan whose encoders leave the GPU frees them after
+    /// each prompt).
+    pub fn text_encoders_loaded(&self) -> bool {
+        self.text
+            .lock()
+            .expect("text encoder lock poisoned")
+            .is_some()
+    }
+
     /// How many prompts the text encoders have encoded: the prompt cache answers the others.
     pub fn prompt_encodings(&self) -> usize {
         self.encodings.load(Ordering::Relaxed)

@@ -2,6 +2,7 @@
 //! refused before any work, models refused at load, and the tiled decode.
 
 use candle_core::Device;
+use engine::memory::{Placement, HEADROOM};
 use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions, MemoryOptions};
 use image::RgbImage;
 use std::sync::Arc;
@@ -49,6 +50,51 @@ fn a_regeneration_or_a_new_seed_skips_the_text_encoders_and_gives_the_same_image
     assert_eq!(run(&fresh, &params("a fox", 7)), first);
     run(&pipe, &params("a hen", 7));
     assert_eq!(pipe.prompt_encodings(), 2);
+}
+
+#[test]
+fn a_budget_short_of_resident_encoders_loads_them_for_each_new_prompt_and_frees_them() {
+    // At this size a step, not the decode, sets the peak, so no tiling closes the gap.
+    let size = (64, 48);
+    let whole = tiny_with(MemoryOptions {
+        size,
+        ..MemoryOptions::default()
+    })
+    .unwrap();
+    assert!(whole.text_encoders_loaded());
+    let plan = whole.memory_plan();
+    assert!(plan
+        .parts
+        .iter()
+        .all(|p| p.placement == Placement::Resident));
+    // Half the text encoders' bytes short of what everything resident needs at that size.
+    let encoders: u64 = plan
+        .parts
+        .iter()
+        .filter(|p| p.part.is_text_encoder())
+        .map(|p| p.bytes)
+        .sum();
+    let usable = plan.at_reference.peak - encoders / 2;
+    let budget = (usable as f64 / (1.0 - HEADROOM)).ceil() as u64;
+    let pipe = tiny_with(MemoryOptions {
+        gpu_memory: Some(budget),
+        size,
+        ..MemoryOptions::default()
+    })
+    .unwrap();
+    assert!(
+        pipe.memory_plan().text_encoders_leave(),
+        "{}",
+        pipe.memory_plan().summary()
+    );
+    assert!(
+        !pipe.text_encoders_loaded(),
+        "they come with the first prompt"
+    );
+    let image = run(&pipe, &params("a fox", 7));
+    assert!(!pipe.text_encoders_loaded(), "and leave after it");
+    assert_eq!(pipe.prompt_encodings(), 1);
+    assert_eq!(image, run(&whole, &params("a fox", 7)));
 }
 
 #[test]
