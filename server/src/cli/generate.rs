@@ -112,8 +112,8 @@ pub fn run(a: Args) -> Result<()> {
     });
     let specs = lora_specs(preset, &a.loras)?;
     let prompt = lora::prompt_with_trigger_words(&a.prompt, &specs);
+    // The load logs the memory plan it chose.
     let pipe = FluxPipeline::load(&opts, &device, progress.clone())?;
-    eprintln!("memory plan: {}", pipe.memory_plan().summary());
     let cache = LoraCache::new(&device, pipe.dtype());
     let loras = LoraStack::load(&cache, specs, progress)?;
     for (spec, file) in loras.iter() {
