@@ -23,6 +23,54 @@ pub struct PresetInfo {
     pub description: String,
     #[serde(flatten)]
     pub state: ModelState,
+    /// The memory plan it was loaded with: present while it is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_plan: Option<MemoryPlanInfo>,
+}
+
+/// Where a part of a model lives under its memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PartPlacement {
+    /// On the GPU all the time.
+    Resident,
+    /// On the GPU only while it runs (text encoders, for a prompt not in the prompt cache).
+    WhileRunning,
+    /// In host memory, computed by the CPU.
+    Cpu,
+}
+
+/// One part of a model in its memory plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MemoryPart {
+    /// `transformer`, `T5`, `CLIP`, `MiniLM` or `autoencoder`.
+    pub part: String,
+    pub placement: PartPlacement,
+    /// The weights' format: `bf16` (the compute dtype), `fp8`, `q8_0`, `q6_k`, `q5_k`, `q4_k`, `q4_0`.
+    pub format: String,
+    pub params: u64,
+    /// Its weights' bytes, on the GPU (in host memory when placed on the CPU).
+    pub bytes: u64,
+}
+
+/// A loaded model's memory plan: chosen at load from the GPU memory it may use (docs/memory.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MemoryPlanInfo {
+    /// The GPU memory the plan may use, in bytes (`--gpu-memory`, else the GPU's free memory at load);
+    /// null when there is no limit (a CPU with no cap).
+    pub budget_bytes: Option<u64>,
+    pub parts: Vec<MemoryPart>,
+    /// The size the plan was chosen for (the preset's default).
+    pub width: u32,
+    pub height: u32,
+    /// The estimated GPU peak at that size, in bytes.
+    pub peak_bytes: u64,
+    /// Whether that size decodes in tiles (a whole decode does not fit).
+    pub tiled_decode: bool,
+    /// The largest square side that fits; larger requests are refused with 422.
+    pub max_side: u32,
+    /// The plan in one line, as the server log shows it.
+    pub summary: String,
 }
 
 /// `GET /models/` answer.
@@ -79,4 +127,7 @@ pub struct HealthResponse {
     /// The server process's resident memory, where the OS reports it (Linux).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss_bytes: Option<u64>,
+    /// The loaded model's memory plan; absent while no model is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_plan: Option<MemoryPlanInfo>,
 }

@@ -77,6 +77,33 @@ fn new_cuda() -> candle_core::Result<Device> {
     Ok(device)
 }
 
+/// The device's free memory in bytes, for the memory plan: CUDA's count once the memory candle's pool
+/// keeps for reuse is handed back (it is the previous model's, free for the next). `None` on the CPU.
+pub fn free_memory(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        let stream = cuda.cuda_stream();
+        stream
+            .synchronize()
+            .map_err(|e| anyhow::anyhow!("synchronising the GPU: {e:?}"))?;
+        // SAFETY: the device handle comes from the live context; trimming frees only unused pool memory.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(stream.context().cu_device())
+                .map_err(|e| anyhow::anyhow!("reading the GPU's memory pool: {e:?}"))?;
+            result::mem_pool::trim_to(pool, 0)
+                .map_err(|e| anyhow::anyhow!("trimming the GPU's memory pool: {e:?}"))?;
+        }
+        let (free, _total) = stream
+            .context()
+            .mem_get_info()
+            .map_err(|e| anyhow::anyhow!("reading the GPU's free memory: {e:?}"))?;
+        return Ok(Some(free as u64));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// bf16 on the GPU (FLUX's native precision); f32 on the CPU, where bf16 matmuls are slow and
 /// the small models we run there are cheap.
 pub fn compute_dtype(device: &Device) -> DType {

@@ -8,6 +8,7 @@ pub mod hub;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod lora;
+pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod pipeline;

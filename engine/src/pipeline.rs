@@ -3,7 +3,8 @@
 
 use crate::hub::{Hub, ProgressFn, Source, Wanted};
 use crate::lora::LoraFile;
-use crate::models::autoencoder::Autoencoder;
+use crate::memory::{self, ActivationShape, MemoryPlan, ModelMemory, Part};
+use crate::models::autoencoder::{Autoencoder, Tiling};
 use crate::models::codec::ImageCodec;
 use crate::models::flux::{self, FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
 use crate::models::minilm::MiniLmPrompt;
@@ -17,7 +18,9 @@ use crate::weights::WeightFormat;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use image::RgbImage;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -138,9 +141,37 @@ pub struct LoadOptions {
     pub text_encoder_dir: PathBuf,
     /// The path of the models' ops: fused kernels where the build and the device have them.
     pub kernels: Kernels,
-    /// The format the transformer's linear layers are held in: `None` keeps the checkpoint's
-    /// (bf16, fp8 or GGUF as stored); another is made from it on load.
+    /// The format the transformer's linear layers are held in when the user chose one (made from
+    /// the checkpoint on load); otherwise the memory plan chooses, keeping a quantized checkpoint's own.
     pub weights: Option<WeightFormat>,
+    /// What the memory plan is chosen from.
+    pub memory: MemoryOptions,
+}
+
+/// What a model's memory plan ([`crate::memory`]) is chosen from, beside its parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryOptions {
+    /// The most GPU memory the model may use (`--gpu-memory`): the GPU's free memory when the model
+    /// loads if less, or alone when not set. On a CPU only a set cap limits the plan.
+    pub gpu_memory: Option<u64>,
+    /// The image size (width, height) the plan is chosen for: the preset's default.
+    pub size: (usize, usize),
+    /// Decode in tiles always (`Some(true)`) or never (`Some(false)`); when `None` the plan decides
+    /// for each size (tiles when a whole decode does not fit).
+    pub tiled_decode: Option<bool>,
+    /// The tiles' side in pixels.
+    pub tile_pixels: usize,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self {
+            gpu_memory: None,
+            size: (1024, 1024),
+            tiled_decode: None,
+            tile_pixels: memory::TILE_PIXELS,
+        }
+    }
 }
 
 impl LoadOptions {
@@ -152,6 +183,11 @@ impl LoadOptions {
             text_encoder_dir: PathBuf::from(crate::classifier::DEFAULT_ENCODER_DIR),
             kernels: Kernels::default(),
             weights: None,
+            memory: MemoryOptions {
+                gpu_memory: p.gpu_memory,
+                size: (p.width, p.height),
+                ..MemoryOptions::default()
+            },
         }
     }
 }
@@ -272,6 +308,24 @@ enum TextEncoders {
 }
 
 impl TextEncoders {
+    /// The parts and parameter counts of these encoders' checkpoints.
+    fn parameters(dir: &Path, spec: &TextSpec) -> Result<Vec<(Part, u64)>> {
+        let count = |part: Part, path: &Path| -> Result<(Part, u64)> {
+            let n = crate::weights::parameter_count(path)
+                .with_context(|| format!("counting the {part}'s weights"))?;
+            Ok((part, n))
+        };
+        match spec {
+            TextSpec::Flux { .. } => Ok(vec![
+                count(Part::T5, &dir.join("text_encoder_2"))?,
+                count(Part::Clip, &dir.join("text_encoder"))?,
+            ]),
+            TextSpec::MiniLm { dir, .. } => Ok(vec![count(Part::MiniLm, dir).context(
+                "this model reads prompts with MiniLM: run scripts/fetch-models to install it",
+            )?]),
+        }
+    }
+
     fn load(dir: &Path, spec: &TextSpec, dtype: DType, device: &Device) -> Result<Self> {
         match spec {
             TextSpec::Flux { t5_max_len } => {
@@ -309,12 +363,45 @@ impl TextEncoders {
     }
 }
 
+/// Prompt encodings by prompt, most recently used last: a regeneration or a new seed skips the text
+/// encoders. Each entry is small (T5's 512 states of 4096 values); a few cover a session's retries.
+struct PromptCache {
+    entries: VecDeque<(String, (Tensor, Tensor))>,
+}
+
+impl PromptCache {
+    const CAPACITY: usize = 8;
+
+    fn get(&mut self, prompt: &str) -> Option<(Tensor, Tensor)> {
+        let i = self.entries.iter().position(|(p, _)| p == prompt)?;
+        let entry = self.entries.remove(i)?;
+        let value = entry.1.clone();
+        self.entries.push_back(entry);
+        Some(value)
+    }
+
+    fn put(&mut self, prompt: &str, value: (Tensor, Tensor)) {
+        if self.entries.len() == Self::CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((prompt.to_string(), value));
+    }
+}
+
 pub struct FluxPipeline {
     pub transformer: FluxTransformer,
     /// `None` while released; loaded again from `dir` by the next prompt.
     text: Mutex<Option<TextEncoders>>,
     dir: PathBuf,
     text_spec: TextSpec,
+    /// Where the text encoders run: the CPU when the memory plan puts them there.
+    text_device: Device,
+    prompts: Mutex<PromptCache>,
+    /// Prompts the text encoders have encoded (cache misses).
+    encodings: AtomicUsize,
+    memory: MemoryPlan,
+    tiled_decode: Option<bool>,
+    tiling: Tiling,
     /// The autoencoder, or pixels for a pixel-space model.
     pub codec: ImageCodec,
     pub schedule: ScheduleConfig,
@@ -389,6 +476,13 @@ impl FluxPipeline {
         } else {
             crate::device::compute_dtype(device)
         };
+        let plan = Self::plan_memory(dir, opts, &index, dtype, device, trainable)?;
+        tracing::info!("memory plan of {}: {}", dir.display(), plan.summary());
+        // The transformer loads in the plan's format.
+        let opts = &LoadOptions {
+            weights: Some(plan.transformer_format()),
+            ..opts.clone()
+        };
         let mut vars = Vec::new();
         let (weights, cfg) = match &opts.transformer_file {
             Some(file) => {
@@ -457,16 +551,38 @@ impl FluxPipeline {
                 )?)),
             )
         };
-        let text = TextEncoders::load(dir, &text_spec, dtype, device)?;
+        // On the CPU they keep the compute dtype: bf16 halves T5-XXL's host memory.
+        let text_device = if plan.text_encoders_on_cpu() {
+            Device::Cpu
+        } else {
+            device.clone()
+        };
+        // Encoders that leave the GPU after each prompt come in with the first one.
+        let text = if plan.text_encoders_leave() {
+            None
+        } else {
+            Some(TextEncoders::load(dir, &text_spec, dtype, &text_device)?)
+        };
         let schedule: ScheduleConfig =
             serde_json::from_value(read_json(&dir.join("scheduler/scheduler_config.json"))?)
                 .context("scheduler_config.json")?;
         let preview = LatentPreview::fit(&codec, dtype, device)?;
         Ok(Self {
             transformer,
-            text: Mutex::new(Some(text)),
+            text: Mutex::new(text),
             dir: dir.to_path_buf(),
             text_spec,
+            text_device,
+            prompts: Mutex::new(PromptCache {
+                entries: VecDeque::new(),
+            }),
+            encodings: AtomicUsize::new(0),
+            tiled_decode: opts.memory.tiled_decode,
+            tiling: Tiling {
+                sample: opts.memory.tile_pixels,
+                overlap: memory::TILE_OVERLAP,
+            },
+            memory: plan,
             codec,
             schedule,
             preview,
@@ -475,6 +591,127 @@ impl FluxPipeline {
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// The memory plan of a folder about to load: its parts counted from the checkpoints' headers, the
+    /// budget from `opts` and the device. A full fine-tune (`trainable`) is planned unconstrained.
+    fn plan_memory(
+        dir: &Path,
+        opts: &LoadOptions,
+        index: &ModelIndex,
+        dtype: DType,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<MemoryPlan> {
+        let pixel_model = index.class_name == PIXEL_FLUX_CLASS;
+        let transformer_path = match &opts.transformer_file {
+            Some(file) => file.clone(),
+            None => dir.join("transformer"),
+        };
+        // A lone BFL file without the folder's config: FLUX.1's hidden size, every released FLUX.1's.
+        let hidden = match read_json(&dir.join("transformer/config.json")) {
+            Ok(json) => FluxConfig::from_diffusers_json(&json)?.hidden_size,
+            Err(_) => FluxConfig::dev().hidden_size,
+        };
+        let mut parts = vec![(
+            Part::Transformer,
+            crate::weights::parameter_count(&transformer_path)
+                .context("counting the transformer's weights")?,
+        )];
+        let (text_spec, text_tokens) = if pixel_model {
+            let tokens = index.text_tokens.unwrap_or_default();
+            (
+                TextSpec::MiniLm {
+                    dir: opts.text_encoder_dir.clone(),
+                    tokens,
+                },
+                tokens,
+            )
+        } else {
+            (
+                TextSpec::Flux {
+                    t5_max_len: opts.t5_max_len,
+                },
+                opts.t5_max_len,
+            )
+        };
+        parts.extend(TextEncoders::parameters(dir, &text_spec)?);
+        let (downscale, vae_channels) = if pixel_model {
+            (index.pixel_unshuffle.unwrap_or(1), None)
+        } else {
+            let vae = crate::models::autoencoder::AutoencoderConfig::from_diffusers_json(
+                &read_json(&dir.join("vae/config.json"))?,
+            )?;
+            parts.push((
+                Part::Vae,
+                crate::weights::parameter_count(&dir.join("vae"))
+                    .context("counting the autoencoder's weights")?,
+            ));
+            (vae.downscale(), Some(vae.block_out_channels))
+        };
+        let model = ModelMemory {
+            parts,
+            shape: ActivationShape {
+                hidden,
+                downscale,
+                text_tokens,
+                batch: if pixel_model { 2 } else { 1 },
+                vae_channels,
+                compute_bytes: dtype.size_in_bytes() as u64,
+            },
+        };
+        let budget = if trainable {
+            None
+        } else {
+            match (opts.memory.gpu_memory, crate::device::free_memory(device)?) {
+                (Some(cap), Some(free)) => Some(cap.min(free)),
+                (cap, free) => cap.or(free),
+            }
+        };
+        let multiple = 2 * downscale;
+        // A checkpoint already in fp8 or GGUF keeps its format unless the user chose another.
+        let format = match opts.weights {
+            Some(f) => Some(f),
+            None => crate::weights::stored_format(&transformer_path)
+                .context("reading the transformer's weight format")?,
+        };
+        Ok(MemoryPlan::choose(
+            &model,
+            budget,
+            opts.memory.size,
+            multiple,
+            format,
+        )?)
+    }
+
+    /// Where each part lives, in which format, and the sizes that fit.
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.memory
+    }
+
+    /// Whether the text encoders are in memory now (a plan whose encoders leave the GPU frees them after
+    /// each prompt).
+    pub fn text_encoders_loaded(&self) -> bool {
+        self.text
+            .lock()
+            .expect("text encoder lock poisoned")
+            .is_some()
+    }
+
+    /// How many prompts the text encoders have encoded: the prompt cache answers the others.
+    pub fn prompt_encodings(&self) -> usize {
+        self.encodings.load(Ordering::Relaxed)
+    }
+
+    /// Frees what a failed job may have left: the cached prompt encodings and the text encoders (both
+    /// come back with the next prompt).
+    pub fn free_caches(&self) {
+        self.prompts
+            .lock()
+            .expect("prompt cache lock poisoned")
+            .entries
+            .clear();
+        self.release_text_encoders();
     }
 
     /// The transformer's weights as variables, when loaded with [`Self::load_dir_trainable`].
@@ -511,18 +748,35 @@ impl FluxPipeline {
 
     /// The prompt's token states (1, T, context_dim) and pooled vector (1, vec_dim): T5 and CLIP for
     /// FLUX, MiniLM for the built-in model.
+    /// Answered from the prompt cache when the prompt was encoded lately; the text encoders leave the
+    /// GPU afterwards when the memory plan says so.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor)> {
+        let cache = || self.prompts.lock().expect("prompt cache lock poisoned");
+        if let Some(hit) = cache().get(prompt) {
+            return Ok(hit);
+        }
         let mut text = self.text.lock().expect("text encoder lock poisoned");
         if text.is_none() {
-            tracing::info!("loading the text encoders again");
+            tracing::info!("loading the text encoders");
             *text = Some(TextEncoders::load(
                 &self.dir,
                 &self.text_spec,
                 self.dtype,
-                &self.device,
+                &self.text_device,
             )?);
         }
-        text.as_mut().expect("loaded above").encode(prompt)
+        let (txt, pooled) = text.as_mut().expect("loaded above").encode(prompt)?;
+        if self.memory.text_encoders_leave() {
+            *text = None;
+        }
+        drop(text);
+        self.encodings.fetch_add(1, Ordering::Relaxed);
+        let encoded = (
+            txt.to_device(&self.device)?,
+            pooled.to_device(&self.device)?,
+        );
+        cache().put(prompt, encoded.clone());
+        Ok(encoded)
     }
 
     /// Frees the text encoders (T5-XXL alone is 9.5 GB in bf16) until a prompt needs them again: a
@@ -681,11 +935,23 @@ impl FluxPipeline {
         Ok(x)
     }
 
-    /// Packed model-space latents to pixels in [0, 1] (B, 3, H, W).
+    /// Packed model-space latents to pixels in [0, 1] (B, 3, H, W): in tiles when the memory plan
+    /// says a whole decode of this size does not fit (or the load options ask for tiles).
     pub fn decode(&self, packed: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
         let z = latents::unpack(packed, grid.0, grid.1)?;
         let raw = self.codec.from_model_space(&z.to_dtype(self.dtype)?)?;
-        let img = self.codec.decode(&raw)?.to_dtype(DType::F32)?;
+        let f = self.codec.downscale();
+        let tiled = self.tiled_decode.unwrap_or_else(|| {
+            self.memory
+                .fit(grid.1 * f, grid.0 * f)
+                .map_or(true, |fit| fit.tiled_decode)
+        });
+        let img = if tiled {
+            self.codec.tiled_decode(&raw, self.tiling)?
+        } else {
+            self.codec.decode(&raw)?
+        };
+        let img = img.to_dtype(DType::F32)?;
         Ok(((img / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)
     }
 
@@ -712,6 +978,7 @@ impl FluxPipeline {
         if p.num_images == 0 {
             bail!("num_images must be at least 1");
         }
+        self.memory.fit(p.width, p.height)?;
         let t0 = Instant::now();
         let (txt, pooled) = self.encode_prompt(&p.prompt)?;
         let uncond = self.uncond_for(p.guidance)?;

@@ -22,6 +22,9 @@ pub struct Preset {
     /// The first-block step cache's threshold when a request sets none (`sampling::step_cache`);
     /// `None`: every step in full, exact.
     pub step_cache: Option<f64>,
+    /// The GPU memory (bytes) the model's memory plan may use when `--gpu-memory` is not given: `None`
+    /// lets it use what the GPU has free when the model loads (docs/memory.md).
+    pub gpu_memory: Option<u64>,
 }
 
 /// A preset's own LoRA.
@@ -81,6 +84,7 @@ pub static PRESETS: &[Preset] = &[
             trigger_words: &["Super Realism"],
         }),
         step_cache: None,
+        gpu_memory: None,
     },
     Preset {
         name: FLUX_SCHNELL,
@@ -94,6 +98,7 @@ pub static PRESETS: &[Preset] = &[
         height: 1024,
         lora: None,
         step_cache: None,
+        gpu_memory: None,
     },
     Preset {
         name: BUILTIN_EMOJI,
@@ -109,6 +114,7 @@ pub static PRESETS: &[Preset] = &[
         height: 64,
         lora: None,
         step_cache: None,
+        gpu_memory: None,
     },
     Preset {
         name: FLUX_TINY,
@@ -122,6 +128,7 @@ pub static PRESETS: &[Preset] = &[
         height: 64,
         lora: None,
         step_cache: None,
+        gpu_memory: None,
     },
 ];
 

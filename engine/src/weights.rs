@@ -132,6 +132,36 @@ pub fn gguf_file(path: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
+/// The number of weights in a checkpoint (a file, or a folder's safetensors files), from the headers
+/// alone: what the memory plan counts bytes from.
+pub fn parameter_count(path: &Path) -> Result<u64> {
+    use std::io::Read;
+    if let Some(file) = gguf_file(path)? {
+        return Ok(gguf_tensors(&file)?
+            .values()
+            .map(|t| t.shape.elem_count() as u64)
+            .sum());
+    }
+    let mut total = 0u64;
+    for file in safetensors_files(path)? {
+        check_header(&file)?;
+        let mut f = std::fs::File::open(&file)?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n)?;
+        let mut header = vec![0u8; u64::from_le_bytes(n) as usize];
+        f.read_exact(&mut header)?;
+        let json: serde_json::Value = serde_json::from_slice(&header)?;
+        total += json
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.get("shape")?.as_array())
+            .map(|shape| shape.iter().filter_map(|d| d.as_u64()).product::<u64>())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// Memory-maps the checkpoint; tensors are converted to `dtype` on `device` as they are read.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let files = safetensors_files(path)?;
@@ -240,6 +270,52 @@ impl std::fmt::Display for WeightFormat {
         };
         f.write_str(name)
     }
+}
+
+/// The tensors of a GGUF file, from its header.
+fn gguf_tensors(
+    file: &Path,
+) -> Result<std::collections::HashMap<String, candle_core::quantized::gguf_file::TensorInfo>> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a readable GGUF file ({e}); download it again",
+            file.display()
+        )
+    })?;
+    Ok(content.tensor_infos)
+}
+
+/// The format a checkpoint already holds its large weights in, when it is not a dense one: a GGUF
+/// file's block type (its most common among 2-D weights), or fp8 for a safetensors file with
+/// `F8_E4M3` weights. The memory plan keeps it: making another from it would cost memory or
+/// precision for nothing.
+pub fn stored_format(path: &Path) -> Result<Option<WeightFormat>> {
+    use candle_core::quantized::GgmlDType as G;
+    if let Some(file) = gguf_file(path)? {
+        let mut counts: std::collections::HashMap<G, usize> = Default::default();
+        for t in gguf_tensors(&file)?.values() {
+            if t.shape.rank() == 2 && !matches!(t.ggml_dtype, G::F32 | G::F16 | G::BF16) {
+                *counts.entry(t.ggml_dtype).or_default() += 1;
+            }
+        }
+        return Ok(counts
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(t, _)| WeightFormat::Gguf(t)));
+    }
+    for file in safetensors_files(path)? {
+        // SAFETY: as `var_builder`'s: model files are not written while they are read.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file)? };
+        if st
+            .tensors()
+            .iter()
+            .any(|(_, v)| v.dtype() == safetensors::Dtype::F8_E4M3)
+        {
+            return Ok(Some(WeightFormat::Fp8));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

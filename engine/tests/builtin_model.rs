@@ -27,6 +27,7 @@ fn options(dir: &Path) -> LoadOptions {
         text_encoder_dir: repo_root().join(engine::classifier::DEFAULT_ENCODER_DIR),
         kernels: engine::ops::Kernels::Plain,
         weights: None,
+        memory: Default::default(),
     }
 }
 

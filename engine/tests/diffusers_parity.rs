@@ -247,6 +247,7 @@ fn four_step_pipeline_matches_diffusers() {
         text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
         kernels: engine::ops::Kernels::Plain,
         weights: None,
+        memory: Default::default(),
     };
     let pipe = FluxPipeline::load_dir(&tiny_dev(), &opts, &Device::Cpu).unwrap();
     let (txt, pooled) = pipe

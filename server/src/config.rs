@@ -25,6 +25,11 @@ pub struct ServeConfig {
     /// Where the models run: auto (CUDA when built with it and a GPU answers, else the CPU), cpu, cuda.
     #[arg(long, env = "STUDIO_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
+    /// The most GPU memory a model may use (`16G`, `12GiB`, `8000M`): its memory plan (weight formats,
+    /// where the text encoders run, tiled decoding) is chosen to fit it. Default: the preset's own cap,
+    /// else what the GPU has free when the model loads. See docs/memory.md.
+    #[arg(long, env = "STUDIO_GPU_MEMORY", value_parser = engine::memory::parse_size)]
+    pub gpu_memory: Option<u64>,
     /// Model preset for requests that name none; the engine's own default when not given.
     #[arg(long, env = "STUDIO_PRESET")]
     pub preset: Option<String>,

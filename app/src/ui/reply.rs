@@ -85,6 +85,7 @@ mod tests {
             training_queue: queue,
             tasks: 0,
             rss_bytes: None,
+            memory_plan: None,
         }
     }
 

@@ -381,6 +381,42 @@ impl Decoder {
     }
 }
 
+/// The tiles of [`Autoencoder::tiled_decode`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tiling {
+    /// A tile's side in pixels.
+    pub sample: usize,
+    /// The share of a tile that overlaps its neighbour.
+    pub overlap: f64,
+}
+
+/// `b` with its first `extent` rows (`dim` 2) or columns (`dim` 3) faded in from the last ones of `a`,
+/// diffusers' `blend_v` / `blend_h`: `a·(1 − y/extent) + b·(y/extent)` at offset y.
+fn blend_edge(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> candle_core::Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let ramp: Vec<f32> = (0..extent)
+        .map(|y| (y as f64 / extent as f64) as f32)
+        .collect();
+    let fade: Vec<f32> = (0..extent)
+        .map(|y| (1.0 - y as f64 / extent as f64) as f32)
+        .collect();
+    let shape = if dim == 2 {
+        (1, 1, extent, 1)
+    } else {
+        (1, 1, 1, extent)
+    };
+    let ramp = Tensor::from_vec(ramp, shape, b.device())?.to_dtype(b.dtype())?;
+    let fade = Tensor::from_vec(fade, shape, b.device())?.to_dtype(b.dtype())?;
+    let tail = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let head = b.narrow(dim, 0, extent)?;
+    let blended = (tail.broadcast_mul(&fade)? + head.broadcast_mul(&ramp)?)?;
+    let rest = b.narrow(dim, extent, b.dim(dim)? - extent)?;
+    Tensor::cat(&[&blended, &rest], dim)
+}
+
 /// The latent distribution of an encoded image.
 pub struct LatentDist {
     pub mean: Tensor,
@@ -438,6 +474,66 @@ impl Autoencoder {
     /// Raw latents (B, C, h, w) to images in about [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         Ok(self.decoder.forward(latents)?)
+    }
+
+    /// [`Self::decode`] in overlapping tiles, as diffusers' `AutoencoderKL.tiled_decode`: each tile of
+    /// `tiling.sample` pixels is decoded alone, and each tile's top and left `overlap` share is blended
+    /// linearly into its neighbours' so that no seam shows. The memory of a decode is then one tile's,
+    /// whatever the image's size. Latents no larger than one tile decode whole, as in diffusers.
+    pub fn tiled_decode(&self, latents: &Tensor, tiling: Tiling) -> Result<Tensor> {
+        let tile_latent = tiling.sample / self.config.downscale();
+        let (_, _, h, w) = latents.dims4()?;
+        if h <= tile_latent && w <= tile_latent {
+            return self.decode(latents);
+        }
+        let stride = (tile_latent as f64 * (1.0 - tiling.overlap)) as usize;
+        let blend = (tiling.sample as f64 * tiling.overlap) as usize;
+        let keep = tiling.sample - blend;
+        anyhow::ensure!(
+            stride > 0,
+            "tiles of {} pixels are too small",
+            tiling.sample
+        );
+        let mut rows: Vec<Vec<Tensor>> = Vec::new();
+        for i in (0..h).step_by(stride) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(stride) {
+                let tile = latents.narrow(2, i, tile_latent.min(h - i))?.narrow(
+                    3,
+                    j,
+                    tile_latent.min(w - j),
+                )?;
+                row.push(self.decoder.forward(&tile)?);
+            }
+            rows.push(row);
+        }
+        // Each tile is blended with its upper and left neighbours as they are once blended themselves.
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                let mut tile = rows[i][j].clone();
+                if i > 0 {
+                    tile = blend_edge(&rows[i - 1][j], &tile, blend, 2)?;
+                }
+                if j > 0 {
+                    tile = blend_edge(&rows[i][j - 1], &tile, blend, 3)?;
+                }
+                rows[i][j] = tile;
+            }
+        }
+        let rows = rows
+            .iter()
+            .map(|row| {
+                let cropped = row
+                    .iter()
+                    .map(|t| {
+                        let (_, _, th, tw) = t.dims4()?;
+                        t.narrow(2, 0, keep.min(th))?.narrow(3, 0, keep.min(tw))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&cropped, 3)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 2)?)
     }
 
     /// Raw latents to the normalised space the transformer works in.

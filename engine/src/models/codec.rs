@@ -2,7 +2,7 @@
 //! channels (pixel-unshuffle) so that a small image makes a short token sequence. The built-in CPU model
 //! (docs/builtin-model.md) works on pixels: no autoencoder to train or ship, and decoding is free.
 
-use crate::models::autoencoder::{Autoencoder, LatentDist};
+use crate::models::autoencoder::{Autoencoder, LatentDist, Tiling};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -49,6 +49,14 @@ impl ImageCodec {
         match self {
             Self::Vae(vae) => vae.decode(latents),
             Self::Pixels { factor } => Ok(shuffle(latents, *factor)?),
+        }
+    }
+
+    /// [`Self::decode`] in overlapping tiles (the autoencoder's; pixels need no decoding).
+    pub fn tiled_decode(&self, latents: &Tensor, tiling: Tiling) -> Result<Tensor> {
+        match self {
+            Self::Vae(vae) => vae.tiled_decode(latents, tiling),
+            Self::Pixels { .. } => self.decode(latents),
         }
     }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
-use app::{AppliedLora, GenerateRequest, PresetInfo};
+use app::{AppliedLora, ErrorCode, GenerateRequest, PresetInfo};
 use engine::hub::DownloadProgress;
 use engine::lora::{self, FailedLora, LoraCache, LoraSource, LoraSpec, LoraStack};
 use engine::pipeline::{self, FluxPipeline, GenerateParams};
@@ -67,7 +67,8 @@ impl FluxGeneration {
         Ok(Self {
             default_preset,
             resident: Arc::new(
-                ResidentModel::new(device, local, loader).with_weights(config.weights),
+                ResidentModel::new(device, config.gpu_memory, local, loader)
+                    .with_weights(config.weights),
             ),
             lora_dir,
             loras,
@@ -185,12 +186,22 @@ impl Generation for FluxGeneration {
                 id: p.name.to_string(),
                 description: p.title.to_string(),
                 state: self.resident.state(p),
+                memory_plan: self
+                    .resident
+                    .memory_plan(p)
+                    .map(|plan| resident_model::plan_info(&plan)),
             })
             .collect()
     }
 
     fn default_preset(&self) -> String {
         self.default_preset.name.to_string()
+    }
+
+    fn memory_plan(&self) -> Option<app::MemoryPlanInfo> {
+        self.resident
+            .loaded_plan()
+            .map(|plan| resident_model::plan_info(&plan))
     }
 
     fn plan(&self, r: &GenerateRequest, lora: LoraChoice) -> Result<GenerationPlan, String> {
@@ -201,11 +212,19 @@ impl Generation for FluxGeneration {
         };
         let lora_scale = r.lora_scale.unwrap_or(1.0);
         let specs = self.lora_specs(preset, &lora, lora_scale)?;
+        let width = r.width.unwrap_or(preset.width as u32);
+        let height = r.height.unwrap_or(preset.height as u32);
+        // A loaded model's plan refuses a size that cannot fit before the job is queued; a model not
+        // yet loaded refuses it when its job loads it.
+        if let Some(plan) = self.resident.memory_plan(preset) {
+            plan.fit(width as usize, height as usize)
+                .map_err(|e| e.to_string())?;
+        }
         Ok(GenerationPlan {
             model: preset.name.to_string(),
             prompt: lora::prompt_with_trigger_words(&r.prompt, &specs),
-            width: r.width.unwrap_or(preset.width as u32),
-            height: r.height.unwrap_or(preset.height as u32),
+            width,
+            height,
             steps: r.steps.unwrap_or(preset.steps as u32),
             guidance: r.guidance.unwrap_or(preset.guidance as f32),
             seed: r.seed.unwrap_or_default(),
@@ -223,7 +242,11 @@ impl Generation for FluxGeneration {
     ) -> Result<Generated> {
         let preset = presets::find(&plan.model)
             .ok_or_else(|| anyhow::anyhow!("unknown model `{}`", plan.model))?;
-        let pipe = self.resident.pipeline(preset)?;
+        // A model that fits in no arrangement of the memory plan is the server's setting, not the request's.
+        let pipe = self
+            .resident
+            .pipeline(preset)
+            .map_err(|err| plan_refusal(err, ErrorCode::Unavailable))?;
         let specs = self
             .lora_specs(preset, &plan.lora, plan.lora_scale)
             .map_err(anyhow::Error::msg)?;
@@ -267,13 +290,34 @@ impl Generation for FluxGeneration {
             }
         });
         pipe.set_loras(&[])?;
-        let out = out?;
+        let out = out.map_err(|err| {
+            if JobFailure::is_out_of_memory(&err) {
+                // What this job left cached goes; the next job encodes its prompt afresh.
+                pipe.free_caches();
+            }
+            plan_refusal(err, ErrorCode::Validation)
+        })?;
         Ok(Generated {
             images: out.images,
             seed: out.seed,
             loras: applied,
             skipped_steps: params.step_cache.map(|_| out.timings.skipped_steps as u32),
         })
+    }
+}
+
+/// What the memory plan refused, with its reason and the setting to change, under `code`: a size it
+/// cannot fit, found once the job loaded the model (422), or a model that fits in no arrangement (503).
+fn plan_refusal(err: anyhow::Error, code: ErrorCode) -> anyhow::Error {
+    match err
+        .chain()
+        .find_map(|c| c.downcast_ref::<engine::memory::NoFit>())
+    {
+        Some(no_fit) => anyhow::Error::new(JobFailure {
+            code,
+            message: no_fit.to_string(),
+        }),
+        None => err,
     }
 }
 

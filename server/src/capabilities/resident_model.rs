@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::Result;
-use app::ModelState;
+use app::{MemoryPart, MemoryPlanInfo, ModelState, PartPlacement};
 use candle_core::Device;
 use engine::hub::{DownloadProgress, ProgressFn, Source};
+use engine::memory::{MemoryPlan, Placement};
 use engine::pipeline::{FluxPipeline, LoadOptions};
 use engine::presets::{Preset, PresetSource};
 use engine::weights::WeightFormat;
@@ -24,6 +25,8 @@ pub type PipelineLoader =
 
 pub struct ResidentModel {
     device: Device,
+    /// `--gpu-memory`: the cap of every preset's memory plan, over the preset's own.
+    gpu_memory: Option<u64>,
     /// `--model-dir`: the preset it stands in for and the folder.
     local: Option<(&'static str, PathBuf)>,
     /// The pipeline in memory and its preset's name. Locked only for a moment, never across a load: a load
@@ -46,11 +49,13 @@ impl ResidentModel {
     /// `local`: a `--model-dir` and the preset it stands in for, checked by [`model_dir`].
     pub fn new(
         device: Device,
+        gpu_memory: Option<u64>,
         local: Option<(&'static str, PathBuf)>,
         loader: Arc<PipelineLoader>,
     ) -> Self {
         Self {
             device,
+            gpu_memory,
             local,
             loaded: Mutex::new(None),
             downloads: Arc::default(),
@@ -118,6 +123,9 @@ impl ResidentModel {
         if let Some(dir) = self.local_dir(preset) {
             options.source = Source::Local(dir.to_path_buf());
         }
+        if let Some(cap) = self.gpu_memory {
+            options.memory.gpu_memory = Some(cap);
+        }
         tracing::info!("loading {} from {:?}", preset.title, options.source);
         catch_unwind(AssertUnwindSafe(|| {
             (self.loader)(&options, &self.device, progress)
@@ -129,6 +137,21 @@ impl ResidentModel {
                 panic_message(&*panic)
             )
         })
+    }
+
+    /// The memory plan of the preset's pipeline, while it is loaded.
+    pub fn memory_plan(&self, p: &Preset) -> Option<MemoryPlan> {
+        lock(&self.loaded)
+            .as_ref()
+            .filter(|(n, _)| *n == p.name)
+            .map(|(_, pipe)| pipe.memory_plan().clone())
+    }
+
+    /// The loaded pipeline's memory plan, whichever preset it is.
+    pub fn loaded_plan(&self) -> Option<MemoryPlan> {
+        lock(&self.loaded)
+            .as_ref()
+            .map(|(_, pipe)| pipe.memory_plan().clone())
     }
 
     /// The `--model-dir` folder, when it stands in for this preset.
@@ -162,6 +185,34 @@ impl ResidentModel {
         } else {
             ModelState::Absent
         }
+    }
+}
+
+/// A memory plan as the API shows it.
+pub fn plan_info(plan: &MemoryPlan) -> MemoryPlanInfo {
+    MemoryPlanInfo {
+        budget_bytes: plan.budget,
+        parts: plan
+            .parts
+            .iter()
+            .map(|p| MemoryPart {
+                part: p.part.to_string(),
+                placement: match p.placement {
+                    Placement::Resident => PartPlacement::Resident,
+                    Placement::WhileRunning => PartPlacement::WhileRunning,
+                    Placement::Cpu => PartPlacement::Cpu,
+                },
+                format: p.format.to_string(),
+                params: p.params,
+                bytes: p.bytes,
+            })
+            .collect(),
+        width: plan.reference.0 as u32,
+        height: plan.reference.1 as u32,
+        peak_bytes: plan.at_reference.peak,
+        tiled_decode: plan.at_reference.tiled_decode,
+        max_side: plan.max_side as u32,
+        summary: plan.summary(),
     }
 }
 

@@ -55,6 +55,10 @@ pub struct Args {
     /// auto, cpu or cuda.
     #[arg(long, env = "STUDIO_DEVICE", default_value = "auto")]
     device: DeviceChoice,
+    /// The most GPU memory the model may use (`16G`, `12GiB`): its memory plan is chosen to fit it.
+    /// Default: the preset's own cap, else what the GPU has free. See docs/memory.md.
+    #[arg(long, env = "STUDIO_GPU_MEMORY", value_parser = engine::memory::parse_size)]
+    gpu_memory: Option<u64>,
     /// A LoRA to apply, `SOURCE[:scale]` (scale 1 when absent): a local .safetensors file, a hub
     /// repository `owner/repo` or `owner/repo:file.safetensors`. Repeat to stack several; any
     /// replaces the preset's own LoRA, and `none` turns that off.
@@ -106,6 +110,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     opts.transformer_file = a.transformer_file.clone();
     opts.weights = a.weights;
+    if let Some(cap) = a.gpu_memory {
+        opts.memory.gpu_memory = Some(cap);
+    }
     eprintln!("loading {} on {:?}", preset.title, device);
     let progress = Arc::new(|p: &DownloadProgress| {
         eprint!(
@@ -119,6 +126,7 @@ pub fn run(a: Args) -> Result<()> {
     });
     let specs = lora_specs(preset, &a.loras)?;
     let prompt = lora::prompt_with_trigger_words(&a.prompt, &specs);
+    // The load logs the memory plan it chose.
     let pipe = FluxPipeline::load(&opts, &device, progress.clone())?;
     let cache = LoraCache::new(&device, pipe.dtype());
     let loras = LoraStack::load(&cache, specs, progress)?;

@@ -28,6 +28,12 @@ impl JobFailure {
     /// The data directory's disk is full: the operator's to fix (507).
     pub const DISK_FULL: ErrorCode = ErrorCode::InsufficientStorage;
 
+    /// Whether the device ran out of memory: cudarc reports `CUDA_ERROR_OUT_OF_MEMORY`, and there is
+    /// no typed error to match through candle.
+    pub fn is_out_of_memory(err: &anyhow::Error) -> bool {
+        format!("{err:#}").contains("OUT_OF_MEMORY")
+    }
+
     /// The code and message a failed job reports: a [`JobFailure`] anywhere in the chain as it is, a
     /// CUDA out-of-memory error as [`JobFailure::OUT_OF_MEMORY`], anything else under `fallback`.
     pub fn describe(err: &anyhow::Error, fallback: ErrorCode) -> (ErrorCode, String) {
@@ -51,8 +57,7 @@ impl JobFailure {
                 format!("the server's disk is full: free space in its data directory and retry ({text})"),
             );
         }
-        // cudarc reports `CUDA_ERROR_OUT_OF_MEMORY`; there is no typed error to match through candle.
-        if full.contains("OUT_OF_MEMORY") {
+        if Self::is_out_of_memory(err) {
             return (
                 Self::OUT_OF_MEMORY,
                 format!("the GPU ran out of memory for this job: try a smaller size or fewer LoRAs, or use a GPU with more memory ({text})"),
@@ -69,6 +74,12 @@ pub trait Generation: Send + Sync {
 
     /// The preset used when a request names none.
     fn default_preset(&self) -> String;
+
+    /// The loaded model's memory plan, for `/health`; `None` while no model is loaded (or the
+    /// capability has no plan).
+    fn memory_plan(&self) -> Option<app::MemoryPlanInfo> {
+        None
+    }
 
     /// Resolves a request (already checked by `GenerateRequest::validate`, seed filled in) against its preset:
     /// defaults, trigger words, the LoRA. An `Err` is answered 422 with its text.

@@ -21,6 +21,12 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
         })
         .collect();
     let (generation_queue, training_queue) = state.jobs.queue_states();
+    let memory_plan = state
+        .jobs
+        .capabilities()
+        .generation
+        .as_ref()
+        .and_then(|g| g.memory_plan());
     Json(HealthResponse {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -31,6 +37,7 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
             .metrics()
             .num_alive_tasks(),
         rss_bytes: resident_memory(),
+        memory_plan,
     })
 }
 

@@ -157,6 +157,7 @@ impl Generation for FakeGeneration {
             id: "tiny".into(),
             description: "test".into(),
             state: app::ModelState::Loaded,
+            memory_plan: None,
         }]
     }
 

@@ -32,6 +32,12 @@ pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {
                             Load::Failed(message) => view! { <ErrorBox message /> }.into_any(),
                             Load::Ready(models) => {
                                 let default = models.default_preset.clone().unwrap_or_default();
+                                // The loaded model's memory plan, in one line under the picker.
+                                let plan = models
+                                    .presets
+                                    .iter()
+                                    .find_map(|p| p.memory_plan.as_ref())
+                                    .map(|plan| format!("Memory plan: {}", plan.summary));
                                 view! {
                                     <select on:change=move |ev| s.model.set(event_target_value(&ev))>
                                         <option value="" selected=move || s.model.with(String::is_empty)>
@@ -58,6 +64,7 @@ pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {
                                             })
                                             .collect_view()}
                                     </select>
+                                    {plan.map(|line| view! { <small class="memory-plan">{line}</small> })}
                                 }
                                     .into_any()
                             }

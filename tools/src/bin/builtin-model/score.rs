@@ -68,6 +68,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         text_encoder_dir: a.text_encoder.clone(),
         kernels: Kernels::default(),
         weights: None,
+        memory: Default::default(),
     };
     let pipe = FluxPipeline::load_dir(&a.model, &opts, &Device::Cpu)?;
     let held: Vec<usize> = (0..n).filter(|&i| entries[i].held_out).collect();

@@ -117,6 +117,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         text_encoder_dir: a.text_encoder.clone(),
         kernels: Kernels::default(),
         weights: None,
+        memory: Default::default(),
     };
     let pipe = Arc::new(FluxPipeline::load_dir_trainable(
         &model_dir, &opts, &a.device,

@@ -52,6 +52,7 @@ pub fn run(
         text_encoder_dir: engine::classifier::DEFAULT_ENCODER_DIR.into(),
         kernels,
         weights,
+        memory: Default::default(),
     };
     let t0 = Instant::now();
     let pipe = FluxPipeline::load_dir(model, &opts, device)?;

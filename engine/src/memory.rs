@@ -1,0 +1,674 @@
+//! The memory plan: where each part of a model lives and in which weight format, chosen when the
+//! model loads from the GPU memory it may use (the GPU's free memory, or the cap the user set), so
+//! that the fastest arrangement that fits is the one that runs. Pure arithmetic on parameter counts
+//! and image sizes: the pipeline gathers the inputs and applies the result.
+//!
+//! The weights' bytes are exact (parameter counts from the checkpoints' headers times
+//! [`WeightFormat::bytes`]); the activations' are estimates, scaled from the one peak measured on the
+//! GPU (docs/memory.md says which figures are still to be measured per part).
+
+use crate::weights::WeightFormat;
+use candle_core::quantized::GgmlDType;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// A part of a model that takes memory of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Transformer,
+    /// T5-XXL's encoder (FLUX's token states).
+    T5,
+    /// CLIP-L's text model (FLUX's pooled vector).
+    Clip,
+    /// MiniLM (the built-in model's text encoder).
+    MiniLm,
+    /// The autoencoder.
+    Vae,
+}
+
+impl Part {
+    pub fn is_text_encoder(self) -> bool {
+        matches!(self, Self::T5 | Self::Clip | Self::MiniLm)
+    }
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Transformer => "transformer",
+            Self::T5 => "T5",
+            Self::Clip => "CLIP",
+            Self::MiniLm => "MiniLM",
+            Self::Vae => "autoencoder",
+        })
+    }
+}
+
+/// Where a part lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On the GPU all the time.
+    Resident,
+    /// On the GPU only while it runs, freed after (text encoders: loaded for a prompt not in the
+    /// prompt cache, released once it is encoded).
+    WhileRunning,
+    /// In host memory, computed by the CPU: text encoders that cannot sit beside the transformer
+    /// even for a moment. Slow for a new prompt; the prompt cache makes a new seed free.
+    Cpu,
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Resident => "resident",
+            Self::WhileRunning => "on the GPU while it runs",
+            Self::Cpu => "on the CPU",
+        })
+    }
+}
+
+/// The shapes that set a model's activations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivationShape {
+    /// The transformer's hidden size.
+    pub hidden: usize,
+    /// Pixels per latent cell along a side (the autoencoder's downscale, or the pixel-unshuffle factor).
+    pub downscale: usize,
+    /// Text tokens the transformer sees beside the image's.
+    pub text_tokens: usize,
+    /// Images per transformer call: 2 under classifier-free guidance (the prompt and the empty one).
+    pub batch: usize,
+    /// The autoencoder decoder's `block_out_channels` (diffusers' order), or none for a pixel model.
+    pub vae_channels: Option<Vec<usize>>,
+    /// Bytes of an activation element and of a weight kept in the compute dtype (2 for bf16, 4 for f32).
+    pub compute_bytes: u64,
+}
+
+/// What the plan is chosen from: the model's parts with their parameter counts, and its shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelMemory {
+    pub parts: Vec<(Part, u64)>,
+    pub shape: ActivationShape,
+}
+
+/// The transformer formats the plan tries, fastest first: bf16 is today's exact path; fp8 halves
+/// the bytes at one rounding of each weight; the GGUF types trade accuracy for bytes below that.
+pub const TRANSFORMER_FORMATS: [WeightFormat; 7] = [
+    WeightFormat::Bf16,
+    WeightFormat::Fp8,
+    WeightFormat::Gguf(GgmlDType::Q8_0),
+    WeightFormat::Gguf(GgmlDType::Q6K),
+    WeightFormat::Gguf(GgmlDType::Q5K),
+    WeightFormat::Gguf(GgmlDType::Q4K),
+    WeightFormat::Gguf(GgmlDType::Q4_0),
+];
+
+/// The share of the budget the plan leaves unplanned: the allocator's fragmentation, cuBLAS's
+/// workspace, the LoRAs' and the previews' small tensors.
+pub const HEADROOM: f64 = 0.05;
+
+/// Live activations of a transformer block, in units of (tokens × hidden) elements: the residual
+/// stream, the fused QKV/MLP projection (7 hidden wide in a single-stream block), the attention
+/// output, the MLP's activation and the concatenation before the output projection.
+const TRANSFORMER_LIVE: u64 = 24;
+/// Attention scores held at once where no fused attention kernel runs (`ops::attention`'s chunks).
+const SCORES_CHUNK_BYTES: u64 = 256 << 20;
+/// Live activations of the decoder, in units of its largest feature map: a resnet's input, its
+/// normalised and convolved intermediates, the skip, the upsampled copy. Chosen so that the estimates
+/// of FLUX.1-dev's bf16, all-resident arrangement meet its peaks measured at 1024x1024 and 512x512
+/// (the test `the_estimate_of_todays_arrangement_meets_the_measured_peaks`).
+const DECODER_LIVE: u64 = 5;
+/// What every arrangement takes beyond weights and activations: cuBLAS's workspaces, the prompt's
+/// states, the previews, the pool's rounding of each allocation.
+pub const FIXED_OVERHEAD: u64 = 1 << 30;
+
+/// The tiles of a tiled decode, in pixels along a side, and how much neighbours overlap (diffusers'
+/// AutoencoderKL default). Small tiles cost little: the decoder redoes only the overlaps, and a decode
+/// is a small share of a generation's work.
+pub const TILE_PIXELS: usize = 256;
+pub const TILE_OVERLAP: f64 = 0.25;
+
+/// One part's place in the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartPlan {
+    pub part: Part,
+    pub placement: Placement,
+    pub format: WeightFormat,
+    pub params: u64,
+    /// Its weights' bytes, on the GPU (or in host memory for [`Placement::Cpu`]).
+    pub bytes: u64,
+}
+
+/// How a request of one size runs under the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeFit {
+    /// The whole decode does not fit: decode in overlapping tiles.
+    pub tiled_decode: bool,
+    /// The estimated GPU peak of the request.
+    pub peak: u64,
+}
+
+/// Why a model or a request does not fit, and what to change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NoFit(pub String);
+
+/// Where each part lives, in which format, what it takes, and the sizes that fit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// The bytes the plan may use; `None`: no limit known (the CPU, with no cap set).
+    pub budget: Option<u64>,
+    pub parts: Vec<PartPlan>,
+    /// The size the plan was chosen for (the preset's default) and its fit there.
+    pub reference: (usize, usize),
+    pub at_reference: SizeFit,
+    /// The largest square image side that fits (up to [`MAX_SIDE`]).
+    pub max_side: usize,
+    shape: ActivationShape,
+}
+
+/// The largest side the plan looks for.
+pub const MAX_SIDE: usize = 4096;
+
+impl MemoryPlan {
+    /// The fastest arrangement of `model` that fits `budget` at `reference` (width, height): text
+    /// encoders on the GPU (resident, else while they run) with the fastest transformer format that
+    /// allows it (or the `forced` one), else encoders on the CPU with the fastest format. When none
+    /// fits at `reference`, the smallest arrangement, if a smaller image fits it. `size_multiple`:
+    /// image sides are multiples of it.
+    pub fn choose(
+        model: &ModelMemory,
+        budget: Option<u64>,
+        reference: (usize, usize),
+        size_multiple: usize,
+        forced: Option<WeightFormat>,
+    ) -> Result<MemoryPlan, NoFit> {
+        let formats: Vec<WeightFormat> = match forced {
+            Some(f) => vec![f],
+            None => TRANSFORMER_FORMATS.to_vec(),
+        };
+        let has_text = model.parts.iter().any(|(p, _)| p.is_text_encoder());
+        let placements: &[Placement] = if has_text {
+            &[Placement::Resident, Placement::WhileRunning, Placement::Cpu]
+        } else {
+            &[Placement::Resident]
+        };
+        // Text encoders on the CPU make every new prompt slow: any transformer format that keeps
+        // them on the GPU comes first.
+        let (on_gpu, on_cpu) = placements.split_at(placements.len().min(2));
+        let mut smallest = None;
+        for group in [on_gpu, on_cpu] {
+            for &format in &formats {
+                for &text in group {
+                    let plan = Self::arrange(model, budget, reference, size_multiple, format, text);
+                    if plan.fit(reference.0, reference.1).is_ok() {
+                        return Ok(plan);
+                    }
+                    smallest = Some(plan);
+                }
+            }
+        }
+        let plan = smallest.expect("at least one format and placement");
+        if plan.max_side >= size_multiple {
+            return Ok(plan);
+        }
+        let need = plan.fit_peak(size_multiple, size_multiple);
+        Err(NoFit(format!(
+            "the model does not fit in {} of GPU memory ({} after headroom): even its smallest arrangement ({}) needs {} for a {s}x{s} image. Raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory, free the GPU of other programs, or use a GPU with more memory",
+            gib(budget.unwrap_or(0)),
+            gib(plan.usable().unwrap_or(0)),
+            plan.arrangement(),
+            gib(need),
+            s = size_multiple,
+        )))
+    }
+
+    fn arrange(
+        model: &ModelMemory,
+        budget: Option<u64>,
+        reference: (usize, usize),
+        size_multiple: usize,
+        format: WeightFormat,
+        text: Placement,
+    ) -> MemoryPlan {
+        let cb = model.shape.compute_bytes;
+        let parts = model
+            .parts
+            .iter()
+            .map(|&(part, params)| {
+                let (placement, format) = match part {
+                    Part::Transformer => (Placement::Resident, format),
+                    p if p.is_text_encoder() => (text, WeightFormat::Bf16),
+                    _ => (Placement::Resident, WeightFormat::Bf16),
+                };
+                let bytes = match format {
+                    // bf16 means the compute dtype (f32 on a CPU).
+                    WeightFormat::Bf16 => params * cb,
+                    f => f.bytes(params),
+                };
+                PartPlan {
+                    part,
+                    placement,
+                    format,
+                    params,
+                    bytes,
+                }
+            })
+            .collect();
+        let mut plan = MemoryPlan {
+            budget,
+            parts,
+            reference,
+            at_reference: SizeFit {
+                tiled_decode: false,
+                peak: 0,
+            },
+            max_side: MAX_SIDE,
+            shape: model.shape.clone(),
+        };
+        plan.at_reference = SizeFit {
+            tiled_decode: plan.decode_is_tiled(reference.0, reference.1),
+            peak: plan.fit_peak(reference.0, reference.1),
+        };
+        plan.max_side = plan.largest_side(size_multiple);
+        plan
+    }
+
+    /// The bytes the plan may fill: the budget less [`HEADROOM`].
+    pub fn usable(&self) -> Option<u64> {
+        self.budget.map(|b| (b as f64 * (1.0 - HEADROOM)) as u64)
+    }
+
+    fn bytes_where(&self, f: impl Fn(&PartPlan) -> bool) -> u64 {
+        self.parts.iter().filter(|p| f(p)).map(|p| p.bytes).sum()
+    }
+
+    /// Weights on the GPU at all times.
+    pub fn resident_bytes(&self) -> u64 {
+        self.bytes_where(|p| p.placement == Placement::Resident)
+    }
+
+    /// Whether the text encoders leave the GPU once a prompt is encoded.
+    pub fn text_encoders_leave(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| p.part.is_text_encoder() && p.placement == Placement::WhileRunning)
+    }
+
+    /// Whether the text encoders run on the CPU.
+    pub fn text_encoders_on_cpu(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| p.part.is_text_encoder() && p.placement == Placement::Cpu)
+    }
+
+    /// The transformer's weight format.
+    pub fn transformer_format(&self) -> WeightFormat {
+        self.parts
+            .iter()
+            .find(|p| p.part == Part::Transformer)
+            .map_or(WeightFormat::Bf16, |p| p.format)
+    }
+
+    /// The transformer's activations for one step at (width, height).
+    fn denoise_activations(&self, width: usize, height: usize) -> u64 {
+        let s = &self.shape;
+        let cell = 2 * s.downscale;
+        let tokens = (width / cell) * (height / cell) + s.text_tokens;
+        let live = (s.batch * tokens * s.hidden) as u64 * s.compute_bytes * TRANSFORMER_LIVE;
+        live + SCORES_CHUNK_BYTES
+    }
+
+    /// The decoder's activations for a whole (width, height) image: its largest feature map times
+    /// [`DECODER_LIVE`], plus the mid block's attention scores.
+    fn decode_activations(&self, width: usize, height: usize) -> u64 {
+        let Some(channels) = &self.shape.vae_channels else {
+            // Pixels: decoding is a reshape.
+            return (3 * width * height) as u64 * 4;
+        };
+        let n = channels.len();
+        let latent = (width / self.shape.downscale) * (height / self.shape.downscale);
+        // Up block i runs at 2^i times the latent side with channels[n-1-i] and, but for the last,
+        // upsamples once more before the next block.
+        let largest = (0..n)
+            .map(|i| {
+                let scale = if i + 1 < n { i + 1 } else { i };
+                channels[n - 1 - i] * latent * (1 << (2 * scale))
+            })
+            .max()
+            .unwrap_or(0) as u64;
+        let scores = ((latent * latent) as u64 * 4).min(SCORES_CHUNK_BYTES);
+        largest * self.shape.compute_bytes * DECODER_LIVE + scores
+    }
+
+    fn decode_is_tiled(&self, width: usize, height: usize) -> bool {
+        self.shape.vae_channels.is_some()
+            && self.usable().is_some_and(|usable| {
+                self.resident_bytes() + FIXED_OVERHEAD + self.decode_activations(width, height)
+                    > usable
+            })
+    }
+
+    /// The estimated GPU peak at (width, height): the larger of encoding (resident weights and the
+    /// encoders that come in to run), one denoising step, and the decode (in tiles when whole does
+    /// not fit).
+    fn fit_peak(&self, width: usize, height: usize) -> u64 {
+        let resident = self.resident_bytes() + FIXED_OVERHEAD;
+        let encode = resident + self.bytes_where(|p| p.placement == Placement::WhileRunning);
+        let denoise = resident + self.denoise_activations(width, height);
+        let decode = resident
+            + if self.decode_is_tiled(width, height) {
+                let side = TILE_PIXELS.min(width.max(height));
+                self.decode_activations(side.min(width), side.min(height))
+            } else {
+                self.decode_activations(width, height)
+            };
+        encode.max(denoise).max(decode)
+    }
+
+    /// How a (width, height) request runs, or why it cannot and what to change.
+    pub fn fit(&self, width: usize, height: usize) -> Result<SizeFit, NoFit> {
+        let peak = self.fit_peak(width, height);
+        let fit = SizeFit {
+            tiled_decode: self.decode_is_tiled(width, height),
+            peak,
+        };
+        match self.usable() {
+            Some(usable) if peak > usable => Err(NoFit(format!(
+                "{width}x{height} needs about {} of GPU memory under this model's memory plan ({}), and {} is available: choose a smaller size (up to {m}x{m} fits), or raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory",
+                gib(peak),
+                self.arrangement(),
+                gib(usable),
+                m = self.max_side,
+            ))),
+            _ => Ok(fit),
+        }
+    }
+
+    fn largest_side(&self, multiple: usize) -> usize {
+        let Some(usable) = self.usable() else {
+            return MAX_SIDE;
+        };
+        let fits = |side: usize| self.fit_peak(side, side) <= usable;
+        let (mut lo, mut hi) = (0, MAX_SIDE / multiple);
+        // The peak grows with the side: the largest fitting multiple by bisection.
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if fits(mid * multiple) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo * multiple
+    }
+
+    /// The parts in a few words: `transformer fp8 resident, T5 bf16 on the CPU, ...`.
+    pub fn arrangement(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| format!("{} {} {}", p.part, p.format, p.placement))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// One line for the log and the UI.
+    pub fn summary(&self) -> String {
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| format!("{} {} {} {}", p.part, p.format, p.placement, gib(p.bytes)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (w, h) = self.reference;
+        let tiled = if self.at_reference.tiled_decode {
+            ", tiled decode"
+        } else {
+            ""
+        };
+        match self.budget {
+            Some(b) => format!(
+                "{parts}; peak {} of {} at {w}x{h}{tiled}; up to {m}x{m}",
+                gib(self.at_reference.peak),
+                gib(b),
+                m = self.max_side
+            ),
+            None => format!(
+                "{parts}; peak {} at {w}x{h}; no memory limit",
+                gib(self.at_reference.peak)
+            ),
+        }
+    }
+}
+
+/// Bytes as GiB with one decimal (MiB below 1 GiB).
+pub fn gib(bytes: u64) -> String {
+    if bytes < 1 << 30 {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} GiB", bytes as f64 / GIB)
+    }
+}
+
+/// `16G`, `16GiB`, `12000M`, `8g`: a memory size (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 10),
+        Some('m') => (&body[..body.len() - 1], 20),
+        Some('g') => (&body[..body.len() - 1], 30),
+        Some('t') => (&body[..body.len() - 1], 40),
+        _ => (body, 0),
+    };
+    let n: f64 = digits
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| format!("{t:?} is not a memory size like 16G, 12GiB or 8000M"))?;
+    Ok((n * (1u64 << shift) as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // FLUX.1-dev's parts, counted from its checkpoints' headers (the sums of their tensors' shapes).
+    const TRANSFORMER: u64 = 11_901_408_320;
+    const T5_XXL_ENCODER: u64 = 4_762_310_656;
+    const CLIP_L_TEXT: u64 = 123_060_480;
+    const VAE: u64 = 83_819_683;
+
+    fn flux_dev() -> ModelMemory {
+        ModelMemory {
+            parts: vec![
+                (Part::Transformer, TRANSFORMER),
+                (Part::T5, T5_XXL_ENCODER),
+                (Part::Clip, CLIP_L_TEXT),
+                (Part::Vae, VAE),
+            ],
+            shape: ActivationShape {
+                hidden: 3072,
+                downscale: 8,
+                text_tokens: 512,
+                batch: 1,
+                vae_channels: Some(vec![128, 256, 512, 512]),
+                compute_bytes: 2,
+            },
+        }
+    }
+
+    fn plan(gib: u64) -> Result<MemoryPlan, NoFit> {
+        MemoryPlan::choose(&flux_dev(), Some(gib << 30), (1024, 1024), 16, None)
+    }
+
+    fn placement(plan: &MemoryPlan, part: Part) -> Placement {
+        plan.parts
+            .iter()
+            .find(|p| p.part == part)
+            .unwrap()
+            .placement
+    }
+
+    #[test]
+    fn the_estimate_of_todays_arrangement_meets_the_measured_peaks() {
+        // Everything bf16 and resident, as the studio ran before plans: 35.5 GiB at 1024x1024 and 34.3
+        // at 512x512 in use by nvidia-smi's count (docs/performance.md), which includes the CUDA
+        // context (about 0.5 GiB) that a budget read as free memory has already lost.
+        let plan = MemoryPlan::choose(&flux_dev(), None, (1024, 1024), 16, None).unwrap();
+        assert_eq!(plan.transformer_format(), WeightFormat::Bf16);
+        assert!(plan
+            .parts
+            .iter()
+            .all(|p| p.placement == Placement::Resident));
+        for (side, measured) in [(1024, 35.5), (512, 34.3)] {
+            let peak = plan.fit(side, side).unwrap().peak as f64 / GIB;
+            assert!(
+                (peak - (measured - 0.5)).abs() < 1.0,
+                "{side}: estimated peak {peak:.2} GiB"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unconstrained_gpu_keeps_everything_resident_in_bf16() {
+        let plan = plan(80).unwrap();
+        assert_eq!(plan.transformer_format(), WeightFormat::Bf16);
+        assert!(plan
+            .parts
+            .iter()
+            .all(|p| p.placement == Placement::Resident));
+        assert!(!plan.at_reference.tiled_decode);
+        assert!(plan.max_side >= 2048, "{}", plan.max_side);
+    }
+
+    #[test]
+    fn a_24_gib_card_gets_an_fp8_transformer_beside_its_encoders_and_a_tiled_decode() {
+        // bf16: 23.8 GB = 22.2 GiB of transformer alone, with T5's 8.9 GiB: over 24 GiB.
+        assert!(
+            WeightFormat::Bf16.bytes(TRANSFORMER) + WeightFormat::Bf16.bytes(T5_XXL_ENCODER)
+                > 24 << 30
+        );
+        let plan = plan(24).unwrap();
+        assert_eq!(plan.transformer_format(), WeightFormat::Fp8);
+        // fp8 11.1 GiB + T5 8.9 GiB + CLIP and VAE 0.4 GiB stay; the whole decode's 4 GiB would not.
+        assert_eq!(placement(&plan, Part::T5), Placement::Resident);
+        assert_eq!(placement(&plan, Part::Clip), Placement::Resident);
+        assert_eq!(placement(&plan, Part::Vae), Placement::Resident);
+        assert!(plan.at_reference.tiled_decode);
+        assert!(plan.fit(1024, 1024).is_ok());
+    }
+
+    #[test]
+    fn a_23_gib_budget_lets_the_encoders_in_only_while_they_run_and_decodes_whole() {
+        let plan = MemoryPlan::choose(&flux_dev(), Some(23 << 30), (1024, 1024), 16, None).unwrap();
+        assert_eq!(plan.transformer_format(), WeightFormat::Fp8);
+        assert_eq!(placement(&plan, Part::T5), Placement::WhileRunning);
+        assert!(plan.text_encoders_leave());
+        assert!(!plan.at_reference.tiled_decode);
+    }
+
+    #[test]
+    fn a_16_gib_card_gets_an_fp8_transformer_with_its_encoders_on_the_cpu() {
+        let plan = plan(16).unwrap();
+        assert_eq!(plan.transformer_format(), WeightFormat::Fp8);
+        // Even 4-bit weights (6.2 GiB) and T5 (8.9 GiB) do not fit together in 16 GiB less headroom.
+        assert!(
+            WeightFormat::Gguf(GgmlDType::Q4_0).bytes(TRANSFORMER) + 2 * T5_XXL_ENCODER > 15 << 30
+        );
+        assert_eq!(placement(&plan, Part::T5), Placement::Cpu);
+        assert!(plan.text_encoders_on_cpu());
+        assert!(plan.at_reference.peak <= plan.usable().unwrap());
+    }
+
+    #[test]
+    fn a_12_gib_card_gets_a_6_bit_transformer_and_a_tiled_decode() {
+        let plan = plan(12).unwrap();
+        // Q8_0 (11.8 GiB) leaves nothing for a step.
+        assert_eq!(
+            plan.transformer_format(),
+            WeightFormat::Gguf(GgmlDType::Q6K)
+        );
+        assert_eq!(placement(&plan, Part::T5), Placement::Cpu);
+        assert!(plan.at_reference.tiled_decode);
+        assert!(plan.fit(1024, 1024).is_ok());
+    }
+
+    #[test]
+    fn a_10_gib_card_gets_a_4_bit_transformer() {
+        let plan = plan(10).unwrap();
+        assert_eq!(
+            plan.transformer_format(),
+            WeightFormat::Gguf(GgmlDType::Q4K)
+        );
+        assert!(plan.fit(1024, 1024).is_ok());
+        let refused = plan.fit(2048, 2048).unwrap_err().to_string();
+        assert!(refused.contains("--gpu-memory"), "{refused}");
+        assert!(
+            refused.contains(&format!("up to {0}x{0}", plan.max_side)),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_card_short_of_1024_keeps_the_smallest_arrangement_and_8_gib_is_refused() {
+        // 8.5 GiB: 4-bit weights fit, a 1024x1024 step beside them does not; smaller sizes do.
+        let short =
+            MemoryPlan::choose(&flux_dev(), Some(17 << 29), (1024, 1024), 16, None).unwrap();
+        assert_eq!(
+            short.transformer_format(),
+            WeightFormat::Gguf(GgmlDType::Q4_0)
+        );
+        assert!(
+            short.max_side < 1024 && short.max_side >= 512,
+            "{}",
+            short.max_side
+        );
+        assert!(short.fit(1024, 1024).is_err());
+        // 8 GiB holds the 4-bit weights (6.2 GiB) but not them and a step with the overhead, until
+        // blocks can be streamed from host memory: the load is refused with the reason.
+        let none = plan(8).unwrap_err().to_string();
+        assert!(none.contains("smallest arrangement"), "{none}");
+        assert!(none.contains("STUDIO_GPU_MEMORY"), "{none}");
+    }
+
+    #[test]
+    fn a_forced_format_is_the_only_one_tried() {
+        let plan = MemoryPlan::choose(
+            &flux_dev(),
+            Some(80 << 30),
+            (1024, 1024),
+            16,
+            Some(WeightFormat::Fp8),
+        )
+        .unwrap();
+        assert_eq!(plan.transformer_format(), WeightFormat::Fp8);
+        assert_eq!(placement(&plan, Part::T5), Placement::Resident);
+    }
+
+    #[test]
+    fn larger_images_need_more_and_the_largest_side_is_the_boundary() {
+        let plan = plan(16).unwrap();
+        let m = plan.max_side;
+        assert!(plan.fit(m, m).is_ok());
+        assert!(plan.fit(m + 16, m + 16).is_err());
+        let whole =
+            MemoryPlan::choose(&flux_dev(), Some(80 << 30), (1024, 1024), 16, None).unwrap();
+        assert!(whole.fit(512, 512).unwrap().peak < whole.fit(1024, 1024).unwrap().peak);
+    }
+
+    #[test]
+    fn memory_sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("16G"), Ok(16 << 30));
+        assert_eq!(parse_size("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_size("12000m"), Ok(12000 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}
