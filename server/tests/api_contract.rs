@@ -24,6 +24,8 @@ async fn studio() -> (tempfile::TempDir, String) {
             steps: 2,
             step_time: Duration::ZERO,
         })),
+        chat: None,
+        chat_error: None,
     };
     let running = server::start(&config(dir.path()), caps).await.unwrap();
     (dir, format!("http://{}", running.addr))

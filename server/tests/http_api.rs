@@ -186,7 +186,7 @@ fn health_and_openapi_describe_the_api() {
     let (_, body) = curl(&[&format!("{}/health", s.url)]);
     let health: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["status"], "ok");
-    assert_eq!(health["capabilities"].as_array().unwrap().len(), 3);
+    assert_eq!(health["capabilities"].as_array().unwrap().len(), 4);
     let available: Vec<(String, bool)> = health["capabilities"]
         .as_array()
         .unwrap()
@@ -203,7 +203,8 @@ fn health_and_openapi_describe_the_api() {
         [
             ("generation".into(), true),
             ("classification".into(), true),
-            ("training".into(), true)
+            ("training".into(), true),
+            ("chat".into(), true)
         ]
     );
     let (_, body) = curl(&[&format!("{}/openapi.json", s.url)]);
