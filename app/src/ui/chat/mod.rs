@@ -1,6 +1,6 @@
 //! Chat and generate: every message is classified by `POST /classify/`; an image request becomes a
-//! generation over `/ws/generate` with live step previews, anything else gets a reply that says what the
-//! studio can do. The thread lives for the whole visit (not just this page), so a generation keeps going
+//! generation over `/ws/generate` with live step previews, anything else is answered by the language
+//! model over `/ws/chat`, streamed as it is written (in a stored conversation the next answer continues). The thread lives for the whole visit (not just this page), so a generation keeps going
 //! and stays visible while the user looks at the gallery or the jobs.
 
 mod composer;
@@ -96,7 +96,7 @@ pub(super) fn Welcome(chat: ChatState) -> impl IntoView {
             <h1>"What shall we make?"</h1>
             <p>
                 "Describe an image and the studio draws it, showing each step as it sharpens. "
-                "Ask anything else and it tells you what it can do."
+                "Ask anything else and its language model answers."
             </p>
             <div class="examples">
                 {examples

@@ -4,11 +4,11 @@ use leptos::prelude::*;
 
 use super::form::Settings;
 use super::progress::GenState;
-use super::socket::stream_generation;
+use super::socket::{stream_chat, stream_generation, AnswerState};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
-    ClassifyRequest, ClassifyResponse, GenerateRequest, HealthResponse, Label, LoraList,
+    ChatRequest, ClassifyRequest, ClassifyResponse, GenerateRequest, HealthResponse, Label, LoraList,
     ModelsResponse,
 };
 
@@ -20,6 +20,8 @@ pub(super) enum Entry {
         verdict: RwSignal<Option<Result<ClassifyResponse, ()>>>,
     },
     Reply(Vec<String>),
+    /// The language model's answer, streamed as it is written.
+    Answer(AnswerState),
     /// The message could not be classified; offers to generate anyway.
     Unclassified {
         prompt: String,
@@ -46,6 +48,8 @@ pub struct ChatState {
     pub(super) models: RwSignal<Load<ModelsResponse>>,
     pub(super) loras: RwSignal<Load<LoraList>>,
     pub(super) health: RwSignal<Option<HealthResponse>>,
+    /// The stored conversation the chat's answers continue (`/chat/conversations/{id}`).
+    pub(super) conversation: RwSignal<Option<String>>,
     /// The image shown full size, if any.
     pub(super) lightbox: RwSignal<Option<String>>,
     /// Signals of new entries belong to the app, not to the page that happened to create them.
@@ -61,6 +65,7 @@ impl ChatState {
             models: RwSignal::new(Load::Loading),
             loras: RwSignal::new(Load::Loading),
             health: RwSignal::new(None),
+            conversation: RwSignal::new(None),
             lightbox: RwSignal::new(None),
             owner: StoredValue::new(
                 Owner::current().expect("ChatState::provide runs in a component"),
@@ -101,8 +106,7 @@ impl ChatState {
                     if answer.label == Label::ImageRequest {
                         self.generate(text);
                     } else {
-                        let health = self.health.get_untracked();
-                        self.push(Entry::Reply(reply(&text, health.as_ref())));
+                        self.answer(text);
                     }
                 }
                 Err(message) => {
@@ -112,6 +116,39 @@ impl ChatState {
                         message,
                     });
                 }
+            }
+        });
+    }
+
+    /// Conversation: the language model answers, streamed; a server without one replies with what the
+    /// studio can do and why it cannot chat.
+    pub(super) fn answer(self, text: String) {
+        let health = self.health.get_untracked();
+        let chat_off = health.as_ref().and_then(|h| {
+            h.capabilities
+                .iter()
+                .find(|c| c.name == "chat" && !c.available)
+                .map(|c| c.reason.clone().unwrap_or_default())
+        });
+        if let Some(reason) = chat_off {
+            let mut paragraphs = reply(&text, health.as_ref());
+            paragraphs.push(format!("The chat's language model is unavailable: {reason}."));
+            self.push(Entry::Reply(paragraphs));
+            return;
+        }
+        let answer = AnswerState {
+            text: self.signal(String::new()),
+            end: self.signal(None),
+            stop: self.signal(false),
+        };
+        self.push(Entry::Answer(answer));
+        let request = ChatRequest {
+            conversation_id: self.conversation.get_untracked(),
+            ..ChatRequest::new(text)
+        };
+        leptos::task::spawn_local(async move {
+            if let Some(id) = stream_chat(request, answer).await {
+                self.conversation.set(Some(id));
             }
         });
     }
