@@ -96,17 +96,26 @@ test('a running generation can be cancelled', async ({ page }, info) => {
   expect(errors).toEqual([]);
 });
 
-test('a conversation message gets a reply that says what the studio can do', async ({ page }, info) => {
+test('a greeting gets the language model\'s answer, streamed and stoppable', async ({ page }, info) => {
   const errors = watchConsole(page);
   await open(page, '/');
   await page.getByLabel('Message').fill('hi there, how are you today?');
   await page.getByRole('button', { name: 'Send' }).click();
   await expect(page.locator('.msg.user .verdict')).toContainText('conversation');
-  const reply = page.locator('.msg.reply').last();
-  await expect(reply).toContainText('Hello!');
-  await expect(reply).toContainText('Describe an image');
+  const answer = page.locator('.msg.answer').last();
+  // Text arrives while the answer is still being written (its Stop button is there), then Stop ends it.
+  const stop = answer.getByRole('button', { name: 'Stop' });
+  await expect(stop).toBeVisible();
+  await expect(answer.locator('.answer-text')).not.toBeEmpty({ timeout: 60_000 });
+  await expect(stop).toBeVisible();
+  await shot(page, info, '06-chat-answer');
+  await stop.click();
+  await expect(answer.locator('.verdict')).toContainText('stopped', { timeout: 60_000 });
+  await expect(answer.getByRole('button', { name: 'Stop' })).toHaveCount(0);
   await expect(page.locator('.generation')).toHaveCount(0);
-  await shot(page, info, '06-chat-reply');
+  // The conversation is kept by the server.
+  const conversations = await (await page.request.get('/chat/conversations/')).json();
+  expect(conversations[0].title).toBe('hi there, how are you today?');
   expect(errors).toEqual([]);
 });
 
@@ -230,7 +239,7 @@ test('phone width: every page fits and works', async ({ page }, info) => {
   await expect(page.locator('.settings details')).not.toHaveAttribute('open', '');
   await page.getByLabel('Message').fill('what can you do?');
   await page.getByLabel('Message').press('Enter');
-  await expect(page.locator('.msg.reply')).toBeVisible();
+  await expect(page.locator('.msg.answer')).toBeVisible();
   await shot(page, info, '18-phone-reply');
   expect(errors).toEqual([]);
 });

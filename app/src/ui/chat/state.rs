@@ -8,8 +8,8 @@ use super::socket::{stream_chat, stream_generation, AnswerState};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
-    ChatRequest, ClassifyRequest, ClassifyResponse, GenerateRequest, HealthResponse, Label, LoraList,
-    ModelsResponse,
+    ChatRequest, ClassifyRequest, ClassifyResponse, GenerateRequest, HealthResponse, Label,
+    LoraList, ModelsResponse,
 };
 
 #[derive(Clone)]
@@ -132,7 +132,9 @@ impl ChatState {
         });
         if let Some(reason) = chat_off {
             let mut paragraphs = reply(&text, health.as_ref());
-            paragraphs.push(format!("The chat's language model is unavailable: {reason}."));
+            paragraphs.push(format!(
+                "The chat's language model is unavailable: {reason}."
+            ));
             self.push(Entry::Reply(paragraphs));
             return;
         }
