@@ -217,6 +217,9 @@ fn health_and_openapi_describe_the_api() {
         "/jobs/{job_id}/cancel",
         "/loras/{model_id}",
         "/health",
+        "/chat/",
+        "/chat/conversations/{id}",
+        "/ws/chat",
     ] {
         assert!(
             doc["paths"].get(path).is_some(),
