@@ -113,9 +113,16 @@ test('a greeting gets the language model\'s answer, streamed and stoppable', asy
   await expect(answer.locator('.verdict')).toContainText('stopped', { timeout: 60_000 });
   await expect(answer.getByRole('button', { name: 'Stop' })).toHaveCount(0);
   await expect(page.locator('.generation')).toHaveCount(0);
-  // The conversation is kept by the server.
+  // The conversation is kept by the server, listed to reopen (its messages come back) or delete.
   const conversations = await (await page.request.get('/chat/conversations/')).json();
   expect(conversations[0].title).toBe('hi there, how are you today?');
+  const list = page.locator('details.conversations');
+  await list.locator('summary').click();
+  await list.getByRole('button', { name: 'hi there, how are you today?' }).click();
+  await expect(page.locator('.msg.past')).toHaveCount(2);
+  await list.getByRole('button', { name: 'Delete conversation' }).first().click();
+  await expect(list).toContainText('No conversation yet.');
+  await expect(page.locator('.msg.past')).toHaveCount(0);
   expect(errors).toEqual([]);
 });
 

@@ -6,7 +6,7 @@ use leptos::prelude::*;
 use super::generation::GenerationView;
 use super::state::{ChatState, Entry};
 use crate::ui::ErrorBox;
-use crate::{ChatFinish, Label};
+use crate::{ChatFinish, ChatRole, Label};
 
 #[component]
 pub(super) fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
@@ -36,6 +36,31 @@ pub(super) fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
             </div>
         }
         .into_any(),
+        Entry::Past {
+            role,
+            text,
+            image_job,
+        } => {
+            let class = match role {
+                ChatRole::User => "msg user past",
+                ChatRole::Assistant => "msg studio past",
+            };
+            match image_job {
+                Some(job) => view! {
+                    <div class=class>
+                        <img src=format!("/images/{job}") alt=text.clone() />
+                        <p>{text}</p>
+                    </div>
+                }
+                .into_any(),
+                None => view! {
+                    <div class=class>
+                        <p class="answer-text">{text}</p>
+                    </div>
+                }
+                .into_any(),
+            }
+        }
         Entry::Answer(answer) => view! {
             <div class="msg studio answer" data-testid="chat-answer">
                 <p class="answer-text">{move || answer.text.get()}</p>

@@ -36,6 +36,7 @@ pub fn ChatPage() -> impl IntoView {
             api::load_into("/models/".into(), chat.models);
         }
         api::load_into("/loras/".into(), chat.loras);
+        chat.load_conversations();
         leptos::task::spawn_local(async move {
             if let Ok(health) = api::get::<HealthResponse>("/health").await {
                 chat.health.set(Some(health));
@@ -50,6 +51,7 @@ pub fn ChatPage() -> impl IntoView {
         <Title text="Chat · FLUX studio" />
         <div class="chat-layout">
             <section class="chat" aria-label="Chat">
+                <Conversations chat />
                 <Thread chat />
                 <Composer chat />
             </section>
@@ -81,6 +83,48 @@ pub(super) fn Thread(chat: ChatState) -> impl IntoView {
             />
             <div node_ref=end></div>
         </div>
+    }
+}
+
+/// The stored conversations: reopen one (the next answers continue it) or delete it.
+#[component]
+pub(super) fn Conversations(chat: ChatState) -> impl IntoView {
+    view! {
+        <details class="conversations">
+            <summary>"Conversations"</summary>
+            {move || match chat.conversations.get() {
+                Load::Loading => view! { <p>"loading…"</p> }.into_any(),
+                Load::Failed(message) => view! { <crate::ui::ErrorBox message /> }.into_any(),
+                Load::Ready(list) if list.is_empty() => {
+                    view! { <p>"No conversation yet."</p> }.into_any()
+                }
+                Load::Ready(list) => view! {
+                    <ul>
+                        {list
+                            .into_iter()
+                            .map(|c| {
+                                let (open, forget) = (c.id.clone(), c.id.clone());
+                                view! {
+                                    <li>
+                                        <button class="link" on:click=move |_| chat.reopen(open.clone())>
+                                            {c.title}
+                                        </button>
+                                        <button
+                                            class="secondary"
+                                            aria-label="Delete conversation"
+                                            on:click=move |_| chat.forget(forget.clone())
+                                        >
+                                            "Delete"
+                                        </button>
+                                    </li>
+                                }
+                            })
+                            .collect_view()}
+                    </ul>
+                }
+                .into_any(),
+            }}
+        </details>
     }
 }
 

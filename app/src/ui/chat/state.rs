@@ -8,8 +8,8 @@ use super::socket::{stream_chat, stream_generation, AnswerState};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
-    ChatRequest, ClassifyRequest, ClassifyResponse, GenerateRequest, HealthResponse, Label,
-    LoraList, ModelsResponse,
+    ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, Conversation, ConversationSummary,
+    GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
 };
 
 #[derive(Clone)]
@@ -20,6 +20,12 @@ pub(super) enum Entry {
         verdict: RwSignal<Option<Result<ClassifyResponse, ()>>>,
     },
     Reply(Vec<String>),
+    /// A message of a reopened conversation, as it was stored.
+    Past {
+        role: ChatRole,
+        text: String,
+        image_job: Option<String>,
+    },
     /// The language model's answer, streamed as it is written.
     Answer(AnswerState),
     /// The message could not be classified; offers to generate anyway.
@@ -50,6 +56,8 @@ pub struct ChatState {
     pub(super) health: RwSignal<Option<HealthResponse>>,
     /// The stored conversation the chat's answers continue (`/chat/conversations/{id}`).
     pub(super) conversation: RwSignal<Option<String>>,
+    /// The stored conversations, to reopen or delete.
+    pub(super) conversations: RwSignal<Load<Vec<ConversationSummary>>>,
     /// The image shown full size, if any.
     pub(super) lightbox: RwSignal<Option<String>>,
     /// Signals of new entries belong to the app, not to the page that happened to create them.
@@ -66,6 +74,7 @@ impl ChatState {
             loras: RwSignal::new(Load::Loading),
             health: RwSignal::new(None),
             conversation: RwSignal::new(None),
+            conversations: RwSignal::new(Load::Loading),
             lightbox: RwSignal::new(None),
             owner: StoredValue::new(
                 Owner::current().expect("ChatState::provide runs in a component"),
@@ -151,6 +160,48 @@ impl ChatState {
         leptos::task::spawn_local(async move {
             if let Some(id) = stream_chat(request, answer).await {
                 self.conversation.set(Some(id));
+                self.load_conversations();
+            }
+        });
+    }
+
+    /// Refreshes the list of stored conversations.
+    pub(super) fn load_conversations(self) {
+        api::load_into("/chat/conversations/".into(), self.conversations);
+    }
+
+    /// Replaces the thread with a stored conversation, which the next answers continue.
+    pub(super) fn reopen(self, id: String) {
+        leptos::task::spawn_local(async move {
+            match api::get::<Conversation>(&format!("/chat/conversations/{id}")).await {
+                Ok(conversation) => {
+                    self.thread.set(Vec::new());
+                    for message in conversation.messages {
+                        self.push(Entry::Past {
+                            role: message.role,
+                            text: message.content,
+                            image_job: message.image_job,
+                        });
+                    }
+                    self.conversation.set(Some(conversation.id));
+                }
+                Err(message) => self.conversations.set(Load::Failed(message)),
+            }
+        });
+    }
+
+    /// Deletes a stored conversation; the thread starts afresh if it was the open one.
+    pub(super) fn forget(self, id: String) {
+        leptos::task::spawn_local(async move {
+            match api::delete(&format!("/chat/conversations/{id}")).await {
+                Ok(()) => {
+                    if self.conversation.get_untracked().as_deref() == Some(id.as_str()) {
+                        self.conversation.set(None);
+                        self.thread.set(Vec::new());
+                    }
+                    self.load_conversations();
+                }
+                Err(message) => self.conversations.set(Load::Failed(message)),
             }
         });
     }
