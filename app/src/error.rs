@@ -87,6 +87,8 @@ pub enum ErrorCode {
     OutOfMemory,
     /// 507: the server's disk is full: nothing of the request was kept.
     InsufficientStorage,
+    /// 500: the language model failed while answering (the conversation keeps the user's message).
+    ChatFailed,
 }
 
 impl ErrorCode {
@@ -104,7 +106,7 @@ impl ErrorCode {
             UnsupportedMediaType => 415,
             Validation | InvalidDataset | LoraNotFound => 422,
             QueueFull => 429,
-            Internal | GenerationFailed | TrainingFailed => 500,
+            Internal | GenerationFailed | TrainingFailed | ChatFailed => 500,
             Unavailable | LoraUnavailable | OutOfMemory => 503,
             InsufficientStorage => 507,
         }
@@ -140,10 +142,11 @@ impl ErrorCode {
             LoraUnavailable => "lora_unavailable",
             OutOfMemory => "out_of_memory",
             InsufficientStorage => "insufficient_storage",
+            ChatFailed => "chat_failed",
         }
     }
 
-    pub const ALL: [ErrorCode; 26] = {
+    pub const ALL: [ErrorCode; 27] = {
         use ErrorCode::*;
         [
             InvalidJson,
@@ -172,6 +175,7 @@ impl ErrorCode {
             LoraUnavailable,
             OutOfMemory,
             InsufficientStorage,
+            ChatFailed,
         ]
     };
 }

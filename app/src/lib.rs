@@ -6,6 +6,7 @@
 #![cfg_attr(feature = "ui", recursion_limit = "256")]
 
 pub mod catalog;
+pub mod chat;
 pub mod classify;
 pub mod dataset;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod train;
 pub mod ui;
 
 pub use catalog::*;
+pub use chat::*;
 pub use classify::*;
 pub use dataset::{CheckedImage, DatasetCheck, SkippedFile, IMAGE_EXTENSIONS};
 pub use error::*;

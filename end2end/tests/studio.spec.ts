@@ -117,17 +117,33 @@ test('two images in one request show their previews, then both images as a grid'
   expect(errors).toEqual([]);
 });
 
-test('a conversation message gets a reply that says what the studio can do', async ({ page }, info) => {
+test('a greeting gets the language model\'s answer, streamed and stoppable', async ({ page }, info) => {
   const errors = watchConsole(page);
   await open(page, '/');
   await page.getByLabel('Message').fill('hi there, how are you today?');
   await page.getByRole('button', { name: 'Send' }).click();
   await expect(page.locator('.msg.user .verdict')).toContainText('conversation');
-  const reply = page.locator('.msg.reply').last();
-  await expect(reply).toContainText('Hello!');
-  await expect(reply).toContainText('Describe an image');
+  const answer = page.locator('.msg.answer').last();
+  // Text arrives while the answer is still being written (its Stop button is there), then Stop ends it.
+  const stop = answer.getByRole('button', { name: 'Stop' });
+  await expect(stop).toBeVisible();
+  await expect(answer.locator('.answer-text')).not.toBeEmpty({ timeout: 60_000 });
+  await expect(stop).toBeVisible();
+  await shot(page, info, '06-chat-answer');
+  await stop.click();
+  await expect(answer.locator('.verdict')).toContainText('stopped', { timeout: 60_000 });
+  await expect(answer.getByRole('button', { name: 'Stop' })).toHaveCount(0);
   await expect(page.locator('.generation')).toHaveCount(0);
-  await shot(page, info, '06-chat-reply');
+  // The conversation is kept by the server, listed to reopen (its messages come back) or delete.
+  const conversations = await (await page.request.get('/chat/conversations/')).json();
+  expect(conversations[0].title).toBe('hi there, how are you today?');
+  const list = page.locator('details.conversations');
+  await list.locator('summary').click();
+  await list.getByRole('button', { name: 'hi there, how are you today?' }).click();
+  await expect(page.locator('.msg.past')).toHaveCount(2);
+  await list.getByRole('button', { name: 'Delete conversation' }).first().click();
+  await expect(list).toContainText('No conversation yet.');
+  await expect(page.locator('.msg.past')).toHaveCount(0);
   expect(errors).toEqual([]);
 });
 
@@ -251,7 +267,7 @@ test('phone width: every page fits and works', async ({ page }, info) => {
   await expect(page.locator('.settings details')).not.toHaveAttribute('open', '');
   await page.getByLabel('Message').fill('what can you do?');
   await page.getByLabel('Message').press('Enter');
-  await expect(page.locator('.msg.reply')).toBeVisible();
+  await expect(page.locator('.msg.answer')).toBeVisible();
   await shot(page, info, '18-phone-reply');
   expect(errors).toEqual([]);
 });

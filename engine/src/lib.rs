@@ -2,6 +2,7 @@
 //! training and the prompt classifier. Nothing here knows about HTTP.
 
 pub mod builtin;
+pub mod chat;
 pub mod classifier;
 pub mod device;
 pub mod hub;

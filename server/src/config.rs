@@ -78,6 +78,36 @@ pub struct ServeConfig {
     pub site_dir: PathBuf,
     #[command(flatten)]
     pub classifier: ClassifierConfig,
+    #[command(flatten)]
+    pub chat: ChatConfig,
+}
+
+/// The chat's language model: a local GGUF model, or an OpenAI-compatible server the user runs.
+#[derive(Debug, Clone, Args)]
+pub struct ChatConfig {
+    /// The local model: a preset (smollm2-135m, qwen2.5-3b, qwen2.5-7b, llama-3.2-3b), a .gguf file, or
+    /// owner/repo:file.gguf on the hub. The default is installed by `scripts/fetch-models`.
+    #[arg(long, env = "STUDIO_CHAT_MODEL", default_value = "smollm2-135m")]
+    pub chat_model: String,
+    /// Where the local model runs: auto (the GPU when there is one), cpu, cuda.
+    #[arg(long, env = "STUDIO_CHAT_DEVICE", default_value = "auto")]
+    pub chat_device: DeviceChoice,
+    /// An OpenAI-compatible server to answer instead of the local model: its base URL up to `/v1`
+    /// (Ollama: http://127.0.0.1:11434/v1, llama.cpp's llama-server: http://127.0.0.1:8080/v1).
+    #[arg(long, env = "STUDIO_CHAT_SERVER")]
+    pub chat_server: Option<String>,
+    /// The model name to ask that server for (e.g. `llama3.2` for Ollama).
+    #[arg(long, env = "STUDIO_CHAT_SERVER_MODEL", requires = "chat_server")]
+    pub chat_server_model: Option<String>,
+    /// The API key that server wants, sent as a bearer token.
+    #[arg(long, env = "STUDIO_CHAT_SERVER_KEY", hide_env_values = true)]
+    pub chat_server_key: Option<Secret>,
+    /// New tokens an answer may have at most (a request's `max_tokens` is capped by it).
+    #[arg(long, env = "STUDIO_CHAT_MAX_TOKENS", default_value_t = 512)]
+    pub chat_max_tokens: u32,
+    /// Chat answers waiting or in progress at once (answered one at a time); one more is answered 429.
+    #[arg(long, env = "STUDIO_CHAT_QUEUE", default_value_t = 8)]
+    pub chat_queue: usize,
 }
 
 /// Where the prompt classifier's two parts come from. The defaults are relative to the working directory, the

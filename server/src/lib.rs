@@ -49,6 +49,8 @@ pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<R
         json_limit: usize::try_from(config.json_limit).unwrap_or(usize::MAX),
         upload_limit: usize::try_from(config.upload_limit).unwrap_or(usize::MAX),
         classify_slots: Arc::new(tokio::sync::Semaphore::new(config.classify_queue)),
+        chat_slots: Arc::new(tokio::sync::Semaphore::new(config.chat.chat_queue)),
+        chat_max_tokens: config.chat.chat_max_tokens.max(1),
         cors_origins: config.cors_origins.clone(),
     };
     let state = AppState {

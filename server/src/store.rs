@@ -1,5 +1,5 @@
-//! The SQLite job store: jobs (a row each, kept current), their events (append-only, for replay), and
-//! settings. One connection behind a mutex: every statement is short, and the worker thread and the request
+//! The SQLite job store: jobs (a row each, kept current), their events (append-only, for replay),
+//! settings, and the chat's conversations with their messages. One connection behind a mutex: every statement is short, and the worker thread and the request
 //! handlers (through `Store::call`, off the async runtime) share it.
 
 use std::path::Path;
@@ -7,12 +7,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use app::{EventBody, JobEvent, JobKind, JobRecord, JobStatus};
+use app::{
+    ChatFinish, ChatMessage, ChatRole, Conversation, ConversationSummary, EventBody, JobEvent,
+    JobKind, JobRecord, JobStatus,
+};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde_json::{Map, Value};
 
 /// Bumped with every change to `SCHEMA`; opening a newer database fails rather than misreading it.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -40,7 +43,39 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- Schema 2: conversations. A message that is an image names its generation job (no foreign key: a
+-- conversation outlives nothing of the job, and the job outlives a deleted conversation).
+CREATE TABLE IF NOT EXISTS conversations (
+    id         TEXT PRIMARY KEY,
+    title      TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_by_updated ON conversations (updated_at);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    seq             INTEGER NOT NULL,
+    role            TEXT NOT NULL,
+    content         TEXT NOT NULL,
+    image_job       TEXT,
+    model           TEXT,
+    finish          TEXT,
+    at              INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+);
 ";
+
+/// Characters of the first message a conversation's title keeps.
+const TITLE_CHARS: usize = 60;
+
+/// A message to append to a conversation.
+pub struct NewMessage<'a> {
+    pub role: ChatRole,
+    pub content: &'a str,
+    pub image_job: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub finish: Option<ChatFinish>,
+}
 
 pub struct Store {
     conn: Mutex<Connection>,
@@ -225,6 +260,147 @@ impl Store {
             job_from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Starts a conversation titled after its first message.
+    pub fn create_conversation(&self, id: &str, first_message: &str) -> anyhow::Result<()> {
+        let mut title: String = first_message.trim().chars().take(TITLE_CHARS).collect();
+        if first_message.trim().chars().count() > TITLE_CHARS {
+            title.push('…');
+        }
+        let now = now_ms();
+        self.conn().execute(
+            "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+            params![id, title, now],
+        )?;
+        Ok(())
+    }
+
+    /// Appends a message; `None` when there is no such conversation (deleted meanwhile, say).
+    pub fn add_message(
+        &self,
+        conversation: &str,
+        message: &NewMessage,
+    ) -> anyhow::Result<Option<u64>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let touched = tx.execute(
+            "UPDATE conversations SET updated_at = ?2 WHERE id = ?1",
+            params![conversation, now],
+        )?;
+        if touched == 0 {
+            return Ok(None);
+        }
+        let seq: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?1",
+            [conversation],
+            |r| r.get(0),
+        )?;
+        let role = match message.role {
+            ChatRole::User => "user",
+            ChatRole::Assistant => "assistant",
+        };
+        let finish = message
+            .finish
+            .map(|f| serde_json::to_value(f).map(|v| v.as_str().unwrap_or_default().to_owned()))
+            .transpose()?;
+        tx.execute(
+            "INSERT INTO messages (conversation_id, seq, role, content, image_job, model, finish, at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                conversation,
+                seq,
+                role,
+                message.content,
+                message.image_job,
+                message.model,
+                finish,
+                now
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Some(seq as u64))
+    }
+
+    /// Newest first.
+    pub fn conversations(&self) -> anyhow::Result<Vec<ConversationSummary>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT c.id, c.title, c.created_at, c.updated_at, \
+                    (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) \
+             FROM conversations c ORDER BY c.updated_at DESC, c.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ConversationSummary {
+                id: r.get(0)?,
+                title: r.get(1)?,
+                created_at: r.get(2)?,
+                updated_at: r.get(3)?,
+                messages: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn conversation(&self, id: &str) -> anyhow::Result<Option<Conversation>> {
+        let conn = self.conn();
+        let head = conn
+            .query_row(
+                "SELECT title, created_at, updated_at FROM conversations WHERE id = ?1",
+                [id],
+                |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((title, created_at, updated_at)) = head else {
+            return Ok(None);
+        };
+        let mut stmt = conn.prepare(
+            "SELECT seq, role, content, image_job, model, finish, at FROM messages \
+             WHERE conversation_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })?;
+        let messages = rows
+            .map(|row| {
+                let (seq, role, content, image_job, model, finish, at) = row?;
+                Ok(ChatMessage {
+                    seq: seq as u64,
+                    role: serde_json::from_value(Value::String(role))?,
+                    content,
+                    image_job,
+                    model,
+                    finish: finish
+                        .map(|f| serde_json::from_value(Value::String(f)))
+                        .transpose()?,
+                    at,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Some(Conversation {
+            id: id.to_owned(),
+            title,
+            created_at,
+            updated_at,
+            messages,
+        }))
+    }
+
+    /// Removes a conversation and its messages (not the images' jobs); false when there was none.
+    pub fn delete_conversation(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM conversations WHERE id = ?1", [id])?
+            > 0)
     }
 
     pub fn settings(&self) -> anyhow::Result<Map<String, Value>> {

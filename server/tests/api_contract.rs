@@ -30,6 +30,8 @@ async fn studio_with(
             steps: 2,
             step_time: Duration::ZERO,
         })),
+        chat: None,
+        chat_error: None,
     };
     let running = server::start(&config(dir.path()), caps).await.unwrap();
     (dir, format!("http://{}", running.addr))

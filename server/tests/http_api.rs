@@ -209,7 +209,7 @@ fn health_and_openapi_describe_the_api() {
     let (_, body) = curl(&[&format!("{}/health", s.url)]);
     let health: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["status"], "ok");
-    assert_eq!(health["capabilities"].as_array().unwrap().len(), 3);
+    assert_eq!(health["capabilities"].as_array().unwrap().len(), 4);
     let available: Vec<(String, bool)> = health["capabilities"]
         .as_array()
         .unwrap()
@@ -226,7 +226,8 @@ fn health_and_openapi_describe_the_api() {
         [
             ("generation".into(), true),
             ("classification".into(), true),
-            ("training".into(), true)
+            ("training".into(), true),
+            ("chat".into(), true)
         ]
     );
     let (_, body) = curl(&[&format!("{}/openapi.json", s.url)]);
@@ -239,6 +240,9 @@ fn health_and_openapi_describe_the_api() {
         "/jobs/{job_id}/cancel",
         "/loras/{model_id}",
         "/health",
+        "/chat/",
+        "/chat/conversations/{id}",
+        "/ws/chat",
     ] {
         assert!(
             doc["paths"].get(path).is_some(),

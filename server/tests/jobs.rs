@@ -33,6 +33,8 @@ async fn studio(step_time: Duration, generation_queue: usize, upload_limit: u64)
             steps: 4,
             step_time: Duration::from_millis(20),
         })),
+        chat: None,
+        chat_error: None,
     };
     let mut cfg = config(dir.path());
     cfg.generation_queue = generation_queue;

@@ -32,6 +32,8 @@ async fn studio(training_queue: usize) -> Studio {
             steps: 1000,
             step_time: Duration::from_millis(50),
         })),
+        chat: None,
+        chat_error: None,
     };
     let mut cfg = config(dir.path());
     cfg.training_queue = training_queue;

@@ -56,6 +56,18 @@ pub async fn post_empty(path: &str) -> Result<(), String> {
     read::<serde_json::Value>(path, response).await.map(drop)
 }
 
+/// A DELETE; the answer (204, no body) is not needed.
+pub async fn delete(path: &str) -> Result<(), String> {
+    let response = Request::delete(path).send().await.map_err(unreachable)?;
+    let status = response.status();
+    ask_for_token_on(status);
+    if response.ok() {
+        return Ok(());
+    }
+    let text = response.text().await.map_err(unreachable)?;
+    Err(error_message(status, &text))
+}
+
 /// A 401 means this studio has an access token the browser lacks: off to the token page, and back here after.
 fn ask_for_token_on(status: u16) {
     if status != 401 {

@@ -1,6 +1,7 @@
 //! The engine behind the capability traits of `jobs::capability`: generation and LoRA training on one
-//! resident FLUX pipeline, and the prompt classifier.
+//! resident FLUX pipeline, the prompt classifier, and the chat's language model.
 
+pub mod chat;
 pub mod classification;
 pub mod generation;
 pub mod model_choice;
@@ -10,7 +11,7 @@ pub mod training;
 use std::sync::Arc;
 
 use crate::config::ServeConfig;
-use crate::jobs::capability::{Capabilities, Classification};
+use crate::jobs::capability::{Capabilities, Chat, Classification};
 use generation::FluxGeneration;
 use training::FluxTraining;
 
@@ -31,10 +32,19 @@ pub fn from_config(config: &ServeConfig) -> anyhow::Result<Capabilities> {
             (None, Some(format!("{e:#}")))
         }
     };
+    let (chat, chat_error) = match chat::load(&config.chat) {
+        Ok(chat) => (Some(Arc::new(chat) as Arc<dyn Chat>), None),
+        Err(e) => {
+            tracing::warn!("the chat's language model is unavailable: {e:#}");
+            (None, Some(format!("{e:#}")))
+        }
+    };
     Ok(Capabilities {
         generation: Some(Arc::new(generation)),
         classification,
         classification_error,
         training: Some(Arc::new(trainer)),
+        chat,
+        chat_error,
     })
 }

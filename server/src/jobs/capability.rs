@@ -168,6 +168,22 @@ pub trait Classification: Send + Sync {
     ) -> anyhow::Result<f32>;
 }
 
+/// The chat's language model: answers a conversation, streaming its text. Runs on tokio's blocking pool,
+/// one answer at a time (the implementation serializes them).
+pub trait Chat: Send + Sync {
+    /// The model answers are written by, as responses name it.
+    fn model(&self) -> String;
+
+    /// Answers the last user turn of `turns` (system first); `on_text` gets each piece as it is decoded
+    /// and returns `Control::Cancel` to stop there, after which the part written so far is returned.
+    fn answer(
+        &self,
+        turns: &[engine::chat::Turn],
+        settings: &engine::chat::SamplingSettings,
+        on_text: &mut dyn FnMut(&str) -> Control,
+    ) -> anyhow::Result<engine::chat::Answer>;
+}
+
 /// LoRA training, advanced one optimizer step at a time so the worker can serve generations in between.
 pub trait Training: Send + Sync {
     /// Checks the settings of `POST /train/` (typed and range-checked already) against the model they
@@ -241,11 +257,15 @@ pub struct Capabilities {
     /// `/health` and the 503 tell the operator what to fix.
     pub classification_error: Option<String>,
     pub training: Option<Arc<dyn Training>>,
+    pub chat: Option<Arc<dyn Chat>>,
+    /// Why `chat` is `None` when its model could not be set up (a missing file, say).
+    pub chat_error: Option<String>,
 }
 
 pub const GENERATION_UNAVAILABLE: &str = "generation engine not available in this build yet";
 pub const CLASSIFICATION_UNAVAILABLE: &str = "prompt classifier not available in this build yet";
 pub const TRAINING_UNAVAILABLE: &str = "LoRA training not available in this build yet";
+pub const CHAT_UNAVAILABLE: &str = "the chat's language model is not available in this build";
 
 impl Capabilities {
     /// The classifier, or why there is none.
@@ -257,8 +277,15 @@ impl Capabilities {
         })
     }
 
+    /// The chat's model, or why there is none.
+    pub fn chat(&self) -> Result<Arc<dyn Chat>, &str> {
+        self.chat
+            .clone()
+            .ok_or_else(|| self.chat_error.as_deref().unwrap_or(CHAT_UNAVAILABLE))
+    }
+
     /// For `/health`: (name, unavailability reason).
-    pub fn states(&self) -> [(&'static str, Option<&str>); 3] {
+    pub fn states(&self) -> [(&'static str, Option<&str>); 4] {
         [
             (
                 "generation",
@@ -269,6 +296,7 @@ impl Capabilities {
                 "training",
                 self.training.is_none().then_some(TRAINING_UNAVAILABLE),
             ),
+            ("chat", self.chat().err()),
         ]
     }
 }

@@ -13,12 +13,17 @@ use utoipa::OpenApi;
 #[openapi(
     info(
         title = "FLUX studio API",
-        description = "Text-to-image, prompt classification and LoRA training. \
+        description = "Text-to-image, prompt classification, LoRA training and a chat with a language model. \
         Every path also answers without its trailing slash. Errors are `{\"error\": {\"code\", \"message\"}}`."
     ),
     paths(
         super::generate::generate,
         super::classify::classify,
+        super::chat::chat,
+        super::chat::list,
+        super::chat::show,
+        super::chat::delete,
+        super::chat::add_image,
         super::train::train,
         super::train::status,
         super::train::resume,
@@ -36,8 +41,15 @@ use utoipa::OpenApi;
         super::info::update_settings,
         super::ws::generation,
         super::ws::training,
+        super::ws::chat,
     ),
-    components(schemas(app::JobEvent, app::EventBody, app::ClientMessage))
+    components(schemas(
+        app::JobEvent,
+        app::EventBody,
+        app::ClientMessage,
+        app::ChatEvent,
+        app::ChatClientMessage
+    ))
 )]
 struct ApiDoc;
 

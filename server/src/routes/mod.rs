@@ -2,6 +2,7 @@
 //! API's JSON error.
 
 mod auth;
+mod chat;
 mod classify;
 mod docs;
 mod downloads;
@@ -48,6 +49,10 @@ pub struct HttpSettings {
     pub upload_limit: usize,
     /// Classification requests in flight at once.
     pub classify_slots: Arc<tokio::sync::Semaphore>,
+    /// Chat answers waiting or in progress at once.
+    pub chat_slots: Arc<tokio::sync::Semaphore>,
+    /// The most new tokens an answer may have.
+    pub chat_max_tokens: u32,
     /// Browser origins other than our own that may call the API.
     pub cors_origins: Vec<CorsOrigin>,
 }
@@ -84,7 +89,7 @@ fn cors(origins: &[CorsOrigin]) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::PUT])
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
 }
 
@@ -96,6 +101,16 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
     let router = Router::new()
         .route("/generate", post(generate::generate).layer(json))
         .route("/classify", post(classify::classify).layer(json))
+        .route("/chat", post(chat::chat).layer(json))
+        .route("/chat/conversations", get(chat::list))
+        .route(
+            "/chat/conversations/{id}",
+            get(chat::show).delete(chat::delete),
+        )
+        .route(
+            "/chat/conversations/{id}/images",
+            post(chat::add_image).layer(json),
+        )
         .route("/train", post(train::train).layer(upload))
         .route("/train/status/{model_id}", get(train::status))
         .route("/train/{model_id}/resume", post(train::resume))
@@ -115,6 +130,7 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
         )
         .route("/ws/generate", get(ws::generation))
         .route("/ws/train/{model_id}", get(ws::training))
+        .route("/ws/chat", get(ws::chat))
         .route("/openapi.json", get(docs::openapi_json))
         .route("/docs", get(docs::page));
     let router = ui::add(router, &state)

@@ -3,19 +3,26 @@
 //! `{"type": "cancel"}` cancels the job. Training: the job's log is replayed, then live events follow until
 //! the job ends; closing this socket does not touch the job.
 
-use app::{ClientMessage, ErrorCode, EventBody, GenerateRequest, JobEvent};
+use app::{
+    ChatClientMessage, ChatEvent, ChatRequest, ClientMessage, ErrorCode, EventBody,
+    GenerateRequest, JobEvent,
+};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::chat::{answer, prepare};
 use super::generate::{submit, CancelOnDrop};
 use super::train::training_record;
 use super::{job_id, ApiPath, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
+use crate::jobs::capability::Control;
 use crate::store::now_ms;
 
 /// Generation stream: send a `GenerateRequest` as the first text message.
@@ -45,6 +52,19 @@ pub async fn training(
     training_record(&state, &model_id).await?;
     let id = job_id(&model_id)?;
     Ok(upgrade?.on_upgrade(move |socket| training_session(state, id, socket)))
+}
+
+/// Chat stream: send a `ChatRequest` as the first text message.
+#[utoipa::path(get, path = "/ws/chat", tag = "streams", responses(
+    (status = 101, description = "WebSocket: send a ChatRequest, receive ChatEvent messages (`start`, `token`s, then `done` or `error`); send `{\"type\": \"stop\"}` or close to stop the answer, which keeps what it wrote"),
+))]
+pub async fn chat(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    Ok(upgrade?
+        .max_message_size(state.settings.json_limit)
+        .on_upgrade(move |socket| chat_session(state, socket)))
 }
 
 async fn send_json(socket: &mut WebSocket, value: &impl Serialize) -> bool {
@@ -212,4 +232,110 @@ async fn replay(state: &AppState, id: JobId, socket: &mut WebSocket, last: &mut 
         *last = event.seq;
     }
     true
+}
+
+/// The first text message as a `T`, or the error to answer; `None` when the client left.
+async fn first_request<T: serde::de::DeserializeOwned>(
+    socket: &mut WebSocket,
+    what: &str,
+) -> Option<Result<T, ApiError>> {
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Text(text))) => {
+                return Some(serde_json::from_str::<T>(&text).map_err(|err| {
+                    let code = if err.is_data() {
+                        ErrorCode::Validation
+                    } else {
+                        ErrorCode::InvalidJson
+                    };
+                    ApiError::new(code, format!("the request is not a {what}: {err}"))
+                }))
+            }
+            Some(Ok(Message::Binary(_))) => {
+                return Some(Err(ApiError::new(
+                    ErrorCode::InvalidJson,
+                    "send the request as a JSON text message",
+                )))
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
+        }
+    }
+}
+
+async fn chat_session(state: AppState, mut socket: WebSocket) {
+    let request = match first_request::<ChatRequest>(&mut socket, "ChatRequest").await {
+        None => return,
+        Some(Ok(request)) => request,
+        Some(Err(error)) => {
+            let _ = send_json(&mut socket, &ChatEvent::Error(error.detail())).await;
+            return close(socket).await;
+        }
+    };
+    let prepared = match prepare(&state, request).await {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            let _ = send_json(&mut socket, &ChatEvent::Error(error.detail())).await;
+            return close(socket).await;
+        }
+    };
+    let start = ChatEvent::Start {
+        conversation_id: prepared.conversation_id.clone(),
+        model: prepared.chat.model(),
+    };
+    if !send_json(&mut socket, &start).await {
+        return;
+    }
+    // The model's pieces come over a channel; a stop (or a gone client) sets the flag the model checks
+    // after each piece.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (pieces_tx, mut pieces) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let flag = Arc::clone(&stop);
+    let on_text = move |piece: &str| {
+        let _ = pieces_tx.send(piece.to_owned());
+        if flag.load(Ordering::SeqCst) {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
+    };
+    let answering = {
+        let state = state.clone();
+        tokio::spawn(async move { answer(&state, prepared, on_text).await })
+    };
+    let mut client_gone = false;
+    loop {
+        tokio::select! {
+            piece = pieces.recv() => match piece {
+                Some(text) => {
+                    if !client_gone && !send_json(&mut socket, &ChatEvent::Token { text }).await {
+                        client_gone = true;
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+                // The answer is over: every piece has been passed on.
+                None => break,
+            },
+            message = socket.recv(), if !client_gone => match message {
+                Some(Ok(Message::Text(text))) => {
+                    if serde_json::from_str::<ChatClientMessage>(&text).is_ok() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+                Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    client_gone = true;
+                    stop.store(true, Ordering::SeqCst);
+                }
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let done = match answering.await {
+        Ok(Ok(response)) => ChatEvent::Done(response),
+        Ok(Err(error)) => ChatEvent::Error(error.detail()),
+        Err(err) => ChatEvent::Error(ApiError::internal("the chat task", err).detail()),
+    };
+    if !client_gone && send_json(&mut socket, &done).await {
+        close(socket).await;
+    }
 }

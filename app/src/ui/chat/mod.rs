@@ -1,6 +1,6 @@
 //! Chat and generate: every message is classified by `POST /classify/`; an image request becomes a
-//! generation over `/ws/generate` with live step previews, anything else gets a reply that says what the
-//! studio can do. The thread lives for the whole visit (not just this page), so a generation keeps going
+//! generation over `/ws/generate` with live step previews, anything else is answered by the language
+//! model over `/ws/chat`, streamed as it is written (in a stored conversation the next answer continues). The thread lives for the whole visit (not just this page), so a generation keeps going
 //! and stays visible while the user looks at the gallery or the jobs.
 
 mod composer;
@@ -36,6 +36,7 @@ pub fn ChatPage() -> impl IntoView {
             api::load_into("/models/".into(), chat.models);
         }
         api::load_into("/loras/".into(), chat.loras);
+        chat.load_conversations();
         leptos::task::spawn_local(async move {
             if let Ok(health) = api::get::<HealthResponse>("/health").await {
                 chat.health.set(Some(health));
@@ -50,6 +51,7 @@ pub fn ChatPage() -> impl IntoView {
         <Title text="Chat · FLUX studio" />
         <div class="chat-layout">
             <section class="chat" aria-label="Chat">
+                <Conversations chat />
                 <Thread chat />
                 <Composer chat />
             </section>
@@ -84,6 +86,48 @@ pub(super) fn Thread(chat: ChatState) -> impl IntoView {
     }
 }
 
+/// The stored conversations: reopen one (the next answers continue it) or delete it.
+#[component]
+pub(super) fn Conversations(chat: ChatState) -> impl IntoView {
+    view! {
+        <details class="conversations">
+            <summary>"Conversations"</summary>
+            {move || match chat.conversations.get() {
+                Load::Loading => view! { <p>"loading…"</p> }.into_any(),
+                Load::Failed(message) => view! { <crate::ui::ErrorBox message /> }.into_any(),
+                Load::Ready(list) if list.is_empty() => {
+                    view! { <p>"No conversation yet."</p> }.into_any()
+                }
+                Load::Ready(list) => view! {
+                    <ul>
+                        {list
+                            .into_iter()
+                            .map(|c| {
+                                let (open, forget) = (c.id.clone(), c.id.clone());
+                                view! {
+                                    <li>
+                                        <button class="link" on:click=move |_| chat.reopen(open.clone())>
+                                            {c.title}
+                                        </button>
+                                        <button
+                                            class="secondary"
+                                            aria-label="Delete conversation"
+                                            on:click=move |_| chat.forget(forget.clone())
+                                        >
+                                            "Delete"
+                                        </button>
+                                    </li>
+                                }
+                            })
+                            .collect_view()}
+                    </ul>
+                }
+                .into_any(),
+            }}
+        </details>
+    }
+}
+
 #[component]
 pub(super) fn Welcome(chat: ChatState) -> impl IntoView {
     let examples = [
@@ -96,7 +140,7 @@ pub(super) fn Welcome(chat: ChatState) -> impl IntoView {
             <h1>"What shall we make?"</h1>
             <p>
                 "Describe an image and the studio draws it, showing each step as it sharpens. "
-                "Ask anything else and it tells you what it can do."
+                "Ask anything else and its language model answers."
             </p>
             <div class="examples">
                 {examples

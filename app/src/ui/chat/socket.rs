@@ -1,4 +1,5 @@
-//! The generation WebSocket's client: sends the request, folds the stream's events into the view's state.
+//! The WebSockets' clients: a generation's events folded into its view's state, and the language
+//! model's answer streamed into the chat.
 
 use futures_util::{SinkExt, StreamExt};
 use gloo_net::websocket::futures::WebSocket;
@@ -7,7 +8,7 @@ use leptos::prelude::*;
 
 use super::progress::{GenState, Phase};
 use crate::ui::api;
-use crate::{GenerateRequest, JobEvent};
+use crate::{ChatClientMessage, ChatEvent, ChatFinish, ChatRequest, GenerateRequest, JobEvent};
 
 /// Runs one generation over the WebSocket, folding its events into `state`. The socket stays open until the
 /// job ends; the server cancels the job if it closes early.
@@ -41,4 +42,66 @@ pub(super) async fn stream_generation(request: GenerateRequest, state: RwSignal<
     if !state.get_untracked().phase.is_over() {
         fail("the connection to the studio closed before the image was finished".into());
     }
+}
+
+/// What the chat's answer view shows: the text so far, and how it ended.
+#[derive(Clone, Copy)]
+pub(super) struct AnswerState {
+    pub(super) text: RwSignal<String>,
+    /// `None` while it is being written.
+    pub(super) end: RwSignal<Option<Result<ChatFinish, String>>>,
+    /// Set by the stop button; the stream sends the stop at its next message.
+    pub(super) stop: RwSignal<bool>,
+}
+
+/// Streams the language model's answer to `request` over `/ws/chat` into `answer`; returns the
+/// conversation it belongs to, so the next message continues it.
+pub(super) async fn stream_chat(request: ChatRequest, answer: AnswerState) -> Option<String> {
+    let fail = |message: String| answer.end.set(Some(Err(message)));
+    let socket = match WebSocket::open(&api::ws_url("/ws/chat")) {
+        Ok(socket) => socket,
+        Err(e) => {
+            fail(format!("could not open the chat stream: {e}"));
+            return None;
+        }
+    };
+    let (mut sink, mut stream) = socket.split();
+    let text = serde_json::to_string(&request).expect("a request serializes");
+    if let Err(e) = sink.send(Message::Text(text)).await {
+        fail(format!("could not send the message: {e}"));
+        return None;
+    }
+    let mut conversation = None;
+    let mut stop_sent = false;
+    while let Some(message) = stream.next().await {
+        if answer.stop.get_untracked() && !stop_sent {
+            stop_sent = true;
+            let stop = serde_json::to_string(&ChatClientMessage::Stop).expect("serializes");
+            let _ = sink.send(Message::Text(stop)).await;
+        }
+        match message {
+            Ok(Message::Text(text)) => match serde_json::from_str::<ChatEvent>(&text) {
+                Ok(ChatEvent::Start {
+                    conversation_id, ..
+                }) => conversation = Some(conversation_id),
+                Ok(ChatEvent::Token { text }) => answer.text.update(|t| t.push_str(&text)),
+                Ok(ChatEvent::Done(done)) => {
+                    answer.text.set(done.answer);
+                    answer.end.set(Some(Ok(done.finish)));
+                }
+                Ok(ChatEvent::Error(error)) => fail(error.message),
+                Err(_) => {}
+            },
+            Ok(Message::Bytes(_)) => {}
+            Err(WebSocketError::ConnectionClose(_)) => break,
+            Err(e) => {
+                fail(format!("the chat stream failed: {e}"));
+                break;
+            }
+        }
+    }
+    if answer.end.get_untracked().is_none() {
+        fail("the connection to the studio closed before the answer was finished".into());
+    }
+    conversation
 }

@@ -4,12 +4,13 @@ use leptos::prelude::*;
 
 use super::form::Settings;
 use super::progress::GenState;
-use super::socket::stream_generation;
+use super::socket::{stream_chat, stream_generation, AnswerState};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
-    ClassifyRequest, ClassifyResponse, ContextTurn, GenerateRequest, HealthResponse, Label,
-    LoraList, ModelsResponse, TurnKind, TurnRole,
+    ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
+    ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
+    TurnKind, TurnRole,
 };
 
 /// Turns sent with each message to `/classify/`: enough for it to know what the last answer was.
@@ -23,6 +24,14 @@ pub(super) enum Entry {
         verdict: RwSignal<Option<Result<ClassifyResponse, ()>>>,
     },
     Reply(Vec<String>),
+    /// A message of a reopened conversation, as it was stored.
+    Past {
+        role: ChatRole,
+        text: String,
+        image_job: Option<String>,
+    },
+    /// The language model's answer, streamed as it is written.
+    Answer(AnswerState),
     /// The message could not be classified; offers to generate anyway.
     Unclassified {
         prompt: String,
@@ -49,6 +58,10 @@ pub struct ChatState {
     pub(super) models: RwSignal<Load<ModelsResponse>>,
     pub(super) loras: RwSignal<Load<LoraList>>,
     pub(super) health: RwSignal<Option<HealthResponse>>,
+    /// The stored conversation the chat's answers continue (`/chat/conversations/{id}`).
+    pub(super) conversation: RwSignal<Option<String>>,
+    /// The stored conversations, to reopen or delete.
+    pub(super) conversations: RwSignal<Load<Vec<ConversationSummary>>>,
     /// The image shown full size, if any.
     pub(super) lightbox: RwSignal<Option<String>>,
     /// Signals of new entries belong to the app, not to the page that happened to create them.
@@ -64,6 +77,8 @@ impl ChatState {
             models: RwSignal::new(Load::Loading),
             loras: RwSignal::new(Load::Loading),
             health: RwSignal::new(None),
+            conversation: RwSignal::new(None),
+            conversations: RwSignal::new(Load::Loading),
             lightbox: RwSignal::new(None),
             owner: StoredValue::new(
                 Owner::current().expect("ChatState::provide runs in a component"),
@@ -101,6 +116,28 @@ impl ChatState {
                 Entry::Generation { request, .. } => {
                     Some(turn(TurnRole::Assistant, &request.prompt, TurnKind::Image))
                 }
+                Entry::Answer(answer) => Some(turn(
+                    TurnRole::Assistant,
+                    &answer.text.get_untracked(),
+                    TurnKind::Text,
+                )),
+                // A reopened conversation's message: an image when it recorded one.
+                Entry::Past {
+                    role,
+                    text,
+                    image_job,
+                } => {
+                    let role = match role {
+                        ChatRole::User => TurnRole::User,
+                        ChatRole::Assistant => TurnRole::Assistant,
+                    };
+                    let kind = if image_job.is_some() {
+                        TurnKind::Image
+                    } else {
+                        TurnKind::Text
+                    };
+                    Some(turn(role, text, kind))
+                }
                 Entry::Unclassified { .. } => None,
             })
             .collect();
@@ -131,8 +168,7 @@ impl ChatState {
                     if answer.label == Label::ImageRequest {
                         self.generate(text);
                     } else {
-                        let health = self.health.get_untracked();
-                        self.push(Entry::Reply(reply(&text, health.as_ref())));
+                        self.answer(text);
                     }
                 }
                 Err(message) => {
@@ -142,6 +178,83 @@ impl ChatState {
                         message,
                     });
                 }
+            }
+        });
+    }
+
+    /// Conversation: the language model answers, streamed; a server without one replies with what the
+    /// studio can do and why it cannot chat.
+    pub(super) fn answer(self, text: String) {
+        let health = self.health.get_untracked();
+        let chat_off = health.as_ref().and_then(|h| {
+            h.capabilities
+                .iter()
+                .find(|c| c.name == "chat" && !c.available)
+                .map(|c| c.reason.clone().unwrap_or_default())
+        });
+        if let Some(reason) = chat_off {
+            let mut paragraphs = reply(&text, health.as_ref());
+            paragraphs.push(format!(
+                "The chat's language model is unavailable: {reason}."
+            ));
+            self.push(Entry::Reply(paragraphs));
+            return;
+        }
+        let answer = AnswerState {
+            text: self.signal(String::new()),
+            end: self.signal(None),
+            stop: self.signal(false),
+        };
+        self.push(Entry::Answer(answer));
+        let request = ChatRequest {
+            conversation_id: self.conversation.get_untracked(),
+            ..ChatRequest::new(text)
+        };
+        leptos::task::spawn_local(async move {
+            if let Some(id) = stream_chat(request, answer).await {
+                self.conversation.set(Some(id));
+                self.load_conversations();
+            }
+        });
+    }
+
+    /// Refreshes the list of stored conversations.
+    pub(super) fn load_conversations(self) {
+        api::load_into("/chat/conversations/".into(), self.conversations);
+    }
+
+    /// Replaces the thread with a stored conversation, which the next answers continue.
+    pub(super) fn reopen(self, id: String) {
+        leptos::task::spawn_local(async move {
+            match api::get::<Conversation>(&format!("/chat/conversations/{id}")).await {
+                Ok(conversation) => {
+                    self.thread.set(Vec::new());
+                    for message in conversation.messages {
+                        self.push(Entry::Past {
+                            role: message.role,
+                            text: message.content,
+                            image_job: message.image_job,
+                        });
+                    }
+                    self.conversation.set(Some(conversation.id));
+                }
+                Err(message) => self.conversations.set(Load::Failed(message)),
+            }
+        });
+    }
+
+    /// Deletes a stored conversation; the thread starts afresh if it was the open one.
+    pub(super) fn forget(self, id: String) {
+        leptos::task::spawn_local(async move {
+            match api::delete(&format!("/chat/conversations/{id}")).await {
+                Ok(()) => {
+                    if self.conversation.get_untracked().as_deref() == Some(id.as_str()) {
+                        self.conversation.set(None);
+                        self.thread.set(Vec::new());
+                    }
+                    self.load_conversations();
+                }
+                Err(message) => self.conversations.set(Load::Failed(message)),
             }
         });
     }

@@ -1,0 +1,250 @@
+//! A quantized GGUF chat model on candle: `quantized_llama` for `general.architecture = llama`
+//! (Llama 3.x, SmolLM2), `quantized_qwen2` for `qwen2` (Qwen2/2.5); the tokenizer and chat template
+//! from the same file.
+
+use std::fs::File;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use tokenizers::Tokenizer;
+
+use super::{Answer, ChatTemplate, FinishReason, LanguageModel, SamplingSettings, Turn};
+
+/// The transformer of one of the two families.
+enum Weights {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
+}
+
+impl Weights {
+    fn forward(&mut self, tokens: &Tensor, position: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(m) => m.forward(tokens, position),
+            Weights::Qwen2(m) => m.forward(tokens, position),
+        }
+    }
+
+    fn clear_kv_cache(&mut self) {
+        match self {
+            Weights::Llama(m) => m.clear_kv_cache(),
+            Weights::Qwen2(m) => m.clear_kv_cache(),
+        }
+    }
+}
+
+pub struct GgufChat {
+    name: String,
+    weights: Weights,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    /// Token ids that end the assistant's turn.
+    stops: Vec<u32>,
+    /// Tokens (prompt and answer) the model can attend to.
+    context: usize,
+    device: Device,
+}
+
+impl GgufChat {
+    /// Reads the model at `path` onto `device`; `name` is what answers report.
+    pub fn load(path: &Path, name: &str, device: &Device) -> Result<GgufChat> {
+        let mut file = File::open(path)
+            .with_context(|| format!("opening the language model {}", path.display()))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+        let meta = |key: &str| content.metadata.get(key);
+        let architecture = meta("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let tokenizer = super::tokenizer::load(path, &content)?;
+        let jinja = meta("tokenizer.chat_template").and_then(|v| v.to_string().ok());
+        let template = ChatTemplate::detect(jinja.map(String::as_str), |t| {
+            tokenizer.token_to_id(t).is_some()
+        })?;
+        let mut stops: Vec<u32> = template
+            .stop_tokens()
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect();
+        if let Some(eos) = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()) {
+            stops.push(eos);
+        }
+        let context_key = format!("{architecture}.context_length");
+        let trained_context = meta(&context_key)
+            .and_then(|v| v.to_u32().ok())
+            .map_or(quantized_llama::MAX_SEQ_LEN, |n| n as usize);
+        let (weights, context) = match architecture.as_str() {
+            "llama" => (
+                Weights::Llama(quantized_llama::ModelWeights::from_gguf(
+                    content, &mut file, device,
+                )?),
+                // Its rotary tables stop there.
+                trained_context.min(quantized_llama::MAX_SEQ_LEN),
+            ),
+            "qwen2" => (
+                Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
+                    content, &mut file, device,
+                )?),
+                trained_context,
+            ),
+            other => bail!(
+                "{}: architecture `{other}` is not supported; use a llama or qwen2 GGUF",
+                path.display()
+            ),
+        };
+        Ok(GgufChat {
+            name: name.to_string(),
+            weights,
+            tokenizer,
+            template,
+            stops,
+            context,
+            device: device.clone(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn template(&self) -> ChatTemplate {
+        self.template
+    }
+
+    /// The ids of `text`, special tokens written in it (`<|im_start|>`) kept whole.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Forgets the attention cache: the next `logits` starts a new sequence at position 0.
+    pub fn clear(&mut self) {
+        self.weights.clear_kv_cache();
+    }
+
+    /// The next-token logits (f32, one row) after `tokens`, which continue the cached sequence at
+    /// `position`.
+    pub fn logits(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        Ok(self
+            .weights
+            .forward(&input, position)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// The prompt's tokens, leaving out the oldest turns after the system turn while the prompt and
+    /// `max_tokens` of answer would not fit in the context.
+    fn prompt(&self, turns: &[Turn], max_tokens: usize) -> Result<Vec<u32>> {
+        ChatTemplate::check(turns)?;
+        let keep_first = usize::from(turns[0].role == super::Role::System);
+        let mut dropped = 0;
+        loop {
+            let kept: Vec<Turn> = turns[..keep_first]
+                .iter()
+                .chain(&turns[keep_first + dropped..])
+                .cloned()
+                .collect();
+            let tokens = self.encode(&self.template.render(&kept))?;
+            if tokens.len() + max_tokens <= self.context {
+                return Ok(tokens);
+            }
+            // Drop a user turn and its answer together, so that turns keep alternating.
+            if keep_first + dropped + 2 >= turns.len() {
+                bail!(
+                    "the message is too long: {} tokens with room for {max_tokens} of answer, and the model reads {}",
+                    tokens.len(),
+                    self.context
+                );
+            }
+            dropped += 2;
+        }
+    }
+}
+
+impl LanguageModel for GgufChat {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn answer(
+        &mut self,
+        turns: &[Turn],
+        settings: &SamplingSettings,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Answer> {
+        let max_tokens = settings.max_tokens.min(self.context / 2).max(1);
+        let prompt = self.prompt(turns, max_tokens)?;
+        let sampling = if settings.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match settings.top_p {
+                Some(p) => Sampling::TopP {
+                    p,
+                    temperature: settings.temperature,
+                },
+                None => Sampling::All {
+                    temperature: settings.temperature,
+                },
+            }
+        };
+        let mut sampler = LogitsProcessor::from_sampling(settings.seed, sampling);
+        self.clear();
+        let mut context = prompt.clone();
+        let mut logits = self.logits(&prompt, 0)?;
+        let mut answer: Vec<u32> = Vec::new();
+        let mut shown = 0usize;
+        let mut finish = FinishReason::Length;
+        for _ in 0..max_tokens {
+            if settings.repeat_penalty != 1.0 {
+                let start = context.len().saturating_sub(settings.repeat_last_n);
+                logits = candle_transformers::utils::apply_repeat_penalty(
+                    &logits,
+                    settings.repeat_penalty,
+                    &context[start..],
+                )?;
+            }
+            let next = sampler.sample(&logits)?;
+            if self.stops.contains(&next) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            answer.push(next);
+            context.push(next);
+            // Decoded whole each time: a character can span tokens, so text is shown once complete.
+            let text = self.decode(&answer)?;
+            let piece = text.get(shown..).unwrap_or_default();
+            if !piece.is_empty() && !text.ends_with('\u{fffd}') {
+                shown = text.len();
+                if on_text(piece).is_break() {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+            logits = self.logits(&[next], context.len() - 1)?;
+        }
+        Ok(Answer {
+            text: self.decode(&answer)?,
+            tokens: answer.len(),
+            finish,
+            prompt_tokens: prompt.len(),
+        })
+    }
+}
+
+impl GgufChat {
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow!("decoding: {e}"))
+    }
+}

@@ -1,0 +1,395 @@
+//! The chat's conversation side: `POST /chat/` answers a message in a stored conversation; the
+//! conversations can be listed, reopened and deleted; `/ws/chat` (in `ws`) streams the same answers.
+
+use std::sync::Arc;
+
+use app::{
+    ChatFinish, ChatImage, ChatRequest, ChatResponse, ChatRole, Conversation, ConversationSummary,
+    ErrorBody, ErrorCode,
+};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use engine::chat::{Answer, FinishReason, Role, SamplingSettings, Turn};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{ApiJson, ApiPath, AppState};
+use crate::error::ApiError;
+use crate::jobs::capability::{Chat, Control};
+use crate::store::NewMessage;
+
+/// What the model is told before every conversation.
+const SYSTEM_PROMPT: &str = "You are the assistant of FLUX Studio, a self-hosted studio that draws \
+pictures from text with FLUX models and trains LoRAs on the user's own pictures. When the user asks \
+for a picture, the studio draws it; you answer everything else: questions, writing, explanations, \
+plans. Be helpful and concise.";
+
+/// A checked request, its conversation recorded with the user's message, holding its place in line.
+pub(super) struct Prepared {
+    pub conversation_id: String,
+    pub chat: Arc<dyn Chat>,
+    pub turns: Vec<Turn>,
+    pub settings: SamplingSettings,
+    _slot: OwnedSemaphorePermit,
+}
+
+fn conversation_id(s: &str) -> Result<String, ApiError> {
+    uuid::Uuid::try_parse(s)
+        .ok()
+        .filter(|_| s.len() == 36)
+        .map(|_| s.to_owned())
+        .ok_or_else(|| ApiError::not_found(format!("no conversation {s:?}")))
+}
+
+fn store_error(context: &'static str) -> impl FnOnce(anyhow::Error) -> ApiError {
+    move |err| ApiError::store(context, err)
+}
+
+/// The stored conversation as the model reads it: the studio's system turn, then its messages; an image
+/// is the assistant's turn saying what it drew.
+fn turns(conversation: &Conversation) -> Vec<Turn> {
+    let mut turns = vec![Turn::new(Role::System, SYSTEM_PROMPT)];
+    for message in &conversation.messages {
+        let (role, content) = match (message.role, &message.image_job) {
+            (_, Some(_)) => (
+                Role::Assistant,
+                format!("(I drew a picture of: {})", message.content),
+            ),
+            (ChatRole::User, None) => (Role::User, message.content.clone()),
+            (ChatRole::Assistant, None) => (Role::Assistant, message.content.clone()),
+        };
+        // Two turns of one side in a row (an image after an answer, a user message after a stopped
+        // answer that wrote nothing) are joined: templates expect the sides to alternate.
+        match turns.last_mut() {
+            Some(last) if last.role == role && role != Role::System => {
+                last.content.push_str("\n\n");
+                last.content.push_str(&content);
+            }
+            _ => turns.push(Turn::new(role, content)),
+        }
+    }
+    turns
+}
+
+/// Checks the request, takes a place in the chat's line (429 when full), records the user's message (in a
+/// new conversation when none is named) and reads the conversation back as the model's turns.
+pub(super) async fn prepare(state: &AppState, request: ChatRequest) -> Result<Prepared, ApiError> {
+    let chat = state
+        .jobs
+        .capabilities()
+        .chat()
+        .map_err(ApiError::unavailable)?;
+    request.validate().map_err(ApiError::validation)?;
+    let existing = request
+        .conversation_id
+        .as_deref()
+        .map(conversation_id)
+        .transpose()?;
+    let slot = state
+        .settings
+        .chat_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::queue_full("chat"))?;
+    let max_tokens = request
+        .max_tokens
+        .unwrap_or(state.settings.chat_max_tokens)
+        .min(state.settings.chat_max_tokens);
+    let settings = SamplingSettings {
+        max_tokens: max_tokens as usize,
+        temperature: request
+            .temperature
+            .map_or(SamplingSettings::default().temperature, f64::from),
+        seed: request
+            .seed
+            .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0),
+        ..SamplingSettings::default()
+    };
+    let store = state.jobs.store().clone();
+    let message = request.message;
+    let named = existing.clone();
+    let conversation = store
+        .call(move |store| {
+            let id = match existing {
+                Some(id) => id,
+                None => {
+                    let id = uuid::Uuid::new_v4().to_string();
+                    store.create_conversation(&id, &message)?;
+                    id
+                }
+            };
+            let user = NewMessage {
+                role: ChatRole::User,
+                content: &message,
+                image_job: None,
+                model: None,
+                finish: None,
+            };
+            if store.add_message(&id, &user)?.is_none() {
+                return Ok(None);
+            }
+            store.conversation(&id)
+        })
+        .await
+        .map_err(store_error("recording the message"))?
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no conversation {}", named.unwrap_or_default()))
+        })?;
+    Ok(Prepared {
+        conversation_id: conversation.id.clone(),
+        turns: turns(&conversation),
+        chat,
+        settings,
+        _slot: slot,
+    })
+}
+
+fn finish(reason: FinishReason) -> ChatFinish {
+    match reason {
+        FinishReason::Stop => ChatFinish::Stop,
+        FinishReason::Length => ChatFinish::Length,
+        FinishReason::Cancelled => ChatFinish::Cancelled,
+    }
+}
+
+/// Runs the answer on the blocking pool, passing each piece to `on_text`, and records it in the
+/// conversation (a stopped answer with what it had written).
+pub(super) async fn answer(
+    state: &AppState,
+    prepared: Prepared,
+    on_text: impl FnMut(&str) -> Control + Send + 'static,
+) -> Result<ChatResponse, ApiError> {
+    let Prepared {
+        conversation_id,
+        chat,
+        turns,
+        settings,
+        _slot,
+    } = prepared;
+    let model = chat.model();
+    let mut on_text = on_text;
+    let answered: anyhow::Result<Answer> = tokio::task::spawn_blocking(move || {
+        let _slot = _slot;
+        chat.answer(&turns, &settings, &mut on_text)
+    })
+    .await
+    .map_err(|e| ApiError::internal("the chat model panicked", e))?;
+    let answer = answered.map_err(|e| {
+        let text = format!("{e:#}");
+        tracing::warn!("chat answer failed: {text}");
+        ApiError::new(
+            ErrorCode::ChatFailed,
+            format!(
+                "the language model failed: {}",
+                text.lines().next().unwrap_or_default()
+            ),
+        )
+    })?;
+    let response = ChatResponse {
+        conversation_id: conversation_id.clone(),
+        answer: answer.text.trim().to_owned(),
+        model: model.clone(),
+        finish: finish(answer.finish),
+        tokens: answer.tokens as u32,
+    };
+    let stored = response.clone();
+    state
+        .jobs
+        .store()
+        .call(move |store| {
+            store.add_message(
+                &stored.conversation_id,
+                &NewMessage {
+                    role: ChatRole::Assistant,
+                    content: &stored.answer,
+                    image_job: None,
+                    model: Some(&stored.model),
+                    finish: Some(stored.finish),
+                },
+            )
+        })
+        .await
+        .map_err(store_error("recording the answer"))?;
+    Ok(response)
+}
+
+/// Answers a message with the chat's language model, in a stored conversation.
+#[utoipa::path(post, path = "/chat/", tag = "chat", request_body = ChatRequest, responses(
+    (status = 200, body = ChatResponse),
+    (status = 404, description = "No such conversation", body = ErrorBody),
+    (status = 422, description = "Empty or too long message, or a setting out of range", body = ErrorBody),
+    (status = 429, description = "Too many chat answers waiting", body = ErrorBody),
+    (status = 500, description = "The language model failed (`chat_failed`)", body = ErrorBody),
+    (status = 503, description = "No language model: the reason says what to install or set", body = ErrorBody),
+))]
+pub async fn chat(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Json<ChatResponse>, ApiError> {
+    let prepared = prepare(&state, request).await?;
+    // A client that hangs up does not stop a plain request's answer: it is recorded for the conversation.
+    answer(&state, prepared, |_| Control::Continue)
+        .await
+        .map(Json)
+}
+
+/// The stored conversations, most recently active first.
+#[utoipa::path(get, path = "/chat/conversations", tag = "chat", responses(
+    (status = 200, body = Vec<ConversationSummary>),
+))]
+pub async fn list(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<ConversationSummary>>, ApiError> {
+    state
+        .jobs
+        .store()
+        .call(|store| store.conversations())
+        .await
+        .map(Json)
+        .map_err(store_error("listing the conversations"))
+}
+
+/// One conversation with every message (an image's message names its job: `GET /images/{job_id}`).
+#[utoipa::path(get, path = "/chat/conversations/{id}", tag = "chat", responses(
+    (status = 200, body = Conversation),
+    (status = 404, body = ErrorBody),
+))]
+pub async fn show(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Conversation>, ApiError> {
+    let id = conversation_id(&id)?;
+    let found = {
+        let id = id.clone();
+        state
+            .jobs
+            .store()
+            .call(move |store| store.conversation(&id))
+            .await
+            .map_err(store_error("reading the conversation"))?
+    };
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no conversation {id}")))
+}
+
+/// Deletes a conversation and its messages; its images stay in the gallery.
+#[utoipa::path(delete, path = "/chat/conversations/{id}", tag = "chat", responses(
+    (status = 204, description = "Deleted"),
+    (status = 404, body = ErrorBody),
+))]
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = conversation_id(&id)?;
+    let deleted = {
+        let id = id.clone();
+        state
+            .jobs
+            .store()
+            .call(move |store| store.delete_conversation(&id))
+            .await
+            .map_err(store_error("deleting the conversation"))?
+    };
+    if deleted {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no conversation {id}")))
+    }
+}
+
+/// Records an image drawn in the conversation (the UI sends image requests to `/ws/generate`), so that
+/// reopening the conversation shows it and the model knows what was drawn.
+#[utoipa::path(post, path = "/chat/conversations/{id}/images", tag = "chat", request_body = ChatImage, responses(
+    (status = 200, body = Conversation),
+    (status = 404, description = "No such conversation or job", body = ErrorBody),
+    (status = 422, body = ErrorBody),
+))]
+pub async fn add_image(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(image): ApiJson<ChatImage>,
+) -> Result<Json<Conversation>, ApiError> {
+    let id = conversation_id(&id)?;
+    if image.prompt.trim().is_empty() {
+        return Err(ApiError::validation("prompt must not be empty"));
+    }
+    let job = super::job_id(&image.job_id)?;
+    let record = state.jobs.record(job).await?;
+    if record.kind != app::JobKind::Generation {
+        return Err(ApiError::not_found(format!(
+            "no generation job {}",
+            image.job_id
+        )));
+    }
+    let found = {
+        let id = id.clone();
+        state
+            .jobs
+            .store()
+            .call(move |store| {
+                let added = store.add_message(
+                    &id,
+                    &NewMessage {
+                        role: ChatRole::Assistant,
+                        content: &image.prompt,
+                        image_job: Some(&image.job_id),
+                        model: None,
+                        finish: None,
+                    },
+                )?;
+                match added {
+                    Some(_) => store.conversation(&id),
+                    None => Ok(None),
+                }
+            })
+            .await
+            .map_err(store_error("recording the image"))?
+    };
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no conversation {id}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use app::ChatMessage;
+
+    fn message(seq: u64, role: ChatRole, content: &str, image: Option<&str>) -> ChatMessage {
+        ChatMessage {
+            seq,
+            role,
+            content: content.into(),
+            image_job: image.map(Into::into),
+            model: None,
+            finish: None,
+            at: 0,
+        }
+    }
+
+    #[test]
+    fn a_conversation_reads_as_alternating_turns_with_its_images_described() {
+        let conversation = Conversation {
+            id: "c".into(),
+            title: "t".into(),
+            created_at: 0,
+            updated_at: 0,
+            messages: vec![
+                message(1, ChatRole::User, "a red apple", None),
+                message(2, ChatRole::Assistant, "a red apple", Some("job")),
+                message(3, ChatRole::User, "write a poem about it", None),
+            ],
+        };
+        let turns = turns(&conversation);
+        let roles: Vec<Role> = turns.iter().map(|t| t.role).collect();
+        assert_eq!(
+            roles,
+            [Role::System, Role::User, Role::Assistant, Role::User]
+        );
+        assert!(turns[2]
+            .content
+            .contains("I drew a picture of: a red apple"));
+    }
+}

@@ -1,0 +1,283 @@
+//! The chat with the shipped language model (SmolLM2-135M-Instruct from `scripts/fetch-models`): a greeting
+//! gets an answer streamed over `/ws/chat`, a stop stops it, conversations are kept across restarts and can
+//! be deleted, and bad requests get JSON errors.
+
+mod common;
+
+use std::sync::Arc;
+
+use app::{ChatEvent, ChatFinish, Conversation, ConversationSummary, ErrorCode};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use server::jobs::capability::{Capabilities, Chat};
+use tokio_tungstenite::tungstenite::Message;
+
+fn chat_model() -> std::path::PathBuf {
+    let path = common::repo_root().join(engine::chat::DEFAULT_LM_FILE);
+    assert!(
+        path.is_file(),
+        "the chat model is missing at {}: run scripts/fetch-models first",
+        path.display()
+    );
+    path
+}
+
+/// The studio with the real chat capability (the model loaded at the first answer) and nothing else.
+async fn studio(data: &std::path::Path) -> (String, server::Running) {
+    let mut config = common::config(data);
+    config.chat.chat_model = chat_model().display().to_string();
+    config.chat.chat_device = engine::device::DeviceChoice::Cpu;
+    let chat = server::capabilities::chat::load(&config.chat).unwrap();
+    let caps = Capabilities {
+        chat: Some(Arc::new(chat) as Arc<dyn Chat>),
+        ..Capabilities::default()
+    };
+    let running = server::start(&config, caps).await.unwrap();
+    (format!("http://{}", running.addr), running)
+}
+
+async fn events(url: &str, request: Value, stop_after_first: bool) -> Vec<ChatEvent> {
+    let ws = format!("{}/ws/chat", url.replace("http://", "ws://"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
+    socket
+        .send(Message::Text(request.to_string().into()))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while let Some(Ok(message)) = socket.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let event: ChatEvent = serde_json::from_str(&text).unwrap();
+        let first_token = matches!(event, ChatEvent::Token { .. })
+            && !events.iter().any(|e| matches!(e, ChatEvent::Token { .. }));
+        events.push(event);
+        if stop_after_first && first_token {
+            socket
+                .send(Message::Text(r#"{"type": "stop"}"#.into()))
+                .await
+                .unwrap();
+        }
+    }
+    events
+}
+
+fn tokens(events: &[ChatEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ChatEvent::Token { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greeting_gets_an_answer_streamed_token_by_token_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _running) = studio(dir.path()).await;
+    let events = events(
+        &url,
+        json!({"message": "Hello!", "max_tokens": 24, "temperature": 0}),
+        false,
+    )
+    .await;
+    let ChatEvent::Start {
+        conversation_id, ..
+    } = &events[0]
+    else {
+        panic!("no start: {events:?}");
+    };
+    let pieces = events
+        .iter()
+        .filter(|e| matches!(e, ChatEvent::Token { .. }))
+        .count();
+    assert!(pieces >= 3, "streamed in pieces: {events:?}");
+    let Some(ChatEvent::Done(done)) = events.last() else {
+        panic!("no done: {events:?}");
+    };
+    assert_eq!(done.answer, tokens(&events).trim());
+    assert!(done.answer.split_whitespace().count() >= 3, "{done:?}");
+    assert_eq!(&done.conversation_id, conversation_id);
+    assert_eq!(done.model, chat_model().display().to_string());
+    let conversation: Conversation =
+        reqwest::get(format!("{url}/chat/conversations/{conversation_id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let said: Vec<&str> = conversation
+        .messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect();
+    assert_eq!(said, ["Hello!", done.answer.as_str()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_the_answer_where_it_is_and_keeps_what_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _running) = studio(dir.path()).await;
+    let events = events(
+        &url,
+        json!({"message": "Tell me a long story about a dragon.", "max_tokens": 400, "seed": 3}),
+        true,
+    )
+    .await;
+    let Some(ChatEvent::Done(done)) = events.last() else {
+        panic!("no done: {events:?}");
+    };
+    assert_eq!(done.finish, ChatFinish::Cancelled, "{done:?}");
+    // The stop is seen after the piece in flight: a few tokens, never the whole budget.
+    assert!(done.tokens < 20, "{done:?}");
+    let conversation: Conversation =
+        reqwest::get(format!("{url}/chat/conversations/{}", done.conversation_id))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(conversation.messages[1].finish, Some(ChatFinish::Cancelled));
+    assert_eq!(conversation.messages[1].content, done.answer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_survive_a_restart_continue_and_can_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let (url, running) = studio(dir.path()).await;
+    let first: app::ChatResponse = http
+        .post(format!("{url}/chat/"))
+        .json(&json!({"message": "Hi there", "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    running.jobs.shutdown();
+    running.server.abort();
+    let _ = running.server.await;
+
+    let (url, _running) = studio(dir.path()).await;
+    let list: Vec<ConversationSummary> = reqwest::get(format!("{url}/chat/conversations/"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (
+            list[0].id.as_str(),
+            list[0].title.as_str(),
+            list[0].messages
+        ),
+        (first.conversation_id.as_str(), "Hi there", 2)
+    );
+    let next: app::ChatResponse = http
+        .post(format!("{url}/chat/"))
+        .json(&json!({"message": "And again", "conversation_id": first.conversation_id, "max_tokens": 8}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next.conversation_id, first.conversation_id);
+    let one = format!("{url}/chat/conversations/{}", first.conversation_id);
+    let conversation: Conversation = reqwest::get(&one).await.unwrap().json().await.unwrap();
+    assert_eq!(conversation.messages.len(), 4);
+    assert_eq!(http.delete(&one).send().await.unwrap().status(), 204);
+    assert_eq!(reqwest::get(&one).await.unwrap().status(), 404);
+    assert_eq!(http.delete(&one).send().await.unwrap().status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_chat_requests_get_json_errors_before_anything_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _running) = studio(dir.path()).await;
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let answer = http
+                .post(format!("{url}/chat/"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status().as_u16();
+            let body: Value = answer.json().await.unwrap();
+            (
+                status,
+                body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        }
+    };
+    assert_eq!(
+        post(json!({"message": "  "})).await,
+        (422, "validation".into())
+    );
+    assert_eq!(
+        post(json!({"message": "hi", "temperature": 9})).await,
+        (422, "validation".into())
+    );
+    assert_eq!(
+        post(json!({"message": "hi", "conversation_id": "11111111-1111-4111-8111-111111111111"}))
+            .await,
+        (404, "not_found".into())
+    );
+    assert_eq!(
+        post(json!({"message": "hi", "conversation_id": "../x"})).await,
+        (404, "not_found".into())
+    );
+    let list: Vec<ConversationSummary> = reqwest::get(format!("{url}/chat/conversations"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list.is_empty(), "{list:?}");
+    // A refused stream request: one error event.
+    let events = events(&url, json!({"message": ""}), false).await;
+    assert!(
+        matches!(&events[..], [ChatEvent::Error(e)] if e.code == ErrorCode::Validation),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_language_model_the_chat_answers_503_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path());
+    config.chat.chat_model = "no-such-model".into();
+    let err = server::capabilities::chat::load(&config.chat)
+        .err()
+        .expect("an unknown model is refused");
+    let caps = Capabilities {
+        chat_error: Some(format!("{err:#}")),
+        ..Capabilities::default()
+    };
+    let running = server::start(&config, caps).await.unwrap();
+    let answer = reqwest::Client::new()
+        .post(format!("http://{}/chat/", running.addr))
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("none of the presets"),
+        "{body}"
+    );
+}
