@@ -347,15 +347,7 @@ fn a_lora_training_step_on_a_quantized_base_gets_the_dense_bases_gradients() {
     let trained =
         candle_core::safetensors::load(fixtures().join("trained-lora.safetensors"), &Device::Cpu)
             .unwrap();
-    let inputs = engine::models::flux::FluxInputs {
-        img: &r["hidden_states"],
-        img_ids: &r["img_ids"],
-        txt: &r["encoder_hidden_states"],
-        txt_ids: &r["txt_ids"],
-        timesteps: &r["timestep"],
-        y: &r["pooled_projections"],
-        guidance: r.get("guidance"),
-    };
+    let inputs = reference_inputs(&r);
     let target = r["hidden_states"].sin().unwrap();
     let mse =
         |pred: &Tensor| -> anyhow::Result<Tensor> { Ok((pred - &target)?.sqr()?.mean_all()?) };
