@@ -248,7 +248,13 @@ impl Records {
     }
 
     fn kernels_table(&self) -> Result<String> {
-        let g = self.latest_generation()?;
+        // A run that skipped the kernel tests (KERNEL_TESTS=true) leaves the last one that ran them.
+        let g = self
+            .generation
+            .iter()
+            .rev()
+            .find(|g| !g.kernels.is_empty())
+            .context("no generation record in bench/results has kernel figures")?;
         let mut t = format!(
             "{}: `engine/tests/gpu_kernels.rs`.\n\n",
             source(&g.head, "each kernel against the plain candle ops")
