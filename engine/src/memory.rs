@@ -187,6 +187,17 @@ impl MemoryPlan {
             Some(f) => vec![f],
             None => TRANSFORMER_FORMATS.to_vec(),
         };
+        Self::choose_among(model, budget, reference, size_multiple, &formats)
+    }
+
+    /// [`Self::choose`] among `formats` only, fastest first: those the device can compute.
+    pub fn choose_among(
+        model: &ModelMemory,
+        budget: Option<u64>,
+        reference: (usize, usize),
+        size_multiple: usize,
+        formats: &[WeightFormat],
+    ) -> Result<MemoryPlan, NoFit> {
         let has_text = model.parts.iter().any(|(p, _)| p.is_text_encoder());
         let placements: &[Placement] = if has_text {
             &[Placement::Resident, Placement::WhileRunning, Placement::Cpu]
@@ -198,7 +209,7 @@ impl MemoryPlan {
         let (on_gpu, on_cpu) = placements.split_at(placements.len().min(2));
         let mut smallest = None;
         for group in [on_gpu, on_cpu] {
-            for &format in &formats {
+            for &format in formats {
                 for &text in group {
                     let plan = Self::arrange(model, budget, reference, size_multiple, format, text);
                     if plan.fit(reference.0, reference.1).is_ok() {
@@ -208,7 +219,9 @@ impl MemoryPlan {
                 }
             }
         }
-        let plan = smallest.expect("at least one format and placement");
+        let Some(plan) = smallest else {
+            return Err(NoFit("no transformer format to choose from".into()));
+        };
         if plan.max_side >= size_multiple {
             return Ok(plan);
         }

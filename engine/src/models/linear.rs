@@ -61,6 +61,19 @@ impl Adapter {
 /// its largest magnitude lands here, as torch's and ComfyUI's per-tensor fp8 quantization does.
 pub const FP8_E4M3_MAX: f32 = 448.0;
 
+/// fp8 weights are widened by candle's casts, and candle 0.11.1's CUDA kernels have no
+/// `float8_e4m3fn` cast (its PTX lacks the symbol: the first GPU run of fp8 failed with
+/// `CUDA_ERROR_NOT_FOUND`). Until the studio has its own, fp8 on a GPU is refused here, at load,
+/// with what to use instead, rather than deep inside the first product.
+fn fp8_computable_on(device: &Device) -> Result<()> {
+    if device.is_cuda() {
+        candle_core::bail!(
+            "fp8 weights cannot be computed on a CUDA GPU by this build yet (candle has no fp8 cast kernel): load the transformer in a GGUF format instead (--weights q8_0, or q6_k / q4_k for less memory), or as bf16"
+        );
+    }
+    Ok(())
+}
+
 /// A base weight held in fewer bits than the compute dtype, (out, in) as a dense one.
 #[derive(Clone, Debug)]
 pub enum QuantizedWeight {
@@ -77,6 +90,7 @@ impl QuantizedWeight {
         match format {
             WeightFormat::Bf16 => Ok(None),
             WeightFormat::Fp8 => {
+                fp8_computable_on(w.device())?;
                 // torch's and ComfyUI's per-tensor scale: the largest magnitude maps onto fp8's
                 // largest value; the division is an exact f32 one, then fp8's nearest-even rounding.
                 let w = w.to_dtype(DType::F32)?;
@@ -277,6 +291,9 @@ impl Linear {
         bias: Option<Tensor>,
         kernels: Kernels,
     ) -> Result<Self> {
+        if let QuantizedWeight::Fp8 { weight, .. } = &weight {
+            fp8_computable_on(weight.device())?;
+        }
         let (out_features, in_features) = weight.dims()?;
         Ok(Self {
             name: name.into(),
