@@ -5,25 +5,14 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// The transformer's inputs of a `reference/transformer_*.safetensors` file, in diffusers' names.
-pub fn reference_inputs(r: &HashMap<String, Tensor>) -> engine::models::flux::FluxInputs<'_> {
-    engine::models::flux::FluxInputs {
-        img: &r["hidden_states"],
-        img_ids: &r["img_ids"],
-        txt: &r["encoder_hidden_states"],
-        txt_ids: &r["txt_ids"],
-        timesteps: &r["timestep"],
-        y: &r["pooled_projections"],
-        guidance: r.get("guidance"),
-    }
-}
-
 /// The transformer's forward on the inputs of a `reference/transformer_*.safetensors` file.
 pub fn forward_on_reference(
     model: &engine::models::flux::FluxTransformer,
     r: &HashMap<String, Tensor>,
 ) -> Tensor {
-    model.forward(&reference_inputs(r)).unwrap()
+    model
+        .forward(&engine::models::flux::FluxInputs::from_diffusers_names(r))
+        .unwrap()
 }
 
 pub fn fixtures() -> PathBuf {

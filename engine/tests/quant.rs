@@ -347,7 +347,7 @@ fn a_lora_training_step_on_a_quantized_base_gets_the_dense_bases_gradients() {
     let trained =
         candle_core::safetensors::load(fixtures().join("trained-lora.safetensors"), &Device::Cpu)
             .unwrap();
-    let inputs = reference_inputs(&r);
+    let inputs = engine::models::flux::FluxInputs::from_diffusers_names(&r);
     let target = r["hidden_states"].sin().unwrap();
     let mse =
         |pred: &Tensor| -> anyhow::Result<Tensor> { Ok((pred - &target)?.sqr()?.mean_all()?) };

@@ -310,7 +310,7 @@ fn hand_written_gradients_equal_candles_autograd() {
     let r = common::reference("transformer_dev");
     // Trained adapters: lora_B is not zero, so every adapter has a gradient in both factors.
     let file = candle_core::safetensors::load(fixture_lora(), &Device::Cpu).unwrap();
-    let inputs = common::reference_inputs(&r);
+    let inputs = engine::models::flux::FluxInputs::from_diffusers_names(&r);
     let target = r["hidden_states"].sin().unwrap();
     let mse =
         |pred: &Tensor| -> anyhow::Result<Tensor> { Ok((pred - &target)?.sqr()?.mean_all()?) };

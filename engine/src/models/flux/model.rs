@@ -84,6 +84,23 @@ pub struct FluxInputs<'a> {
     pub guidance: Option<&'a Tensor>,
 }
 
+impl<'a> FluxInputs<'a> {
+    /// The inputs as diffusers' `FluxTransformer2DModel.forward` names them (`hidden_states`,
+    /// `encoder_hidden_states`, `timestep`, ...), as the parity fixtures and the GPU bench store
+    /// them; `guidance` when present.
+    pub fn from_diffusers_names(r: &'a std::collections::HashMap<String, Tensor>) -> Self {
+        Self {
+            img: &r["hidden_states"],
+            img_ids: &r["img_ids"],
+            txt: &r["encoder_hidden_states"],
+            txt_ids: &r["txt_ids"],
+            timesteps: &r["timestep"],
+            y: &r["pooled_projections"],
+            guidance: r.get("guidance"),
+        }
+    }
+}
+
 struct MlpEmbedder {
     in_layer: Linear,
     out_layer: Linear,

@@ -6,7 +6,6 @@ use candle_core::{DType, Device, Tensor};
 use engine::models::flux::{FluxConfig, FluxInputs, FluxTransformer, FluxWeights};
 use engine::ops::Kernels;
 use engine::weights::WeightFormat;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -25,19 +24,6 @@ pub struct Args {
     /// Also against a model built with candle's ops only.
     #[arg(long)]
     compare_plain: bool,
-}
-
-/// The transformer's inputs, as diffusers' names them in the inputs file.
-fn inputs_of(r: &HashMap<String, Tensor>) -> FluxInputs<'_> {
-    FluxInputs {
-        img: &r["hidden_states"],
-        img_ids: &r["img_ids"],
-        txt: &r["encoder_hidden_states"],
-        txt_ids: &r["txt_ids"],
-        timesteps: &r["timestep"],
-        y: &r["pooled_projections"],
-        guidance: r.get("guidance"),
-    }
 }
 
 pub fn run(
@@ -62,7 +48,7 @@ pub fn run(
     sync(device)?;
     let load_s = t0.elapsed().as_secs_f64();
     let r = candle_core::safetensors::load(inputs, device)?;
-    let run = || -> Result<Tensor> { m.forward(&inputs_of(&r)) };
+    let run = || -> Result<Tensor> { m.forward(&FluxInputs::from_diffusers_names(&r)) };
     let out = run()?;
     sync(device)?;
     let mut times = Vec::new();
@@ -102,7 +88,7 @@ pub fn run(
         // The same weights in a model built with candle's ops only, after the fused one is gone.
         drop(m);
         let plain = FluxTransformer::load(&w, &cfg, dtype, device, Kernels::Plain)?;
-        let run = || -> Result<Tensor> { plain.forward(&inputs_of(&r)) };
+        let run = || -> Result<Tensor> { plain.forward(&FluxInputs::from_diffusers_names(&r)) };
         let plain_out = run()?.to_dtype(DType::F32)?.flatten_all()?;
         report["plain_step_s"] = time_median(device, 3, run)?.into();
         report["fused_vs_plain"] = compare(&ours, &plain_out)?;
