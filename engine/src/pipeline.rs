@@ -38,6 +38,24 @@ pub struct GenerateParams {
     pub num_images: usize,
     /// The first-block step cache's threshold ([`StepCache`]); `None` runs every step in full.
     pub step_cache: Option<f64>,
+    /// An image to start from or to edit; `None` is text to image.
+    pub input: Option<InputImage>,
+}
+
+/// The image a generation starts from or edits, and how. What the model does with it depends on the
+/// model: a FLUX.1-Fill transformer reads the masked image and the mask as extra channels
+/// (FluxFillPipeline), a FLUX.1-Kontext one reads the image's tokens beside the noise
+/// (FluxKontextPipeline); any other model starts its denoising from the image's latents
+/// (FluxImg2ImgPipeline) and, with a mask, keeps the unmasked part (FluxInpaintPipeline).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputImage {
+    /// The generation's size (the caller resizes).
+    pub image: RgbImage,
+    /// How much of the schedule reruns, in (0, 1]: 1 starts from pure noise, small values stay close
+    /// to the image (diffusers' `strength`). Fill and Kontext models ignore it as diffusers does.
+    pub strength: f64,
+    /// The generation's size: white (255) where the image is repainted, black where it is kept.
+    pub mask: Option<image::GrayImage>,
 }
 
 impl GenerateParams {
@@ -58,6 +76,7 @@ impl GenerateParams {
             seed,
             num_images: 1,
             step_cache: None,
+            input: None,
         }
     }
 
@@ -985,6 +1004,9 @@ impl FluxPipeline {
         }
         if p.num_images == 0 {
             bail!("num_images must be at least 1");
+        }
+        if p.input.is_some() {
+            bail!("image-to-image, inpainting and edits are not built yet (issue 22)");
         }
         self.memory.fit(p.width, p.height)?;
         let t0 = Instant::now();
