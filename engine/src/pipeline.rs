@@ -694,20 +694,12 @@ impl FluxPipeline {
             None => crate::weights::stored_format(&transformer_path)
                 .context("reading the transformer's weight format")?,
         };
-        let formats: Vec<WeightFormat> = match format {
-            Some(f) => vec![f],
-            // No fp8 on a CUDA GPU yet (`models::linear` says why): the plan picks among the others.
-            None => crate::memory::TRANSFORMER_FORMATS
-                .into_iter()
-                .filter(|f| !(device.is_cuda() && *f == WeightFormat::Fp8))
-                .collect(),
-        };
-        Ok(MemoryPlan::choose_among(
+        Ok(MemoryPlan::choose(
             &model,
             budget,
             opts.memory.size,
             multiple,
-            &formats,
+            format,
         )?)
     }
 

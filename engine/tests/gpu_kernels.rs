@@ -621,3 +621,131 @@ fn the_fused_ops_match_f32_as_closely_as_the_plain_path() -> Result<()> {
     anyhow::ensure!(ok, "a fused kernel disagrees with the plain path");
     Ok(())
 }
+
+/// A tensor's values as f32 bits, NaNs made one pattern (fp8 has two NaN codes).
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    // To the host first: candle's CUDA backend cannot cast fp8.
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+        .collect())
+}
+
+/// fp8 on CUDA takes the studio's own kernels (candle 0.11.1 has no fp8 cast there): widening every
+/// one of the 256 `float8_e4m3fn` codes with a scale, and narrowing values across fp8's range (normal,
+/// subnormal, ties), must give the CPU's bits (candle's casts, checked against torch in `tests/quant.rs`).
+#[test]
+fn fp8_casts_on_cuda_give_the_cpus_bits() -> Result<()> {
+    let device = &cuda_device();
+    let codes: Vec<u8> = (0..=255).collect();
+    let fp8 = Tensor::from_raw_buffer(&codes, DType::F8E4M3, &[256], &Device::Cpu)?;
+    for (scale, dtype) in [
+        (1.0, DType::BF16),
+        (0.0123, DType::BF16),
+        (0.0123, DType::F32),
+    ] {
+        let cpu = engine::ops::linear::fp8_dequantize(&fp8, scale, dtype)?;
+        let gpu = engine::ops::linear::fp8_dequantize(&fp8.to_device(device)?, scale, dtype)?;
+        assert_eq!(gpu.dtype(), dtype);
+        assert_eq!(
+            bits(&gpu)?,
+            bits(&cpu)?,
+            "widening at scale {scale} to {dtype:?}"
+        );
+    }
+    // Every fp8 value, the midpoints between neighbours (ties to even), and values between.
+    let values: Vec<f32> = bits(&fp8.to_dtype(DType::F32)?)?
+        .into_iter()
+        .map(f32::from_bits)
+        .filter(|v| v.is_finite())
+        .flat_map(|v| [v, v * 1.0625, v * 1.03, v * 0.97])
+        .filter(|v| v.abs() <= 448.0)
+        .collect();
+    let wide = Tensor::new(values.as_slice(), &Device::Cpu)?;
+    for scale in [1.0f32, 0.5, 3.0e-3] {
+        let cpu = engine::ops::linear::fp8_quantize(&(&wide * scale as f64)?, scale)?;
+        let gpu =
+            engine::ops::linear::fp8_quantize(&(&wide * scale as f64)?.to_device(device)?, scale)?;
+        assert_eq!(gpu.dtype(), DType::F8E4M3);
+        assert_eq!(bits(&gpu)?, bits(&cpu)?, "narrowing at scale {scale}");
+    }
+    Ok(())
+}
+
+/// An fp8 weight's product on FP8 tensor cores (the activations quantized to fp8 by their maximum,
+/// cuBLASLt in f32) against the same fp8 weight dequantized and multiplied in f32, at FLUX.1-dev's
+/// sizes: fails past a relative L2 error of 6e-2 (fp8's 3 mantissa bits on the activations: about
+/// 3.6% per value); the dequantizing path (`Kernels::Plain`) must stay within bf16's 1e-2. Prints
+/// both paths' times beside the dense bf16 product's.
+#[test]
+fn fp8_products_on_tensor_cores_match_the_dequantized_weight() -> Result<()> {
+    let device = &cuda_device();
+    let Device::Cuda(dev) = device else {
+        unreachable!()
+    };
+    assert!(
+        engine::kernels::fp8::has_fp8_tensor_cores(dev),
+        "this GPU has no FP8 tensor cores (compute capability 8.9 or later): run on an Ada or Hopper GPU"
+    );
+    for (rows, k, n) in [(4608, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072)] {
+        let x = (Tensor::randn(0f32, 1.0, (rows, k), device)?).to_dtype(DType::BF16)?;
+        let w = (Tensor::randn(0f32, 0.02, (n, k), device)?).to_dtype(DType::BF16)?;
+        let b = (Tensor::randn(0f32, 0.1, n, device)?).to_dtype(DType::BF16)?;
+        let absmax = w
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let scale = absmax / engine::models::linear::FP8_E4M3_MAX;
+        let w8 = engine::ops::linear::fp8_quantize(&w, scale)?;
+        let w_deq = engine::ops::linear::fp8_dequantize(&w8, scale, DType::F32)?;
+        let want = x
+            .to_dtype(DType::F32)?
+            .matmul(&w_deq.t()?)?
+            .broadcast_add(&b.to_dtype(DType::F32)?)?;
+        let bias = Some(&b);
+        let fast = engine::ops::linear::fp8_linear(Kernels::Fused, &w8, scale, bias, &x)?;
+        let plain = engine::ops::linear::fp8_linear(Kernels::Plain, &w8, scale, bias, &x)?;
+        let (e_fast, e_plain) = (rel_l2(&fast, &want)?, rel_l2(&plain, &want)?);
+        let t_fast = time_median(device, 20, || {
+            Ok(engine::ops::linear::fp8_linear(
+                Kernels::Fused,
+                &w8,
+                scale,
+                bias,
+                &x,
+            )?)
+        })?;
+        let t_plain = time_median(device, 20, || {
+            Ok(engine::ops::linear::fp8_linear(
+                Kernels::Plain,
+                &w8,
+                scale,
+                bias,
+                &x,
+            )?)
+        })?;
+        let dense = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let t_bf16 = time_median(device, 20, || {
+            Ok(engine::ops::linear::linear(Kernels::Fused, &dense, &x)?)
+        })?;
+        println!(
+            "fp8 linear ({rows}x{k})·({n}x{k})ᵀ: tensor cores {:.4} ms, err {e_fast:.2e}; dequantized {:.4} ms, err {e_plain:.2e}; dense bf16 {:.4} ms",
+            t_fast * 1e3,
+            t_plain * 1e3,
+            t_bf16 * 1e3
+        );
+        assert!(
+            e_fast < 6e-2,
+            "FP8 product error {e_fast:.3e} at {rows}x{k}x{n}"
+        );
+        assert!(
+            e_plain < 1e-2,
+            "dequantized product error {e_plain:.3e} at {rows}x{k}x{n}"
+        );
+    }
+    Ok(())
+}

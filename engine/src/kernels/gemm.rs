@@ -268,7 +268,7 @@ fn lt_error(
     candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
 }
 
-fn lt_handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+pub(super) fn lt_handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
     let mut handles = LT.lock().expect("cuBLASLt handles lock poisoned");
     if let Some(h) = handles.get(&dev.id()) {
         return Ok(h.clone());

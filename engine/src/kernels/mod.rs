@@ -4,6 +4,7 @@
 pub mod adamw;
 pub mod conv;
 pub mod flash_attn;
+pub mod fp8;
 pub mod fused_ops;
 pub mod gemm;
 pub mod group_norm;
@@ -16,6 +17,18 @@ use std::cell::Cell;
 /// on CUDA and take candle's ops otherwise, so reaching it is a caller's mistake, named by the op.
 /// `cuda_only!(N)` for a `CustomOpN`, `cuda_only!(inplace N)` for an `InplaceOpN`.
 macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(
+                "{} runs on CUDA only; the CPU takes candle's ops",
+                self.name()
+            )
+        }
+    };
     (2) => {
         fn cpu_fwd(
             &self,

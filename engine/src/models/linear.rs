@@ -12,7 +12,7 @@
 use crate::ops::{self, autodiff, Kernels};
 use crate::weights::WeightFormat;
 use candle_core::backprop::GradStore;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId};
 use std::sync::{Arc, RwLock};
 
@@ -61,19 +61,6 @@ impl Adapter {
 /// its largest magnitude lands here, as torch's and ComfyUI's per-tensor fp8 quantization does.
 pub const FP8_E4M3_MAX: f32 = 448.0;
 
-/// fp8 weights are widened by candle's casts, and candle 0.11.1's CUDA kernels have no
-/// `float8_e4m3fn` cast (its PTX lacks the symbol: the first GPU run of fp8 failed with
-/// `CUDA_ERROR_NOT_FOUND`). Until the studio has its own, fp8 on a GPU is refused here, at load,
-/// with what to use instead, rather than deep inside the first product.
-fn fp8_computable_on(device: &Device) -> Result<()> {
-    if device.is_cuda() {
-        candle_core::bail!(
-            "fp8 weights cannot be computed on a CUDA GPU by this build yet (candle has no fp8 cast kernel): load the transformer in a GGUF format instead (--weights q8_0, or q6_k / q4_k for less memory), or as bf16"
-        );
-    }
-    Ok(())
-}
-
 /// A base weight held in fewer bits than the compute dtype, (out, in) as a dense one.
 #[derive(Clone, Debug)]
 pub enum QuantizedWeight {
@@ -90,7 +77,6 @@ impl QuantizedWeight {
         match format {
             WeightFormat::Bf16 => Ok(None),
             WeightFormat::Fp8 => {
-                fp8_computable_on(w.device())?;
                 // torch's and ComfyUI's per-tensor scale: the largest magnitude maps onto fp8's
                 // largest value; the division is an exact f32 one, then fp8's nearest-even rounding.
                 let w = w.to_dtype(DType::F32)?;
@@ -100,8 +86,7 @@ impl QuantizedWeight {
                 } else {
                     1.0
                 };
-                let divisor = Tensor::new(scale, w.device())?;
-                let weight = w.broadcast_div(&divisor)?.to_dtype(DType::F8E4M3)?;
+                let weight = ops::linear::fp8_quantize(&w, scale)?;
                 Ok(Some(Self::Fp8 { weight, scale }))
             }
             WeightFormat::Gguf(dtype) => {
@@ -111,7 +96,7 @@ impl QuantizedWeight {
                 // candle quantizes on the host (its CUDA storage does so too), then places the
                 // blocks on the weight's device.
                 let host = w.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-                let q = QTensor::quantize_onto(&host, dtype, w.device())?;
+                let q = quantize_rows_on_all_cores(&host, dtype, w.device())?;
                 Ok(Some(Self::Gguf(Arc::new(q))))
             }
         }
@@ -137,16 +122,44 @@ impl QuantizedWeight {
     /// llama.cpp does.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         match self {
-            Self::Fp8 { weight, scale } => {
-                let w = weight.to_dtype(dtype)?;
-                if *scale == 1.0 {
-                    return Ok(w);
-                }
-                w.broadcast_mul(&Tensor::new(*scale, w.device())?.to_dtype(dtype)?)
-            }
+            Self::Fp8 { weight, scale } => ops::linear::fp8_dequantize(weight, *scale, dtype),
             Self::Gguf(q) => q.dequantize(&q.device())?.to_dtype(dtype),
         }
     }
+}
+
+/// `host` (rows, cols) quantized to GGUF blocks of `dtype` on `device`. candle quantizes on one
+/// thread, which takes minutes for a full-size transformer in the k-quants; blocks never cross a row,
+/// so chunks of rows are quantized on every core and their bytes joined in row order are the whole
+/// tensor's.
+fn quantize_rows_on_all_cores(host: &Tensor, dtype: GgmlDType, device: &Device) -> Result<QTensor> {
+    let rows = host.dim(0)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = rows.div_ceil(threads.clamp(1, rows.max(1)));
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..rows)
+            .step_by(per.max(1))
+            .map(|start| {
+                let chunk = host.narrow(0, start, per.min(rows - start));
+                scope.spawn(move || -> Result<Vec<u8>> {
+                    // Storage of its own: candle's quantize reads the whole storage, not the view.
+                    let chunk = chunk?;
+                    let chunk = Tensor::from_vec(
+                        chunk.flatten_all()?.to_vec1::<f32>()?,
+                        chunk.shape(),
+                        &Device::Cpu,
+                    )?;
+                    Ok(QTensor::quantize(&chunk, dtype)?.data()?.into_owned())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a quantizing thread panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(parts.concat()), device, dtype)?;
+    QTensor::new(storage, host.shape())
 }
 
 /// A frozen quantized base: `x Wᵀ + b` with `W` dequantized inside the product.
@@ -159,11 +172,8 @@ struct QuantizedBase {
 impl QuantizedBase {
     fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
-            // No fp8 product yet: the weight is widened to the input's dtype for each product,
-            // so only the fp8 bytes stay resident.
-            QuantizedWeight::Fp8 { .. } => {
-                let w = self.weight.dequantize(x.dtype())?;
-                ops::linear::linear(kernels, &candle_nn::Linear::new(w, self.bias.clone()), x)
+            QuantizedWeight::Fp8 { weight, scale } => {
+                ops::linear::fp8_linear(kernels, weight, *scale, self.bias.as_ref(), x)
             }
             QuantizedWeight::Gguf(q) => {
                 // As rows: every backend's quantized product takes a matrix.
@@ -291,9 +301,6 @@ impl Linear {
         bias: Option<Tensor>,
         kernels: Kernels,
     ) -> Result<Self> {
-        if let QuantizedWeight::Fp8 { weight, .. } = &weight {
-            fp8_computable_on(weight.device())?;
-        }
         let (out_features, in_features) = weight.dims()?;
         Ok(Self {
             name: name.into(),

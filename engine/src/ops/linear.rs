@@ -2,7 +2,7 @@
 //! read from strided views): cuBLASLt and cuBLAS on CUDA (`kernels::gemm`), candle's matmul otherwise.
 
 use super::Kernels;
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
 /// A linear layer's `x Wᵀ + b`: on the fused path one cuBLASLt product adds the bias as it writes its
 /// output, instead of a broadcasting add over the whole output after it (a pass over memory per layer,
@@ -29,6 +29,75 @@ pub fn linear(
         return y.reshape(out_dims);
     }
     base.forward(x)
+}
+
+/// An fp8 (`float8_e4m3fn`) weight times its per-tensor `scale`, in `dtype`: widened exactly, then
+/// scaled in `dtype` as ComfyUI dequantizes scaled fp8 (our kernel on CUDA, where candle has no fp8
+/// cast; candle's casts elsewhere).
+pub fn fp8_dequantize(weight: &Tensor, scale: f32, dtype: DType) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if weight.device().is_cuda() {
+        let weight = weight.contiguous()?;
+        if dtype == DType::BF16 {
+            return crate::kernels::fp8::dequantize(&weight, scale);
+        }
+        let w = crate::kernels::fp8::dequantize(&weight, 1.0)?.to_dtype(dtype)?;
+        return scaled(w, scale);
+    }
+    scaled(weight.to_dtype(dtype)?, scale)
+}
+
+fn scaled(w: Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    if scale == 1.0 {
+        return Ok(w);
+    }
+    w.broadcast_mul(&Tensor::new(scale, w.device())?.to_dtype(w.dtype())?)
+}
+
+/// `w / scale` in fp8 (`float8_e4m3fn`, nearest even) for an f32 `w`: how fp8 is made from wider
+/// weights at load.
+pub fn fp8_quantize(w: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if w.device().is_cuda() {
+        return crate::kernels::fp8::quantize(&w.to_dtype(DType::F32)?.contiguous()?, scale);
+    }
+    let divisor = Tensor::new(scale, w.device())?;
+    w.to_dtype(DType::F32)?
+        .broadcast_div(&divisor)?
+        .to_dtype(DType::F8E4M3)
+}
+
+/// `x (W · scale)ᵀ + b` for an fp8 weight `W`: on the fused path, on a GPU with FP8 tensor cores
+/// (Ada, Hopper) and sizes they take, one cuBLASLt FP8 product with the activations quantized to fp8
+/// by their own maximum (faster, and the activations' rounding is the price); otherwise the weight
+/// is dequantized to the activations' dtype for the product, so only the fp8 bytes stay resident.
+pub fn fp8_linear(
+    kernels: Kernels,
+    weight: &Tensor,
+    scale: f32,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let (true, Some(bias)) = (kernels.fused(&[x]), bias) {
+        if crate::kernels::fp8::supports_linear(x, weight) {
+            let x = x.contiguous()?;
+            let dims = x.dims();
+            let k = dims[dims.len() - 1];
+            let rows = x.elem_count() / k;
+            let y = crate::kernels::fp8::linear(
+                &x.reshape((rows, k))?,
+                &weight.contiguous()?,
+                scale,
+                &bias.to_dtype(DType::BF16)?.contiguous()?,
+            )?;
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().expect("rank >= 1") = y.dim(1)?;
+            return y.reshape(out_dims);
+        }
+    }
+    let w = fp8_dequantize(weight, scale, x.dtype())?;
+    linear(kernels, &candle_nn::Linear::new(w, bias.cloned()), x)
 }
 
 /// `y[.., at .. at + n] += a · b` in place, for `a` (.., k) and `b` (k, n): one cuBLAS product with
