@@ -78,6 +78,9 @@ pub struct ActivationShape {
     pub text_tokens: usize,
     /// Images per transformer call: 2 under classifier-free guidance (the prompt and the empty one).
     pub batch: usize,
+    /// Image-sized token sequences in each transformer call: 2 for FLUX.1-Kontext (the noise's and
+    /// the input image's tokens), else 1.
+    pub image_sequences: usize,
     /// The autoencoder decoder's `block_out_channels` (diffusers' order), or none for a pixel model.
     pub vae_channels: Option<Vec<usize>>,
     /// Bytes of an activation element and of a weight kept in the compute dtype (2 for bf16, 4 for f32).
@@ -327,7 +330,7 @@ impl MemoryPlan {
     fn denoise_activations(&self, width: usize, height: usize) -> u64 {
         let s = &self.shape;
         let cell = 2 * s.downscale;
-        let tokens = (width / cell) * (height / cell) + s.text_tokens;
+        let tokens = s.image_sequences * (width / cell) * (height / cell) + s.text_tokens;
         let live = (s.batch * tokens * s.hidden) as u64 * s.compute_bytes * TRANSFORMER_LIVE;
         live + SCORES_CHUNK_BYTES
     }
@@ -350,6 +353,26 @@ impl MemoryPlan {
             })
             .max()
             .unwrap_or(0) as u64;
+        let scores = ((latent * latent) as u64 * 4).min(SCORES_CHUNK_BYTES);
+        largest * self.shape.compute_bytes * DECODER_LIVE + scores
+    }
+
+    /// The encoder's activations for a whole (width, height) image (an edit's input): its largest
+    /// feature map times [`DECODER_LIVE`] (its resnets are the decoder's), plus the mid block's
+    /// attention scores. Down block i runs at 2^-i times the image's side with channels[i].
+    fn encode_activations(&self, width: usize, height: usize) -> u64 {
+        let Some(channels) = &self.shape.vae_channels else {
+            // Pixels: encoding is a reshape.
+            return (3 * width * height) as u64 * 4;
+        };
+        let pixels = width * height;
+        let largest = channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c * pixels >> (2 * i))
+            .max()
+            .unwrap_or(0) as u64;
+        let latent = pixels / (self.shape.downscale * self.shape.downscale);
         let scores = ((latent * latent) as u64 * 4).min(SCORES_CHUNK_BYTES);
         largest * self.shape.compute_bytes * DECODER_LIVE + scores
     }
@@ -395,6 +418,22 @@ impl MemoryPlan {
                 m = self.max_side,
             ))),
             _ => Ok(fit),
+        }
+    }
+
+    /// Whether an edit's input image of (width, height) can be encoded: the autoencoder's encoder runs
+    /// on the whole image (no tiles) beside the resident weights. The denoising and the decode are
+    /// [`Self::fit`]'s.
+    pub fn fit_edit(&self, width: usize, height: usize) -> Result<(), NoFit> {
+        let peak = self.resident_bytes() + FIXED_OVERHEAD + self.encode_activations(width, height);
+        match self.usable() {
+            Some(usable) if peak > usable => Err(NoFit(format!(
+                "encoding a {width}x{height} input image needs about {} of GPU memory under this model's memory plan ({}), and {} is available: edit at a smaller size, or raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory",
+                gib(peak),
+                self.arrangement(),
+                gib(usable),
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -510,6 +549,7 @@ mod tests {
                 downscale: 8,
                 text_tokens: 512,
                 batch: 1,
+                image_sequences: 1,
                 vae_channels: Some(vec![128, 256, 512, 512]),
                 compute_bytes: 2,
             },
