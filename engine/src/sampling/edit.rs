@@ -52,11 +52,9 @@ pub fn strength_sigmas(sigmas: &[f64], strength: f64) -> Result<Vec<f64>> {
     let steps = sigmas.len() - 1;
     let init = (steps as f64 * strength).min(steps as f64);
     // Python's int() of a non-negative float: truncation.
+    // A strength above 0 keeps at least the last step.
     let start = (steps as f64 - init).max(0.0) as usize;
-    if start >= steps {
-        bail!("strength {strength} leaves no step of {steps}: raise the strength or the steps");
-    }
-    Ok(sigmas[start..].to_vec())
+    Ok(sigmas[start.min(steps - 1)..].to_vec())
 }
 
 /// `sigma · noise + (1 - sigma) · sample`: the flow-matching scheduler's `scale_noise`.
@@ -174,7 +172,8 @@ mod tests {
         // 4 · 0.6 = 2.4 steps: t_start = int(1.6) = 1, three steps run.
         assert_eq!(strength_sigmas(&sigmas, 0.6)?, [0.75, 0.5, 0.25, 0.0]);
         assert_eq!(strength_sigmas(&sigmas, 0.25)?, [0.25, 0.0]);
-        assert!(strength_sigmas(&sigmas, 0.2).is_err());
+        // Any strength above 0 keeps at least the last step: t_start = int(4 - 0.4) = 3.
+        assert_eq!(strength_sigmas(&sigmas, 0.1)?, [0.25, 0.0]);
         assert!(strength_sigmas(&sigmas, 0.0).is_err());
         assert!(strength_sigmas(&sigmas, 1.5).is_err());
         Ok(())
