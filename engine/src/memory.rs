@@ -421,20 +421,29 @@ impl MemoryPlan {
         }
     }
 
-    /// Whether an edit's input image of (width, height) can be encoded: the autoencoder's encoder runs
-    /// on the whole image (no tiles) beside the resident weights. The denoising and the decode are
-    /// [`Self::fit`]'s.
-    pub fn fit_edit(&self, width: usize, height: usize) -> Result<(), NoFit> {
-        let peak = self.resident_bytes() + FIXED_OVERHEAD + self.encode_activations(width, height);
-        match self.usable() {
-            Some(usable) if peak > usable => Err(NoFit(format!(
-                "encoding a {width}x{height} input image needs about {} of GPU memory under this model's memory plan ({}), and {} is available: edit at a smaller size, or raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory",
-                gib(peak),
+    /// Whether an edit's input image of (width, height) is encoded in tiles: the autoencoder's encoder
+    /// runs on the whole image beside the resident weights when that fits, else on tiles of
+    /// [`TILE_PIXELS`] (`Ok(true)`); an error when not even a tile fits. The denoising and the decode
+    /// are [`Self::fit`]'s.
+    pub fn fit_edit(&self, width: usize, height: usize) -> Result<bool, NoFit> {
+        let base = self.resident_bytes() + FIXED_OVERHEAD;
+        let Some(usable) = self.usable() else {
+            return Ok(false);
+        };
+        if base + self.encode_activations(width, height) <= usable {
+            return Ok(false);
+        }
+        let tile = TILE_PIXELS.min(width.max(height));
+        let need = base + self.encode_activations(tile.min(width), tile.min(height));
+        if need > usable {
+            return Err(NoFit(format!(
+                "encoding the input image needs about {} of GPU memory even in tiles under this model's memory plan ({}), and {} is available: raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory, or free the GPU of other programs",
+                gib(need),
                 self.arrangement(),
                 gib(usable),
-            ))),
-            _ => Ok(()),
+            )));
         }
+        Ok(true)
     }
 
     fn largest_side(&self, multiple: usize) -> usize {
@@ -586,6 +595,41 @@ mod tests {
                 "{side}: estimated peak {peak:.2} GiB"
             );
         }
+    }
+
+    #[test]
+    fn kontexts_input_tokens_raise_the_step_peak_and_lower_the_largest_side() {
+        let mut kontext = flux_dev();
+        kontext.shape.image_sequences = 2;
+        let budget = Some(40 << 30);
+        let dev = MemoryPlan::choose(&flux_dev(), budget, (1024, 1024), 16, None).unwrap();
+        let edit = MemoryPlan::choose(&kontext, budget, (1024, 1024), 16, None).unwrap();
+        // 4096 more tokens of 24 live hidden-wide activations in bf16.
+        let more = edit.denoise_activations(1024, 1024) - dev.denoise_activations(1024, 1024);
+        assert_eq!(more, 4096 * 3072 * 2 * TRANSFORMER_LIVE);
+        assert!(
+            edit.max_side < dev.max_side,
+            "{} vs {}",
+            edit.max_side,
+            dev.max_side
+        );
+    }
+
+    #[test]
+    fn an_input_image_too_large_to_encode_whole_is_encoded_in_tiles() {
+        assert_eq!(plan(80).unwrap().fit_edit(1024, 1024), Ok(false));
+        // 24 GiB: the resident encoders leave no room for the whole encoder at 1024x1024.
+        let plan = plan(24).unwrap();
+        assert_eq!(plan.fit_edit(512, 512), Ok(false));
+        assert_eq!(plan.fit_edit(1024, 1024), Ok(true));
+        let err = MemoryPlan {
+            budget: Some(21 << 30),
+            ..plan
+        }
+        .fit_edit(1024, 1024)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("even in tiles"), "{err}");
     }
 
     #[test]

@@ -1116,12 +1116,20 @@ impl FluxPipeline {
         self.edit
     }
 
-    /// An image (at a size the model takes) as packed model-space latents (1, tokens, C·4), f32: the
+    /// An image (1, 3, H, W) in [-1, 1] as packed model-space latents (1, tokens, C·4), f32: the
     /// autoencoder's mean, where diffusers' pipelines draw a sample from the latent distribution with
     /// their generator. The mean is what the sample scatters around (FLUX's autoencoder spreads
-    /// little), and keeps a seed's edit the same on every device.
+    /// little), and keeps a seed's edit the same on every device. In tiles when the memory plan says a
+    /// whole encode of this size does not fit.
     pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
-        let z = self.codec.encode(&image.to_dtype(self.dtype)?)?.mean;
+        let (_, _, h, w) = image.dims4()?;
+        let image = image.to_dtype(self.dtype)?;
+        let z = if self.memory.fit_edit(w, h)? {
+            self.codec.tiled_encode(&image, self.tiling)?
+        } else {
+            self.codec.encode(&image)?
+        }
+        .mean;
         let z = self.codec.to_model_space(&z)?.to_dtype(DType::F32)?;
         Ok(latents::pack(&z)?)
     }

@@ -308,3 +308,30 @@ fn inputs_of_the_wrong_size_or_strength_and_models_without_what_they_need_are_re
     .unwrap();
     assert!(refusal(&kontext, &params(Some(input(1.0, true)))).contains("no mask"));
 }
+
+/// An input too large to encode whole on the GPU is encoded in tiles: diffusers' `_tiled_encode` of
+/// the tiny autoencoder, tiles of 32 pixels overlapping by a quarter, the last ones cut short.
+#[test]
+fn the_tiled_encode_equals_diffusers_tiled_encode() {
+    let r = candle_core::safetensors::load(
+        edit_fixtures().join("vae_tiled_encode.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let tiling = &meta()["tiled_encode"];
+    let tiling = engine::models::autoencoder::Tiling {
+        sample: tiling["tile_sample_min_size"].as_u64().unwrap() as usize,
+        overlap: tiling["tile_overlap_factor"].as_f64().unwrap(),
+    };
+    let vae = engine::models::autoencoder::Autoencoder::load(
+        &tiny_dev().join("vae"),
+        DType::F32,
+        &Device::Cpu,
+        engine::ops::Kernels::Plain,
+    )
+    .unwrap();
+    let tiled = vae.tiled_encode(&r["image"], tiling).unwrap().mean;
+    assert_close("tiled encode", &tiled, &r["tiled_mean"], FORWARD_TOL);
+    let whole = vae.encode(&r["image"]).unwrap().mean;
+    assert_close("whole encode", &whole, &r["whole_mean"], FORWARD_TOL);
+}
