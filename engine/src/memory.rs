@@ -369,7 +369,7 @@ impl MemoryPlan {
         let largest = channels
             .iter()
             .enumerate()
-            .map(|(i, c)| c * pixels >> (2 * i))
+            .map(|(i, c)| (c * pixels) >> (2 * i))
             .max()
             .unwrap_or(0) as u64;
         let latent = pixels / (self.shape.downscale * self.shape.downscale);
