@@ -1056,11 +1056,9 @@ impl FluxPipeline {
         if p.num_images == 0 {
             bail!("num_images must be at least 1");
         }
-        if let Some(input) = &p.input {
-            check_input(input, p.width, p.height)?;
+        check_input(self.edit, p.input.as_ref(), p.width, p.height)?;
+        if p.input.is_some() {
             self.memory.fit_edit(p.width, p.height)?;
-        } else if self.edit == EditModel::Fill {
-            bail!("FLUX.1-Fill repaints part of an image: give an input image and a mask (white where it repaints)");
         }
         self.memory.fit(p.width, p.height)?;
         let t0 = Instant::now();
@@ -1150,6 +1148,8 @@ impl FluxPipeline {
         noise: &Tensor,
         sigmas: &[f64],
     ) -> Result<(Tensor, Vec<f64>, Conditioning)> {
+        let (w, h) = (input.image.width() as usize, input.image.height() as usize);
+        check_input(self.edit, Some(input), w, h)?;
         let dev = &self.device;
         let f = self.codec.downscale();
         let pixels = edit::image_tensor(&input.image, dev)?;
@@ -1173,9 +1173,7 @@ impl FluxPipeline {
                 Ok((start, sigmas, cond))
             }
             EditModel::Fill => {
-                let Some(mask) = mask else {
-                    bail!("FLUX.1-Fill repaints part of an image: give a mask (white where it repaints)");
-                };
+                let mask = mask.expect("check_input asks FLUX.1-Fill for a mask");
                 let sigmas = edit::strength_sigmas(sigmas, input.strength)?;
                 let start = edit::scale_noise(&image, sigmas[0], noise)?;
                 let keep = mask.affine(-1.0, 1.0)?;
@@ -1192,11 +1190,7 @@ impl FluxPipeline {
                 Ok((start, sigmas, Conditioning::Channels(extra)))
             }
             EditModel::Kontext => {
-                if mask.is_some() {
-                    bail!("FLUX.1-Kontext edits the whole image by instruction and takes no mask: inpaint with FLUX.1-Fill or another FLUX model");
-                }
-                let (rows, cols) =
-                    self.latent_grid(input.image.width() as usize, input.image.height() as usize);
+                let (rows, cols) = self.latent_grid(w, h);
                 let ids = edit::kontext_image_ids(rows / 2, cols / 2, dev)?;
                 Ok((
                     noise.clone(),
@@ -1221,8 +1215,31 @@ impl FluxPipeline {
     }
 }
 
-/// An input image (and its mask) must be at the generation's size: the caller resizes.
-fn check_input(input: &InputImage, width: usize, height: usize) -> Result<()> {
+/// Whether a model of this kind takes this input (or none) for a generation of (width, height): the
+/// image and its mask at the generation's size (the caller resizes), a strength in (0, 1], a mask for
+/// FLUX.1-Fill, none for FLUX.1-Kontext. [`FluxPipeline::generate`] checks it; a server can check it
+/// before queueing a request.
+pub fn check_input(
+    model: EditModel,
+    input: Option<&InputImage>,
+    width: usize,
+    height: usize,
+) -> Result<()> {
+    let Some(input) = input else {
+        if model == EditModel::Fill {
+            bail!("FLUX.1-Fill repaints part of an image: give an input image and a mask (white where it repaints)");
+        }
+        return Ok(());
+    };
+    match (model, &input.mask) {
+        (EditModel::Fill, None) => {
+            bail!("FLUX.1-Fill repaints part of an image: give a mask (white where it repaints)")
+        }
+        (EditModel::Kontext, Some(_)) => bail!(
+            "FLUX.1-Kontext edits the whole image by instruction and takes no mask: inpaint with FLUX.1-Fill or another FLUX model"
+        ),
+        _ => {}
+    }
     let (w, h) = (input.image.width() as usize, input.image.height() as usize);
     if (w, h) != (width, height) {
         bail!("the input image is {w}x{h} but the generation is {width}x{height}: resize the image to the generation's size");
