@@ -21,6 +21,7 @@ pub const TEXT_TOKENS: usize = 24;
 pub fn model_config() -> FluxConfig {
     FluxConfig {
         in_channels: 3 * PIXEL_UNSHUFFLE * PIXEL_UNSHUFFLE * 4,
+        out_channels: None,
         hidden_size: 256,
         num_heads: 4,
         depth: 2,

@@ -78,6 +78,9 @@ pub struct ActivationShape {
     pub text_tokens: usize,
     /// Images per transformer call: 2 under classifier-free guidance (the prompt and the empty one).
     pub batch: usize,
+    /// Image-sized token sequences in each transformer call: 2 for FLUX.1-Kontext (the noise's and
+    /// the input image's tokens), else 1.
+    pub image_sequences: usize,
     /// The autoencoder decoder's `block_out_channels` (diffusers' order), or none for a pixel model.
     pub vae_channels: Option<Vec<usize>>,
     /// Bytes of an activation element and of a weight kept in the compute dtype (2 for bf16, 4 for f32).
@@ -327,7 +330,7 @@ impl MemoryPlan {
     fn denoise_activations(&self, width: usize, height: usize) -> u64 {
         let s = &self.shape;
         let cell = 2 * s.downscale;
-        let tokens = (width / cell) * (height / cell) + s.text_tokens;
+        let tokens = s.image_sequences * (width / cell) * (height / cell) + s.text_tokens;
         let live = (s.batch * tokens * s.hidden) as u64 * s.compute_bytes * TRANSFORMER_LIVE;
         live + SCORES_CHUNK_BYTES
     }
@@ -350,6 +353,26 @@ impl MemoryPlan {
             })
             .max()
             .unwrap_or(0) as u64;
+        let scores = ((latent * latent) as u64 * 4).min(SCORES_CHUNK_BYTES);
+        largest * self.shape.compute_bytes * DECODER_LIVE + scores
+    }
+
+    /// The encoder's activations for a whole (width, height) image (an edit's input): its largest
+    /// feature map times [`DECODER_LIVE`] (its resnets are the decoder's), plus the mid block's
+    /// attention scores. Down block i runs at 2^-i times the image's side with channels[i].
+    fn encode_activations(&self, width: usize, height: usize) -> u64 {
+        let Some(channels) = &self.shape.vae_channels else {
+            // Pixels: encoding is a reshape.
+            return (3 * width * height) as u64 * 4;
+        };
+        let pixels = width * height;
+        let largest = channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c * pixels) >> (2 * i))
+            .max()
+            .unwrap_or(0) as u64;
+        let latent = pixels / (self.shape.downscale * self.shape.downscale);
         let scores = ((latent * latent) as u64 * 4).min(SCORES_CHUNK_BYTES);
         largest * self.shape.compute_bytes * DECODER_LIVE + scores
     }
@@ -396,6 +419,31 @@ impl MemoryPlan {
             ))),
             _ => Ok(fit),
         }
+    }
+
+    /// Whether an edit's input image of (width, height) is encoded in tiles: the autoencoder's encoder
+    /// runs on the whole image beside the resident weights when that fits, else on tiles of
+    /// [`TILE_PIXELS`] (`Ok(true)`); an error when not even a tile fits. The denoising and the decode
+    /// are [`Self::fit`]'s.
+    pub fn fit_edit(&self, width: usize, height: usize) -> Result<bool, NoFit> {
+        let base = self.resident_bytes() + FIXED_OVERHEAD;
+        let Some(usable) = self.usable() else {
+            return Ok(false);
+        };
+        if base + self.encode_activations(width, height) <= usable {
+            return Ok(false);
+        }
+        let tile = TILE_PIXELS.min(width.max(height));
+        let need = base + self.encode_activations(tile.min(width), tile.min(height));
+        if need > usable {
+            return Err(NoFit(format!(
+                "encoding the input image needs about {} of GPU memory even in tiles under this model's memory plan ({}), and {} is available: raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory, or free the GPU of other programs",
+                gib(need),
+                self.arrangement(),
+                gib(usable),
+            )));
+        }
+        Ok(true)
     }
 
     fn largest_side(&self, multiple: usize) -> usize {
@@ -510,6 +558,7 @@ mod tests {
                 downscale: 8,
                 text_tokens: 512,
                 batch: 1,
+                image_sequences: 1,
                 vae_channels: Some(vec![128, 256, 512, 512]),
                 compute_bytes: 2,
             },
@@ -546,6 +595,41 @@ mod tests {
                 "{side}: estimated peak {peak:.2} GiB"
             );
         }
+    }
+
+    #[test]
+    fn kontexts_input_tokens_raise_the_step_peak_and_lower_the_largest_side() {
+        let mut kontext = flux_dev();
+        kontext.shape.image_sequences = 2;
+        let budget = Some(40 << 30);
+        let dev = MemoryPlan::choose(&flux_dev(), budget, (1024, 1024), 16, None).unwrap();
+        let edit = MemoryPlan::choose(&kontext, budget, (1024, 1024), 16, None).unwrap();
+        // 4096 more tokens of 24 live hidden-wide activations in bf16.
+        let more = edit.denoise_activations(1024, 1024) - dev.denoise_activations(1024, 1024);
+        assert_eq!(more, 4096 * 3072 * 2 * TRANSFORMER_LIVE);
+        assert!(
+            edit.max_side < dev.max_side,
+            "{} vs {}",
+            edit.max_side,
+            dev.max_side
+        );
+    }
+
+    #[test]
+    fn an_input_image_too_large_to_encode_whole_is_encoded_in_tiles() {
+        assert_eq!(plan(80).unwrap().fit_edit(1024, 1024), Ok(false));
+        // 24 GiB: the resident encoders leave no room for the whole encoder at 1024x1024.
+        let plan = plan(24).unwrap();
+        assert_eq!(plan.fit_edit(512, 512), Ok(false));
+        assert_eq!(plan.fit_edit(1024, 1024), Ok(true));
+        let err = MemoryPlan {
+            budget: Some(21 << 30),
+            ..plan
+        }
+        .fit_edit(1024, 1024)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("even in tiles"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::models::minilm::MiniLmPrompt;
 use crate::models::text::{ClipEncoder, T5Encoder};
 use crate::ops::Kernels;
 use crate::presets::Preset;
+use crate::sampling::edit::{self, Conditioning, EditModel};
 use crate::sampling::{
     latents, preview::LatentPreview, schedule::ScheduleConfig, step_cache::StepCache,
 };
@@ -52,7 +53,8 @@ pub struct InputImage {
     /// The generation's size (the caller resizes).
     pub image: RgbImage,
     /// How much of the schedule reruns, in (0, 1]: 1 starts from pure noise, small values stay close
-    /// to the image (diffusers' `strength`). Fill and Kontext models ignore it as diffusers does.
+    /// to the image (diffusers' `strength`). FLUX.1-Fill takes it as FluxFillPipeline does (1 is its
+    /// default); FLUX.1-Kontext ignores it, as FluxKontextPipeline has none.
     pub strength: f64,
     /// The generation's size: white (255) where the image is repainted, black where it is kept.
     pub mask: Option<image::GrayImage>,
@@ -308,6 +310,25 @@ struct ModelIndex {
     text_tokens: Option<usize>,
 }
 
+/// `_class_name` in the `model_index.json` of FLUX.1-Kontext-dev.
+pub const KONTEXT_CLASS: &str = "FluxKontextPipeline";
+/// `_class_name` in the `model_index.json` of FLUX.1-Fill-dev.
+pub const FILL_CLASS: &str = "FluxFillPipeline";
+
+impl ModelIndex {
+    /// How the model takes an input image: its pipeline class says so, or a transformer that reads
+    /// more channels than it predicts (FLUX.1-Fill's).
+    fn edit_model(&self, cfg: &FluxConfig) -> EditModel {
+        if self.class_name == KONTEXT_CLASS {
+            EditModel::Kontext
+        } else if self.class_name == FILL_CLASS || cfg.out_channels() != cfg.in_channels {
+            EditModel::Fill
+        } else {
+            EditModel::Latents
+        }
+    }
+}
+
 /// Which text encoders a model reads its prompts with.
 #[derive(Debug, Clone)]
 enum TextSpec {
@@ -430,6 +451,8 @@ pub struct FluxPipeline {
     cfg: bool,
     /// The transformer's weights as variables, by checkpoint name: loaded for a full fine-tune.
     weights: Vec<(String, Var)>,
+    /// How the model takes an input image.
+    edit: EditModel,
     device: Device,
     dtype: DType,
 }
@@ -534,6 +557,7 @@ impl FluxPipeline {
             }
         };
         let transformer = FluxTransformer::load(&weights, &cfg, dtype, device, opts.kernels)?;
+        let edit = index.edit_model(&cfg);
         let mut formats: Vec<(WeightFormat, usize)> = Vec::new();
         for l in transformer.linears() {
             match formats.iter_mut().find(|(f, _)| *f == l.format()) {
@@ -607,6 +631,7 @@ impl FluxPipeline {
             preview,
             cfg: pixel_model,
             weights: vars,
+            edit,
             device: device.clone(),
             dtype,
         })
@@ -675,6 +700,11 @@ impl FluxPipeline {
                 downscale,
                 text_tokens,
                 batch: if pixel_model { 2 } else { 1 },
+                image_sequences: if index.class_name == KONTEXT_CLASS {
+                    2
+                } else {
+                    1
+                },
                 vae_channels,
                 compute_bytes: dtype.size_in_bytes() as u64,
             },
@@ -876,6 +906,25 @@ impl FluxPipeline {
     #[allow(clippy::too_many_arguments)]
     pub fn denoise_batch(
         &self,
+        x: Tensor,
+        grid: (usize, usize),
+        cond: (&Tensor, &Tensor),
+        uncond: Option<(&Tensor, &Tensor)>,
+        sigmas: &[f64],
+        guidance: f64,
+        cache: Option<&mut StepCache>,
+        on_step: &mut dyn FnMut(&StepProgress) -> Control,
+    ) -> Result<Tensor> {
+        let none = Conditioning::None;
+        self.denoise_edit(
+            x, grid, cond, uncond, sigmas, guidance, cache, &none, on_step,
+        )
+    }
+
+    /// [`Self::denoise_batch`] with what an edit adds to each step ([`Self::prepare_edit`] makes it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_edit(
+        &self,
         mut x: Tensor,
         grid: (usize, usize),
         cond: (&Tensor, &Tensor),
@@ -883,6 +932,7 @@ impl FluxPipeline {
         sigmas: &[f64],
         guidance: f64,
         mut cache: Option<&mut StepCache>,
+        edit: &Conditioning,
         on_step: &mut dyn FnMut(&StepProgress) -> Control,
     ) -> Result<Tensor> {
         let dev = &self.device;
@@ -902,7 +952,8 @@ impl FluxPipeline {
             None => (each(cond.0)?, each(cond.1)?),
         };
         let batch = txt.dim(0)?;
-        let img_ids = flux::image_ids(grid.0 / 2, grid.1 / 2, dev)?;
+        let img_ids = edit.image_ids(&flux::image_ids(grid.0 / 2, grid.1 / 2, dev)?)?;
+        let tokens = x.dim(1)?;
         let txt_ids = flux::text_ids(txt.dim(1)?, dev)?;
         let g = Tensor::new(vec![guidance as f32; batch], dev)?;
         let embedded = self.transformer.config().guidance_embed.then_some(&g);
@@ -911,7 +962,7 @@ impl FluxPipeline {
         for (i, pair) in sigmas.windows(2).enumerate() {
             let (sigma, next) = (pair[0], pair[1]);
             let t = Tensor::new(vec![sigma as f32; batch], dev)?;
-            let img = x.to_dtype(self.dtype)?;
+            let img = edit.model_input(&x)?.to_dtype(self.dtype)?;
             let img = if batch > images {
                 Tensor::cat(&[&img, &img], 0)?
             } else {
@@ -929,8 +980,8 @@ impl FluxPipeline {
             let out = match cache.as_deref_mut() {
                 Some(cache) => cache.forward(&self.transformer, &inputs)?,
                 None => self.transformer.forward(&inputs)?,
-            }
-            .to_dtype(DType::F32)?;
+            };
+            let out = edit.velocity(out, tokens)?.to_dtype(DType::F32)?;
             let v = if uncond.is_some() {
                 let (c, u) = (out.narrow(0, 0, images)?, out.narrow(0, images, images)?);
                 (&u + ((c - &u)? * guidance)?)?
@@ -938,7 +989,7 @@ impl FluxPipeline {
                 out
             };
             let denoised = (&x - (&v * sigma)?)?;
-            x = (&x + (&v * (next - sigma))?)?;
+            x = edit.after_step((&x + (&v * (next - sigma))?)?, next)?;
             let p = StepProgress {
                 step: i + 1,
                 total,
@@ -997,8 +1048,9 @@ impl FluxPipeline {
         if p.num_images == 0 {
             bail!("num_images must be at least 1");
         }
+        check_input(self.edit, p.input.as_ref(), p.width, p.height)?;
         if p.input.is_some() {
-            bail!("image-to-image, inpainting and edits are not built yet (issue 22)");
+            self.memory.fit_edit(p.width, p.height)?;
         }
         self.memory.fit(p.width, p.height)?;
         let t0 = Instant::now();
@@ -1009,15 +1061,20 @@ impl FluxPipeline {
         let t1 = Instant::now();
         let noise = self.batch_noise(p.seeds(), p.width, p.height)?;
         let sigmas = self.schedule.sigmas(p.steps, noise.dim(1)?);
+        let (start, sigmas, edit) = match &p.input {
+            Some(input) => self.prepare_edit(input, &noise, &sigmas)?,
+            None => (noise, sigmas, Conditioning::None),
+        };
         let mut cache = p.step_cache.map(StepCache::new);
-        let x = self.denoise_batch(
-            noise,
+        let x = self.denoise_edit(
+            start,
             grid,
             (&txt, &pooled),
             uncond.as_ref().map(|(t, p)| (t, p)),
             &sigmas,
             p.guidance,
             cache.as_mut(),
+            &edit,
             on_step,
         )?;
         // The GPU runs ahead of the host: wait for the denoising, so that its time is not billed to
@@ -1044,6 +1101,101 @@ impl FluxPipeline {
 }
 
 impl FluxPipeline {
+    /// How this model takes an input image.
+    pub fn edit_model(&self) -> EditModel {
+        self.edit
+    }
+
+    /// An image (1, 3, H, W) in [-1, 1] as packed model-space latents (1, tokens, C·4), f32: the
+    /// autoencoder's mean, where diffusers' pipelines draw a sample from the latent distribution with
+    /// their generator. The mean is what the sample scatters around (FLUX's autoencoder spreads
+    /// little), and keeps a seed's edit the same on every device. In tiles when the memory plan says a
+    /// whole encode of this size does not fit.
+    pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = image.dims4()?;
+        let image = image.to_dtype(self.dtype)?;
+        let z = if self.memory.fit_edit(w, h)? {
+            self.codec.tiled_encode(&image, self.tiling)?
+        } else {
+            self.codec.encode(&image)?
+        }
+        .mean;
+        let z = self.codec.to_model_space(&z)?.to_dtype(DType::F32)?;
+        Ok(latents::pack(&z)?)
+    }
+
+    /// Where an edit's denoising starts, the sigmas it runs, and what it adds to each step, from the
+    /// input, each image's starting noise `noise` (images, tokens, C·4) and the whole schedule
+    /// `sigmas`, as the diffusers pipeline of [`Self::edit_model`] does it:
+    /// - any FLUX model (FluxImg2ImgPipeline): the schedule's last `strength` share, from the image's
+    ///   latents noised to its first sigma; with a mask (FluxInpaintPipeline), the kept part put back,
+    ///   noised to the next sigma, after every step;
+    /// - FLUX.1-Fill (FluxFillPipeline): the same start, the masked image's latents and the mask as
+    ///   extra channels;
+    /// - FLUX.1-Kontext (FluxKontextPipeline): the whole schedule from the noise, the image's tokens
+    ///   after the noise's.
+    pub fn prepare_edit(
+        &self,
+        input: &InputImage,
+        noise: &Tensor,
+        sigmas: &[f64],
+    ) -> Result<(Tensor, Vec<f64>, Conditioning)> {
+        let (w, h) = (input.image.width() as usize, input.image.height() as usize);
+        check_input(self.edit, Some(input), w, h)?;
+        let dev = &self.device;
+        let f = self.codec.downscale();
+        let pixels = edit::image_tensor(&input.image, dev)?;
+        let image = self.encode_image(&pixels)?;
+        let mask = match &input.mask {
+            Some(m) => Some(edit::mask_tensor(m, dev)?),
+            None => None,
+        };
+        match self.edit {
+            EditModel::Latents => {
+                let sigmas = edit::strength_sigmas(sigmas, input.strength)?;
+                let start = edit::scale_noise(&image, sigmas[0], noise)?;
+                let cond = match mask {
+                    Some(mask) => Conditioning::Inpaint {
+                        mask: edit::inpaint_mask(&mask, f, self.codec.latent_channels())?,
+                        image,
+                        noise: noise.clone(),
+                    },
+                    None => Conditioning::None,
+                };
+                Ok((start, sigmas, cond))
+            }
+            EditModel::Fill => {
+                let mask = mask.expect("check_input asks FLUX.1-Fill for a mask");
+                let sigmas = edit::strength_sigmas(sigmas, input.strength)?;
+                let start = edit::scale_noise(&image, sigmas[0], noise)?;
+                let keep = mask.affine(-1.0, 1.0)?;
+                let masked = self.encode_image(&pixels.broadcast_mul(&keep)?)?;
+                let extra = Tensor::cat(&[masked, edit::fill_mask(&mask, f)?], 2)?;
+                let cfg = self.transformer.config();
+                let reads = noise.dim(2)? + extra.dim(2)?;
+                if reads != cfg.in_channels {
+                    bail!(
+                        "this FLUX.1-Fill transformer reads {} channels, but the latents, the masked image and the mask make {reads}: its autoencoder does not fit it",
+                        cfg.in_channels
+                    );
+                }
+                Ok((start, sigmas, Conditioning::Channels(extra)))
+            }
+            EditModel::Kontext => {
+                let (rows, cols) = self.latent_grid(w, h);
+                let ids = edit::kontext_image_ids(rows / 2, cols / 2, dev)?;
+                Ok((
+                    noise.clone(),
+                    sigmas.to_vec(),
+                    Conditioning::Tokens {
+                        latents: image,
+                        ids,
+                    },
+                ))
+            }
+        }
+    }
+
     /// The empty prompt's encodings when `guidance` calls for classifier-free guidance (a scale of 1
     /// is the prompt alone).
     pub fn uncond_for(&self, guidance: f64) -> Result<Option<(Tensor, Tensor)>> {
@@ -1053,6 +1205,47 @@ impl FluxPipeline {
             Ok(None)
         }
     }
+}
+
+/// Whether a model of this kind takes this input (or none) for a generation of (width, height): the
+/// image and its mask at the generation's size (the caller resizes), a strength in (0, 1], a mask for
+/// FLUX.1-Fill, none for FLUX.1-Kontext. [`FluxPipeline::generate`] checks it; a server can check it
+/// before queueing a request.
+pub fn check_input(
+    model: EditModel,
+    input: Option<&InputImage>,
+    width: usize,
+    height: usize,
+) -> Result<()> {
+    let Some(input) = input else {
+        if model == EditModel::Fill {
+            bail!("FLUX.1-Fill repaints part of an image: give an input image and a mask (white where it repaints)");
+        }
+        return Ok(());
+    };
+    match (model, &input.mask) {
+        (EditModel::Fill, None) => {
+            bail!("FLUX.1-Fill repaints part of an image: give a mask (white where it repaints)")
+        }
+        (EditModel::Kontext, Some(_)) => bail!(
+            "FLUX.1-Kontext edits the whole image by instruction and takes no mask: inpaint with FLUX.1-Fill or another FLUX model"
+        ),
+        _ => {}
+    }
+    let (w, h) = (input.image.width() as usize, input.image.height() as usize);
+    if (w, h) != (width, height) {
+        bail!("the input image is {w}x{h} but the generation is {width}x{height}: resize the image to the generation's size");
+    }
+    if let Some(m) = &input.mask {
+        let (mw, mh) = (m.width() as usize, m.height() as usize);
+        if (mw, mh) != (width, height) {
+            bail!("the mask is {mw}x{mh} but the generation is {width}x{height}: give a mask of the image's size");
+        }
+    }
+    if !(input.strength > 0.0 && input.strength <= 1.0) {
+        bail!("strength must be in (0, 1] (got {})", input.strength);
+    }
+    Ok(())
 }
 
 /// Reads a transformer folder's tensors into f32 variables, by checkpoint name.

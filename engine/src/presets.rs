@@ -58,6 +58,12 @@ impl PresetSource {
 
 pub const FLUX_DEV: &str = "flux-dev";
 pub const FLUX_SCHNELL: &str = "flux-schnell";
+/// FLUX.1-Fill-dev: inpainting and outpainting, the masked image and the mask as extra input channels
+/// (FluxFillPipeline).
+pub const FLUX_FILL_DEV: &str = "flux-fill-dev";
+/// FLUX.1-Kontext-dev: edits by instruction, the input image's tokens beside the noise's
+/// (FluxKontextPipeline).
+pub const FLUX_KONTEXT_DEV: &str = "flux-kontext-dev";
 /// A 1 MB FLUX with random weights in diffusers' layout: exercises every code path on a CPU
 /// in milliseconds, and draws noise.
 pub const FLUX_TINY: &str = "flux-tiny";
@@ -94,6 +100,36 @@ pub static PRESETS: &[Preset] = &[
         t5_max_len: 256,
         steps: 4,
         guidance: 0.0,
+        width: 1024,
+        height: 1024,
+        lora: None,
+        step_cache: None,
+        gpu_memory: None,
+    },
+    Preset {
+        name: FLUX_FILL_DEV,
+        title: "FLUX.1 Fill [dev] (inpainting, outpainting)",
+        source: PresetSource::Hub("black-forest-labs/FLUX.1-Fill-dev"),
+        gated: true,
+        t5_max_len: 512,
+        // diffusers' FluxFillPipeline example: 50 steps at guidance 30.
+        steps: 50,
+        guidance: 30.0,
+        width: 1024,
+        height: 1024,
+        lora: None,
+        step_cache: None,
+        gpu_memory: None,
+    },
+    Preset {
+        name: FLUX_KONTEXT_DEV,
+        title: "FLUX.1 Kontext [dev] (edits by instruction)",
+        source: PresetSource::Hub("black-forest-labs/FLUX.1-Kontext-dev"),
+        gated: true,
+        t5_max_len: 512,
+        // FluxKontextPipeline's defaults.
+        steps: 28,
+        guidance: 2.5,
         width: 1024,
         height: 1024,
         lora: None,

@@ -417,6 +417,59 @@ fn blend_edge(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> candle_core:
     Tensor::cat(&[&blended, &rest], dim)
 }
 
+/// `run` on overlapping tiles of `tile` cells of `x`, `stride` apart, each output tile's first `blend`
+/// rows and columns faded in from its upper and left neighbours (as those are once blended themselves,
+/// diffusers' in-place `blend_v` / `blend_h`), then cropped to `keep` and joined: diffusers' tiled
+/// decode and encode.
+fn tiled(
+    x: &Tensor,
+    tile: usize,
+    stride: usize,
+    blend: usize,
+    keep: usize,
+    run: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    anyhow::ensure!(stride > 0, "tiles of {tile} cells are too small");
+    let (_, _, h, w) = x.dims4()?;
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for i in (0..h).step_by(stride) {
+        let mut row = Vec::new();
+        for j in (0..w).step_by(stride) {
+            let part = x
+                .narrow(2, i, tile.min(h - i))?
+                .narrow(3, j, tile.min(w - j))?;
+            row.push(run(&part)?);
+        }
+        rows.push(row);
+    }
+    for i in 0..rows.len() {
+        for j in 0..rows[i].len() {
+            let mut t = rows[i][j].clone();
+            if i > 0 {
+                t = blend_edge(&rows[i - 1][j], &t, blend, 2)?;
+            }
+            if j > 0 {
+                t = blend_edge(&rows[i][j - 1], &t, blend, 3)?;
+            }
+            rows[i][j] = t;
+        }
+    }
+    let rows = rows
+        .iter()
+        .map(|row| {
+            let cropped = row
+                .iter()
+                .map(|t| {
+                    let (_, _, th, tw) = t.dims4()?;
+                    t.narrow(2, 0, keep.min(th))?.narrow(3, 0, keep.min(tw))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&cropped, 3)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 2)?)
+}
+
 /// The latent distribution of an encoded image.
 pub struct LatentDist {
     pub mean: Tensor,
@@ -461,14 +514,7 @@ impl Autoencoder {
 
     /// Images in [-1, 1] (B, 3, H, W) to the raw latent distribution.
     pub fn encode(&self, images: &Tensor) -> Result<LatentDist> {
-        let moments = self.encoder.forward(images)?;
-        let c = self.config.latent_channels;
-        let mean = moments.narrow(1, 0, c)?;
-        let logvar = moments.narrow(1, c, c)?.clamp(-30.0, 20.0)?;
-        Ok(LatentDist {
-            std: (logvar * 0.5)?.exp()?,
-            mean,
-        })
+        Ok(self.distribution(&self.encoder.forward(images)?)?)
     }
 
     /// Raw latents (B, C, h, w) to images in about [-1, 1].
@@ -486,54 +532,47 @@ impl Autoencoder {
         if h <= tile_latent && w <= tile_latent {
             return self.decode(latents);
         }
-        let stride = (tile_latent as f64 * (1.0 - tiling.overlap)) as usize;
         let blend = (tiling.sample as f64 * tiling.overlap) as usize;
-        let keep = tiling.sample - blend;
-        anyhow::ensure!(
-            stride > 0,
-            "tiles of {} pixels are too small",
-            tiling.sample
-        );
-        let mut rows: Vec<Vec<Tensor>> = Vec::new();
-        for i in (0..h).step_by(stride) {
-            let mut row = Vec::new();
-            for j in (0..w).step_by(stride) {
-                let tile = latents.narrow(2, i, tile_latent.min(h - i))?.narrow(
-                    3,
-                    j,
-                    tile_latent.min(w - j),
-                )?;
-                row.push(self.decoder.forward(&tile)?);
-            }
-            rows.push(row);
+        tiled(
+            latents,
+            tile_latent,
+            (tile_latent as f64 * (1.0 - tiling.overlap)) as usize,
+            blend,
+            tiling.sample - blend,
+            |tile| Ok(self.decoder.forward(tile)?),
+        )
+    }
+
+    /// [`Self::encode`] in overlapping tiles, as diffusers' `AutoencoderKL._tiled_encode`: each tile of
+    /// `tiling.sample` pixels is encoded alone and the latent moments are blended across each tile's top
+    /// and left `overlap` share. Images no larger than one tile encode whole, as in diffusers.
+    pub fn tiled_encode(&self, images: &Tensor, tiling: Tiling) -> Result<LatentDist> {
+        let (_, _, h, w) = images.dims4()?;
+        if h <= tiling.sample && w <= tiling.sample {
+            return self.encode(images);
         }
-        // Each tile is blended with its upper and left neighbours as they are once blended themselves.
-        for i in 0..rows.len() {
-            for j in 0..rows[i].len() {
-                let mut tile = rows[i][j].clone();
-                if i > 0 {
-                    tile = blend_edge(&rows[i - 1][j], &tile, blend, 2)?;
-                }
-                if j > 0 {
-                    tile = blend_edge(&rows[i][j - 1], &tile, blend, 3)?;
-                }
-                rows[i][j] = tile;
-            }
-        }
-        let rows = rows
-            .iter()
-            .map(|row| {
-                let cropped = row
-                    .iter()
-                    .map(|t| {
-                        let (_, _, th, tw) = t.dims4()?;
-                        t.narrow(2, 0, keep.min(th))?.narrow(3, 0, keep.min(tw))
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&cropped, 3)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&rows, 2)?)
+        let tile_latent = tiling.sample / self.config.downscale();
+        let blend = (tile_latent as f64 * tiling.overlap) as usize;
+        let moments = tiled(
+            images,
+            tiling.sample,
+            (tiling.sample as f64 * (1.0 - tiling.overlap)) as usize,
+            blend,
+            tile_latent - blend,
+            |tile| Ok(self.encoder.forward(tile)?),
+        )?;
+        Ok(self.distribution(&moments)?)
+    }
+
+    /// The latent distribution of the encoder's moments (mean ‖ log-variance).
+    fn distribution(&self, moments: &Tensor) -> candle_core::Result<LatentDist> {
+        let c = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, c)?;
+        let logvar = moments.narrow(1, c, c)?.clamp(-30.0, 20.0)?;
+        Ok(LatentDist {
+            std: (logvar * 0.5)?.exp()?,
+            mean,
+        })
     }
 
     /// Raw latents to the normalised space the transformer works in.

@@ -44,6 +44,14 @@ impl ImageCodec {
         }
     }
 
+    /// [`Self::encode`] in overlapping tiles (the autoencoder's; pixels need no encoding).
+    pub fn tiled_encode(&self, images: &Tensor, tiling: Tiling) -> Result<LatentDist> {
+        match self {
+            Self::Vae(vae) => vae.tiled_encode(images, tiling),
+            Self::Pixels { .. } => self.encode(images),
+        }
+    }
+
     /// Raw latents (B, C, h, w) to images in about [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         match self {

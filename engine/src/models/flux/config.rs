@@ -5,8 +5,12 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FluxConfig {
-    /// Packed latent channels: 16 latent channels × a 2×2 patch.
+    /// Packed latent channels: 16 latent channels × a 2×2 patch (FLUX.1-Fill's also read the
+    /// masked image's and the mask's).
     pub in_channels: usize,
+    /// The velocity's channels when they differ from `in_channels` (FLUX.1-Fill's 64 of 384).
+    #[serde(default)]
+    pub out_channels: Option<usize>,
     pub hidden_size: usize,
     pub num_heads: usize,
     /// Double-stream (joint text/image) blocks.
@@ -29,6 +33,7 @@ impl FluxConfig {
     pub fn dev() -> Self {
         Self {
             in_channels: 64,
+            out_channels: None,
             hidden_size: 3072,
             num_heads: 24,
             depth: 19,
@@ -47,6 +52,11 @@ impl FluxConfig {
             guidance_embed: false,
             ..Self::dev()
         }
+    }
+
+    /// The channels of the velocity the transformer predicts.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -77,6 +87,7 @@ impl FluxConfig {
         };
         Ok(Self {
             in_channels: get("in_channels")?,
+            out_channels: json["out_channels"].as_u64().map(|v| v as usize),
             hidden_size: heads * head_dim,
             num_heads: heads,
             depth: get("num_layers")?,

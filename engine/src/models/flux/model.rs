@@ -403,7 +403,7 @@ impl FluxTransformer {
             double_blocks,
             single_blocks,
             final_modulation: w.linear("final_layer.adaLN_modulation.1", h, 2 * h, k)?,
-            final_linear: w.linear("final_layer.linear", h, cfg.in_channels, k)?,
+            final_linear: w.linear("final_layer.linear", h, cfg.out_channels(), k)?,
             dtype,
             device: device.clone(),
             kernels,
@@ -505,7 +505,7 @@ impl FluxTransformer {
         Ok(self.final_linear.forward(&img)?)
     }
 
-    /// The predicted velocity (B, L, in_channels) for the noisy packed latents.
+    /// The predicted velocity (B, L, out_channels) for the noisy packed latents.
     pub fn forward(&self, x: &FluxInputs) -> Result<Tensor> {
         let first = self.first_block(x)?;
         let img = self.remaining_blocks(&first)?;

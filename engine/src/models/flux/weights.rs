@@ -334,8 +334,10 @@ impl FluxWeights {
         } else {
             bail!("cannot infer the RoPE axes for head dimension {head_dim}: give the model's config.json")
         };
+        let out_channels = dims("final_layer.linear")?[0];
         let cfg = super::FluxConfig {
             in_channels,
+            out_channels: (out_channels != in_channels).then_some(out_channels),
             hidden_size: hidden,
             num_heads: hidden / head_dim,
             depth: count("double_blocks"),
