@@ -5,7 +5,7 @@
 #     outputs on the same inputs (the format's error) and a 1024x1024 28-step generation (time, peak).
 #  2. CAPS (default "24 16 12 8", GiB): another process holds all free GPU memory but the cap before our
 #     binary starts, so the memory plan sees the card's size; diffusers gets the same cap
-#     (anchors_ref.py cap:N:HOW) in each of REF_MODES.
+#     (anchors_ref.py cap:N:HOW) in each of REF_MODES. OURS=0 leaves our side out, REF_MODES="" theirs.
 # Needs the CUDA build of flux-bench (BENCH, default .gpu/flux-bench) and .whl/ with diffusers' wheel.
 # Reuses the random model of flux-parity-bench.sh when it is there. Writes one JSON line per
 # measurement to $OUT/small-gpu.jsonl (OUT default ./gpu-out).
@@ -35,7 +35,8 @@ measure() {
 }
 for f in ${FORMATS-fp8 q8_0}; do
   measure "forward-$f" $BENCH --weights $f forward --model $M --inputs $R
-  measure "generate-1024-$f" $BENCH --weights $f generate --model $M --size 1024 --steps 28
+  # FORWARD_ONLY: formats timed by their step alone (a whole generation reloads, and quantizes, again)
+  [[ " ${FORWARD_ONLY-} " == *" $f "* ]] || measure "generate-1024-$f" $BENCH --weights $f generate --model $M --size 1024 --steps 28
 done
 # Holds all free memory but $1 GiB until /tmp/hog.stop appears.
 hog() {
@@ -52,9 +53,12 @@ PY
   for _ in $(seq 150); do [ -f /tmp/hog.ready ] && break; sleep 0.2; done
 }
 for cap in ${CAPS-24 16 12 8}; do
-  hog $cap
-  measure "generate-1024-cap$cap" $BENCH generate --model $M --size 1024 --steps 28
-  touch /tmp/hog.stop; wait
+  # OURS=0 / REF_MODES="": one side only, when both do not fit in one device call
+  if [ "${OURS-1}" = 1 ]; then
+    hog $cap
+    measure "generate-1024-cap$cap" $BENCH generate --model $M --size 1024 --steps 28
+    touch /tmp/hog.stop; wait
+  fi
   for how in ${REF_MODES-fp8_layerwise group_offload}; do
     LIMIT=300 measure "diffusers-cap$cap-$how" python3 "$HERE/anchors_ref.py" $M cap:$cap:$how 1024
   done

@@ -243,6 +243,12 @@ impl CustomOp3 for Fp8Linear {
             wv.slice(wl.start_offset()..),
             bv.slice(bl.start_offset()..),
         );
+        if !xl.start_offset().is_multiple_of(8) {
+            bail!(
+                "fp8 linear: x must start 16-byte aligned (offset {})",
+                xl.start_offset()
+            )
+        }
         let dev = &x.device;
         let len = rows * k;
 
@@ -254,7 +260,7 @@ impl CustomOp3 for Fp8Linear {
         let mut launch = func.builder();
         launch.arg(&xv).arg(&absmax).arg(&len);
         // SAFETY: the arguments match the kernel's signature; len bounds x.
-        unsafe { launch.launch(elementwise_config(len)) }.w()?;
+        unsafe { launch.launch(elementwise_config(len / 8)) }.w()?;
         let func = dev.get_or_load_custom_func("bf16_to_fp8_dynamic", MODULE, super::ptx::FP8)?;
         let mut launch = func.builder();
         launch
@@ -264,7 +270,7 @@ impl CustomOp3 for Fp8Linear {
             .arg(&x_scale)
             .arg(&len);
         // SAFETY: as above; len bounds x and xq.
-        unsafe { launch.launch(elementwise_config(len)) }.w()?;
+        unsafe { launch.launch(elementwise_config(len / 8)) }.w()?;
 
         // SAFETY: cuBLASLt writes all rows·n elements (β = 0).
         let mut y = unsafe { dev.alloc::<half::bf16>(rows * n) }?;

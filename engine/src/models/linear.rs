@@ -12,7 +12,7 @@
 use crate::ops::{self, autodiff, Kernels};
 use crate::weights::WeightFormat;
 use candle_core::backprop::GradStore;
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, TensorId};
 use std::sync::{Arc, RwLock};
 
@@ -175,20 +175,7 @@ impl QuantizedBase {
             QuantizedWeight::Fp8 { weight, scale } => {
                 ops::linear::fp8_linear(kernels, weight, *scale, self.bias.as_ref(), x)
             }
-            QuantizedWeight::Gguf(q) => {
-                // As rows: every backend's quantized product takes a matrix.
-                let dims = x.dims();
-                let k = dims[dims.len() - 1];
-                let rows = x.contiguous()?.reshape((x.elem_count() / k, k))?;
-                let y = QMatMul::QTensor(q.clone()).forward(&rows)?;
-                let mut out = dims.to_vec();
-                *out.last_mut().expect("rank >= 1") = y.dim(1)?;
-                let y = y.reshape(out)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-                    None => Ok(y),
-                }
-            }
+            QuantizedWeight::Gguf(q) => ops::linear::gguf_linear(kernels, q, self.bias.as_ref(), x),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! read from strided views): cuBLASLt and cuBLAS on CUDA (`kernels::gemm`), candle's matmul otherwise.
 
 use super::Kernels;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
 
 /// A linear layer's `x Wᵀ + b`: on the fused path one cuBLASLt product adds the bias as it writes its
 /// output, instead of a broadcasting add over the whole output after it (a pass over memory per layer,
@@ -81,7 +83,12 @@ pub fn fp8_linear(
     #[cfg(feature = "cuda")]
     if let (true, Some(bias)) = (kernels.fused(&[x]), bias) {
         if crate::kernels::fp8::supports_linear(x, weight) {
-            let x = x.contiguous()?;
+            // The activation kernels read 16-byte vectors.
+            let x = if x.is_contiguous() && x.layout().start_offset().is_multiple_of(8) {
+                x.clone()
+            } else {
+                x.force_contiguous()?
+            };
             let dims = x.dims();
             let k = dims[dims.len() - 1];
             let rows = x.elem_count() / k;
@@ -98,6 +105,39 @@ pub fn fp8_linear(
     }
     let w = fp8_dequantize(weight, scale, x.dtype())?;
     linear(kernels, &candle_nn::Linear::new(w, bias.cloned()), x)
+}
+
+/// `x Wᵀ + b` for a GGUF weight. On a GPU, an input of many rows (a FLUX step's thousands of
+/// tokens) takes the weight dequantized for the product (candle's kernel, through f16) and the
+/// tensor cores of the activations' dtype, as ComfyUI-GGUF computes: candle's integer kernels are
+/// several times slower at that size and round the input to 8 bits too. A few rows (the modulation
+/// vectors, a language model's next token), and the CPU, take candle's quantized product.
+pub fn gguf_linear(
+    kernels: Kernels,
+    weight: &Arc<QTensor>,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let rows = x.elem_count() / k.max(1);
+    if x.device().is_cuda() && rows >= 16 {
+        let w = match x.dtype() {
+            DType::F32 => weight.dequantize(&weight.device())?,
+            dtype => weight.dequantize_f16(&weight.device())?.to_dtype(dtype)?,
+        };
+        return linear(kernels, &candle_nn::Linear::new(w, bias.cloned()), x);
+    }
+    // As rows: every backend's quantized product takes a matrix.
+    let flat = x.contiguous()?.reshape((rows, k))?;
+    let y = QMatMul::QTensor(weight.clone()).forward(&flat)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank >= 1") = y.dim(1)?;
+    let y = y.reshape(out)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        None => Ok(y),
+    }
 }
 
 /// `y[.., at .. at + n] += a · b` in place, for `a` (.., k) and `b` (k, n): one cuBLAS product with

@@ -8,7 +8,8 @@ use candle_core::Device;
 use engine::hub::Source;
 use engine::models::flux::FluxConfig;
 use engine::ops::Kernels;
-use engine::pipeline::{Control, FluxPipeline, GenerateParams, Generated, LoadOptions};
+use engine::pipeline::{Control, FluxPipeline, GenerateParams, Generated, InputImage, LoadOptions};
+use engine::sampling::edit::EditModel;
 use engine::weights::WeightFormat;
 use image::RgbImage;
 use std::path::PathBuf;
@@ -33,6 +34,23 @@ pub struct Args {
     /// Also run with the first-block step cache at this threshold, and report its error.
     #[arg(long)]
     step_cache: Option<f64>,
+    /// Start from an input image (a fixed gradient of the size): image-to-image at this strength on
+    /// a FLUX.1-dev folder, an instruction edit on a FLUX.1-Kontext one (the folder's model decides,
+    /// as in the studio; Kontext ignores the strength).
+    #[arg(long)]
+    edit_strength: Option<f64>,
+}
+
+/// A smooth RGB gradient: an input image that every run of a size shares.
+fn gradient(size: usize) -> RgbImage {
+    let s = size as u32;
+    RgbImage::from_fn(s, s, |x, y| {
+        image::Rgb([
+            (x * 255 / s) as u8,
+            (y * 255 / s) as u8,
+            ((x + y) * 127 / s) as u8,
+        ])
+    })
 }
 
 pub fn run(
@@ -58,8 +76,14 @@ pub fn run(
     let pipe = FluxPipeline::load_dir(model, &opts, device)?;
     sync(device)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let input = a.edit_strength.map(|strength| InputImage {
+        image: gradient(size),
+        strength,
+        mask: None,
+    });
     let params = GenerateParams {
         num_images: a.batch,
+        input,
         ..GenerateParams::new(
             "a fox reading under a tree, watercolor",
             (size, size),
@@ -69,7 +93,15 @@ pub fn run(
         )
     };
     // A step of a batch computes each image's tokens: the products scale with the batch.
-    let flops = step_flops(&cfg, (size / 16) * (size / 16), t5_len) * a.batch as f64;
+    // Kontext's sequence holds the input image's tokens beside the noise's.
+    let image_tokens = (size / 16) * (size / 16);
+    let kontext = a.edit_strength.is_some() && pipe.edit_model() == EditModel::Kontext;
+    let tokens = if kontext {
+        2 * image_tokens
+    } else {
+        image_tokens
+    };
+    let flops = step_flops(&cfg, tokens, t5_len) * a.batch as f64;
     let mut runs = Vec::new();
     let mut full = None;
     for _ in 0..2 {
@@ -78,7 +110,12 @@ pub fn run(
         full = Some(out);
     }
     let mut record = serde_json::json!({"what": "generate", "size": size, "steps": steps, "batch": a.batch,
-        "weights": weights.map_or("as stored".to_string(), |w| w.to_string()), "load_s": load_s, "runs": runs, "flops_per_step": flops});
+        "weights": weights.map_or("as stored".to_string(), |w| w.to_string()), "load_s": load_s, "runs": runs, "flops_per_step": flops,
+        "plan": pipe.memory_plan().summary()});
+    if let Some(strength) = a.edit_strength {
+        record["edit"] =
+            serde_json::json!({"model": format!("{:?}", pipe.edit_model()), "strength": strength});
+    }
     if let (Some(threshold), Some(full)) = (a.step_cache, full) {
         let cached = GenerateParams {
             step_cache: Some(threshold),
