@@ -3,6 +3,8 @@ README and docs are rendered from those records: `cargo run -p tools -- bench-ta
 
   python3 bench/record.py generation OUT_DIR   # from scripts/gpu/flux-parity-bench.sh's OUT_DIR
   python3 bench/record.py training OUT_DIR     # scripts/gpu/train-memory-bench.sh's OUT_DIR (+ bench_train_ref.py's output as peft.txt)
+  python3 bench/record.py small-gpu OUT_DIR    # scripts/gpu/small-gpu-bench.sh's OUT_DIR
+  python3 bench/record.py edit OUT_DIR         # scripts/gpu/edit-bench.sh's OUT_DIR
 
 Options: --date YYYY-MM-DD (default today), --gpu NAME (default: OUT_DIR/gpu.txt's first field), --run N,
 --command "..." (what was run), --change "..." (what the run changed). The record goes to stdout; save it as bench/results/DATE-WHAT-runN.json.
@@ -161,9 +163,83 @@ def training(out):
             "text_tokens": any_["text_tokens"], "reference": "peft + diffusers (bench_train_ref.py)", "cases": cases}
 
 
+def small_gpu(out):
+    """Weight formats (step, accuracy against diffusers, a whole 1024x1024 generation) and emulated card
+    sizes (our plan and time beside diffusers' configurations under the same cap)."""
+    recs = list(lines(f"{out}/small-gpu.jsonl"))
+    peaks = {x["label"]: x for x in recs if x.get("what") == "peak_mem_mib"}
+    by_label = {x["label"]: x for x in recs if x.get("what") != "peak_mem_mib"}
+    gib = lambda label: r(peaks[label]["value"] / 1024, 1) if label in peaks and peaks[label]["rc"] == 0 else None
+    try:
+        ref = json.load(open(f"{out}/diffusers.json"))
+    except FileNotFoundError:
+        ref = {}
+    formats = []
+    for label, rec in by_label.items():
+        if rec.get("what") != "forward":
+            continue
+        f = rec["weights"]
+        gen = by_label.get(f"generate-1024-{f}")
+        formats.append({
+            "weights": f, "step_s": r(statistics.median(rec["step_s"])),
+            "vs_diffusers_bf16_cosine": r(rec["diffusers_bf16"]["cosine"], 5),
+            "vs_diffusers_f32_cosine": r(rec["diffusers_f32"]["cosine"], 5),
+            "forward_peak_in_use_gib": gib(label),
+            "total_s_1024": r(gen["runs"][-1]["total_s"], 3) if gen else None,
+            "generate_peak_in_use_gib": gib(f"generate-1024-{f}") if gen else None,
+        })
+    caps = {}
+    for label in list(by_label) + list(peaks):
+        m = re.fullmatch(r"generate-1024-cap(\d+)|diffusers-cap(\d+)-(\w+)", label)
+        if not m:
+            continue
+        cap = int(m[1] or m[2])
+        c = caps.setdefault(cap, {"cap_gib": cap, "ours": None, "reference": []})
+        rec = by_label.get(label)
+        if m[1]:
+            if c["ours"] is not None:
+                continue
+            if rec:
+                c["ours"] = {"plan": rec.get("plan"), "total_s": r(rec["runs"][-1]["total_s"], 3),
+                             "first_total_s": r(rec["runs"][0]["total_s"], 3), "peak_in_use_gib": gib(label)}
+            else:
+                c["ours"] = {"error": peaks[label].get("error") or f"exit {peaks[label]['rc']}"}
+        elif not any(x["how"] == m[3] for x in c["reference"]):
+            if rec and "runs" in rec:
+                c["reference"].append({"how": m[3], "total_s": r(rec["runs"][-1]["s"], 3),
+                                       "peak_allocated_gib": r(rec["runs"][-1]["peak_alloc_gib"], 1)})
+            elif rec and "oom" in rec:
+                c["reference"].append({"how": m[3], "oom": True})
+            else:
+                p = peaks.get(label, {})
+                c["reference"].append({"how": m[3], "error": p.get("error") or f"exit {p.get('rc')}"})
+    pipe = ref.get("pipeline_1024")
+    return {"what": "small-gpu", "reference": f"diffusers {ref.get('versions', {}).get('diffusers', '0.42.1')}",
+            "diffusers_bf16_1024_s": r(pipe[-1]["total_s"], 3) if pipe else None,
+            "diffusers_bf16_vs_f32_cosine": r(ref.get("diffusers_bf16_vs_f32", {}).get("cosine"), 5),
+            "formats": formats, "caps": [caps[k] for k in sorted(caps, reverse=True)]}
+
+
+def edit(out):
+    """Image-to-image and a Kontext edit at 1024x1024, ours beside diffusers' pipelines."""
+    recs = {x["label"]: x for x in lines(f"{out}/edit.jsonl")}
+    cases = []
+    for mode in ("img2img", "kontext"):
+        ours, theirs = recs.get(f"{mode}-ours"), recs.get(f"{mode}-diffusers")
+        cases.append({
+            "mode": mode, "strength": (ours or {}).get("edit", {}).get("strength"),
+            "ours_s": r(ours["runs"][-1]["total_s"], 3) if ours else None,
+            "ours_step_s": r(ours["runs"][-1]["median_step_s"]) if ours else None,
+            "reference_s": r(theirs["runs"][-1]["s"], 3) if theirs and "runs" in theirs else None,
+            "reference_peak_allocated_gib": r(theirs["runs"][-1]["peak_alloc_gib"], 1) if theirs and "runs" in theirs else None,
+        })
+    return {"what": "edit", "reference": "diffusers FluxImg2ImgPipeline / FluxKontextPipeline (anchors_ref.py)",
+            "size": 1024, "steps": 28, "cases": cases}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["generation", "training"])
+    p.add_argument("what", choices=["generation", "training", "small-gpu", "edit"])
     p.add_argument("out")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--gpu")
@@ -177,7 +253,7 @@ def main():
             gpu = open(f"{a.out}/gpu.txt").read().split(",")[0].strip()
         except FileNotFoundError:
             sys.exit("no --gpu and no OUT_DIR/gpu.txt")
-    body = generation(a.out) if a.what == "generation" else training(a.out)
+    body = {"generation": generation, "training": training, "small-gpu": small_gpu, "edit": edit}[a.what](a.out)
     head = {"date": a.date, "run": a.run, "gpu": gpu, "command": a.command, "change": a.change}
     print(json.dumps({**head, **body}, indent=1))
 

@@ -30,7 +30,9 @@ measure() {
   timeout ${LIMIT:-240} "$@" 2> "$OUT/$label.log" | sed "s/^{/{\"label\": \"$label\", /" | tee -a "$J"
   local rc=${PIPESTATUS[0]}
   kill $poll; wait $poll 2>/dev/null
-  echo "{\"label\": \"$label\", \"what\": \"peak_mem_mib\", \"rc\": $rc, \"value\": $(( $(sort -n "$OUT/mem.txt" | tail -1) - base ))}" | tee -a "$J"
+  # a failure's last line (our refusal's reason, say) goes with it
+  local err; err=$(tail -1 "$OUT/$label.log" | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read().strip()[-300:]))')
+  echo "{\"label\": \"$label\", \"what\": \"peak_mem_mib\", \"rc\": $rc, \"value\": $(( $(sort -n "$OUT/mem.txt" | tail -1) - base )), \"error\": $err}" | tee -a "$J"
   [ "$rc" = 0 ] || tail -5 "$OUT/$label.log"
 }
 for f in ${FORMATS-fp8 q8_0}; do
@@ -59,7 +61,9 @@ for cap in ${CAPS-24 16 12 8}; do
     measure "generate-1024-cap$cap" $BENCH generate --model $M --size 1024 --steps 28
     touch /tmp/hog.stop; wait
   fi
-  for how in ${REF_MODES-fp8_layerwise group_offload}; do
+  # REF_MODES_<cap> (e.g. REF_MODES_16="group_offload") overrides REF_MODES for one card size
+  modes_var="REF_MODES_$cap"
+  for how in ${!modes_var-${REF_MODES-fp8_layerwise group_offload}}; do
     LIMIT=300 measure "diffusers-cap$cap-$how" python3 "$HERE/anchors_ref.py" $M cap:$cap:$how 1024
   done
 done

@@ -9,7 +9,13 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 /// The markdown files that hold tables, relative to the workspace root.
-pub const DOCS: [&str; 3] = ["README.md", "docs/performance.md", "docs/training.md"];
+pub const DOCS: [&str; 5] = [
+    "README.md",
+    "docs/performance.md",
+    "docs/training.md",
+    "docs/memory.md",
+    "docs/editing.md",
+];
 
 #[derive(Debug, Deserialize)]
 struct Head {
@@ -117,10 +123,82 @@ struct TrainingFigures {
     peak_allocated_gib: Option<f64>,
 }
 
+/// Weight formats and emulated card sizes (scripts/gpu/small-gpu-bench.sh).
+#[derive(Debug, Deserialize)]
+struct SmallGpu {
+    #[serde(flatten)]
+    head: Head,
+    reference: String,
+    diffusers_bf16_1024_s: Option<f64>,
+    #[serde(default)]
+    formats: Vec<FormatFigures>,
+    #[serde(default)]
+    caps: Vec<CapFigures>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatFigures {
+    weights: String,
+    step_s: f64,
+    vs_diffusers_bf16_cosine: f64,
+    vs_diffusers_f32_cosine: f64,
+    total_s_1024: Option<f64>,
+    generate_peak_in_use_gib: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CapFigures {
+    cap_gib: u32,
+    ours: Option<CapOurs>,
+    #[serde(default)]
+    reference: Vec<CapReference>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CapOurs {
+    plan: Option<String>,
+    total_s: Option<f64>,
+    first_total_s: Option<f64>,
+    peak_in_use_gib: Option<f64>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CapReference {
+    how: String,
+    total_s: Option<f64>,
+    peak_allocated_gib: Option<f64>,
+    #[serde(default)]
+    oom: bool,
+    error: Option<String>,
+}
+
+/// Image-to-image and an instruction edit (scripts/gpu/edit-bench.sh).
+#[derive(Debug, Deserialize)]
+struct Edit {
+    #[serde(flatten)]
+    head: Head,
+    reference: String,
+    size: u32,
+    steps: u32,
+    cases: Vec<EditCase>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EditCase {
+    mode: String,
+    strength: Option<f64>,
+    ours_s: Option<f64>,
+    ours_step_s: Option<f64>,
+    reference_s: Option<f64>,
+}
+
 /// Every record, oldest first.
 pub struct Records {
     generation: Vec<Generation>,
     training: Vec<Training>,
+    small_gpu: Vec<SmallGpu>,
+    edit: Vec<Edit>,
 }
 
 impl Records {
@@ -133,6 +211,8 @@ impl Records {
         let mut records = Records {
             generation: Vec::new(),
             training: Vec::new(),
+            small_gpu: Vec::new(),
+            edit: Vec::new(),
         };
         for file in files {
             let text = std::fs::read_to_string(&file)?;
@@ -141,6 +221,8 @@ impl Records {
             match head.what.as_str() {
                 "generation" => records.generation.push(serde_json::from_str(&text)?),
                 "lora-training" => records.training.push(serde_json::from_str(&text)?),
+                "small-gpu" => records.small_gpu.push(serde_json::from_str(&text)?),
+                "edit" => records.edit.push(serde_json::from_str(&text)?),
                 other => bail!("{}: unknown record kind {other:?}", file.display()),
             }
         }
@@ -149,6 +231,12 @@ impl Records {
             .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
         records
             .training
+            .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records
+            .small_gpu
+            .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records
+            .edit
             .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
         Ok(records)
     }
@@ -163,6 +251,9 @@ impl Records {
             "step-cache" => Ok(self.step_cache_table()),
             "lora-training" => self.training_table(),
             "lora-training-history" => Ok(self.training_history()),
+            "weight-formats" => Ok(self.formats_table()),
+            "gpu-memory" => Ok(self.gpu_memory_table()),
+            "editing" => Ok(self.edit_table()),
             _ => bail!("no table called {name:?}"),
         }
     }
@@ -442,6 +533,168 @@ impl Records {
             c.image_error
         )
     }
+}
+
+impl Records {
+    /// Each weight format's newest figures, one row a format (the run named in its row).
+    fn formats_table(&self) -> String {
+        let mut seen = Vec::new();
+        let mut rows = String::new();
+        for r in self.small_gpu.iter().rev() {
+            for f in &r.formats {
+                if seen.contains(&f.weights) {
+                    continue;
+                }
+                seen.push(f.weights.clone());
+                rows += &format!(
+                    "| {} | {:.3} s | {:.4} | {:.4} | {} | {} | {} |\n",
+                    f.weights,
+                    f.step_s,
+                    f.vs_diffusers_bf16_cosine,
+                    f.vs_diffusers_f32_cosine,
+                    secs(f.total_s_1024, 2),
+                    f.generate_peak_in_use_gib
+                        .map(|g| format!("{g:.1} GiB"))
+                        .unwrap_or_default(),
+                    run_name(&r.head),
+                );
+            }
+        }
+        if let Some((r, t)) = self
+            .small_gpu
+            .iter()
+            .rev()
+            .find_map(|r| r.diffusers_bf16_1024_s.map(|t| (r, t)))
+        {
+            rows += &format!(
+                "| {} bf16 (reference) | | 1 | | {t:.2} s | | {} |\n",
+                r.reference,
+                run_name(&r.head)
+            );
+        }
+        if rows.is_empty() {
+            return "No GPU run has measured the weight formats yet: `bash scripts/gpu/small-gpu-bench.sh` does.\n"
+                .into();
+        }
+        format!(
+            "FLUX.1-dev's shape with random weights, one step at 1024x1024 against diffusers' bf16 and f32 \
+             outputs on the same inputs (cosine; diffusers' own bf16 against its f32 is the yardstick: random \
+             weights make the network very sensitive), and a whole 1024x1024 28-step generation. \
+             Reproduce: `{}`.\n\n\
+             | weights | step | vs diffusers bf16 | vs diffusers f32 | 1024², end to end | peak in use | run |\n\
+             |---|---|---|---|---|---|---|\n{rows}",
+            self.small_gpu
+                .last()
+                .map_or("bash scripts/gpu/small-gpu-bench.sh", |r| command(&r.head))
+        )
+    }
+
+    /// Each emulated card size's newest figures: our plan and time beside diffusers' configurations
+    /// under the same cap, in the same call.
+    fn gpu_memory_table(&self) -> String {
+        let mut seen = Vec::new();
+        let mut rows = String::new();
+        for r in self.small_gpu.iter().rev() {
+            for c in &r.caps {
+                if seen.contains(&c.cap_gib) {
+                    continue;
+                }
+                seen.push(c.cap_gib);
+                let ours = match &c.ours {
+                    Some(CapOurs { error: Some(e), .. }) => {
+                        (format!("refused: {e}"), String::new(), String::new())
+                    }
+                    Some(o) => (
+                        o.plan.clone().unwrap_or_default(),
+                        format!(
+                            "{} (first, with the prompt's encoding: {})",
+                            secs(o.total_s, 2),
+                            secs(o.first_total_s, 2)
+                        ),
+                        o.peak_in_use_gib
+                            .map(|g| format!("{g:.1} GiB"))
+                            .unwrap_or_default(),
+                    ),
+                    None => Default::default(),
+                };
+                let theirs = c
+                    .reference
+                    .iter()
+                    .map(|x| match (x.total_s, x.oom, &x.error) {
+                        (Some(t), _, _) => format!(
+                            "{}: {t:.2} s, {} GiB allocated",
+                            x.how,
+                            x.peak_allocated_gib
+                                .map_or("?".into(), |g| format!("{g:.1}"))
+                        ),
+                        (None, true, _) => format!("{}: out of memory", x.how),
+                        (None, false, e) => {
+                            format!("{}: failed ({})", x.how, e.as_deref().unwrap_or("?"))
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                rows += &format!(
+                    "| {} GiB | {} | {} | {} | {theirs} | {} |\n",
+                    c.cap_gib,
+                    ours.0,
+                    ours.1,
+                    ours.2,
+                    run_name(&r.head)
+                );
+            }
+        }
+        if rows.is_empty() {
+            return "No GPU run has measured card sizes yet: `bash scripts/gpu/small-gpu-bench.sh` does.\n"
+                .into();
+        }
+        let reference = self.small_gpu.last().map_or("", |r| r.reference.as_str());
+        format!(
+            "Each card size emulated on the GPU machine: another process holds all its memory but the cap \
+             before ours starts (so the plan sees the card's size), and diffusers ({reference}) gets the \
+             same cap (`anchors_ref.py cap:N:HOW`). FLUX.1-dev's shape with random weights, 1024x1024, 28 \
+             steps. Reproduce: `{}`.\n\n\
+             | GPU memory | our plan | ours, end to end | our peak | diffusers under the same cap | run |\n\
+             |---|---|---|---|---|---|\n{rows}",
+            self.small_gpu
+                .last()
+                .map_or("bash scripts/gpu/small-gpu-bench.sh", |r| command(&r.head))
+        )
+    }
+
+    /// Image-to-image and an instruction edit, from the newest edit record.
+    fn edit_table(&self) -> String {
+        let Some(e) = self.edit.last() else {
+            return "No GPU run has timed editing yet: `bash scripts/gpu/edit-bench.sh` does.\n"
+                .into();
+        };
+        let mut t = format!(
+            "{}. Reproduce: `{}`.\n\n| {2}x{2}, {3} steps | ours | step | diffusers |\n|---|---|---|---|\n",
+            source(&e.head, &e.reference),
+            command(&e.head),
+            e.size,
+            e.steps
+        );
+        for c in &e.cases {
+            let what = match (c.mode.as_str(), c.strength) {
+                ("img2img", Some(s)) => format!("image-to-image, strength {s}"),
+                ("kontext", _) => "instruction edit (Kontext)".to_string(),
+                (m, _) => m.to_string(),
+            };
+            t += &format!(
+                "| {what} | {} | {} | {} |\n",
+                secs(c.ours_s, 2),
+                secs(c.ours_step_s, 3),
+                secs(c.reference_s, 2)
+            );
+        }
+        t
+    }
+}
+
+fn run_name(h: &Head) -> String {
+    let run = h.run.map(|r| format!(" run {r}")).unwrap_or_default();
+    format!("{} {}{run}", h.gpu, h.date)
 }
 
 fn secs(x: Option<f64>, digits: usize) -> String {
