@@ -749,3 +749,44 @@ fn fp8_products_on_tensor_cores_match_the_dequantized_weight() -> Result<()> {
     }
     Ok(())
 }
+
+/// A GGUF weight's product on a GPU: many rows take the weight dequantized (candle's kernel, through
+/// f16) and bf16 tensor cores, a few rows candle's integer kernels. Both against the dequantized
+/// weight multiplied in f32, at FLUX.1-dev's sizes: fails past a relative L2 error of 1e-2 (bf16
+/// products) for many rows and 3e-2 for a few (candle rounds the input to 8 bits per block there).
+#[test]
+fn gguf_products_on_a_gpu_match_the_dequantized_weight() -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use std::sync::Arc;
+    let device = &cuda_device();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let w = Tensor::randn(0f32, 0.02, (3072, 3072), &Device::Cpu)?;
+        let q = Arc::new(QTensor::quantize_onto(&w, dtype, device)?);
+        let w_deq = q.dequantize(device)?;
+        let b = Tensor::randn(0f32, 0.1, 3072, device)?.to_dtype(DType::BF16)?;
+        for rows in [4096, 2] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 3072), device)?.to_dtype(DType::BF16)?;
+            let want = x
+                .to_dtype(DType::F32)?
+                .matmul(&w_deq.t()?)?
+                .broadcast_add(&b.to_dtype(DType::F32)?)?;
+            let got = engine::ops::linear::gguf_linear(Kernels::Fused, &q, Some(&b), &x)?;
+            let err = rel_l2(&got, &want)?;
+            let t = time_median(device, 10, || {
+                Ok(engine::ops::linear::gguf_linear(
+                    Kernels::Fused,
+                    &q,
+                    Some(&b),
+                    &x,
+                )?)
+            })?;
+            println!(
+                "gguf {dtype:?} linear ({rows}x3072)·(3072x3072)ᵀ: {:.4} ms, err {err:.2e}",
+                t * 1e3
+            );
+            let bound = if rows >= 16 { 1e-2 } else { 3e-2 };
+            assert!(err < bound, "{dtype:?} at {rows} rows: error {err:.3e}");
+        }
+    }
+    Ok(())
+}
