@@ -147,6 +147,11 @@ impl ResidentModel {
             .map(|(_, pipe)| pipe.memory_plan().clone())
     }
 
+    /// The preset whose pipeline is in memory.
+    pub fn loaded_preset(&self) -> Option<&'static str> {
+        lock(&self.loaded).as_ref().map(|(name, _)| *name)
+    }
+
     /// The loaded pipeline's memory plan, whichever preset it is.
     pub fn loaded_plan(&self) -> Option<MemoryPlan> {
         lock(&self.loaded)
