@@ -6,7 +6,8 @@
 //! every moment no generation is waiting. A worker holds one training run at a time.
 //!
 //! Across workers: a generation goes to the free worker (one not generating) that is least busy (idle
-//! before one holding a training run), among those to the one that already holds its model, then its
+//! before one holding a training run, which takes only generations of its model), among those to the
+//! one that already holds its model, then its
 //! LoRAs, then one that holds nothing (rather than evicting another model), then the one that has taken
 //! the fewest jobs. A training run goes to an idle worker, the one holding its model first. Each worker
 //! takes only what it is the choice for, so a job waits for the worker that holds its model while that
@@ -107,12 +108,24 @@ struct Pending {
 }
 
 impl Pending {
-    /// The worker a generation should go to now: the best of those not generating.
+    /// The worker a generation should go to now: the best of those not generating. A worker holding a
+    /// training run cannot load another model meanwhile: among several workers it takes only generations
+    /// of the model it holds (or any, when it keeps none resident); alone, it takes every one, and one it
+    /// cannot run fails with the reason.
     fn choice_for_generation(&self, needs: &Needs) -> Option<usize> {
+        let alone = self.workers.len() == 1;
         self.workers
             .iter()
             .enumerate()
             .filter(|(_, slot)| slot.current.is_none())
+            .filter(|(_, slot)| {
+                alone
+                    || slot.training.is_none()
+                    || slot.held.models.is_empty()
+                    || needs
+                        .model
+                        .is_some_and(|m| slot.held.models.iter().any(|h| h == m))
+            })
             .min_by_key(|(id, slot)| needs.rank(*id, slot))
             .map(|(id, _)| id)
     }
@@ -422,5 +435,35 @@ mod tests {
             Some(Work::Generate(_))
         ));
         assert_eq!(queues.workers()[0].state, WorkerState::Training);
+    }
+
+    #[test]
+    fn among_workers_holding_the_model_the_one_holding_its_lora_is_chosen() {
+        let queues = Queues::new(8, 2, &["cpu".into(), "cpu".into()]);
+        let mut ticket = generation_of("a");
+        ticket.plan.lora = LoraChoice::Named("style".into());
+        queues.push_generation(ticket).unwrap();
+        let plain = Held {
+            models: vec!["a".into()],
+            loras: Vec::new(),
+        };
+        let styled = Held {
+            models: vec!["a".into()],
+            loras: vec!["style".into()],
+        };
+        // Worker 0 asks first but leaves it; worker 1 holds the LoRA.
+        queues.pending().workers[1].held = styled.clone();
+        queues.pending().workers[0].held = plain.clone();
+        assert_eq!(
+            queues.pending().choice_for_generation(&Needs {
+                model: Some("a"),
+                loras: vec!["style"],
+            }),
+            Some(1)
+        );
+        assert!(matches!(
+            queues.next(1, false, styled),
+            Some(Work::Generate(_))
+        ));
     }
 }
