@@ -67,14 +67,16 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (conversation_id, seq)
 );
 -- Schema 3: API tokens of users, kept as SHA-256 hashes (a token is random, so no salt or slow hash is
--- needed); jobs' and conversations' `owner` (the user; NULL for the server's own --token) and jobs'
+-- needed; a revoked one stays, marked, so that a server whose tokens were all revoked stays closed);
+-- jobs' and conversations' `owner` (the user; NULL for the server's own --token) and jobs'
 -- `worker`, added to older databases by `migrate`.
 CREATE TABLE IF NOT EXISTS tokens (
     id         TEXT PRIMARY KEY,
     user       TEXT NOT NULL,
     admin      INTEGER NOT NULL,
     hash       TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
 );
 ";
 
@@ -304,11 +306,12 @@ impl Store {
         Ok((id, token))
     }
 
-    /// Every token, oldest first.
+    /// Every token not revoked, oldest first.
     pub fn tokens(&self) -> anyhow::Result<Vec<TokenInfo>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, user, admin, created_at FROM tokens ORDER BY created_at, id")?;
+        let mut stmt = conn.prepare(
+            "SELECT id, user, admin, created_at FROM tokens WHERE revoked_at IS NULL ORDER BY created_at, id",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok(TokenInfo {
                 id: r.get(0)?,
@@ -323,12 +326,13 @@ impl Store {
     /// Revokes the token with this id, or every token of the user of this name; how many went.
     pub fn revoke_tokens(&self, id_or_user: &str) -> anyhow::Result<usize> {
         Ok(self.conn().execute(
-            "DELETE FROM tokens WHERE id = ?1 OR user = ?1",
-            [id_or_user],
+            "UPDATE tokens SET revoked_at = ?2 WHERE (id = ?1 OR user = ?1) AND revoked_at IS NULL",
+            params![id_or_user, now_ms()],
         )?)
     }
 
-    /// Whether any token exists: a server with tokens needs one on every request.
+    /// Whether a token was ever made: from then on the server needs one on every request (revoking
+    /// them all does not open it again).
     pub fn has_tokens(&self) -> anyhow::Result<bool> {
         Ok(self
             .conn()
@@ -340,7 +344,7 @@ impl Store {
         let found: Option<(String, bool)> = self
             .conn()
             .query_row(
-                "SELECT user, admin FROM tokens WHERE hash = ?1",
+                "SELECT user, admin FROM tokens WHERE hash = ?1 AND revoked_at IS NULL",
                 [token_hash(token)],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -859,6 +863,9 @@ mod tests {
         assert_eq!(store.revoke_tokens("alice").unwrap(), 1);
         assert_eq!(store.viewer_of(&token).unwrap(), None);
         assert_eq!(store.tokens().unwrap().len(), 1);
+        assert_eq!(store.revoke_tokens("root").unwrap(), 1);
+        assert!(store.tokens().unwrap().is_empty());
+        assert!(store.has_tokens().unwrap(), "revoking every token opened the server");
     }
 
     #[test]

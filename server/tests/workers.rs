@@ -85,7 +85,12 @@ async fn generations_run_at_once_on_different_workers_and_each_completes_exactly
         .map(|seed| {
             let (http, url) = (http.clone(), url.clone());
             tokio::spawn(async move {
-                generate(&http, &url, json!({"prompt": "a fox", "steps": 8, "seed": seed})).await
+                generate(
+                    &http,
+                    &url,
+                    json!({"prompt": "a fox", "steps": 8, "seed": seed}),
+                )
+                .await
             })
         })
         .collect();
