@@ -1,6 +1,7 @@
-//! The SQLite job store: jobs (a row each, kept current), their events (append-only, for replay),
-//! settings, and the chat's conversations with their messages. One connection behind a mutex: every statement is short, and the worker thread and the request
-//! handlers (through `Store::call`, off the async runtime) share it.
+//! The SQLite job store: jobs (a row each, kept current, with their owner and worker), their events
+//! (append-only, for replay), settings, the chat's conversations with their messages, and users' API
+//! tokens (hashed). One connection behind a mutex: every statement is short, and the worker threads and
+//! the request handlers (through `Store::call`, off the async runtime) share it.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
