@@ -866,7 +866,10 @@ mod tests {
         assert_eq!(store.tokens().unwrap().len(), 1);
         assert_eq!(store.revoke_tokens("root").unwrap(), 1);
         assert!(store.tokens().unwrap().is_empty());
-        assert!(store.has_tokens().unwrap(), "revoking every token opened the server");
+        assert!(
+            store.has_tokens().unwrap(),
+            "revoking every token opened the server"
+        );
     }
 
     #[test]

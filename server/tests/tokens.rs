@@ -132,8 +132,8 @@ async fn a_users_token_sees_only_that_users_jobs_images_and_conversations_and_an
 
     let alices = alice.generate().await;
     let bobs = bob.generate().await;
-    assert_eq!(alice.job_ids().await, [alices.clone()]);
-    assert_eq!(bob.job_ids().await, [bobs.clone()]);
+    assert_eq!(alice.job_ids().await, std::slice::from_ref(&alices));
+    assert_eq!(bob.job_ids().await, std::slice::from_ref(&bobs));
     let both = sorted(vec![alices.clone(), bobs.clone()]);
     assert_eq!(admin.job_ids().await, both);
     assert_eq!(operator.job_ids().await, both);
