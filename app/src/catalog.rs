@@ -130,4 +130,7 @@ pub struct HealthResponse {
     /// The loaded model's memory plan; absent while no model is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_plan: Option<MemoryPlanInfo>,
+    /// Every worker (one per GPU, or `--workers` on the CPU) and what it holds.
+    #[serde(default)]
+    pub workers: Vec<crate::WorkerInfo>,
 }

@@ -102,11 +102,52 @@ pub struct JobRecord {
     pub created_at: i64,
     /// Milliseconds since the Unix epoch.
     pub updated_at: i64,
+    /// The worker that ran (or runs) it; absent while it waits.
+    #[serde(default)]
+    pub worker: Option<u32>,
+    /// The user whose token submitted it; absent for jobs of the server's own `--token` (or of a server
+    /// with no tokens).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<JobRecord>,
+    /// Every worker of the server and what it holds.
+    #[serde(default)]
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Idle,
+    /// Running a generation (it may also hold a training run, advanced between generations).
+    Generating,
+    /// Holding a training run, advanced one step at a time.
+    Training,
+}
+
+/// One worker: a device with its own resident models under its own memory plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerInfo {
+    /// 0-based, as jobs' `worker` names it.
+    pub id: u32,
+    /// `cpu`, or `cuda:<ordinal>`.
+    pub device: String,
+    pub state: WorkerState,
+    /// The model presets it holds in memory.
+    pub models: Vec<String>,
+    /// The LoRAs it holds loaded (trained `model_id`s and the names requests gave).
+    pub loras: Vec<String>,
+    /// The generation it runs now.
+    pub current_job: Option<String>,
+    /// The training run it holds.
+    pub training_job: Option<String>,
+    /// Jobs it has taken since the server started.
+    pub jobs_taken: u64,
 }
 
 #[cfg(test)]

@@ -25,6 +25,15 @@ pub struct ServeConfig {
     /// Where the models run: auto (CUDA when built with it and a GPU answers, else the CPU), cpu, cuda.
     #[arg(long, env = "STUDIO_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
+    /// One worker per GPU: `all`, or CUDA ordinals as nvidia-smi numbers them (`0,1`). Each worker
+    /// keeps its own models in its GPU's memory under its own memory plan (--gpu-memory applies to
+    /// each GPU); jobs go to the worker that already holds their model. Needs a CUDA build.
+    #[arg(long, env = "STUDIO_GPUS", conflicts_with = "workers")]
+    pub gpus: Option<engine::device::Gpus>,
+    /// Workers on the CPU (`--device cpu`), each with its own copy of the models: several jobs run at
+    /// once. For GPUs use --gpus.
+    #[arg(long, env = "STUDIO_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: u32,
     /// The most GPU memory a model may use (`16G`, `12GiB`, `8000M`): its memory plan (weight formats,
     /// where the text encoders run, tiled decoding) is chosen to fit it. Default: the preset's own cap,
     /// else what the GPU has free when the model loads. See docs/memory.md.

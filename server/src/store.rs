@@ -1,6 +1,7 @@
-//! The SQLite job store: jobs (a row each, kept current), their events (append-only, for replay),
-//! settings, and the chat's conversations with their messages. One connection behind a mutex: every statement is short, and the worker thread and the request
-//! handlers (through `Store::call`, off the async runtime) share it.
+//! The SQLite job store: jobs (a row each, kept current, with their owner and worker), their events
+//! (append-only, for replay), settings, the chat's conversations with their messages, and users' API
+//! tokens (hashed). One connection behind a mutex: every statement is short, and the worker threads and
+//! the request handlers (through `Store::call`, off the async runtime) share it.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,7 +16,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde_json::{Map, Value};
 
 /// Bumped with every change to `SCHEMA`; opening a newer database fails rather than misreading it.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -29,7 +30,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     total_steps INTEGER NOT NULL DEFAULT 0,
     loss        REAL,
     created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    worker      INTEGER,
+    owner       TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at);
 CREATE TABLE IF NOT EXISTS events (
@@ -49,7 +52,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     id         TEXT PRIMARY KEY,
     title      TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    owner      TEXT
 );
 CREATE INDEX IF NOT EXISTS conversations_by_updated ON conversations (updated_at);
 CREATE TABLE IF NOT EXISTS messages (
@@ -63,7 +67,91 @@ CREATE TABLE IF NOT EXISTS messages (
     at              INTEGER NOT NULL,
     PRIMARY KEY (conversation_id, seq)
 );
+-- Schema 3: API tokens of users, kept as SHA-256 hashes (a token is random, so no salt or slow hash is
+-- needed; a revoked one stays, marked, so that a server whose tokens were all revoked stays closed);
+-- jobs' and conversations' `owner` (the user; NULL for the server's own --token) and jobs'
+-- `worker`, added to older databases by `migrate`.
+CREATE TABLE IF NOT EXISTS tokens (
+    id         TEXT PRIMARY KEY,
+    user       TEXT NOT NULL,
+    admin      INTEGER NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
 ";
+
+/// Columns added after a table's first schema: (table, column, type), added where missing.
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+    ("jobs", "worker", "INTEGER"),
+    ("jobs", "owner", "TEXT"),
+    ("conversations", "owner", "TEXT"),
+];
+
+/// Brings a database of an older schema up to this one: tables are created by `SCHEMA`, columns added
+/// here.
+fn migrate(conn: &Connection) -> anyhow::Result<()> {
+    for (table, column, kind) in ADDED_COLUMNS {
+        let present: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get(0),
+        )?;
+        if present == 0 {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+         CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner, updated_at);",
+    )?;
+    Ok(())
+}
+
+/// An API token as `studio token list` shows it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub user: String,
+    pub admin: bool,
+    pub created_at: i64,
+}
+
+/// Whose request it is, as the token says: which jobs and conversations it may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Viewer {
+    /// The server's own `--token`, an admin's token, or a server with no tokens: everything.
+    All,
+    /// A user's token: that user's own.
+    User(String),
+}
+
+impl Viewer {
+    /// The owner recorded on what this viewer creates.
+    pub fn owner(&self) -> Option<&str> {
+        match self {
+            Viewer::All => None,
+            Viewer::User(user) => Some(user),
+        }
+    }
+
+    /// Whether it may see something of `owner`.
+    pub fn sees(&self, owner: Option<&str>) -> bool {
+        match self {
+            Viewer::All => true,
+            Viewer::User(user) => owner == Some(user.as_str()),
+        }
+    }
+}
+
+/// SHA-256 of a token, in hex: what the store keeps.
+fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// Characters of the first message a conversation's title keeps.
 const TITLE_CHARS: usize = 60;
@@ -104,6 +192,7 @@ impl Store {
             );
         }
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -167,13 +256,107 @@ impl Store {
         Ok(ids)
     }
 
-    pub fn insert_job(&self, id: &str, kind: JobKind, params: &Value) -> anyhow::Result<()> {
+    /// Records a new job, `owner` its user (`None`: the server's own).
+    pub fn insert_job(
+        &self,
+        id: &str,
+        kind: JobKind,
+        params: &Value,
+        owner: Option<&str>,
+    ) -> anyhow::Result<()> {
         let now = now_ms();
         self.conn().execute(
-            "INSERT INTO jobs (id, kind, status, params, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            params![id, kind.as_str(), JobStatus::Queued.as_str(), params.to_string(), now],
+            "INSERT INTO jobs (id, kind, status, params, created_at, updated_at, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+            params![id, kind.as_str(), JobStatus::Queued.as_str(), params.to_string(), now, owner],
         )?;
         Ok(())
+    }
+
+    /// Records which worker took the job.
+    pub fn set_worker(&self, id: &str, worker: u32) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET worker = ?2 WHERE id = ?1",
+            params![id, worker],
+        )?;
+        Ok(())
+    }
+
+    /// Creates a token for `user`; returns its id and the token, which is shown once and kept only as
+    /// its hash.
+    pub fn create_token(&self, user: &str, admin: bool) -> anyhow::Result<(String, String)> {
+        let user = user.trim();
+        anyhow::ensure!(
+            !user.is_empty()
+                && user.len() <= 64
+                && user
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)),
+            "a user name is 1 to 64 letters, digits, `-`, `_`, `.` or `@` (got {user:?})"
+        );
+        // 244 random bits from the OS's generator (v4 UUIDs), as two simple-form UUIDs.
+        let token = format!(
+            "studio_{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        self.conn().execute(
+            "INSERT INTO tokens (id, user, admin, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, user, admin, token_hash(&token), now_ms()],
+        )?;
+        Ok((id, token))
+    }
+
+    /// Every token not revoked, oldest first.
+    pub fn tokens(&self) -> anyhow::Result<Vec<TokenInfo>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, user, admin, created_at FROM tokens WHERE revoked_at IS NULL ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenInfo {
+                id: r.get(0)?,
+                user: r.get(1)?,
+                admin: r.get(2)?,
+                created_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes the token with this id, or every token of the user of this name; how many went.
+    pub fn revoke_tokens(&self, id_or_user: &str) -> anyhow::Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE tokens SET revoked_at = ?2 WHERE (id = ?1 OR user = ?1) AND revoked_at IS NULL",
+            params![id_or_user, now_ms()],
+        )?)
+    }
+
+    /// Whether a token was ever made: from then on the server needs one on every request (revoking
+    /// them all does not open it again).
+    pub fn has_tokens(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .conn()
+            .query_row("SELECT EXISTS (SELECT 1 FROM tokens)", [], |r| r.get(0))?)
+    }
+
+    /// Who a presented token belongs to, `None` for no (or a revoked) token.
+    pub fn viewer_of(&self, token: &str) -> anyhow::Result<Option<Viewer>> {
+        let found: Option<(String, bool)> = self
+            .conn()
+            .query_row(
+                "SELECT user, admin FROM tokens WHERE hash = ?1 AND revoked_at IS NULL",
+                [token_hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(found.map(|(user, admin)| {
+            if admin {
+                Viewer::All
+            } else {
+                Viewer::User(user)
+            }
+        }))
     }
 
     /// Removes a job that was never accepted (its queue turned out full).
@@ -239,39 +422,46 @@ impl Store {
         Ok(stmt.query_row([id], job_from_row).optional()?)
     }
 
-    /// Newest first.
+    /// Newest first; only `viewer`'s.
     pub fn jobs(
         &self,
         kind: Option<JobKind>,
         status: Option<JobStatus>,
         limit: u32,
+        viewer: &Viewer,
     ) -> anyhow::Result<Vec<JobRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "{SELECT_JOB} WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
-             ORDER BY created_at DESC, id LIMIT ?3"
+             AND (?4 IS NULL OR owner = ?4) ORDER BY created_at DESC, id LIMIT ?3"
         ))?;
         let rows = stmt.query_map(
             params![
                 kind.map(JobKind::as_str),
                 status.map(JobStatus::as_str),
-                limit
+                limit,
+                viewer.owner()
             ],
             job_from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Starts a conversation titled after its first message.
-    pub fn create_conversation(&self, id: &str, first_message: &str) -> anyhow::Result<()> {
+    /// Starts a conversation titled after its first message, `owner` its user.
+    pub fn create_conversation(
+        &self,
+        id: &str,
+        first_message: &str,
+        owner: Option<&str>,
+    ) -> anyhow::Result<()> {
         let mut title: String = first_message.trim().chars().take(TITLE_CHARS).collect();
         if first_message.trim().chars().count() > TITLE_CHARS {
             title.push('…');
         }
         let now = now_ms();
         self.conn().execute(
-            "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
-            params![id, title, now],
+            "INSERT INTO conversations (id, title, created_at, updated_at, owner) VALUES (?1, ?2, ?3, ?3, ?4)",
+            params![id, title, now, owner],
         )?;
         Ok(())
     }
@@ -323,15 +513,15 @@ impl Store {
         Ok(Some(seq as u64))
     }
 
-    /// Newest first.
-    pub fn conversations(&self) -> anyhow::Result<Vec<ConversationSummary>> {
+    /// Newest first; only `viewer`'s.
+    pub fn conversations(&self, viewer: &Viewer) -> anyhow::Result<Vec<ConversationSummary>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT c.id, c.title, c.created_at, c.updated_at, \
                     (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) \
-             FROM conversations c ORDER BY c.updated_at DESC, c.id",
+             FROM conversations c WHERE (?1 IS NULL OR c.owner = ?1) ORDER BY c.updated_at DESC, c.id",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map([viewer.owner()], |r| {
             Ok(ConversationSummary {
                 id: r.get(0)?,
                 title: r.get(1)?,
@@ -341,6 +531,17 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The user a conversation belongs to: `None` when there is no such conversation, `Some(None)` for
+    /// one of the server's own.
+    pub fn conversation_owner(&self, id: &str) -> anyhow::Result<Option<Option<String>>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT owner FROM conversations WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     pub fn conversation(&self, id: &str) -> anyhow::Result<Option<Conversation>> {
@@ -434,7 +635,7 @@ impl Store {
 }
 
 const SELECT_JOB: &str =
-    "SELECT id, kind, status, params, result, error, step, total_steps, loss, created_at, updated_at FROM jobs";
+    "SELECT id, kind, status, params, result, error, step, total_steps, loss, created_at, updated_at, worker, owner FROM jobs";
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let text = |i: usize| r.get::<_, String>(i);
@@ -468,6 +669,8 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
         loss: r.get::<_, Option<f64>>(8)?.map(|l| l as f32),
         created_at: r.get(9)?,
         updated_at: r.get(10)?,
+        worker: r.get(11)?,
+        owner: r.get(12)?,
     })
 }
 
@@ -536,6 +739,7 @@ mod tests {
                 "a",
                 JobKind::Training,
                 &serde_json::json!({"keywords": ["x"]}),
+                None,
             )
             .unwrap();
         store
@@ -576,7 +780,7 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             store
-                .insert_job("running", JobKind::Generation, &Value::Null)
+                .insert_job("running", JobKind::Generation, &Value::Null, None)
                 .unwrap();
             store
                 .record_event(&event(
@@ -588,7 +792,7 @@ mod tests {
                 ))
                 .unwrap();
             store
-                .insert_job("done", JobKind::Generation, &Value::Null)
+                .insert_job("done", JobKind::Generation, &Value::Null, None)
                 .unwrap();
             store
                 .record_event(&event(
@@ -636,5 +840,66 @@ mod tests {
         changes.insert("theme".into(), Value::Null);
         store.update_settings(&changes).unwrap();
         assert!(store.settings().unwrap().is_empty());
+    }
+
+    #[test]
+    fn tokens_are_kept_hashed_name_their_user_and_go_when_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        assert!(!store.has_tokens().unwrap());
+        let (id, token) = store.create_token("alice", false).unwrap();
+        let (_, admin) = store.create_token("root", true).unwrap();
+        assert!(store.create_token("no spaces", false).is_err());
+        assert_eq!(
+            store.viewer_of(&token).unwrap(),
+            Some(Viewer::User("alice".into()))
+        );
+        assert_eq!(store.viewer_of(&admin).unwrap(), Some(Viewer::All));
+        assert_eq!(store.viewer_of("studio_guess").unwrap(), None);
+        let kept: String = store
+            .conn()
+            .query_row("SELECT hash FROM tokens WHERE id = ?1", [&id], |r| r.get(0))
+            .unwrap();
+        assert_ne!(kept, token, "the token itself is never stored");
+        assert_eq!(store.revoke_tokens("alice").unwrap(), 1);
+        assert_eq!(store.viewer_of(&token).unwrap(), None);
+        assert_eq!(store.tokens().unwrap().len(), 1);
+        assert_eq!(store.revoke_tokens("root").unwrap(), 1);
+        assert!(store.tokens().unwrap().is_empty());
+        assert!(
+            store.has_tokens().unwrap(),
+            "revoking every token opened the server"
+        );
+    }
+
+    #[test]
+    fn a_schema_2_database_gains_owners_and_workers_and_keeps_its_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, \
+                 params TEXT NOT NULL, result TEXT, error TEXT, step INTEGER NOT NULL DEFAULT 0, \
+                 total_steps INTEGER NOT NULL DEFAULT 0, loss REAL, created_at INTEGER NOT NULL, \
+                 updated_at INTEGER NOT NULL);
+                 CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL, \
+                 created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+                 INSERT INTO jobs (id, kind, status, params, created_at, updated_at) \
+                 VALUES ('old', 'generation', 'completed', 'null', 1, 1);
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let old = store.job("old").unwrap().unwrap();
+        assert_eq!((old.worker, old.owner), (None, None));
+        store.set_worker("old", 1).unwrap();
+        assert_eq!(store.job("old").unwrap().unwrap().worker, Some(1));
+        assert!(store
+            .jobs(None, None, 10, &Viewer::User("alice".into()))
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.jobs(None, None, 10, &Viewer::All).unwrap().len(), 1);
     }
 }

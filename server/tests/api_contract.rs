@@ -32,6 +32,7 @@ async fn studio_with(
         })),
         chat: None,
         chat_error: None,
+        workers: Vec::new(),
     };
     let running = server::start(&config(dir.path()), caps).await.unwrap();
     (dir, format!("http://{}", running.addr))

@@ -35,6 +35,7 @@ async fn studio(step_time: Duration, generation_queue: usize, upload_limit: u64)
         })),
         chat: None,
         chat_error: None,
+        workers: Vec::new(),
     };
     let mut cfg = config(dir.path());
     cfg.generation_queue = generation_queue;

@@ -34,6 +34,7 @@ async fn studio(training_queue: usize) -> Studio {
         })),
         chat: None,
         chat_error: None,
+        workers: Vec::new(),
     };
     let mut cfg = config(dir.path());
     cfg.training_queue = training_queue;

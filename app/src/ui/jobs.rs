@@ -1,5 +1,6 @@
-//! The queue and every job (`GET /jobs/`, `GET /health`), refreshed while the page is open; running and
-//! queued jobs can be cancelled, training runs open their live page.
+//! The queue, every worker with what it holds and runs, and every job (`GET /jobs/`, `GET /health`),
+//! refreshed while the page is open; running and queued jobs can be cancelled, training runs open their
+//! live page.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use leptos_meta::Title;
 use super::api::{self, Load};
 use super::short_id;
 use super::{ErrorBox, Loading};
-use crate::{HealthResponse, JobKind, JobList, JobRecord};
+use crate::{HealthResponse, JobKind, JobList, JobRecord, WorkerInfo, WorkerState};
 
 const REFRESH: Duration = Duration::from_secs(2);
 const LIMIT: u32 = 100;
@@ -76,6 +77,7 @@ pub fn JobsPage() -> impl IntoView {
                                 })
                                 .collect_view()}
                         </ul>
+                        <Workers workers=h.workers />
                     }
                         .into_any()
                 }
@@ -102,6 +104,7 @@ pub fn JobsPage() -> impl IntoView {
                                     <th scope="col">"Kind"</th>
                                     <th scope="col">"Status"</th>
                                     <th scope="col">"Progress"</th>
+                                    <th scope="col">"Worker"</th>
                                     <th scope="col">"What"</th>
                                     <th scope="col">
                                         <span class="sr-only">"Actions"</span>
@@ -117,6 +120,56 @@ pub fn JobsPage() -> impl IntoView {
                 }
             }}
         </section>
+    }
+}
+
+/// Every worker: its device, what it is doing, the models and LoRAs it holds, its jobs.
+#[component]
+fn Workers(workers: Vec<WorkerInfo>) -> impl IntoView {
+    let or_none = |list: Vec<String>| {
+        if list.is_empty() {
+            "none".to_owned()
+        } else {
+            list.join(", ")
+        }
+    };
+    view! {
+        <h2>"Workers"</h2>
+        <ul class="capabilities workers">
+            {workers
+                .into_iter()
+                .map(|w| {
+                    let state = match w.state {
+                        WorkerState::Idle => "idle",
+                        WorkerState::Generating => "generating",
+                        WorkerState::Training => "training",
+                    };
+                    let running = [("generating", w.current_job), ("training", w.training_job)]
+                        .into_iter()
+                        .filter_map(|(what, id)| id.map(|id| format!("{what} {}", short_id(&id))))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    view! {
+                        <li>
+                            <strong>{format!("Worker {} ", w.id)}</strong>
+                            <code>{w.device}</code>
+                            " "
+                            <span class="badge" data-status=state>
+                                {state}
+                            </span>
+                            {format!(
+                                " · models: {} · LoRAs: {}{}{} · {} jobs taken",
+                                or_none(w.models),
+                                or_none(w.loras),
+                                if running.is_empty() { "" } else { " · " },
+                                running,
+                                w.jobs_taken,
+                            )}
+                        </li>
+                    }
+                })
+                .collect_view()}
+        </ul>
     }
 }
 
@@ -178,6 +231,7 @@ fn JobRow(job: JobRecord, cancel: impl Fn(String) + Copy + Send + Sync + 'static
                 {job.error.clone().map(|e| view! { <small class="job-error">{e}</small> })}
             </td>
             <td>{progress}</td>
+            <td>{job.worker.map(|w| w.to_string()).unwrap_or_else(|| "—".into())}</td>
             <td class="what">{describe(&job)}</td>
             <td>
                 {(!finished)

@@ -86,6 +86,7 @@ mod tests {
             tasks: 0,
             rss_bytes: None,
             memory_plan: None,
+            workers: Vec::new(),
         }
     }
 

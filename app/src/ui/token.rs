@@ -1,4 +1,5 @@
-//! The access-token page: a studio started with `--token` answers the API only to requests that carry it.
+//! The access-token page: a studio started with `--token`, or with users' tokens, answers the API only to
+//! requests that carry one.
 //! The page keeps the token in the `studio_token` cookie (SameSite=Strict: other sites' pages cannot make
 //! the browser send it), which every later call, image, download and stream of this UI then carries.
 //! Any API call answered 401 brings the user here (`api::ask_for_token`), and back afterwards.
@@ -41,7 +42,9 @@ pub fn TokenPage() -> impl IntoView {
             <h1>"This studio needs its access token"</h1>
             <p class="lead">
                 "Its operator started it with " <code>"--token"</code>
-                " (or STUDIO_TOKEN). Enter that token; this browser keeps it for this site only."
+                " (or STUDIO_TOKEN), or gave you a token of your own ("
+                <code>"studio token create"</code>
+                "). Enter that token; this browser keeps it for this site only."
             </p>
             <form class="token-form" on:submit=save>
                 <label>

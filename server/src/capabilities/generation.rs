@@ -1,8 +1,9 @@
 //! The engine's FLUX pipeline behind the server's `Generation` seam: presets and their state, request
 //! planning with the LoRA a request asks for, and generation on the resident model.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Result;
 use app::{AppliedLora, ErrorCode, GenerateRequest, PresetInfo};
@@ -15,8 +16,11 @@ use super::model_choice::{self, preset_names};
 use super::resident_model::{self, PipelineLoader, ResidentModel};
 use crate::config::ServeConfig;
 use crate::jobs::capability::{
-    Control, Generated, Generation, GenerationPlan, JobFailure, LoraChoice, StepUpdate,
+    Control, Generated, Generation, GenerationPlan, Held, JobFailure, LoraChoice, StepUpdate,
 };
+
+/// LoRAs a worker is said to hold: as many as the engine's LoRA cache keeps loaded.
+const HELD_LORAS: usize = 4;
 
 pub struct FluxGeneration {
     default_preset: &'static Preset,
@@ -24,6 +28,9 @@ pub struct FluxGeneration {
     /// The operator's LoRA folder: the only server-side files a request may name.
     lora_dir: PathBuf,
     loras: LoraCache,
+    /// The LoRAs of the last generations (by `LoraChoice::affinity_name`), newest first: what the
+    /// LoRA cache holds, for the scheduler.
+    recent_loras: Mutex<VecDeque<String>>,
 }
 
 impl FluxGeneration {
@@ -33,7 +40,15 @@ impl FluxGeneration {
 
     /// With another way to load pipelines than the engine's (a test's, that fails as a load can).
     pub fn with_loader(config: &ServeConfig, loader: Arc<PipelineLoader>) -> Result<Self> {
-        let device = config.device.select()?;
+        Self::on_device(config, config.device.select()?, loader)
+    }
+
+    /// On a given device: one worker's, with its own resident model and memory plan.
+    pub fn on_device(
+        config: &ServeConfig,
+        device: candle_core::Device,
+        loader: Arc<PipelineLoader>,
+    ) -> Result<Self> {
         let named = config
             .preset
             .as_deref()
@@ -72,6 +87,7 @@ impl FluxGeneration {
             ),
             lora_dir,
             loras,
+            recent_loras: Mutex::default(),
         })
     }
 
@@ -198,6 +214,24 @@ impl Generation for FluxGeneration {
         self.default_preset.name.to_string()
     }
 
+    fn held(&self) -> Held {
+        Held {
+            models: self
+                .resident
+                .loaded_preset()
+                .map(str::to_owned)
+                .into_iter()
+                .collect(),
+            loras: self
+                .recent_loras
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .cloned()
+                .collect(),
+        }
+    }
+
     fn memory_plan(&self) -> Option<app::MemoryPlanInfo> {
         self.resident
             .loaded_plan()
@@ -254,6 +288,15 @@ impl Generation for FluxGeneration {
             tracing::debug!("LoRA {}: {} / {} bytes", p.file, p.file_bytes, p.file_total);
         });
         let loras = LoraStack::load(&self.loras, specs, progress).map_err(lora_failure)?;
+        if let Some(name) = plan.lora.affinity_name() {
+            let mut recent = self
+                .recent_loras
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            recent.retain(|n| n != name);
+            recent.push_front(name.to_owned());
+            recent.truncate(HELD_LORAS);
+        }
         // Adapters belong to this generation only: a training run shares the model between requests.
         pipe.set_loras(&loras.scaled())?;
         let applied = loras

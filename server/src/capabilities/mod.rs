@@ -1,5 +1,5 @@
-//! The engine behind the capability traits of `jobs::capability`: generation and LoRA training on one
-//! resident FLUX pipeline, the prompt classifier, and the chat's language model.
+//! The engine behind the capability traits of `jobs::capability`: per worker (one per device), generation
+//! and LoRA training on one resident FLUX pipeline; the prompt classifier, and the chat's language model.
 
 pub mod chat;
 pub mod classification;
@@ -11,7 +11,11 @@ pub mod training;
 use std::sync::Arc;
 
 use crate::config::ServeConfig;
-use crate::jobs::capability::{Capabilities, Chat, Classification};
+use crate::jobs::capability::{
+    Capabilities, Chat, Classification, Generation, Training, WorkerEngine,
+};
+use candle_core::Device;
+use engine::pipeline::FluxPipeline;
 use generation::FluxGeneration;
 use training::FluxTraining;
 
@@ -19,12 +23,24 @@ use training::FluxTraining;
 /// running without it, the error shown by `/health` and in `/classify/`'s 503, so that generation is not held
 /// hostage by a missing encoder; generation loads its models on first use, so only a bad setting stops it here.
 pub fn from_config(config: &ServeConfig) -> anyhow::Result<Capabilities> {
-    let generation = FluxGeneration::new(config)?;
-    // Training shares generation's resident model: one FLUX in memory.
-    let trainer = FluxTraining::new(
-        generation.resident().clone(),
-        generation.default_preset_info(),
-    );
+    let workers = worker_devices(config)?
+        .into_iter()
+        .map(|device| {
+            let name = engine::device::device_name(&device);
+            let generation =
+                FluxGeneration::on_device(config, device, Arc::new(FluxPipeline::load))?;
+            // Training shares its worker's resident model: one FLUX in each device's memory.
+            let trainer = FluxTraining::new(
+                generation.resident().clone(),
+                generation.default_preset_info(),
+            );
+            Ok(WorkerEngine {
+                device: name,
+                generation: Some(Arc::new(generation) as Arc<dyn Generation>),
+                training: Some(Arc::new(trainer) as Arc<dyn Training>),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (classification, classification_error) = match classification::load(&config.classifier) {
         Ok(classifier) => (Some(Arc::new(classifier) as Arc<dyn Classification>), None),
         Err(e) => {
@@ -40,11 +56,29 @@ pub fn from_config(config: &ServeConfig) -> anyhow::Result<Capabilities> {
         }
     };
     Ok(Capabilities {
-        generation: Some(Arc::new(generation)),
+        generation: workers[0].generation.clone(),
         classification,
         classification_error,
-        training: Some(Arc::new(trainer)),
+        training: workers[0].training.clone(),
         chat,
         chat_error,
+        workers,
     })
+}
+
+/// A device per worker: each GPU of `--gpus`, else `--workers` times the `--device`, which must then be
+/// the CPU when there are several (two copies of a model on one GPU only compete for its memory).
+fn worker_devices(config: &ServeConfig) -> anyhow::Result<Vec<Device>> {
+    if let Some(gpus) = &config.gpus {
+        return gpus.select();
+    }
+    let device = config.device.select()?;
+    if config.workers > 1 && !device.is_cpu() {
+        anyhow::bail!(
+            "--workers {} runs several workers on the CPU, but the device is {}: use --gpus (e.g. --gpus all) for a worker per GPU, or --device cpu",
+            config.workers,
+            engine::device::device_name(&device)
+        );
+    }
+    Ok(vec![device; config.workers as usize])
 }

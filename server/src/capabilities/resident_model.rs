@@ -1,4 +1,4 @@
-//! The one FLUX pipeline in memory, shared by generation and training (GPU memory holds one FLUX at a
+//! A worker's one FLUX pipeline in memory, shared by its generation and training (a GPU holds one FLUX at a
 //! time): loaded (and downloaded) on first use, replaced when another preset is asked for, and the state
 //! of every preset's weights for `GET /models/`.
 
@@ -71,7 +71,7 @@ impl ResidentModel {
     }
 
     /// The preset's pipeline, loaded (and downloaded) on first use. Another preset replaces the resident
-    /// one, unless a training run is using it. Called on the worker thread only, so loads never overlap.
+    /// one, unless a training run is using it. Called on its worker's thread only, so loads never overlap.
     pub fn pipeline(&self, preset: &'static Preset) -> Result<Arc<FluxPipeline>> {
         {
             let mut loaded = lock(&self.loaded);
@@ -145,6 +145,11 @@ impl ResidentModel {
             .as_ref()
             .filter(|(n, _)| *n == p.name)
             .map(|(_, pipe)| pipe.memory_plan().clone())
+    }
+
+    /// The preset whose pipeline is in memory.
+    pub fn loaded_preset(&self) -> Option<&'static str> {
+        lock(&self.loaded).as_ref().map(|(name, _)| *name)
     }
 
     /// The loaded pipeline's memory plan, whichever preset it is.

@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod generate;
 pub mod serve;
+pub mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Classify prompts read from stdin, one a line: one JSON line each (the `/classify/` answer plus `prompt`).
     Classify(classify::Args),
+    /// Users' API tokens: create (printed once), list, revoke.
+    Token(token::Args),
 }
 
 impl Cli {
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(config) => serve::run(&config),
         Command::Generate(args) => generate::run(args),
         Command::Classify(args) => classify::run(args),
+        Command::Token(args) => token::run(args),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The seam where the models plug in. Each capability is a trait object handed to the server at start;
 //! one that is absent makes its routes answer 503 with the reason below (or its load error). Implementations
-//! own their models; the large ones load on first use, the small classifier at start. `Generation::generate` and `Training::start`/`TrainingRun::step` are only ever
-//! called on the one worker thread, so GPU memory is never contended.
+//! own their models; the large ones load on first use, the small classifier at start. Each worker (one per
+//! device) has its own `Generation` and `Training` ([`WorkerEngine`]), whose `generate`, `start` and `step`
+//! are only ever called on that worker's thread, so a device's memory is never contended.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,6 +82,12 @@ pub trait Generation: Send + Sync {
         None
     }
 
+    /// The models and LoRAs it holds in memory now, for the scheduler to send jobs where they are
+    /// (LoRAs by [`LoraChoice::affinity_name`]). Empty when the capability keeps nothing resident.
+    fn held(&self) -> Held {
+        Held::default()
+    }
+
     /// Resolves a request (already checked by `GenerateRequest::validate`, seed filled in) against its preset:
     /// defaults, trigger words, the LoRA. An `Err` is answered 422 with its text.
     fn plan(&self, request: &GenerateRequest, lora: LoraChoice) -> Result<GenerationPlan, String>;
@@ -109,6 +116,25 @@ pub enum LoraChoice {
     },
     /// Anything else, for the engine to resolve (a hub repository, say).
     Named(String),
+}
+
+impl LoraChoice {
+    /// The name a worker holding this LoRA is known to hold it by; `None` for none, and for the preset's
+    /// own LoRA, which comes with the model.
+    pub fn affinity_name(&self) -> Option<&str> {
+        match self {
+            LoraChoice::Trained { model_id, .. } => Some(model_id),
+            LoraChoice::Named(name) => Some(name),
+            LoraChoice::PresetDefault | LoraChoice::Disabled => None,
+        }
+    }
+}
+
+/// What a worker holds in memory: model presets, and LoRAs by [`LoraChoice::affinity_name`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub models: Vec<String>,
+    pub loras: Vec<String>,
 }
 
 /// Everything the engine needs for one image, with every default applied.
@@ -248,9 +274,22 @@ pub enum StepOutcome {
     Finished,
 }
 
+/// One worker's engine: its device, and the generation and training that keep their models on it.
+#[derive(Clone)]
+pub struct WorkerEngine {
+    /// As users read it: `cpu`, `cuda:1`.
+    pub device: String,
+    pub generation: Option<Arc<dyn Generation>>,
+    pub training: Option<Arc<dyn Training>>,
+}
+
 /// The capabilities this server was built with; `None` means "not in this build".
 #[derive(Clone, Default)]
 pub struct Capabilities {
+    /// The workers, one per device. Empty: one worker running `generation` and `training` (a test's
+    /// stand-ins, say). When given, `generation` and `training` are the first worker's, used on the
+    /// request path (planning, presets, settings checks).
+    pub workers: Vec<WorkerEngine>,
     pub generation: Option<Arc<dyn Generation>>,
     pub classification: Option<Arc<dyn Classification>>,
     /// Why `classification` is `None` when the classifier failed to load (missing model files, say), so that
@@ -268,6 +307,18 @@ pub const TRAINING_UNAVAILABLE: &str = "LoRA training not available in this buil
 pub const CHAT_UNAVAILABLE: &str = "the chat's language model is not available in this build";
 
 impl Capabilities {
+    /// The workers to start: `workers`, or one on `generation` and `training`.
+    pub fn worker_engines(&self) -> Vec<WorkerEngine> {
+        if !self.workers.is_empty() {
+            return self.workers.clone();
+        }
+        vec![WorkerEngine {
+            device: "default".into(),
+            generation: self.generation.clone(),
+            training: self.training.clone(),
+        }]
+    }
+
     /// The classifier, or why there is none.
     pub fn classifier(&self) -> Result<Arc<dyn Classification>, &str> {
         self.classification.clone().ok_or_else(|| {

@@ -1,5 +1,6 @@
-//! Jobs: submitted by the routes, queued with bounded lengths, run by the one worker thread, announced on
-//! per-job event streams, and kept in the store. See `queue` for the order work is taken in.
+//! Jobs: submitted by the routes, queued with bounded lengths, run by a worker thread per device (each
+//! with its own engine), announced on per-job event streams, and kept in the store. See `queue` for which
+//! worker takes which job, and in which order.
 
 pub mod capability;
 pub mod event_hub;
@@ -15,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::files::{DataDir, JobId};
-use crate::store::Store;
-use capability::{Capabilities, GenerationPlan, TrainingSpec};
+use crate::store::{Store, Viewer};
+use capability::{Capabilities, GenerationPlan, TrainingSpec, WorkerEngine};
 use event_hub::{EventHub, Listener};
 use queue::{GenerationTicket, QueueFull, Queues, TrainingTicket};
 pub use worker::panic_message;
@@ -36,6 +37,8 @@ pub(crate) struct Shared {
     queues: Queues,
     data: DataDir,
     caps: Capabilities,
+    /// Each worker's engine, by worker id.
+    engines: Vec<WorkerEngine>,
     /// The cancel flag of every job that is queued or running.
     cancels: Mutex<HashMap<JobId, Arc<AtomicBool>>>,
 }
@@ -65,10 +68,11 @@ impl Shared {
         &self,
         request: &GenerateRequest,
         plan: GenerationPlan,
+        owner: Option<&str>,
     ) -> Result<(JobId, Listener), ApiError> {
         let id = JobId::random();
         let job = id.to_string();
-        let listener = self.record_new(&job, JobKind::Generation, request)?;
+        let listener = self.record_new(&job, JobKind::Generation, request, owner)?;
         let cancel = self.new_cancel(id);
         self.enqueue(id, JobKind::Generation, |queues| {
             queues.push_generation(GenerationTicket { id, plan, cancel })
@@ -76,9 +80,14 @@ impl Shared {
         Ok((id, listener))
     }
 
-    fn submit_training(&self, id: JobId, params: &TrainingParams) -> Result<(), ApiError> {
+    fn submit_training(
+        &self,
+        id: JobId,
+        params: &TrainingParams,
+        owner: Option<&str>,
+    ) -> Result<(), ApiError> {
         let job = id.to_string();
-        self.record_new(&job, JobKind::Training, params)?;
+        self.record_new(&job, JobKind::Training, params, owner)?;
         let spec = self.training_spec(id, params, false);
         let cancel = self.new_cancel(id);
         self.enqueue(id, JobKind::Training, |queues| {
@@ -93,6 +102,7 @@ impl Shared {
         job: &str,
         kind: JobKind,
         params: &impl Serialize,
+        owner: Option<&str>,
     ) -> Result<Listener, ApiError> {
         let listener = self
             .hub
@@ -100,7 +110,7 @@ impl Shared {
             .map_err(Shared::store_error("opening the job's stream"))?;
         let recorded = serde_json::to_value(params)
             .map_err(anyhow::Error::from)
-            .and_then(|params| self.store.insert_job(job, kind, &params))
+            .and_then(|params| self.store.insert_job(job, kind, &params, owner))
             .and_then(|()| {
                 self.hub.publish(
                     job,
@@ -235,9 +245,15 @@ impl Shared {
     }
 
     fn record(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        self.record_for(id, &Viewer::All)
+    }
+
+    /// The job as `viewer` may see it: another user's is not found, as one that does not exist.
+    fn record_for(&self, id: JobId, viewer: &Viewer) -> Result<JobRecord, ApiError> {
         self.store
             .job(&id.to_string())
             .map_err(Shared::store_error("reading the job"))?
+            .filter(|record| viewer.sees(record.owner.as_deref()))
             .ok_or_else(|| ApiError::not_found(format!("no job {id}")))
     }
 }
@@ -274,7 +290,7 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Marks what the last process left unfinished as interrupted, then starts the worker thread.
+    /// Marks what the last process left unfinished as interrupted, then starts a thread per worker.
     pub fn start(
         store: Arc<Store>,
         data: DataDir,
@@ -290,18 +306,24 @@ impl Jobs {
             );
         }
         remove_orphan_uploads(&store, &data)?;
+        let engines = caps.worker_engines();
+        let devices: Vec<String> = engines.iter().map(|e| e.device.clone()).collect();
         let shared = Arc::new(Shared {
             hub: EventHub::new(Arc::clone(&store)),
             store,
-            queues: Queues::new(generation_queue, training_queue),
+            queues: Queues::new(generation_queue, training_queue, &devices),
             data,
             caps,
+            engines,
             cancels: Mutex::default(),
         });
-        let worker = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("studio-worker".into())
-            .spawn(move || worker::run(worker))?;
+        for (id, device) in devices.iter().enumerate() {
+            let worker = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("studio-worker-{id}"))
+                .spawn(move || worker::run(worker, id))?;
+            tracing::info!("worker {id} on {device}");
+        }
         Ok(Jobs { shared })
     }
 
@@ -328,25 +350,38 @@ impl Jobs {
         &self.shared.data
     }
 
-    /// Queues a generation; the listener sees every event of it from `queued` on.
+    /// Queues a generation of `viewer`'s; the listener sees every event of it from `queued` on.
     pub async fn submit_generation(
         &self,
         request: GenerateRequest,
         plan: GenerationPlan,
+        viewer: &Viewer,
     ) -> Result<(JobId, Listener), ApiError> {
-        self.blocking(move |shared| shared.submit_generation(&request, plan))
+        let owner = viewer.owner().map(str::to_owned);
+        self.blocking(move |shared| shared.submit_generation(&request, plan, owner.as_deref()))
             .await
     }
 
-    /// Queues a training run whose dataset is already at `DataDir::dataset(id)`.
-    pub async fn submit_training(&self, id: JobId, params: TrainingParams) -> Result<(), ApiError> {
-        self.blocking(move |shared| shared.submit_training(id, &params))
+    /// Queues a training run of `viewer`'s whose dataset is already at `DataDir::dataset(id)`.
+    pub async fn submit_training(
+        &self,
+        id: JobId,
+        params: TrainingParams,
+        viewer: &Viewer,
+    ) -> Result<(), ApiError> {
+        let owner = viewer.owner().map(str::to_owned);
+        self.blocking(move |shared| shared.submit_training(id, &params, owner.as_deref()))
             .await
     }
 
-    pub async fn resume_training(&self, id: JobId) -> Result<JobRecord, ApiError> {
-        self.blocking(move |shared| shared.resume_training(id))
-            .await
+    /// Resumes a training run `viewer` may see.
+    pub async fn resume_training(&self, id: JobId, viewer: &Viewer) -> Result<JobRecord, ApiError> {
+        let viewer = viewer.clone();
+        self.blocking(move |shared| {
+            shared.record_for(id, &viewer)?;
+            shared.resume_training(id)
+        })
+        .await
     }
 
     /// Cancels a queued job at once, a running one at its next step; 409 for a finished one.
@@ -354,8 +389,25 @@ impl Jobs {
         self.blocking(move |shared| shared.cancel(id)).await
     }
 
+    /// Cancels a job `viewer` may see, as [`Jobs::cancel`].
+    pub async fn cancel_for(&self, id: JobId, viewer: &Viewer) -> Result<JobRecord, ApiError> {
+        let viewer = viewer.clone();
+        self.blocking(move |shared| {
+            shared.record_for(id, &viewer)?;
+            shared.cancel(id)
+        })
+        .await
+    }
+
     pub async fn record(&self, id: JobId) -> Result<JobRecord, ApiError> {
         self.blocking(move |shared| shared.record(id)).await
+    }
+
+    /// The job if `viewer` may see it; 404 otherwise, as for a job that does not exist.
+    pub async fn record_for(&self, id: JobId, viewer: &Viewer) -> Result<JobRecord, ApiError> {
+        let viewer = viewer.clone();
+        self.blocking(move |shared| shared.record_for(id, &viewer))
+            .await
     }
 
     /// A listener for a live job, `None` for one that is not live.
@@ -378,7 +430,17 @@ impl Jobs {
         )
     }
 
-    /// Stops the worker after its current step; what it leaves unfinished is interrupted at the next start.
+    /// Every worker, what it holds and what it runs.
+    pub fn workers(&self) -> Vec<app::WorkerInfo> {
+        self.shared.queues.workers()
+    }
+
+    /// Every worker's engine, by worker id.
+    pub fn engines(&self) -> &[WorkerEngine] {
+        &self.shared.engines
+    }
+
+    /// Stops the workers after their current step; what it leaves unfinished is interrupted at the next start.
     pub fn shutdown(&self) {
         self.shared.queues.close();
     }

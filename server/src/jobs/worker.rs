@@ -1,5 +1,5 @@
-//! The one worker thread: it owns the GPU work, taking jobs from the queues by their policy and turning
-//! what the capabilities report into job events.
+//! A worker thread per device: each owns its device's work through its own engine, taking the jobs the
+//! queues' policy gives it and turning what its capabilities report into job events.
 
 use std::any::Any;
 use std::io::Cursor;
@@ -14,7 +14,9 @@ use app::{
 use base64::Engine as _;
 use image::RgbImage;
 
-use super::capability::{Control, JobFailure, StepOutcome, TrainingReport, TrainingRun};
+use super::capability::{
+    Control, Held, JobFailure, StepOutcome, TrainingReport, TrainingRun, WorkerEngine,
+};
 use super::queue::{GenerationTicket, TrainingTicket, Work};
 use super::Shared;
 use crate::files::JobId;
@@ -25,12 +27,25 @@ struct ActiveTraining {
     cancel: Arc<AtomicBool>,
 }
 
-pub(super) fn run(shared: Arc<Shared>) {
+/// One worker and its engine.
+struct Worker<'a> {
+    shared: &'a Shared,
+    id: usize,
+    engine: &'a WorkerEngine,
+}
+
+pub(super) fn run(shared: Arc<Shared>, id: usize) {
+    let engine = shared.engines[id].clone();
+    let worker = Worker {
+        shared: &shared,
+        id,
+        engine: &engine,
+    };
     let mut active: Option<ActiveTraining> = None;
-    while let Some(work) = shared.queues.next(active.is_some()) {
+    while let Some(work) = shared.queues.next(id, active.is_some(), worker.held()) {
         match work {
-            Work::Generate(ticket) => generate(&shared, ticket),
-            Work::StartTraining(ticket) => active = start_training(&shared, ticket),
+            Work::Generate(ticket) => worker.generate(ticket),
+            Work::StartTraining(ticket) => active = worker.start_training(ticket),
             Work::TrainingStep => {
                 if let Some(training) = active.take() {
                     active = training_step(&shared, training);
@@ -38,7 +53,7 @@ pub(super) fn run(shared: Arc<Shared>) {
             }
         }
     }
-    tracing::info!("worker stopped");
+    tracing::info!("worker {id} ({}) stopped", engine.device);
 }
 
 /// Runs a capability call, turning a panic into an error so one bad job cannot take the worker down.
@@ -60,10 +75,38 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-fn generate(shared: &Shared, ticket: GenerationTicket) {
+impl Worker<'_> {
+    /// What its engine holds now; a panic there must not take the worker down.
+    fn held(&self) -> Held {
+        let generation = self.engine.generation.clone();
+        catch_unwind(AssertUnwindSafe(|| {
+            generation.map(|g| g.held()).unwrap_or_default()
+        }))
+        .unwrap_or_default()
+    }
+
+    /// Records that this worker took the job.
+    fn claim(&self, job: &str) {
+        if let Err(err) = self.shared.store.set_worker(job, self.id as u32) {
+            tracing::error!("job {job}: recording its worker failed: {err:#}");
+        }
+    }
+
+    fn generate(&self, ticket: GenerationTicket) {
+        self.claim(&ticket.id.to_string());
+        generate(self.shared, self.engine, ticket)
+    }
+
+    fn start_training(&self, ticket: TrainingTicket) -> Option<ActiveTraining> {
+        self.claim(&ticket.id.to_string());
+        start_training(self.shared, self.engine, ticket)
+    }
+}
+
+fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
     let GenerationTicket { id, plan, cancel } = ticket;
     let job = id.to_string();
-    let Some(generation) = shared.caps.generation.clone() else {
+    let Some(generation) = engine.generation.clone() else {
         // Only reachable if the capability was removed while jobs waited; fail the job rather than hang.
         shared.fail(
             &job,
@@ -170,10 +213,14 @@ fn generate(shared: &Shared, ticket: GenerationTicket) {
     shared.finish(id);
 }
 
-fn start_training(shared: &Shared, ticket: TrainingTicket) -> Option<ActiveTraining> {
+fn start_training(
+    shared: &Shared,
+    engine: &WorkerEngine,
+    ticket: TrainingTicket,
+) -> Option<ActiveTraining> {
     let TrainingTicket { id, spec, cancel } = ticket;
     let job = id.to_string();
-    let Some(training) = shared.caps.training.clone() else {
+    let Some(training) = engine.training.clone() else {
         shared.fail(
             &job,
             ErrorCode::Unavailable,

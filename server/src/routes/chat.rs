@@ -13,10 +13,11 @@ use axum::Json;
 use engine::chat::{Answer, FinishReason, Role, SamplingSettings, Turn};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::auth::Caller;
 use super::{ApiJson, ApiPath, AppState};
 use crate::error::ApiError;
 use crate::jobs::capability::{Chat, Control};
-use crate::store::NewMessage;
+use crate::store::{NewMessage, Store, Viewer};
 
 /// What the model is told before every conversation.
 const SYSTEM_PROMPT: &str = "You are the assistant of FLUX Studio, a self-hosted studio that draws \
@@ -71,9 +72,20 @@ fn turns(conversation: &Conversation) -> Vec<Turn> {
     turns
 }
 
+/// Whether the conversation exists and `viewer` may see it: another user's is treated as missing.
+fn visible(store: &Store, id: &str, viewer: &Viewer) -> anyhow::Result<bool> {
+    Ok(store
+        .conversation_owner(id)?
+        .is_some_and(|owner| viewer.sees(owner.as_deref())))
+}
+
 /// Checks the request, takes a place in the chat's line (429 when full), records the user's message (in a
-/// new conversation when none is named) and reads the conversation back as the model's turns.
-pub(super) async fn prepare(state: &AppState, request: ChatRequest) -> Result<Prepared, ApiError> {
+/// new conversation of `viewer`'s when none is named) and reads the conversation back as the model's turns.
+pub(super) async fn prepare(
+    state: &AppState,
+    request: ChatRequest,
+    viewer: &Viewer,
+) -> Result<Prepared, ApiError> {
     let chat = state
         .jobs
         .capabilities()
@@ -108,13 +120,15 @@ pub(super) async fn prepare(state: &AppState, request: ChatRequest) -> Result<Pr
     let store = state.jobs.store().clone();
     let message = request.message;
     let named = existing.clone();
+    let viewer = viewer.clone();
     let conversation = store
         .call(move |store| {
             let id = match existing {
+                Some(id) if !visible(store, &id, &viewer)? => return Ok(None),
                 Some(id) => id,
                 None => {
                     let id = uuid::Uuid::new_v4().to_string();
-                    store.create_conversation(&id, &message)?;
+                    store.create_conversation(&id, &message, viewer.owner())?;
                     id
                 }
             };
@@ -224,26 +238,28 @@ pub(super) async fn answer(
 ))]
 pub async fn chat(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Json<ChatResponse>, ApiError> {
-    let prepared = prepare(&state, request).await?;
+    let prepared = prepare(&state, request, &viewer).await?;
     // A client that hangs up does not stop a plain request's answer: it is recorded for the conversation.
     answer(&state, prepared, |_| Control::Continue)
         .await
         .map(Json)
 }
 
-/// The stored conversations, most recently active first.
+/// The stored conversations the caller may see, most recently active first.
 #[utoipa::path(get, path = "/chat/conversations", tag = "chat", responses(
     (status = 200, body = Vec<ConversationSummary>),
 ))]
 pub async fn list(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
 ) -> Result<Json<Vec<ConversationSummary>>, ApiError> {
     state
         .jobs
         .store()
-        .call(|store| store.conversations())
+        .call(move |store| store.conversations(&viewer))
         .await
         .map(Json)
         .map_err(store_error("listing the conversations"))
@@ -256,6 +272,7 @@ pub async fn list(
 ))]
 pub async fn show(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Conversation>, ApiError> {
     let id = conversation_id(&id)?;
@@ -264,7 +281,12 @@ pub async fn show(
         state
             .jobs
             .store()
-            .call(move |store| store.conversation(&id))
+            .call(move |store| {
+                if !visible(store, &id, &viewer)? {
+                    return Ok(None);
+                }
+                store.conversation(&id)
+            })
             .await
             .map_err(store_error("reading the conversation"))?
     };
@@ -280,6 +302,7 @@ pub async fn show(
 ))]
 pub async fn delete(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = conversation_id(&id)?;
@@ -288,7 +311,7 @@ pub async fn delete(
         state
             .jobs
             .store()
-            .call(move |store| store.delete_conversation(&id))
+            .call(move |store| Ok(visible(store, &id, &viewer)? && store.delete_conversation(&id)?))
             .await
             .map_err(store_error("deleting the conversation"))?
     };
@@ -308,6 +331,7 @@ pub async fn delete(
 ))]
 pub async fn add_image(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(id): ApiPath<String>,
     ApiJson(image): ApiJson<ChatImage>,
 ) -> Result<Json<Conversation>, ApiError> {
@@ -316,7 +340,7 @@ pub async fn add_image(
         return Err(ApiError::validation("prompt must not be empty"));
     }
     let job = super::job_id(&image.job_id)?;
-    let record = state.jobs.record(job).await?;
+    let record = state.jobs.record_for(job, &viewer).await?;
     if record.kind != app::JobKind::Generation {
         return Err(ApiError::not_found(format!(
             "no generation job {}",
@@ -329,6 +353,9 @@ pub async fn add_image(
             .jobs
             .store()
             .call(move |store| {
+                if !visible(store, &id, &viewer)? {
+                    return Ok(None);
+                }
                 let added = store.add_message(
                     &id,
                     &NewMessage {

@@ -10,10 +10,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio_util::io::ReaderStream;
 
+use super::auth::Caller;
 use super::train::training_record;
 use super::{job_id, ApiPath, AppState};
 use crate::error::ApiError;
 use crate::jobs::TrainingParams;
+use crate::store::Viewer;
 
 /// Streams a file; a missing one is 404 with `what` in the message.
 async fn send_file(
@@ -53,6 +55,24 @@ async fn send_file(
     Ok(response)
 }
 
+/// A job's files are found only by whoever may see the job: another user's are 404, as missing ones.
+async fn visible(
+    state: &AppState,
+    id: crate::files::JobId,
+    viewer: &Viewer,
+    what: &str,
+) -> Result<(), ApiError> {
+    if *viewer == Viewer::All {
+        return Ok(());
+    }
+    state
+        .jobs
+        .record_for(id, viewer)
+        .await
+        .map(|_| ())
+        .map_err(|_| ApiError::not_found(format!("no {what} of {id}")))
+}
+
 /// A generated image (PNG), by its generation job's id.
 #[utoipa::path(get, path = "/images/{job_id}", tag = "files", responses(
     (status = 200, content_type = "image/png", body = Vec<u8>),
@@ -60,9 +80,12 @@ async fn send_file(
 ))]
 pub async fn image(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let path = state.jobs.data().image(job_id(&id)?);
+    let id = job_id(&id)?;
+    visible(&state, id, &viewer, "image").await?;
+    let path = state.jobs.data().image(id);
     send_file(path, "image/png", None, &format!("image {id}")).await
 }
 
@@ -73,9 +96,12 @@ pub async fn image(
 ))]
 pub async fn image_at(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath((id, index)): ApiPath<(String, u32)>,
 ) -> Result<Response, ApiError> {
-    let path = state.jobs.data().image_at(job_id(&id)?, index);
+    let id = job_id(&id)?;
+    visible(&state, id, &viewer, "image").await?;
+    let path = state.jobs.data().image_at(id, index);
     send_file(path, "image/png", None, &format!("image {index} of {id}")).await
 }
 
@@ -86,9 +112,11 @@ pub async fn image_at(
 ))]
 pub async fn sample(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath((model_id, file)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("no sample {file:?}"));
+    visible(&state, job_id(&model_id)?, &viewer, "sample").await?;
     let path = state
         .jobs
         .data()
@@ -97,9 +125,12 @@ pub async fn sample(
     send_file(path, "image/png", None, &format!("sample {file:?}")).await
 }
 
-/// The LoRAs trained here, newest first: each usable as `lora` in `/generate/`.
+/// The LoRAs trained here that the caller may see, newest first: each usable as `lora` in `/generate/`.
 #[utoipa::path(get, path = "/loras/", tag = "files", responses((status = 200, body = LoraList)))]
-pub async fn list_loras(State(state): State<AppState>) -> Result<Json<LoraList>, ApiError> {
+pub async fn list_loras(
+    State(state): State<AppState>,
+    Caller(viewer): Caller,
+) -> Result<Json<LoraList>, ApiError> {
     let data = state.jobs.data().clone();
     let loras = state
         .jobs
@@ -109,6 +140,7 @@ pub async fn list_loras(State(state): State<AppState>) -> Result<Json<LoraList>,
                 Some(JobKind::Training),
                 Some(JobStatus::Completed),
                 u32::MAX,
+                &viewer,
             )?;
             Ok(jobs
                 .into_iter()
@@ -140,9 +172,10 @@ pub async fn list_loras(State(state): State<AppState>) -> Result<Json<LoraList>,
 ))]
 pub async fn lora(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(model_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let record = training_record(&state, &model_id).await?;
+    let record = training_record(&state, &model_id, &viewer).await?;
     if record.status != JobStatus::Completed {
         return Err(ApiError::not_found(format!(
             "training job {model_id} is {}, not completed",

@@ -3,12 +3,14 @@ use axum::extract::State;
 use axum::Json;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::auth::Caller;
 use super::{ApiJson, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
 use crate::jobs::capability::{LoraChoice, GENERATION_UNAVAILABLE};
 use crate::jobs::event_hub::Listener;
 use crate::jobs::Jobs;
+use crate::store::Viewer;
 
 /// Text to image; answers when the image is done. Closing the connection cancels the job.
 #[utoipa::path(post, path = "/generate/", tag = "generate", request_body = GenerateRequest, responses(
@@ -21,19 +23,22 @@ use crate::jobs::Jobs;
 ))]
 pub async fn generate(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiJson(request): ApiJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    let (id, mut listener) = submit(&state, request).await?;
+    let (id, mut listener) = submit(&state, request, &viewer).await?;
     let guard = CancelOnDrop::new(state.jobs.clone(), id);
     let outcome = wait_for_result(&mut listener).await;
     guard.disarm();
     outcome.map(Json)
 }
 
-/// Checks, plans and queues a generation: shared by `POST /generate/` and the generation WebSocket.
+/// Checks, plans and queues a generation of `viewer`'s: shared by `POST /generate/` and the generation
+/// WebSocket.
 pub async fn submit(
     state: &AppState,
     mut request: GenerateRequest,
+    viewer: &Viewer,
 ) -> Result<(JobId, Listener), ApiError> {
     let generation = state
         .jobs
@@ -46,15 +51,20 @@ pub async fn submit(
     request
         .seed
         .get_or_insert_with(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let lora = resolve_lora(&state.jobs, request.lora.as_deref()).await?;
+    let lora = resolve_lora(&state.jobs, request.lora.as_deref(), viewer).await?;
     let plan = generation
         .plan(&request, lora)
         .map_err(ApiError::validation)?;
-    state.jobs.submit_generation(request, plan).await
+    state.jobs.submit_generation(request, plan, viewer).await
 }
 
-/// A trained `model_id` becomes its LoRA file and keywords; other names are the engine's to resolve.
-async fn resolve_lora(jobs: &Jobs, lora: Option<&str>) -> Result<LoraChoice, ApiError> {
+/// A trained `model_id` (one `viewer` may see) becomes its LoRA file and keywords; other names are the
+/// engine's to resolve.
+async fn resolve_lora(
+    jobs: &Jobs,
+    lora: Option<&str>,
+    viewer: &Viewer,
+) -> Result<LoraChoice, ApiError> {
     let Some(name) = lora else {
         return Ok(LoraChoice::PresetDefault);
     };
@@ -69,7 +79,7 @@ async fn resolve_lora(jobs: &Jobs, lora: Option<&str>) -> Result<LoraChoice, Api
             "lora {name:?} is not a completed training job of this server"
         ))
     };
-    let record = jobs.record(id).await.map_err(|_| unusable())?;
+    let record = jobs.record_for(id, viewer).await.map_err(|_| unusable())?;
     let file = jobs.data().lora(id);
     if record.kind != JobKind::Training || record.status != JobStatus::Completed || !file.is_file()
     {

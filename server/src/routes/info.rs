@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use super::{ApiJson, AppState};
 use crate::error::ApiError;
 
-/// Liveness, what this build can do, and how full the queues are.
+/// Liveness, what this build can do, how full the queues are, and every worker with what it holds.
 #[utoipa::path(get, path = "/health", tag = "info", responses((status = 200, body = HealthResponse)))]
 pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
     let capabilities = state
@@ -38,6 +38,7 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
             .num_alive_tasks(),
         rss_bytes: resident_memory(),
         memory_plan,
+        workers: state.jobs.workers(),
     })
 }
 
@@ -55,13 +56,28 @@ fn resident_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The model presets and whether their weights are absent, downloading or loaded.
+/// The model presets and whether their weights are absent, downloading or loaded (on any worker).
 #[utoipa::path(get, path = "/models/", tag = "info", responses((status = 200, body = ModelsResponse)))]
 pub async fn models(State(state): State<AppState>) -> Json<ModelsResponse> {
     let generation = state.jobs.capabilities().generation.clone();
+    let mut presets = generation.as_ref().map(|g| g.presets()).unwrap_or_default();
+    // The request path's view is the first worker's; a preset another worker holds is loaded too.
+    for engine in state.jobs.engines().iter().skip(1) {
+        let Some(other) = &engine.generation else {
+            continue;
+        };
+        for theirs in other.presets() {
+            let ours = presets.iter_mut().find(|p| p.id == theirs.id);
+            if let Some(ours) = ours.filter(|_| theirs.state == app::ModelState::Loaded) {
+                if ours.state != app::ModelState::Loaded {
+                    *ours = theirs;
+                }
+            }
+        }
+    }
     Json(ModelsResponse {
         default_preset: generation.as_ref().map(|g| g.default_preset()),
-        presets: generation.map(|g| g.presets()).unwrap_or_default(),
+        presets,
     })
 }
 

@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 
+use super::auth::Caller;
 use super::{job_id, ApiPath, AppState};
 use crate::error::ApiError;
 
@@ -15,10 +16,12 @@ pub struct ListQuery {
     limit: Option<u32>,
 }
 
-/// Every job the server knows, newest first.
+/// Every job the caller may see (a user's token: that user's; the server's or an admin's: all), newest
+/// first, and every worker with what it holds.
 #[utoipa::path(get, path = "/jobs/", tag = "jobs", params(ListQuery), responses((status = 200, body = JobList)))]
 pub async fn list(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
     let Query(query) = query?;
@@ -26,10 +29,13 @@ pub async fn list(
     let jobs = state
         .jobs
         .store()
-        .call(move |store| store.jobs(query.kind, query.status, limit))
+        .call(move |store| store.jobs(query.kind, query.status, limit, &viewer))
         .await
         .map_err(|e| ApiError::internal("listing jobs", format!("{e:#}")))?;
-    Ok(Json(JobList { jobs }))
+    Ok(Json(JobList {
+        jobs,
+        workers: state.jobs.workers(),
+    }))
 }
 
 #[utoipa::path(get, path = "/jobs/{job_id}", tag = "jobs", responses(
@@ -38,9 +44,10 @@ pub async fn list(
 ))]
 pub async fn show(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
-    Ok(Json(state.jobs.record(job_id(&id)?).await?))
+    Ok(Json(state.jobs.record_for(job_id(&id)?, &viewer).await?))
 }
 
 /// Cancels a generation or training job: a queued one at once (200), a running one at its next step (202).
@@ -52,9 +59,10 @@ pub async fn show(
 ))]
 pub async fn cancel(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
-    let record = state.jobs.cancel(job_id(&id)?).await?;
+    let record = state.jobs.cancel_for(job_id(&id)?, &viewer).await?;
     let status = if record.status == JobStatus::Cancelled {
         StatusCode::OK
     } else {

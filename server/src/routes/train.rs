@@ -11,11 +11,13 @@ use axum::http::StatusCode;
 use axum::Json;
 use tokio::io::AsyncWriteExt;
 
+use super::auth::Caller;
 use super::{job_id, ApiPath, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
 use crate::jobs::capability::TRAINING_UNAVAILABLE;
 use crate::jobs::TrainingParams;
+use crate::store::Viewer;
 
 /// Starts LoRA training on a ZIP of images. The ZIP is streamed to the job's folder, never held in memory.
 #[utoipa::path(post, path = "/train/", tag = "train",
@@ -32,6 +34,7 @@ use crate::jobs::TrainingParams;
     ))]
 pub async fn train(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<TrainAccepted>), ApiError> {
     let training = state
@@ -59,7 +62,10 @@ pub async fn train(
             dataset_bytes,
             dataset_images: check.images.len() as u32,
         };
-        state.jobs.submit_training(id, params.clone()).await?;
+        state
+            .jobs
+            .submit_training(id, params.clone(), &viewer)
+            .await?;
         Ok(TrainAccepted {
             model_id: id.to_string(),
             status: JobStatus::Queued,
@@ -224,9 +230,10 @@ async fn check_dataset(path: std::path::PathBuf) -> Result<DatasetCheck, ApiErro
 ))]
 pub async fn status(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(model_id): ApiPath<String>,
 ) -> Result<Json<TrainStatus>, ApiError> {
-    let record = training_record(&state, &model_id).await?;
+    let record = training_record(&state, &model_id, &viewer).await?;
     Ok(Json(train_status(record)))
 }
 
@@ -240,17 +247,26 @@ pub async fn status(
 ))]
 pub async fn resume(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(model_id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<TrainStatus>), ApiError> {
     if state.jobs.capabilities().training.is_none() {
         return Err(ApiError::unavailable(TRAINING_UNAVAILABLE));
     }
-    let record = state.jobs.resume_training(job_id(&model_id)?).await?;
+    let record = state
+        .jobs
+        .resume_training(job_id(&model_id)?, &viewer)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(train_status(record))))
 }
 
-pub async fn training_record(state: &AppState, model_id: &str) -> Result<JobRecord, ApiError> {
-    let record = state.jobs.record(job_id(model_id)?).await?;
+/// A training job `viewer` may see; 404 otherwise.
+pub async fn training_record(
+    state: &AppState,
+    model_id: &str,
+    viewer: &Viewer,
+) -> Result<JobRecord, ApiError> {
+    let record = state.jobs.record_for(job_id(model_id)?, viewer).await?;
     if record.kind != JobKind::Training {
         return Err(ApiError::not_found(format!("no training job {model_id}")));
     }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::auth::Caller;
 use super::chat::{answer, prepare};
 use super::generate::{submit, CancelOnDrop};
 use super::train::training_record;
@@ -23,7 +24,7 @@ use super::{job_id, ApiPath, AppState};
 use crate::error::ApiError;
 use crate::files::JobId;
 use crate::jobs::capability::Control;
-use crate::store::now_ms;
+use crate::store::{now_ms, Viewer};
 
 /// Generation stream: send a `GenerateRequest` as the first text message.
 #[utoipa::path(get, path = "/ws/generate", tag = "streams", responses(
@@ -31,11 +32,12 @@ use crate::store::now_ms;
 ))]
 pub async fn generation(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     Ok(upgrade?
         .max_message_size(state.settings.json_limit)
-        .on_upgrade(move |socket| generation_session(state, socket)))
+        .on_upgrade(move |socket| generation_session(state, viewer, socket)))
 }
 
 /// Training stream of a `model_id`: replay, then live events until the job ends.
@@ -45,11 +47,12 @@ pub async fn generation(
 ))]
 pub async fn training(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     ApiPath(model_id): ApiPath<String>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    // Unknown ids are refused before the upgrade, with a plain 404.
-    training_record(&state, &model_id).await?;
+    // Unknown ids (and other users' runs) are refused before the upgrade, with a plain 404.
+    training_record(&state, &model_id, &viewer).await?;
     let id = job_id(&model_id)?;
     Ok(upgrade?.on_upgrade(move |socket| training_session(state, id, socket)))
 }
@@ -60,11 +63,12 @@ pub async fn training(
 ))]
 pub async fn chat(
     State(state): State<AppState>,
+    Caller(viewer): Caller,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     Ok(upgrade?
         .max_message_size(state.settings.json_limit)
-        .on_upgrade(move |socket| chat_session(state, socket)))
+        .on_upgrade(move |socket| chat_session(state, viewer, socket)))
 }
 
 async fn send_json(socket: &mut WebSocket, value: &impl Serialize) -> bool {
@@ -97,7 +101,7 @@ fn ends_job(event: &JobEvent) -> bool {
     matches!(event.body, EventBody::Status { status } if status.is_finished())
 }
 
-async fn generation_session(state: AppState, mut socket: WebSocket) {
+async fn generation_session(state: AppState, viewer: Viewer, mut socket: WebSocket) {
     let request = loop {
         match socket.recv().await {
             Some(Ok(Message::Text(text))) => break serde_json::from_str::<GenerateRequest>(&text),
@@ -124,7 +128,7 @@ async fn generation_session(state: AppState, mut socket: WebSocket) {
             return send_error_and_close(socket, error).await;
         }
     };
-    let (id, mut listener) = match submit(&state, request).await {
+    let (id, mut listener) = match submit(&state, request, &viewer).await {
         Ok(submitted) => submitted,
         Err(error) => return send_error_and_close(socket, error).await,
     };
@@ -263,7 +267,7 @@ async fn first_request<T: serde::de::DeserializeOwned>(
     }
 }
 
-async fn chat_session(state: AppState, mut socket: WebSocket) {
+async fn chat_session(state: AppState, viewer: Viewer, mut socket: WebSocket) {
     let request = match first_request::<ChatRequest>(&mut socket, "ChatRequest").await {
         None => return,
         Some(Ok(request)) => request,
@@ -272,7 +276,7 @@ async fn chat_session(state: AppState, mut socket: WebSocket) {
             return close(socket).await;
         }
     };
-    let prepared = match prepare(&state, request).await {
+    let prepared = match prepare(&state, request, &viewer).await {
         Ok(prepared) => prepared,
         Err(error) => {
             let _ = send_json(&mut socket, &ChatEvent::Error(error.detail())).await;
