@@ -147,6 +147,81 @@ test('a greeting gets the language model\'s answer, streamed and stoppable', asy
   expect(errors).toEqual([]);
 });
 
+test('a bare visual phrase draws, a follow-up redraws with the last prompt changed, a poem request gets text', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/');
+  await page.getByLabel('Steps').fill('4');
+  // The README's own example for the built-in model: two words, drawn.
+  await page.getByLabel('Message').fill('red apple');
+  await page.getByLabel('Message').press('Enter');
+  await expect(page.locator('.msg.user .verdict').last()).toContainText('image request');
+  const first = page.locator('.generation').last();
+  await expect(first.locator('.prompt')).toHaveText('red apple');
+  await expect(first.locator('img.result')).toBeVisible({ timeout: 120_000 });
+  // A follow-up changes the last prompt instead of drawing "same but at night".
+  await page.getByLabel('Message').fill('same but at night');
+  await page.getByLabel('Message').press('Enter');
+  await expect(page.locator('.msg.user .verdict').last()).toContainText('image request');
+  await expect(page.locator('.generation')).toHaveCount(2);
+  const second = page.locator('.generation').last();
+  await expect(second.locator('.prompt')).toHaveText('red apple, at night');
+  await expect(second.locator('img.result')).toBeVisible({ timeout: 120_000 });
+  await shot(page, info, '06b-chat-follow-up');
+  // Writing is conversation even when it names visual things: the language model answers, no image.
+  await page.getByLabel('Message').fill('write a short poem about the sea');
+  await page.getByLabel('Message').press('Enter');
+  await expect(page.locator('.msg.user .verdict').last()).toContainText('conversation');
+  const answer = page.locator('.msg.answer').last();
+  await expect(answer.locator('.answer-text')).not.toBeEmpty({ timeout: 90_000 });
+  await answer.getByRole('button', { name: 'Stop' }).click();
+  await expect(answer.locator('.verdict')).toContainText('stopped', { timeout: 60_000 });
+  await expect(page.locator('.generation')).toHaveCount(2);
+  await shot(page, info, '06c-chat-poem');
+  expect(errors).toEqual([]);
+});
+
+test('prompt help writes a detailed prompt to edit before it is drawn, and rewrites it for a follow-up', async ({ page }, info) => {
+  const errors = watchConsole(page);
+  await open(page, '/');
+  const help = page.getByLabel('Help with prompts');
+  await expect(help).not.toBeChecked();
+  await help.check();
+  await page.getByLabel('Steps').fill('4');
+  await page.getByLabel('Message').fill('red apple');
+  await page.getByLabel('Message').press('Enter');
+  const card = page.locator('.prompt-help').last();
+  const editor = card.getByLabel('Prompt to draw');
+  await expect(editor).toBeVisible({ timeout: 120_000 });
+  const written = await editor.inputValue();
+  expect(written.toLowerCase()).toContain('red apple');
+  expect(written.length).toBeGreaterThan('red apple'.length);
+  await shot(page, info, '06d-prompt-help');
+  // Nothing is drawn until the user says so, with the prompt as edited.
+  await expect(page.locator('.generation')).toHaveCount(0);
+  const edited = `${written}, watercolor`;
+  await editor.fill(edited);
+  await card.getByRole('button', { name: 'Generate' }).click();
+  const drawn = page.locator('.generation').last();
+  await expect(drawn.locator('.prompt')).toHaveText(edited);
+  await expect(drawn.locator('img.result')).toBeVisible({ timeout: 120_000 });
+  // A follow-up: the language model rewrites the last prompt with the change; Cancel draws nothing.
+  await page.getByLabel('Message').fill('same but at night');
+  await page.getByLabel('Message').press('Enter');
+  const next = page.locator('.prompt-help').last();
+  const changed = next.getByLabel('Prompt to draw');
+  await expect(changed).toBeVisible({ timeout: 120_000 });
+  await expect(next).toContainText('The last prompt, changed:');
+  expect((await changed.inputValue()).toLowerCase()).toMatch(/apple.*night|night.*apple/);
+  await shot(page, info, '06e-prompt-help-follow-up');
+  await next.getByRole('button', { name: 'Cancel' }).click();
+  await expect(next).toContainText('Not drawn');
+  await expect(page.locator('.generation')).toHaveCount(1);
+  // The switch is remembered by the browser.
+  await open(page, '/');
+  await expect(page.getByLabel('Help with prompts')).toBeChecked();
+  expect(errors).toEqual([]);
+});
+
 /** Drops a ZIP of end2end/fixtures/ on the train page's drop zone, as a user's drag and drop does. */
 async function dropFixture(page: Page, name: string) {
   const zip = fs.readFileSync(path.join(__dirname, '..', 'fixtures', name)).toString('base64');
