@@ -85,7 +85,7 @@ pub struct ChatResponse {
     /// Tokens of the answer.
     pub tokens: u32,
     /// The sections of the studio's own docs the model was given for this answer
-    /// (`docs/training.md § Training a LoRA`): what the answer is based on.
+    /// (`docs/training.md § LoRA training`): what the answer is based on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<String>,
 }

@@ -23,7 +23,7 @@ pub struct DocChunk {
 }
 
 impl DocChunk {
-    /// How an answer cites it: `docs/training.md § Training a LoRA`.
+    /// How an answer cites it: `docs/training.md § LoRA training`.
     pub fn citation(&self) -> String {
         format!("{} § {}", self.doc, self.heading)
     }
