@@ -234,7 +234,8 @@ impl ChatState {
             _ => text.clone(),
         };
         if !self.prompt_help.get_untracked() {
-            return self.generate(fallback);
+            self.generate(fallback);
+            return;
         }
         let draft = self.signal(Draft::Writing);
         self.push(Entry::Draft(draft));
