@@ -177,7 +177,11 @@ pub fn merge_follow_up(previous: &str, change: &str) -> String {
 
 /// A prompt's subject: its first phrase ("a red apple" of "a red apple, studio light, 35mm photo").
 pub fn subject(prompt: &str) -> &str {
-    prompt.split([',', '.', ';', '\n']).next().unwrap_or("").trim()
+    prompt
+        .split([',', '.', ';', '\n'])
+        .next()
+        .unwrap_or("")
+        .trim()
 }
 
 /// Words of `text` that carry its meaning (no articles, prepositions or very short words), lowercase:
@@ -259,8 +263,10 @@ mod tests {
         assert_eq!(subject("a red apple, studio light"), "a red apple");
         assert_eq!(content_words("draw me a red apple"), ["red", "apple"]);
         assert!(PromptHelpRequest::new(" ").validate().is_err());
-        assert!(PromptHelpRequest::new("x".repeat(MAX_PROMPT_REQUEST_CHARS + 1))
-            .validate()
-            .is_err());
+        assert!(
+            PromptHelpRequest::new("x".repeat(MAX_PROMPT_REQUEST_CHARS + 1))
+                .validate()
+                .is_err()
+        );
     }
 }

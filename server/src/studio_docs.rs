@@ -4,13 +4,22 @@
 /// (name, Markdown) of every bundled document.
 pub const STUDIO_DOCS: &[(&str, &str)] = &[
     ("README.md", include_str!("../../README.md")),
-    ("docs/builtin-model.md", include_str!("../../docs/builtin-model.md")),
+    (
+        "docs/builtin-model.md",
+        include_str!("../../docs/builtin-model.md"),
+    ),
     ("docs/chat.md", include_str!("../../docs/chat.md")),
-    ("docs/classifier.md", include_str!("../../docs/classifier.md")),
+    (
+        "docs/classifier.md",
+        include_str!("../../docs/classifier.md"),
+    ),
     ("docs/formats.md", include_str!("../../docs/formats.md")),
     ("docs/lora.md", include_str!("../../docs/lora.md")),
     ("docs/memory.md", include_str!("../../docs/memory.md")),
-    ("docs/performance.md", include_str!("../../docs/performance.md")),
+    (
+        "docs/performance.md",
+        include_str!("../../docs/performance.md"),
+    ),
     ("docs/server.md", include_str!("../../docs/server.md")),
     ("docs/training.md", include_str!("../../docs/training.md")),
     ("docs/ui.md", include_str!("../../docs/ui.md")),

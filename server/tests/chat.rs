@@ -363,7 +363,11 @@ async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_
     let found = chat.studio_docs("how do I train a LoRA?", 3).unwrap();
     assert_eq!(found[0].1.doc, "docs/training.md", "{found:#?}");
     // Small talk and writing requests find nothing close enough to be given to the model.
-    for other in ["Hello!", "hi there, how are you today?", "write a haiku about autumn"] {
+    for other in [
+        "Hello!",
+        "hi there, how are you today?",
+        "write a haiku about autumn",
+    ] {
         let (similarity, chunk) = &chat.studio_docs(other, 1).unwrap()[0];
         assert!(
             *similarity < 0.45,
@@ -386,7 +390,10 @@ async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_
         .await
         .unwrap();
     assert!(
-        answer.sources.first().is_some_and(|s| s.starts_with("docs/training.md § ")),
+        answer
+            .sources
+            .first()
+            .is_some_and(|s| s.starts_with("docs/training.md § ")),
         "{answer:?}"
     );
 }

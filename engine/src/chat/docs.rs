@@ -144,11 +144,7 @@ impl DocIndex {
             return Ok(Vec::new());
         }
         let query = encoder.embed(&[question])?;
-        let scores: Vec<f32> = self
-            .embeddings
-            .matmul(&query.t()?)?
-            .squeeze(1)?
-            .to_vec1()?;
+        let scores: Vec<f32> = self.embeddings.matmul(&query.t()?)?.squeeze(1)?.to_vec1()?;
         let mut order: Vec<usize> = (0..scores.len()).collect();
         order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
         Ok(order

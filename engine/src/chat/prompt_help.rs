@@ -8,7 +8,8 @@ use app::prompt::{content_words, merge_follow_up, subject, MAX_HELPED_PROMPT_CHA
 
 use super::{Role, SamplingSettings, Turn};
 
-const SYSTEM: &str = "You write prompts for an image generator. Rewrite the request as one detailed \
+const SYSTEM: &str =
+    "You write prompts for an image generator. Rewrite the request as one detailed \
 image prompt: the subject first, then setting, lighting, colours and style, separated by commas. \
 Answer with the prompt only, on one line.";
 
@@ -125,7 +126,9 @@ pub fn finish_prompt(written: &str, keep: &str, change: Option<&str>) -> String 
     }
     let keep = keep.trim();
     let lower = line.to_lowercase();
-    let lost_subject = content_words(keep).iter().any(|w| !lower.contains(w.as_str()));
+    let lost_subject = content_words(keep)
+        .iter()
+        .any(|w| !lower.contains(w.as_str()));
     if lost_subject && !keep.is_empty() {
         phrases.insert(0, keep);
     }
@@ -152,7 +155,10 @@ pub fn finish_prompt(written: &str, keep: &str, change: Option<&str>) -> String 
     }
     if let Some(change) = change {
         let lower = prompt.to_lowercase();
-        if content_words(change).iter().any(|w| !lower.contains(w.as_str())) {
+        if content_words(change)
+            .iter()
+            .any(|w| !lower.contains(w.as_str()))
+        {
             let room = MAX_HELPED_PROMPT_CHARS.saturating_sub(change.chars().count() + 2);
             while prompt.chars().count() > room {
                 match prompt.rsplit_once(", ") {
@@ -221,9 +227,16 @@ mod tests {
             "a red apple, on a table, at night"
         );
         assert_eq!(
-            finish_prompt("a red apple on a table at night, moonlight", "a red apple", Some("at night")),
+            finish_prompt(
+                "a red apple on a table at night, moonlight",
+                "a red apple",
+                Some("at night")
+            ),
             "a red apple on a table at night, moonlight"
         );
-        assert_eq!(kept_subject("same but blue", Some("a cat, at dusk")), "a cat");
+        assert_eq!(
+            kept_subject("same but blue", Some("a cat, at dusk")),
+            "a cat"
+        );
     }
 }

@@ -66,15 +66,13 @@ fn with_docs(system: &mut Turn, docs: &[engine::chat::docs::DocChunk]) {
     if docs.is_empty() {
         return;
     }
-    system.content.push_str(
-        "\n\nAnswer questions about the studio from these parts of its documentation:",
-    );
+    system
+        .content
+        .push_str("\n\nAnswer questions about the studio from these parts of its documentation:");
     for chunk in docs {
-        system.content.push_str(&format!(
-            "\n\n[{}]\n{}",
-            chunk.citation(),
-            chunk.text
-        ));
+        system
+            .content
+            .push_str(&format!("\n\n[{}]\n{}", chunk.citation(), chunk.text));
     }
 }
 
@@ -332,11 +330,9 @@ pub async fn prompt(
     let written = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         let turns = engine::chat::prompt_help::rewrite_turns(&asked, before.as_deref());
-        let answer = chat.answer(
-            &turns,
-            &engine::chat::prompt_help::sampling(),
-            &mut |_| Control::Continue,
-        )?;
+        let answer = chat.answer(&turns, &engine::chat::prompt_help::sampling(), &mut |_| {
+            Control::Continue
+        })?;
         let keep = engine::chat::prompt_help::kept_subject(&asked, before.as_deref());
         let change = before.as_ref().map(|_| asked.as_str());
         anyhow::Ok(engine::chat::prompt_help::finish_prompt(

@@ -5,9 +5,9 @@ use leptos::prelude::*;
 use super::form::Settings;
 use super::progress::GenState;
 use super::socket::{stream_chat, stream_generation, AnswerState};
+use crate::prompt::{follow_up_change, merge_follow_up};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
-use crate::prompt::{follow_up_change, merge_follow_up};
 use crate::{
     ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
     ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
@@ -56,7 +56,10 @@ pub(super) enum Draft {
         previous: Option<String>,
     },
     /// The model could not help; `fallback` is the prompt the chat would draw without help.
-    Failed { message: String, fallback: String },
+    Failed {
+        message: String,
+        fallback: String,
+    },
     /// Sent to be drawn, with this prompt.
     Drawn(String),
     Cancelled,
