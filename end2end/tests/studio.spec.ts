@@ -148,6 +148,8 @@ test('a greeting gets the language model\'s answer, streamed and stoppable', asy
 });
 
 test('a bare visual phrase draws, a follow-up redraws with the last prompt changed, a poem request gets text', async ({ page }, info) => {
+  // Two images and a language model answer on a CPU.
+  test.setTimeout(300_000);
   const errors = watchConsole(page);
   await open(page, '/');
   await page.getByLabel('Steps').fill('4');
@@ -172,7 +174,7 @@ test('a bare visual phrase draws, a follow-up redraws with the last prompt chang
   await page.getByLabel('Message').press('Enter');
   await expect(page.locator('.msg.user .verdict').last()).toContainText('conversation');
   const answer = page.locator('.msg.answer').last();
-  await expect(answer.locator('.answer-text')).not.toBeEmpty({ timeout: 90_000 });
+  await expect(answer.locator('.answer-text')).not.toBeEmpty({ timeout: 150_000 });
   await answer.getByRole('button', { name: 'Stop' }).click();
   await expect(answer.locator('.verdict')).toContainText('stopped', { timeout: 60_000 });
   await expect(page.locator('.generation')).toHaveCount(2);
@@ -181,6 +183,8 @@ test('a bare visual phrase draws, a follow-up redraws with the last prompt chang
 });
 
 test('prompt help writes a detailed prompt to edit before it is drawn, and rewrites it for a follow-up', async ({ page }, info) => {
+  // Two language model answers and an image on a CPU.
+  test.setTimeout(360_000);
   const errors = watchConsole(page);
   await open(page, '/');
   const help = page.getByLabel('Help with prompts');
@@ -191,7 +195,7 @@ test('prompt help writes a detailed prompt to edit before it is drawn, and rewri
   await page.getByLabel('Message').press('Enter');
   const card = page.locator('.prompt-help').last();
   const editor = card.getByLabel('Prompt to draw');
-  await expect(editor).toBeVisible({ timeout: 120_000 });
+  await expect(editor).toBeVisible({ timeout: 150_000 });
   const written = await editor.inputValue();
   expect(written.toLowerCase()).toContain('red apple');
   expect(written.length).toBeGreaterThan('red apple'.length);
@@ -209,7 +213,7 @@ test('prompt help writes a detailed prompt to edit before it is drawn, and rewri
   await page.getByLabel('Message').press('Enter');
   const next = page.locator('.prompt-help').last();
   const changed = next.getByLabel('Prompt to draw');
-  await expect(changed).toBeVisible({ timeout: 120_000 });
+  await expect(changed).toBeVisible({ timeout: 150_000 });
   await expect(next).toContainText('The last prompt, changed:');
   expect((await changed.inputValue()).toLowerCase()).toMatch(/apple.*night|night.*apple/);
   await shot(page, info, '06e-prompt-help-follow-up');

@@ -30,10 +30,11 @@ pub struct EngineChat {
     backend: Backend,
     /// The model, once loaded; the lock also makes answers take turns.
     model: Mutex<Option<Box<dyn LanguageModel>>>,
-    docs: StudioDocs,
+    docs: Arc<StudioDocs>,
 }
 
-/// The studio's bundled docs, embedded at the first question (a few seconds on a CPU), kept after.
+/// The studio's bundled docs, embedded once, on a thread of their own from the start so that the first
+/// question does not wait for it (a question asked before it is done waits for it).
 struct StudioDocs {
     encoder: EncoderSource,
     index: OnceLock<Result<(SentenceEncoder, DocIndex), String>>,
@@ -41,7 +42,7 @@ struct StudioDocs {
 
 impl StudioDocs {
     /// Checks that the encoder is there (a missing one is reported by `/health` at once).
-    fn new(setting: &str) -> Result<StudioDocs> {
+    fn new(setting: &str) -> Result<Arc<StudioDocs>> {
         let encoder = EncoderSource::parse(setting)
             .context("--chat-docs-encoder: the encoder of the studio's docs")?;
         if let EncoderSource::Dir(dir) = &encoder {
@@ -52,10 +53,18 @@ impl StudioDocs {
                 dir.display()
             );
         }
-        Ok(StudioDocs {
+        let docs = Arc::new(StudioDocs {
             encoder,
             index: OnceLock::new(),
-        })
+        });
+        let warm = docs.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = warm.index() {
+                // Each question reports it too, as its answer's error.
+                tracing::warn!("{e:#}");
+            }
+        });
+        Ok(docs)
     }
 
     fn index(&self) -> Result<&(SentenceEncoder, DocIndex)> {
