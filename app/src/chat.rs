@@ -84,6 +84,10 @@ pub struct ChatResponse {
     pub finish: ChatFinish,
     /// Tokens of the answer.
     pub tokens: u32,
+    /// The sections of the studio's own docs the model was given for this answer
+    /// (`docs/training.md § LoRA training`): what the answer is based on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

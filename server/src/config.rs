@@ -117,6 +117,10 @@ pub struct ChatConfig {
     /// Chat answers waiting or in progress at once (answered one at a time); one more is answered 429.
     #[arg(long, env = "STUDIO_CHAT_QUEUE", default_value_t = 8)]
     pub chat_queue: usize,
+    /// The sentence encoder that finds the sections of the studio's own docs a question is about (a
+    /// folder or a hub id, as `--classifier-model` takes); installed by `scripts/fetch-models`.
+    #[arg(long, env = "STUDIO_CHAT_DOCS_ENCODER", default_value = DEFAULT_ENCODER_DIR)]
+    pub chat_docs_encoder: String,
 }
 
 /// Where the prompt classifier's two parts come from. The defaults are relative to the working directory, the

@@ -10,6 +10,7 @@ pub mod files;
 pub mod jobs;
 pub mod routes;
 pub mod store;
+pub mod studio_docs;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,7 +6,9 @@ mod common;
 
 use std::sync::Arc;
 
-use app::{ChatEvent, ChatFinish, Conversation, ConversationSummary, ErrorCode};
+use app::{
+    ChatEvent, ChatFinish, Conversation, ConversationSummary, ErrorCode, PromptHelpResponse,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use server::jobs::capability::{Capabilities, Chat};
@@ -22,11 +24,22 @@ fn chat_model() -> std::path::PathBuf {
     path
 }
 
+fn docs_encoder() -> String {
+    let dir = common::repo_root().join(engine::classifier::DEFAULT_ENCODER_DIR);
+    assert!(
+        dir.join("config.json").is_file(),
+        "MiniLM is missing at {}: run scripts/fetch-models first",
+        dir.display()
+    );
+    dir.display().to_string()
+}
+
 /// The studio with the real chat capability (the model loaded at the first answer) and nothing else.
 async fn studio(data: &std::path::Path) -> (String, server::Running) {
     let mut config = common::config(data);
     config.chat.chat_model = chat_model().display().to_string();
     config.chat.chat_device = engine::device::DeviceChoice::Cpu;
+    config.chat.chat_docs_encoder = docs_encoder();
     let chat = server::capabilities::chat::load(&config.chat).unwrap();
     let caps = Capabilities {
         chat: Some(Arc::new(chat) as Arc<dyn Chat>),
@@ -279,5 +292,108 @@ async fn without_a_language_model_the_chat_answers_503_with_the_reason() {
             .unwrap()
             .contains("none of the presets"),
         "{body}"
+    );
+}
+
+async fn help(url: &str, body: Value) -> PromptHelpResponse {
+    let answer = reqwest::Client::new()
+        .post(format!("{url}/chat/prompt"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_help_makes_a_short_request_a_longer_prompt_and_a_follow_up_changes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _running) = studio(dir.path()).await;
+    let first = help(&url, json!({"request": "red apple"})).await;
+    let prompt = first.prompt.to_lowercase();
+    assert!(prompt.contains("red apple"), "{first:?}");
+    assert!(
+        first.prompt.split_whitespace().count() >= 6,
+        "a detailed prompt: {first:?}"
+    );
+    assert!(first.prompt.chars().count() <= app::prompt::MAX_HELPED_PROMPT_CHARS);
+    assert_eq!(first.previous_prompt, None);
+
+    // The follow-up names the last image through the context, as the chat sends it.
+    let next = help(
+        &url,
+        json!({"request": "same but at night", "context": [
+            {"role": "user", "text": "red apple", "kind": "text"},
+            {"role": "assistant", "text": first.prompt, "kind": "image"},
+        ]}),
+    )
+    .await;
+    assert_eq!(next.previous_prompt.as_deref(), Some(first.prompt.as_str()));
+    let changed = next.prompt.to_lowercase();
+    assert!(changed.contains("apple"), "the subject is kept: {next:?}");
+    assert!(changed.contains("night"), "the change is made: {next:?}");
+    assert_ne!(next.prompt, first.prompt);
+
+    // "another one" is the same prompt again; bad requests are refused before the model runs.
+    let again = help(
+        &url,
+        json!({"request": "another one", "previous_prompt": first.prompt}),
+    )
+    .await;
+    assert_eq!(again.prompt, first.prompt);
+    let refused = reqwest::Client::new()
+        .post(format!("{url}/chat/prompt"))
+        .json(&json!({"request": " "}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_cites_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path());
+    config.chat.chat_model = chat_model().display().to_string();
+    config.chat.chat_device = engine::device::DeviceChoice::Cpu;
+    config.chat.chat_docs_encoder = docs_encoder();
+    let chat = server::capabilities::chat::load(&config.chat).unwrap();
+    // The retrieval itself: the nearest section is the training doc's.
+    let found = chat.studio_docs("how do I train a LoRA?", 3).unwrap();
+    assert_eq!(found[0].1.doc, "docs/training.md", "{found:#?}");
+    // Small talk and writing requests find nothing close enough to be given to the model.
+    for other in [
+        "Hello!",
+        "hi there, how are you today?",
+        "write a haiku about autumn",
+    ] {
+        let (similarity, chunk) = &chat.studio_docs(other, 1).unwrap()[0];
+        assert!(
+            *similarity < 0.45,
+            "{other:?} matched {} at {similarity}",
+            chunk.citation()
+        );
+    }
+    let caps = Capabilities {
+        chat: Some(Arc::new(chat) as Arc<dyn Chat>),
+        ..Capabilities::default()
+    };
+    let running = server::start(&config, caps).await.unwrap();
+    let answer: app::ChatResponse = reqwest::Client::new()
+        .post(format!("http://{}/chat/", running.addr))
+        .json(&json!({"message": "How do I train a LoRA?", "max_tokens": 16, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        answer
+            .sources
+            .first()
+            .is_some_and(|s| s.starts_with("docs/training.md § ")),
+        "{answer:?}"
     );
 }

@@ -242,6 +242,7 @@ fn health_and_openapi_describe_the_api() {
         "/health",
         "/chat/",
         "/chat/conversations/{id}",
+        "/chat/prompt",
         "/ws/chat",
     ] {
         assert!(

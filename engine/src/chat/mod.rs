@@ -4,9 +4,11 @@
 //! token-by-token streaming that the caller can stop; or, instead, an OpenAI-compatible server the
 //! user already runs (Ollama, llama.cpp's server, vLLM).
 
+pub mod docs;
 pub mod gguf;
 pub mod openai;
 pub mod presets;
+pub mod prompt_help;
 pub mod template;
 pub mod tokenizer;
 

@@ -3,10 +3,12 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
+use engine::chat::docs::{DocChunk, DocIndex};
 use engine::chat::{Answer, GgufChat, LanguageModel, OpenAiChat, SamplingSettings, Turn};
+use engine::classifier::{EncoderSource, SentenceEncoder};
 use engine::device::DeviceChoice;
 use engine::hub::Hub;
 
@@ -28,6 +30,58 @@ pub struct EngineChat {
     backend: Backend,
     /// The model, once loaded; the lock also makes answers take turns.
     model: Mutex<Option<Box<dyn LanguageModel>>>,
+    docs: Arc<StudioDocs>,
+}
+
+/// The studio's bundled docs, embedded once, on a thread of their own from the start so that the first
+/// question does not wait for it (a question asked before it is done waits for it).
+struct StudioDocs {
+    encoder: EncoderSource,
+    index: OnceLock<Result<(SentenceEncoder, DocIndex), String>>,
+}
+
+impl StudioDocs {
+    /// Checks that the encoder is there (a missing one is reported by `/health` at once).
+    fn new(setting: &str) -> Result<Arc<StudioDocs>> {
+        let encoder = EncoderSource::parse(setting)
+            .context("--chat-docs-encoder: the encoder of the studio's docs")?;
+        if let EncoderSource::Dir(dir) = &encoder {
+            anyhow::ensure!(
+                dir.join("config.json").is_file(),
+                "the encoder that searches the studio's docs is missing at {} (--chat-docs-encoder): run \
+                 scripts/fetch-models",
+                dir.display()
+            );
+        }
+        let docs = Arc::new(StudioDocs {
+            encoder,
+            index: OnceLock::new(),
+        });
+        let warm = docs.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = warm.index() {
+                // Each question reports it too, as its answer's error.
+                tracing::warn!("{e:#}");
+            }
+        });
+        Ok(docs)
+    }
+
+    fn index(&self) -> Result<&(SentenceEncoder, DocIndex)> {
+        self.index
+            .get_or_init(|| {
+                let build = || -> Result<_> {
+                    // On the CPU: it is small, and GPU memory is left to FLUX.
+                    let encoder = SentenceEncoder::load(&self.encoder, &candle_core::Device::Cpu)?;
+                    let index = DocIndex::build(&encoder, crate::studio_docs::STUDIO_DOCS)?;
+                    tracing::info!("the studio's docs are indexed: {} sections", index.len());
+                    Ok((encoder, index))
+                };
+                build().map_err(|e| format!("indexing the studio's docs: {e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
 }
 
 /// The chat the settings name. A local model's file is checked here, so that a missing default model is
@@ -47,6 +101,7 @@ pub fn load(config: &ChatConfig) -> Result<EngineChat> {
             device: config.chat_device,
             backend: Backend::Server,
             model: Mutex::new(Some(chat)),
+            docs: StudioDocs::new(&config.chat_docs_encoder)?,
         });
     }
     let setting = config.chat_model.clone();
@@ -75,6 +130,7 @@ pub fn load(config: &ChatConfig) -> Result<EngineChat> {
         device: config.chat_device,
         backend,
         model: Mutex::new(None),
+        docs: StudioDocs::new(&config.chat_docs_encoder)?,
     })
 }
 
@@ -131,5 +187,14 @@ impl Chat for EngineChat {
             Control::Continue => ControlFlow::Continue(()),
             Control::Cancel => ControlFlow::Break(()),
         })
+    }
+
+    fn studio_docs(&self, question: &str, k: usize) -> Result<Vec<(f32, DocChunk)>> {
+        let (encoder, index) = self.docs.index()?;
+        Ok(index
+            .search(encoder, question, k)?
+            .into_iter()
+            .map(|(score, chunk)| (score, chunk.clone()))
+            .collect())
     }
 }

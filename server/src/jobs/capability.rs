@@ -208,6 +208,14 @@ pub trait Chat: Send + Sync {
         settings: &engine::chat::SamplingSettings,
         on_text: &mut dyn FnMut(&str) -> Control,
     ) -> anyhow::Result<engine::chat::Answer>;
+
+    /// The `k` sections of the studio's own docs nearest to `question`, nearest first, with their cosine
+    /// similarity.
+    fn studio_docs(
+        &self,
+        question: &str,
+        k: usize,
+    ) -> anyhow::Result<Vec<(f32, engine::chat::docs::DocChunk)>>;
 }
 
 /// LoRA training, advanced one optimizer step at a time so the worker can serve generations in between.

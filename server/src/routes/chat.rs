@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use app::{
     ChatFinish, ChatImage, ChatRequest, ChatResponse, ChatRole, Conversation, ConversationSummary,
-    ErrorBody, ErrorCode,
+    ErrorBody, ErrorCode, PromptHelpRequest, PromptHelpResponse,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -25,13 +25,56 @@ pictures from text with FLUX models and trains LoRAs on the user's own pictures.
 for a picture, the studio draws it; you answer everything else: questions, writing, explanations, \
 plans. Be helpful and concise.";
 
+/// Sections of the studio's docs given to the model with a question, at most.
+const DOC_SECTIONS: usize = 2;
+
+/// A section is given only when it is at least this similar to the question (cosine of MiniLM's
+/// embeddings): questions about the studio score well above it, small talk and writing requests below.
+const DOC_MIN_SIMILARITY: f32 = 0.45;
+
 /// A checked request, its conversation recorded with the user's message, holding its place in line.
 pub(super) struct Prepared {
     pub conversation_id: String,
     pub chat: Arc<dyn Chat>,
     pub turns: Vec<Turn>,
     pub settings: SamplingSettings,
+    /// The docs' sections added to the system turn, as the answer cites them.
+    pub sources: Vec<String>,
     _slot: OwnedSemaphorePermit,
+}
+
+/// The sections of the studio's docs that `question` is about (none for a question about anything
+/// else), nearest first.
+async fn studio_docs(
+    chat: &Arc<dyn Chat>,
+    question: &str,
+) -> Result<Vec<engine::chat::docs::DocChunk>, ApiError> {
+    let chat = chat.clone();
+    let question = question.to_owned();
+    let found = tokio::task::spawn_blocking(move || chat.studio_docs(&question, DOC_SECTIONS))
+        .await
+        .map_err(|e| ApiError::internal("searching the studio's docs panicked", e))?
+        .map_err(|e| ApiError::new(ErrorCode::ChatFailed, format!("{e:#}")))?;
+    Ok(found
+        .into_iter()
+        .filter(|(similarity, _)| *similarity >= DOC_MIN_SIMILARITY)
+        .map(|(_, chunk)| chunk)
+        .collect())
+}
+
+/// The system turn with the docs' sections the question is about.
+fn with_docs(system: &mut Turn, docs: &[engine::chat::docs::DocChunk]) {
+    if docs.is_empty() {
+        return;
+    }
+    system
+        .content
+        .push_str("\n\nAnswer questions about the studio from these parts of its documentation:");
+    for chunk in docs {
+        system
+            .content
+            .push_str(&format!("\n\n[{}]\n{}", chunk.citation(), chunk.text));
+    }
 }
 
 fn conversation_id(s: &str) -> Result<String, ApiError> {
@@ -117,6 +160,7 @@ pub(super) async fn prepare(
             .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0),
         ..SamplingSettings::default()
     };
+    let docs = studio_docs(&chat, &request.message).await?;
     let store = state.jobs.store().clone();
     let message = request.message;
     let named = existing.clone();
@@ -149,11 +193,14 @@ pub(super) async fn prepare(
         .ok_or_else(|| {
             ApiError::not_found(format!("no conversation {}", named.unwrap_or_default()))
         })?;
+    let mut turns = turns(&conversation);
+    with_docs(&mut turns[0], &docs);
     Ok(Prepared {
         conversation_id: conversation.id.clone(),
-        turns: turns(&conversation),
+        turns,
         chat,
         settings,
+        sources: docs.iter().map(|c| c.citation()).collect(),
         _slot: slot,
     })
 }
@@ -178,6 +225,7 @@ pub(super) async fn answer(
         chat,
         turns,
         settings,
+        sources,
         _slot,
     } = prepared;
     let model = chat.model();
@@ -205,6 +253,7 @@ pub(super) async fn answer(
         model: model.clone(),
         finish: finish(answer.finish),
         tokens: answer.tokens as u32,
+        sources,
     };
     let stored = response.clone();
     state
@@ -246,6 +295,80 @@ pub async fn chat(
     answer(&state, prepared, |_| Control::Continue)
         .await
         .map(Json)
+}
+
+/// Help with prompts: the language model turns a short image request into a detailed FLUX prompt, or,
+/// for a follow-up of the last image ("same but at night", "make it red"), rewrites that image's prompt
+/// with the change. The prompt is the UI's to show and edit; nothing is drawn here.
+#[utoipa::path(post, path = "/chat/prompt", tag = "chat", request_body = PromptHelpRequest, responses(
+    (status = 200, body = PromptHelpResponse),
+    (status = 422, description = "Empty or too long request", body = ErrorBody),
+    (status = 429, description = "Too many chat answers waiting", body = ErrorBody),
+    (status = 500, description = "The language model failed (`chat_failed`)", body = ErrorBody),
+    (status = 503, description = "No language model: the reason says what to install or set", body = ErrorBody),
+))]
+pub async fn prompt(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PromptHelpRequest>,
+) -> Result<Json<PromptHelpResponse>, ApiError> {
+    let chat = state
+        .jobs
+        .capabilities()
+        .chat()
+        .map_err(ApiError::unavailable)?;
+    request.validate().map_err(ApiError::validation)?;
+    let previous = request.previous().map(str::to_owned);
+    // A follow-up's change alone ("at night" of "same but at night") is what the model is shown.
+    let change = app::prompt::follow_up_change(&request.request)
+        .unwrap_or_else(|| request.request.trim().to_owned());
+    let model = chat.model();
+    if let (Some(previous), true) = (&previous, change.is_empty()) {
+        // "another one": the same prompt again, nothing to rewrite.
+        return Ok(Json(PromptHelpResponse {
+            prompt: previous.clone(),
+            previous_prompt: Some(previous.clone()),
+            model,
+        }));
+    }
+    let slot = state
+        .settings
+        .chat_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::queue_full("chat"))?;
+    let asked = if previous.is_some() {
+        change
+    } else {
+        request.request.trim().to_owned()
+    };
+    let before = previous.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let turns = engine::chat::prompt_help::rewrite_turns(&asked, before.as_deref());
+        let answer = chat.answer(&turns, &engine::chat::prompt_help::sampling(), &mut |_| {
+            Control::Continue
+        })?;
+        let keep = engine::chat::prompt_help::kept_subject(&asked, before.as_deref());
+        let change = before.as_ref().map(|_| asked.as_str());
+        anyhow::Ok(engine::chat::prompt_help::finish_prompt(
+            &answer.text,
+            keep,
+            change,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::internal("the chat model panicked", e))?
+    .map_err(|e| {
+        ApiError::new(
+            ErrorCode::ChatFailed,
+            format!("the language model failed: {e:#}"),
+        )
+    })?;
+    Ok(Json(PromptHelpResponse {
+        prompt: written,
+        previous_prompt: previous,
+        model,
+    }))
 }
 
 /// The stored conversations the caller may see, most recently active first.

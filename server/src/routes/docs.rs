@@ -20,6 +20,7 @@ use utoipa::OpenApi;
         super::generate::generate,
         super::classify::classify,
         super::chat::chat,
+        super::chat::prompt,
         super::chat::list,
         super::chat::show,
         super::chat::delete,

@@ -102,6 +102,7 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
         .route("/generate", post(generate::generate).layer(json))
         .route("/classify", post(classify::classify).layer(json))
         .route("/chat", post(chat::chat).layer(json))
+        .route("/chat/prompt", post(chat::prompt).layer(json))
         .route("/chat/conversations", get(chat::list))
         .route(
             "/chat/conversations/{id}",

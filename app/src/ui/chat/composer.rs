@@ -1,9 +1,17 @@
-//! The message box: Enter sends, Shift+Enter starts a new line.
+//! The message box: Enter sends, Shift+Enter starts a new line; beside it the prompt help switch,
+//! remembered by the browser.
 
 use leptos::ev::{KeyboardEvent, SubmitEvent};
 use leptos::prelude::*;
 
 use super::state::ChatState;
+
+/// Where the browser remembers the prompt help switch.
+const PROMPT_HELP_KEY: &str = "studio.promptHelp";
+
+fn storage() -> Option<web_sys::Storage> {
+    window().local_storage().ok().flatten()
+}
 
 #[component]
 pub(super) fn Composer(chat: ChatState) -> impl IntoView {
@@ -26,8 +34,28 @@ pub(super) fn Composer(chat: ChatState) -> impl IntoView {
             send();
         }
     };
+    // Effects run in the browser only, where the remembered choice is.
+    Effect::new(move |_| {
+        if let Some(on) = storage().and_then(|s| s.get_item(PROMPT_HELP_KEY).ok().flatten()) {
+            chat.prompt_help.set(on == "on");
+        }
+    });
+    let toggle = move |ev| {
+        let on = event_target_checked(&ev);
+        chat.prompt_help.set(on);
+        if let Some(storage) = storage() {
+            let _ = storage.set_item(PROMPT_HELP_KEY, if on { "on" } else { "off" });
+        }
+    };
     view! {
         <form class="composer" on:submit=on_submit>
+            <label
+                class="prompt-help-switch"
+                title="The language model turns a short image request into a detailed prompt, shown to edit before it is drawn"
+            >
+                <input type="checkbox" prop:checked=move || chat.prompt_help.get() on:change=toggle />
+                "Help with prompts"
+            </label>
             <label for="message" class="sr-only">
                 "Message"
             </label>

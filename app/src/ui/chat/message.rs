@@ -4,7 +4,7 @@
 use leptos::prelude::*;
 
 use super::generation::GenerationView;
-use super::state::{ChatState, Entry};
+use super::state::{ChatState, Draft, Entry};
 use crate::ui::ErrorBox;
 use crate::{ChatFinish, ChatRole, Label};
 
@@ -64,6 +64,11 @@ pub(super) fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
         Entry::Answer(answer) => view! {
             <div class="msg studio answer" data-testid="chat-answer">
                 <p class="answer-text">{move || answer.text.get()}</p>
+                {move || {
+                    let sources = answer.sources.get();
+                    (!sources.is_empty())
+                        .then(|| view! { <p class="sources">"From the studio's docs: " {sources.join("; ")}</p> })
+                }}
                 {move || match answer.end.get() {
                     None => view! {
                         <button
@@ -94,5 +99,68 @@ pub(super) fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
         Entry::Generation { request, state } => {
             view! { <GenerationView chat request state /> }.into_any()
         }
+        Entry::Draft(draft) => view! { <DraftView chat draft /> }.into_any(),
+    }
+}
+
+/// Prompt help's card: the prompt the language model wrote, in an editor, drawn with Generate.
+#[component]
+fn DraftView(chat: ChatState, draft: RwSignal<Draft>) -> impl IntoView {
+    let edited = RwSignal::new(String::new());
+    Effect::new(move |_| {
+        if let Draft::Ready { prompt, .. } = draft.get() {
+            edited.set(prompt);
+        }
+    });
+    let draw = move |prompt: String| {
+        draft.set(Draft::Drawn(prompt.clone()));
+        chat.generate(prompt);
+    };
+    view! {
+        <div class="msg studio prompt-help" aria-label="Prompt help">
+            {move || match draft.get() {
+                Draft::Writing => view! {
+                    <p class="status">
+                        <span class="spinner" aria-hidden="true"></span>
+                        " Writing a detailed prompt…"
+                    </p>
+                }
+                .into_any(),
+                Draft::Ready { previous, .. } => view! {
+                    <p class="draft-head">
+                        {if previous.is_some() { "The last prompt, changed:" } else { "A detailed prompt:" }}
+                    </p>
+                    <textarea
+                        aria-label="Prompt to draw"
+                        rows="4"
+                        prop:value=move || edited.get()
+                        on:input=move |ev| edited.set(event_target_value(&ev))
+                    ></textarea>
+                    {previous.map(|p| view! { <small class="previous">"Was: " {p}</small> })}
+                    <div class="actions">
+                        <button
+                            class="primary"
+                            disabled=move || edited.with(|t| t.trim().is_empty())
+                            on:click=move |_| draw(edited.get_untracked())
+                        >
+                            "Generate"
+                        </button>
+                        <button class="secondary" on:click=move |_| draft.set(Draft::Cancelled)>
+                            "Cancel"
+                        </button>
+                    </div>
+                }
+                .into_any(),
+                Draft::Failed { message, fallback } => view! {
+                    <ErrorBox message=format!("Prompt help failed: {message}") />
+                    <button class="secondary" on:click=move |_| draw(fallback.clone())>
+                        "Draw it without help"
+                    </button>
+                }
+                .into_any(),
+                Draft::Drawn(prompt) => view! { <p class="prompt">"Drawing: " {prompt}</p> }.into_any(),
+                Draft::Cancelled => view! { <p class="verdict">"Not drawn"</p> }.into_any(),
+            }}
+        </div>
     }
 }

@@ -52,6 +52,8 @@ pub(super) struct AnswerState {
     pub(super) end: RwSignal<Option<Result<ChatFinish, String>>>,
     /// Set by the stop button; the stream sends the stop at its next message.
     pub(super) stop: RwSignal<bool>,
+    /// The studio's docs the answer is based on.
+    pub(super) sources: RwSignal<Vec<String>>,
 }
 
 /// Streams the language model's answer to `request` over `/ws/chat` into `answer`; returns the
@@ -87,6 +89,7 @@ pub(super) async fn stream_chat(request: ChatRequest, answer: AnswerState) -> Op
                 Ok(ChatEvent::Token { text }) => answer.text.update(|t| t.push_str(&text)),
                 Ok(ChatEvent::Done(done)) => {
                     answer.text.set(done.answer);
+                    answer.sources.set(done.sources);
                     answer.end.set(Some(Ok(done.finish)));
                 }
                 Ok(ChatEvent::Error(error)) => fail(error.message),

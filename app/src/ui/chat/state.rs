@@ -5,12 +5,13 @@ use leptos::prelude::*;
 use super::form::Settings;
 use super::progress::GenState;
 use super::socket::{stream_chat, stream_generation, AnswerState};
+use crate::prompt::{follow_up_change, merge_follow_up};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
     ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
     ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
-    TurnKind, TurnRole,
+    PromptHelpRequest, PromptHelpResponse, TurnKind, TurnRole,
 };
 
 /// Turns sent with each message to `/classify/`: enough for it to know what the last answer was.
@@ -41,6 +42,27 @@ pub(super) enum Entry {
         request: GenerateRequest,
         state: RwSignal<GenState>,
     },
+    /// Prompt help's rewrite of an image request, shown to edit before it is drawn.
+    Draft(RwSignal<Draft>),
+}
+
+/// Prompt help's card: the language model writing, then the prompt to edit and draw (or not).
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Draft {
+    Writing,
+    /// The prompt to show in the editor; `previous` is the prompt a follow-up changed.
+    Ready {
+        prompt: String,
+        previous: Option<String>,
+    },
+    /// The model could not help; `fallback` is the prompt the chat would draw without help.
+    Failed {
+        message: String,
+        fallback: String,
+    },
+    /// Sent to be drawn, with this prompt.
+    Drawn(String),
+    Cancelled,
 }
 
 #[derive(Clone)]
@@ -64,6 +86,8 @@ pub struct ChatState {
     pub(super) conversations: RwSignal<Load<Vec<ConversationSummary>>>,
     /// The image shown full size, if any.
     pub(super) lightbox: RwSignal<Option<String>>,
+    /// Help with prompts: image requests go through the language model first, shown to edit.
+    pub(super) prompt_help: RwSignal<bool>,
     /// Signals of new entries belong to the app, not to the page that happened to create them.
     pub(super) owner: StoredValue<Owner>,
 }
@@ -80,6 +104,9 @@ impl ChatState {
             conversation: RwSignal::new(None),
             conversations: RwSignal::new(Load::Loading),
             lightbox: RwSignal::new(None),
+            // Off until the user turns it on (then remembered by the browser): it adds a language model
+            // answer, seconds on a CPU, before every image.
+            prompt_help: RwSignal::new(false),
             owner: StoredValue::new(
                 Owner::current().expect("ChatState::provide runs in a component"),
             ),
@@ -138,7 +165,7 @@ impl ChatState {
                     };
                     Some(turn(role, text, kind))
                 }
-                Entry::Unclassified { .. } => None,
+                Entry::Unclassified { .. } | Entry::Draft(_) => None,
             })
             .collect();
         turns.drain(..turns.len().saturating_sub(CONTEXT_TURNS));
@@ -148,6 +175,7 @@ impl ChatState {
     /// The user sent a message: classify it with the thread before it, then generate or reply.
     pub(super) fn send(self, text: String) {
         let context = self.context();
+        let context_for_help = context.clone();
         let verdict = self.signal(None);
         self.push(Entry::User {
             text: text.clone(),
@@ -166,7 +194,7 @@ impl ChatState {
                 Ok(answer) => {
                     verdict.set(Some(Ok(answer.clone())));
                     if answer.label == Label::ImageRequest {
-                        self.generate(text);
+                        self.image_request(text, context_for_help);
                     } else {
                         self.answer(text);
                     }
@@ -179,6 +207,56 @@ impl ChatState {
                     });
                 }
             }
+        });
+    }
+
+    /// The prompt of the thread's last image, which a follow-up changes.
+    fn last_prompt(&self) -> Option<String> {
+        self.thread.with_untracked(|thread| {
+            thread.iter().rev().find_map(|item| match &item.entry {
+                Entry::Generation { request, .. } => Some(request.prompt.clone()),
+                Entry::Past {
+                    text,
+                    image_job: Some(_),
+                    ..
+                } => Some(text.clone()),
+                _ => None,
+            })
+        })
+    }
+
+    /// An image request: a follow-up of the last image ("same but at night") changes its prompt instead
+    /// of starting over. With prompt help the language model writes the prompt (the last one rewritten
+    /// for a follow-up) and the user edits it before it is drawn; without, a follow-up's change is merged
+    /// into the last prompt (`app::prompt::merge_follow_up`) and anything else is drawn as written.
+    pub(super) fn image_request(self, text: String, context: Vec<ContextTurn>) {
+        let previous = self.last_prompt();
+        let change = previous.as_ref().and(follow_up_change(&text));
+        let fallback = match (&previous, &change) {
+            (Some(previous), Some(change)) => merge_follow_up(previous, change),
+            _ => text.clone(),
+        };
+        if !self.prompt_help.get_untracked() {
+            self.generate(fallback);
+            return;
+        }
+        let draft = self.signal(Draft::Writing);
+        self.push(Entry::Draft(draft));
+        let request = PromptHelpRequest {
+            previous_prompt: change.and(previous),
+            context,
+            ..PromptHelpRequest::new(text)
+        };
+        leptos::task::spawn_local(async move {
+            let written: Result<PromptHelpResponse, String> =
+                api::post("/chat/prompt/", &request).await;
+            draft.set(match written {
+                Ok(written) => Draft::Ready {
+                    prompt: written.prompt,
+                    previous: written.previous_prompt,
+                },
+                Err(message) => Draft::Failed { message, fallback },
+            });
         });
     }
 
@@ -204,6 +282,7 @@ impl ChatState {
             text: self.signal(String::new()),
             end: self.signal(None),
             stop: self.signal(false),
+            sources: self.signal(Vec::new()),
         };
         self.push(Entry::Answer(answer));
         let request = ChatRequest {
