@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod generate;
 pub mod jobs;
+pub mod recipe;
 pub mod train;
 #[cfg(feature = "ui")]
 pub mod ui;
@@ -25,4 +26,5 @@ pub use error::*;
 pub use events::*;
 pub use generate::*;
 pub use jobs::*;
+pub use recipe::*;
 pub use train::*;

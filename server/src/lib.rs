@@ -7,7 +7,9 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod files;
+pub mod input;
 pub mod jobs;
+pub mod recipe;
 pub mod routes;
 pub mod store;
 

@@ -69,7 +69,7 @@ impl Settings {
             lora: (!lora.is_empty()).then_some(lora),
             model: (!model.is_empty()).then_some(model),
             num_images: Some(self.num_images.get_untracked()).filter(|&n| n > 1),
-            step_cache: None,
+            ..GenerateRequest::default()
         };
         request.validate()?;
         Ok(request)
