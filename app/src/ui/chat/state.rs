@@ -2,7 +2,9 @@
 
 use leptos::prelude::*;
 
+use super::edit::{self, EditTarget, FollowUp, InputImage};
 use super::form::Settings;
+use super::progress::Phase;
 use super::progress::GenState;
 use super::socket::{stream_chat, stream_generation, AnswerState};
 use crate::ui::api::{self, Load};
@@ -10,7 +12,7 @@ use crate::ui::reply::reply;
 use crate::{
     ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
     ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
-    TurnKind, TurnRole,
+    Recipe, TurnKind, TurnRole,
 };
 
 /// Turns sent with each message to `/classify/`: enough for it to know what the last answer was.
@@ -64,6 +66,14 @@ pub struct ChatState {
     pub(super) conversations: RwSignal<Load<Vec<ConversationSummary>>>,
     /// The image shown full size, if any.
     pub(super) lightbox: RwSignal<Option<String>>,
+    /// The message box's text (a dropped PNG's recipe puts its prompt here).
+    pub(super) draft: RwSignal<String>,
+    /// The image the next message starts from ("Use as input", a dropped or pasted image).
+    pub(super) input: RwSignal<Option<InputImage>>,
+    /// The image the edit dialog is open on.
+    pub(super) editing: RwSignal<Option<EditTarget>>,
+    /// A line above the message box about what a drop or paste did.
+    pub(super) notice: RwSignal<Option<String>>,
     /// Signals of new entries belong to the app, not to the page that happened to create them.
     pub(super) owner: StoredValue<Owner>,
 }
@@ -80,6 +90,10 @@ impl ChatState {
             conversation: RwSignal::new(None),
             conversations: RwSignal::new(Load::Loading),
             lightbox: RwSignal::new(None),
+            draft: RwSignal::new(String::new()),
+            input: RwSignal::new(None),
+            editing: RwSignal::new(None),
+            notice: RwSignal::new(None),
             owner: StoredValue::new(
                 Owner::current().expect("ChatState::provide runs in a component"),
             ),
@@ -166,7 +180,7 @@ impl ChatState {
                 Ok(answer) => {
                     verdict.set(Some(Ok(answer.clone())));
                     if answer.label == Label::ImageRequest {
-                        self.generate(text);
+                        self.image_request(text);
                     } else {
                         self.answer(text);
                     }
@@ -257,6 +271,113 @@ impl ChatState {
                 Err(message) => self.conversations.set(Load::Failed(message)),
             }
         });
+    }
+
+    /// An image request: an edit of the pending input image when there is one; right after a finished
+    /// image, an edit of it or variations of it when the message reads so (`edit::follow_up`); else a
+    /// new picture.
+    fn image_request(self, text: String) {
+        if let Some(input) = self.input.get_untracked() {
+            let target = EditTarget {
+                input,
+                prompt: String::new(),
+                model: None,
+            };
+            self.input.set(None);
+            return self.edit(&target, &text, None);
+        }
+        let last = self.thread.with_untracked(|t| {
+            t.iter().rev().find_map(|item| match &item.entry {
+                Entry::Generation { request, state } => Some((request.clone(), *state)),
+                Entry::User { .. } => None,
+                _ => None,
+            })
+        });
+        let finished = last.and_then(|(request, state)| {
+            state.with_untracked(|s| {
+                (s.phase == Phase::Done)
+                    .then(|| s.result.clone())
+                    .flatten()
+                    .map(|r| (request, r))
+            })
+        });
+        match (finished, edit::follow_up(&text)) {
+            (Some((request, _)), FollowUp::Variations) => self.variations(&request),
+            (Some((request, result)), FollowUp::Edit) => {
+                let target = EditTarget {
+                    input: InputImage::of_job(
+                        &result.job_id,
+                        0,
+                        result.images.len(),
+                        (result.width, result.height),
+                    ),
+                    prompt: request.prompt.clone(),
+                    model: request.model.clone(),
+                };
+                self.edit(&target, &text, None)
+            }
+            _ => self.generate(text),
+        }
+    }
+
+    /// An edit of `target`'s image by `instruction`, inpainting under `mask` when one was painted.
+    pub(super) fn edit(self, target: &EditTarget, instruction: &str, mask: Option<String>) {
+        let model = target
+            .model
+            .clone()
+            .or_else(|| Some(self.settings.model.get_untracked()).filter(|m| !m.is_empty()));
+        let prompt = edit::edit_prompt(model.as_deref(), &target.prompt, instruction);
+        match self.settings.request(&prompt) {
+            Ok(mut request) => {
+                target
+                    .input
+                    .apply(&mut request, self.settings.strength.get_untracked(), mask);
+                self.start(request)
+            }
+            Err(message) => self.push(Entry::Unclassified { prompt, message }),
+        }
+    }
+
+    /// The same request with new seeds, as several images.
+    pub(super) fn variations(self, request: &GenerateRequest) {
+        self.start(GenerateRequest {
+            seed: None,
+            num_images: Some(crate::limits::MAX_IMAGES),
+            ..request.clone()
+        })
+    }
+
+    /// A dropped PNG's recipe: its settings in the panel, its prompt in the message box.
+    pub(super) fn restore(self, recipe: Recipe) {
+        let s = self.settings;
+        let known = self.models.with_untracked(|m| match m {
+            Load::Ready(list) => list.presets.iter().any(|p| p.id == recipe.model),
+            _ => false,
+        });
+        if known {
+            s.model.set(recipe.model.clone());
+        }
+        match recipe.loras.first() {
+            Some(lora) => {
+                s.lora.set(lora.name.clone());
+                s.lora_scale.set(lora.scale);
+            }
+            None => s.lora.set("none".into()),
+        }
+        s.steps.set(recipe.steps.to_string());
+        s.guidance.set(recipe.guidance.to_string());
+        s.seed.set(recipe.seed.to_string());
+        s.exact_size.set(Some((recipe.width, recipe.height)).filter(|&(w, h)| w > 0 && h > 0));
+        self.draft.set(recipe.prompt.clone());
+        let model_note = if known {
+            String::new()
+        } else {
+            format!(" (model {} is not on this studio: the selected one is kept)", recipe.model)
+        };
+        self.notice.set(Some(format!(
+            "Settings restored from the image: seed {}, {} steps, {}×{}{model_note}.",
+            recipe.seed, recipe.steps, recipe.width, recipe.height
+        )));
     }
 
     /// Generates `prompt` with the current settings.

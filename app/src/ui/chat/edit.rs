@@ -1,0 +1,506 @@
+//! Editing what the studio made: the input image the next message starts from, the edit dialog with its
+//! mask brush, images dropped or pasted into the chat, and the rule that routes a follow-up after an
+//! image (docs/ui.md#editing-images).
+
+use leptos::ev::PointerEvent;
+use leptos::prelude::*;
+use wasm_bindgen::JsCast;
+
+use super::state::ChatState;
+use crate::ui::api;
+use crate::{GenerateRequest, RecipeRequest, RecipeResponse};
+
+/// An image the next generation starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct InputImage {
+    /// Where the browser shows it from: `/images/...` or a data URL.
+    pub(super) url: String,
+    pub(super) source: InputSource,
+    pub(super) width: u32,
+    pub(super) height: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum InputSource {
+    /// An image of a generation of this studio.
+    Job { job_id: String, index: u32 },
+    /// A dropped or pasted file, as a data URL (the API takes it as it is).
+    Upload(String),
+}
+
+impl InputImage {
+    /// Image `index` of a finished generation.
+    pub(super) fn of_job(job_id: &str, index: u32, count: usize, size: (u32, u32)) -> InputImage {
+        InputImage {
+            url: image_url(job_id, index, count),
+            source: InputSource::Job {
+                job_id: job_id.to_owned(),
+                index,
+            },
+            width: size.0,
+            height: size.1,
+        }
+    }
+
+    /// Makes `request` start from this image: the input's own size (the settings' size is left out),
+    /// with `strength` and, for inpainting, `mask` (base64 PNG, white = repaint).
+    pub(super) fn apply(&self, request: &mut GenerateRequest, strength: f32, mask: Option<String>) {
+        match &self.source {
+            InputSource::Job { job_id, index } => {
+                request.image_job = Some(job_id.clone());
+                request.image_index = Some(*index).filter(|&i| i > 0);
+            }
+            InputSource::Upload(data_url) => request.image = Some(data_url.clone()),
+        }
+        request.width = None;
+        request.height = None;
+        request.strength = Some(strength);
+        request.mask = mask;
+    }
+}
+
+/// The address of image `index` of a job that made `count` images.
+pub(super) fn image_url(job_id: &str, index: u32, count: usize) -> String {
+    if count > 1 {
+        format!("/images/{job_id}/{index}")
+    } else {
+        format!("/images/{job_id}")
+    }
+}
+
+/// The address the browser shows a request's input image from, when it has one.
+pub(super) fn input_url(request: &GenerateRequest) -> Option<String> {
+    match (&request.image_job, &request.image) {
+        (Some(job), _) => Some(match request.image_index {
+            Some(i) if i > 0 => format!("/images/{job}/{i}"),
+            _ => format!("/images/{job}"),
+        }),
+        (None, Some(data_url)) if data_url.starts_with("data:") => Some(data_url.clone()),
+        (None, Some(base64)) => Some(api::png_data_url(base64)),
+        (None, None) => None,
+    }
+}
+
+/// What a message that follows an image asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FollowUp {
+    /// "another one", "again", "more like this": the same prompt with new seeds.
+    Variations,
+    /// "make it night", "remove the hat", "add a moon": an edit of that image.
+    Edit,
+    /// Anything else: a new picture.
+    New,
+}
+
+/// The rule for a message the classifier calls an image request right after a finished image: a message
+/// asking for more of the same makes variations; one that starts with an editing verb or speaks of the
+/// picture ("it", "this", "the image") edits it; anything else is a new picture.
+pub(super) fn follow_up(message: &str) -> FollowUp {
+    let text = message.trim().to_lowercase();
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .collect();
+    const MORE: [&str; 6] = [
+        "another one",
+        "one more",
+        "again",
+        "more like this",
+        "variations",
+        "more of these",
+    ];
+    if MORE.iter().any(|m| text.contains(m)) || words.first() == Some(&"another") {
+        return FollowUp::Variations;
+    }
+    const VERBS: [&str; 22] = [
+        "make", "turn", "change", "add", "remove", "replace", "put", "give", "let", "now", "but",
+        "without", "with", "more", "less", "paint", "colour", "color", "fix", "erase", "swap", "keep",
+    ];
+    const REFERS: [&str; 6] = ["it", "it's", "this", "that", "its", "them"];
+    let starts_with_verb = words.first().is_some_and(|w| VERBS.contains(w));
+    let refers = words.iter().any(|w| REFERS.contains(w))
+        || text.contains("the image")
+        || text.contains("the picture");
+    if starts_with_verb || refers {
+        FollowUp::Edit
+    } else {
+        FollowUp::New
+    }
+}
+
+/// The prompt of an edit: an instruction model (FLUX.1-Kontext) reads the instruction alone; any other
+/// model redraws the picture from a description, so the instruction joins the prompt that made it.
+pub(super) fn edit_prompt(model: Option<&str>, previous: &str, instruction: &str) -> String {
+    let instruction = instruction.trim();
+    if model.is_some_and(|m| m.contains("kontext")) || previous.trim().is_empty() {
+        instruction.to_owned()
+    } else if instruction.is_empty() {
+        previous.to_owned()
+    } else {
+        format!("{previous}, {instruction}")
+    }
+}
+
+/// What the edit dialog works on.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct EditTarget {
+    pub(super) input: InputImage,
+    /// The prompt that made the image (empty for an uploaded one).
+    pub(super) prompt: String,
+    pub(super) model: Option<String>,
+}
+
+/// A dropped or pasted file: a PNG with a recipe restores its settings, any other image becomes the
+/// next message's input image.
+pub(super) fn accept_file(chat: ChatState, file: web_sys::File) {
+    leptos::task::spawn_local(async move {
+        let outcome = async {
+            let data_url = read_data_url(&file).await?;
+            let answer: RecipeResponse = api::post(
+                "/recipe/",
+                &RecipeRequest {
+                    image: data_url.clone(),
+                },
+            )
+            .await?;
+            Ok::<_, String>((data_url, answer))
+        }
+        .await;
+        match outcome {
+            Ok((_, RecipeResponse {
+                recipe: Some(recipe),
+                ..
+            })) => chat.restore(recipe),
+            Ok((data_url, answer)) => {
+                chat.input.set(Some(InputImage {
+                    url: data_url.clone(),
+                    source: InputSource::Upload(data_url),
+                    width: answer.width,
+                    height: answer.height,
+                }));
+                chat.notice.set(Some(
+                    "The image is the input of your next message: describe the change.".into(),
+                ));
+            }
+            Err(message) => chat
+                .notice
+                .set(Some(format!("That file cannot be used: {message}"))),
+        }
+    });
+}
+
+/// A file's contents as a `data:` URL.
+async fn read_data_url(file: &web_sys::File) -> Result<String, String> {
+    let reader = web_sys::FileReader::new().map_err(|e| format!("{e:?}"))?;
+    let done = js_sys::Promise::new(&mut |resolve, reject| {
+        reader.set_onload(Some(&resolve));
+        reader.set_onerror(Some(&reject));
+    });
+    reader
+        .read_as_data_url(file)
+        .map_err(|_| "the browser could not read the file".to_string())?;
+    wasm_bindgen_futures::JsFuture::from(done)
+        .await
+        .map_err(|_| "the browser could not read the file".to_string())?;
+    reader
+        .result()
+        .ok()
+        .and_then(|r| r.as_string())
+        .ok_or_else(|| "the browser could not read the file".to_string())
+}
+
+/// The first file of a drop or paste.
+pub(super) fn first_file(data: Option<web_sys::DataTransfer>) -> Option<web_sys::File> {
+    data?.files()?.get(0)
+}
+
+/// The pending input image above the message box: its thumbnail, strength, and a way to drop it.
+#[component]
+pub(super) fn InputChip(chat: ChatState) -> impl IntoView {
+    move || {
+        chat.input.get().map(|input| {
+            let target = EditTarget {
+                input: input.clone(),
+                prompt: String::new(),
+                model: None,
+            };
+            view! {
+                <div class="input-chip" data-testid="input-image">
+                    <img src=input.url.clone() alt="Input image" />
+                    <span>{format!("Input image {}×{}", input.width, input.height)}</span>
+                    <label>
+                        "Strength"
+                        <input
+                            type="range"
+                            min="0.05"
+                            max="1"
+                            step="0.05"
+                            prop:value=move || chat.settings.strength.get().to_string()
+                            on:input=move |ev| {
+                                if let Ok(v) = event_target_value(&ev).parse() {
+                                    chat.settings.strength.set(v);
+                                }
+                            }
+                        />
+                    </label>
+                    <button
+                        type="button"
+                        class="secondary"
+                        on:click=move |_| chat.editing.set(Some(target.clone()))
+                    >
+                        "Paint a mask"
+                    </button>
+                    <button
+                        type="button"
+                        class="secondary"
+                        aria-label="Remove the input image"
+                        on:click=move |_| chat.input.set(None)
+                    >
+                        "×"
+                    </button>
+                </div>
+            }
+        })
+    }
+}
+
+/// Edit an image: an instruction (or inpainting prompt), an optional mask painted with a brush over the
+/// image, and the strength; the result joins the thread beside the original.
+#[component]
+pub(super) fn EditDialog(chat: ChatState) -> impl IntoView {
+    move || {
+        chat.editing.get().map(|target| {
+            view! { <EditPanel chat target /> }
+        })
+    }
+}
+
+#[component]
+fn EditPanel(chat: ChatState, target: EditTarget) -> impl IntoView {
+    let canvas = NodeRef::<leptos::html::Canvas>::new();
+    let instruction = RwSignal::new(String::new());
+    let brush = RwSignal::new(12.0_f64);
+    let painting = RwSignal::new(false);
+    let painted = RwSignal::new(false);
+    let (width, height) = (target.input.width, target.input.height);
+    let context = move || {
+        canvas
+            .get()?
+            .get_context("2d")
+            .ok()
+            .flatten()?
+            .dyn_into::<web_sys::CanvasRenderingContext2d>()
+            .ok()
+    };
+    // A white disc at the pointer, in the image's pixels (the canvas is shown scaled).
+    let dab = move |ev: &PointerEvent| {
+        let (Some(element), Some(ctx)) = (canvas.get(), context()) else {
+            return;
+        };
+        let rect = element.get_bounding_client_rect();
+        if rect.width() <= 0.0 || rect.height() <= 0.0 {
+            return;
+        }
+        let scale = f64::from(width) / rect.width();
+        let x = (f64::from(ev.client_x()) - rect.left()) * scale;
+        let y = (f64::from(ev.client_y()) - rect.top()) * f64::from(height) / rect.height();
+        ctx.set_fill_style_str("white");
+        ctx.begin_path();
+        let _ = ctx.arc(x, y, brush.get_untracked() * scale, 0.0, std::f64::consts::TAU);
+        ctx.fill();
+        painted.set(true);
+    };
+    let clear = move |_| {
+        if let Some(ctx) = context() {
+            ctx.clear_rect(0.0, 0.0, f64::from(width), f64::from(height));
+        }
+        painted.set(false);
+    };
+    let close = move |_| chat.editing.set(None);
+    let apply = {
+        let target = target.clone();
+        move |ev: leptos::ev::SubmitEvent| {
+            ev.prevent_default();
+            let mask = if painted.get_untracked() {
+                canvas.get().and_then(|c| mask_png(&c, width, height))
+            } else {
+                None
+            };
+            chat.edit(&target, &instruction.get_untracked(), mask);
+            chat.editing.set(None);
+        }
+    };
+    let prompt_hint = if target.prompt.is_empty() {
+        "Describe the picture you want".to_string()
+    } else {
+        format!("Changes to “{}”", target.prompt)
+    };
+    view! {
+        <div class="edit-dialog" role="dialog" aria-label="Edit image">
+            <form class="edit-panel" on:submit=apply>
+                <h2>"Edit image"</h2>
+                <p class="hint">
+                    "Type an instruction (“make it night”, “add a hat”). To repaint only part of the "
+                    "picture, paint over it: white is repainted, the rest is kept."
+                </p>
+                <div class="mask-stage" style=format!("aspect-ratio: {width} / {height}")>
+                    <img src=target.input.url.clone() alt="Image to edit" />
+                    <canvas
+                        node_ref=canvas
+                        width=width
+                        height=height
+                        aria-label="Mask"
+                        data-testid="mask-canvas"
+                        on:pointerdown=move |ev| {
+                            ev.prevent_default();
+                            painting.set(true);
+                            dab(&ev);
+                        }
+                        on:pointermove=move |ev| {
+                            if painting.get_untracked() {
+                                dab(&ev);
+                            }
+                        }
+                        on:pointerup=move |_| painting.set(false)
+                        on:pointerleave=move |_| painting.set(false)
+                    ></canvas>
+                </div>
+                <div class="edit-tools">
+                    <label>
+                        "Brush"
+                        <input
+                            type="range"
+                            min="2"
+                            max="40"
+                            prop:value=move || brush.get().to_string()
+                            on:input=move |ev| {
+                                if let Ok(v) = event_target_value(&ev).parse() {
+                                    brush.set(v);
+                                }
+                            }
+                        />
+                    </label>
+                    <button type="button" class="secondary" on:click=clear disabled=move || !painted.get()>
+                        "Clear mask"
+                    </button>
+                    <label>
+                        "Strength"
+                        <input
+                            type="range"
+                            min="0.05"
+                            max="1"
+                            step="0.05"
+                            prop:value=move || chat.settings.strength.get().to_string()
+                            on:input=move |ev| {
+                                if let Ok(v) = event_target_value(&ev).parse() {
+                                    chat.settings.strength.set(v);
+                                }
+                            }
+                        />
+                        {move || format!("{:.2}", chat.settings.strength.get())}
+                    </label>
+                </div>
+                <label for="edit-instruction" class="sr-only">"Edit instruction"</label>
+                <textarea
+                    id="edit-instruction"
+                    rows="2"
+                    placeholder=prompt_hint
+                    prop:value=move || instruction.get()
+                    on:input=move |ev| instruction.set(event_target_value(&ev))
+                ></textarea>
+                <div class="actions">
+                    <button type="submit" class="primary">
+                        {move || if painted.get() { "Inpaint" } else { "Apply edit" }}
+                    </button>
+                    <button type="button" class="secondary" on:click=close>
+                        "Cancel"
+                    </button>
+                </div>
+            </form>
+        </div>
+    }
+}
+
+/// The painted strokes as the API's mask: white on black, the image's size, base64 PNG (a data URL).
+fn mask_png(strokes: &web_sys::HtmlCanvasElement, width: u32, height: u32) -> Option<String> {
+    let document = window().document()?;
+    let mask = document
+        .create_element("canvas")
+        .ok()?
+        .dyn_into::<web_sys::HtmlCanvasElement>()
+        .ok()?;
+    mask.set_width(width);
+    mask.set_height(height);
+    let ctx = mask
+        .get_context("2d")
+        .ok()
+        .flatten()?
+        .dyn_into::<web_sys::CanvasRenderingContext2d>()
+        .ok()?;
+    ctx.set_fill_style_str("black");
+    ctx.fill_rect(0.0, 0.0, f64::from(width), f64::from(height));
+    ctx.draw_image_with_html_canvas_element(strokes, 0.0, 0.0)
+        .ok()?;
+    mask.to_data_url_with_type("image/png").ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follow_up_after_an_image_is_an_edit_variations_or_a_new_picture() {
+        for edit in [
+            "make it night",
+            "remove the hat",
+            "add a moon",
+            "now in watercolor",
+            "give him a red scarf",
+            "can you put this on a beach?",
+            "I'd like it bluer",
+        ] {
+            assert_eq!(follow_up(edit), FollowUp::Edit, "{edit}");
+        }
+        for more in ["another one", "one more please", "again!", "Another, please"] {
+            assert_eq!(follow_up(more), FollowUp::Variations, "{more}");
+        }
+        for new in ["a lighthouse on a cliff", "portrait of an old sailor, 35mm photo"] {
+            assert_eq!(follow_up(new), FollowUp::New, "{new}");
+        }
+    }
+
+    #[test]
+    fn an_edit_prompt_keeps_the_description_except_for_an_instruction_model() {
+        assert_eq!(
+            edit_prompt(None, "a red fox", "at night"),
+            "a red fox, at night"
+        );
+        assert_eq!(
+            edit_prompt(Some("flux-kontext-dev"), "a red fox", "make it night"),
+            "make it night"
+        );
+        assert_eq!(edit_prompt(None, "a red fox", "  "), "a red fox");
+        assert_eq!(edit_prompt(None, "", "a cat"), "a cat");
+    }
+
+    #[test]
+    fn an_input_image_replaces_the_size_and_names_its_source() {
+        let mut request = GenerateRequest {
+            prompt: "a".into(),
+            width: Some(512),
+            height: Some(512),
+            ..Default::default()
+        };
+        let input = InputImage::of_job("j", 2, 4, (64, 64));
+        assert_eq!(input.url, "/images/j/2");
+        input.apply(&mut request, 0.6, Some("data:image/png;base64,AA".into()));
+        assert_eq!((request.width, request.height), (None, None));
+        assert_eq!(
+            (request.image_job.as_deref(), request.image_index),
+            (Some("j"), Some(2))
+        );
+        assert_eq!(request.strength, Some(0.6));
+        assert!(request.validate().is_ok());
+        assert_eq!(input_url(&request).as_deref(), Some("/images/j/2"));
+    }
+}
