@@ -117,12 +117,13 @@ test('two images in one request show their previews, then both images as a grid'
   expect(errors).toEqual([]);
 });
 
-/** Sends `prompt` with few steps and waits for its image; returns the card. */
+/** Sends `prompt` with few steps and waits for its image; returns its card (which stays that card). */
 async function makeImage(page: Page, prompt: string, steps = '4') {
+  const index = await page.locator('.generation').count();
   await page.getByLabel('Steps').fill(steps);
   await page.getByLabel('Message').fill(prompt);
   await page.getByRole('button', { name: 'Send' }).click();
-  const card = page.locator('.generation').last();
+  const card = page.locator('.generation').nth(index);
   await expect(card.locator('img.result').first()).toBeVisible({ timeout: 120_000 });
   return card;
 }

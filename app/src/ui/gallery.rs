@@ -42,7 +42,11 @@ fn card(job: &JobRecord) -> Option<Card> {
     // What the PNG's recipe adds: the LoRAs as applied, the input image, the studio's version.
     if let Some(recipe) = &result.recipe {
         for lora in &recipe.loras {
-            lines.push(format!("LoRA {} × {}", super::short_id(&lora.name), lora.scale));
+            lines.push(format!(
+                "LoRA {} × {}",
+                super::short_id(&lora.name),
+                lora.scale
+            ));
         }
         if let Some(input) = &recipe.input {
             let from = match &input.job_id {

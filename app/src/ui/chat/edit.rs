@@ -114,7 +114,8 @@ pub(super) fn follow_up(message: &str) -> FollowUp {
     }
     const VERBS: [&str; 22] = [
         "make", "turn", "change", "add", "remove", "replace", "put", "give", "let", "now", "but",
-        "without", "with", "more", "less", "paint", "colour", "color", "fix", "erase", "swap", "keep",
+        "without", "with", "more", "less", "paint", "colour", "color", "fix", "erase", "swap",
+        "keep",
     ];
     const REFERS: [&str; 6] = ["it", "it's", "this", "that", "its", "them"];
     let starts_with_verb = words.first().is_some_and(|w| VERBS.contains(w));
@@ -167,10 +168,13 @@ pub(super) fn accept_file(chat: ChatState, file: web_sys::File) {
         }
         .await;
         match outcome {
-            Ok((_, RecipeResponse {
-                recipe: Some(recipe),
-                ..
-            })) => chat.restore(recipe),
+            Ok((
+                _,
+                RecipeResponse {
+                    recipe: Some(recipe),
+                    ..
+                },
+            )) => chat.restore(recipe),
             Ok((data_url, answer)) => {
                 chat.input.set(Some(InputImage {
                     url: data_url.clone(),
@@ -306,7 +310,13 @@ fn EditPanel(chat: ChatState, target: EditTarget) -> impl IntoView {
         let y = (f64::from(ev.client_y()) - rect.top()) * f64::from(height) / rect.height();
         ctx.set_fill_style_str("white");
         ctx.begin_path();
-        let _ = ctx.arc(x, y, brush.get_untracked() * scale, 0.0, std::f64::consts::TAU);
+        let _ = ctx.arc(
+            x,
+            y,
+            brush.get_untracked() * scale,
+            0.0,
+            std::f64::consts::TAU,
+        );
         ctx.fill();
         painted.set(true);
     };
@@ -461,10 +471,18 @@ mod tests {
         ] {
             assert_eq!(follow_up(edit), FollowUp::Edit, "{edit}");
         }
-        for more in ["another one", "one more please", "again!", "Another, please"] {
+        for more in [
+            "another one",
+            "one more please",
+            "again!",
+            "Another, please",
+        ] {
             assert_eq!(follow_up(more), FollowUp::Variations, "{more}");
         }
-        for new in ["a lighthouse on a cliff", "portrait of an old sailor, 35mm photo"] {
+        for new in [
+            "a lighthouse on a cliff",
+            "portrait of an old sailor, 35mm photo",
+        ] {
             assert_eq!(follow_up(new), FollowUp::New, "{new}");
         }
     }

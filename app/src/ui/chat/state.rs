@@ -4,15 +4,15 @@ use leptos::prelude::*;
 
 use super::edit::{self, EditTarget, FollowUp, InputImage};
 use super::form::Settings;
-use super::progress::Phase;
 use super::progress::GenState;
+use super::progress::Phase;
 use super::socket::{stream_chat, stream_generation, AnswerState};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
     ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
-    ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
-    Recipe, TurnKind, TurnRole,
+    ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse, Recipe,
+    TurnKind, TurnRole,
 };
 
 /// Turns sent with each message to `/classify/`: enough for it to know what the last answer was.
@@ -367,12 +367,16 @@ impl ChatState {
         s.steps.set(recipe.steps.to_string());
         s.guidance.set(recipe.guidance.to_string());
         s.seed.set(recipe.seed.to_string());
-        s.exact_size.set(Some((recipe.width, recipe.height)).filter(|&(w, h)| w > 0 && h > 0));
+        s.exact_size
+            .set(Some((recipe.width, recipe.height)).filter(|&(w, h)| w > 0 && h > 0));
         self.draft.set(recipe.prompt.clone());
         let model_note = if known {
             String::new()
         } else {
-            format!(" (model {} is not on this studio: the selected one is kept)", recipe.model)
+            format!(
+                " (model {} is not on this studio: the selected one is kept)",
+                recipe.model
+            )
         };
         self.notice.set(Some(format!(
             "Settings restored from the image: seed {}, {} steps, {}×{}{model_note}.",
