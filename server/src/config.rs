@@ -56,7 +56,7 @@ pub struct ServeConfig {
     pub hf_token: Option<Secret>,
     /// Largest JSON body or WebSocket message, in bytes (K, M, G suffixes allowed): room for a
     /// generation's input image and mask as base64.
-    #[arg(long, env = "STUDIO_JSON_LIMIT", default_value = "16M", value_parser = parse_bytes)]
+    #[arg(long, env = "STUDIO_JSON_LIMIT", default_value = "32M", value_parser = parse_bytes)]
     pub json_limit: u64,
     /// Largest training upload (the whole multipart body), in bytes (K, M, G suffixes allowed).
     #[arg(long, env = "STUDIO_UPLOAD_LIMIT", default_value = "2G", value_parser = parse_bytes)]

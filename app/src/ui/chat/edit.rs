@@ -338,6 +338,10 @@ fn EditPanel(chat: ChatState, target: EditTarget) -> impl IntoView {
             };
             chat.edit(&target, &instruction.get_untracked(), mask);
             chat.editing.set(None);
+            // A pending input image edited from its chip is used up, as a message would use it.
+            if chat.input.with_untracked(|i| i.as_ref() == Some(&target.input)) {
+                chat.input.set(None);
+            }
         }
     };
     let prompt_hint = if target.prompt.is_empty() {
