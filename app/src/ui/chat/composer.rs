@@ -4,7 +4,7 @@
 use leptos::ev::{KeyboardEvent, SubmitEvent};
 use leptos::prelude::*;
 
-use super::edit::{accept_file, first_file, InputChip};
+use super::editor::{accept_file, first_file, InputChip};
 use super::state::ChatState;
 
 #[component]

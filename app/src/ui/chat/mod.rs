@@ -5,6 +5,7 @@
 
 mod composer;
 mod edit;
+mod editor;
 mod form;
 mod generation;
 mod lightbox;
@@ -22,7 +23,7 @@ use super::api::{self, Load};
 use crate::HealthResponse;
 
 use composer::Composer;
-use edit::{accept_file, first_file, EditDialog};
+use editor::{accept_file, first_file, EditDialog};
 use lightbox::Lightbox;
 use message::EntryView;
 use settings::SettingsPanel;
