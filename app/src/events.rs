@@ -205,6 +205,7 @@ mod tests {
             loras: Vec::new(),
             images: Vec::new(),
             step_cache: None,
+            recipe: None,
         };
         let event = JobEvent {
             job_id: "job-1".into(),

@@ -17,6 +17,38 @@ pub mod limits {
     /// The step cache's threshold is a relative change: beyond 1 every step after the first would be
     /// skipped.
     pub const MAX_STEP_CACHE: f32 = 1.0;
+    /// An input image's (or mask's) encoded size, after base64: a 2048x2048 photo as PNG fits.
+    pub const MAX_INPUT_BYTES: usize = 12 * 1024 * 1024;
+    /// An input image's (or mask's) sides as decoded, before it is scaled to the generation's size.
+    pub const MAX_INPUT_SIDE: u32 = 8192;
+    /// `strength` when an input image comes without one: enough of the schedule reruns to change the
+    /// picture, little enough that its layout and colours stay (diffusers' FluxImg2ImgPipeline uses 0.6).
+    pub const DEFAULT_STRENGTH: f32 = 0.75;
+
+    /// The generation's size for an input image of `width` x `height` when the request gives no size:
+    /// the input's, scaled down (keeping its shape) until both sides fit in `MAX_SIZE`, then each side
+    /// rounded to the nearest multiple of `SIZE_MULTIPLE`, at least `MIN_SIZE`. With one side given, the
+    /// other follows the input's shape by the same rounding.
+    pub fn size_for_input(
+        input: (u32, u32),
+        width: Option<u32>,
+        height: Option<u32>,
+    ) -> (u32, u32) {
+        let (w, h) = (f64::from(input.0.max(1)), f64::from(input.1.max(1)));
+        let round = |v: f64| {
+            let m = f64::from(SIZE_MULTIPLE);
+            ((v / m).round() * m).clamp(f64::from(MIN_SIZE), f64::from(MAX_SIZE)) as u32
+        };
+        match (width, height) {
+            (Some(w), Some(h)) => (w, h),
+            (Some(x), None) => (x, round(f64::from(x) * h / w)),
+            (None, Some(y)) => (round(f64::from(y) * w / h), y),
+            (None, None) => {
+                let scale = (f64::from(MAX_SIZE) / w.max(h)).min(1.0);
+                (round(w * scale), round(h * scale))
+            }
+        }
+    }
 }
 
 /// `POST /generate/` and the first message of the generation WebSocket. Fields not listed here are ignored,
@@ -55,9 +87,36 @@ pub struct GenerateRequest {
     /// not exact; 0 runs every step in full. The preset's setting when absent (off for all presets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_cache: Option<f32>,
+    /// An image to start from (image-to-image), to repaint under `mask` (inpainting), or to edit by the
+    /// prompt (a FLUX.1-Kontext model): base64 PNG or JPEG, a `data:image/...;base64,` prefix allowed.
+    /// It is scaled to cover the generation's size and centre-cropped to it; without `width` and
+    /// `height` the size is the input's, rounded to a multiple of 16 within the limits
+    /// (`limits::size_for_input`). Not kept in the job's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Instead of `image`: a completed generation of this studio, by its `job_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_job: Option<String>,
+    /// Which image of `image_job` (0 for the first, as `/images/{job_id}/{index}` numbers them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_index: Option<u32>,
+    /// How much of the schedule reruns from the input image, above 0 and at most 1: 1 starts from noise,
+    /// small values stay close to the image. 0.75 when an input image comes without it. FLUX.1-Fill and
+    /// Kontext models ignore it, as diffusers' pipelines do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
+    /// Inpainting: base64 PNG or JPEG of the input image's size, white where the image is repainted,
+    /// black where it is kept (grey values in between); scaled and cropped with the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
 }
 
 impl GenerateRequest {
+    /// Whether the request starts from an input image (`image` or `image_job`).
+    pub fn has_input(&self) -> bool {
+        self.image.is_some() || self.image_job.is_some()
+    }
+
     /// Checks the bounds every model shares; the message names the field and the allowed range.
     pub fn validate(&self) -> Result<(), String> {
         use limits::*;
@@ -113,6 +172,43 @@ impl GenerateRequest {
                 ));
             }
         }
+        self.validate_input()
+    }
+
+    /// The input image's fields, before anything is decoded: which go together, and their ranges.
+    fn validate_input(&self) -> Result<(), String> {
+        use limits::*;
+        if self.image.is_some() && self.image_job.is_some() {
+            return Err("give either image (base64) or image_job (a job id), not both".into());
+        }
+        if self.image_index.is_some() && self.image_job.is_none() {
+            return Err("image_index picks an image of image_job; give image_job too".into());
+        }
+        if !self.has_input() {
+            if self.mask.is_some() {
+                return Err(
+                    "mask needs the image it masks: give image (base64) or image_job".into(),
+                );
+            }
+            if self.strength.is_some() {
+                return Err(
+                    "strength needs an input image: give image (base64) or image_job".into(),
+                );
+            }
+        }
+        if let Some(s) = self.strength {
+            if !(s > 0.0 && s <= 1.0) {
+                return Err(format!("strength must be above 0 and at most 1, got {s}"));
+            }
+        }
+        for (name, value) in [("image", &self.image), ("mask", &self.mask)] {
+            if value.as_ref().is_some_and(|v| v.len() > MAX_INPUT_BYTES) {
+                return Err(format!(
+                    "{name} is larger than {} MiB of base64",
+                    MAX_INPUT_BYTES >> 20
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -143,6 +239,10 @@ pub struct GenerateResponse {
     /// What the step cache did, when the generation ran with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_cache: Option<StepCacheReport>,
+    /// Everything needed to make the image again, as its PNG carries it (absent in records made before
+    /// PNGs carried recipes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<crate::Recipe>,
 }
 
 /// One image of a request for several.

@@ -14,6 +14,7 @@ pub mod events;
 pub mod generate;
 pub mod jobs;
 pub mod prompt;
+pub mod recipe;
 pub mod train;
 #[cfg(feature = "ui")]
 pub mod ui;
@@ -27,4 +28,5 @@ pub use events::*;
 pub use generate::*;
 pub use jobs::*;
 pub use prompt::{PromptHelpRequest, PromptHelpResponse};
+pub use recipe::*;
 pub use train::*;

@@ -98,8 +98,12 @@ const FOLLOW_UP_OPENINGS: &[&str] = &[
     "again",
     "another one but",
     "another one",
+    "another",
     "one more but",
     "one more",
+    "more like this",
+    "more of these",
+    "variations",
     "now make it",
     "now make them",
     "now",
@@ -114,23 +118,57 @@ const FOLLOW_UP_OPENINGS: &[&str] = &[
 ];
 
 /// Single words that make a message a follow-up when it opens with them ("make the sky purple",
-/// "bigger", "without the hat"); they stay part of the change.
+/// "bigger", "without the hat", "give him a scarf"); they stay part of the change.
 const FOLLOW_UP_WORDS: &[&str] = &[
     "make", "with", "without", "more", "less", "bigger", "smaller", "darker", "brighter", "add",
-    "remove",
+    "remove", "replace", "put", "give", "change", "turn", "paint", "colour", "color", "fix",
+    "erase", "swap", "keep",
 ];
+
+/// Words that speak of the picture itself: a message using one ("I'd like it bluer", "put this on a
+/// beach") changes the last picture even when it opens with none of the above.
+const REFERS_TO_PICTURE: &[&str] = &["it", "this", "them", "the image", "the picture"];
+
+/// What a message that the classifier calls an image request asks of the last picture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowUp {
+    /// "another one", "again", "more like this": the same prompt with new seeds.
+    Again,
+    /// "same but at night", "make it red", "remove the hat": the last picture, changed so.
+    Change(String),
+    /// Anything else: a new picture.
+    New,
+}
+
+/// The one rule for follow-ups, used by the chat (with or without prompt help) and `POST /chat/prompt`.
+pub fn follow_up(message: &str) -> FollowUp {
+    match follow_up_change(message) {
+        Some(change) if change.is_empty() => FollowUp::Again,
+        Some(change) => FollowUp::Change(change),
+        None => FollowUp::New,
+    }
+}
 
 /// The change a follow-up asks for: `Some("at night")` for "same but at night", `Some("red")` for
 /// "make it red", `Some("")` for "another one" (the same prompt again), `None` when the message does
 /// not read as a follow-up (a new request starts over).
 pub fn follow_up_change(message: &str) -> Option<String> {
-    let text = message
-        .trim()
-        .trim_end_matches(['.', '!', '?', ' '])
-        .to_lowercase();
+    // Politeness adds nothing to a prompt: "one more please" is "one more".
+    let message = message.trim().trim_end_matches(['.', '!', '?', ' ']);
+    let message = strip_word_suffix(strip_word_prefix(message, "please"), "please")
+        .trim_end_matches([',', ' ']);
+    let text = message.to_lowercase();
     let starts_with_word = |lead: &str| {
         text.strip_prefix(lead)
             .filter(|rest| rest.is_empty() || rest.starts_with([' ', ',', ':', '-']))
+    };
+    // Keep the user's own spelling of the change (where lowercasing kept the lengths).
+    let original_tail = |rest: &str| {
+        if message.len() == text.len() {
+            message[message.len() - rest.len()..].to_string()
+        } else {
+            rest.to_string()
+        }
     };
     for lead in FOLLOW_UP_OPENINGS {
         if let Some(rest) = starts_with_word(lead) {
@@ -139,28 +177,62 @@ pub fn follow_up_change(message: &str) -> Option<String> {
                 .iter()
                 .find_map(|joint| rest.strip_prefix(joint))
                 .unwrap_or(rest);
-            // Keep the user's own spelling of the change (where lowercasing kept the lengths).
-            let original = message.trim().trim_end_matches(['.', '!', '?', ' ']);
-            let change = if original.len() == text.len() {
-                &original[original.len() - rest.len()..]
-            } else {
-                rest
-            };
-            return Some(change.trim().to_string());
+            return Some(original_tail(rest).trim().to_string());
         }
     }
     let first = text.split_whitespace().next()?;
     if FOLLOW_UP_WORDS.contains(&first) {
-        let original = message.trim().trim_end_matches(['.', '!', '?', ' ']);
         // "make the sky purple" changes "the sky" to purple: the verb itself adds nothing to a prompt.
         let change = if first == "make" {
-            original[first.len()..].trim()
+            message[first.len()..].trim()
         } else {
-            original
+            message
         };
         return Some(change.to_string());
     }
-    None
+    let words: Vec<&str> = text
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let refers = REFERS_TO_PICTURE.iter().any(|r| {
+        if r.contains(' ') {
+            text.contains(r)
+        } else {
+            words.contains(r)
+        }
+    });
+    refers.then(|| message.to_string())
+}
+
+fn strip_word_prefix<'a>(text: &'a str, word: &str) -> &'a str {
+    match text.get(..word.len()) {
+        Some(head) if head.eq_ignore_ascii_case(word) => {
+            let rest = &text[word.len()..];
+            if rest.is_empty() || rest.starts_with([' ', ',']) {
+                rest.trim_start_matches([' ', ','])
+            } else {
+                text
+            }
+        }
+        _ => text,
+    }
+}
+
+fn strip_word_suffix<'a>(text: &'a str, word: &str) -> &'a str {
+    let Some(cut) = text.len().checked_sub(word.len()) else {
+        return text;
+    };
+    match text.get(cut..) {
+        Some(tail) if tail.eq_ignore_ascii_case(word) => {
+            let head = &text[..cut];
+            if head.is_empty() || head.ends_with([' ', ',']) {
+                head.trim_end_matches([' ', ','])
+            } else {
+                text
+            }
+        }
+        _ => text,
+    }
 }
 
 /// The deterministic rule for a follow-up without the language model: the change is appended to the
@@ -225,6 +297,37 @@ mod tests {
         assert_eq!(follow_up_change("a red apple"), None);
         assert_eq!(follow_up_change("samurai in the rain"), None);
         assert_eq!(follow_up_change("nowhere man"), None);
+    }
+
+    #[test]
+    fn a_follow_up_after_an_image_is_the_same_again_a_change_or_a_new_picture() {
+        for change in [
+            "make it night",
+            "remove the hat",
+            "add a moon",
+            "now in watercolor",
+            "give him a red scarf",
+            "can you put this on a beach?",
+            "I'd like it bluer",
+        ] {
+            assert!(matches!(follow_up(change), FollowUp::Change(_)), "{change}");
+        }
+        for again in [
+            "another one",
+            "one more please",
+            "again!",
+            "Another, please",
+            "more like this",
+        ] {
+            assert_eq!(follow_up(again), FollowUp::Again, "{again}");
+        }
+        for new in [
+            "a lighthouse on a cliff",
+            "portrait of an old sailor, 35mm photo",
+            "please, a bowl of ramen",
+        ] {
+            assert_eq!(follow_up(new), FollowUp::New, "{new}");
+        }
     }
 
     #[test]

@@ -63,8 +63,9 @@ pub struct ServeConfig {
     /// Hugging Face token for gated weights (FLUX.1-dev); usually from `.env`.
     #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
     pub hf_token: Option<Secret>,
-    /// Largest JSON body or WebSocket message, in bytes (K, M, G suffixes allowed).
-    #[arg(long, env = "STUDIO_JSON_LIMIT", default_value = "1M", value_parser = parse_bytes)]
+    /// Largest JSON body or WebSocket message, in bytes (K, M, G suffixes allowed): room for a
+    /// generation's input image and mask as base64.
+    #[arg(long, env = "STUDIO_JSON_LIMIT", default_value = "32M", value_parser = parse_bytes)]
     pub json_limit: u64,
     /// Largest training upload (the whole multipart body), in bytes (K, M, G suffixes allowed).
     #[arg(long, env = "STUDIO_UPLOAD_LIMIT", default_value = "2G", value_parser = parse_bytes)]

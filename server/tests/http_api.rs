@@ -58,7 +58,8 @@ fn contract_curl_commands_work_or_answer_503_with_the_reason() {
         .unwrap();
     let image = image::load_from_memory(&png).unwrap();
     assert_eq!((image.width(), image.height()), (64, 64));
-    // The original service's answer, field for field: a single image is `image` alone.
+    // The original service's answer, field for field (plus the studio's job_id, loras and recipe): a
+    // single image is `image` alone.
     let mut keys: Vec<&str> = body
         .as_object()
         .unwrap()
@@ -76,11 +77,15 @@ fn contract_curl_commands_work_or_answer_503_with_the_reason() {
             "loras",
             "model",
             "prompt",
+            // What its PNG carries too (docs/server.md#recipes).
+            "recipe",
             "seed",
             "steps",
             "width"
         ]
     );
+    assert_eq!(body["recipe"]["model"], "builtin-emoji");
+    assert_eq!(body["recipe"]["seed"], body["seed"]);
 
     for (prompt, label) in [
         ("can I see you in the kitchen?", "conversation"),

@@ -1,5 +1,5 @@
 //! The gallery: every completed generation (`GET /jobs/?kind=generation&status=completed`), newest first,
-//! with the settings that made it.
+//! with the settings that made it: the request's and the recipe its PNG carries.
 
 use leptos::prelude::*;
 use leptos_meta::Title;
@@ -30,7 +30,7 @@ fn card(job: &JobRecord) -> Option<Card> {
     if let Some(g) = request.guidance {
         lines.push(format!("guidance {g}"));
     }
-    match request.lora.as_deref() {
+    match request.lora.as_deref().filter(|_| result.recipe.is_none()) {
         None => {}
         Some("none") => lines.push("no LoRA".into()),
         Some(lora) => lines.push(format!(
@@ -38,6 +38,27 @@ fn card(job: &JobRecord) -> Option<Card> {
             super::short_id(lora),
             request.lora_scale.unwrap_or(1.0)
         )),
+    }
+    // What the PNG's recipe adds: the LoRAs as applied, the input image, the studio's version.
+    if let Some(recipe) = &result.recipe {
+        for lora in &recipe.loras {
+            lines.push(format!(
+                "LoRA {} × {}",
+                super::short_id(&lora.name),
+                lora.scale
+            ));
+        }
+        if let Some(input) = &recipe.input {
+            let from = match &input.job_id {
+                Some(job) => format!("from image {}", super::short_id(job)),
+                None => "from an uploaded image".into(),
+            };
+            let masked = if input.masked { " · inpainted" } else { "" };
+            lines.push(format!("{from} · strength {}{masked}", input.strength));
+        }
+        if let Some(studio) = &recipe.studio {
+            lines.push(studio.clone());
+        }
     }
     lines.push(format!("{:.1} s", result.elapsed_ms as f64 / 1000.0));
     Some(Card {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use app::{AppliedLora, ErrorCode, GenerateRequest, PresetInfo};
 use engine::hub::DownloadProgress;
 use engine::lora::{self, FailedLora, LoraCache, LoraSource, LoraSpec, LoraStack};
-use engine::pipeline::{self, FluxPipeline, GenerateParams};
+use engine::pipeline::{self, FluxPipeline, GenerateParams, InputImage};
 use engine::presets::{self, Preset};
 
 use super::model_choice::{self, preset_names};
@@ -266,6 +266,7 @@ impl Generation for FluxGeneration {
             step_cache: r.step_cache.or(preset.step_cache.map(|t| t as f32)),
             lora,
             lora_scale,
+            input: None,
         })
     }
 
@@ -310,6 +311,11 @@ impl Generation for FluxGeneration {
         let params = GenerateParams {
             num_images: plan.num_images as usize,
             step_cache: plan.step_cache.map(f64::from),
+            input: plan.input.as_ref().map(|input| InputImage {
+                image: input.image.clone(),
+                strength: f64::from(input.strength),
+                mask: input.mask.clone(),
+            }),
             ..GenerateParams::new(
                 plan.prompt.clone(),
                 (plan.width as usize, plan.height as usize),

@@ -1,15 +1,17 @@
 //! `studio generate`: prompt to PNG on the same pipeline code the server runs.
 
 use anyhow::{Context, Result};
+use app::{Recipe, RecipeInput, RecipeLora};
 use engine::device::DeviceChoice;
 use engine::hub::{DownloadProgress, Source};
 use engine::lora::{self, LoraCache, LoraSource, LoraSpec, LoraStack};
-use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions};
+use engine::pipeline::{Control, FluxPipeline, GenerateParams, InputImage, LoadOptions};
 use engine::presets::Preset;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::capabilities::model_choice;
+use crate::recipe;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -26,8 +28,9 @@ pub struct Args {
     /// preset's (off).
     #[arg(long)]
     step_cache: Option<f64>,
-    /// Model preset (flux-dev, flux-schnell, builtin-emoji; flux-tiny for tests). Default: FLUX.1-dev on a
-    /// CUDA GPU with its weights or an HF_TOKEN, else the built-in model, as the server chooses.
+    /// Model preset (flux-dev, flux-schnell, flux-fill-dev, flux-kontext-dev, builtin-emoji; flux-tiny for
+    /// tests). Default: FLUX.1-dev on a CUDA GPU with its weights or an HF_TOKEN, else the built-in
+    /// model, as the server chooses.
     #[arg(long, env = "STUDIO_PRESET")]
     preset: Option<String>,
     /// A local diffusers FLUX folder or a hub repository id, instead of the preset's.
@@ -64,6 +67,26 @@ pub struct Args {
     /// replaces the preset's own LoRA, and `none` turns that off.
     #[arg(long = "lora", value_name = "SOURCE[:SCALE]")]
     loras: Vec<String>,
+    /// An image (PNG or JPEG) to start from, to inpaint with `--mask`, or to edit by the prompt (a
+    /// FLUX.1-Kontext model). Scaled to cover the generation's size and centre-cropped; without
+    /// `--width`/`--height` the size is the image's, rounded to a multiple of 16 within the limits.
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
+    /// How much of the schedule reruns from `--image`, above 0 and at most 1 (default 0.75).
+    #[arg(long, requires = "image", value_parser = parse_strength)]
+    strength: Option<f32>,
+    /// Inpainting: a mask of `--image`'s size, white where it is repainted, black where it is kept.
+    #[arg(long, value_name = "FILE", requires = "image")]
+    mask: Option<PathBuf>,
+}
+
+fn parse_strength(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("strength must be above 0 and at most 1, got {v}"))
+    }
 }
 
 /// `SOURCE[:scale]`: a trailing `:number` is the scale.
@@ -113,6 +136,12 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(cap) = a.gpu_memory {
         opts.memory.gpu_memory = Some(cap);
     }
+    // A bad input image is refused before the model loads.
+    let decoded = a
+        .image
+        .as_deref()
+        .map(|image| crate::input::from_files(image, a.mask.as_deref()))
+        .transpose()?;
     eprintln!("loading {} on {:?}", preset.title, device);
     let progress = Arc::new(|p: &DownloadProgress| {
         eprint!(
@@ -147,15 +176,29 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     pipe.set_loras(&loras.scaled())?;
+    let (width, height) = match &decoded {
+        Some(input) => {
+            let (w, h) = input.size(a.width.map(|w| w as u32), a.height.map(|h| h as u32));
+            (w as usize, h as usize)
+        }
+        None => (
+            a.width.unwrap_or(preset.width),
+            a.height.unwrap_or(preset.height),
+        ),
+    };
+    let strength = a.strength.unwrap_or(app::limits::DEFAULT_STRENGTH);
+    let input = decoded.map(|d| d.fit(width as u32, height as u32, strength));
     let params = GenerateParams {
         num_images: a.num_images as usize,
         step_cache: a.step_cache.or(preset.step_cache),
+        input: input.as_ref().map(|i| InputImage {
+            image: i.image.clone(),
+            strength: f64::from(i.strength),
+            mask: i.mask.clone(),
+        }),
         ..GenerateParams::new(
             prompt,
-            (
-                a.width.unwrap_or(preset.width),
-                a.height.unwrap_or(preset.height),
-            ),
+            (width, height),
             a.steps.unwrap_or(preset.steps),
             a.guidance.unwrap_or(preset.guidance),
             a.seed.unwrap_or_else(rand_seed),
@@ -166,11 +209,49 @@ pub fn run(a: Args) -> Result<()> {
         Control::Continue
     })?;
     eprintln!();
+    let recipe = Recipe {
+        prompt: params.prompt.clone(),
+        seed: params.seed,
+        model: a.model.clone().unwrap_or_else(|| preset.name.to_string()),
+        loras: loras
+            .iter()
+            .map(|(spec, _)| RecipeLora {
+                name: spec.name.clone(),
+                scale: spec.scale as f32,
+            })
+            .collect(),
+        steps: params.steps as u32,
+        guidance: params.guidance as f32,
+        width: params.width as u32,
+        height: params.height as u32,
+        input: input.as_ref().map(|i| RecipeInput {
+            job_id: None,
+            index: None,
+            strength: i.strength,
+            masked: i.mask.is_some(),
+        }),
+        studio: Some(recipe::studio_version()),
+    };
     for ((i, image), seed) in out.images.iter().enumerate().zip(params.seeds()) {
         let path = numbered(&a.output, i);
-        image
-            .save(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let is_png = path
+            .extension()
+            .is_none_or(|e| e.eq_ignore_ascii_case("png"));
+        // A PNG carries its recipe; another format (`-o fox.jpg`) is written as its extension says.
+        if is_png {
+            let png = recipe::encode_png(
+                image,
+                &Recipe {
+                    seed,
+                    ..recipe.clone()
+                },
+            )?;
+            std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+        } else {
+            image
+                .save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         eprintln!(
             "wrote {} ({}x{}, seed {seed})",
             path.display(),

@@ -155,6 +155,21 @@ pub struct GenerationPlan {
     pub step_cache: Option<f32>,
     pub lora: LoraChoice,
     pub lora_scale: f32,
+    /// The image to start from or edit, already at `width` x `height`; set by the server after
+    /// `Generation::plan` (which leaves it `None`).
+    pub input: Option<PlanInput>,
+}
+
+/// A generation's input image, fitted to the plan's size (`crate::input`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanInput {
+    pub image: RgbImage,
+    /// White where the image is repainted.
+    pub mask: Option<image::GrayImage>,
+    /// In (0, 1].
+    pub strength: f32,
+    /// `(job_id, index)` when it is an earlier generation's image.
+    pub job: Option<(String, u32)>,
 }
 
 pub struct StepUpdate {

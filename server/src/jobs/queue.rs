@@ -322,6 +322,7 @@ mod tests {
                 step_cache: None,
                 lora: LoraChoice::Disabled,
                 lora_scale: 1.0,
+                input: None,
             },
             cancel: Arc::default(),
         }

@@ -9,13 +9,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use app::{
-    BatchImage, ErrorCode, ErrorDetail, EventBody, GenerateResponse, JobStatus, StepCacheReport,
+    BatchImage, ErrorCode, ErrorDetail, EventBody, GenerateResponse, JobStatus, Recipe,
+    RecipeInput, RecipeLora, StepCacheReport,
 };
 use base64::Engine as _;
 use image::RgbImage;
 
 use super::capability::{
-    Control, Held, JobFailure, StepOutcome, TrainingReport, TrainingRun, WorkerEngine,
+    Control, Generated, GenerationPlan, Held, JobFailure, StepOutcome, TrainingReport, TrainingRun,
+    WorkerEngine,
 };
 use super::queue::{GenerationTicket, TrainingTicket, Work};
 use super::Shared;
@@ -158,13 +160,21 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
             .first()
             .ok_or_else(|| anyhow::anyhow!("the generation returned no image"))?;
         let (width, height) = first.dimensions();
+        let recipe = recipe_of(&plan, &generated, (width, height));
         let mut images = Vec::new();
         for (i, image) in generated.images.iter().enumerate() {
-            let png = encode_png(image)?;
+            let seed = generated.seed.wrapping_add(i as u64);
+            let png = crate::recipe::encode_png(
+                image,
+                &Recipe {
+                    seed,
+                    ..recipe.clone()
+                },
+            )?;
             std::fs::write(shared.data.image_at(id, i as u32), &png)?;
             images.push(BatchImage {
                 image: base64::engine::general_purpose::STANDARD.encode(&png),
-                seed: generated.seed.wrapping_add(i as u64),
+                seed,
             });
         }
         let response = GenerateResponse {
@@ -184,6 +194,7 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
                 threshold,
                 skipped_steps: generated.skipped_steps.unwrap_or(0),
             }),
+            recipe: Some(recipe),
         };
         // The job's record keeps everything but the pixels, which stay in the PNG files.
         let mut record = serde_json::to_value(&response)?;
@@ -211,6 +222,34 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
         }
     }
     shared.finish(id);
+}
+
+/// What the first image's PNG carries (each other image: the same with its own seed).
+fn recipe_of(plan: &GenerationPlan, generated: &Generated, (width, height): (u32, u32)) -> Recipe {
+    Recipe {
+        prompt: plan.prompt.clone(),
+        seed: generated.seed,
+        model: plan.model.clone(),
+        loras: generated
+            .loras
+            .iter()
+            .map(|l| RecipeLora {
+                name: l.name.clone(),
+                scale: l.scale,
+            })
+            .collect(),
+        steps: plan.steps,
+        guidance: plan.guidance,
+        width,
+        height,
+        input: plan.input.as_ref().map(|input| RecipeInput {
+            job_id: input.job.as_ref().map(|(job, _)| job.clone()),
+            index: input.job.as_ref().map(|(_, i)| *i),
+            strength: input.strength,
+            masked: input.mask.is_some(),
+        }),
+        studio: Some(crate::recipe::studio_version()),
+    }
 }
 
 fn start_training(

@@ -18,6 +18,7 @@ use utoipa::OpenApi;
     ),
     paths(
         super::generate::generate,
+        super::recipe::read,
         super::classify::classify,
         super::chat::chat,
         super::chat::prompt,

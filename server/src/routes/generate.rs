@@ -12,12 +12,13 @@ use crate::jobs::event_hub::Listener;
 use crate::jobs::Jobs;
 use crate::store::Viewer;
 
-/// Text to image; answers when the image is done. Closing the connection cancels the job.
+/// Text to image, or image to image, inpainting and edits with `image` (or `image_job`), `strength` and
+/// `mask`; answers when the image is done. Closing the connection cancels the job.
 #[utoipa::path(post, path = "/generate/", tag = "generate", request_body = GenerateRequest, responses(
     (status = 200, body = GenerateResponse),
     (status = 400, description = "Malformed JSON", body = ErrorBody),
     (status = 409, description = "Cancelled before it finished", body = ErrorBody),
-    (status = 422, description = "A field out of range, or an unknown model or LoRA", body = ErrorBody),
+    (status = 422, description = "A field out of range, an unknown model or LoRA, an input image or mask that cannot be read, or an image_job that is not a completed generation of this studio", body = ErrorBody),
     (status = 429, description = "Generation queue full", body = ErrorBody),
     (status = 503, description = "Generation not available", body = ErrorBody),
 ))]
@@ -47,14 +48,35 @@ pub async fn submit(
         .clone()
         .ok_or_else(|| ApiError::unavailable(GENERATION_UNAVAILABLE))?;
     request.validate().map_err(ApiError::validation)?;
+    let input = crate::input::read(&state.jobs, &request, viewer).await?;
+    if let Some(input) = &input {
+        // The record and the plan say the size the input is fitted to.
+        let (width, height) = input.size(request.width, request.height);
+        (request.width, request.height) = (Some(width), Some(height));
+    }
     // The seed is fixed here so the job's record always says which one was used.
     request
         .seed
         .get_or_insert_with(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let lora = resolve_lora(&state.jobs, request.lora.as_deref(), viewer).await?;
-    let plan = generation
+    let mut plan = generation
         .plan(&request, lora)
         .map_err(ApiError::validation)?;
+    if let Some(input) = input {
+        let strength = *request
+            .strength
+            .get_or_insert(app::limits::DEFAULT_STRENGTH);
+        let (width, height) = (plan.width, plan.height);
+        plan.input = Some(
+            tokio::task::spawn_blocking(move || input.fit(width, height, strength))
+                .await
+                .map_err(|err| ApiError::internal("fitting the input image", err))?,
+        );
+    }
+    // The job's record keeps the settings, not the pixels: an `image_job` names its source, an uploaded
+    // image and a mask are only in the result's recipe (`input`, `masked`).
+    request.image = None;
+    request.mask = None;
     state.jobs.submit_generation(request, plan, viewer).await
 }
 

@@ -9,6 +9,7 @@ mod downloads;
 mod generate;
 mod info;
 mod jobs;
+mod recipe;
 mod train;
 mod ui;
 mod ws;
@@ -100,6 +101,7 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
     let upload = DefaultBodyLimit::max(state.settings.upload_limit);
     let router = Router::new()
         .route("/generate", post(generate::generate).layer(json))
+        .route("/recipe", post(recipe::read).layer(json))
         .route("/classify", post(classify::classify).layer(json))
         .route("/chat", post(chat::chat).layer(json))
         .route("/chat/prompt", post(chat::prompt).layer(json))

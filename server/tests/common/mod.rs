@@ -191,6 +191,7 @@ impl Generation for FakeGeneration {
             step_cache: request.step_cache,
             lora,
             lora_scale: request.lora_scale.unwrap_or(1.0),
+            input: None,
         })
     }
 
@@ -213,8 +214,12 @@ impl Generation for FakeGeneration {
                 anyhow::bail!("cancelled");
             }
         }
-        // Each seed's own shade, as each seed draws its own picture.
+        // Each seed's own shade, as each seed draws its own picture; with an input image, that image as
+        // it reached the capability (fitted to the plan's size).
         let image = |seed: u64| {
+            if let Some(input) = &plan.input {
+                return input.image.clone();
+            }
             RgbImage::from_pixel(
                 plan.width,
                 plan.height,

@@ -1,9 +1,11 @@
-//! The message box: Enter sends, Shift+Enter starts a new line; beside it the prompt help switch,
-//! remembered by the browser.
+//! The message box: Enter sends, Shift+Enter starts a new line; an image pasted into it becomes the next
+//! message's input (or restores the settings its recipe holds). The pending input image sits above it;
+//! beside it the prompt help switch, remembered by the browser.
 
 use leptos::ev::{KeyboardEvent, SubmitEvent};
 use leptos::prelude::*;
 
+use super::editor::{accept_file, first_file, InputChip};
 use super::state::ChatState;
 
 /// Where the browser remembers the prompt help switch.
@@ -15,11 +17,12 @@ fn storage() -> Option<web_sys::Storage> {
 
 #[component]
 pub(super) fn Composer(chat: ChatState) -> impl IntoView {
-    let text = RwSignal::new(String::new());
+    let text = chat.draft;
     let send = move || {
         let message = text.get_untracked();
         if !message.trim().is_empty() {
             text.set(String::new());
+            chat.notice.set(None);
             chat.send(message);
         }
     };
@@ -47,7 +50,15 @@ pub(super) fn Composer(chat: ChatState) -> impl IntoView {
             let _ = storage.set_item(PROMPT_HELP_KEY, if on { "on" } else { "off" });
         }
     };
+    let on_paste = move |ev: leptos::ev::ClipboardEvent| {
+        if let Some(file) = first_file(ev.clipboard_data()) {
+            ev.prevent_default();
+            accept_file(chat, file);
+        }
+    };
     view! {
+        {move || chat.notice.get().map(|n| view! { <p class="notice" role="status">{n}</p> })}
+        <InputChip chat />
         <form class="composer" on:submit=on_submit>
             <label
                 class="prompt-help-switch"
@@ -62,10 +73,17 @@ pub(super) fn Composer(chat: ChatState) -> impl IntoView {
             <textarea
                 id="message"
                 rows="2"
-                placeholder="Describe an image, or ask something…"
+                placeholder=move || {
+                    if chat.input.with(Option::is_some) {
+                        "Describe the change to the input image…"
+                    } else {
+                        "Describe an image, or ask something… (drop or paste an image to edit it)"
+                    }
+                }
                 prop:value=move || text.get()
                 on:input=move |ev| text.set(event_target_value(&ev))
                 on:keydown=on_keydown
+                on:paste=on_paste
             ></textarea>
             <button type="submit" disabled=move || text.with(|t| t.trim().is_empty())>
                 "Send"

@@ -23,6 +23,10 @@ pub(super) struct Settings {
     pub(super) seed: RwSignal<String>,
     /// Images a request makes (1 to `limits::MAX_IMAGES`), shown as a grid.
     pub(super) num_images: RwSignal<u32>,
+    /// A size restored from a dropped PNG's recipe; it wins over `aspect` until a size is chosen.
+    pub(super) exact_size: RwSignal<Option<(u32, u32)>>,
+    /// How much of the schedule reruns from an input image.
+    pub(super) strength: RwSignal<f32>,
 }
 
 impl Settings {
@@ -37,6 +41,8 @@ impl Settings {
             side: RwSignal::new(512),
             seed: RwSignal::new(String::new()),
             num_images: RwSignal::new(1),
+            exact_size: RwSignal::new(None),
+            strength: RwSignal::new(crate::limits::DEFAULT_STRENGTH),
         }
     }
 
@@ -52,10 +58,11 @@ impl Settings {
                 .map_err(|_| format!("{name} must be a number, got “{text}”"))
         }
         let lora = self.lora.get_untracked();
-        let size = self
-            .aspect
-            .get_untracked()
-            .map(|i| dimensions(ASPECTS[i].1, self.side.get_untracked()));
+        let size = self.exact_size.get_untracked().or_else(|| {
+            self.aspect
+                .get_untracked()
+                .map(|i| dimensions(ASPECTS[i].1, self.side.get_untracked()))
+        });
         let model = self.model.get_untracked();
         let request = GenerateRequest {
             prompt: prompt.trim().to_owned(),
@@ -69,7 +76,7 @@ impl Settings {
             lora: (!lora.is_empty()).then_some(lora),
             model: (!model.is_empty()).then_some(model),
             num_images: Some(self.num_images.get_untracked()).filter(|&n| n > 1),
-            step_cache: None,
+            ..GenerateRequest::default()
         };
         request.validate()?;
         Ok(request)

@@ -2,6 +2,7 @@
 
 use leptos::prelude::*;
 
+use super::edit::{input_url, EditTarget, InputImage};
 use super::progress::{GenState, Phase};
 use super::state::ChatState;
 use crate::ui::api;
@@ -16,6 +17,8 @@ pub(super) fn GenerationView(
 ) -> impl IntoView {
     let summary = settings_summary(&request);
     let again = request.clone();
+    let request_for_actions = request.clone();
+    let original = input_url(&request);
     let phase = move || state.with(|s| s.phase);
     let status_text = move || {
         state.with(|s| match s.phase {
@@ -52,30 +55,78 @@ pub(super) fn GenerationView(
                 <p class="prompt">{request.prompt.clone()}</p>
                 <p class="summary">{summary}</p>
             </header>
+            <div class="canvas-row" class:beside=original.is_some()>
+                {original
+                    .clone()
+                    .map(|url| {
+                        view! {
+                            <figure class="original">
+                                <img class="original" src=url alt="Original image" />
+                                <figcaption>"Original"</figcaption>
+                            </figure>
+                        }
+                    })}
             <div class="canvas" class:grid=move || state.with(|s| image_count(s) > 1)>
                 {move || {
                     state
                         .with(|s| {
                             if let Some(result) = &s.result {
+                                let count = result.images.len();
+                                let size = (result.width, result.height);
                                 image_urls(result)
                                     .into_iter()
                                     .enumerate()
                                     .map(|(i, url)| {
                                         let full = url.clone();
+                                        let input = InputImage::of_job(&result.job_id, i as u32, count, size);
+                                        let target = EditTarget {
+                                            input: input.clone(),
+                                            prompt: request_for_actions.prompt.clone(),
+                                            model: request_for_actions.model.clone(),
+                                        };
+                                        let varied = request_for_actions.clone();
                                         view! {
-                                            <button
-                                                class="image-button"
-                                                title="View full size"
-                                                on:click=move |_| chat.lightbox.set(Some(full.clone()))
-                                            >
-                                                <img
-                                                    class="result"
-                                                    src=url
-                                                    alt=format!("Generated {}: {}", i + 1, result.prompt)
-                                                    width=result.width
-                                                    height=result.height
-                                                />
-                                            </button>
+                                            <figure class="result-image">
+                                                <button
+                                                    class="image-button"
+                                                    title="View full size"
+                                                    on:click=move |_| chat.lightbox.set(Some(full.clone()))
+                                                >
+                                                    <img
+                                                        class="result"
+                                                        src=url
+                                                        alt=format!("Generated {}: {}", i + 1, result.prompt)
+                                                        width=result.width
+                                                        height=result.height
+                                                    />
+                                                </button>
+                                                <div class="image-actions">
+                                                    <button
+                                                        class="secondary small"
+                                                        title="Change this image by an instruction, or repaint part of it"
+                                                        on:click=move |_| chat.editing.set(Some(target.clone()))
+                                                    >
+                                                        "Edit"
+                                                    </button>
+                                                    <button
+                                                        class="secondary small"
+                                                        title="The same prompt with new seeds"
+                                                        on:click=move |_| chat.variations(&varied)
+                                                    >
+                                                        "Variations"
+                                                    </button>
+                                                    <button
+                                                        class="secondary small"
+                                                        title="Start the next message from this image"
+                                                        on:click=move |_| {
+                                                            chat.input.set(Some(input.clone()));
+                                                            chat.notice.set(Some("The image is the input of your next message: describe the change.".into()));
+                                                        }
+                                                    >
+                                                        "Use as input"
+                                                    </button>
+                                                </div>
+                                            </figure>
                                         }
                                     })
                                     .collect_view()
@@ -113,6 +164,7 @@ pub(super) fn GenerationView(
                             }
                         })
                 }}
+            </div>
             </div>
             <div class="progress-row">
                 <progress
@@ -256,6 +308,13 @@ pub(super) fn settings_summary(request: &GenerateRequest) -> String {
     }
     if let Some(n) = request.num_images.filter(|&n| n > 1) {
         parts.push(format!("{n} images"));
+    }
+    if request.has_input() {
+        let strength = request.strength.unwrap_or(crate::limits::DEFAULT_STRENGTH);
+        parts.push(match &request.mask {
+            Some(_) => format!("inpainting, strength {strength}"),
+            None => format!("from an image, strength {strength}"),
+        });
     }
     parts.join(" · ")
 }

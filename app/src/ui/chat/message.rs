@@ -3,6 +3,7 @@
 
 use leptos::prelude::*;
 
+use super::edit::EditTarget;
 use super::generation::GenerationView;
 use super::state::{ChatState, Draft, Entry};
 use crate::ui::ErrorBox;
@@ -99,13 +100,14 @@ pub(super) fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
         Entry::Generation { request, state } => {
             view! { <GenerationView chat request state /> }.into_any()
         }
-        Entry::Draft(draft) => view! { <DraftView chat draft /> }.into_any(),
+        Entry::Draft { draft, target } => view! { <DraftView chat draft target /> }.into_any(),
     }
 }
 
 /// Prompt help's card: the prompt the language model wrote, in an editor, drawn with Generate.
 #[component]
-fn DraftView(chat: ChatState, draft: RwSignal<Draft>) -> impl IntoView {
+fn DraftView(chat: ChatState, draft: RwSignal<Draft>, target: Option<EditTarget>) -> impl IntoView {
+    let target = StoredValue::new(target);
     let edited = RwSignal::new(String::new());
     Effect::new(move |_| {
         if let Draft::Ready { prompt, .. } = draft.get() {
@@ -114,7 +116,7 @@ fn DraftView(chat: ChatState, draft: RwSignal<Draft>) -> impl IntoView {
     });
     let draw = move |prompt: String| {
         draft.set(Draft::Drawn(prompt.clone()));
-        chat.generate(prompt);
+        chat.draw(target.get_value().as_ref(), prompt);
     };
     view! {
         <div class="msg studio prompt-help" aria-label="Prompt help">

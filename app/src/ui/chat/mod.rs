@@ -4,6 +4,8 @@
 //! and stays visible while the user looks at the gallery or the jobs.
 
 mod composer;
+mod edit;
+mod editor;
 mod form;
 mod generation;
 mod lightbox;
@@ -21,6 +23,7 @@ use super::api::{self, Load};
 use crate::HealthResponse;
 
 use composer::Composer;
+use editor::{accept_file, first_file, EditDialog};
 use lightbox::Lightbox;
 use message::EntryView;
 use settings::SettingsPanel;
@@ -30,6 +33,7 @@ pub use state::ChatState;
 pub fn ChatPage() -> impl IntoView {
     let chat = expect_context::<ChatState>();
     let query = use_query_map();
+    let dropping = RwSignal::new(false);
     Effect::new(move |_| {
         // Once per visit: the lists the settings offer, and what this server can do.
         if matches!(chat.models.get_untracked(), Load::Loading) {
@@ -50,7 +54,23 @@ pub fn ChatPage() -> impl IntoView {
     view! {
         <Title text="Chat · FLUX studio" />
         <div class="chat-layout">
-            <section class="chat" aria-label="Chat">
+            <section
+                class="chat"
+                aria-label="Chat"
+                class:dropping=move || dropping.get()
+                on:dragover=move |ev: leptos::ev::DragEvent| {
+                    ev.prevent_default();
+                    dropping.set(true);
+                }
+                on:dragleave=move |_| dropping.set(false)
+                on:drop=move |ev: leptos::ev::DragEvent| {
+                    ev.prevent_default();
+                    dropping.set(false);
+                    if let Some(file) = first_file(ev.data_transfer()) {
+                        accept_file(chat, file);
+                    }
+                }
+            >
                 <Conversations chat />
                 <Thread chat />
                 <Composer chat />
@@ -58,6 +78,7 @@ pub fn ChatPage() -> impl IntoView {
             <SettingsPanel chat />
         </div>
         <Lightbox chat />
+        <EditDialog chat />
     }
     .into_any()
 }

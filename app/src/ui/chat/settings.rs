@@ -156,8 +156,11 @@ pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {
                         <div class="aspects" role="group">
                             <button
                                 type="button"
-                                aria-pressed=move || s.aspect.get().is_none().to_string()
-                                on:click=move |_| s.aspect.set(None)
+                                aria-pressed=move || (s.aspect.get().is_none() && s.exact_size.get().is_none()).to_string()
+                                on:click=move |_| {
+                                    s.exact_size.set(None);
+                                    s.aspect.set(None)
+                                }
                             >
                                 "Default"
                             </button>
@@ -168,8 +171,11 @@ pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {
                                     view! {
                                         <button
                                             type="button"
-                                            aria-pressed=move || (s.aspect.get() == Some(i)).to_string()
-                                            on:click=move |_| s.aspect.set(Some(i))
+                                            aria-pressed=move || (s.aspect.get() == Some(i) && s.exact_size.get().is_none()).to_string()
+                                            on:click=move |_| {
+                                                s.exact_size.set(None);
+                                                s.aspect.set(Some(i))
+                                            }
                                         >
                                             {*label}
                                         </button>
@@ -203,6 +209,13 @@ pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {
                                 })
                                 .collect_view()}
                         </select>
+                        {move || {
+                            s.exact_size
+                                .get()
+                                .map(|(w, h)| {
+                                    view! { <p class="hint exact-size">{format!("{w} × {h}, from a dropped image")}</p> }
+                                })
+                        }}
                     </fieldset>
                     <div class="pair">
                         <label>

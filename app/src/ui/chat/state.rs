@@ -2,16 +2,18 @@
 
 use leptos::prelude::*;
 
+use super::edit::{self, EditTarget, InputImage};
 use super::form::Settings;
 use super::progress::GenState;
+use super::progress::Phase;
 use super::socket::{stream_chat, stream_generation, AnswerState};
-use crate::prompt::{follow_up_change, merge_follow_up};
+use crate::prompt::{follow_up, merge_follow_up, FollowUp};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
     ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
     ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
-    PromptHelpRequest, PromptHelpResponse, TurnKind, TurnRole,
+    PromptHelpRequest, PromptHelpResponse, Recipe, TurnKind, TurnRole,
 };
 
 /// Turns sent with each message to `/classify/`: enough for it to know what the last answer was.
@@ -42,8 +44,12 @@ pub(super) enum Entry {
         request: GenerateRequest,
         state: RwSignal<GenState>,
     },
-    /// Prompt help's rewrite of an image request, shown to edit before it is drawn.
-    Draft(RwSignal<Draft>),
+    /// Prompt help's rewrite of an image request, shown to edit before it is drawn (from `target`'s
+    /// image for a follow-up of one).
+    Draft {
+        draft: RwSignal<Draft>,
+        target: Option<EditTarget>,
+    },
 }
 
 /// Prompt help's card: the language model writing, then the prompt to edit and draw (or not).
@@ -88,6 +94,14 @@ pub struct ChatState {
     pub(super) lightbox: RwSignal<Option<String>>,
     /// Help with prompts: image requests go through the language model first, shown to edit.
     pub(super) prompt_help: RwSignal<bool>,
+    /// The message box's text (a dropped PNG's recipe puts its prompt here).
+    pub(super) draft: RwSignal<String>,
+    /// The image the next message starts from ("Use as input", a dropped or pasted image).
+    pub(super) input: RwSignal<Option<InputImage>>,
+    /// The image the edit dialog is open on.
+    pub(super) editing: RwSignal<Option<EditTarget>>,
+    /// A line above the message box about what a drop or paste did.
+    pub(super) notice: RwSignal<Option<String>>,
     /// Signals of new entries belong to the app, not to the page that happened to create them.
     pub(super) owner: StoredValue<Owner>,
 }
@@ -107,6 +121,10 @@ impl ChatState {
             // Off until the user turns it on (then remembered by the browser): it adds a language model
             // answer, seconds on a CPU, before every image.
             prompt_help: RwSignal::new(false),
+            draft: RwSignal::new(String::new()),
+            input: RwSignal::new(None),
+            editing: RwSignal::new(None),
+            notice: RwSignal::new(None),
             owner: StoredValue::new(
                 Owner::current().expect("ChatState::provide runs in a component"),
             ),
@@ -165,7 +183,7 @@ impl ChatState {
                     };
                     Some(turn(role, text, kind))
                 }
-                Entry::Unclassified { .. } | Entry::Draft(_) => None,
+                Entry::Unclassified { .. } | Entry::Draft { .. } => None,
             })
             .collect();
         turns.drain(..turns.len().saturating_sub(CONTEXT_TURNS));
@@ -207,56 +225,6 @@ impl ChatState {
                     });
                 }
             }
-        });
-    }
-
-    /// The prompt of the thread's last image, which a follow-up changes.
-    fn last_prompt(&self) -> Option<String> {
-        self.thread.with_untracked(|thread| {
-            thread.iter().rev().find_map(|item| match &item.entry {
-                Entry::Generation { request, .. } => Some(request.prompt.clone()),
-                Entry::Past {
-                    text,
-                    image_job: Some(_),
-                    ..
-                } => Some(text.clone()),
-                _ => None,
-            })
-        })
-    }
-
-    /// An image request: a follow-up of the last image ("same but at night") changes its prompt instead
-    /// of starting over. With prompt help the language model writes the prompt (the last one rewritten
-    /// for a follow-up) and the user edits it before it is drawn; without, a follow-up's change is merged
-    /// into the last prompt (`app::prompt::merge_follow_up`) and anything else is drawn as written.
-    pub(super) fn image_request(self, text: String, context: Vec<ContextTurn>) {
-        let previous = self.last_prompt();
-        let change = previous.as_ref().and(follow_up_change(&text));
-        let fallback = match (&previous, &change) {
-            (Some(previous), Some(change)) => merge_follow_up(previous, change),
-            _ => text.clone(),
-        };
-        if !self.prompt_help.get_untracked() {
-            self.generate(fallback);
-            return;
-        }
-        let draft = self.signal(Draft::Writing);
-        self.push(Entry::Draft(draft));
-        let request = PromptHelpRequest {
-            previous_prompt: change.and(previous),
-            context,
-            ..PromptHelpRequest::new(text)
-        };
-        leptos::task::spawn_local(async move {
-            let written: Result<PromptHelpResponse, String> =
-                api::post("/chat/prompt/", &request).await;
-            draft.set(match written {
-                Ok(written) => Draft::Ready {
-                    prompt: written.prompt,
-                    previous: written.previous_prompt,
-                },
-                Err(message) => Draft::Failed { message, fallback },
-            });
         });
     }
 
@@ -336,6 +304,178 @@ impl ChatState {
                 Err(message) => self.conversations.set(Load::Failed(message)),
             }
         });
+    }
+
+    /// The thread's last image: its prompt, and what an edit of it starts from when it finished here
+    /// (a reopened conversation's image is redrawn, not edited).
+    fn last_image(&self) -> Option<(String, Option<(GenerateRequest, EditTarget)>)> {
+        self.thread.with_untracked(|thread| {
+            thread.iter().rev().find_map(|item| match &item.entry {
+                Entry::Generation { request, state } => {
+                    let finished = state.with_untracked(|s| {
+                        (s.phase == Phase::Done).then(|| s.result.clone()).flatten()
+                    });
+                    let target = finished.map(|result| {
+                        let target = EditTarget {
+                            input: InputImage::of_job(
+                                &result.job_id,
+                                0,
+                                result.images.len(),
+                                (result.width, result.height),
+                            ),
+                            prompt: request.prompt.clone(),
+                            model: request.model.clone(),
+                        };
+                        (request.clone(), target)
+                    });
+                    Some((request.prompt.clone(), target))
+                }
+                Entry::Past {
+                    text,
+                    image_job: Some(_),
+                    ..
+                } => Some((text.clone(), None)),
+                _ => None,
+            })
+        })
+    }
+
+    /// An image request (docs/ui.md#follow-ups): an edit of the pending input image when there is one;
+    /// after an image, a follow-up (`app::prompt::follow_up`) makes variations of it ("another one") or
+    /// changes its prompt ("same but at night") and redraws it from that image; anything else is a new
+    /// picture. With prompt help the language model writes the prompt (the last one rewritten for a
+    /// follow-up) and the user edits it before it is drawn.
+    pub(super) fn image_request(self, text: String, context: Vec<ContextTurn>) {
+        if let Some(input) = self.input.get_untracked() {
+            let target = EditTarget {
+                input,
+                prompt: String::new(),
+                model: None,
+            };
+            self.input.set(None);
+            return self.edit(&target, &text, None);
+        }
+        let last = self.last_image();
+        let follow_up = match &last {
+            Some(_) => follow_up(&text),
+            None => FollowUp::New,
+        };
+        let (previous, target) = match (last, &follow_up) {
+            (Some((prompt, target)), FollowUp::Again | FollowUp::Change(_)) => {
+                (Some(prompt), target)
+            }
+            _ => (None, None),
+        };
+        let fallback = match (&previous, &follow_up) {
+            (Some(previous), FollowUp::Change(change)) => merge_follow_up(previous, change),
+            (Some(previous), FollowUp::Again) => previous.clone(),
+            _ => text.clone(),
+        };
+        if let FollowUp::Again = follow_up {
+            return match target {
+                Some((request, _)) => self.variations(&request),
+                None => self.generate(fallback),
+            };
+        }
+        let target = target.map(|(_, target)| target);
+        if !self.prompt_help.get_untracked() {
+            return self.draw(target.as_ref(), fallback);
+        }
+        let draft = self.signal(Draft::Writing);
+        self.push(Entry::Draft { draft, target });
+        let request = PromptHelpRequest {
+            previous_prompt: previous,
+            context,
+            ..PromptHelpRequest::new(text)
+        };
+        leptos::task::spawn_local(async move {
+            let written: Result<PromptHelpResponse, String> =
+                api::post("/chat/prompt/", &request).await;
+            draft.set(match written {
+                Ok(written) => Draft::Ready {
+                    prompt: written.prompt,
+                    previous: written.previous_prompt,
+                },
+                Err(message) => Draft::Failed { message, fallback },
+            });
+        });
+    }
+
+    /// Draws `prompt`: from `target`'s image when there is one, else as a new picture.
+    pub(super) fn draw(self, target: Option<&EditTarget>, prompt: String) {
+        match target {
+            Some(target) => self.start_edit(target, prompt, None),
+            None => self.generate(prompt),
+        }
+    }
+
+    /// An edit of `target`'s image by `instruction`, inpainting under `mask` when one was painted.
+    pub(super) fn edit(self, target: &EditTarget, instruction: &str, mask: Option<String>) {
+        let model = target
+            .model
+            .clone()
+            .or_else(|| Some(self.settings.model.get_untracked()).filter(|m| !m.is_empty()));
+        let prompt = edit::edit_prompt(model.as_deref(), &target.prompt, instruction);
+        self.start_edit(target, prompt, mask)
+    }
+
+    /// Draws `prompt` from `target`'s image, inpainting under `mask` when there is one.
+    fn start_edit(self, target: &EditTarget, prompt: String, mask: Option<String>) {
+        match self.settings.request(&prompt) {
+            Ok(mut request) => {
+                target
+                    .input
+                    .apply(&mut request, self.settings.strength.get_untracked(), mask);
+                self.start(request)
+            }
+            Err(message) => self.push(Entry::Unclassified { prompt, message }),
+        }
+    }
+
+    /// The same request with new seeds, as several images.
+    pub(super) fn variations(self, request: &GenerateRequest) {
+        self.start(GenerateRequest {
+            seed: None,
+            num_images: Some(crate::limits::MAX_IMAGES),
+            ..request.clone()
+        })
+    }
+
+    /// A dropped PNG's recipe: its settings in the panel, its prompt in the message box.
+    pub(super) fn restore(self, recipe: Recipe) {
+        let s = self.settings;
+        let known = self.models.with_untracked(|m| match m {
+            Load::Ready(list) => list.presets.iter().any(|p| p.id == recipe.model),
+            _ => false,
+        });
+        if known {
+            s.model.set(recipe.model.clone());
+        }
+        match recipe.loras.first() {
+            Some(lora) => {
+                s.lora.set(lora.name.clone());
+                s.lora_scale.set(lora.scale);
+            }
+            None => s.lora.set("none".into()),
+        }
+        s.steps.set(recipe.steps.to_string());
+        s.guidance.set(recipe.guidance.to_string());
+        s.seed.set(recipe.seed.to_string());
+        s.exact_size
+            .set(Some((recipe.width, recipe.height)).filter(|&(w, h)| w > 0 && h > 0));
+        self.draft.set(recipe.prompt.clone());
+        let model_note = if known {
+            String::new()
+        } else {
+            format!(
+                " (model {} is not on this studio: the selected one is kept)",
+                recipe.model
+            )
+        };
+        self.notice.set(Some(format!(
+            "Settings restored from the image: seed {}, {} steps, {}×{}{model_note}.",
+            recipe.seed, recipe.steps, recipe.width, recipe.height
+        )));
     }
 
     /// Generates `prompt` with the current settings.
