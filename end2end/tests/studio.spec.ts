@@ -219,7 +219,7 @@ test('an instruction after an image edits it, and Edit does too, each shown besi
   await open(page, '/');
   const card = await makeImage(page, 'a red heart');
   const src = await card.locator('img.result').first().getAttribute('src');
-  // The follow-up is routed as an edit of the last image (docs/ui.md#editing-images).
+  // The follow-up is routed as an edit of the last image (docs/ui.md#follow-ups).
   await page.getByLabel('Message').fill('make it blue');
   await page.getByLabel('Message').press('Enter');
   await expect(page.locator('.msg.user .verdict').last()).toContainText('image request');
@@ -227,7 +227,7 @@ test('an instruction after an image edits it, and Edit does too, each shown besi
   await expect(page.locator('.generation')).toHaveCount(2);
   await expect(edited.locator('img.original')).toHaveAttribute('src', src!);
   await expect(edited.locator('.summary')).toContainText('from an image');
-  await expect(edited.locator('.prompt')).toHaveText('a red heart, make it blue');
+  await expect(edited.locator('.prompt')).toHaveText('a red heart, blue');
   await expect(edited.locator('img.result')).toBeVisible({ timeout: 120_000 });
   await shot(page, info, '05f-chat-edit-by-instruction');
   // The Edit button: an instruction in the dialog, no mask.
@@ -328,6 +328,9 @@ test('a bare visual phrase draws, a follow-up redraws with the last prompt chang
   await expect(page.locator('.generation')).toHaveCount(2);
   const second = page.locator('.generation').last();
   await expect(second.locator('.prompt')).toHaveText('red apple, at night');
+  // ...and redraws from the last image, shown beside the result.
+  const firstSrc = await first.locator('img.result').first().getAttribute('src');
+  await expect(second.locator('img.original')).toHaveAttribute('src', firstSrc!);
   await expect(second.locator('img.result')).toBeVisible({ timeout: 120_000 });
   await shot(page, info, '06b-chat-follow-up');
   // Writing is conversation even when it names visual things: the language model answers, no image.
