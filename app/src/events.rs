@@ -49,10 +49,14 @@ pub enum EventBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         image: Option<u32>,
     },
-    /// A sample image made during training, downloadable at `url`.
+    /// A sample image made during training, downloadable at `url`; its PNG carries `recipe` too.
     Sample {
         step: u32,
         url: String,
+        /// What drew it: the sample prompt, seed, steps, guidance, size, the base model, and the run's
+        /// LoRA as it was at `step`. Absent in events of older versions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recipe: Option<Box<crate::Recipe>>,
     },
     /// The finished generation: the `/generate/` response's fields beside the event's own; its `job_id` is
     /// the event's (JSON keeps one key of a name).

@@ -426,7 +426,7 @@ test('a dataset with nothing to train on is refused on the page with the reasons
   expect(errors).toEqual([]);
 });
 
-test('a ZIP dropped on the train page is previewed, uploaded, and starts a run', async ({ page, request }, info) => {
+test('a ZIP dropped on the train page is previewed, uploaded, and starts a run whose samples show their recipes', async ({ page, request }, info) => {
   const health = await (await request.get('/health')).json();
   const training = health.capabilities.find((c: any) => c.name === 'training');
   // This test is about training: a server without it cannot pass it.
@@ -458,6 +458,11 @@ test('a ZIP dropped on the train page is previewed, uploaded, and starts a run',
   await shot(page, info, '09-training-live');
   await expect(page.locator('.chart svg path')).toBeVisible({ timeout: 120_000 });
   await expect(page.locator('.run-head .badge')).toHaveText('completed', { timeout: 170_000 });
+  // Each sample shows the recipe its PNG carries: the sample prompt (the trigger words) and the run's LoRA.
+  const sample = page.locator('.samples li').first();
+  await sample.getByText('Recipe').click();
+  await expect(sample.locator('.recipe .prompt')).toHaveText('sqrstyle, flat colour');
+  await expect(sample.locator('.recipe')).toContainText(`LoRA ${modelId.split('-')[0]} × 1`);
   await shot(page, info, '10-training-done');
   await expect(page.getByRole('link', { name: 'Download LoRA' })).toHaveAttribute('href', `/loras/${modelId}`);
   // One click to generate with it: the chat opens with the LoRA chosen.

@@ -70,7 +70,6 @@ fn job(dir: &Path, dataset: PathBuf, file: PathBuf, settings: TrainSettings) -> 
         dataset,
         keywords: vec![],
         job_dir: dir.join("run"),
-        samples_dir: dir.join("samples"),
         lora_file: file,
         settings,
         base_model: "test".into(),

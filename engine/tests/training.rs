@@ -70,7 +70,6 @@ fn job(dir: &Path, settings: TrainSettings, resume: bool) -> TrainJob {
         dataset: dataset(dir),
         keywords: vec!["zqx style".into()],
         job_dir: dir.to_path_buf(),
-        samples_dir: dir.join("samples"),
         lora_file: dir.join("lora.safetensors"),
         settings,
         base_model: "flux-tiny".into(),
@@ -270,8 +269,8 @@ fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     let mut samples = Vec::new();
     let mut trainer =
         Trainer::prepare(pipe.clone(), job(parts.path(), s.clone(), true), &mut |r| {
-            if let Report::Sample { step, .. } = r {
-                samples.push(step)
+            if let Report::Sample(sample) = r {
+                samples.push(sample.step)
             }
         })
         .unwrap();

@@ -97,7 +97,7 @@ fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_zip_trains_to_a_lora_with_live_steps_samples_and_a_download() {
+async fn a_zip_trains_to_a_lora_with_live_steps_samples_with_their_recipes_and_a_download() {
     let dir = tempfile::tempdir().unwrap();
     let zip = dir.path().join("test_dataset.zip");
     write_dataset(&zip);
@@ -182,6 +182,19 @@ async fn a_zip_trains_to_a_lora_with_live_steps_samples_and_a_download() {
     assert_eq!(code, 200);
     let image = image::open(&png).unwrap();
     assert_eq!((image.width(), image.height()), (64, 64));
+    // The sample carries its recipe, as every PNG of the studio does, and its event says the same: the
+    // sample prompt (the keywords), the run's seed, the base model, and the run's LoRA.
+    let (recipe, found) = server::recipe::read_png(&std::fs::read(&png).unwrap())
+        .unwrap()
+        .expect("a sample's PNG carries its recipe");
+    assert_eq!(found, server::recipe::Found::Studio);
+    let event_recipe: app::Recipe = serde_json::from_value(samples[1]["recipe"].clone()).unwrap();
+    assert_eq!(recipe, event_recipe);
+    assert_eq!(recipe.prompt, "zqx style, orange");
+    assert_eq!(recipe.model, "flux-tiny");
+    assert_eq!((recipe.width, recipe.height), (64, 64));
+    assert_eq!(recipe.loras.len(), 1);
+    assert_eq!(recipe.loras[0].name, id);
     let lora = dir.path().join("lora.safetensors");
     let (code, _) = curl(&["-o", lora.to_str().unwrap(), &format!("{url}/loras/{id}")]);
     assert_eq!(code, 200);

@@ -23,43 +23,30 @@ struct Card {
 fn card(job: &JobRecord) -> Option<Card> {
     let result: GenerateResponse = serde_json::from_value(job.result.clone()?).ok()?;
     let request: GenerateRequest = serde_json::from_value(job.params.clone()).unwrap_or_default();
-    let mut lines = vec![
-        format!("{} · {}×{}", result.model, result.width, result.height),
-        format!("{} steps · seed {}", result.steps, result.seed),
-    ];
-    if let Some(g) = request.guidance {
-        lines.push(format!("guidance {g}"));
-    }
-    match request.lora.as_deref().filter(|_| result.recipe.is_none()) {
-        None => {}
-        Some("none") => lines.push("no LoRA".into()),
-        Some(lora) => lines.push(format!(
-            "LoRA {} × {}",
-            super::short_id(lora),
-            request.lora_scale.unwrap_or(1.0)
-        )),
-    }
-    // What the PNG's recipe adds: the LoRAs as applied, the input image, the studio's version.
-    if let Some(recipe) = &result.recipe {
-        for lora in &recipe.loras {
-            lines.push(format!(
-                "LoRA {} × {}",
-                super::short_id(&lora.name),
-                lora.scale
-            ));
+    // The PNG's recipe says it all (the LoRAs as applied, the input image, the studio's version); a
+    // generation of an older version has only its request and answer.
+    let mut lines = match &result.recipe {
+        Some(recipe) => super::recipe_lines(recipe),
+        None => {
+            let mut lines = vec![
+                format!("{} · {}×{}", result.model, result.width, result.height),
+                format!("{} steps · seed {}", result.steps, result.seed),
+            ];
+            if let Some(g) = request.guidance {
+                lines.push(format!("guidance {g}"));
+            }
+            match request.lora.as_deref() {
+                None => {}
+                Some("none") => lines.push("no LoRA".into()),
+                Some(lora) => lines.push(format!(
+                    "LoRA {} × {}",
+                    super::short_id(lora),
+                    request.lora_scale.unwrap_or(1.0)
+                )),
+            }
+            lines
         }
-        if let Some(input) = &recipe.input {
-            let from = match &input.job_id {
-                Some(job) => format!("from image {}", super::short_id(job)),
-                None => "from an uploaded image".into(),
-            };
-            let masked = if input.masked { " · inpainted" } else { "" };
-            lines.push(format!("{from} · strength {}{masked}", input.strength));
-        }
-        if let Some(studio) = &recipe.studio {
-            lines.push(studio.clone());
-        }
-    }
+    };
     lines.push(format!("{:.1} s", result.elapsed_ms as f64 / 1000.0));
     Some(Card {
         job_id: job.id.clone(),

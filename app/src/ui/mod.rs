@@ -130,3 +130,28 @@ fn Loading(#[prop(into)] what: String) -> impl IntoView {
 pub fn short_id(id: &str) -> &str {
     id.split('-').next().unwrap_or(id)
 }
+
+/// A recipe as the UI lists it under an image (the gallery's cards, training's samples): model and size,
+/// steps and seed, guidance, each LoRA with its scale, the input image, the studio's version.
+pub fn recipe_lines(recipe: &crate::Recipe) -> Vec<String> {
+    let mut lines = vec![
+        format!("{} · {}×{}", recipe.model, recipe.width, recipe.height),
+        format!("{} steps · seed {}", recipe.steps, recipe.seed),
+        format!("guidance {}", recipe.guidance),
+    ];
+    for lora in &recipe.loras {
+        lines.push(format!("LoRA {} × {}", short_id(&lora.name), lora.scale));
+    }
+    if let Some(input) = &recipe.input {
+        let from = match &input.job_id {
+            Some(job) => format!("from image {}", short_id(job)),
+            None => "from an uploaded image".into(),
+        };
+        let masked = if input.masked { " · inpainted" } else { "" };
+        lines.push(format!("{from} · strength {}{masked}", input.strength));
+    }
+    if let Some(studio) = &recipe.studio {
+        lines.push(studio.clone());
+    }
+    lines
+}

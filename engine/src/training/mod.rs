@@ -15,4 +15,4 @@ mod trainer;
 
 pub use settings::{Schedule, SigmaSampling, Targets, TrainSettings};
 pub use trainable::Trainable;
-pub use trainer::{Report, StepStats, TrainJob, Trainer};
+pub use trainer::{Report, Sample, StepStats, TrainJob, Trainer};

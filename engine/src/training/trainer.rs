@@ -16,6 +16,7 @@ use crate::sampling::latents;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
+use image::RgbImage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,7 +28,6 @@ pub struct TrainJob {
     pub keywords: Vec<String>,
     /// Checkpoints and the dataset report go here.
     pub job_dir: PathBuf,
-    pub samples_dir: PathBuf,
     /// The trained file: the LoRA, or the transformer's weights for a full fine-tune.
     pub lora_file: PathBuf,
     pub settings: TrainSettings,
@@ -42,11 +42,28 @@ pub struct TrainJob {
 
 pub enum Report {
     Log(String),
-    /// A sample image, named `[A-Za-z0-9_-]+.png`, in `samples_dir`.
-    Sample {
-        step: u32,
-        file: String,
-    },
+    /// A sample image, drawn with the adapters as they are at `step`. The caller keeps it (the server
+    /// writes it into the job's samples folder with its recipe), so the trainer writes no image itself.
+    Sample(Sample),
+}
+
+/// A sample and what drew it.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub step: u32,
+    pub image: RgbImage,
+    pub prompt: String,
+    pub seed: u64,
+    /// Denoising steps and guidance it was drawn with.
+    pub steps: usize,
+    pub guidance: f64,
+}
+
+impl Sample {
+    /// The file name samples go under: `step_000100.png`.
+    pub fn file_name(&self) -> String {
+        format!("step_{:06}.png", self.step)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -468,15 +485,14 @@ impl Trainer {
         );
         self.trainable.detach(&pipe.transformer);
         let image = pipeline::to_rgb(&pipe.decode(&out?, grid)?)?;
-        std::fs::create_dir_all(&self.job.samples_dir)?;
-        let file = format!("step_{:06}.png", self.step);
-        image
-            .save(self.job.samples_dir.join(&file))
-            .with_context(|| format!("writing the sample {file}"))?;
-        report(Report::Sample {
+        report(Report::Sample(Sample {
             step: self.step,
-            file,
-        });
+            image,
+            prompt: self.sample_prompt.clone(),
+            seed: s.seed,
+            steps: self.job.sample_steps,
+            guidance: self.job.sample_guidance,
+        }));
         Ok(())
     }
 

@@ -4,10 +4,13 @@
 
 use super::resident_model::ResidentModel;
 use crate::jobs::capability::{StepOutcome, Training, TrainingReport, TrainingRun, TrainingSpec};
-use app::TrainSettingsForm;
+use crate::recipe;
+use anyhow::Context as _;
+use app::{Recipe, RecipeLora, TrainSettingsForm};
 use engine::presets::{self, Preset, PresetSource};
-use engine::training::{Report, TrainJob, TrainSettings, Trainer};
+use engine::training::{Report, Sample, TrainJob, TrainSettings, Trainer};
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -44,13 +47,66 @@ impl FluxTraining {
     }
 }
 
-/// The engine's reports as the job system's.
-fn forward(report: &mut dyn FnMut(TrainingReport)) -> impl FnMut(Report) + '_ {
-    move |r| {
-        report(match r {
-            Report::Log(line) => TrainingReport::Log(line),
-            Report::Sample { step, file } => TrainingReport::Sample { step, file },
-        })
+/// Where a run's samples go, and what their recipes say besides the sample's own settings.
+#[derive(Debug, Clone)]
+struct SampleSink {
+    dir: PathBuf,
+    /// The base model's preset.
+    model: &'static str,
+    /// The LoRA being trained: the run's model id.
+    lora: String,
+    size: u32,
+}
+
+impl SampleSink {
+    /// Writes the sample as a PNG with its recipe (a sample is a generation: the chat restores it when
+    /// dropped, other tools read its `parameters` line).
+    fn write(&self, sample: &Sample) -> anyhow::Result<(String, Recipe)> {
+        let recipe = Recipe {
+            prompt: sample.prompt.clone(),
+            seed: sample.seed,
+            model: self.model.to_string(),
+            loras: vec![RecipeLora {
+                name: self.lora.clone(),
+                scale: 1.0,
+            }],
+            steps: sample.steps as u32,
+            guidance: sample.guidance as f32,
+            width: self.size,
+            height: self.size,
+            input: None,
+            studio: Some(recipe::studio_version()),
+        };
+        let file = sample.file_name();
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(
+            self.dir.join(&file),
+            recipe::encode_png(&sample.image, &recipe)?,
+        )
+        .with_context(|| format!("writing the sample {file}"))?;
+        Ok((file, recipe))
+    }
+}
+
+/// The engine's reports as the job system's; samples are written here, with their recipes.
+fn forward<'a>(
+    samples: &'a SampleSink,
+    report: &'a mut dyn FnMut(TrainingReport),
+) -> impl FnMut(Report) + 'a {
+    move |r| match r {
+        Report::Log(line) => report(TrainingReport::Log(line)),
+        Report::Sample(sample) => match samples.write(&sample) {
+            Ok((file, recipe)) => report(TrainingReport::Sample {
+                step: sample.step,
+                file,
+                recipe: Box::new(recipe),
+            }),
+            // A lost sample does not end the run: the log says why it is missing.
+            Err(err) => report(TrainingReport::Log(format!(
+                "the sample of step {} could not be written: {err:#}",
+                sample.step
+            ))),
+        },
     }
 }
 
@@ -80,7 +136,6 @@ impl Training for FluxTraining {
             dataset: spec.dataset.clone(),
             keywords: spec.keywords.clone(),
             job_dir: spec.job_dir.clone(),
-            samples_dir: spec.samples_dir.clone(),
             lora_file: spec.lora_file.clone(),
             settings,
             base_model: match &preset.source {
@@ -91,9 +146,16 @@ impl Training for FluxTraining {
             sample_guidance: preset.guidance,
             resume: spec.resume,
         };
-        let trainer = Trainer::prepare(pipe, job, &mut forward(report))?;
+        let samples = SampleSink {
+            dir: spec.samples_dir.clone(),
+            model: preset.name,
+            lora: spec.model_id.clone(),
+            size: job.settings.resolution,
+        };
+        let trainer = Trainer::prepare(pipe, job, &mut forward(&samples, report))?;
         Ok(Box::new(FluxRun {
             trainer,
+            samples,
             recent: VecDeque::new(),
         }))
     }
@@ -101,6 +163,7 @@ impl Training for FluxTraining {
 
 struct FluxRun {
     trainer: Trainer,
+    samples: SampleSink,
     /// Durations of the last steps, in seconds.
     recent: VecDeque<f64>,
 }
@@ -108,7 +171,7 @@ struct FluxRun {
 impl TrainingRun for FluxRun {
     fn step(&mut self, report: &mut dyn FnMut(TrainingReport)) -> anyhow::Result<StepOutcome> {
         let started = Instant::now();
-        let stats = self.trainer.step(&mut forward(report))?;
+        let stats = self.trainer.step(&mut forward(&self.samples, report))?;
         if self.recent.len() == PACE_WINDOW {
             self.recent.pop_front();
         }

@@ -284,10 +284,11 @@ pub enum TrainingReport {
         /// Time left at that pace.
         eta_seconds: Option<f64>,
     },
-    /// File name inside `samples_dir`.
+    /// File name inside `samples_dir`, written with `recipe`.
     Sample {
         step: u32,
         file: String,
+        recipe: Box<app::Recipe>,
     },
 }
 

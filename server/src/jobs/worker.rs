@@ -362,7 +362,7 @@ impl Shared {
                 preview: None,
                 image: None,
             },
-            TrainingReport::Sample { step, file } => {
+            TrainingReport::Sample { step, file, recipe } => {
                 if self.data.sample(id, &file).is_none() {
                     tracing::warn!("job {job}: sample name {file:?} is not servable; skipped");
                     return;
@@ -370,6 +370,7 @@ impl Shared {
                 EventBody::Sample {
                     step,
                     url: format!("/train/{job}/samples/{file}"),
+                    recipe: Some(recipe),
                 }
             }
         };

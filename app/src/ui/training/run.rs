@@ -12,8 +12,8 @@ use leptos_router::hooks::use_params_map;
 use super::super::api;
 use super::super::chart;
 use super::super::{ErrorBox, Loading};
-use crate::ui::short_id;
-use crate::{EventBody, JobEvent, JobStatus, TrainStatus};
+use crate::ui::{recipe_lines, short_id};
+use crate::{EventBody, JobEvent, JobStatus, Recipe, TrainStatus};
 
 /// Everything the page shows, folded from the status answer and the stream.
 #[derive(Debug, Clone, Default)]
@@ -25,8 +25,8 @@ struct Run {
     /// (step, loss) of every step event.
     losses: Vec<(u32, f32)>,
     learning_rate: Option<f64>,
-    /// (step, url), in order.
-    samples: Vec<(u32, String)>,
+    /// (step, url, recipe), in order.
+    samples: Vec<(u32, String, Option<Box<Recipe>>)>,
     log: Vec<String>,
     error: Option<String>,
     /// The trainer's estimate of the seconds left, from its latest step event.
@@ -68,7 +68,7 @@ impl Run {
                 self.learning_rate = learning_rate.or(self.learning_rate);
                 self.eta = eta_seconds;
             }
-            EventBody::Sample { step, url } => self.samples.push((step, url)),
+            EventBody::Sample { step, url, recipe } => self.samples.push((step, url, recipe)),
             EventBody::Error { error } => self.error = Some(error.message),
             EventBody::Result(_) => {}
         }
@@ -287,11 +287,27 @@ pub fn TrainingRunPage() -> impl IntoView {
                                                 .samples
                                                 .iter()
                                                 .rev()
-                                                .map(|(step, url)| {
+                                                .map(|(step, url, recipe)| {
                                                     view! {
                                                         <li>
                                                             <img src=url.clone() alt=format!("Sample at step {step}") />
                                                             <span>{format!("step {step}")}</span>
+                                                            {recipe
+                                                                .as_ref()
+                                                                .map(|r| {
+                                                                    view! {
+                                                                        <details class="recipe">
+                                                                            <summary>"Recipe"</summary>
+                                                                            <p class="prompt">{r.prompt.clone()}</p>
+                                                                            <ul>
+                                                                                {recipe_lines(r)
+                                                                                    .into_iter()
+                                                                                    .map(|line| view! { <li>{line}</li> })
+                                                                                    .collect_view()}
+                                                                            </ul>
+                                                                        </details>
+                                                                    }
+                                                                })}
                                                         </li>
                                                     }
                                                 })

@@ -127,7 +127,6 @@ pub fn train(a: TrainArgs) -> Result<()> {
         dataset: dataset.clone(),
         keywords: vec![],
         job_dir: a.out.join("run"),
-        samples_dir: a.out.join("samples"),
         lora_file: weights_file.clone(),
         settings: s.clone(),
         base_model: base_model.clone(),
@@ -135,9 +134,17 @@ pub fn train(a: TrainArgs) -> Result<()> {
         sample_guidance: 4.0,
         resume: false,
     };
+    let samples_dir = a.out.join("samples");
+    std::fs::create_dir_all(&samples_dir)?;
     let mut log = |r: Report| match r {
         Report::Log(l) => println!("{l}"),
-        Report::Sample { step, file } => println!("sample at step {step}: {file}"),
+        Report::Sample(sample) => {
+            let file = samples_dir.join(sample.file_name());
+            match sample.image.save(&file) {
+                Ok(()) => println!("sample at step {}: {}", sample.step, file.display()),
+                Err(err) => eprintln!("sample at step {} not written: {err}", sample.step),
+            }
+        }
     };
     let mut trainer = Trainer::prepare(pipe, job, &mut log)?;
     let prepared_s = started.elapsed().as_secs_f64();
