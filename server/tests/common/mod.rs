@@ -296,6 +296,21 @@ impl TrainingRun for FakeRun {
             report(TrainingReport::Sample {
                 step: 2,
                 file: "step_2.png".into(),
+                recipe: Box::new(app::Recipe {
+                    prompt: self.spec.keywords.join(", "),
+                    seed: 0,
+                    model: "stand-in".into(),
+                    loras: vec![app::RecipeLora {
+                        name: self.spec.model_id.clone(),
+                        scale: 1.0,
+                    }],
+                    steps: 1,
+                    guidance: 1.0,
+                    width: 4,
+                    height: 4,
+                    input: None,
+                    studio: None,
+                }),
             });
         }
         if self.step < self.steps {
