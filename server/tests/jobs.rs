@@ -157,6 +157,10 @@ async fn generate_answers_the_contract_fields_and_keeps_the_image() {
     let (_, record) = s.get(&format!("/jobs/{job}")).await;
     assert_eq!(record["status"], "completed");
     assert_eq!(record["result"]["image"], format!("/images/{job}"));
+    // The recorded result reads back as the answer's type, as the gallery reads it.
+    let recorded: app::GenerateResponse = serde_json::from_value(record["result"].clone())
+        .expect("a recorded result is a GenerateResponse");
+    assert!(recorded.images.is_empty());
     // No seed given: one is chosen and reported.
     let (_, body) = s.post("/generate", json!({"prompt": "x"})).await;
     assert!(body["seed"].is_u64());

@@ -199,7 +199,8 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
         // The job's record keeps everything but the pixels, which stay in the PNG files.
         let mut record = serde_json::to_value(&response)?;
         record["image"] = serde_json::Value::String(format!("/images/{job}"));
-        if let Some(list) = record["images"].as_array_mut() {
+        // `get_mut`: indexing a missing key would insert a null, which no `GenerateResponse` reads.
+        if let Some(list) = record.get_mut("images").and_then(|l| l.as_array_mut()) {
             for (i, entry) in list.iter_mut().enumerate() {
                 entry["image"] = serde_json::Value::String(format!("/images/{job}/{i}"));
             }
