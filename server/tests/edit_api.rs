@@ -10,16 +10,22 @@ use std::time::Duration;
 
 use app::Recipe;
 use base64::Engine as _;
-use common::{config, FakeGeneration, FakeTraining};
+use common::{config, Api, FakeGeneration, FakeTraining};
 use image::{ImageFormat, RgbImage};
-use serde_json::{json, Value};
+use serde_json::json;
 use server::jobs::capability::Capabilities;
 
 struct Studio {
     _dir: tempfile::TempDir,
     data: std::path::PathBuf,
-    url: String,
-    http: reqwest::Client,
+    api: Api,
+}
+
+impl std::ops::Deref for Studio {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 async fn studio() -> Studio {
@@ -36,50 +42,11 @@ async fn studio() -> Studio {
     Studio {
         data: dir.path().to_path_buf(),
         _dir: dir,
-        url: format!("http://{}", running.addr),
-        http: reqwest::Client::new(),
+        api: Api::new(format!("http://{}", running.addr)),
     }
 }
 
 impl Studio {
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-
-    async fn bytes(&self, path: &str) -> Vec<u8> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-        response.bytes().await.unwrap().to_vec()
-    }
-
-    async fn job_count(&self) -> usize {
-        let list: Value = self
-            .http
-            .get(format!("{}/jobs/", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list["jobs"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no jobs list: {list}"))
-            .len()
-    }
-
     fn image_files(&self) -> usize {
         std::fs::read_dir(self.data.join("images")).unwrap().count()
     }
@@ -147,29 +114,13 @@ async fn every_bad_input_image_is_refused_with_422_and_nothing_is_queued_or_writ
         assert!(message.contains(expected), "{fields}: {message}");
     }
     // A training job's id is not an image, nor is an image the job does not have.
-    let training = s
-        .http
-        .post(format!("{}/train/", s.url))
-        .multipart(
-            reqwest::multipart::Form::new()
-                .part(
-                    "dataset",
-                    reqwest::multipart::Part::bytes(common::zip_of(&[
-                        ("a.png", &common::tiny_png(64, 64)),
-                        ("b.png", &common::tiny_png(64, 64)),
-                    ]))
-                    .file_name("d.zip"),
-                )
-                .text("keywords", r#"["k"]"#),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(training.status(), 202);
-    let model_id = training.json::<Value>().await.unwrap()["model_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let zip = common::zip_of(&[
+        ("a.png", &common::tiny_png(64, 64)),
+        ("b.png", &common::tiny_png(64, 64)),
+    ]);
+    let (status, training) = s.upload(zip, r#"["k"]"#, &[]).await;
+    assert_eq!(status, 202, "{training}");
+    let model_id = training["model_id"].as_str().unwrap().to_owned();
     let jobs_before = s.job_count().await;
     let (status, answer) = s
         .post("/generate/", &json!({"prompt": "x", "image_job": model_id}))
@@ -242,15 +193,7 @@ async fn an_input_image_reaches_the_generation_fitted_to_its_size_and_its_png_ca
         "{line}"
     );
     // The job's record keeps the settings, not the pixels.
-    let record: Value = s
-        .http
-        .get(format!("{}/jobs/{job}", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, record) = s.get(&format!("/jobs/{job}")).await;
     assert!(
         record["params"].get("image").is_none(),
         "{}",

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, error_code, eventually, tiny_png, zip_of, FakeGeneration, FakeTraining};
+use common::{config, error_code, eventually, tiny_png, zip_of, Api, FakeGeneration, FakeTraining};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use server::jobs::capability::Capabilities;
@@ -16,9 +16,15 @@ use tokio_tungstenite::tungstenite::Message;
 struct Studio {
     _dir: tempfile::TempDir,
     data: std::path::PathBuf,
-    url: String,
-    http: reqwest::Client,
+    api: Api,
     gate: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::ops::Deref for Studio {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 async fn studio(step_time: Duration, generation_queue: usize, upload_limit: u64) -> Studio {
@@ -44,61 +50,12 @@ async fn studio(step_time: Duration, generation_queue: usize, upload_limit: u64)
     Studio {
         data: dir.path().to_path_buf(),
         _dir: dir,
-        url: format!("http://{}", running.addr),
-        http: reqwest::Client::new(),
+        api: Api::new(format!("http://{}", running.addr)),
         gate,
     }
 }
 
 impl Studio {
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        (
-            response.status().as_u16(),
-            response.json().await.unwrap_or(Value::Null),
-        )
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-
-    async fn upload(&self, zip: Vec<u8>, keywords: &str, extra: &[(&str, &str)]) -> (u16, Value) {
-        let mut form = reqwest::multipart::Form::new()
-            .part(
-                "dataset",
-                reqwest::multipart::Part::bytes(zip).file_name("d.zip"),
-            )
-            .text("keywords", keywords.to_owned());
-        for (k, v) in extra {
-            form = form.text(k.to_string(), v.to_string());
-        }
-        let response = self
-            .http
-            .post(format!("{}/train/", self.url))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-
-    fn ws(&self, path: &str) -> String {
-        format!("{}{path}", self.url.replace("http://", "ws://"))
-    }
-
     fn job_dirs(&self) -> Vec<String> {
         std::fs::read_dir(self.data.join("jobs"))
             .unwrap()

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{repo_root, Binary};
+use common::{repo_root, Api, Binary};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -39,70 +39,29 @@ fn create(data: &Path, user: &str, admin: bool) -> String {
     out.trim().to_owned()
 }
 
-struct Client {
-    http: reqwest::Client,
-    url: String,
-    token: Option<String>,
+/// A generation's job id.
+async fn generate(client: &Api) -> String {
+    let (status, body) = client
+        .post(
+            "/generate/",
+            json!({"prompt": "a fox", "steps": 2, "seed": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["job_id"].as_str().unwrap().to_owned()
 }
 
-impl Client {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let request = self.http.request(method, format!("{}{path}", self.url));
-        match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let answer = self
-            .request(reqwest::Method::GET, path)
-            .send()
-            .await
-            .unwrap();
-        let status = answer.status().as_u16();
-        let bytes = answer.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let answer = self
-            .request(reqwest::Method::POST, path)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = answer.status().as_u16();
-        (status, answer.json().await.unwrap_or(Value::Null))
-    }
-
-    /// A generation's job id.
-    async fn generate(&self) -> String {
-        let (status, body) = self
-            .post(
-                "/generate/",
-                json!({"prompt": "a fox", "steps": 2, "seed": 1}),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body["job_id"].as_str().unwrap().to_owned()
-    }
-
-    async fn job_ids(&self) -> Vec<String> {
-        let (status, list) = self.get("/jobs/").await;
-        assert_eq!(status, 200, "{list}");
-        let mut ids: Vec<String> = list["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|j| j["id"].as_str().unwrap().to_owned())
-            .collect();
-        ids.sort();
-        ids
-    }
+async fn job_ids(client: &Api) -> Vec<String> {
+    let (status, list) = client.get("/jobs/").await;
+    assert_eq!(status, 200, "{list}");
+    let mut ids: Vec<String> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
 }
 
 fn sorted(mut ids: Vec<String>) -> Vec<String> {
@@ -117,11 +76,8 @@ async fn a_users_token_sees_only_that_users_jobs_images_and_conversations_and_an
     let bob_token = create(dir.path(), "bob", false);
     let admin_token = create(dir.path(), "root", true);
     let studio = Binary::start(dir.path(), &["--token", "operator-secret"]);
-    let client = |token: Option<&str>| Client {
-        http: reqwest::Client::new(),
-        url: studio.url.clone(),
-        token: token.map(str::to_owned),
-    };
+    let api = Api::new(studio.url.clone());
+    let client = |token: Option<&str>| api.with_token(token);
     let (alice, bob, admin, operator, nobody) = (
         client(Some(&alice_token)),
         client(Some(&bob_token)),
@@ -130,13 +86,13 @@ async fn a_users_token_sees_only_that_users_jobs_images_and_conversations_and_an
         client(None),
     );
 
-    let alices = alice.generate().await;
-    let bobs = bob.generate().await;
-    assert_eq!(alice.job_ids().await, std::slice::from_ref(&alices));
-    assert_eq!(bob.job_ids().await, std::slice::from_ref(&bobs));
+    let alices = generate(&alice).await;
+    let bobs = generate(&bob).await;
+    assert_eq!(job_ids(&alice).await, std::slice::from_ref(&alices));
+    assert_eq!(job_ids(&bob).await, std::slice::from_ref(&bobs));
     let both = sorted(vec![alices.clone(), bobs.clone()]);
-    assert_eq!(admin.job_ids().await, both);
-    assert_eq!(operator.job_ids().await, both);
+    assert_eq!(job_ids(&admin).await, both);
+    assert_eq!(job_ids(&operator).await, both);
     let (_, record) = alice.get(&format!("/jobs/{alices}")).await;
     assert_eq!(record["owner"], "alice");
 
@@ -207,8 +163,8 @@ async fn a_users_token_sees_only_that_users_jobs_images_and_conversations_and_an
         }
     }
     let job = job.expect("the stream named its job");
-    assert!(alice.job_ids().await.contains(&job));
-    assert!(!bob.job_ids().await.contains(&job));
+    assert!(job_ids(&alice).await.contains(&job));
+    assert!(!job_ids(&bob).await.contains(&job));
     let refused = tokio_tungstenite::connect_async(format!("{ws}/ws/generate?token=studio_madeup"))
         .await
         .expect_err("a bad token is refused before the upgrade");
@@ -220,22 +176,12 @@ async fn a_revoked_token_is_refused_with_401_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let token = create(dir.path(), "carol", false);
     let studio = Binary::start(dir.path(), &[]);
-    let carol = Client {
-        http: reqwest::Client::new(),
-        url: studio.url.clone(),
-        token: Some(token),
-    };
+    let carol = Api::new(studio.url.clone()).with_token(Some(&token));
     assert_eq!(carol.get("/jobs/").await.0, 200);
     // With tokens in the store, the server is no longer open.
-    let nobody = Client {
-        token: None,
-        ..carol
-    };
+    let nobody = carol.with_token(None);
     assert_eq!(nobody.get("/jobs/").await.0, 401);
-    let carol = Client {
-        token: Some(create(dir.path(), "carol", false)),
-        ..nobody
-    };
+    let carol = nobody.with_token(Some(&create(dir.path(), "carol", false)));
     assert_eq!(carol.get("/jobs/").await.0, 200);
     let (ok, _, err) = token_command(dir.path(), &["revoke", "carol"]);
     assert!(ok, "{err}");
@@ -243,10 +189,7 @@ async fn a_revoked_token_is_refused_with_401_at_once() {
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"]["code"], "unauthorized");
     // Her tokens were the last ones: the server does not become open again.
-    let nobody = Client {
-        token: None,
-        ..carol
-    };
+    let nobody = carol.with_token(None);
     assert_eq!(nobody.get("/jobs/").await.0, 401);
 }
 

@@ -9,15 +9,14 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, tiny_png, zip_of, FakeGeneration, FakeTraining};
+use common::{config, tiny_png, zip_of, Api, FakeGeneration, FakeTraining};
 use serde_json::{json, Value};
 use server::jobs::capability::Capabilities;
 
 struct Studio {
     _dir: tempfile::TempDir,
     data: std::path::PathBuf,
-    url: String,
-    http: reqwest::Client,
+    api: Api,
 }
 
 /// A studio with stand-in models whose training queue holds `training_queue` jobs.
@@ -42,38 +41,19 @@ async fn studio(training_queue: usize) -> Studio {
     Studio {
         data: dir.path().to_path_buf(),
         _dir: dir,
-        url: format!("http://{}", running.addr),
-        http: reqwest::Client::new(),
+        api: Api::new(format!("http://{}", running.addr)),
     }
 }
 
 impl Studio {
     async fn upload(&self, zip: Vec<u8>) -> (u16, Value) {
-        let form = reqwest::multipart::Form::new()
-            .part(
-                "dataset",
-                reqwest::multipart::Part::bytes(zip).file_name("set.zip"),
-            )
-            .text("keywords", "zqx style");
-        let response = self
-            .http
-            .post(format!("{}/train/", self.url))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
+        self.api.upload(zip, "zqx style", &[]).await
     }
 
     async fn get(&self, path: &str) -> Value {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
+        let (status, body) = self.api.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
     }
 
     /// Every file under the data directory but the database.

@@ -354,3 +354,106 @@ pub async fn eventually<T>(mut f: impl AsyncFnMut() -> Option<T>) -> T {
     }
     panic!("condition not reached in 10 s");
 }
+
+/// An HTTP client of a studio under test: JSON in, (status, JSON) out, with a bearer token when it
+/// has one. Test studios deref to theirs.
+#[derive(Clone)]
+pub struct Api {
+    pub url: String,
+    pub http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl Api {
+    /// A client of the studio at `url` (`http://host:port`), without a token.
+    pub fn new(url: impl Into<String>) -> Api {
+        Api {
+            url: url.into(),
+            http: reqwest::Client::new(),
+            token: None,
+        }
+    }
+
+    /// The same studio, asked with `token` (or none).
+    pub fn with_token(&self, token: Option<&str>) -> Api {
+        Api {
+            token: token.map(str::to_owned),
+            ..self.clone()
+        }
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, format!("{}{path}", self.url));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// The status and the JSON answer (`Null` when the answer is not JSON).
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        answer(self.request(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl serde::Serialize) -> (u16, serde_json::Value) {
+        answer(self.request(reqwest::Method::POST, path).json(&body)).await
+    }
+
+    /// The body of a 200 answer.
+    pub async fn bytes(&self, path: &str) -> Vec<u8> {
+        let response = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        response.bytes().await.unwrap().to_vec()
+    }
+
+    /// `POST /train/` with `zip` as the dataset, `keywords` and the other form fields.
+    pub async fn upload(
+        &self,
+        zip: Vec<u8>,
+        keywords: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
+        let mut form = reqwest::multipart::Form::new()
+            .part(
+                "dataset",
+                reqwest::multipart::Part::bytes(zip).file_name("d.zip"),
+            )
+            .text("keywords", keywords.to_owned());
+        for (k, v) in extra {
+            form = form.text(k.to_string(), v.to_string());
+        }
+        answer(
+            self.request(reqwest::Method::POST, "/train/")
+                .multipart(form),
+        )
+        .await
+    }
+
+    /// How many jobs `GET /jobs/` lists.
+    pub async fn job_count(&self) -> usize {
+        let (_, list) = self.get("/jobs/").await;
+        list["jobs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no jobs list: {list}"))
+            .len()
+    }
+
+    /// The WebSocket address of `path`.
+    pub fn ws(&self, path: &str) -> String {
+        format!("{}{path}", self.url.replace("http://", "ws://"))
+    }
+}
+
+async fn answer(request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
