@@ -38,6 +38,9 @@ pub enum PartPlacement {
     WhileRunning,
     /// In host memory, computed by the CPU.
     Cpu,
+    /// The transformer when even its smallest format does not fit: `streamed_bytes` of its blocks stay
+    /// in host memory and are copied to the GPU, layer by layer, at every step.
+    Streamed,
 }
 
 /// One part of a model in its memory plan.
@@ -51,6 +54,14 @@ pub struct MemoryPart {
     pub params: u64,
     /// Its weights' bytes, on the GPU (in host memory when placed on the CPU).
     pub bytes: u64,
+    /// Of those, the bytes kept in host memory and copied to the GPU at every step (`streamed`
+    /// placement): what a step moves over the PCIe link.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub streamed_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A loaded model's memory plan: chosen at load from the GPU memory it may use (docs/memory.md).

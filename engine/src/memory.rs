@@ -55,6 +55,10 @@ pub enum Placement {
     /// In host memory, computed by the CPU: text encoders that cannot sit beside the transformer
     /// even for a moment. Slow for a new prompt; the prompt cache makes a new seed free.
     Cpu,
+    /// The transformer, when even its smallest format does not fit: some of its blocks stay in host
+    /// memory ([`PartPlan::streamed`] bytes of them) and each of their layers is copied to the GPU
+    /// when it runs, every step. The copies cost time in proportion to those bytes and the PCIe link.
+    Streamed,
 }
 
 impl std::fmt::Display for Placement {
@@ -63,6 +67,7 @@ impl std::fmt::Display for Placement {
             Self::Resident => "resident",
             Self::WhileRunning => "on the GPU while it runs",
             Self::Cpu => "on the CPU",
+            Self::Streamed => "streamed from host memory",
         })
     }
 }
@@ -125,6 +130,14 @@ const DECODER_LIVE: u64 = 5;
 /// states, the previews, the pool's rounding of each allocation.
 pub const FIXED_OVERHEAD: u64 = 1 << 30;
 
+/// The share of the transformer's weights in its blocks, the part that can be streamed: FLUX.1's
+/// embedders and final layer are well under 1% of it.
+const BLOCK_SHARE: f64 = 0.98;
+/// The largest linear layer of a transformer block in units of hidden²: a single-stream block's fused
+/// QKV and MLP input projection (3 + 4 hidden wide). A streamed layer is on the GPU as stored and,
+/// where its product dequantizes, once more in the compute dtype.
+const LARGEST_LAYER: u64 = 7;
+
 /// The tiles of a tiled decode, in pixels along a side, and how much neighbours overlap (diffusers'
 /// AutoencoderKL default). Small tiles cost little: the decoder redoes only the overlaps, and a decode
 /// is a small share of a generation's work.
@@ -140,6 +153,9 @@ pub struct PartPlan {
     pub params: u64,
     /// Its weights' bytes, on the GPU (or in host memory for [`Placement::Cpu`]).
     pub bytes: u64,
+    /// Of those, the bytes kept in host memory and copied to the GPU at every step
+    /// ([`Placement::Streamed`]; 0 for every other placement).
+    pub streamed: u64,
 }
 
 /// How a request of one size runs under the plan.
@@ -214,7 +230,8 @@ impl MemoryPlan {
         for group in [on_gpu, on_cpu] {
             for &format in formats {
                 for &text in group {
-                    let plan = Self::arrange(model, budget, reference, size_multiple, format, text);
+                    let plan =
+                        Self::arrange(model, budget, reference, size_multiple, format, text, 0);
                     if plan.fit(reference.0, reference.1).is_ok() {
                         return Ok(plan);
                     }
@@ -225,6 +242,20 @@ impl MemoryPlan {
         let Some(plan) = smallest else {
             return Err(NoFit("no transformer format to choose from".into()));
         };
+        // Nothing resident fits: the fastest format whose blocks can be streamed in part, with the
+        // text encoders on the CPU. fp8 first (half bf16's bytes to copy each step), bf16 only when
+        // it is the one format allowed.
+        let text = *placements.last().expect("one placement at least");
+        let streamable = formats
+            .iter()
+            .filter(|&&f| f != WeightFormat::Bf16 || formats.len() == 1);
+        for &format in streamable {
+            if let Some(plan) =
+                Self::streaming(model, budget, reference, size_multiple, format, text)
+            {
+                return Ok(plan);
+            }
+        }
         if plan.max_side >= size_multiple {
             return Ok(plan);
         }
@@ -239,6 +270,45 @@ impl MemoryPlan {
         )))
     }
 
+    /// The arrangement of `format` that streams the fewest of the transformer's bytes and fits at
+    /// `reference`, if streaming can make it fit.
+    fn streaming(
+        model: &ModelMemory,
+        budget: Option<u64>,
+        reference: (usize, usize),
+        size_multiple: usize,
+        format: WeightFormat,
+        text: Placement,
+    ) -> Option<MemoryPlan> {
+        let resident = Self::arrange(model, budget, reference, size_multiple, format, text, 0);
+        let usable = resident.usable()?;
+        let transformer = resident
+            .parts
+            .iter()
+            .find(|p| p.part == Part::Transformer)?;
+        let most = (transformer.bytes as f64 * BLOCK_SHARE) as u64;
+        // Streaming adds a layer's transient copies to a step's peak and takes its bytes off the
+        // resident weights.
+        let over = (resident.fit_peak(reference.0, reference.1) + resident.streamed_layer_bytes())
+            .checked_sub(usable)?;
+        if over > most {
+            return None;
+        }
+        // A few MiB over the estimate: the blocks are streamed whole, never a part of one.
+        let streamed = (over + (64 << 20)).min(most);
+        let plan = Self::arrange(
+            model,
+            budget,
+            reference,
+            size_multiple,
+            format,
+            text,
+            streamed,
+        );
+        plan.fit(reference.0, reference.1).ok().map(|_| plan)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn arrange(
         model: &ModelMemory,
         budget: Option<u64>,
@@ -246,6 +316,7 @@ impl MemoryPlan {
         size_multiple: usize,
         format: WeightFormat,
         text: Placement,
+        streamed: u64,
     ) -> MemoryPlan {
         let cb = model.shape.compute_bytes;
         let parts = model
@@ -253,6 +324,7 @@ impl MemoryPlan {
             .iter()
             .map(|&(part, params)| {
                 let (placement, format) = match part {
+                    Part::Transformer if streamed > 0 => (Placement::Streamed, format),
                     Part::Transformer => (Placement::Resident, format),
                     p if p.is_text_encoder() => (text, WeightFormat::Bf16),
                     _ => (Placement::Resident, WeightFormat::Bf16),
@@ -268,6 +340,11 @@ impl MemoryPlan {
                     format,
                     params,
                     bytes,
+                    streamed: if placement == Placement::Streamed {
+                        streamed.min(bytes)
+                    } else {
+                        0
+                    },
                 }
             })
             .collect();
@@ -299,9 +376,36 @@ impl MemoryPlan {
         self.parts.iter().filter(|p| f(p)).map(|p| p.bytes).sum()
     }
 
-    /// Weights on the GPU at all times.
+    /// Weights on the GPU at all times (a streamed transformer's blocks that are not streamed).
     pub fn resident_bytes(&self) -> u64 {
-        self.bytes_where(|p| p.placement == Placement::Resident)
+        self.parts
+            .iter()
+            .map(|p| match p.placement {
+                Placement::Resident => p.bytes,
+                Placement::Streamed => p.bytes - p.streamed,
+                Placement::WhileRunning | Placement::Cpu => 0,
+            })
+            .sum()
+    }
+
+    /// The transformer's bytes kept in host memory and copied to the GPU at every step (0 when it
+    /// is resident). A step under classifier-free guidance runs the transformer once for both
+    /// prompts, so this is also the bytes a step moves.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.streamed).sum()
+    }
+
+    /// What a streamed layer adds to a step while it is on the GPU: the largest layer as stored
+    /// and in the compute dtype.
+    fn streamed_layer_bytes(&self) -> u64 {
+        let h = self.shape.hidden as u64;
+        let params = LARGEST_LAYER * h * h;
+        let format = self.transformer_format();
+        let stored = match format {
+            WeightFormat::Bf16 => params * self.shape.compute_bytes,
+            f => f.bytes(params),
+        };
+        stored + params * self.shape.compute_bytes
     }
 
     /// Whether the text encoders leave the GPU once a prompt is encoded.
@@ -391,7 +495,12 @@ impl MemoryPlan {
     fn fit_peak(&self, width: usize, height: usize) -> u64 {
         let resident = self.resident_bytes() + FIXED_OVERHEAD;
         let encode = resident + self.bytes_where(|p| p.placement == Placement::WhileRunning);
-        let denoise = resident + self.denoise_activations(width, height);
+        let streaming = if self.streamed_bytes() > 0 {
+            self.streamed_layer_bytes()
+        } else {
+            0
+        };
+        let denoise = resident + self.denoise_activations(width, height) + streaming;
         let decode = resident
             + if self.decode_is_tiled(width, height) {
                 let side = TILE_PIXELS.min(width.max(height));
@@ -478,7 +587,20 @@ impl MemoryPlan {
         let parts = self
             .parts
             .iter()
-            .map(|p| format!("{} {} {} {}", p.part, p.format, p.placement, gib(p.bytes)))
+            .map(|p| {
+                let streamed = if p.streamed > 0 {
+                    format!(" ({} of it streamed per step)", gib(p.streamed))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} {} {} {}{streamed}",
+                    p.part,
+                    p.format,
+                    p.placement,
+                    gib(p.bytes)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let (w, h) = self.reference;
@@ -713,23 +835,52 @@ mod tests {
     }
 
     #[test]
-    fn a_card_short_of_1024_keeps_the_smallest_arrangement_and_8_gib_is_refused() {
-        // 8.5 GiB: 4-bit weights fit, a 1024x1024 step beside them does not; smaller sizes do.
-        let short =
-            MemoryPlan::choose(&flux_dev(), Some(17 << 29), (1024, 1024), 16, None).unwrap();
-        assert_eq!(
-            short.transformer_format(),
-            WeightFormat::Gguf(GgmlDType::Q4_0)
-        );
+    fn a_card_too_small_for_any_resident_format_streams_part_of_an_fp8_transformer() {
+        // 8 GiB holds the 4-bit weights (6.2 GiB) but not them and a 1024x1024 step with the overhead:
+        // fp8 blocks are streamed from host memory, as few as make it fit, the encoders on the CPU.
+        let eight = plan(8).unwrap();
+        assert_eq!(placement(&eight, Part::Transformer), Placement::Streamed);
+        assert_eq!(eight.transformer_format(), WeightFormat::Fp8);
+        assert_eq!(placement(&eight, Part::T5), Placement::Cpu);
+        let transformer = WeightFormat::Fp8.bytes(TRANSFORMER);
+        let streamed = eight.streamed_bytes();
         assert!(
-            short.max_side < 1024 && short.max_side >= 512,
+            streamed > transformer / 4 && streamed < transformer,
             "{}",
-            short.max_side
+            gib(streamed)
         );
-        assert!(short.fit(1024, 1024).is_err());
-        // 8 GiB holds the 4-bit weights (6.2 GiB) but not them and a step with the overhead, until
-        // blocks can be streamed from host memory: the load is refused with the reason.
-        let none = plan(8).unwrap_err().to_string();
+        assert!(eight.fit(1024, 1024).is_ok());
+        assert!(eight.at_reference.peak <= eight.usable().unwrap());
+        assert!(
+            eight.summary().contains("streamed per step"),
+            "{}",
+            eight.summary()
+        );
+        // More memory, fewer bytes to stream; a 4-bit format forced streams fewer still.
+        let roomier =
+            MemoryPlan::choose(&flux_dev(), Some(17 << 29), (1024, 1024), 16, None).unwrap();
+        assert_eq!(placement(&roomier, Part::Transformer), Placement::Streamed);
+        assert!(roomier.streamed_bytes() < streamed);
+        let q4 = MemoryPlan::choose(
+            &flux_dev(),
+            Some(8 << 30),
+            (1024, 1024),
+            16,
+            Some(WeightFormat::Gguf(GgmlDType::Q4_0)),
+        )
+        .unwrap();
+        assert_eq!(placement(&q4, Part::Transformer), Placement::Streamed);
+        assert!(q4.streamed_bytes() < streamed);
+        // Streaming is the last resort: a card that holds a 4-bit transformer keeps it resident.
+        assert_eq!(
+            placement(&plan(10).unwrap(), Part::Transformer),
+            Placement::Resident
+        );
+    }
+
+    #[test]
+    fn a_card_that_cannot_hold_one_step_beside_the_overhead_is_refused_with_the_reason() {
+        let none = plan(2).unwrap_err().to_string();
         assert!(none.contains("smallest arrangement"), "{none}");
         assert!(none.contains("STUDIO_GPU_MEMORY"), "{none}");
     }

@@ -182,6 +182,9 @@ pub struct MemoryOptions {
     pub tiled_decode: Option<bool>,
     /// The tiles' side in pixels.
     pub tile_pixels: usize,
+    /// Stream at least these bytes of the transformer's blocks from host memory whatever the plan
+    /// says (the tests' way to run the streaming path on a CPU); `None`: as the plan decides.
+    pub streamed: Option<u64>,
 }
 
 impl Default for MemoryOptions {
@@ -191,6 +194,7 @@ impl Default for MemoryOptions {
             size: (1024, 1024),
             tiled_decode: None,
             tile_pixels: memory::TILE_PIXELS,
+            streamed: None,
         }
     }
 }
@@ -556,7 +560,16 @@ impl FluxPipeline {
                 (weights, cfg)
             }
         };
-        let transformer = FluxTransformer::load(&weights, &cfg, dtype, device, opts.kernels)?;
+        let streamed = opts.memory.streamed.unwrap_or(plan.streamed_bytes());
+        let transformer =
+            FluxTransformer::load_streaming(&weights, &cfg, dtype, device, opts.kernels, streamed)?;
+        if streamed > 0 {
+            tracing::info!(
+                "transformer: {} of its blocks' weights stay in host memory and are copied to {:?} at every step",
+                memory::gib(transformer.streamed_bytes()),
+                device.location()
+            );
+        }
         let edit = index.edit_model(&cfg);
         let mut formats: Vec<(WeightFormat, usize)> = Vec::new();
         for l in transformer.linears() {

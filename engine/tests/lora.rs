@@ -20,12 +20,18 @@ fn lora_dir() -> PathBuf {
 }
 
 fn model() -> FluxTransformer {
+    streamed_model(0)
+}
+
+/// The tiny transformer with at least `streamed` bytes of its blocks streamed from host memory.
+fn streamed_model(streamed: u64) -> FluxTransformer {
     let json =
         serde_json::from_slice(&std::fs::read(tiny_dev().join("transformer/config.json")).unwrap())
             .unwrap();
     let cfg = FluxConfig::from_diffusers_json(&json).unwrap();
     let w = FluxWeights::open(&tiny_dev().join("transformer"), DType::F32, &Device::Cpu).unwrap();
-    FluxTransformer::load(&w, &cfg, DType::F32, &Device::Cpu, Kernels::Plain).unwrap()
+    FluxTransformer::load_streaming(&w, &cfg, DType::F32, &Device::Cpu, Kernels::Plain, streamed)
+        .unwrap()
 }
 
 fn forward(model: &FluxTransformer) -> Tensor {
@@ -88,6 +94,27 @@ fn every_layout_gives_diffusers_output() {
         checked += 1;
     }
     assert_eq!(checked, 8, "every layout file was checked");
+    lora::apply(&model, &[]).unwrap();
+    assert_close("cleared", &forward(&model), &want["base"], TOL);
+}
+
+#[test]
+fn loras_on_a_transformer_streamed_from_host_memory_give_diffusers_output() {
+    // A streamed layer keeps its adapters unmerged (its weight is copied in for each product).
+    let model = streamed_model(u64::MAX);
+    assert!(model.streamed_bytes() > 0);
+    let want = expected();
+    let cases = cases();
+    let mut checked = 0;
+    for (name, case) in cases["cases"].as_object().unwrap() {
+        if case["format"].is_null() {
+            continue;
+        }
+        lora::apply(&model, &[(&open(name), 1.0)]).unwrap();
+        assert_close(name, &forward(&model), &want[name.as_str()], TOL);
+        checked += 1;
+    }
+    assert!(checked > 0);
     lora::apply(&model, &[]).unwrap();
     assert_close("cleared", &forward(&model), &want["base"], TOL);
 }

@@ -163,3 +163,42 @@ fn a_forced_tiled_decode_stays_near_the_whole_decode() {
     eprintln!("mean |tiled - whole| = {diff:.2} of 255");
     assert!(diff < 10.0, "{diff}");
 }
+
+#[test]
+fn a_transformer_streamed_from_host_memory_draws_what_the_resident_one_draws() {
+    let resident = tiny();
+    assert_eq!(resident.transformer.streamed_bytes(), 0);
+    // Every block streamed: each of their layers is copied in for each product (on a CPU the copy
+    // is the host's own memory, so this runs the streaming path's code, not a PCIe transfer).
+    let streamed = tiny_with(MemoryOptions {
+        streamed: Some(u64::MAX),
+        ..MemoryOptions::default()
+    })
+    .unwrap();
+    let moved = streamed.transformer.streamed_bytes();
+    let blocks: u64 = streamed
+        .transformer
+        .linears()
+        .iter()
+        .filter(|l| l.name().contains("blocks."))
+        .map(|l| l.bytes() as u64)
+        .sum();
+    assert_eq!(moved, blocks, "every block's layers, and only theirs");
+    let p = params("a fox", 7);
+    assert_eq!(run(&streamed, &p), run(&resident, &p));
+    // Some bytes asked for: whole blocks from the first until they are covered.
+    let part = tiny_with(MemoryOptions {
+        streamed: Some(1),
+        ..MemoryOptions::default()
+    })
+    .unwrap();
+    let first_block: u64 = part
+        .transformer
+        .linears()
+        .iter()
+        .filter(|l| l.name().starts_with("double_blocks.0."))
+        .map(|l| l.bytes() as u64)
+        .sum();
+    assert_eq!(part.transformer.streamed_bytes(), first_block);
+    assert_eq!(run(&part, &p), run(&resident, &p));
+}

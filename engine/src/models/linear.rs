@@ -117,6 +117,29 @@ impl QuantizedWeight {
         }
     }
 
+    /// The same weight on `device` (itself when it is there already).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(match self {
+            Self::Fp8 { weight, scale } => Self::Fp8 {
+                weight: weight.to_device(device)?,
+                scale: *scale,
+            },
+            Self::Gguf(q) if q.device().same_device(device) => Self::Gguf(q.clone()),
+            Self::Gguf(q) => {
+                let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+                Self::Gguf(Arc::new(QTensor::new(storage, q.shape())?))
+            }
+        })
+    }
+
+    /// The bytes it takes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Fp8 { weight, .. } => weight.elem_count(),
+            Self::Gguf(q) => q.storage_size_in_bytes(),
+        }
+    }
+
     /// The weight in `dtype`: fp8 widened to `dtype` (exactly: every fp8 value is a bf16 one) and
     /// scaled there, as ComfyUI dequantizes scaled fp8; GGUF blocks dequantized by candle as
     /// llama.cpp does.
@@ -226,6 +249,30 @@ impl Base {
             Self::Quantized(q) => q.weight.dequantize(dtype),
         }
     }
+
+    /// The same weight and bias on `device`.
+    fn to_device(&self, device: &Device) -> Result<Base> {
+        let bias = |b: Option<&Tensor>| b.map(|b| b.to_device(device)).transpose();
+        Ok(match self {
+            Self::Dense(l) => Self::Dense(candle_nn::Linear::new(
+                l.weight().to_device(device)?,
+                bias(l.bias())?,
+            )),
+            Self::Quantized(q) => Self::Quantized(QuantizedBase {
+                weight: q.weight.to_device(device)?,
+                bias: bias(q.bias.as_ref())?,
+            }),
+        })
+    }
+
+    /// The bytes its weight and bias take.
+    fn bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Self::Dense(l) => tensor(l.weight()) + l.bias().map_or(0, tensor),
+            Self::Quantized(q) => q.weight.bytes() + q.bias.as_ref().map_or(0, tensor),
+        }
+    }
 }
 
 /// Rows of a weight merged at a time: bounds the f32 temporaries of a merge to a few MB per
@@ -251,6 +298,9 @@ struct State {
     base: Base,
     adapters: Vec<Arc<Adapter>>,
     merged: Option<Merged>,
+    /// Set when the base lives in host memory and is copied to this device for each product
+    /// ([`Linear::place`]): a streamed layer. Its adapters stay unmerged.
+    compute: Option<Device>,
 }
 
 #[derive(Debug)]
@@ -276,6 +326,7 @@ impl Linear {
                 base: Base::Dense(candle_nn::Linear::new(weight, bias)),
                 adapters: Vec::new(),
                 merged: None,
+                compute: None,
             }),
             kernels,
         }
@@ -297,19 +348,60 @@ impl Linear {
                 base: Base::Quantized(QuantizedBase { weight, bias }),
                 adapters: Vec::new(),
                 merged: None,
+                compute: None,
             }),
             kernels,
         })
     }
 
     /// The base weight in `dtype`, dequantized if it is held quantized (the adapters' merge, if
-    /// any, included): what the layer's products multiply by.
+    /// any, included): what the layer's products multiply by, on the device they run on.
     pub fn base_weight(&self, dtype: DType) -> Result<Tensor> {
         self.state
             .read()
             .expect("adapter lock poisoned")
-            .base
+            .working_base()?
             .weight(dtype)
+    }
+
+    /// Where the base weight lives: on `device` for good, or (`streamed`) in host memory, copied to
+    /// `device` for each product and dropped after it, so that a model larger than the GPU's memory
+    /// runs with only its resident layers and one streamed layer there (docs/memory.md). A layer
+    /// with adapters merged or a weight being trained is not streamed.
+    pub fn place(&self, device: &Device, streamed: bool) -> Result<()> {
+        let mut state = self.state.write().expect("adapter lock poisoned");
+        if streamed && (state.merged.is_some() || state.base.is_variable()) {
+            candle_core::bail!(
+                "layer {}: only a frozen weight without merged adapters is streamed",
+                self.name
+            );
+        }
+        let home = if streamed {
+            Device::Cpu
+        } else {
+            device.clone()
+        };
+        state.base = state.base.to_device(&home)?;
+        state.compute = streamed.then(|| device.clone());
+        Ok(())
+    }
+
+    /// Whether the base weight is streamed from host memory ([`Self::place`]).
+    pub fn is_streamed(&self) -> bool {
+        self.state
+            .read()
+            .expect("adapter lock poisoned")
+            .compute
+            .is_some()
+    }
+
+    /// The bytes its base weight and bias take, in the format they are held in.
+    pub fn bytes(&self) -> usize {
+        self.state
+            .read()
+            .expect("adapter lock poisoned")
+            .base
+            .bytes()
     }
 
     /// The format the base weight is held in: bf16 (the compute dtype) for a dense one.
@@ -370,28 +462,41 @@ impl Linear {
             .len()
     }
 
-    /// The weight to multiply `x` by and the adapters left to apply unmerged, the weight first
-    /// merged or restored if this forward needs the other one.
+    /// The weight to multiply `x` by (on the device it runs on) and the adapters left to apply
+    /// unmerged, the weight first merged or restored if this forward needs the other one.
     fn prepare(&self, x: &Tensor) -> Result<(Base, Vec<Arc<Adapter>>)> {
         let ready = self.state.read().expect("adapter lock poisoned").ready(x);
-        match ready {
-            Some(ready) => Ok(ready),
+        let (base, adapters) = match ready {
+            Some(ready) => ready,
             None => self
                 .state
                 .write()
                 .expect("adapter lock poisoned")
-                .prepare(x),
+                .prepare(x)?,
+        };
+        match &self.state.read().expect("adapter lock poisoned").compute {
+            Some(device) => Ok((base.to_device(device)?, adapters)),
+            None => Ok((base, adapters)),
         }
     }
 }
 
 impl State {
+    /// The base as products use it: copied to the compute device when it is streamed.
+    fn working_base(&self) -> Result<Base> {
+        match &self.compute {
+            Some(device) => self.base.to_device(device),
+            None => Ok(self.base.clone()),
+        }
+    }
+
     /// Whether a forward of `x` uses the adapters merged: when nothing takes a gradient. A training
     /// step's adapters are `Var`s (unmerged); its samples use detached copies, merged like a
-    /// generation's. A quantized base keeps its adapters unmerged.
+    /// generation's. A quantized or streamed base keeps its adapters unmerged.
     fn merges_for(&self, x: &Tensor) -> bool {
         !self.adapters.is_empty()
             && !x.track_op()
+            && self.compute.is_none()
             && self.base.dense().is_some_and(|l| !l.weight().is_variable())
             && self
                 .adapters
@@ -623,8 +728,7 @@ impl Linear {
             .state
             .read()
             .expect("adapter lock poisoned")
-            .base
-            .clone();
+            .working_base()?;
         let dims = dy.dims();
         let out = dims[dims.len() - 1];
         let n = dy.elem_count() / out;

@@ -206,10 +206,12 @@ pub fn plan_info(plan: &MemoryPlan) -> MemoryPlanInfo {
                     Placement::Resident => PartPlacement::Resident,
                     Placement::WhileRunning => PartPlacement::WhileRunning,
                     Placement::Cpu => PartPlacement::Cpu,
+                    Placement::Streamed => PartPlacement::Streamed,
                 },
                 format: p.format.to_string(),
                 params: p.params,
                 bytes: p.bytes,
+                streamed_bytes: p.streamed,
             })
             .collect(),
         width: plan.reference.0 as u32,

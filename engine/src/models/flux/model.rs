@@ -364,7 +364,7 @@ pub struct FluxTransformer {
 
 impl FluxTransformer {
     /// The transformer of `cfg` from `w`, computing in `dtype` on `device`, its ops taking the path
-    /// `kernels` says.
+    /// `kernels` says; every weight on `device`.
     pub fn load(
         w: &FluxWeights,
         cfg: &FluxConfig,
@@ -372,28 +372,59 @@ impl FluxTransformer {
         device: &Device,
         kernels: Kernels,
     ) -> Result<Self> {
+        Self::load_streaming(w, cfg, dtype, device, kernels, 0)
+    }
+
+    /// [`Self::load`] with at least `streamed` bytes of its blocks' linear weights kept in host
+    /// memory and copied to `device` as each layer runs (whole blocks, from the first; the memory
+    /// plan's [`crate::memory::Placement::Streamed`]). Each block is placed as soon as it is read, so
+    /// the GPU never holds more than the resident weights and one block.
+    pub fn load_streaming(
+        w: &FluxWeights,
+        cfg: &FluxConfig,
+        dtype: DType,
+        device: &Device,
+        kernels: Kernels,
+        streamed: u64,
+    ) -> Result<Self> {
         cfg.validate()?;
         let h = cfg.hidden_size;
         let k = kernels;
+        let mut left = streamed;
+        // Whole blocks until the bytes asked for are streamed; every other layer resident.
+        let mut place = |linears: &[&Linear], streamable: bool| -> Result<()> {
+            let stream = streamable && left > 0;
+            for l in linears {
+                l.place(device, stream)?;
+                if stream {
+                    left = left.saturating_sub(l.bytes() as u64);
+                }
+            }
+            Ok(())
+        };
         let guidance_in = if cfg.guidance_embed {
             Some(MlpEmbedder::load(w, "guidance_in", 256, h, k)?)
         } else {
             None
         };
-        let double_blocks = (0..cfg.depth)
-            .map(|i| {
-                let p = format!("double_blocks.{i}");
-                Ok(DoubleBlock {
-                    img: Stream::load(w, &p, "img", cfg, k)?,
-                    txt: Stream::load(w, &p, "txt", cfg, k)?,
-                    kernels: k,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let single_blocks = (0..cfg.depth_single)
-            .map(|i| SingleBlock::load(w, i, cfg, k))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut double_blocks = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let p = format!("double_blocks.{i}");
+            let block = DoubleBlock {
+                img: Stream::load(w, &p, "img", cfg, k)?,
+                txt: Stream::load(w, &p, "txt", cfg, k)?,
+                kernels: k,
+            };
+            place(&block.linears(), true)?;
+            double_blocks.push(block);
+        }
+        let mut single_blocks = Vec::with_capacity(cfg.depth_single);
+        for i in 0..cfg.depth_single {
+            let block = SingleBlock::load(w, i, cfg, k)?;
+            place(&block.linears(), true)?;
+            single_blocks.push(block);
+        }
+        let model = Self {
             cfg: cfg.clone(),
             img_in: w.linear("img_in", cfg.in_channels, h, k)?,
             txt_in: w.linear("txt_in", cfg.context_dim, h, k)?,
@@ -407,7 +438,19 @@ impl FluxTransformer {
             dtype,
             device: device.clone(),
             kernels,
-        })
+        };
+        place(&model.head_linears(), false)?;
+        place(&[&model.final_modulation, &model.final_linear], false)?;
+        Ok(model)
+    }
+
+    /// The bytes of linear weights streamed from host memory at each forward.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.linears()
+            .iter()
+            .filter(|l| l.is_streamed())
+            .map(|l| l.bytes() as u64)
+            .sum()
     }
 
     pub fn config(&self) -> &FluxConfig {

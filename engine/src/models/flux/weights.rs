@@ -95,7 +95,8 @@ impl FluxWeights {
     }
 
     /// A GGUF file in BFL's names, as city96's FLUX GGUF files ship: its quantized tensors stay
-    /// quantized (on `device`), its F32, F16 and BF16 ones are read as `dtype`.
+    /// quantized (in host memory until the transformer places them), its F32, F16 and BF16 ones are
+    /// read as `dtype` on `device`.
     fn open_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -107,7 +108,9 @@ impl FluxWeights {
         })?;
         let (mut dense, mut quantized) = (HashMap::new(), HashMap::new());
         for name in content.tensor_infos.keys() {
-            let q = content.tensor(&mut file, name, device)?;
+            // Into host memory: the transformer places each layer (on the GPU, or left in host
+            // memory to be streamed) as it builds it, so a file larger than the GPU still loads.
+            let q = content.tensor(&mut file, name, &Device::Cpu)?;
             let name = name.strip_prefix(COMFY_PREFIX).unwrap_or(name).to_string();
             match q.dtype() {
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
