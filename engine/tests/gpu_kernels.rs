@@ -790,3 +790,71 @@ fn gguf_products_on_a_gpu_match_the_dequantized_weight() -> Result<()> {
     }
     Ok(())
 }
+
+/// A layer streamed from host memory (`Linear::place`) gives the resident layer's output bit for bit in
+/// each format the plan streams (bf16, fp8, GGUF), its weight copied to the GPU for the product; the
+/// time of a streamed product against the resident one says what the copy costs at FLUX's largest
+/// layer on this machine's link.
+#[test]
+fn a_layer_streamed_from_host_memory_matches_the_resident_one() -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use engine::models::linear::{Linear, QuantizedWeight};
+    use std::sync::Arc;
+    let device = &cuda_device();
+    let (out, inp) = (21504, 3072);
+    let w = Tensor::randn(0f32, 0.02, (out, inp), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 0.1, out, device)?.to_dtype(DType::BF16)?;
+    let x = Tensor::randn(0f32, 1.0, (4608, inp), device)?.to_dtype(DType::BF16)?;
+    let fp8 =
+        QuantizedWeight::from_dense(&w.to_device(device)?, engine::weights::WeightFormat::Fp8)?
+            .expect("fp8 of a dense weight");
+    let layers = [
+        (
+            "bf16",
+            Linear::new(
+                "l",
+                w.to_dtype(DType::BF16)?.to_device(device)?,
+                Some(b.clone()),
+                Kernels::Fused,
+            ),
+        ),
+        (
+            "fp8",
+            Linear::quantized("l", fp8, Some(b.clone()), Kernels::Fused)?,
+        ),
+        (
+            "q4_k",
+            Linear::quantized(
+                "l",
+                QuantizedWeight::Gguf(Arc::new(QTensor::quantize_onto(
+                    &w,
+                    GgmlDType::Q4K,
+                    device,
+                )?)),
+                Some(b.clone()),
+                Kernels::Fused,
+            )?,
+        ),
+    ];
+    for (name, layer) in layers {
+        use candle_core::Module;
+        let resident = layer.forward(&x)?;
+        let t_resident = time_median(device, 5, || Ok(layer.forward(&x)?))?;
+        layer.place(device, true)?;
+        assert!(layer.is_streamed());
+        let streamed = layer.forward(&x)?;
+        let t_streamed = time_median(device, 5, || Ok(layer.forward(&x)?))?;
+        let diff = (resident.to_dtype(DType::F32)? - streamed.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        println!(
+            "{name} {out}x{inp} layer, {} MB: resident {:.3} ms, streamed {:.3} ms",
+            layer.bytes() >> 20,
+            t_resident * 1e3,
+            t_streamed * 1e3
+        );
+        assert_eq!(diff, 0.0, "{name}: a streamed product differs");
+    }
+    Ok(())
+}

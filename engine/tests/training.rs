@@ -15,15 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 fn tiny() -> Arc<FluxPipeline> {
+    tiny_streaming(None)
+}
+
+/// The tiny pipeline, with at least `streamed` bytes of its transformer's blocks in host memory.
+fn tiny_streaming(streamed: Option<u64>) -> Arc<FluxPipeline> {
     let preset = engine::presets::find(engine::presets::FLUX_TINY).unwrap();
-    Arc::new(
-        FluxPipeline::load(
-            &LoadOptions::from_preset(preset),
-            &Device::Cpu,
-            Arc::new(|_| {}),
-        )
-        .unwrap(),
-    )
+    let mut opts = LoadOptions::from_preset(preset);
+    opts.memory.streamed = streamed;
+    Arc::new(FluxPipeline::load(&opts, &Device::Cpu, Arc::new(|_| {})).unwrap())
 }
 
 fn png(image: &RgbImage) -> Vec<u8> {
@@ -242,6 +242,21 @@ fn the_loss_falls_and_generations_move_toward_the_training_images() {
     let (pb, pt) = (pdist(&generate(false)), pdist(&generate(true)));
     eprintln!("mean pixel distance to the decoded training latents: base {pb}, trained {pt}");
     assert!(pt < pb, "base {pb}, trained {pt}");
+}
+
+#[test]
+fn training_on_a_transformer_streamed_from_host_memory_repeats_the_resident_run() {
+    let s = settings(4);
+    let losses = |pipe: Arc<FluxPipeline>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Vec::new();
+        let mut trainer =
+            Trainer::prepare(pipe, job(dir.path(), s.clone(), false), &mut |_| {}).unwrap();
+        run(&mut trainer, &mut log)
+    };
+    let streamed = tiny_streaming(Some(u64::MAX));
+    assert!(streamed.transformer.streamed_bytes() > 0);
+    assert_eq!(losses(streamed), losses(tiny()));
 }
 
 #[test]
