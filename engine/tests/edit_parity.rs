@@ -194,6 +194,77 @@ fn a_fill_transformer_matches_flux_fill_pipeline() {
     matches_diffusers(&pipe, "fill", true);
 }
 
+/// The transformer of a diffusers folder as Black Forest Labs' single file (the layout of
+/// `flux1-fill-dev.safetensors` and `flux1-kontext-dev.safetensors`): every BFL tensor assembled by the
+/// one mapping between the layouts (`FluxWeights::tensor`), saved to `file`.
+fn write_bfl_file(transformer: &Path, file: &Path) {
+    use engine::models::flux::{FluxConfig, FluxTransformer, FluxWeights};
+    let json =
+        serde_json::from_slice(&std::fs::read(transformer.join("config.json")).unwrap()).unwrap();
+    let cfg = FluxConfig::from_diffusers_json(&json).unwrap();
+    let w = FluxWeights::open(transformer, DType::F32, &Device::Cpu).unwrap();
+    let model = FluxTransformer::load(
+        &w,
+        &cfg,
+        DType::F32,
+        &Device::Cpu,
+        engine::ops::Kernels::Plain,
+    )
+    .unwrap();
+    let mut tensors = HashMap::new();
+    for l in model.linears() {
+        for suffix in ["weight", "bias"] {
+            let t = w.tensor(l.name(), suffix).unwrap();
+            tensors.insert(format!("{}.{suffix}", l.name()), t);
+        }
+    }
+    let mut norms = Vec::new();
+    for i in 0..cfg.depth {
+        for stream in ["img", "txt"] {
+            for n in ["query_norm", "key_norm"] {
+                norms.push(format!("double_blocks.{i}.{stream}_attn.norm.{n}"));
+            }
+        }
+    }
+    for i in 0..cfg.depth_single {
+        for n in ["query_norm", "key_norm"] {
+            norms.push(format!("single_blocks.{i}.norm.{n}"));
+        }
+    }
+    for n in norms {
+        tensors.insert(format!("{n}.scale"), w.tensor(&n, "scale").unwrap());
+    }
+    candle_core::safetensors::save(&tensors, file).unwrap();
+}
+
+#[test]
+fn fill_and_kontext_from_black_forest_labs_single_files_match_their_pipelines() {
+    for (name, reference, masked, model) in [
+        ("tiny-flux-fill", "fill", true, EditModel::Fill),
+        ("tiny-flux-kontext", "kontext", false, EditModel::Kontext),
+    ] {
+        let dir = assembled(name);
+        let file = dir.path().join("flux1-tiny-single-file.safetensors");
+        let transformer = dir.path().join("transformer");
+        write_bfl_file(&transformer, &file);
+        // As `--transformer-file` runs it: the single file's weights, the preset folder's config (the
+        // folder's own weights removed, so only the file can be read).
+        for entry in std::fs::read_dir(&transformer).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e != "json") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        let opts = LoadOptions {
+            transformer_file: Some(file),
+            ..options(dir.path())
+        };
+        let pipe = FluxPipeline::load_dir(dir.path(), &opts, &Device::Cpu).unwrap();
+        assert_eq!(pipe.edit_model(), model, "{name}");
+        matches_diffusers(&pipe, reference, masked);
+    }
+}
+
 #[test]
 fn a_kontext_transformer_matches_flux_kontext_pipeline() {
     let dir = assembled("tiny-flux-kontext");
