@@ -77,6 +77,30 @@ pub(super) fn first_file(data: Option<web_sys::DataTransfer>) -> Option<web_sys:
     data?.files()?.get(0)
 }
 
+/// How far an edit departs from its input (the settings' strength, shared by the input chip and the
+/// edit dialog), with its value.
+#[component]
+fn StrengthSlider(chat: ChatState) -> impl IntoView {
+    view! {
+        <label>
+            "Strength"
+            <input
+                type="range"
+                min="0.05"
+                max="1"
+                step="0.05"
+                prop:value=move || chat.settings.strength.get().to_string()
+                on:input=move |ev| {
+                    if let Ok(v) = event_target_value(&ev).parse() {
+                        chat.settings.strength.set(v);
+                    }
+                }
+            />
+            {move || format!("{:.2}", chat.settings.strength.get())}
+        </label>
+    }
+}
+
 /// The pending input image above the message box: its thumbnail, strength, and a way to drop it.
 #[component]
 pub(super) fn InputChip(chat: ChatState) -> impl IntoView {
@@ -91,21 +115,7 @@ pub(super) fn InputChip(chat: ChatState) -> impl IntoView {
                 <div class="input-chip" data-testid="input-image">
                     <img src=input.url.clone() alt="Input image" />
                     <span>{format!("Input image {}×{}", input.width, input.height)}</span>
-                    <label>
-                        "Strength"
-                        <input
-                            type="range"
-                            min="0.05"
-                            max="1"
-                            step="0.05"
-                            prop:value=move || chat.settings.strength.get().to_string()
-                            on:input=move |ev| {
-                                if let Ok(v) = event_target_value(&ev).parse() {
-                                    chat.settings.strength.set(v);
-                                }
-                            }
-                        />
-                    </label>
+                    <StrengthSlider chat />
                     <button
                         type="button"
                         class="secondary"
@@ -259,22 +269,7 @@ fn EditPanel(chat: ChatState, target: EditTarget) -> impl IntoView {
                     <button type="button" class="secondary" on:click=clear disabled=move || !painted.get()>
                         "Clear mask"
                     </button>
-                    <label>
-                        "Strength"
-                        <input
-                            type="range"
-                            min="0.05"
-                            max="1"
-                            step="0.05"
-                            prop:value=move || chat.settings.strength.get().to_string()
-                            on:input=move |ev| {
-                                if let Ok(v) = event_target_value(&ev).parse() {
-                                    chat.settings.strength.set(v);
-                                }
-                            }
-                        />
-                        {move || format!("{:.2}", chat.settings.strength.get())}
-                    </label>
+                    <StrengthSlider chat />
                 </div>
                 <label for="edit-instruction" class="sr-only">"Edit instruction"</label>
                 <textarea

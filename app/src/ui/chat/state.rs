@@ -379,7 +379,12 @@ impl ChatState {
         }
         let target = target.map(|(_, target)| target);
         if !self.prompt_help.get_untracked() {
-            return self.draw(target.as_ref(), fallback);
+            // An edit's prompt is `edit::edit_prompt`'s: the merged prompt, or for an instruction
+            // model (Kontext) the message itself.
+            return match target {
+                Some(target) => self.edit(&target, &text, None),
+                None => self.generate(fallback),
+            };
         }
         let draft = self.signal(Draft::Writing);
         self.push(Entry::Draft { draft, target });
