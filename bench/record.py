@@ -201,7 +201,8 @@ def small_gpu(out):
                 continue
             if rec:
                 c["ours"] = {"plan": rec.get("plan"), "total_s": r(rec["runs"][-1]["total_s"], 3),
-                             "first_total_s": r(rec["runs"][0]["total_s"], 3), "peak_in_use_gib": gib(label)}
+                             "first_total_s": r(rec["runs"][0]["total_s"], 3), "peak_in_use_gib": gib(label),
+                             "encode_s": r(rec["runs"][-1].get("encode_ms", 0) / 1000, 3)}
             else:
                 c["ours"] = {"error": peaks[label].get("error") or f"exit {peaks[label]['rc']}"}
         elif not any(x["how"] == m[3] for x in c["reference"]):

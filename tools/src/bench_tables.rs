@@ -160,6 +160,8 @@ struct CapOurs {
     total_s: Option<f64>,
     first_total_s: Option<f64>,
     peak_in_use_gib: Option<f64>,
+    /// The text encoders' share of `total_s` (a new prompt each run); absent in older records.
+    encode_s: Option<f64>,
     error: Option<String>,
 }
 
@@ -606,11 +608,19 @@ impl Records {
                     }
                     Some(o) => (
                         o.plan.clone().unwrap_or_default(),
-                        format!(
-                            "{} (first, with the prompt's encoding: {})",
-                            secs(o.total_s, 2),
-                            secs(o.first_total_s, 2)
-                        ),
+                        match o.encode_s {
+                            Some(e) => format!(
+                                "{} (encoding the prompt: {}; first run: {})",
+                                secs(o.total_s, 2),
+                                secs(Some(e), 2),
+                                secs(o.first_total_s, 2)
+                            ),
+                            None => format!(
+                                "{} (first, with the prompt's encoding: {})",
+                                secs(o.total_s, 2),
+                                secs(o.first_total_s, 2)
+                            ),
+                        },
                         o.peak_in_use_gib
                             .map(|g| format!("{g:.1} GiB"))
                             .unwrap_or_default(),
