@@ -20,9 +20,12 @@ pub struct Args {
     /// A diffusers FLUX folder.
     #[arg(long)]
     model: PathBuf,
-    /// The image's side in pixels.
+    /// The image's width in pixels (its side, without --height).
     #[arg(long, default_value_t = 1024)]
     size: usize,
+    /// The image's height in pixels, for a wide or tall image (e.g. --size 1360 --height 768).
+    #[arg(long)]
+    height: Option<usize>,
     #[arg(long, default_value_t = 28)]
     steps: usize,
     /// T5 tokens of the prompt.
@@ -60,6 +63,11 @@ pub fn run(
     weights: Option<WeightFormat>,
 ) -> Result<()> {
     let (model, size, steps, t5_len) = (a.model.as_path(), a.size, a.steps, a.t5_len);
+    let height = a.height.unwrap_or(size);
+    anyhow::ensure!(
+        a.edit_strength.is_none() || height == size,
+        "--edit-strength starts from a square gradient: leave --height out"
+    );
     let cfg = FluxConfig::from_diffusers_json(&serde_json::from_slice(&std::fs::read(
         model.join("transformer/config.json"),
     )?)?)?;
@@ -86,7 +94,7 @@ pub fn run(
         input,
         ..GenerateParams::new(
             "a fox reading under a tree, watercolor",
-            (size, size),
+            (size, height),
             steps,
             3.5,
             0,
@@ -94,7 +102,7 @@ pub fn run(
     };
     // A step of a batch computes each image's tokens: the products scale with the batch.
     // Kontext's sequence holds the input image's tokens beside the noise's.
-    let image_tokens = (size / 16) * (size / 16);
+    let image_tokens = (size / 16) * (height / 16);
     let kontext = a.edit_strength.is_some() && pipe.edit_model() == EditModel::Kontext;
     let tokens = if kontext {
         2 * image_tokens
@@ -113,7 +121,7 @@ pub fn run(
         runs.push(run);
         full = Some(out);
     }
-    let mut record = serde_json::json!({"what": "generate", "size": size, "steps": steps, "batch": a.batch,
+    let mut record = serde_json::json!({"what": "generate", "size": size, "height": height, "steps": steps, "batch": a.batch,
         "weights": weights.map_or("as stored".to_string(), |w| w.to_string()), "load_s": load_s, "runs": runs, "flops_per_step": flops,
         "plan": pipe.memory_plan().summary()});
     if let Some(strength) = a.edit_strength {
