@@ -281,7 +281,7 @@ fn the_attention_kernels_match_f32() -> Result<()> {
 
         // The backward's dq, dk, dv from the forward's log-sum-exp, against the plain path in f32.
         // g as heads (strided in the strided case), delta from the (B, L, H·D) rows as training has them.
-        let (o, lse) = flash_attn_lse(&q, &k, &v, scale)?;
+        let (o, lse) = flash_attn_lse(&q, &k, &v, scale, true)?;
         let o_rows = o.reshape((bs, n, heads * d))?;
         let g = make(1.0)?;
         let g_rows = g

@@ -105,22 +105,26 @@ pub fn supports(q: &Tensor) -> bool {
         && Variant::ALL.iter().any(|v| v.runs_on(dev))
 }
 
-/// The first of [`Variant::ALL`] that runs on `q`'s device.
-fn variant_for(q: &Tensor) -> Result<Variant> {
+/// The first of [`Variant::ALL`] that runs on `q`'s device; of the warp-MMA ones unless `hopper`.
+fn variant_for(q: &Tensor, hopper: bool) -> Result<Variant> {
     let Device::Cuda(dev) = q.device() else {
         bail!("the fused attention kernel runs on CUDA only")
     };
-    let Some(variant) = Variant::ALL.into_iter().find(|v| v.runs_on(dev)) else {
+    let Some(variant) = Variant::ALL
+        .into_iter()
+        .find(|v| v.runs_on(dev) && (hopper || !v.wgmma))
+    else {
         bail!("no fused attention kernel runs on this GPU (needs compute capability 8.0 or newer)")
     };
     Ok(variant)
 }
 
 /// softmax(q kᵀ · scale) v for q, k, v of shape (B, H, L, 128), bf16 on CUDA (see [`supports`]), with
-/// the first of [`Variant::ALL`] that runs on the device. Returns (B, L, H, 128), contiguous: as
-/// (B, L, H·128) it is the attention block's output layout.
-pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    flash_attn_variant(q, k, v, scale, variant_for(q)?)
+/// the first of [`Variant::ALL`] that runs on the device (with `hopper` false, the first on warp MMAs, as
+/// on an Ampere GPU). Returns (B, L, H, 128), contiguous: as (B, L, H·128) it is the attention block's
+/// output layout.
+pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, hopper: bool) -> Result<Tensor> {
+    flash_attn_variant(q, k, v, scale, variant_for(q, hopper)?)
 }
 
 /// [`flash_attn`] with the given kernel.
@@ -144,7 +148,13 @@ pub fn flash_attn_variant(
 
 /// [`flash_attn`] and each row's log-sum-exp of its scaled scores in log2 units, (B, H, L) f32: what
 /// the backward ([`backward`]) reads to compute the probabilities again without a softmax pass.
-pub fn flash_attn_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
+pub fn flash_attn_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    hopper: bool,
+) -> Result<(Tensor, Tensor)> {
     let (b, h, l, _) = q.dims4()?;
     let lse = Tensor::zeros((b, h, l), DType::F32, q.device())?;
     let out = q.apply_op3_no_bwd(
@@ -152,7 +162,7 @@ pub fn flash_attn_lse(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<
         v,
         &FlashAttn {
             scale,
-            variant: variant_for(q)?,
+            variant: variant_for(q, hopper)?,
             lse: Some(lse.clone()),
         },
     )?;
@@ -420,18 +430,22 @@ impl Backward {
 /// output's gradient `g`, as (B, H, L, 128) heads or (B, L, H·128) rows, all bf16 on CUDA with any
 /// 16-byte aligned row strides (cuBLAS's products copy what they need contiguous), from the forward's `lse`
 /// ([`flash_attn_lse`]) and `delta = rowsum(g ⊙ o)` ((B, H, L) f32), with the first of
-/// [`Backward::ALL`] that runs on the device.
+/// [`Backward::ALL`] that runs on the device (of the warp-MMA ones unless `hopper`).
 pub fn backward(
     qkv: [&Tensor; 3],
     g: &Tensor,
     lse: &Tensor,
     delta: &Tensor,
     scale: f32,
+    hopper: bool,
 ) -> Result<[Tensor; 3]> {
     let Device::Cuda(dev) = qkv[0].device() else {
         bail!("the attention backward's kernels run on CUDA only")
     };
-    let Some(kernel) = Backward::ALL.into_iter().find(|k| k.runs_on(dev)) else {
+    let Some(kernel) = Backward::ALL
+        .into_iter()
+        .find(|k| k.runs_on(dev) && (hopper || !k.variant().wgmma))
+    else {
         bail!("the attention backward's kernels need compute capability 8.0 or newer")
     };
     backward_with(kernel, qkv, g, lse, delta, scale)

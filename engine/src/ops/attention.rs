@@ -20,13 +20,17 @@ pub fn attention(
         let scale = 1.0 / (d as f32).sqrt();
         let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
         if [q, k, v].iter().all(|t| !t.track_op()) {
-            return crate::kernels::flash_attn::flash_attn(&qd, &kd, &vd, scale)?.reshape((
-                b,
-                l,
-                h * d,
-            ));
+            let hopper = kernels.newest_instructions();
+            return crate::kernels::flash_attn::flash_attn(&qd, &kd, &vd, scale, hopper)?
+                .reshape((b, l, h * d));
         }
-        let (value, lse) = crate::kernels::flash_attn::flash_attn_lse(&qd, &kd, &vd, scale)?;
+        let (value, lse) = crate::kernels::flash_attn::flash_attn_lse(
+            &qd,
+            &kd,
+            &vd,
+            scale,
+            kernels.newest_instructions(),
+        )?;
         return crate::ops::autodiff::with_gradient3(
             [q, k, v],
             value.reshape((b, l, h * d))?,
@@ -47,8 +51,13 @@ pub fn attention_saved(
     #[cfg(feature = "cuda")]
     if kernels.fused_value(&[q, k, v]) && crate::kernels::flash_attn::supports(q) {
         let (b, h, l, d) = q.dims4()?;
-        let (value, lse) =
-            crate::kernels::flash_attn::flash_attn_lse(q, k, v, 1.0 / (d as f32).sqrt())?;
+        let (value, lse) = crate::kernels::flash_attn::flash_attn_lse(
+            q,
+            k,
+            v,
+            1.0 / (d as f32).sqrt(),
+            kernels.newest_instructions(),
+        )?;
         return Ok((value.reshape((b, l, h * d))?, Some(lse)));
     }
     Ok((plain_attention(q, k, v)?, None))
@@ -70,7 +79,8 @@ pub fn attention_backward(
     if let (Some(lse), true) = (lse, kernels.fused_value(&[q, g])) {
         let delta = crate::kernels::fused_ops::head_dot(g, o)?;
         let scale = 1.0 / (d as f32).sqrt();
-        return crate::kernels::flash_attn::backward([q, k, v], g, lse, &delta, scale);
+        let hopper = kernels.newest_instructions();
+        return crate::kernels::flash_attn::backward([q, k, v], g, lse, &delta, scale, hopper);
     }
     let _ = lse; // read on the fused path only
     plain_attention_backward(

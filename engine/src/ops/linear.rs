@@ -82,7 +82,7 @@ pub fn fp8_linear(
 ) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let (true, Some(bias)) = (kernels.fused(&[x]), bias) {
-        if crate::kernels::fp8::supports_linear(x, weight) {
+        if kernels.newest_instructions() && crate::kernels::fp8::supports_linear(x, weight) {
             // The activation kernels read 16-byte vectors.
             let x = if x.is_contiguous() && x.layout().start_offset().is_multiple_of(8) {
                 x.clone()
@@ -150,7 +150,7 @@ pub fn add_product(
     b: &Tensor,
 ) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
-    if kernels == Kernels::Fused && crate::kernels::gemm::supports(y) {
+    if kernels.is_fused() && crate::kernels::gemm::supports(y) {
         // `b` is a transposed view of a contiguous (n, k) factor or a contiguous (k, n) one.
         let (b, transposed) = if b.t()?.is_contiguous() {
             (b.t()?, true)
@@ -176,7 +176,7 @@ pub fn strided_matmul(
     out: candle_core::DType,
 ) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if kernels == Kernels::Fused && crate::kernels::gemm::supports_matmul(a, b) {
+    if kernels.is_fused() && crate::kernels::gemm::supports_matmul(a, b) {
         return crate::kernels::gemm::matmul(a, b, alpha, out);
     }
     let p = a.contiguous()?.matmul(&b.contiguous()?)?;

@@ -28,9 +28,25 @@ pub enum Kernels {
     /// dtype and layout allow them; candle's ops elsewhere. What a loaded model uses.
     #[default]
     Fused,
+    /// The fused kernels as an Ampere GPU (compute capability 8.x: RTX 30 series, A100) runs them,
+    /// whatever the GPU: attention on warp MMAs instead of Hopper's warpgroup MMAs, and fp8 weights
+    /// dequantized for their products instead of multiplied on FP8 tensor cores. How a Hopper GPU
+    /// checks and times the path older cards take (`flux-bench --ampere`).
+    Ampere,
 }
 
 impl Kernels {
+    /// Whether the engine's own kernels run where they can (`Fused` or `Ampere`).
+    pub fn is_fused(self) -> bool {
+        self != Kernels::Plain
+    }
+
+    /// Whether the instructions newer than Ampere's (Hopper's warpgroup MMAs, FP8 tensor cores) may be
+    /// used where the GPU has them.
+    pub fn newest_instructions(self) -> bool {
+        self == Kernels::Fused
+    }
+
     /// Whether the fused kernels take these inputs: the policy says fused, they are bf16 on a CUDA
     /// device, and no gradient to carry (for the ops whose kernels have no backward pass; a training
     /// forward takes the plain, differentiable path).
@@ -43,7 +59,7 @@ impl Kernels {
     /// a hand-written backward (attention, the modulated norm, the gated residual).
     #[cfg(feature = "cuda")]
     pub(crate) fn fused_value(self, inputs: &[&Tensor]) -> bool {
-        self == Kernels::Fused && crate::kernels::fused_ops::supports(inputs[0])
+        self.is_fused() && crate::kernels::fused_ops::supports(inputs[0])
     }
 }
 

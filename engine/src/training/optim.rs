@@ -157,7 +157,7 @@ fn sum_of_squares(kernels: Kernels, gs: &[Tensor]) -> candle_core::Result<f64> {
 /// contiguous f32 on CUDA.
 #[cfg(feature = "cuda")]
 fn fused<'a>(kernels: Kernels, ts: impl IntoIterator<Item = &'a Tensor>) -> bool {
-    kernels == Kernels::Fused && ts.into_iter().all(crate::kernels::adamw::supports)
+    kernels.is_fused() && ts.into_iter().all(crate::kernels::adamw::supports)
 }
 
 /// The learning rate of 1-based step `step` of `total`: linear warm-up from 0, then constant or half a

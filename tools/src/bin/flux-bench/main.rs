@@ -31,6 +31,10 @@ struct Args {
     /// Candle's ops only: the models are built without the fused CUDA kernels.
     #[arg(long, global = true)]
     plain: bool,
+    /// The fused kernels as an Ampere GPU runs them (no Hopper warpgroup MMAs, no FP8 tensor cores):
+    /// times the path of older cards on a Hopper GPU.
+    #[arg(long, global = true, conflicts_with = "plain")]
+    ampere: bool,
     /// The transformer's linear weights made into this format on load (`fp8`, `q8_0`, `q4_k`, ...:
     /// engine::weights::WeightFormat); as stored when absent.
     #[arg(long, global = true, value_parser = WeightFormat::parse)]
@@ -56,6 +60,8 @@ fn main() -> Result<()> {
     let device = DeviceChoice::Auto.select()?;
     let kernels = if args.plain {
         Kernels::Plain
+    } else if args.ampere {
+        Kernels::Ampere
     } else {
         Kernels::Fused
     };
