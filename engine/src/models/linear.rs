@@ -265,6 +265,26 @@ impl Base {
         })
     }
 
+    /// Its weight's host memory page-locked for copies to `device` (the bias is too small to matter).
+    #[cfg(feature = "cuda")]
+    fn pin(
+        &self,
+        device: &candle_core::CudaDevice,
+    ) -> Result<Vec<crate::kernels::pinned::PinnedHost>> {
+        use crate::kernels::pinned::PinnedHost;
+        Ok(vec![match self {
+            Self::Dense(l) => PinnedHost::tensor(l.weight(), device)?,
+            Self::Quantized(QuantizedBase {
+                weight: QuantizedWeight::Fp8 { weight, .. },
+                ..
+            }) => PinnedHost::tensor(weight, device)?,
+            Self::Quantized(QuantizedBase {
+                weight: QuantizedWeight::Gguf(blocks),
+                ..
+            }) => PinnedHost::blocks(blocks, device)?,
+        }])
+    }
+
     /// The bytes its weight and bias take.
     fn bytes(&self) -> usize {
         let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -301,6 +321,9 @@ struct State {
     /// Set when the base lives in host memory and is copied to this device for each product
     /// ([`Linear::place`]): a streamed layer. Its adapters stay unmerged.
     compute: Option<Device>,
+    /// A streamed base's host memory, page-locked for fast copies while it is streamed.
+    #[cfg(feature = "cuda")]
+    pinned: Vec<crate::kernels::pinned::PinnedHost>,
 }
 
 #[derive(Debug)]
@@ -327,6 +350,8 @@ impl Linear {
                 adapters: Vec::new(),
                 merged: None,
                 compute: None,
+                #[cfg(feature = "cuda")]
+                pinned: Vec::new(),
             }),
             kernels,
         }
@@ -349,6 +374,8 @@ impl Linear {
                 adapters: Vec::new(),
                 merged: None,
                 compute: None,
+                #[cfg(feature = "cuda")]
+                pinned: Vec::new(),
             }),
             kernels,
         })
@@ -381,8 +408,18 @@ impl Linear {
         } else {
             device.clone()
         };
+        #[cfg(feature = "cuda")]
+        state.pinned.clear();
         state.base = state.base.to_device(&home)?;
         state.compute = streamed.then(|| device.clone());
+        #[cfg(feature = "cuda")]
+        if let (true, Device::Cuda(cuda)) = (streamed, device) {
+            // Pageable memory still streams, at the staged rate: a slower step, not a failure.
+            match state.base.pin(cuda) {
+                Ok(pinned) => state.pinned = pinned,
+                Err(e) => tracing::warn!("layer {}: streamed from pageable memory: {e}", self.name),
+            }
+        }
         Ok(())
     }
 
