@@ -5,6 +5,7 @@ README and docs are rendered from those records: `cargo run -p tools -- bench-ta
   python3 bench/record.py training OUT_DIR     # scripts/gpu/train-memory-bench.sh's OUT_DIR (+ bench_train_ref.py's output as peft.txt)
   python3 bench/record.py small-gpu OUT_DIR    # scripts/gpu/small-gpu-bench.sh's OUT_DIR
   python3 bench/record.py edit OUT_DIR         # scripts/gpu/edit-bench.sh's OUT_DIR
+  python3 bench/record.py speed OUT_DIR        # OUT_DIR/speed.jsonl: labelled lines of flux-bench and anchors_ref.py
 
 Options: --date YYYY-MM-DD (default today), --gpu NAME (default: OUT_DIR/gpu.txt's first field), --run N,
 --command "..." (what was run), --change "..." (what the run changed). The record goes to stdout; save it as bench/results/DATE-WHAT-runN.json.
@@ -238,9 +239,37 @@ def edit(out):
             "size": 1024, "steps": 28, "cases": cases}
 
 
+def speed(out):
+    """Ours beside diffusers where the generation record does not reach: diffusers with torch.compile
+    (its compile time and warm time) against ours at 1024x1024, a wide size (1360x768) against
+    diffusers eager, and our Ampere path (`flux-bench --ampere`) on the same GPU. Each line of
+    speed.jsonl is labelled: ours-1024, compile-diffusers, wide-ours, wide-diffusers, ampere-forward,
+    ampere-generate."""
+    recs = {x["label"]: x for x in lines(f"{out}/speed.jsonl")}
+    last = lambda rec, key: r(rec["runs"][-1][key], 3) if rec and rec.get("runs") else None
+    ours, comp = recs.get("ours-1024"), recs.get("compile-diffusers")
+    wide_ours, wide_ref = recs.get("wide-ours"), recs.get("wide-diffusers")
+    amp_fwd, amp_gen = recs.get("ampere-forward"), recs.get("ampere-generate")
+    versions = (comp or wide_ref or {}).get("versions", {})
+    return {
+        "what": "speed", "reference": f"diffusers {versions.get('diffusers', '0.42.1')}, torch {versions.get('torch', '?')}",
+        "compile": {"ours_s": last(ours, "total_s"), "ours_step_s": last(ours, "median_step_s"),
+                    "diffusers_compile_s": last(comp, "s"),
+                    "diffusers_first_call_s": r((comp or {}).get("first_call_wall_s"), 1),
+                    "error": (comp or {}).get("oom") or (None if comp else "not run")},
+        "wide": {"width": (wide_ours or {}).get("size"), "height": (wide_ours or {}).get("height"),
+                 "ours_s": last(wide_ours, "total_s"), "ours_step_s": last(wide_ours, "median_step_s"),
+                 "diffusers_s": last(wide_ref, "s")},
+        "ampere": {"step_s": r(statistics.median(amp_fwd["step_s"])) if amp_fwd else None,
+                   "vs_diffusers_bf16_cosine": r(amp_fwd["diffusers_bf16"]["cosine"], 5) if amp_fwd else None,
+                   "vs_diffusers_f32_cosine": r(amp_fwd["diffusers_f32"]["cosine"], 5) if amp_fwd and "diffusers_f32" in amp_fwd else None,
+                   "total_s_1024": last(amp_gen, "total_s"), "gen_step_s": last(amp_gen, "median_step_s")},
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["generation", "training", "small-gpu", "edit"])
+    p.add_argument("what", choices=["generation", "training", "small-gpu", "edit", "speed"])
     p.add_argument("out")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--gpu")
@@ -254,7 +283,7 @@ def main():
             gpu = open(f"{a.out}/gpu.txt").read().split(",")[0].strip()
         except FileNotFoundError:
             sys.exit("no --gpu and no OUT_DIR/gpu.txt")
-    body = {"generation": generation, "training": training, "small-gpu": small_gpu, "edit": edit}[a.what](a.out)
+    body = {"generation": generation, "training": training, "small-gpu": small_gpu, "edit": edit, "speed": speed}[a.what](a.out)
     head = {"date": a.date, "run": a.run, "gpu": gpu, "command": a.command, "change": a.change}
     print(json.dumps({**head, **body}, indent=1))
 

@@ -195,12 +195,48 @@ struct EditCase {
     reference_s: Option<f64>,
 }
 
+/// torch.compile, a wide size and the Ampere path beside diffusers (bench/record.py speed).
+#[derive(Debug, Deserialize)]
+struct Speed {
+    #[serde(flatten)]
+    head: Head,
+    reference: String,
+    compile: SpeedCompile,
+    wide: SpeedWide,
+    ampere: SpeedAmpere,
+}
+
+#[derive(Debug, Deserialize)]
+struct SpeedCompile {
+    ours_s: Option<f64>,
+    ours_step_s: Option<f64>,
+    diffusers_compile_s: Option<f64>,
+    diffusers_first_call_s: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SpeedWide {
+    width: Option<u32>,
+    height: Option<u32>,
+    ours_s: Option<f64>,
+    ours_step_s: Option<f64>,
+    diffusers_s: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SpeedAmpere {
+    step_s: Option<f64>,
+    vs_diffusers_bf16_cosine: Option<f64>,
+    total_s_1024: Option<f64>,
+}
+
 /// Every record, oldest first.
 pub struct Records {
     generation: Vec<Generation>,
     training: Vec<Training>,
     small_gpu: Vec<SmallGpu>,
     edit: Vec<Edit>,
+    speed: Vec<Speed>,
 }
 
 impl Records {
@@ -215,6 +251,7 @@ impl Records {
             training: Vec::new(),
             small_gpu: Vec::new(),
             edit: Vec::new(),
+            speed: Vec::new(),
         };
         for file in files {
             let text = std::fs::read_to_string(&file)?;
@@ -225,6 +262,7 @@ impl Records {
                 "lora-training" => records.training.push(serde_json::from_str(&text)?),
                 "small-gpu" => records.small_gpu.push(serde_json::from_str(&text)?),
                 "edit" => records.edit.push(serde_json::from_str(&text)?),
+                "speed" => records.speed.push(serde_json::from_str(&text)?),
                 other => bail!("{}: unknown record kind {other:?}", file.display()),
             }
         }
@@ -239,6 +277,9 @@ impl Records {
             .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
         records
             .edit
+            .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records
+            .speed
             .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
         Ok(records)
     }
@@ -256,6 +297,7 @@ impl Records {
             "weight-formats" => Ok(self.formats_table()),
             "gpu-memory" => Ok(self.gpu_memory_table()),
             "editing" => Ok(self.edit_table()),
+            "speed" => Ok(self.speed_table()),
             _ => bail!("no table called {name:?}"),
         }
     }
@@ -698,6 +740,47 @@ impl Records {
                 secs(c.reference_s, 2)
             );
         }
+        t
+    }
+}
+
+impl Records {
+    /// torch.compile, a wide size and the Ampere path, from the newest speed record.
+    fn speed_table(&self) -> String {
+        let Some(s) = self.speed.last() else {
+            return "No GPU run has measured these yet: bench/record.py speed says what to run.\n"
+                .into();
+        };
+        let mut t = format!(
+            "{}. Reproduce: `{}`.\n\n| 28 steps, end to end | ours | our step | diffusers |\n|---|---|---|---|\n",
+            source(&s.head, &s.reference),
+            command(&s.head)
+        );
+        let c = &s.compile;
+        t += &format!(
+            "| 1024x1024, diffusers with torch.compile (its first call, compiling: {}) | {} | {} | {} |\n",
+            secs(c.diffusers_first_call_s, 0),
+            secs(c.ours_s, 2),
+            secs(c.ours_step_s, 3),
+            secs(c.diffusers_compile_s, 2)
+        );
+        let w = &s.wide;
+        if let (Some(width), Some(height)) = (w.width, w.height) {
+            t += &format!(
+                "| {width}x{height}, diffusers eager | {} | {} | {} |\n",
+                secs(w.ours_s, 2),
+                secs(w.ours_step_s, 3),
+                secs(w.diffusers_s, 2)
+            );
+        }
+        let a = &s.ampere;
+        t += &format!(
+            "| 1024x1024 on the Ampere path (`--ampere`: warp-MMA attention), cosine {} against diffusers' bf16 step | {} | {} | |\n",
+            a.vs_diffusers_bf16_cosine
+                .map_or(String::new(), |c| format!("{c:.4}")),
+            secs(a.total_s_1024, 2),
+            secs(a.step_s, 3)
+        );
         t
     }
 }
