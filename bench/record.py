@@ -5,7 +5,7 @@ README and docs are rendered from those records: `cargo run -p tools -- bench-ta
   python3 bench/record.py training OUT_DIR     # scripts/gpu/train-memory-bench.sh's OUT_DIR (+ bench_train_ref.py's output as peft.txt)
   python3 bench/record.py small-gpu OUT_DIR    # scripts/gpu/small-gpu-bench.sh's OUT_DIR
   python3 bench/record.py edit OUT_DIR         # scripts/gpu/edit-bench.sh's OUT_DIR
-  python3 bench/record.py speed OUT_DIR        # OUT_DIR/speed.jsonl: labelled lines of flux-bench and anchors_ref.py
+  python3 bench/record.py speed OUT_DIR        # scripts/gpu/speed-bench.sh's OUT_DIR
 
 Options: --date YYYY-MM-DD (default today), --gpu NAME (default: OUT_DIR/gpu.txt's first field), --run N,
 --command "..." (what was run), --change "..." (what the run changed). The record goes to stdout; save it as bench/results/DATE-WHAT-runN.json.

@@ -748,7 +748,7 @@ impl Records {
     /// torch.compile, a wide size and the Ampere path, from the newest speed record.
     fn speed_table(&self) -> String {
         let Some(s) = self.speed.last() else {
-            return "No GPU run has measured these yet: bench/record.py speed says what to run.\n"
+            return "No GPU run has measured these yet: `bash scripts/gpu/speed-bench.sh` does.\n"
                 .into();
         };
         let mut t = format!(
