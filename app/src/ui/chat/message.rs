@@ -64,14 +64,9 @@ pub(super) fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
         }
         Entry::Answer(answer) => view! {
             <div class="msg studio answer" data-testid="chat-answer">
-                <p class="answer-text">{move || answer.text.get()}</p>
+                // Stop sits above the text, so that it stays put while the tokens stream in below it.
                 {move || {
-                    let sources = answer.sources.get();
-                    (!sources.is_empty())
-                        .then(|| view! { <p class="sources">"From the studio's docs: " {sources.join("; ")}</p> })
-                }}
-                {move || match answer.end.get() {
-                    None => view! {
+                    answer.end.with(Option::is_none).then(|| view! {
                         <button
                             class="secondary stop"
                             disabled=move || answer.stop.get()
@@ -79,8 +74,16 @@ pub(super) fn EntryView(chat: ChatState, entry: Entry) -> impl IntoView {
                         >
                             "Stop"
                         </button>
-                    }
-                    .into_any(),
+                    })
+                }}
+                <p class="answer-text">{move || answer.text.get()}</p>
+                {move || {
+                    let sources = answer.sources.get();
+                    (!sources.is_empty())
+                        .then(|| view! { <p class="sources">"From the studio's docs: " {sources.join("; ")}</p> })
+                }}
+                {move || match answer.end.get() {
+                    None => ().into_any(),
                     Some(Ok(ChatFinish::Cancelled)) => view! { <span class="verdict">"stopped"</span> }.into_any(),
                     Some(Ok(_)) => ().into_any(),
                     Some(Err(message)) => view! { <ErrorBox message /> }.into_any(),
