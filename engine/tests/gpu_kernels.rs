@@ -842,6 +842,10 @@ fn a_layer_streamed_from_host_memory_matches_the_resident_one() -> Result<()> {
         let t_resident = time_median(device, 5, || Ok(layer.forward(&x)?))?;
         layer.place(device, true)?;
         assert!(layer.is_streamed());
+        assert!(
+            layer.is_page_locked(),
+            "{name}: the streamed weight is not page-locked"
+        );
         let streamed = layer.forward(&x)?;
         let t_streamed = time_median(device, 5, || Ok(layer.forward(&x)?))?;
         let diff = (resident.to_dtype(DType::F32)? - streamed.to_dtype(DType::F32)?)?

@@ -212,6 +212,8 @@ struct SpeedCompile {
     ours_step_s: Option<f64>,
     diffusers_compile_s: Option<f64>,
     diffusers_first_call_s: Option<f64>,
+    /// Why diffusers' compiled run has no time (out of memory, not run).
+    error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -762,7 +764,10 @@ impl Records {
             secs(c.diffusers_first_call_s, 0),
             secs(c.ours_s, 2),
             secs(c.ours_step_s, 3),
-            secs(c.diffusers_compile_s, 2)
+            match (c.diffusers_compile_s, &c.error) {
+                (None, Some(e)) => e.clone(),
+                (t, _) => secs(t, 2),
+            }
         );
         let w = &s.wide;
         if let (Some(width), Some(height)) = (w.width, w.height) {

@@ -267,22 +267,19 @@ impl Base {
 
     /// Its weight's host memory page-locked for copies to `device` (the bias is too small to matter).
     #[cfg(feature = "cuda")]
-    fn pin(
-        &self,
-        device: &candle_core::CudaDevice,
-    ) -> Result<Vec<crate::kernels::pinned::PinnedHost>> {
+    fn pin(&self, device: &candle_core::CudaDevice) -> Result<crate::kernels::pinned::PinnedHost> {
         use crate::kernels::pinned::PinnedHost;
-        Ok(vec![match self {
-            Self::Dense(l) => PinnedHost::tensor(l.weight(), device)?,
+        match self {
+            Self::Dense(l) => PinnedHost::tensor(l.weight(), device),
             Self::Quantized(QuantizedBase {
                 weight: QuantizedWeight::Fp8 { weight, .. },
                 ..
-            }) => PinnedHost::tensor(weight, device)?,
+            }) => PinnedHost::tensor(weight, device),
             Self::Quantized(QuantizedBase {
                 weight: QuantizedWeight::Gguf(blocks),
                 ..
-            }) => PinnedHost::blocks(blocks, device)?,
-        }])
+            }) => PinnedHost::blocks(blocks, device),
+        }
     }
 
     /// The bytes its weight and bias take.
@@ -323,7 +320,7 @@ struct State {
     compute: Option<Device>,
     /// A streamed base's host memory, page-locked for fast copies while it is streamed.
     #[cfg(feature = "cuda")]
-    pinned: Vec<crate::kernels::pinned::PinnedHost>,
+    pinned: Option<crate::kernels::pinned::PinnedHost>,
 }
 
 #[derive(Debug)]
@@ -351,7 +348,7 @@ impl Linear {
                 merged: None,
                 compute: None,
                 #[cfg(feature = "cuda")]
-                pinned: Vec::new(),
+                pinned: None,
             }),
             kernels,
         }
@@ -375,7 +372,7 @@ impl Linear {
                 merged: None,
                 compute: None,
                 #[cfg(feature = "cuda")]
-                pinned: Vec::new(),
+                pinned: None,
             }),
             kernels,
         })
@@ -409,14 +406,16 @@ impl Linear {
             device.clone()
         };
         #[cfg(feature = "cuda")]
-        state.pinned.clear();
+        {
+            state.pinned = None;
+        }
         state.base = state.base.to_device(&home)?;
         state.compute = streamed.then(|| device.clone());
         #[cfg(feature = "cuda")]
         if let (true, Device::Cuda(cuda)) = (streamed, device) {
             // Pageable memory still streams, at the staged rate: a slower step, not a failure.
             match state.base.pin(cuda) {
-                Ok(pinned) => state.pinned = pinned,
+                Ok(pinned) => state.pinned = Some(pinned),
                 Err(e) => tracing::warn!("layer {}: streamed from pageable memory: {e}", self.name),
             }
         }
@@ -429,6 +428,16 @@ impl Linear {
             .read()
             .expect("adapter lock poisoned")
             .compute
+            .is_some()
+    }
+
+    /// Whether a streamed base's host memory is page-locked (copied at the link's DMA rate).
+    #[cfg(feature = "cuda")]
+    pub fn is_page_locked(&self) -> bool {
+        self.state
+            .read()
+            .expect("adapter lock poisoned")
+            .pinned
             .is_some()
     }
 
