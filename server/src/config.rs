@@ -11,11 +11,18 @@ use engine::classifier::{DEFAULT_ENCODER_DIR, DEFAULT_HEAD_PATH};
 use engine::device::DeviceChoice;
 use engine::weights::WeightFormat;
 
+use crate::store::Location;
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// Where the database, uploads, LoRAs and images live.
     #[arg(long, env = "STUDIO_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// Where jobs, their events, settings, conversations and API tokens are kept: a SQLite file, or a
+    /// PostgreSQL database shared by a cluster's nodes (`postgres://user:password@host:5432/studio`;
+    /// run `studio migrate --database URL` once first). Default: `studio.db` in --data-dir.
+    #[arg(long, env = "STUDIO_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, env = "STUDIO_BIND", default_value = "127.0.0.1")]
     pub bind: IpAddr,
@@ -90,6 +97,14 @@ pub struct ServeConfig {
     pub classifier: ClassifierConfig,
     #[command(flatten)]
     pub chat: ChatConfig,
+}
+
+/// Where the store is: `--database` when given, else `studio.db` in the data directory.
+pub fn store_location(data_dir: &std::path::Path, database: Option<&str>) -> Location {
+    database.map_or_else(
+        || Location::File(crate::files::DataDir::database_in(data_dir)),
+        Location::parse,
+    )
 }
 
 /// The chat's language model: a local GGUF model, or an OpenAI-compatible server the user runs.

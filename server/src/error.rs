@@ -81,21 +81,20 @@ impl ApiError {
         ApiError::disk_full(context, err)
     }
 
-    /// A failed database or file operation of the job store: a full disk (SQLite's `SQLITE_FULL`, or
-    /// an I/O error saying so anywhere in the chain) answers 507 as [`ApiError::storage`] does.
+    /// A failed database or file operation of the job store: a full disk (the database's own
+    /// disk-full error, or an I/O error saying so anywhere in the chain) answers 507 as
+    /// [`ApiError::storage`] does.
     pub fn store(context: &str, err: anyhow::Error) -> ApiError {
         use std::io::ErrorKind::{QuotaExceeded, StorageFull};
-        let full = err.chain().any(|cause| {
-            let sqlite_full = matches!(
-                cause.downcast_ref::<rusqlite::Error>(),
-                Some(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull
-            );
-            let io_full = matches!(
-                cause.downcast_ref::<std::io::Error>().map(std::io::Error::kind),
-                Some(StorageFull | QuotaExceeded)
-            );
-            sqlite_full || io_full
-        });
+        let full = crate::store::is_disk_full(&err)
+            || err.chain().any(|cause| {
+                matches!(
+                    cause
+                        .downcast_ref::<std::io::Error>()
+                        .map(std::io::Error::kind),
+                    Some(StorageFull | QuotaExceeded)
+                )
+            });
         if full {
             ApiError::disk_full(context, format!("{err:#}"))
         } else {

@@ -62,7 +62,12 @@ impl DataDir {
     }
 
     pub fn database(&self) -> PathBuf {
-        self.root.join("studio.db")
+        DataDir::database_in(&self.root)
+    }
+
+    /// The embedded store's file in the data directory `root`.
+    pub fn database_in(root: &Path) -> PathBuf {
+        root.join("studio.db")
     }
 
     pub fn image(&self, id: JobId) -> PathBuf {

@@ -39,14 +39,16 @@ pub struct Running {
 pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<Running> {
     let data = DataDir::create(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
-    let store = Arc::new(Store::open(&data.database())?);
-    let jobs = Jobs::start(
-        store,
-        data,
-        caps,
-        config.generation_queue,
-        config.training_queue,
-    )?;
+    let location = config::store_location(&config.data_dir, config.database.as_deref());
+    tracing::info!("store: {location}");
+    let (generation_queue, training_queue) = (config.generation_queue, config.training_queue);
+    // Both block on the database (PostgreSQL's client runs its own small runtime): off this one.
+    let jobs = tokio::task::spawn_blocking(move || {
+        let store = Arc::new(Store::connect(&location)?);
+        Jobs::start(store, data, caps, generation_queue, training_queue)
+    })
+    .await
+    .context("starting the job system")??;
     let settings = HttpSettings {
         token: config.token.clone(),
         json_limit: usize::try_from(config.json_limit).unwrap_or(usize::MAX),

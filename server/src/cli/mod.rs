@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod generate;
+pub mod migrate;
 pub mod serve;
 pub mod token;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Classify(classify::Args),
     /// Users' API tokens: create (printed once), list, revoke.
     Token(token::Args),
+    /// Bring the store up to this studio's schema (needed for a PostgreSQL store; see docs/deployment.md).
+    Migrate(migrate::Args),
 }
 
 impl Cli {
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Token(args) => token::run(args),
+        Command::Migrate(args) => migrate::run(args),
     }
 }
 

@@ -1,4 +1,4 @@
-//! `studio token`: users' API tokens in the data directory's store. A token is printed once, at
+//! `studio token`: users' API tokens in the server's store. A token is printed once, at
 //! creation, and kept only as its hash; the server reads the store on every request, so a token
 //! created or revoked here counts at once, without a restart.
 
@@ -7,14 +7,18 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand};
 
+use crate::config::store_location;
 use crate::files::DataDir;
-use crate::store::Store;
+use crate::store::{Location, Store};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// The server's data directory, where its database is.
     #[arg(long, env = "STUDIO_DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
+    /// The server's store when it is not `studio.db` in the data directory (as `serve --database`).
+    #[arg(long, env = "STUDIO_DATABASE", hide_env_values = true, global = true)]
+    pub database: Option<String>,
     #[command(subcommand)]
     pub action: Action,
 }
@@ -37,9 +41,12 @@ pub enum Action {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let data = DataDir::create(&args.data_dir)
-        .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
-    let store = Store::open(&data.database())?;
+    let location = store_location(&args.data_dir, args.database.as_deref());
+    if let Location::File(_) = location {
+        DataDir::create(&args.data_dir)
+            .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
+    }
+    let store = Store::connect(&location)?;
     match args.action {
         Action::Create { user, admin } => {
             let (id, token) = store.create_token(&user, admin)?;
