@@ -563,6 +563,12 @@ impl FluxPipeline {
         let streamed = opts.memory.streamed.unwrap_or(plan.streamed_bytes());
         let transformer =
             FluxTransformer::load_streaming(&weights, &cfg, dtype, device, opts.kernels, streamed)?;
+        // What the load freed (bf16 copies of weights made fp8) is still the pool's: hand it back
+        // before the text encoders load.
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = device {
+            crate::kernels::pool::release_unused(cuda)?;
+        }
         if streamed > 0 {
             tracing::info!(
                 "transformer: {} of its blocks' weights stay in host memory and are copied to {:?} at every step",

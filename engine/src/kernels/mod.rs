@@ -9,6 +9,7 @@ pub mod fused_ops;
 pub mod gemm;
 pub mod group_norm;
 pub mod pinned;
+pub mod pool;
 
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor};
