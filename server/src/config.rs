@@ -23,6 +23,18 @@ pub struct ServeConfig {
     /// run `studio migrate --database URL` once first). Default: `studio.db` in --data-dir.
     #[arg(long, env = "STUDIO_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
+    /// Serve the API and UI only, running no jobs: a cluster's API node, beside `studio worker` nodes,
+    /// all on one PostgreSQL store (--database) and one shared --data-dir. See docs/deployment.md.
+    #[arg(long, env = "STUDIO_API_ONLY")]
+    pub api_only: bool,
+    /// This node's name in a cluster (which node holds which job); unique per process. Default: the
+    /// host's name and the process id.
+    #[arg(long, env = "STUDIO_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How long a cluster's node holds a job without renewing its lease (a heartbeat every third of it);
+    /// past it, the job goes back to the queue for another node. Seconds.
+    #[arg(long, env = "STUDIO_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_seconds: u64,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, env = "STUDIO_BIND", default_value = "127.0.0.1")]
     pub bind: IpAddr,

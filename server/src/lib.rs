@@ -39,16 +39,7 @@ pub struct Running {
 pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<Running> {
     let data = DataDir::create(&config.data_dir)
         .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
-    let location = config::store_location(&config.data_dir, config.database.as_deref());
-    tracing::info!("store: {location}");
-    let (generation_queue, training_queue) = (config.generation_queue, config.training_queue);
-    // Both block on the database (PostgreSQL's client runs its own small runtime): off this one.
-    let jobs = tokio::task::spawn_blocking(move || {
-        let store = Arc::new(Store::connect(&location)?);
-        Jobs::start(store, data, caps, generation_queue, training_queue)
-    })
-    .await
-    .context("starting the job system")??;
+    let jobs = start_jobs(config, data, caps, !config.api_only).await?;
     let settings = HttpSettings {
         token: config.token.clone(),
         json_limit: usize::try_from(config.json_limit).unwrap_or(usize::MAX),
@@ -75,6 +66,69 @@ pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<R
             .await
     });
     Ok(Running { addr, jobs, server })
+}
+
+/// Opens the store and starts the job system: alone on a SQLite store; as a cluster's node, running
+/// jobs or not, on a PostgreSQL one.
+async fn start_jobs(
+    config: &ServeConfig,
+    data: DataDir,
+    caps: Capabilities,
+    runs_jobs: bool,
+) -> anyhow::Result<Jobs> {
+    let location = config::store_location(&config.data_dir, config.database.as_deref());
+    tracing::info!("store: {location}");
+    let node = match &location {
+        store::Location::Postgres(_) => Some(jobs::NodeSettings {
+            name: config.node_name.clone().unwrap_or_else(default_node_name),
+            lease: std::time::Duration::from_secs(config.lease_seconds),
+            runs_jobs,
+        }),
+        store::Location::File(_) if runs_jobs => None,
+        store::Location::File(_) => anyhow::bail!(
+            "a node that runs no jobs needs a store other nodes share: PostgreSQL (--database \
+             postgres://...), with `studio worker` nodes on it"
+        ),
+    };
+    let (generation_queue, training_queue) = (config.generation_queue, config.training_queue);
+    // Both block on the database (PostgreSQL's client runs its own small runtime): off this one.
+    tokio::task::spawn_blocking(move || {
+        let store = Arc::new(Store::connect(&location)?);
+        Jobs::start(store, data, caps, generation_queue, training_queue, node)
+    })
+    .await
+    .context("starting the job system")?
+}
+
+/// `<host>-<pid>`: unique among the processes of a cluster.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A cluster's worker node: runs jobs from the shared store, serves no HTTP; until Ctrl-C or SIGTERM.
+pub async fn run_worker(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(
+            config::store_location(&config.data_dir, config.database.as_deref()),
+            store::Location::Postgres(_)
+        ),
+        "`studio worker` runs the jobs of a cluster's shared store: give it --database postgres://... \
+         (the one the API nodes use) and the same --data-dir; one box alone needs only `studio serve`"
+    );
+    let data = DataDir::create(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let jobs = start_jobs(config, data, caps, true).await?;
+    // The one line scripts and tests read to know the worker is taking jobs.
+    println!("studio worker ready");
+    shutdown_signal().await;
+    jobs.shutdown();
+    Ok(())
 }
 
 async fn shutdown_signal() {

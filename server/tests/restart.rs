@@ -29,7 +29,7 @@ fn seed_database(data: &std::path::Path) {
     let params =
         json!({"keywords": ["k"], "settings": {}, "dataset_bytes": 1, "dataset_images": 1});
     store
-        .insert_job(RUNNING, JobKind::Training, &params, None)
+        .insert_job(RUNNING, JobKind::Training, &params, None, None)
         .unwrap();
     store
         .record_event(&status_event(RUNNING, 1, JobStatus::Queued))
@@ -56,7 +56,13 @@ fn seed_database(data: &std::path::Path) {
         })
         .unwrap();
     store
-        .insert_job(DONE, JobKind::Generation, &json!({"prompt": "p"}), None)
+        .insert_job(
+            DONE,
+            JobKind::Generation,
+            &json!({"prompt": "p"}),
+            None,
+            None,
+        )
         .unwrap();
     store
         .record_event(&status_event(DONE, 1, JobStatus::Completed))

@@ -30,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server (the default).
     Serve(ServeConfig),
+    /// Run a cluster's worker node: jobs from the shared PostgreSQL store, no HTTP (docs/deployment.md).
+    Worker(ServeConfig),
     /// Generate one image from a prompt and write it as PNG.
     Generate(generate::Args),
     /// Classify prompts read from stdin, one a line: one JSON line each (the `/classify/` answer plus `prompt`).
@@ -51,6 +53,7 @@ impl Cli {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.into_command() {
         Command::Serve(config) => serve::run(&config),
+        Command::Worker(config) => serve::run_worker(&config),
         Command::Generate(args) => generate::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Token(args) => token::run(args),

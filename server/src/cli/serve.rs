@@ -1,4 +1,5 @@
-//! `studio serve`: the engine's capabilities behind the HTTP server, until Ctrl-C or SIGTERM.
+//! `studio serve`: the engine's capabilities behind the HTTP server, until Ctrl-C or SIGTERM; and
+//! `studio worker`, the same capabilities running a cluster's jobs without HTTP.
 
 use anyhow::Context;
 
@@ -16,4 +17,10 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
         running.jobs.shutdown();
         result.context("serving HTTP")
     })
+}
+
+/// `studio worker`: the engine's capabilities running a cluster's jobs, until Ctrl-C or SIGTERM.
+pub fn run_worker(config: &ServeConfig) -> anyhow::Result<()> {
+    let caps = capabilities::from_config(config)?;
+    tokio::runtime::Runtime::new()?.block_on(crate::run_worker(config, caps))
 }

@@ -102,7 +102,7 @@ pub trait Generation: Send + Sync {
 }
 
 /// Which LoRA a request asked for, with the server's trained LoRAs already resolved to files.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LoraChoice {
     /// The request named none: the preset's own LoRA, if it has one.
     PresetDefault,
@@ -137,8 +137,9 @@ pub struct Held {
     pub loras: Vec<String>,
 }
 
-/// Everything the engine needs for one image, with every default applied.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything the engine needs for one image, with every default applied. Serialized, it is what a
+/// cluster's worker node reads from the shared queue (the input image as PNG).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationPlan {
     pub model: String,
     /// The prompt as sent to the model, trigger words included.
@@ -161,10 +162,12 @@ pub struct GenerationPlan {
 }
 
 /// A generation's input image, fitted to the plan's size (`crate::input`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PlanInput {
+    #[serde(with = "png")]
     pub image: RgbImage,
     /// White where the image is repainted.
+    #[serde(with = "png")]
     pub mask: Option<image::GrayImage>,
     /// In (0, 1].
     pub strength: f32,
@@ -413,5 +416,65 @@ mod tests {
             JobFailure::describe(&other, ErrorCode::GenerationFailed).0,
             ErrorCode::GenerationFailed
         );
+    }
+}
+
+/// An image in a serialized plan: PNG, base64 (lossless, and a tenth of the raw pixels' JSON).
+mod png {
+    use std::io::Cursor;
+
+    use base64::Engine as _;
+    use image::{DynamicImage, GrayImage, RgbImage};
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    pub trait Pixels: Sized {
+        fn encode(&self) -> image::ImageResult<Vec<u8>>;
+        fn decode(png: &[u8]) -> image::ImageResult<Self>;
+    }
+
+    fn encode(image: DynamicImage) -> image::ImageResult<Vec<u8>> {
+        let mut png = Vec::new();
+        image.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)?;
+        Ok(png)
+    }
+
+    impl Pixels for RgbImage {
+        fn encode(&self) -> image::ImageResult<Vec<u8>> {
+            encode(DynamicImage::ImageRgb8(self.clone()))
+        }
+        fn decode(png: &[u8]) -> image::ImageResult<Self> {
+            Ok(image::load_from_memory(png)?.to_rgb8())
+        }
+    }
+
+    impl Pixels for GrayImage {
+        fn encode(&self) -> image::ImageResult<Vec<u8>> {
+            encode(DynamicImage::ImageLuma8(self.clone()))
+        }
+        fn decode(png: &[u8]) -> image::ImageResult<Self> {
+            Ok(image::load_from_memory(png)?.to_luma8())
+        }
+    }
+
+    impl<T: Pixels> Pixels for Option<T> {
+        fn encode(&self) -> image::ImageResult<Vec<u8>> {
+            self.as_ref().map_or(Ok(Vec::new()), Pixels::encode)
+        }
+        fn decode(png: &[u8]) -> image::ImageResult<Self> {
+            (!png.is_empty()).then(|| T::decode(png)).transpose()
+        }
+    }
+
+    pub fn serialize<T: Pixels, S: Serializer>(image: &T, s: S) -> Result<S::Ok, S::Error> {
+        let png = image.encode().map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(png))
+    }
+
+    pub fn deserialize<'de, T: Pixels, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        let text = String::deserialize(d)?;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(D::Error::custom)?;
+        T::decode(&png).map_err(D::Error::custom)
     }
 }

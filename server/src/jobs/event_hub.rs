@@ -1,9 +1,14 @@
 //! Each live job has a broadcast channel; every event is numbered, written to the job's log in the store,
 //! then sent to whoever listens (WebSockets, a waiting `POST /generate/`). Listeners that fall behind
 //! catch up from the log, so the channel stays small.
+//!
+//! On a cluster's node, a job another node runs is *followed*: its channel is fed from the store's log
+//! (`ClusterNode`'s follower reads what the running node recorded), so listeners see the same events
+//! wherever the job runs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use app::{EventBody, JobEvent};
 use tokio::sync::broadcast;
@@ -13,11 +18,16 @@ use crate::store::{now_ms, Store};
 /// Events a slow listener may lag behind before it has to catch up from the store.
 const CHANNEL_CAPACITY: usize = 256;
 
+/// How long recording an event waits for an unreachable shared store to come back.
+const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);
+
 pub type Listener = broadcast::Receiver<Arc<JobEvent>>;
 
 struct Stream {
     sender: broadcast::Sender<Arc<JobEvent>>,
     next_seq: u64,
+    /// Fed from the store's log (another node runs the job), not by `publish`.
+    following: bool,
 }
 
 pub struct EventHub {
@@ -40,13 +50,77 @@ impl EventHub {
     }
 
     /// Makes a job live, its numbering continuing after what its log already holds (a resumed job), and
-    /// returns a listener that misses nothing published from here on.
+    /// returns a listener that misses nothing published from here on. A followed job's listeners stay:
+    /// this node runs it now.
     pub fn open(&self, job_id: &str) -> anyhow::Result<Listener> {
         let next_seq = self.store.last_seq(job_id)? + 1;
+        let mut streams = self.streams();
+        if let Some(stream) = streams.get_mut(job_id) {
+            stream.next_seq = next_seq;
+            stream.following = false;
+            return Ok(stream.sender.subscribe());
+        }
         let (sender, listener) = broadcast::channel(CHANNEL_CAPACITY);
-        self.streams()
-            .insert(job_id.to_owned(), Stream { sender, next_seq });
+        streams.insert(
+            job_id.to_owned(),
+            Stream {
+                sender,
+                next_seq,
+                following: false,
+            },
+        );
         Ok(listener)
+    }
+
+    /// Follows a job another node runs (or will): a listener fed from the store's log from here on.
+    /// Also for a job this node opened but another will run.
+    pub fn follow(&self, job_id: &str) -> anyhow::Result<Listener> {
+        let mut streams = self.streams();
+        if let Some(stream) = streams.get_mut(job_id) {
+            stream.following = true;
+            return Ok(stream.sender.subscribe());
+        }
+        let next_seq = self.store.last_seq(job_id)? + 1;
+        let (sender, listener) = broadcast::channel(CHANNEL_CAPACITY);
+        streams.insert(
+            job_id.to_owned(),
+            Stream {
+                sender,
+                next_seq,
+                following: true,
+            },
+        );
+        Ok(listener)
+    }
+
+    /// The followed jobs, each with the last event its listeners have.
+    pub fn followed(&self) -> Vec<(String, u64)> {
+        self.streams()
+            .iter()
+            .filter(|(_, s)| s.following)
+            .map(|(job, s)| (job.clone(), s.next_seq - 1))
+            .collect()
+    }
+
+    /// Sends a followed job's events read from the log (those its listeners lack); a job that ended
+    /// stops being live.
+    pub fn deliver(&self, job_id: &str, events: Vec<JobEvent>) {
+        let mut streams = self.streams();
+        let Some(stream) = streams.get_mut(job_id).filter(|s| s.following) else {
+            return;
+        };
+        let mut ended = false;
+        for event in events {
+            if event.seq < stream.next_seq {
+                continue;
+            }
+            stream.next_seq = event.seq + 1;
+            ended |= matches!(event.body, EventBody::Status { status } if status.is_finished());
+            let _ = stream.sender.send(Arc::new(event));
+        }
+        if ended {
+            streams.remove(job_id);
+        }
     }
 
     /// A listener for a live job; `None` when the job is not (or no longer) live.
@@ -60,16 +134,26 @@ impl EventHub {
         let mut streams = self.streams();
         let stream = streams
             .get_mut(job_id)
-            .ok_or_else(|| anyhow::anyhow!("job {job_id} has no live stream"))?;
+            .filter(|s| !s.following)
+            .ok_or_else(|| anyhow::anyhow!("job {job_id} has no live stream on this node"))?;
         let event = JobEvent {
             job_id: job_id.to_owned(),
             seq: stream.next_seq,
             at: now_ms(),
             body,
         };
-        // Live listeners hear of the event even when the log cannot keep it (a full disk): a client
-        // waiting for its image learns why it failed instead of seeing the stream end.
-        let recorded = self.store.record_event(&event);
+        // A shared store that is unreachable for a moment (PostgreSQL restarting) is waited for: a
+        // lost status would leave the job unfinished in the log for good. Live listeners hear of the
+        // event even when the log cannot keep it (a full disk): a client waiting for its image learns
+        // why it failed instead of seeing the stream end.
+        let mut recorded = self.store.record_event(&event);
+        let deadline = Instant::now() + UNREACHABLE_WAIT;
+        while recorded.as_ref().is_err_and(crate::store::is_unreachable)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(250));
+            recorded = self.store.record_event(&event);
+        }
         stream.next_seq += 1;
         // No listener is fine: the log has it.
         let _ = stream.sender.send(Arc::new(event));

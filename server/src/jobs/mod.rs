@@ -4,6 +4,7 @@
 
 pub mod capability;
 pub mod event_hub;
+mod node;
 pub mod queue;
 mod worker;
 
@@ -16,9 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::files::{DataDir, JobId};
+use crate::store::shared_queue::CancelRequest;
 use crate::store::{Store, Viewer};
 use capability::{Capabilities, GenerationPlan, TrainingSpec, WorkerEngine};
 use event_hub::{EventHub, Listener};
+pub use node::NodeSettings;
 use queue::{GenerationTicket, QueueFull, Queues, TrainingTicket};
 pub use worker::panic_message;
 
@@ -39,8 +42,14 @@ pub(crate) struct Shared {
     caps: Capabilities,
     /// Each worker's engine, by worker id.
     engines: Vec<WorkerEngine>,
-    /// The cancel flag of every job that is queued or running.
+    /// The cancel flag of every job that is queued or running here.
     cancels: Mutex<HashMap<JobId, Arc<AtomicBool>>>,
+    /// Set when this process is a node of a cluster: the queue is then the shared store's.
+    node: Option<NodeSettings>,
+    /// Tells the node's threads to stop.
+    stopping: Arc<AtomicBool>,
+    generation_capacity: usize,
+    training_capacity: usize,
 }
 
 impl Shared {
@@ -72,6 +81,13 @@ impl Shared {
     ) -> Result<(JobId, Listener), ApiError> {
         let id = JobId::random();
         let job = id.to_string();
+        if self.node.is_some() {
+            let plan = serde_json::to_value(&plan)
+                .map_err(|err| ApiError::internal("recording the job's plan", err))?;
+            let listener =
+                self.queue_shared(&job, JobKind::Generation, request, Some(&plan), owner)?;
+            return Ok((id, listener));
+        }
         let listener = self.record_new(&job, JobKind::Generation, request, owner)?;
         let cancel = self.new_cancel(id);
         self.enqueue(id, JobKind::Generation, |queues| {
@@ -87,12 +103,52 @@ impl Shared {
         owner: Option<&str>,
     ) -> Result<(), ApiError> {
         let job = id.to_string();
+        if self.node.is_some() {
+            return self
+                .queue_shared(&job, JobKind::Training, params, None, owner)
+                .map(drop);
+        }
         self.record_new(&job, JobKind::Training, params, owner)?;
         let spec = self.training_spec(id, params, false);
         let cancel = self.new_cancel(id);
         self.enqueue(id, JobKind::Training, |queues| {
             queues.push_training(TrainingTicket { id, spec, cancel })
         })
+    }
+
+    /// A cluster's node: records the job, unclaimed, in the shared queue (bounded by its capacity) with its
+    /// `queued` event; the listener follows it wherever it runs.
+    fn queue_shared(
+        &self,
+        job: &str,
+        kind: JobKind,
+        params: &impl Serialize,
+        plan: Option<&serde_json::Value>,
+        owner: Option<&str>,
+    ) -> Result<Listener, ApiError> {
+        let capacity = match kind {
+            JobKind::Generation => self.generation_capacity,
+            JobKind::Training => self.training_capacity,
+        };
+        let waiting = self
+            .store
+            .waiting(kind)
+            .map_err(Shared::store_error("reading the queue"))?;
+        if waiting >= capacity {
+            return Err(ApiError::queue_full(kind.as_str()));
+        }
+        let listener = self
+            .hub
+            .follow(job)
+            .map_err(Shared::store_error("opening the job's stream"))?;
+        let queued = serde_json::to_value(params)
+            .map_err(anyhow::Error::from)
+            .and_then(|params| self.store.queue_job(job, kind, &params, plan, owner));
+        if let Err(err) = queued {
+            self.hub.close(job);
+            return Err(ApiError::store("recording the job", err));
+        }
+        Ok(listener)
     }
 
     /// Opens a new job's stream (the listener sees everything from here on), records the job and its
@@ -110,7 +166,7 @@ impl Shared {
             .map_err(Shared::store_error("opening the job's stream"))?;
         let recorded = serde_json::to_value(params)
             .map_err(anyhow::Error::from)
-            .and_then(|params| self.store.insert_job(job, kind, &params, owner))
+            .and_then(|params| self.store.insert_job(job, kind, &params, None, owner))
             .and_then(|()| {
                 self.hub.publish(
                     job,
@@ -168,6 +224,21 @@ impl Shared {
                 "the dataset of training job {job} is gone; upload it again"
             )));
         }
+        if self.node.is_some() {
+            self.hub
+                .follow(&job)
+                .map_err(Shared::store_error("opening the job's stream"))?;
+            let requeued = self
+                .store
+                .requeue(&job)
+                .map_err(Shared::store_error("recording the job"))?;
+            if !requeued {
+                return Err(ApiError::conflict(format!(
+                    "training job {job} was started again meanwhile"
+                )));
+            }
+            return self.record(id);
+        }
         // Announce first, then queue: the worker's `preparing` must come after `queued` in the log. A full
         // queue puts the job back to the status it had.
         self.hub
@@ -217,6 +288,25 @@ impl Shared {
     }
 
     fn cancel(&self, id: JobId) -> Result<JobRecord, ApiError> {
+        if let Some(done) = self.cancel_local(id) {
+            return done;
+        }
+        if self.node.is_some() {
+            let request = self
+                .store
+                .request_cancel(&id.to_string())
+                .map_err(Shared::store_error("recording the cancellation"))?;
+            return match request {
+                CancelRequest::CancelledWaiting | CancelRequest::Requested => self.record(id),
+                CancelRequest::Finished(_) => Err(already(&self.record(id)?)),
+                CancelRequest::Missing => Err(ApiError::not_found(format!("no job {id}"))),
+            };
+        }
+        Err(already(&self.record(id)?))
+    }
+
+    /// Cancels a job this process holds (waiting in its queue, or running); `None` when it holds none.
+    fn cancel_local(&self, id: JobId) -> Option<Result<JobRecord, ApiError>> {
         let job = id.to_string();
         if self.queues.remove(id) {
             self.forget_cancel(id);
@@ -227,21 +317,24 @@ impl Shared {
                 },
             );
             self.hub.close(&job);
-            published.map_err(Shared::store_error("recording the cancellation"))?;
-        } else if let Some(flag) = self.cancels().get(&id).cloned() {
-            // Running: the worker stops at its next step and records the cancellation itself. A job that
-            // has just ended still holds its flag for a moment (the worker records its last status, then
-            // lets go of the flag): that one is finished, as below.
-            flag.store(true, Ordering::SeqCst);
-            let record = self.record(id)?;
-            if record.status.is_finished() {
-                return Err(already(&record));
-            }
-            return Ok(record);
-        } else {
-            return Err(already(&self.record(id)?));
+            return Some(
+                published
+                    .map_err(Shared::store_error("recording the cancellation"))
+                    .and_then(|()| self.record(id)),
+            );
         }
-        self.record(id)
+        let flag = self.cancels().get(&id).cloned()?;
+        // Running: the worker stops at its next step and records the cancellation itself. A job that
+        // has just ended still holds its flag for a moment (the worker records its last status, then
+        // lets go of the flag): that one is finished.
+        flag.store(true, Ordering::SeqCst);
+        Some(self.record(id).and_then(|record| {
+            if record.status.is_finished() {
+                Err(already(&record))
+            } else {
+                Ok(record)
+            }
+        }))
     }
 
     fn record(&self, id: JobId) -> Result<JobRecord, ApiError> {
@@ -290,23 +383,31 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Marks what the last process left unfinished as interrupted, then starts a thread per worker.
+    /// Alone (`node` is `None`): marks what the last process left unfinished as interrupted. Then starts
+    /// a thread per worker, and a cluster's node its own threads (`node`).
     pub fn start(
         store: Arc<Store>,
         data: DataDir,
         caps: Capabilities,
         generation_queue: usize,
         training_queue: usize,
+        node: Option<NodeSettings>,
     ) -> anyhow::Result<Jobs> {
-        let interrupted = store.interrupt_unfinished()?;
-        if !interrupted.is_empty() {
-            tracing::warn!(
-                "{} job(s) were unfinished at the last stop and are now interrupted",
-                interrupted.len()
-            );
+        if node.is_none() {
+            let interrupted = store.interrupt_unfinished()?;
+            if !interrupted.is_empty() {
+                tracing::warn!(
+                    "{} job(s) were unfinished at the last stop and are now interrupted",
+                    interrupted.len()
+                );
+            }
+            // On a cluster another node may be receiving an upload into the shared folder right now.
+            remove_orphan_uploads(&store, &data)?;
         }
-        remove_orphan_uploads(&store, &data)?;
-        let engines = caps.worker_engines();
+        let engines = match &node {
+            Some(node) if !node.runs_jobs => Vec::new(),
+            _ => caps.worker_engines(),
+        };
         let devices: Vec<String> = engines.iter().map(|e| e.device.clone()).collect();
         let shared = Arc::new(Shared {
             hub: EventHub::new(Arc::clone(&store)),
@@ -316,6 +417,10 @@ impl Jobs {
             caps,
             engines,
             cancels: Mutex::default(),
+            node: node.clone(),
+            stopping: Arc::default(),
+            generation_capacity: generation_queue,
+            training_capacity: training_queue,
         });
         for (id, device) in devices.iter().enumerate() {
             let worker = Arc::clone(&shared);
@@ -323,6 +428,18 @@ impl Jobs {
                 .name(format!("studio-worker-{id}"))
                 .spawn(move || worker::run(worker, id))?;
             tracing::info!("worker {id} on {device}");
+        }
+        if let Some(node) = &node {
+            node::start(&shared, node, &shared.stopping)?;
+            tracing::info!(
+                "cluster node {} ({})",
+                node.name,
+                if node.runs_jobs {
+                    "runs jobs"
+                } else {
+                    "API only"
+                }
+            );
         }
         Ok(Jobs { shared })
     }
@@ -410,24 +527,47 @@ impl Jobs {
             .await
     }
 
-    /// A listener for a live job, `None` for one that is not live.
-    pub fn subscribe(&self, id: JobId) -> Option<Listener> {
-        self.shared.hub.subscribe(&id.to_string())
+    /// A listener for a live job, `None` for one that is not live. On a cluster's node, a job another
+    /// node runs is followed (and one that has ended ends its stream at once).
+    pub async fn subscribe(&self, id: JobId) -> Option<Listener> {
+        let job = id.to_string();
+        if let Some(listener) = self.shared.hub.subscribe(&job) {
+            return Some(listener);
+        }
+        self.shared.node.as_ref()?;
+        self.blocking(move |shared| Ok(shared.hub.follow(&job).ok()))
+            .await
+            .ok()
+            .flatten()
     }
 
-    pub fn queue_states(&self) -> (QueueState, QueueState) {
-        let ((generation, generation_capacity), (training, training_capacity)) =
-            self.shared.queues.lengths();
-        (
-            QueueState {
-                waiting: generation,
-                capacity: generation_capacity,
-            },
-            QueueState {
-                waiting: training,
-                capacity: training_capacity,
-            },
-        )
+    /// The queues' lengths: this process's, or on a cluster's node the shared queue's.
+    pub async fn queue_states(&self) -> Result<(QueueState, QueueState), ApiError> {
+        self.blocking(|shared| {
+            let ((generation, _), (training, _)) = shared.queues.lengths();
+            let (generation, training) = if shared.node.is_some() {
+                let waiting = |kind| {
+                    shared
+                        .store
+                        .waiting(kind)
+                        .map_err(Shared::store_error("reading the queue"))
+                };
+                (waiting(JobKind::Generation)?, waiting(JobKind::Training)?)
+            } else {
+                (generation, training)
+            };
+            Ok((
+                QueueState {
+                    waiting: generation,
+                    capacity: shared.generation_capacity,
+                },
+                QueueState {
+                    waiting: training,
+                    capacity: shared.training_capacity,
+                },
+            ))
+        })
+        .await
     }
 
     /// Every worker, what it holds and what it runs.
@@ -440,8 +580,10 @@ impl Jobs {
         &self.shared.engines
     }
 
-    /// Stops the workers after their current step; what it leaves unfinished is interrupted at the next start.
+    /// Stops the workers after their current step; what it leaves unfinished is interrupted at the next
+    /// start (on a cluster: its jobs go back to the queue when their leases run out).
     pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.queues.close();
     }
 }

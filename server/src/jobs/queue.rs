@@ -44,6 +44,13 @@ pub enum Work {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;
 
+/// What `Queues::room` says.
+pub struct Room {
+    pub generation: bool,
+    pub training: bool,
+    pub held_models: Vec<String>,
+}
+
 /// What the scheduler knows of a worker.
 #[derive(Default)]
 struct Slot {
@@ -211,6 +218,43 @@ impl Queues {
             (pending.generation.len(), self.generation_capacity),
             (pending.training.len(), self.training_capacity),
         )
+    }
+
+    /// Whether a worker here could start another job now (a cluster's node claims one then), and the
+    /// models its workers hold.
+    pub fn room(&self) -> Room {
+        let pending = self.pending();
+        let free = pending
+            .workers
+            .iter()
+            .filter(|slot| slot.current.is_none())
+            .count();
+        Room {
+            generation: pending.generation.len() < free,
+            training: pending.training.is_empty()
+                && pending
+                    .workers
+                    .iter()
+                    .any(|slot| slot.current.is_none() && slot.training.is_none()),
+            held_models: pending
+                .workers
+                .iter()
+                .flat_map(|slot| slot.held.models.iter().cloned())
+                .collect(),
+        }
+    }
+
+    /// Waits until a worker could start another job, at most `timeout`.
+    pub fn wait_for_room(&self, timeout: std::time::Duration) {
+        let pending = self.pending();
+        let full = |p: &mut Pending| {
+            !p.closed
+                && p.generation.len() >= p.workers.iter().filter(|s| s.current.is_none()).count()
+        };
+        let _ = self
+            .wake
+            .wait_timeout_while(pending, timeout, full)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
 
     /// Every worker as the API shows it.

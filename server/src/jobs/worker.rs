@@ -379,6 +379,14 @@ impl Shared {
     }
 
     /// The job left the worker: no more events, no more cancelling.
+    /// Fails a job this node claimed but cannot run (its stream is open here).
+    pub(super) fn fail_unstarted(&self, job: &str, message: &str) {
+        self.fail(job, ErrorCode::Internal, message);
+        if let Ok(id) = job.parse() {
+            self.finish(id);
+        }
+    }
+
     fn finish(&self, id: JobId) {
         self.hub.close(&id.to_string());
         self.forget_cancel(id);

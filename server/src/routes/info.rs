@@ -7,8 +7,11 @@ use super::{ApiJson, AppState};
 use crate::error::ApiError;
 
 /// Liveness, what this build can do, how full the queues are, and every worker with what it holds.
-#[utoipa::path(get, path = "/health", tag = "info", responses((status = 200, body = HealthResponse)))]
-pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
+#[utoipa::path(get, path = "/health", tag = "info", responses(
+    (status = 200, body = HealthResponse),
+    (status = 500, description = "The store cannot be read", body = app::ErrorBody),
+))]
+pub async fn health(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
     let capabilities = state
         .jobs
         .capabilities()
@@ -20,14 +23,14 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
             reason: reason.map(str::to_owned),
         })
         .collect();
-    let (generation_queue, training_queue) = state.jobs.queue_states();
+    let (generation_queue, training_queue) = state.jobs.queue_states().await?;
     let memory_plan = state
         .jobs
         .capabilities()
         .generation
         .as_ref()
         .and_then(|g| g.memory_plan());
-    Json(HealthResponse {
+    Ok(Json(HealthResponse {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         capabilities,
@@ -39,7 +42,7 @@ pub async fn health(State(state): State<AppState>) -> Json<HealthResponse> {
         rss_bytes: resident_memory(),
         memory_plan,
         workers: state.jobs.workers(),
-    })
+    }))
 }
 
 /// VmRSS from /proc (Linux); None elsewhere.

@@ -167,7 +167,7 @@ async fn generation_session(state: AppState, viewer: Viewer, mut socket: WebSock
 async fn training_session(state: AppState, id: JobId, mut socket: WebSocket) {
     // Subscribe before reading the log: an event is then in the log, on the channel, or both, and the
     // sequence numbers drop the doubles.
-    let listener = state.jobs.subscribe(id);
+    let listener = state.jobs.subscribe(id).await;
     let mut last = 0u64;
     if !replay(&state, id, &mut socket, &mut last).await {
         return;

@@ -7,6 +7,7 @@
 
 mod postgres;
 pub mod schema;
+pub mod shared_queue;
 pub mod sql;
 mod sqlite;
 #[doc(hidden)]
@@ -127,11 +128,32 @@ pub struct NewMessage<'a> {
 
 pub struct Store {
     db: Mutex<Box<dyn Database>>,
+    location: Location,
+}
+
+/// What a node's thread waits on between looks at the store: PostgreSQL's notifications on a channel
+/// (another node recorded something), or simply time on SQLite, which one process owns.
+pub struct Wakeups(Option<postgres::Listener>);
+
+impl Wakeups {
+    /// Returns when woken, or after `timeout`.
+    pub fn wait(&mut self, timeout: std::time::Duration) {
+        match &mut self.0 {
+            Some(listener) => listener.wait(timeout),
+            None => std::thread::sleep(timeout),
+        }
+    }
 }
 
 /// Whether this error of the store's says the database's disk is full (the operator's to fix).
 pub fn is_disk_full(err: &anyhow::Error) -> bool {
     sqlite::is_disk_full(err) || postgres::is_disk_full(err)
+}
+
+/// Whether this error of the store's is its database being unreachable for now (PostgreSQL
+/// restarting, say): worth trying again in a moment.
+pub fn is_unreachable(err: &anyhow::Error) -> bool {
+    postgres::is_unreachable(err)
 }
 
 pub fn now_ms() -> i64 {
@@ -145,7 +167,10 @@ impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let mut db: Box<dyn Database> = Box::new(sqlite::Sqlite::open(path)?);
         schema::migrate(db.as_mut()).with_context(|| format!("database {}", path.display()))?;
-        Ok(Store { db: Mutex::new(db) })
+        Ok(Store {
+            db: Mutex::new(db),
+            location: Location::File(path.to_owned()),
+        })
     }
 
     /// Opens the store at `location`. A SQLite file is brought up to this studio's schema as it opens
@@ -168,7 +193,31 @@ impl Store {
                 "it was made by a newer studio; run that version".to_owned()
             }
         );
-        Ok(Store { db: Mutex::new(db) })
+        Ok(Store {
+            db: Mutex::new(db),
+            location: location.clone(),
+        })
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Whether several processes share this store (PostgreSQL): a cluster's nodes.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.location, Location::Postgres(_))
+    }
+
+    /// Wake-ups for a thread that waits on `channel` (`shared_queue::JOBS_CHANNEL`, `EVENTS_CHANNEL`).
+    pub fn wakeups(&self, channel: &'static str) -> Wakeups {
+        match &self.location {
+            Location::Postgres(url) => Wakeups(
+                postgres::Listener::new(url, channel)
+                    .inspect_err(|err| tracing::warn!("listening on {channel}: {err:#}"))
+                    .ok(),
+            ),
+            Location::File(_) => Wakeups(None),
+        }
     }
 
     /// Brings the store at `location` up to this studio's schema; the version it was at.
@@ -244,23 +293,26 @@ impl Store {
         })
     }
 
-    /// Records a new job, `owner` its user (`None`: the server's own).
+    /// Records a new job, `owner` its user (`None`: the server's own); `plan`, what a worker node runs
+    /// (a generation's, for the shared queue).
     pub fn insert_job(
         &self,
         id: &str,
         kind: JobKind,
         params: &Json,
+        plan: Option<&Json>,
         owner: Option<&str>,
     ) -> anyhow::Result<()> {
         let now = now_ms();
         self.db().execute(
-            "INSERT INTO jobs (id, kind, status, params, created_at, updated_at, owner) \
-             VALUES ($1, $2, $3, $4, $5, $5, $6)",
+            "INSERT INTO jobs (id, kind, status, params, plan, created_at, updated_at, owner) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
             values![
                 id,
                 kind.as_str(),
                 JobStatus::Queued.as_str(),
                 params.to_string(),
+                plan.map(Json::to_string),
                 now,
                 owner
             ],
@@ -632,6 +684,15 @@ fn job_from_row(r: &Row) -> anyhow::Result<JobRecord> {
     })
 }
 
+/// Wakes the nodes listening on `channel` (PostgreSQL's NOTIFY, sent when the transaction commits);
+/// nothing to do on SQLite, which one process owns.
+fn notify(db: &mut dyn Database, channel: &str, payload: &str) -> anyhow::Result<()> {
+    if db.dialect() == sql::Dialect::Postgres {
+        db.query("SELECT pg_notify($1, $2)", values![channel, payload])?;
+    }
+    Ok(())
+}
+
 fn last_seq(db: &mut dyn Database, job_id: &str) -> anyhow::Result<u64> {
     let seq = db
         .query_one(
@@ -648,6 +709,7 @@ fn apply_event(db: &mut dyn Database, event: &JobEvent) -> anyhow::Result<()> {
     let Some(body) = event.body.for_log() else {
         return Ok(());
     };
+    notify(db, shared_queue::EVENTS_CHANNEL, &event.job_id)?;
     db.execute(
         "INSERT INTO events (job_id, seq, at, body) VALUES ($1, $2, $3, $4)",
         values![
@@ -735,6 +797,7 @@ mod tests {
                     JobKind::Training,
                     &serde_json::json!({"keywords": ["x"]}),
                     None,
+                    None,
                 )
                 .unwrap();
             let training = EventBody::Status {
@@ -781,14 +844,14 @@ mod tests {
             {
                 let store = open();
                 store
-                    .insert_job("running", JobKind::Generation, &Json::Null, None)
+                    .insert_job("running", JobKind::Generation, &Json::Null, None, None)
                     .unwrap();
                 let running = EventBody::Status {
                     status: JobStatus::Running,
                 };
                 store.record_event(&event("running", 1, running)).unwrap();
                 store
-                    .insert_job("done", JobKind::Generation, &Json::Null, None)
+                    .insert_job("done", JobKind::Generation, &Json::Null, None, None)
                     .unwrap();
                 let completed = EventBody::Status {
                     status: JobStatus::Completed,
@@ -912,6 +975,122 @@ mod tests {
                 store.has_tokens().unwrap(),
                 "revoking every token opened the server"
             );
+        });
+    }
+
+    fn statuses(store: &Store, job: &str) -> Vec<EventBody> {
+        store
+            .events_after(job, 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.body)
+            .collect()
+    }
+
+    #[test]
+    fn a_claimed_job_is_no_other_nodes_and_goes_back_to_the_queue_when_its_lease_runs_out() {
+        use std::time::Duration;
+        on_both_stores(|open| {
+            let store = open();
+            let params = serde_json::json!({"prompt": "p"});
+            let plan = serde_json::json!({"model": "m"});
+            for job in ["a", "b"] {
+                store
+                    .queue_job(job, JobKind::Generation, &params, Some(&plan), None)
+                    .unwrap();
+            }
+            assert_eq!(store.waiting(JobKind::Generation).unwrap(), 2);
+            let kinds = [JobKind::Generation, JobKind::Training];
+            let long = Duration::from_secs(60);
+            let first = store
+                .claim("n1", long, &kinds, |w| Some(w.len() - 1))
+                .unwrap();
+            assert_eq!(
+                first.map(|w| (w.id, w.plan)),
+                Some(("b".into(), Some(plan.clone())))
+            );
+            let second = store
+                .claim("n2", Duration::ZERO, &kinds, |_| Some(0))
+                .unwrap();
+            assert_eq!(second.map(|w| w.id).as_deref(), Some("a"));
+            assert_eq!(store.claim("n3", long, &kinds, |_| Some(0)).unwrap(), None);
+            assert_eq!(store.waiting(JobKind::Generation).unwrap(), 0);
+            // n2 never renews: its job comes back, with its log saying so; n1's stays n1's.
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(
+                store.renew_leases("n1", long, &["b".into()]).unwrap(),
+                Vec::<String>::new()
+            );
+            assert_eq!(store.requeue_expired().unwrap(), ["a"]);
+            let log = statuses(&store, "a");
+            assert!(
+                matches!(&log[1], EventBody::Log { message } if message.contains("node n2")),
+                "{log:?}"
+            );
+            assert_eq!(
+                log[2],
+                EventBody::Status {
+                    status: JobStatus::Queued
+                }
+            );
+            let again = store
+                .claim("n3", long, &kinds, |_| Some(0))
+                .unwrap()
+                .unwrap();
+            assert_eq!((again.id.as_str(), again.ran_before), ("a", true));
+            assert_eq!(store.requeue_expired().unwrap(), Vec::<String>::new());
+            // A node that stops gives back what it claimed but has not started.
+            assert_eq!(store.release_waiting("n3").unwrap(), 1);
+            assert_eq!(store.waiting(JobKind::Generation).unwrap(), 1);
+        });
+    }
+
+    #[test]
+    fn cancelling_a_waiting_job_ends_it_and_a_claimed_one_is_asked_of_its_node() {
+        use shared_queue::CancelRequest;
+        use std::time::Duration;
+        on_both_stores(|open| {
+            let store = open();
+            let params = serde_json::json!({"keywords": ["k"]});
+            for job in ["waiting", "held"] {
+                store
+                    .queue_job(job, JobKind::Training, &params, None, None)
+                    .unwrap();
+            }
+            let kinds = [JobKind::Training];
+            let lease = Duration::from_secs(60);
+            let held = store.claim("n1", lease, &kinds, |w| {
+                w.iter().position(|w| w.id == "held")
+            });
+            assert_eq!(held.unwrap().map(|w| w.id).as_deref(), Some("held"));
+            assert_eq!(
+                store.request_cancel("waiting").unwrap(),
+                CancelRequest::CancelledWaiting
+            );
+            assert_eq!(
+                store.job("waiting").unwrap().unwrap().status,
+                JobStatus::Cancelled
+            );
+            assert_eq!(
+                store.request_cancel("held").unwrap(),
+                CancelRequest::Requested
+            );
+            assert_eq!(
+                store.renew_leases("n1", lease, &["held".into()]).unwrap(),
+                ["held"]
+            );
+            assert_eq!(
+                store.request_cancel("waiting").unwrap(),
+                CancelRequest::Finished(JobStatus::Cancelled)
+            );
+            assert_eq!(
+                store.request_cancel("nothing").unwrap(),
+                CancelRequest::Missing
+            );
+            // A cancelled run goes back to the queue to resume; an unfinished one does not.
+            assert!(store.requeue("waiting").unwrap());
+            assert!(!store.requeue("held").unwrap());
+            assert_eq!(store.waiting(JobKind::Training).unwrap(), 1);
         });
     }
 

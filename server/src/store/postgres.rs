@@ -12,6 +12,7 @@ use std::error::Error;
 use anyhow::Context;
 use bytes::BytesMut;
 use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use postgres::{Client, Config, NoTls};
 
@@ -170,4 +171,67 @@ pub fn is_disk_full(err: &anyhow::Error) -> bool {
             .and_then(postgres::Error::code)
             == Some(&SqlState::DISK_FULL)
     })
+}
+
+/// Whether this error (anywhere in its chain) is PostgreSQL being unreachable for now (a connection
+/// lost or refused, the server shutting down or starting up), as opposed to a statement's own failure.
+pub fn is_unreachable(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.downcast_ref::<postgres::Error>().is_some_and(|e| {
+            e.is_closed()
+                || e.code().is_none_or(|code| {
+                    // Class 08: connection exception; 57: operator intervention (shutdown, starting up).
+                    code.code().starts_with("08") || code.code().starts_with("57")
+                })
+        })
+    })
+}
+
+/// A connection of its own that LISTENs on a channel: what wakes a node's threads when another node
+/// records a job or an event. Connects (again) when it must; a failure only makes `wait` a sleep.
+pub struct Listener {
+    config: Config,
+    channel: &'static str,
+    client: Option<Client>,
+}
+
+impl Listener {
+    pub fn new(url: &str, channel: &'static str) -> anyhow::Result<Listener> {
+        Ok(Listener {
+            config: url.parse()?,
+            channel,
+            client: None,
+        })
+    }
+
+    /// Returns at the first notification, or after `timeout`.
+    pub fn wait(&mut self, timeout: std::time::Duration) {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let listening = connect(&self.config).and_then(|mut client| {
+                client.batch_execute(&format!("LISTEN {}", self.channel))?;
+                Ok(client)
+            });
+            match listening {
+                Ok(client) => self.client = Some(client),
+                Err(err) => {
+                    tracing::debug!("listening on {}: {err:#}", self.channel);
+                    self.client = None;
+                    return std::thread::sleep(timeout);
+                }
+            }
+        }
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let lost = {
+            let mut notifications = client.notifications();
+            let lost = notifications.timeout_iter(timeout).next().is_err();
+            // Drop whatever else has arrived: one wake-up covers them.
+            let _ = notifications.iter().count();
+            lost
+        };
+        if lost {
+            self.client = None;
+        }
+    }
 }

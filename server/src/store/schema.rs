@@ -5,7 +5,7 @@
 use super::sql::{Database, Dialect};
 
 /// Bumped with every change to `SCHEMA`; opening a newer database fails rather than misreading it.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jobs (
@@ -71,10 +71,17 @@ CREATE TABLE IF NOT EXISTS tokens (
 "#;
 
 /// Columns added after a table's first schema: (table, column, type), added where missing.
-const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+/// Schema 4, the cluster's shared queue: a generation's `plan` (what any worker node needs to run it),
+/// the `node` that took the job and its `lease_until` (renewed by that node's heartbeat; past it, the
+/// job goes back to the queue), and `cancel_requested` (for the node that runs it).
+const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
     ("jobs", "worker", "BIGINT"),
     ("jobs", "owner", "TEXT"),
     ("conversations", "owner", "TEXT"),
+    ("jobs", "plan", "TEXT"),
+    ("jobs", "node", "TEXT"),
+    ("jobs", "lease_until", "BIGINT"),
+    ("jobs", "cancel_requested", "BIGINT NOT NULL DEFAULT 0"),
 ];
 
 /// The schema the database is at; 0 for an empty one.
@@ -147,7 +154,8 @@ pub fn migrate(db: &mut dyn Database) -> anyhow::Result<i64> {
         }
         db.batch(
             "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
-             CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner, updated_at);",
+             CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner, updated_at);
+             CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, node, created_at);",
         )?;
         set_version(db, SCHEMA_VERSION)?;
         Ok(from)
