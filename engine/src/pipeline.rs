@@ -499,6 +499,36 @@ impl FluxPipeline {
         Self::load_dir_with(dir, opts, device, true)
     }
 
+    /// The transformer, placed as the plan says. Weights quantized on a GPU as they load (fp8 or GGUF
+    /// from bf16) would each sit in the GPU's memory pool between the freed full-precision copies they
+    /// were made from, holding on to memory the pool can then neither give back nor fit the text
+    /// encoders into: those wait in host memory until the last block is read, the pool hands the
+    /// freed memory back, and they come to the GPU one after another.
+    fn load_transformer(
+        weights: &FluxWeights,
+        cfg: &FluxConfig,
+        dtype: DType,
+        device: &Device,
+        opts: &LoadOptions,
+        streamed: u64,
+    ) -> Result<FluxTransformer> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(cuda), true) = (device, weights.quantizes()) {
+            let mut transformer = FluxTransformer::load_streaming(
+                weights,
+                cfg,
+                dtype,
+                &Device::Cpu,
+                opts.kernels,
+                0,
+            )?;
+            crate::kernels::pool::release_unused(cuda)?;
+            transformer.place(device, streamed)?;
+            return Ok(transformer);
+        }
+        FluxTransformer::load_streaming(weights, cfg, dtype, device, opts.kernels, streamed)
+    }
+
     fn load_dir_with(
         dir: &Path,
         opts: &LoadOptions,
@@ -561,14 +591,7 @@ impl FluxPipeline {
             }
         };
         let streamed = opts.memory.streamed.unwrap_or(plan.streamed_bytes());
-        let transformer =
-            FluxTransformer::load_streaming(&weights, &cfg, dtype, device, opts.kernels, streamed)?;
-        // What the load freed (bf16 copies of weights made fp8) is still the pool's: hand it back
-        // before the text encoders load.
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(cuda) = device {
-            crate::kernels::pool::release_unused(cuda)?;
-        }
+        let transformer = Self::load_transformer(&weights, &cfg, dtype, device, opts, streamed)?;
         if streamed > 0 {
             tracing::info!(
                 "transformer: {} of its blocks' weights stay in host memory and are copied to {:?} at every step",

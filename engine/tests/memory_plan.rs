@@ -202,3 +202,26 @@ fn a_transformer_streamed_from_host_memory_draws_what_the_resident_one_draws() {
     assert_eq!(part.transformer.streamed_bytes(), first_block);
     assert_eq!(run(&part, &p), run(&resident, &p));
 }
+
+#[test]
+fn a_transformer_placed_after_it_loaded_streams_the_same_layers_and_draws_the_same() {
+    // How a GPU load of fp8 or GGUF weights goes: every layer loaded onto the host, then placed.
+    let mut placed = tiny();
+    placed.transformer.place(&Device::Cpu, 1).unwrap();
+    let loaded = tiny_with(MemoryOptions {
+        streamed: Some(1),
+        ..MemoryOptions::default()
+    })
+    .unwrap();
+    let streamed = |pipe: &FluxPipeline| -> Vec<String> {
+        let linears = pipe.transformer.linears();
+        let streamed = linears.iter().filter(|l| l.is_streamed());
+        streamed.map(|l| l.name().to_owned()).collect()
+    };
+    assert!(!streamed(&loaded).is_empty());
+    assert_eq!(streamed(&placed), streamed(&loaded));
+    let p = params("a fox", 7);
+    assert_eq!(run(&placed, &p), run(&loaded, &p));
+    placed.transformer.place(&Device::Cpu, 0).unwrap();
+    assert_eq!(placed.transformer.streamed_bytes(), 0);
+}

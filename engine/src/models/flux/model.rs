@@ -214,6 +214,26 @@ impl Stream {
     }
 }
 
+/// Where each linear layer goes as a transformer is placed: whole blocks streamed, from the first,
+/// until `left` bytes are; every other layer resident on `device`.
+struct Placer<'a> {
+    device: &'a Device,
+    left: u64,
+}
+
+impl Placer<'_> {
+    fn place(&mut self, linears: &[&Linear], streamable: bool) -> Result<()> {
+        let stream = streamable && self.left > 0;
+        for l in linears {
+            l.place(self.device, stream)?;
+            if stream {
+                self.left = self.left.saturating_sub(l.bytes() as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(crate) struct DoubleBlock {
     pub(crate) img: Stream,
     pub(crate) txt: Stream,
@@ -390,18 +410,11 @@ impl FluxTransformer {
         cfg.validate()?;
         let h = cfg.hidden_size;
         let k = kernels;
-        let mut left = streamed;
-        // Whole blocks until the bytes asked for are streamed; every other layer resident.
-        let mut place = |linears: &[&Linear], streamable: bool| -> Result<()> {
-            let stream = streamable && left > 0;
-            for l in linears {
-                l.place(device, stream)?;
-                if stream {
-                    left = left.saturating_sub(l.bytes() as u64);
-                }
-            }
-            Ok(())
+        let mut placer = Placer {
+            device,
+            left: streamed,
         };
+        let mut place = |linears: &[&Linear], streamable: bool| placer.place(linears, streamable);
         let guidance_in = if cfg.guidance_embed {
             Some(MlpEmbedder::load(w, "guidance_in", 256, h, k)?)
         } else {
@@ -442,6 +455,28 @@ impl FluxTransformer {
         place(&model.head_linears(), false)?;
         place(&[&model.final_modulation, &model.final_linear], false)?;
         Ok(model)
+    }
+
+    /// Places every linear layer again, as [`Self::load_streaming`] would have: on `device`, with whole
+    /// blocks from the first streamed from host memory until `streamed` bytes are. A transformer
+    /// loaded onto the host and placed here afterwards comes to the GPU in one run of allocations
+    /// (the weights made on the GPU as it loaded, fp8 or GGUF, would otherwise lie between the freed
+    /// full-precision copies they were made from, which the GPU's memory pool then cannot give back).
+    pub fn place(&mut self, device: &Device, streamed: u64) -> Result<()> {
+        let mut placer = Placer {
+            device,
+            left: streamed,
+        };
+        for block in &self.double_blocks {
+            placer.place(&block.linears(), true)?;
+        }
+        for block in &self.single_blocks {
+            placer.place(&block.linears(), true)?;
+        }
+        placer.place(&self.head_linears(), false)?;
+        placer.place(&[&self.final_modulation, &self.final_linear], false)?;
+        self.device = device.clone();
+        Ok(())
     }
 
     /// The bytes of linear weights streamed from host memory at each forward.

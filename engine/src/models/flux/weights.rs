@@ -94,6 +94,12 @@ impl FluxWeights {
         self
     }
 
+    /// Whether the linear layers load in a quantized format (fp8, GGUF): made where the weights are
+    /// read, from full-precision copies, unless the checkpoint stores them so.
+    pub fn quantizes(&self) -> bool {
+        self.format.is_some_and(|f| f != WeightFormat::Bf16)
+    }
+
     /// A GGUF file in BFL's names, as city96's FLUX GGUF files ship: its quantized tensors stay
     /// quantized (in host memory until the transformer places them), its F32, F16 and BF16 ones are
     /// read as `dtype` on `device`.
