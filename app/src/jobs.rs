@@ -133,8 +133,11 @@ pub enum WorkerState {
 /// One worker: a device with its own resident models under its own memory plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct WorkerInfo {
-    /// 0-based, as jobs' `worker` names it.
+    /// 0-based, as jobs' `worker` names it (within its node, in a cluster).
     pub id: u32,
+    /// The cluster node it belongs to (`--node-name`); absent on a studio of one process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// `cpu`, or `cuda:<ordinal>`.
     pub device: String,
     pub state: WorkerState,

@@ -24,9 +24,16 @@ pub struct ServeConfig {
     #[arg(long, env = "STUDIO_DATABASE", hide_env_values = true)]
     pub database: Option<String>,
     /// Serve the API and UI only, running no jobs: a cluster's API node, beside `studio worker` nodes,
-    /// all on one PostgreSQL store (--database) and one shared --data-dir. See docs/deployment.md.
+    /// all on one PostgreSQL store (--database) and one shared --data-dir or --file-store. See
+    /// docs/deployment.md.
     #[arg(long, env = "STUDIO_API_ONLY")]
     pub api_only: bool,
+    /// Where a cluster's nodes that share no folder keep their files (images, uploads, LoRAs, training
+    /// checkpoints): `s3://bucket/prefix` (S3-compatible; credentials and endpoint from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP) or `file:///folder` (mounted on
+    /// every node). --data-dir is then this node's working copy. Default: none, --data-dir alone.
+    #[arg(long, env = "STUDIO_FILE_STORE")]
+    pub file_store: Option<String>,
     /// This node's name in a cluster (which node holds which job); unique per process. Default: the
     /// host's name and the process id.
     #[arg(long, env = "STUDIO_NODE_NAME")]

@@ -125,6 +125,10 @@ async fn job_image(
         return Err(not_ours());
     }
     let path = jobs.data().image_at(id, index);
+    jobs.data()
+        .fetch_async(&path)
+        .await
+        .map_err(|e| ApiError::internal("fetching the input image", e))?;
     let bytes = tokio::fs::read(&path).await.map_err(|_| not_ours())?;
     Ok((bytes, Some((id.to_string(), index))))
 }

@@ -6,6 +6,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod file_store;
 pub mod files;
 pub mod input;
 pub mod jobs;
@@ -37,8 +38,7 @@ pub struct Running {
 /// Opens the data directory and database, starts the worker and binds the listener; the server stops at
 /// Ctrl-C or SIGTERM.
 pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<Running> {
-    let data = DataDir::create(&config.data_dir)
-        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let data = open_data(config).await?;
     let jobs = start_jobs(config, data, caps, !config.api_only).await?;
     let settings = HttpSettings {
         token: config.token.clone(),
@@ -66,6 +66,22 @@ pub async fn start(config: &ServeConfig, caps: Capabilities) -> anyhow::Result<R
             .await
     });
     Ok(Running { addr, jobs, server })
+}
+
+/// The data directory, with the file store when there is one (opened off the runtime: it checks that
+/// the store answers).
+async fn open_data(config: &ServeConfig) -> anyhow::Result<DataDir> {
+    let data = DataDir::create(&config.data_dir)
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let Some(url) = config.file_store.clone() else {
+        return Ok(data);
+    };
+    let files = tokio::task::spawn_blocking(move || file_store::FileStore::open(&url)).await??;
+    tracing::info!(
+        "files: {files}, with {} as this node's copy",
+        config.data_dir.display()
+    );
+    Ok(data.with_file_store(files))
 }
 
 /// Opens the store and starts the job system: alone on a SQLite store; as a cluster's node, running
@@ -121,8 +137,7 @@ pub async fn run_worker(config: &ServeConfig, caps: Capabilities) -> anyhow::Res
         "`studio worker` runs the jobs of a cluster's shared store: give it --database postgres://... \
          (the one the API nodes use) and the same --data-dir; one box alone needs only `studio serve`"
     );
-    let data = DataDir::create(&config.data_dir)
-        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let data = open_data(config).await?;
     let jobs = start_jobs(config, data, caps, true).await?;
     // The one line scripts and tests read to know the worker is taking jobs.
     println!("studio worker ready");

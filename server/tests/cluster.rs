@@ -1,13 +1,14 @@
-//! A cluster on one machine, all real parts: a throwaway PostgreSQL (Debian's `initdb`), two API nodes
-//! (`studio serve --api-only`) and three worker nodes (`studio worker`) sharing it and one data folder,
-//! on the tiny model on the CPU. Every job submitted through either API node runs exactly once and a
+//! A cluster on one machine, all real parts: a throwaway PostgreSQL (Debian's `initdb`), an S3-compatible
+//! server (moto's, from PyPI: `bash scripts/s3`), two API nodes (`studio serve --api-only`) and three
+//! worker nodes (`studio worker`) sharing them and nothing else (each node has its own data folder), on
+//! the tiny model on the CPU. Every job submitted through either API node runs exactly once and a
 //! user's token sees only that user's jobs on every node; a worker killed mid-job, an API node killed
 //! under its WebSockets and PostgreSQL restarting lose nothing.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -24,10 +25,12 @@ const LEASE: &str = "2";
 struct Worker(Child);
 
 impl Worker {
-    fn start(data: &Path, url: &str, name: &str) -> Worker {
+    fn start(data: &Path, url: &str, name: &str, s3: &S3) -> Worker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_studio"))
             .current_dir(common::repo_root())
+            .envs(s3.env())
             .args(["worker", "--preset", "flux-tiny", "--device", "cpu"])
+            .args(["--file-store", "s3://studio"])
             .args([
                 "--database",
                 url,
@@ -64,8 +67,78 @@ impl Drop for Worker {
     }
 }
 
+/// moto's S3-compatible server on a free port, with one bucket (`studio`); killed on drop.
+struct S3 {
+    server: Child,
+    port: u16,
+}
+
+impl S3 {
+    fn start() -> S3 {
+        let program = std::env::var_os("STUDIO_MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| common::repo_root().join("target/s3/bin/moto_server"));
+        assert!(
+            program.is_file(),
+            "the cluster's tests need an S3-compatible server: run `bash scripts/s3` (moto's, from PyPI, \
+             into target/s3), or set STUDIO_MOTO_SERVER to a moto_server"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = Command::new(program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        let s3 = S3 { server, port };
+        for _ in 0..300 {
+            if make_bucket(port).is_ok_and(|status| status.contains(" 200 ")) {
+                return s3;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("moto_server did not answer on port {port} in 30 s");
+    }
+
+    /// What a node needs to reach it (object_store reads the usual AWS variables).
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "studio".into()),
+            ("AWS_SECRET_ACCESS_KEY", "studio-secret".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+/// `PUT /studio`: moto makes the bucket without checking a signature. Its status line.
+fn make_bucket(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    http.write_all(
+        b"PUT /studio HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )?;
+    let mut answer = String::new();
+    http.read_to_string(&mut answer)?;
+    Ok(answer.lines().next().unwrap_or_default().to_owned())
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
 struct Cluster {
     postgres: ThrowawayPostgres,
+    s3: S3,
+    /// Each node's own data folder is a folder of this one, named after the node.
     dir: tempfile::TempDir,
 }
 
@@ -73,17 +146,10 @@ impl Cluster {
     fn new() -> Cluster {
         let postgres = ThrowawayPostgres::start()
             .expect("the cluster's tests need Debian's postgresql: run `bash scripts/postgres`");
-        let out = Command::new(env!("CARGO_BIN_EXE_studio"))
-            .args(["migrate", "--database", &postgres.url()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        studio(&["migrate", "--database", &postgres.url()]);
         Cluster {
             postgres,
+            s3: S3::start(),
             dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -92,10 +158,19 @@ impl Cluster {
         self.postgres.url()
     }
 
+    fn folder(&self, node: &str) -> PathBuf {
+        self.dir.path().join(node)
+    }
+
     fn api(&self, name: &str) -> Binary {
-        Binary::start(
-            self.dir.path(),
+        let env = self.s3.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Binary::start_with_env(
+            &common::repo_root(),
+            &self.folder(name),
             &[
+                "--file-store",
+                "s3://studio",
                 "--api-only",
                 "--preset",
                 "flux-tiny",
@@ -110,11 +185,12 @@ impl Cluster {
                 "--lease-seconds",
                 LEASE,
             ],
+            &env,
         )
     }
 
     fn worker(&self, name: &str) -> Worker {
-        Worker::start(self.dir.path(), &self.url(), name)
+        Worker::start(&self.folder(name), &self.url(), name, &self.s3)
     }
 
     /// One SQL query's rows, straight from PostgreSQL (its blocking client, off the async runtime).
@@ -131,6 +207,20 @@ impl Cluster {
             .first()
             .and_then(|row| row.get(0))
     }
+}
+
+/// Runs a `studio` command to its end; its standard output.
+fn studio(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_studio"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "studio {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn dataset() -> Vec<u8> {
@@ -228,6 +318,8 @@ async fn a_hundred_jobs_over_two_api_nodes_each_run_exactly_once_on_three_worker
             "{job}"
         );
     }
+    // Either API node shows every node's workers, as their heartbeats announce them.
+    assert_eq!(worker_nodes(&apis[0]).await, ["w1", "w2", "w3"]);
     // Either API node lists all of them, and every worker took its share.
     let (_, listed) = apis[1].get("/jobs/?limit=200").await;
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 100);
@@ -237,33 +329,43 @@ async fn a_hundred_jobs_over_two_api_nodes_each_run_exactly_once_on_three_worker
         .map(|row| row.get(0))
         .collect();
     assert_eq!(nodes, ["w1", "w2", "w3"]);
-    // Images and LoRAs written by the workers are served by the API nodes.
-    assert_eq!(
-        apis[0].get(&format!("/images/{}", generations[1])).await.0,
-        200
-    );
+    // Nothing but the store and the file store is shared: an image is in the folder of the one worker
+    // that made it (and of the API node whose client waited for it); the other API node, serving it,
+    // fetches it from the file store. Its LoRAs likewise.
+    let job = &generations[1]; // sent through API node 2
+    let image = |node: &str| {
+        let name = format!("{job}.png");
+        cluster.folder(node).join("images").join(name).is_file()
+    };
+    let makers = ["w1", "w2", "w3"].iter().filter(|n| image(n)).count();
+    assert_eq!(makers, 1);
+    assert!(!image("api-1"));
+    assert_eq!(apis[0].get(&format!("/images/{job}")).await.0, 200);
+    assert!(image("api-1"));
     let (status, _) = apis[1].get(&format!("/loras/{}", trainings[0])).await;
     assert_eq!(status, 200);
+    // A LoRA trained on one worker, used through the other API node by whichever worker claims it.
+    let styled = generate(
+        &apis[1],
+        json!({"prompt": "a fox", "steps": 2, "lora": trainings[0]}),
+    )
+    .await;
+    assert_eq!(
+        styled["loras"][0]["name"],
+        trainings[0].as_str(),
+        "{styled}"
+    );
 
     // A user's token, made against the shared store, works on every node and sees only that user's
     // jobs (from now on every request needs a token).
-    let out = Command::new(env!("CARGO_BIN_EXE_studio"))
-        .args([
-            "token",
-            "create",
-            "--user",
-            "alice",
-            "--database",
-            &cluster.url(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap();
+    let token = studio(&[
+        "token",
+        "create",
+        "--user",
+        "alice",
+        "--database",
+        &cluster.url(),
+    ]);
     let alice = |api: &Api| api.with_token(Some(token.trim()));
     let hers = generate(
         &alice(&apis[1]),
@@ -279,6 +381,25 @@ async fn a_hundred_jobs_over_two_api_nodes_each_run_exactly_once_on_three_worker
         .collect();
     assert_eq!(ids, [hers["job_id"].as_str().unwrap()]);
     assert_eq!(apis[0].get("/jobs/").await.0, 401);
+}
+
+/// The nodes of the workers an API node's `/health` lists.
+async fn worker_nodes(api: &Api) -> Vec<String> {
+    let (status, health) = api.get("/health").await;
+    assert_eq!(status, 200, "{health}");
+    let mut nodes: Vec<String> = health["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            w["node"]
+                .as_str()
+                .expect("a cluster's worker names its node")
+                .to_owned()
+        })
+        .collect();
+    nodes.dedup();
+    nodes
 }
 
 /// Every event of a job's training stream until the server closes it (or goes away).
@@ -330,6 +451,16 @@ async fn killed_workers_a_killed_api_node_and_a_postgresql_restart_lose_nothing(
     // kill -9 of the worker mid-run, and of the API node under the WebSocket.
     kill(&mut workers, &trainer);
     first.kill();
+    // The killed worker leaves the cluster's list once its lease runs out.
+    let mut left = false;
+    for _ in 0..100 {
+        if !worker_nodes(&api2).await.contains(&trainer) {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left, "{trainer} was killed but is still listed");
     let before_kill = live.await.unwrap();
     assert!(
         before_kill.iter().any(|e| e["type"] == "step"),

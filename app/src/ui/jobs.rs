@@ -151,7 +151,12 @@ fn Workers(workers: Vec<WorkerInfo>) -> impl IntoView {
                         .join(", ");
                     view! {
                         <li>
-                            <strong>{format!("Worker {} ", w.id)}</strong>
+                            <strong>
+                                {match &w.node {
+                                    Some(node) => format!("{node} · worker {} ", w.id),
+                                    None => format!("Worker {} ", w.id),
+                                }}
+                            </strong>
                             <code>{w.device}</code>
                             " "
                             <span class="badge" data-status=state>

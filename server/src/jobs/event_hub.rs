@@ -30,6 +30,25 @@ struct Stream {
     following: bool,
 }
 
+impl Stream {
+    /// A new live stream of `job_id`, numbered from `next_seq`, and its first listener.
+    fn start(
+        streams: &mut HashMap<String, Stream>,
+        job_id: &str,
+        next_seq: u64,
+        following: bool,
+    ) -> Listener {
+        let (sender, listener) = broadcast::channel(CHANNEL_CAPACITY);
+        let stream = Stream {
+            sender,
+            next_seq,
+            following,
+        };
+        streams.insert(job_id.to_owned(), stream);
+        listener
+    }
+}
+
 pub struct EventHub {
     store: Arc<Store>,
     streams: Mutex<HashMap<String, Stream>>,
@@ -60,16 +79,7 @@ impl EventHub {
             stream.following = false;
             return Ok(stream.sender.subscribe());
         }
-        let (sender, listener) = broadcast::channel(CHANNEL_CAPACITY);
-        streams.insert(
-            job_id.to_owned(),
-            Stream {
-                sender,
-                next_seq,
-                following: false,
-            },
-        );
-        Ok(listener)
+        Ok(Stream::start(&mut streams, job_id, next_seq, false))
     }
 
     /// Follows a job another node runs (or will): a listener fed from the store's log from here on.
@@ -81,16 +91,7 @@ impl EventHub {
             return Ok(stream.sender.subscribe());
         }
         let next_seq = self.store.last_seq(job_id)? + 1;
-        let (sender, listener) = broadcast::channel(CHANNEL_CAPACITY);
-        streams.insert(
-            job_id.to_owned(),
-            Stream {
-                sender,
-                next_seq,
-                following: true,
-            },
-        );
-        Ok(listener)
+        Ok(Stream::start(&mut streams, job_id, next_seq, true))
     }
 
     /// The followed jobs, each with the last event its listeners have.

@@ -570,9 +570,19 @@ impl Jobs {
         .await
     }
 
-    /// Every worker, what it holds and what it runs.
-    pub fn workers(&self) -> Vec<app::WorkerInfo> {
-        self.shared.queues.workers()
+    /// Every worker, what it holds and what it runs: this process's, or on a cluster's node every live
+    /// node's, as their heartbeats last announced them.
+    pub async fn workers(&self) -> Result<Vec<app::WorkerInfo>, ApiError> {
+        if self.shared.node.is_none() {
+            return Ok(self.shared.queues.workers());
+        }
+        self.blocking(|shared| {
+            shared
+                .store
+                .cluster_workers()
+                .map_err(Shared::store_error("reading the cluster's workers"))
+        })
+        .await
     }
 
     /// Every worker's engine, by worker id.

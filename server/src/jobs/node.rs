@@ -131,7 +131,9 @@ fn generation_result(shared: &Shared, job: &str) -> anyhow::Result<Option<Genera
     };
     let id: JobId = job.parse().map_err(anyhow::Error::msg)?;
     let png = |index: u32| -> anyhow::Result<Json> {
-        let bytes = std::fs::read(shared.data.image_at(id, index))?;
+        let path = shared.data.image_at(id, index);
+        shared.data.fetch(&path)?;
+        let bytes = std::fs::read(path)?;
         Ok(Json::String(
             base64::engine::general_purpose::STANDARD.encode(bytes),
         ))
@@ -239,6 +241,11 @@ fn hand_over(shared: &Shared, job: &Waiting) -> anyhow::Result<()> {
 fn heartbeat(shared: &Shared, node: &NodeSettings, stopping: &AtomicBool) {
     let beat = node.lease / 3;
     while !stopping.load(Ordering::SeqCst) {
+        // Every node's `/health` lists this one's workers from here.
+        let workers = shared.queues.workers();
+        if let Err(err) = shared.store.announce_node(&node.name, &workers, node.lease) {
+            tracing::warn!("announcing this node's workers: {err:#}");
+        }
         let held: Vec<String> = shared.cancels().keys().map(JobId::to_string).collect();
         match shared.store.renew_leases(&node.name, node.lease, &held) {
             Ok(cancelled) => {
@@ -262,5 +269,9 @@ fn heartbeat(shared: &Shared, node: &NodeSettings, stopping: &AtomicBool) {
             Err(err) => tracing::warn!("requeueing expired jobs: {err:#}"),
         }
         std::thread::sleep(beat);
+    }
+    // Stopping cleanly: off the list at once rather than when the lease runs out.
+    if let Err(err) = shared.store.forget_node(&node.name) {
+        tracing::warn!("taking this node off the cluster's list: {err:#}");
     }
 }

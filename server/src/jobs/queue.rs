@@ -265,6 +265,7 @@ impl Queues {
             .iter()
             .enumerate()
             .map(|(id, slot)| WorkerInfo {
+                node: None,
                 id: id as u32,
                 device: slot.device.clone(),
                 state: if slot.current.is_some() {
@@ -281,6 +282,17 @@ impl Queues {
                 jobs_taken: slot.taken,
             })
             .collect()
+    }
+
+    /// Worker `worker` has finished its generation and holds `held`: free for the next choice, before
+    /// it asks for its next work.
+    pub fn release(&self, worker: usize, held: Held) {
+        let mut pending = self.pending();
+        let slot = &mut pending.workers[worker];
+        slot.held = held;
+        slot.current = None;
+        drop(pending);
+        self.wake.notify_all();
     }
 
     /// Worker `worker`'s next piece of work, by the policy above; blocks while there is none. `held` is

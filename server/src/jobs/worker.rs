@@ -16,8 +16,8 @@ use base64::Engine as _;
 use image::RgbImage;
 
 use super::capability::{
-    Control, Generated, GenerationPlan, Held, JobFailure, StepOutcome, TrainingReport, TrainingRun,
-    WorkerEngine,
+    Control, Generated, GenerationPlan, Held, JobFailure, LoraChoice, StepOutcome, TrainingReport,
+    TrainingRun, WorkerEngine,
 };
 use super::queue::{GenerationTicket, TrainingTicket, Work};
 use super::Shared;
@@ -96,7 +96,10 @@ impl Worker<'_> {
 
     fn generate(&self, ticket: GenerationTicket) {
         self.claim(&ticket.id.to_string());
-        generate(self.shared, self.engine, ticket)
+        // Free, with what it holds now, before the answer goes out: a client's next request, which may
+        // come at once, then goes to this worker that holds its model rather than to another.
+        let done = || self.shared.queues.release(self.id, self.held());
+        generate(self.shared, self.engine, ticket, &done)
     }
 
     fn start_training(&self, ticket: TrainingTicket) -> Option<ActiveTraining> {
@@ -105,7 +108,8 @@ impl Worker<'_> {
     }
 }
 
-fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
+/// `done` runs once the images are saved, just before the answer is sent.
+fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket, done: &dyn Fn()) {
     let GenerationTicket { id, plan, cancel } = ticket;
     let job = id.to_string();
     let Some(generation) = engine.generation.clone() else {
@@ -122,6 +126,14 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
         return shared.finish(id);
     }
     shared.set_status(&job, JobStatus::Running);
+    let plan = match with_local_lora(shared, plan) {
+        Ok(plan) => plan,
+        Err(err) => {
+            let message = format!("fetching the trained LoRA: {err:#}");
+            shared.fail(&job, ErrorCode::GenerationFailed, &message);
+            return shared.finish(id);
+        }
+    };
     let started = Instant::now();
     let outcome = guarded(|| {
         generation.generate(&plan, &mut |update| {
@@ -171,7 +183,9 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
                     ..recipe.clone()
                 },
             )?;
-            std::fs::write(shared.data.image_at(id, i as u32), &png)?;
+            let path = shared.data.image_at(id, i as u32);
+            std::fs::write(&path, &png)?;
+            shared.data.publish(&path)?;
             images.push(BatchImage {
                 image: base64::engine::general_purpose::STANDARD.encode(&png),
                 seed,
@@ -210,6 +224,7 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
     });
     match saved {
         Ok(response) => {
+            done();
             shared.emit(&job, EventBody::Result(Box::new(response)));
             shared.set_status(&job, JobStatus::Completed);
         }
@@ -223,6 +238,20 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket) {
         }
     }
     shared.finish(id);
+}
+
+/// The plan with its trained LoRA's file in this node's data folder, fetched from the file store when
+/// another node trained it (the node that planned the job may keep its folder elsewhere).
+fn with_local_lora(shared: &Shared, mut plan: GenerationPlan) -> anyhow::Result<GenerationPlan> {
+    if let LoraChoice::Trained { model_id, file, .. } = &mut plan.lora {
+        let id: JobId = model_id.parse().map_err(anyhow::Error::msg)?;
+        *file = shared.data.lora(id);
+        anyhow::ensure!(
+            shared.data.fetch(file)?,
+            "the LoRA of {model_id} is neither here nor in the file store"
+        );
+    }
+    Ok(plan)
 }
 
 /// What the first image's PNG carries (each other image: the same with its own seed).
@@ -275,6 +304,13 @@ fn start_training(
         return None;
     }
     shared.set_status(&job, JobStatus::Preparing);
+    // The dataset, and the checkpoints of an earlier try on another node.
+    if let Err(err) = shared.data.pull_job(id) {
+        let message = format!("fetching the job's files: {err:#}");
+        shared.fail(&job, ErrorCode::TrainingFailed, &message);
+        shared.finish(id);
+        return None;
+    }
     let started = guarded(|| training.start(&spec, &mut |report| shared.report(id, report)));
     match started {
         Ok(run) => {
@@ -300,6 +336,14 @@ fn training_step(shared: &Shared, mut training: ActiveTraining) -> Option<Active
         return None;
     }
     let outcome = guarded(|| training.run.step(&mut |report| shared.report(id, report)));
+    // New samples and checkpoints, for every node to serve and for another to resume from.
+    let outcome = outcome.and_then(|outcome| {
+        shared
+            .data
+            .push_job(id)
+            .map_err(|err| err.context("publishing the run's files"))?;
+        Ok(outcome)
+    });
     match outcome {
         Ok(StepOutcome::Continue) => return Some(training),
         Ok(StepOutcome::Finished) => {

@@ -14,16 +14,22 @@ use super::auth::Caller;
 use super::train::training_record;
 use super::{job_id, ApiPath, AppState};
 use crate::error::ApiError;
+use crate::files::DataDir;
 use crate::jobs::TrainingParams;
 use crate::store::Viewer;
 
-/// Streams a file; a missing one is 404 with `what` in the message.
+/// Streams a file (fetched from the file store when another node wrote it); a missing one is 404 with
+/// `what` in the message.
 async fn send_file(
+    data: &DataDir,
     path: PathBuf,
     content_type: &'static str,
     download_name: Option<String>,
     what: &str,
 ) -> Result<Response, ApiError> {
+    data.fetch_async(&path)
+        .await
+        .map_err(|e| ApiError::internal("fetching a stored file", e))?;
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -86,7 +92,14 @@ pub async fn image(
     let id = job_id(&id)?;
     visible(&state, id, &viewer, "image").await?;
     let path = state.jobs.data().image(id);
-    send_file(path, "image/png", None, &format!("image {id}")).await
+    send_file(
+        state.jobs.data(),
+        path,
+        "image/png",
+        None,
+        &format!("image {id}"),
+    )
+    .await
 }
 
 /// Image `index` (from 0) of a generation that made several (`num_images`).
@@ -102,7 +115,14 @@ pub async fn image_at(
     let id = job_id(&id)?;
     visible(&state, id, &viewer, "image").await?;
     let path = state.jobs.data().image_at(id, index);
-    send_file(path, "image/png", None, &format!("image {index} of {id}")).await
+    send_file(
+        state.jobs.data(),
+        path,
+        "image/png",
+        None,
+        &format!("image {index} of {id}"),
+    )
+    .await
 }
 
 /// A sample image made during a training run.
@@ -122,7 +142,14 @@ pub async fn sample(
         .data()
         .sample(job_id(&model_id)?, &file)
         .ok_or_else(not_found)?;
-    send_file(path, "image/png", None, &format!("sample {file:?}")).await
+    send_file(
+        state.jobs.data(),
+        path,
+        "image/png",
+        None,
+        &format!("sample {file:?}"),
+    )
+    .await
 }
 
 /// The LoRAs trained here that the caller may see, newest first: each usable as `lora` in `/generate/`.
@@ -146,7 +173,7 @@ pub async fn list_loras(
                 .into_iter()
                 .filter_map(|job| {
                     let id = job.id.parse().ok()?;
-                    let size_bytes = std::fs::metadata(data.lora(id)).ok()?.len();
+                    let size_bytes = data.size(&data.lora(id)).ok()??;
                     let keywords = serde_json::from_value::<TrainingParams>(job.params)
                         .map(|p| p.keywords)
                         .unwrap_or_default();
@@ -184,6 +211,7 @@ pub async fn lora(
     }
     let path = state.jobs.data().lora(job_id(&model_id)?);
     send_file(
+        state.jobs.data(),
         path,
         "application/octet-stream",
         Some(format!("{model_id}.safetensors")),

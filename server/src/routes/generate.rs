@@ -103,8 +103,16 @@ async fn resolve_lora(
     };
     let record = jobs.record_for(id, viewer).await.map_err(|_| unusable())?;
     let file = jobs.data().lora(id);
-    if record.kind != JobKind::Training || record.status != JobStatus::Completed || !file.is_file()
-    {
+    let completed = record.kind == JobKind::Training && record.status == JobStatus::Completed;
+    let present = || async {
+        let data = jobs.data().clone();
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || data.size(&file))
+            .await
+            .map_err(|e| ApiError::internal("finding the LoRA", e))?
+            .map_err(|e| ApiError::internal("finding the LoRA", e))
+    };
+    if !completed || present().await?.is_none() {
         return Err(unusable());
     }
     let keywords = record.params["keywords"]

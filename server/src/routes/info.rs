@@ -41,7 +41,7 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<HealthResponse
             .num_alive_tasks(),
         rss_bytes: resident_memory(),
         memory_plan,
-        workers: state.jobs.workers(),
+        workers: state.jobs.workers().await?,
     }))
 }
 

@@ -34,7 +34,7 @@ pub async fn list(
         .map_err(|e| ApiError::internal("listing jobs", format!("{e:#}")))?;
     Ok(Json(JobList {
         jobs,
-        workers: state.jobs.workers(),
+        workers: state.jobs.workers().await?,
     }))
 }
 

@@ -56,6 +56,11 @@ pub async fn train(
             .map_err(ApiError::validation)?;
         // The costly check last, once the cheap ones passed.
         let check = check_dataset(state.jobs.data().dataset(id)).await?;
+        // Where the worker that runs it can read it, before it can be claimed.
+        let data = state.jobs.data();
+        data.publish_async(&data.dataset(id))
+            .await
+            .map_err(|e| ApiError::internal("storing the dataset", e))?;
         let params = TrainingParams {
             keywords: request.keywords,
             settings: request.settings,

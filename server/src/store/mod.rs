@@ -156,6 +156,32 @@ pub fn is_unreachable(err: &anyhow::Error) -> bool {
     postgres::is_unreachable(err)
 }
 
+/// A queued job's row: [`Store::insert_job`]'s, and the shared queue's with its first event.
+fn insert_job(
+    db: &mut dyn Database,
+    id: &str,
+    kind: JobKind,
+    params: &Json,
+    plan: Option<&Json>,
+    owner: Option<&str>,
+) -> anyhow::Result<()> {
+    let now = now_ms();
+    db.execute(
+        "INSERT INTO jobs (id, kind, status, params, plan, created_at, updated_at, owner) \
+         VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
+        values![
+            id,
+            kind.as_str(),
+            JobStatus::Queued.as_str(),
+            params.to_string(),
+            plan.map(Json::to_string),
+            now,
+            owner
+        ],
+    )?;
+    Ok(())
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -303,21 +329,7 @@ impl Store {
         plan: Option<&Json>,
         owner: Option<&str>,
     ) -> anyhow::Result<()> {
-        let now = now_ms();
-        self.db().execute(
-            "INSERT INTO jobs (id, kind, status, params, plan, created_at, updated_at, owner) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
-            values![
-                id,
-                kind.as_str(),
-                JobStatus::Queued.as_str(),
-                params.to_string(),
-                plan.map(Json::to_string),
-                now,
-                owner
-            ],
-        )?;
-        Ok(())
+        insert_job(&mut **self.db(), id, kind, params, plan, owner)
     }
 
     /// Records which worker took the job.

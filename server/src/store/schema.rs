@@ -5,7 +5,7 @@
 use super::sql::{Database, Dialect};
 
 /// Bumped with every change to `SCHEMA`; opening a newer database fails rather than misreading it.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jobs (
@@ -67,6 +67,13 @@ CREATE TABLE IF NOT EXISTS tokens (
     hash       TEXT NOT NULL UNIQUE,
     created_at BIGINT NOT NULL,
     revoked_at BIGINT
+);
+-- Schema 5: a cluster's nodes that run jobs, each with its workers as `/health` shows them (JSON),
+-- announced by its heartbeat; one unseen past `seen_until` has stopped.
+CREATE TABLE IF NOT EXISTS nodes (
+    name       TEXT PRIMARY KEY,
+    workers    TEXT NOT NULL,
+    seen_until BIGINT NOT NULL
 );
 "#;
 

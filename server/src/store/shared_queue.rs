@@ -11,7 +11,7 @@ use app::{EventBody, JobEvent, JobKind, JobStatus};
 use serde_json::Value as Json;
 
 use super::sql::{values, Database, Dialect, Value};
-use super::{apply_event, last_seq, notify, now_ms, Store};
+use super::{apply_event, insert_job, last_seq, notify, now_ms, Store};
 
 /// PostgreSQL's NOTIFY channel for a job recorded (the payload: its kind).
 pub const JOBS_CHANNEL: &str = "studio_jobs";
@@ -97,20 +97,7 @@ impl Store {
         owner: Option<&str>,
     ) -> anyhow::Result<()> {
         self.transaction(|db| {
-            let now = now_ms();
-            db.execute(
-                "INSERT INTO jobs (id, kind, status, params, plan, created_at, updated_at, owner) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
-                values![
-                    id,
-                    kind.as_str(),
-                    JobStatus::Queued.as_str(),
-                    params.to_string(),
-                    plan.map(Json::to_string),
-                    now,
-                    owner
-                ],
-            )?;
+            insert_job(db, id, kind, params, plan, owner)?;
             let queued = EventBody::Status {
                 status: JobStatus::Queued,
             };
@@ -242,6 +229,45 @@ impl Store {
     }
 
     /// Gives back the jobs `node` claimed but has not started (it is stopping).
+    /// Says which workers node `name` has and what they hold, until `lease` from now.
+    pub fn announce_node(
+        &self,
+        name: &str,
+        workers: &[app::WorkerInfo],
+        lease: Duration,
+    ) -> anyhow::Result<()> {
+        let workers = serde_json::to_string(workers)?;
+        self.db().execute(
+            "INSERT INTO nodes (name, workers, seen_until) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET workers = $2, seen_until = $3",
+            values![name, workers, lease_end(lease)],
+        )?;
+        Ok(())
+    }
+
+    /// A node stopping cleanly leaves the list at once.
+    pub fn forget_node(&self, name: &str) -> anyhow::Result<()> {
+        self.db()
+            .execute("DELETE FROM nodes WHERE name = $1", values![name])?;
+        Ok(())
+    }
+
+    /// Every worker of the nodes alive now, by node name and worker id; stopped nodes' rows are removed.
+    pub fn cluster_workers(&self) -> anyhow::Result<Vec<app::WorkerInfo>> {
+        let mut db = self.db();
+        db.execute("DELETE FROM nodes WHERE seen_until < $1", values![now_ms()])?;
+        let mut all = Vec::new();
+        for row in db.query("SELECT name, workers FROM nodes ORDER BY name", &[])? {
+            let node = row.text(0)?;
+            let workers: Vec<app::WorkerInfo> = serde_json::from_str(&row.text(1)?)?;
+            all.extend(workers.into_iter().map(|w| app::WorkerInfo {
+                node: Some(node.clone()),
+                ..w
+            }));
+        }
+        Ok(all)
+    }
+
     pub fn release_waiting(&self, node: &str) -> anyhow::Result<u64> {
         self.db().execute(
             "UPDATE jobs SET node = NULL, lease_until = NULL WHERE node = $1 AND status = 'queued'",
