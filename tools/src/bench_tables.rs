@@ -606,12 +606,9 @@ impl Records {
                 );
             }
         }
-        if let Some((r, t)) = self
-            .small_gpu
-            .iter()
-            .rev()
-            .find_map(|r| r.diffusers_bf16_1024_s.map(|t| (r, t)))
-        {
+        // The reference and the command of the newest run that measured formats.
+        let newest = self.small_gpu.iter().rev().find(|r| !r.formats.is_empty());
+        if let Some((r, t)) = newest.and_then(|r| r.diffusers_bf16_1024_s.map(|t| (r, t))) {
             rows += &format!(
                 "| {} bf16 (reference) | | 1 | | {t:.2} s | | {} |\n",
                 r.reference,
@@ -629,9 +626,7 @@ impl Records {
              Reproduce: `{}`.\n\n\
              | weights | step | vs diffusers bf16 | vs diffusers f32 | 1024², end to end | peak in use | run |\n\
              |---|---|---|---|---|---|---|\n{rows}",
-            self.small_gpu
-                .last()
-                .map_or("bash scripts/gpu/small-gpu-bench.sh", |r| command(&r.head))
+            newest.map_or("bash scripts/gpu/small-gpu-bench.sh", |r| command(&r.head))
         )
     }
 
@@ -648,7 +643,8 @@ impl Records {
                 seen.push(c.cap_gib);
                 let ours = match &c.ours {
                     Some(CapOurs { error: Some(e), .. }) => {
-                        (format!("refused: {e}"), String::new(), String::new())
+                        let e = e.trim_start_matches("Error: ");
+                        (format!("did not finish: {e}"), String::new(), String::new())
                     }
                     Some(o) => (
                         o.plan.clone().unwrap_or_default(),
@@ -702,7 +698,8 @@ impl Records {
             return "No GPU run has measured card sizes yet: `bash scripts/gpu/small-gpu-bench.sh` does.\n"
                 .into();
         }
-        let reference = self.small_gpu.last().map_or("", |r| r.reference.as_str());
+        let newest = self.small_gpu.iter().rev().find(|r| !r.caps.is_empty());
+        let reference = newest.map_or("", |r| r.reference.as_str());
         format!(
             "Each card size emulated on the GPU machine: another process holds all its memory but the cap \
              before ours starts (so the plan sees the card's size), and diffusers ({reference}) gets the \
@@ -710,9 +707,7 @@ impl Records {
              steps. Reproduce: `{}`.\n\n\
              | GPU memory | our plan | ours, end to end | our peak | diffusers under the same cap | run |\n\
              |---|---|---|---|---|---|\n{rows}",
-            self.small_gpu
-                .last()
-                .map_or("bash scripts/gpu/small-gpu-bench.sh", |r| command(&r.head))
+            newest.map_or("bash scripts/gpu/small-gpu-bench.sh", |r| command(&r.head))
         )
     }
 
