@@ -115,6 +115,12 @@ struct Pending {
 }
 
 impl Pending {
+    /// Fewer generations wait than there are workers not generating.
+    fn room_for_generation(&self) -> bool {
+        let free = self.workers.iter().filter(|s| s.current.is_none()).count();
+        self.generation.len() < free
+    }
+
     /// The worker a generation should go to now: the best of those not generating. A worker holding a
     /// training run cannot load another model meanwhile: among several workers it takes only generations
     /// of the model it holds (or any, when it keeps none resident); alone, it takes every one, and one it
@@ -224,13 +230,8 @@ impl Queues {
     /// models its workers hold.
     pub fn room(&self) -> Room {
         let pending = self.pending();
-        let free = pending
-            .workers
-            .iter()
-            .filter(|slot| slot.current.is_none())
-            .count();
         Room {
-            generation: pending.generation.len() < free,
+            generation: pending.room_for_generation(),
             training: pending.training.is_empty()
                 && pending
                     .workers
@@ -247,10 +248,7 @@ impl Queues {
     /// Waits until a worker could start another job, at most `timeout`.
     pub fn wait_for_room(&self, timeout: std::time::Duration) {
         let pending = self.pending();
-        let full = |p: &mut Pending| {
-            !p.closed
-                && p.generation.len() >= p.workers.iter().filter(|s| s.current.is_none()).count()
-        };
+        let full = |p: &mut Pending| !p.closed && !p.room_for_generation();
         let _ = self
             .wake
             .wait_timeout_while(pending, timeout, full)

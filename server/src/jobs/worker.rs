@@ -422,7 +422,6 @@ impl Shared {
         self.emit(&job, body);
     }
 
-    /// The job left the worker: no more events, no more cancelling.
     /// Fails a job this node claimed but cannot run (its stream is open here).
     pub(super) fn fail_unstarted(&self, job: &str, message: &str) {
         self.fail(job, ErrorCode::Internal, message);
@@ -431,6 +430,7 @@ impl Shared {
         }
     }
 
+    /// The job left the worker: no more events, no more cancelling.
     fn finish(&self, id: JobId) {
         self.hub.close(&id.to_string());
         self.forget_cancel(id);
