@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use app::{EventBody, JobEvent};
 use tokio::sync::broadcast;
@@ -17,9 +16,6 @@ use crate::store::{now_ms, Store};
 
 /// Events a slow listener may lag behind before it has to catch up from the store.
 const CHANNEL_CAPACITY: usize = 256;
-
-/// How long recording an event waits for an unreachable shared store to come back.
-const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);
 
 pub type Listener = broadcast::Receiver<Arc<JobEvent>>;
 
@@ -147,14 +143,7 @@ impl EventHub {
         // lost status would leave the job unfinished in the log for good. Live listeners hear of the
         // event even when the log cannot keep it (a full disk): a client waiting for its image learns
         // why it failed instead of seeing the stream end.
-        let mut recorded = self.store.record_event(&event);
-        let deadline = Instant::now() + UNREACHABLE_WAIT;
-        while recorded.as_ref().is_err_and(crate::store::is_unreachable)
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(250));
-            recorded = self.store.record_event(&event);
-        }
+        let recorded = crate::store::patiently(|| self.store.record_event(&event));
         stream.next_seq += 1;
         // No listener is fine: the log has it.
         let _ = stream.sender.send(Arc::new(event));

@@ -11,11 +11,12 @@
 //! Each wakes on PostgreSQL's notifications (a job recorded, an event recorded) and polls besides, so a
 //! lost notification only delays.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use app::{EventBody, GenerateResponse, JobEvent, JobKind, JobStatus};
+use app::{ErrorCode, ErrorDetail, EventBody, GenerateResponse, JobEvent, JobKind, JobStatus};
 use base64::Engine as _;
 use serde_json::Value as Json;
 
@@ -38,6 +39,9 @@ pub struct NodeSettings {
 
 /// How often the follower looks at the log without being woken.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
+/// How long a follower tries to read a completed generation's result back (its record and images)
+/// before its listeners get an error instead.
+const RESULT_WAIT: Duration = Duration::from_secs(60);
 /// How often the dispatcher looks for work without being woken.
 const CLAIM_POLL: Duration = Duration::from_millis(500);
 
@@ -70,32 +74,92 @@ fn follow(shared: &Shared, stopping: &AtomicBool) {
     let mut wakeups = shared
         .store
         .wakeups(crate::store::shared_queue::EVENTS_CHANNEL);
+    // Jobs whose result could not be read back yet, with when that first failed.
+    let mut unread: HashMap<String, Instant> = HashMap::new();
     while !stopping.load(Ordering::SeqCst) {
-        for (job, after) in shared.hub.followed() {
-            match shared.store.events_after(&job, after) {
-                Ok(events) if !events.is_empty() => {
-                    let events = with_results(shared, &job, events);
-                    shared.hub.deliver(&job, events);
-                }
-                Ok(_) => {
-                    // Nothing new: a job that ended before it was followed ends its stream here.
-                    if let Ok(Some(record)) = shared.store.job(&job) {
-                        if record.status.is_finished() {
-                            shared.hub.close(&job);
-                        }
-                    }
-                }
-                Err(err) => tracing::warn!("following job {job}: {err:#}"),
+        let followed = shared.hub.followed();
+        unread.retain(|job, _| followed.iter().any(|(j, _)| j == job));
+        for (job, after) in followed {
+            if let Err(err) = follow_one(shared, &job, after, &mut unread) {
+                tracing::warn!("following job {job}: {err:#}");
             }
         }
         wakeups.wait(FOLLOW_POLL);
     }
 }
 
+/// Delivers one followed job's new events.
+fn follow_one(
+    shared: &Shared,
+    job: &str,
+    after: u64,
+    unread: &mut HashMap<String, Instant>,
+) -> anyhow::Result<()> {
+    let mut events = shared.store.events_after(job, after)?;
+    if events.is_empty() {
+        // A job that ended before it was followed ends its stream here. Its status and last event are
+        // written together, so the log is read again once the record says it ended: the events
+        // written between the two reads are delivered, not lost.
+        if !shared
+            .store
+            .job(job)?
+            .is_some_and(|r| r.status.is_finished())
+        {
+            return Ok(());
+        }
+        events = shared.store.events_after(job, after)?;
+        if events.is_empty() {
+            shared.hub.close(job);
+            return Ok(());
+        }
+    }
+    let events = match with_results(shared, job, events) {
+        Ok(events) => {
+            unread.remove(job);
+            events
+        }
+        // The events before the completion go out now; the completion waits for its result (the
+        // store restarting, the image not yet in the file store), which is read again on the next
+        // round. One that stays unreadable ends the job's stream with the reason.
+        Err((before, completed, err)) => {
+            let since = *unread.entry(job.to_owned()).or_insert_with(Instant::now);
+            if since.elapsed() < RESULT_WAIT {
+                tracing::warn!("job {job}: reading its result back (trying again): {err:#}");
+                before
+            } else {
+                unread.remove(job);
+                tracing::error!("job {job}: its result could not be read back: {err:#}");
+                let mut out = before;
+                out.push(JobEvent {
+                    body: EventBody::Error {
+                        error: ErrorDetail::new(
+                            ErrorCode::Internal,
+                            format!(
+                                "the job completed but its result could not be read back: {err:#}"
+                            ),
+                        ),
+                    },
+                    ..completed
+                });
+                out
+            }
+        }
+    };
+    shared.hub.deliver(job, events);
+    Ok(())
+}
+
+/// The events a follower's listeners get, and the completion event whose result could not be read.
+type Unreadable = (Vec<JobEvent>, JobEvent, anyhow::Error);
+
 /// A finished generation's result is not in the log (its images are files): the running node's
 /// listeners got it as the event just before `completed`; a follower's get it there too, read back
-/// from the job's record and its image files.
-fn with_results(shared: &Shared, job: &str, events: Vec<JobEvent>) -> Vec<JobEvent> {
+/// from the job's record and its image files. When that fails, the events before the completion.
+fn with_results(
+    shared: &Shared,
+    job: &str,
+    events: Vec<JobEvent>,
+) -> Result<Vec<JobEvent>, Unreadable> {
     let mut out = Vec::with_capacity(events.len() + 1);
     for event in events {
         let completed = matches!(
@@ -113,12 +177,12 @@ fn with_results(shared: &Shared, job: &str, events: Vec<JobEvent>) -> Vec<JobEve
                     body: EventBody::Result(Box::new(response)),
                 }),
                 Ok(None) => {}
-                Err(err) => tracing::error!("job {job}: reading its result back: {err:#}"),
+                Err(err) => return Err((out, event, err)),
             }
         }
         out.push(event);
     }
-    out
+    Ok(out)
 }
 
 /// A completed generation's answer as its worker sent it: the record, with each image's PNG.

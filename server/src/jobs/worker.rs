@@ -219,7 +219,7 @@ fn generate(shared: &Shared, engine: &WorkerEngine, ticket: GenerationTicket, do
                 entry["image"] = serde_json::Value::String(format!("/images/{job}/{i}"));
             }
         }
-        shared.store.set_result(&job, &record)?;
+        crate::store::patiently(|| shared.store.set_result(&job, &record))?;
         Ok(response)
     });
     match saved {
@@ -348,7 +348,7 @@ fn training_step(shared: &Shared, mut training: ActiveTraining) -> Option<Active
         Ok(StepOutcome::Continue) => return Some(training),
         Ok(StepOutcome::Finished) => {
             let result = serde_json::json!({ "lora": format!("/loras/{job}") });
-            match shared.store.set_result(&job, &result) {
+            match crate::store::patiently(|| shared.store.set_result(&job, &result)) {
                 Ok(()) => shared.set_status(&job, JobStatus::Completed),
                 Err(err) => shared.fail(
                     &job,

@@ -16,7 +16,7 @@ pub mod throwaway;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use app::{
@@ -137,7 +137,7 @@ pub struct Wakeups(Option<postgres::Listener>);
 
 impl Wakeups {
     /// Returns when woken, or after `timeout`.
-    pub fn wait(&mut self, timeout: std::time::Duration) {
+    pub fn wait(&mut self, timeout: Duration) {
         match &mut self.0 {
             Some(listener) => listener.wait(timeout),
             None => std::thread::sleep(timeout),
@@ -154,6 +154,23 @@ pub fn is_disk_full(err: &anyhow::Error) -> bool {
 /// restarting, say): worth trying again in a moment.
 pub fn is_unreachable(err: &anyhow::Error) -> bool {
     postgres::is_unreachable(err)
+}
+
+/// How long a write that must not be lost waits for an unreachable shared store to come back.
+const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs a write that must not be lost (an event, a job's result), trying again while the store is
+/// unreachable for a moment (PostgreSQL restarting) rather than losing it; other errors come back at once.
+pub fn patiently<T>(mut write: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + UNREACHABLE_WAIT;
+    loop {
+        match write() {
+            Err(err) if is_unreachable(&err) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            done => return done,
+        }
+    }
 }
 
 /// A queued job's row: [`Store::insert_job`]'s, and the shared queue's with its first event.
