@@ -113,15 +113,16 @@ fn follow_one(
             return Ok(());
         }
     }
-    let events = match with_results(shared, job, events) {
-        Ok(events) => {
+    let (before, unreadable) = with_results(shared, job, events);
+    let events = match unreadable {
+        None => {
             unread.remove(job);
-            events
+            before
         }
         // The events before the completion go out now; the completion waits for its result (the
         // store restarting, the image not yet in the file store), which is read again on the next
         // round. One that stays unreadable ends the job's stream with the reason.
-        Err((before, completed, err)) => {
+        Some((completed, err)) => {
             let since = *unread.entry(job.to_owned()).or_insert_with(Instant::now);
             if since.elapsed() < RESULT_WAIT {
                 tracing::warn!("job {job}: reading its result back (trying again): {err:#}");
@@ -149,17 +150,15 @@ fn follow_one(
     Ok(())
 }
 
-/// The events a follower's listeners get, and the completion event whose result could not be read.
-type Unreadable = (Vec<JobEvent>, JobEvent, anyhow::Error);
-
 /// A finished generation's result is not in the log (its images are files): the running node's
 /// listeners got it as the event just before `completed`; a follower's get it there too, read back
-/// from the job's record and its image files. When that fails, the events before the completion.
+/// from the job's record and its image files. When that fails: the events before the completion, and
+/// the completion with the reason.
 fn with_results(
     shared: &Shared,
     job: &str,
     events: Vec<JobEvent>,
-) -> Result<Vec<JobEvent>, Unreadable> {
+) -> (Vec<JobEvent>, Option<(JobEvent, anyhow::Error)>) {
     let mut out = Vec::with_capacity(events.len() + 1);
     for event in events {
         let completed = matches!(
@@ -177,12 +176,12 @@ fn with_results(
                     body: EventBody::Result(Box::new(response)),
                 }),
                 Ok(None) => {}
-                Err(err) => return Err((out, event, err)),
+                Err(err) => return (out, Some((event, err))),
             }
         }
         out.push(event);
     }
-    Ok(out)
+    (out, None)
 }
 
 /// A completed generation's answer as its worker sent it: the record, with each image's PNG.
