@@ -734,6 +734,53 @@ FEEDBACK = [
 ]
 
 
+# More requests in other languages, for the chat's train rows only: their own verbs and subjects, none of
+# the held-out set's phrasings ("show me", "I would like", "paint") or subjects.
+FOREIGN_MORE = {
+    "fr": (["fais-moi {s}", "je veux voir {s}", "dessine-moi {s} stp", "illustre {s}", "représente {s}",
+            "tu peux me faire {s} ?", "une illustration de {s} stp", "crée {s}"],
+           ["un cheval", "une montagne enneigée", "un bateau", "une fleur rouge", "un hibou", "une plage"]),
+    "es": (["enséñame {s}", "dibújame {s}", "necesito una imagen de {s}", "¿me haces {s}?", "ilustra {s}",
+            "haz una imagen de {s} porfa", "representa {s}", "crea {s}"],
+           ["un caballo", "una montaña nevada", "un barco", "una flor roja", "un búho", "una playa"]),
+    "de": (["zeichne mir bitte ein Bild von {s}", "ich will ein Bild von {s}", "illustriere ein Bild von {s}",
+            "mach mir ein Foto von {s}", "generier mal ein Bild von {s}", "ein Gemälde von {s} bitte"],
+           ["einem Pferd", "einem verschneiten Berg", "einem Boot", "einer roten Blume", "einer Eule",
+            "einem Strand"]),
+    "it": (["fammi vedere {s}", "voglio vedere {s}", "mi fai un disegno di {s}?", "raffigura {s}", "crea {s}",
+            "un disegno di {s} per favore", "illustra {s}", "genera {s}"],
+           ["un cavallo", "una montagna innevata", "una barca", "un fiore rosso", "un gufo", "una spiaggia"]),
+    "pt": (["me faz {s}", "quero ver {s}", "desenha {s} por favor", "ilustre {s}", "uma foto de {s} por favor",
+            "me faz um desenho de {s}", "gere {s}", "crie {s}"],
+           ["um cavalo", "uma montanha nevada", "um barco", "uma flor vermelha", "uma coruja", "uma praia"]),
+}
+# More changes to a picture (train only), in words the held-out set's edits do not use.
+EDITS_MORE = [
+    "shift the scene to {setting}", "put everything {setting}", "do a version with {lighting}",
+    "render it again {setting}", "swap the background for {setting}", "now place it {setting}",
+    "transport it {setting}", "make a version where it is {action}", "show it {action}",
+    "can it be {action}?", "do it {setting} this time", "switch the style to {style}", "restyle it as {style}",
+    "a version in {style} please", "set it {setting} instead", "have it {action}", "now {action}",
+    "relight it with {lighting}", "the same picture with {lighting}", "same idea, {setting}",
+]
+# More replies of a word or two (train only; none of the held-out set's): reactions, agreement,
+# greetings and slang. Alone, an adjective is a remark, not a picture.
+SHORT_MORE = [
+    "breathtaking", "exquisite", "sublime", "glorious", "elegant", "charming", "dreamy", "magical", "epic",
+    "dope", "sick", "rad", "lit", "meh", "ugh", "oops", "whoa", "woah", "oof", "phew", "welp", "nice!", "noice",
+    "swell", "classy", "spectacular", "astonishing", "damn", "dang", "heck yes", "hell yeah", "yass",
+    "ok great", "roger", "roger that", "will do", "noted", "understood", "fair enough", "for sure",
+    "definitely", "certainly", "indeed", "totally", "obviously", "precisely", "correct", "good point",
+    "no problem", "all good", "it's ok", "okey dokey", "alrighty", "kk", "okie", "yea", "ya", "goodnight",
+    "afternoon!", "hiya", "heya", "welcome back", "good to see you", "rofl", "lmfao", "hehe", "xd", "ha",
+    "lolol", "stunning!", "pretty good", "so cool", "very cool", "love it", "loved it", "ok ok", "yes yes",
+    "no no", "hmm ok", "uh huh", "mhm", "sure sure", "gotcha", "thank u", "tysm", "much appreciated",
+    "appreciate it", "good stuff", "well done", "bravo", "nicely done", "sounds great", "sounds fine",
+    "works for me", "that's fine", "done", "enough", "stop", "cancel", "not now", "no more", "all set", "good",
+    "bad", "wrong", "ok then", "got you", "mornin", "evening all", "hey hey", "yo yo",
+]
+
+
 def draw_context(rng, edit=False):
     """The last answer before a row whose label does not depend on it."""
     r = rng.random()
@@ -752,7 +799,7 @@ def chat_rows(rng, p):
             x=rng.choice(things), x2=rng.choice(things), adj=rng.choice(VISUAL_ADJS), food=rng.choice(FOODS),
             lang=rng.choice(LANGS), n=rng.choice(["three", "5", "ten", "four"]), obj=rng.choice(OBJECTS),
             animal=rng.choice(ANIMALS), color=rng.choice(VISUAL_ADJS[:11]), style=rng.choice(p["styles"]),
-            lighting=rng.choice(p["lighting"]), setting=rng.choice(p["settings"]))
+            lighting=rng.choice(p["lighting"]), setting=rng.choice(p["settings"]), action=rng.choice(p["actions"]))
 
     def bare():
         r = rng.random()
@@ -782,6 +829,15 @@ def chat_rows(rng, p):
         rows.append((fill(rng.choice(EDITS)), CONV if ctx == "text" else IMAGE, "follow-up", ctx))
     for _ in range(250):
         rows.append((rng.choice(TEXT_EDITS), CONV, "follow-up", rng.choice(["text", "text", None])))
+    for _ in range(400):
+        frames, subjects = FOREIGN_MORE[rng.choice(sorted(FOREIGN_MORE))]
+        rows.append((rng.choice(frames).format(s=rng.choice(subjects)), IMAGE, "template-foreign",
+                     draw_context(rng)))
+    for _ in range(500):
+        rows.append((rng.choice(SHORT_MORE), CONV, "short-chat", draw_context(rng)))
+    for _ in range(400):
+        ctx = rng.choice(["image", "image", "text", None])
+        rows.append((fill(rng.choice(EDITS_MORE)), CONV if ctx == "text" else IMAGE, "follow-up", ctx))
     return rows
 
 

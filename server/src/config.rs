@@ -156,6 +156,10 @@ pub struct ChatConfig {
     /// folder or a hub id, as `--classifier-model` takes); installed by `scripts/fetch-models`.
     #[arg(long, env = "STUDIO_CHAT_DOCS_ENCODER", default_value = DEFAULT_ENCODER_DIR)]
     pub chat_docs_encoder: String,
+    /// Whether the chat answers from the studio's own docs. Off, nothing is indexed at start (which
+    /// takes a minute or more on a small, busy CPU) and no answer gets docs.
+    #[arg(long, env = "STUDIO_CHAT_DOCS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub chat_docs: bool,
 }
 
 /// Where the prompt classifier's two parts come from. The defaults are relative to the working directory, the

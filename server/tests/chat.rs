@@ -11,6 +11,7 @@ use app::{
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use server::config::ChatConfig;
 use server::jobs::capability::{Capabilities, Chat};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -39,7 +40,8 @@ async fn studio(data: &std::path::Path) -> (String, server::Running) {
     let mut config = common::config(data);
     config.chat.chat_model = chat_model().display().to_string();
     config.chat.chat_device = engine::device::DeviceChoice::Cpu;
-    config.chat.chat_docs_encoder = docs_encoder();
+    // Indexing the docs at each start is most of these tests' time; the docs' own test turns it on.
+    config.chat.chat_docs = false;
     let chat = server::capabilities::chat::load(&config.chat).unwrap();
     let caps = Capabilities {
         chat: Some(Arc::new(chat) as Arc<dyn Chat>),
@@ -352,7 +354,8 @@ async fn prompt_help_makes_a_short_request_a_longer_prompt_and_a_follow_up_chang
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_cites_it() {
+async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_cites_it_unless_docs_are_off(
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(dir.path());
     config.chat.chat_model = chat_model().display().to_string();
@@ -375,6 +378,16 @@ async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_
             chunk.citation()
         );
     }
+    // Turned off, no question gets docs.
+    let without = server::capabilities::chat::load(&ChatConfig {
+        chat_docs: false,
+        ..config.chat.clone()
+    })
+    .unwrap();
+    assert!(without
+        .studio_docs("how do I train a LoRA?", 3)
+        .unwrap()
+        .is_empty());
     let caps = Capabilities {
         chat: Some(Arc::new(chat) as Arc<dyn Chat>),
         ..Capabilities::default()

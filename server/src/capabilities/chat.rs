@@ -30,7 +30,8 @@ pub struct EngineChat {
     backend: Backend,
     /// The model, once loaded; the lock also makes answers take turns.
     model: Mutex<Option<Box<dyn LanguageModel>>>,
-    docs: Arc<StudioDocs>,
+    /// `None` with `--chat-docs false`.
+    docs: Option<Arc<StudioDocs>>,
 }
 
 /// The studio's bundled docs, embedded once, on a thread of their own from the start so that the first
@@ -41,6 +42,13 @@ struct StudioDocs {
 }
 
 impl StudioDocs {
+    fn for_settings(config: &ChatConfig) -> Result<Option<Arc<StudioDocs>>> {
+        config
+            .chat_docs
+            .then(|| StudioDocs::new(&config.chat_docs_encoder))
+            .transpose()
+    }
+
     /// Checks that the encoder is there (a missing one is reported by `/health` at once).
     fn new(setting: &str) -> Result<Arc<StudioDocs>> {
         let encoder = EncoderSource::parse(setting)
@@ -101,7 +109,7 @@ pub fn load(config: &ChatConfig) -> Result<EngineChat> {
             device: config.chat_device,
             backend: Backend::Server,
             model: Mutex::new(Some(chat)),
-            docs: StudioDocs::new(&config.chat_docs_encoder)?,
+            docs: StudioDocs::for_settings(config)?,
         });
     }
     let setting = config.chat_model.clone();
@@ -130,7 +138,7 @@ pub fn load(config: &ChatConfig) -> Result<EngineChat> {
         device: config.chat_device,
         backend,
         model: Mutex::new(None),
-        docs: StudioDocs::new(&config.chat_docs_encoder)?,
+        docs: StudioDocs::for_settings(config)?,
     })
 }
 
@@ -190,7 +198,10 @@ impl Chat for EngineChat {
     }
 
     fn studio_docs(&self, question: &str, k: usize) -> Result<Vec<(f32, DocChunk)>> {
-        let (encoder, index) = self.docs.index()?;
+        let Some(docs) = &self.docs else {
+            return Ok(Vec::new());
+        };
+        let (encoder, index) = docs.index()?;
         Ok(index
             .search(encoder, question, k)?
             .into_iter()
