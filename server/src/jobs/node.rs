@@ -123,9 +123,12 @@ fn follow_one(
         // store restarting, the image not yet in the file store), which is read again on the next
         // round. One that stays unreadable ends the job's stream with the reason.
         Some((completed, err)) => {
-            let since = *unread.entry(job.to_owned()).or_insert_with(Instant::now);
-            if since.elapsed() < RESULT_WAIT {
+            let since = *unread.entry(job.to_owned()).or_insert_with(|| {
+                // Once, not every round it is tried again.
                 tracing::warn!("job {job}: reading its result back (trying again): {err:#}");
+                Instant::now()
+            });
+            if since.elapsed() < RESULT_WAIT {
                 before
             } else {
                 unread.remove(job);
