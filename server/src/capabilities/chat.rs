@@ -42,6 +42,7 @@ struct StudioDocs {
 }
 
 impl StudioDocs {
+    /// The docs the settings ask for: none with `--chat-docs false`.
     fn for_settings(config: &ChatConfig) -> Result<Option<Arc<StudioDocs>>> {
         config
             .chat_docs
