@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
+use candle_transformers::models::bert::Config;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use super::bert::{BertEncoder, BertModel};
 
 /// The encoder that `scripts/fetch-models` installs, relative to the repository root.
 pub const DEFAULT_ENCODER_DIR: &str = "models/all-MiniLM-L6-v2";
@@ -139,19 +141,18 @@ impl SentenceEncoder {
         };
         let bottom = BertModel::load(vb, &bottom_config)
             .with_context(|| format!("loading BERT weights from {}", weights.display()))?;
-        // Inference runs the tuned layers on candle's fused kernels: the same function as the
-        // trainable TopLayers, and faster.
-        let top = (top_layers > 0)
-            .then(|| {
-                let vb = VarBuilder::from_tensors(top, DType::F32, device);
-                let top_config = Config {
-                    num_hidden_layers: top_layers,
-                    ..config.clone()
-                };
-                BertEncoder::load(vb, &top_config)
-            })
-            .transpose()
-            .context("loading the tuned top layers")?;
+        // Inference runs the tuned layers on candle's fused kernels (super::bert): the same
+        // function as the trainable TopLayers, and faster.
+        let top = if top_layers > 0 {
+            let vb = VarBuilder::from_tensors(top, DType::F32, device);
+            let top_config = Config {
+                num_hidden_layers: top_layers,
+                ..config.clone()
+            };
+            Some(BertEncoder::load(vb, &top_config).context("loading the tuned top layers")?)
+        } else {
+            None
+        };
         Ok(Self {
             bottom,
             top,
@@ -242,7 +243,7 @@ impl SentenceEncoder {
         let ids = rows(&|e| e.get_ids())?;
         let mask = rows(&|e| e.get_attention_mask())?;
         let type_ids = ids.zeros_like()?;
-        let hidden = self.bottom.forward(&ids, &type_ids, Some(&mask))?;
+        let hidden = self.bottom.forward(&ids, &type_ids, padding(&mask)?)?;
         Ok((hidden, mask))
     }
 
@@ -257,12 +258,7 @@ impl SentenceEncoder {
         }
         let (hidden, mask) = self.bottom_states(texts)?;
         let hidden = match &self.top {
-            Some(top) => {
-                // BertEncoder takes the additive mask that BertModel builds internally.
-                let m = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
-                let additive = ((m.ones_like()? - &m)? * -1e4)?;
-                top.forward(&hidden, &additive)?
-            }
+            Some(top) => top.forward(&hidden, padding(&mask)?)?,
             None => hidden,
         };
         pool(&hidden, &mask)
@@ -308,6 +304,13 @@ pub fn pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
         .sqrt()?
         .clamp(1e-12f32, f32::MAX)?;
     Ok(mean.broadcast_div(&norms)?)
+}
+
+/// The attention mask where some row is padded; `None` when every token is real (one prompt
+/// alone), which spares the layers the masking.
+fn padding(mask: &Tensor) -> Result<Option<&Tensor>> {
+    let padded = mask.min_all()?.to_scalar::<u32>()? == 0;
+    Ok(padded.then_some(mask))
 }
 
 /// How many layers a `layer.{i}.…` tensor map holds.

@@ -6,6 +6,7 @@
 //! the encoder's last layers as this project fine-tuned them, which run in place of the
 //! pretrained ones.
 
+mod bert;
 mod context;
 mod data;
 mod encoder;

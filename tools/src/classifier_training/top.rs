@@ -1,6 +1,7 @@
-//! The encoder's last layers as plain, differentiable tensor operations. candle's BertEncoder
-//! uses fused layer-norm and softmax kernels that have no backward pass, so gradients would
-//! silently stop there; these layers compute the same function and can be trained.
+//! The encoder's last layers as plain, differentiable tensor operations. The engine's BERT
+//! inference (`engine::classifier`'s bert) uses fused layer-norm, softmax and GELU kernels that
+//! have no backward pass, so gradients would silently stop there; these layers compute the same
+//! function and can be trained.
 
 use std::collections::HashMap;
 
