@@ -40,9 +40,9 @@ fn classifier() -> &'static PromptClassifier {
 /// Bounds on the committed head, just under where it is (docs/classifier.md): per held-out file (the
 /// hand-written chat classes of issue 20 with their context, and the generated split the first classifier
 /// was measured on, 97.06% then) and over all held-out prompts together, where the issue asks 98%.
-const MIN_ACCURACY: [(&str, f32); 2] = [("test.jsonl", 0.975), ("written-test.jsonl", 0.975)];
-/// Over all held-out prompts together.
-const MIN_ACCURACY_ALL: f32 = 0.975;
+const MIN_ACCURACY: [(&str, f32); 2] = [("test.jsonl", 0.98), ("written-test.jsonl", 0.98)];
+/// Over all held-out prompts together: the issue's goal.
+const MIN_ACCURACY_ALL: f32 = 0.98;
 /// Calibration bound for each predicted label (ECE over the prompts predicted that label, all
 /// held-out prompts): what "image_request, 0.9" means must be right to within a few points.
 const MAX_ECE_PER_LABEL: f32 = 0.03;

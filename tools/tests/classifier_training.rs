@@ -22,9 +22,9 @@ fn encoder_source() -> EncoderSource {
 }
 
 #[test]
-fn trainable_top_layers_compute_what_candle_bert_computes() {
-    // Training runs the top layers on our own differentiable ops, inference on candle's fused
-    // BertEncoder; with the pretrained weights both must give the pretrained embeddings.
+fn trainable_top_layers_compute_what_the_inference_bert_computes() {
+    // Training runs the top layers on our own differentiable ops, inference on the engine's BERT
+    // with fused kernels; with the pretrained weights both must give the pretrained embeddings.
     let source = encoder_source();
     let full = SentenceEncoder::load(&source, &Device::Cpu).unwrap();
     let top = SentenceEncoder::pretrained_top(&source, &Device::Cpu, 2).unwrap();
@@ -46,8 +46,8 @@ fn trainable_top_layers_compute_what_candle_bert_computes() {
 
 #[test]
 fn fine_tuning_changes_the_encoder_layers() {
-    // Guards against gradients silently stopping before the encoder (candle's fused kernels
-    // have no backward pass), which would leave the "tuned" layers pretrained.
+    // Guards against gradients silently stopping before the encoder (fused kernels have no
+    // backward pass), which would leave the "tuned" layers pretrained.
     let source = encoder_source();
     let texts = [
         "draw a cat",

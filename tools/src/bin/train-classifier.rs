@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, default_value = "target/classifier-embeddings")]
     cache: PathBuf,
     /// Also fine-tune this many of the encoder's last layers (0: train the head only).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     tune_layers: usize,
     /// Learning rate of the tuned encoder layers.
     #[arg(long, default_value_t = 1e-4)]
