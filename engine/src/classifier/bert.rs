@@ -217,6 +217,7 @@ impl BertModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::max_abs_diff;
     use candle_core::Device;
     use std::collections::HashMap;
 
@@ -286,20 +287,12 @@ mod tests {
         let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &dev)?;
         let expected = reference.forward(&ids, &types, Some(&mask))?;
         let got = ours.forward(&ids, &types, Some(&mask))?;
-        let diff = (got - &expected)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&got, &expected)?;
         assert!(diff < 1e-4, "largest difference {diff}");
         // A row without padding needs no mask.
         let one = ids.narrow(0, 0, 1)?;
         let alone = ours.forward(&one, &one.zeros_like()?, None)?;
-        let diff = (alone - expected.narrow(0, 0, 1)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&alone, &expected.narrow(0, 0, 1)?)?;
         assert!(diff < 1e-4, "largest difference without a mask {diff}");
         Ok(())
     }

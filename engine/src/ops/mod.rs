@@ -82,6 +82,15 @@ fn differentiable3(
     autodiff::with_gradient3(inputs, value, backward)
 }
 
+/// The largest absolute difference between two tensors of one shape: how the tests compare paths.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::attention::{attention_backward, plain_attention};
