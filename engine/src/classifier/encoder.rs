@@ -141,8 +141,8 @@ impl SentenceEncoder {
         };
         let bottom = BertModel::load(vb, &bottom_config)
             .with_context(|| format!("loading BERT weights from {}", weights.display()))?;
-        // Inference runs the tuned layers on candle's fused kernels (super::bert): the same
-        // function as the trainable TopLayers, and faster.
+        // Inference runs the tuned layers on super::bert's fused kernels: the same function as
+        // the trainable TopLayers, and faster.
         let top = if top_layers > 0 {
             let vb = VarBuilder::from_tensors(top, DType::F32, device);
             let top_config = Config {
