@@ -523,7 +523,9 @@ impl FluxPipeline {
                 0,
             )?;
             crate::kernels::pool::release_unused(cuda)?;
+            tracing::info!("transformer read and converted in host memory; placing it on the GPU");
             transformer.place(device, streamed)?;
+            tracing::info!("transformer placed");
             return Ok(transformer);
         }
         FluxTransformer::load_streaming(weights, cfg, dtype, device, opts.kernels, streamed)
@@ -646,6 +648,7 @@ impl FluxPipeline {
         let text = if plan.text_encoders_leave() {
             None
         } else {
+            tracing::info!("loading the text encoders ({:?})", text_device.location());
             Some(TextEncoders::load(dir, &text_spec, dtype, &text_device)?)
         };
         let schedule: ScheduleConfig =

@@ -19,6 +19,8 @@ mod random;
 mod timing;
 mod train;
 
+use std::io::IsTerminal;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use engine::device::DeviceChoice;
@@ -57,6 +59,15 @@ enum Command {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // The engine's log, timestamped, on stderr (the GPU scripts keep it beside the JSON on stdout):
+    // where a long load spends its time.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let device = DeviceChoice::Auto.select()?;
     let kernels = if args.plain {
         Kernels::Plain
