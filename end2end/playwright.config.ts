@@ -12,7 +12,8 @@ process.env.STUDIO_E2E_PORT ??= execSync(
   `node -e "const s = require('net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close(); })"`,
 ).toString().trim();
 process.env.STUDIO_E2E_DATA ??= fs.mkdtempSync(path.join(os.tmpdir(), 'studio-e2e-'));
-// A second server started with an access token, for the token page's test.
+// A second server started with an access token, for the token page's test. It indexes no docs: on a
+// 2-core machine two indexings at start slow the first tests' generations by minutes.
 process.env.STUDIO_E2E_TOKEN_PORT ??= execSync(
   `node -e "const s = require('net').createServer().listen(0, '127.0.0.1', () => { console.log(s.address().port); s.close(); })"`,
 ).toString().trim();
@@ -58,7 +59,7 @@ export default defineConfig({
       stderr: 'pipe',
     },
     {
-      command: `"${studio}" serve --preset builtin-emoji --device cpu --token e2e-s3cret --data-dir "${process.env.STUDIO_E2E_TOKEN_DATA}" --port ${tokenPort}`,
+      command: `"${studio}" serve --preset builtin-emoji --device cpu --chat-docs false --token e2e-s3cret --data-dir "${process.env.STUDIO_E2E_TOKEN_DATA}" --port ${tokenPort}`,
       cwd: root,
       // The health route needs the token; a page does not.
       url: `http://127.0.0.1:${tokenPort}/studio/gallery`,
