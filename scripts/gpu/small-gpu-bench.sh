@@ -30,8 +30,11 @@ measure() {
   timeout ${LIMIT:-240} "$@" 2> "$OUT/$label.log" | sed "s/^{/{\"label\": \"$label\", /" | tee -a "$J"
   local rc=${PIPESTATUS[0]}
   kill $poll; wait $poll 2>/dev/null
-  # a failure's last line (our refusal's reason, say) goes with it
-  local err; err=$(tail -1 "$OUT/$label.log" | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read().strip()[-300:]))')
+  # a failure's last line (our refusal's reason, say) goes with it; a run cut off by the limit says so
+  # first (its last line is only the log's latest step)
+  local last=""; [ "$rc" = 0 ] || last=$(tail -1 "$OUT/$label.log")
+  [ "$rc" = 124 ] && last="no result within ${LIMIT:-240} s; last log line: $last"
+  local err; err=$(printf '%s' "$last" | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read().strip()[-300:]))')
   echo "{\"label\": \"$label\", \"what\": \"peak_mem_mib\", \"rc\": $rc, \"value\": $(( $(sort -n "$OUT/mem.txt" | tail -1) - base )), \"error\": $err}" | tee -a "$J"
   [ "$rc" = 0 ] || tail -5 "$OUT/$label.log"
 }
