@@ -630,84 +630,113 @@ impl Records {
         )
     }
 
-    /// Each emulated card size's newest figures: our plan and time beside diffusers' configurations
-    /// under the same cap, in the same call.
+    /// Each emulated card size's newest figures: our plan and time from the newest run that ran ours at
+    /// that size, beside diffusers' configurations under the same cap from the newest run that ran
+    /// theirs (the run column names both when they differ).
     fn gpu_memory_table(&self) -> String {
-        let mut seen = Vec::new();
-        let mut rows = String::new();
-        for r in self.small_gpu.iter().rev() {
-            for c in &r.caps {
-                if seen.contains(&c.cap_gib) {
-                    continue;
-                }
-                seen.push(c.cap_gib);
-                let ours = match &c.ours {
-                    Some(CapOurs { error: Some(e), .. }) => {
-                        let e = e.trim_start_matches("Error: ");
-                        (format!("did not finish: {e}"), String::new(), String::new())
-                    }
-                    Some(o) => (
-                        o.plan.clone().unwrap_or_default(),
-                        match o.encode_s {
-                            Some(e) => format!(
-                                "{} (encoding the prompt: {}; first run: {})",
-                                secs(o.total_s, 2),
-                                secs(Some(e), 2),
-                                secs(o.first_total_s, 2)
-                            ),
-                            None => format!(
-                                "{} (first, with the prompt's encoding: {})",
-                                secs(o.total_s, 2),
-                                secs(o.first_total_s, 2)
-                            ),
-                        },
-                        o.peak_in_use_gib
-                            .map(|g| format!("{g:.1} GiB"))
-                            .unwrap_or_default(),
-                    ),
-                    None => Default::default(),
-                };
-                let theirs = c
-                    .reference
+        let mut caps: Vec<u32> = self
+            .small_gpu
+            .iter()
+            .flat_map(|r| r.caps.iter().map(|c| c.cap_gib))
+            .collect();
+        caps.sort_unstable_by(|a, b| b.cmp(a));
+        caps.dedup();
+        let newest = |has: &dyn Fn(&CapFigures) -> bool, cap: u32| {
+            self.small_gpu.iter().rev().find_map(|r| {
+                r.caps
                     .iter()
-                    .map(|x| match (x.total_s, x.oom, &x.error) {
-                        (Some(t), _, _) => format!(
-                            "{}: {t:.2} s, {} GiB allocated",
-                            x.how,
-                            x.peak_allocated_gib
-                                .map_or("?".into(), |g| format!("{g:.1}"))
+                    .find(|c| c.cap_gib == cap && has(c))
+                    .map(|c| (r, c))
+            })
+        };
+        let mut rows = String::new();
+        let mut used: Vec<&SmallGpu> = Vec::new();
+        for cap in caps {
+            let ours_run = newest(&|c| c.ours.is_some(), cap);
+            let theirs_run = newest(&|c| !c.reference.is_empty(), cap);
+            let ours = match ours_run.and_then(|(_, c)| c.ours.as_ref()) {
+                Some(CapOurs { error: Some(e), .. }) => {
+                    let e = e.trim_start_matches("Error: ");
+                    (format!("did not finish: {e}"), String::new(), String::new())
+                }
+                Some(o) => (
+                    o.plan.clone().unwrap_or_default(),
+                    match o.encode_s {
+                        Some(e) => format!(
+                            "{} (encoding the prompt: {}; first run: {})",
+                            secs(o.total_s, 2),
+                            secs(Some(e), 2),
+                            secs(o.first_total_s, 2)
                         ),
-                        (None, true, _) => format!("{}: out of memory", x.how),
-                        (None, false, e) => {
-                            format!("{}: failed ({})", x.how, e.as_deref().unwrap_or("?"))
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                rows += &format!(
-                    "| {} GiB | {} | {} | {} | {theirs} | {} |\n",
-                    c.cap_gib,
-                    ours.0,
-                    ours.1,
-                    ours.2,
-                    run_name(&r.head)
-                );
+                        None => format!(
+                            "{} (first, with the prompt's encoding: {})",
+                            secs(o.total_s, 2),
+                            secs(o.first_total_s, 2)
+                        ),
+                    },
+                    o.peak_in_use_gib
+                        .map(|g| format!("{g:.1} GiB"))
+                        .unwrap_or_default(),
+                ),
+                None => Default::default(),
+            };
+            let theirs = theirs_run
+                .map(|(_, c)| {
+                    c.reference
+                        .iter()
+                        .map(|x| match (x.total_s, x.oom, &x.error) {
+                            (Some(t), _, _) => format!(
+                                "{}: {t:.2} s, {} GiB allocated",
+                                x.how,
+                                x.peak_allocated_gib
+                                    .map_or("?".into(), |g| format!("{g:.1}"))
+                            ),
+                            (None, true, _) => format!("{}: out of memory", x.how),
+                            (None, false, e) => {
+                                format!("{}: failed ({})", x.how, e.as_deref().unwrap_or("?"))
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            let run = match (ours_run, theirs_run) {
+                (Some((a, _)), Some((b, _))) if !std::ptr::eq(a, b) => format!(
+                    "ours: {}; diffusers: {}",
+                    run_name(&a.head),
+                    run_name(&b.head)
+                ),
+                (Some((r, _)), _) | (None, Some((r, _))) => run_name(&r.head),
+                (None, None) => String::new(),
+            };
+            for (r, _) in ours_run.into_iter().chain(theirs_run) {
+                if !used.iter().any(|u| std::ptr::eq(*u, r)) {
+                    used.push(r);
+                }
             }
+            rows += &format!(
+                "| {cap} GiB | {} | {} | {} | {theirs} | {run} |\n",
+                ours.0, ours.1, ours.2
+            );
         }
         if rows.is_empty() {
             return "No GPU run has measured card sizes yet: `bash scripts/gpu/small-gpu-bench.sh` does.\n"
                 .into();
         }
-        let newest = self.small_gpu.iter().rev().find(|r| !r.caps.is_empty());
-        let reference = newest.map_or("", |r| r.reference.as_str());
+        used.sort_by_key(|r| (r.head.date.clone(), r.head.run));
+        let reference = used.last().map_or("", |r| r.reference.as_str());
+        let commands = used
+            .iter()
+            .map(|r| format!("run {}: `{}`", r.head.run.unwrap_or(0), command(&r.head)))
+            .collect::<Vec<_>>()
+            .join("; ");
         format!(
             "Each card size emulated on the GPU machine: another process holds all its memory but the cap \
              before ours starts (so the plan sees the card's size), and diffusers ({reference}) gets the \
              same cap (`anchors_ref.py cap:N:HOW`). FLUX.1-dev's shape with random weights, 1024x1024, 28 \
-             steps. Reproduce: `{}`.\n\n\
+             steps. Reproduce: {commands}.\n\n\
              | GPU memory | our plan | ours, end to end | our peak | diffusers under the same cap | run |\n\
-             |---|---|---|---|---|---|\n{rows}",
-            newest.map_or("bash scripts/gpu/small-gpu-bench.sh", |r| command(&r.head))
+             |---|---|---|---|---|---|\n{rows}"
         )
     }
 
