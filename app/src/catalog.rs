@@ -38,8 +38,9 @@ pub enum PartPlacement {
     WhileRunning,
     /// In host memory, computed by the CPU.
     Cpu,
-    /// The transformer when even its smallest format does not fit: `streamed_bytes` of its blocks stay
-    /// in host memory and are copied to the GPU, layer by layer, at every step.
+    /// `streamed_bytes` of its blocks stay in host memory and are copied to the GPU layer by layer as
+    /// they run: the transformer's when even its smallest format does not fit (every step), T5's when
+    /// it cannot sit beside the transformer (once per new prompt).
     Streamed,
 }
 
@@ -54,8 +55,8 @@ pub struct MemoryPart {
     pub params: u64,
     /// Its weights' bytes, on the GPU (in host memory when placed on the CPU).
     pub bytes: u64,
-    /// Of those, the bytes kept in host memory and copied to the GPU at every step (`streamed`
-    /// placement): what a step moves over the PCIe link.
+    /// Of those, the bytes kept in host memory and copied to the GPU as they run (`streamed`
+    /// placement): what a step (the transformer) or a new prompt (T5) moves over the PCIe link.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub streamed_bytes: u64,
 }

@@ -55,9 +55,12 @@ pub enum Placement {
     /// In host memory, computed by the CPU: text encoders that cannot sit beside the transformer
     /// even for a moment. Slow for a new prompt; the prompt cache makes a new seed free.
     Cpu,
-    /// The transformer, when even its smallest format does not fit: some of its blocks stay in host
-    /// memory ([`PartPlan::streamed`] bytes of them) and each of their layers is copied to the GPU
-    /// when it runs, every step. The copies cost time in proportion to those bytes and the PCIe link.
+    /// Blocks kept in host memory ([`PartPlan::streamed`] bytes of them, page-locked) and each of their
+    /// layers copied to the GPU when it runs. The transformer, when even its smallest format does not
+    /// fit resident: some of its blocks, copied every step. T5, when it cannot sit beside the
+    /// transformer even for a moment: all its weights, the blocks copied once per new prompt (the
+    /// token embeddings are looked up on the host; CLIP, small, stays resident beside it). The copies cost time in
+    /// proportion to those bytes and the PCIe link, far less than computing on the CPU.
     Streamed,
 }
 
@@ -137,6 +140,11 @@ const BLOCK_SHARE: f64 = 0.98;
 /// QKV and MLP input projection (3 + 4 hidden wide). A streamed layer is on the GPU as stored and,
 /// where its product dequantizes, once more in the compute dtype.
 const LARGEST_LAYER: u64 = 7;
+
+/// What a streamed T5 adds while it encodes, as a share of its bytes: its largest layer copied in,
+/// the attention scores of all its heads in f32 and the token states around them (for T5-XXL over
+/// 512 tokens: an 80 MiB feed-forward layer and 64 MiB of scores, under 1/48 of its 8.9 GiB).
+const T5_STREAMING_SHARE: u64 = 48;
 
 /// The tiles of a tiled decode, in pixels along a side, and how much neighbours overlap (diffusers'
 /// AutoencoderKL default). Small tiles cost little: the decoder redoes only the overlaps, and a decode
@@ -218,14 +226,21 @@ impl MemoryPlan {
         formats: &[WeightFormat],
     ) -> Result<MemoryPlan, NoFit> {
         let has_text = model.parts.iter().any(|(p, _)| p.is_text_encoder());
-        let placements: &[Placement] = if has_text {
-            &[Placement::Resident, Placement::WhileRunning, Placement::Cpu]
-        } else {
-            &[Placement::Resident]
-        };
+        let has_t5 = model.parts.iter().any(|(p, _)| *p == Part::T5);
         // Text encoders on the CPU make every new prompt slow: any transformer format that keeps
-        // them on the GPU comes first.
-        let (on_gpu, on_cpu) = placements.split_at(placements.len().min(2));
+        // them on the GPU comes first. Resident, else T5 streamed from page-locked host memory (a
+        // new prompt copies its blocks over the link), else both loaded from disk for each new
+        // prompt and freed after (no host memory kept, but a reload per prompt).
+        let on_gpu: &[Placement] = match (has_text, has_t5) {
+            (_, true) => &[
+                Placement::Resident,
+                Placement::Streamed,
+                Placement::WhileRunning,
+            ],
+            (true, false) => &[Placement::Resident, Placement::WhileRunning],
+            (false, false) => &[Placement::Resident],
+        };
+        let on_cpu: &[Placement] = if has_text { &[Placement::Cpu] } else { &[] };
         let mut smallest = None;
         for group in [on_gpu, on_cpu] {
             for &format in formats {
@@ -242,18 +257,24 @@ impl MemoryPlan {
         let Some(plan) = smallest else {
             return Err(NoFit("no transformer format to choose from".into()));
         };
-        // Nothing resident fits: the fastest format whose blocks can be streamed in part, with the
-        // text encoders on the CPU. fp8 first (half bf16's bytes to copy each step), bf16 only when
-        // it is the one format allowed.
-        let text = *placements.last().expect("one placement at least");
+        // Nothing resident fits: the fastest format whose blocks can be streamed in part, with T5
+        // streamed too (else the text encoders on the CPU). fp8 first (half bf16's bytes to copy each
+        // step), bf16 only when it is the one format allowed.
+        let texts: &[Placement] = match (has_text, has_t5) {
+            (_, true) => &[Placement::Streamed, Placement::Cpu],
+            (true, false) => &[Placement::Cpu],
+            (false, false) => &[Placement::Resident],
+        };
         let streamable = formats
             .iter()
             .filter(|&&f| f != WeightFormat::Bf16 || formats.len() == 1);
         for &format in streamable {
-            if let Some(plan) =
-                Self::streaming(model, budget, reference, size_multiple, format, text)
-            {
-                return Ok(plan);
+            for &text in texts {
+                if let Some(plan) =
+                    Self::streaming(model, budget, reference, size_multiple, format, text)
+                {
+                    return Ok(plan);
+                }
             }
         }
         if plan.max_side >= size_multiple {
@@ -326,6 +347,10 @@ impl MemoryPlan {
                 let (placement, format) = match part {
                     Part::Transformer if streamed > 0 => (Placement::Streamed, format),
                     Part::Transformer => (Placement::Resident, format),
+                    // Only T5 streams; CLIP (or MiniLM) beside a streamed T5 is small enough to stay.
+                    p if p.is_text_encoder() && text == Placement::Streamed && p != Part::T5 => {
+                        (Placement::Resident, WeightFormat::Bf16)
+                    }
                     p if p.is_text_encoder() => (text, WeightFormat::Bf16),
                     _ => (Placement::Resident, WeightFormat::Bf16),
                 };
@@ -340,10 +365,10 @@ impl MemoryPlan {
                     format,
                     params,
                     bytes,
-                    streamed: if placement == Placement::Streamed {
-                        streamed.min(bytes)
-                    } else {
-                        0
+                    streamed: match (placement, part) {
+                        (Placement::Streamed, Part::Transformer) => streamed.min(bytes),
+                        (Placement::Streamed, _) => bytes,
+                        _ => 0,
                     },
                 }
             })
@@ -392,7 +417,18 @@ impl MemoryPlan {
     /// is resident). A step under classifier-free guidance runs the transformer once for both
     /// prompts, so this is also the bytes a step moves.
     pub fn streamed_bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.streamed).sum()
+        self.parts
+            .iter()
+            .filter(|p| p.part == Part::Transformer)
+            .map(|p| p.streamed)
+            .sum()
+    }
+
+    /// Whether T5's blocks stay in host memory and are copied to the GPU for each new prompt.
+    pub fn t5_streamed(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| p.part == Part::T5 && p.placement == Placement::Streamed)
     }
 
     /// What a streamed layer adds to a step while it is on the GPU: the largest layer as stored
@@ -494,7 +530,14 @@ impl MemoryPlan {
     /// not fit).
     fn fit_peak(&self, width: usize, height: usize) -> u64 {
         let resident = self.resident_bytes() + FIXED_OVERHEAD;
-        let encode = resident + self.bytes_where(|p| p.placement == Placement::WhileRunning);
+        let encode = resident
+            + self.bytes_where(|p| p.placement == Placement::WhileRunning)
+            + self
+                .parts
+                .iter()
+                .filter(|p| p.part == Part::T5 && p.placement == Placement::Streamed)
+                .map(|p| p.bytes / T5_STREAMING_SHARE)
+                .sum::<u64>();
         let streaming = if self.streamed_bytes() > 0 {
             self.streamed_layer_bytes()
         } else {
@@ -588,10 +631,10 @@ impl MemoryPlan {
             .parts
             .iter()
             .map(|p| {
-                let streamed = if p.streamed > 0 {
-                    format!(" ({} of it streamed per step)", gib(p.streamed))
-                } else {
-                    String::new()
+                let streamed = match (p.streamed, p.part) {
+                    (0, _) => String::new(),
+                    (n, Part::Transformer) => format!(" ({} of it streamed per step)", gib(n)),
+                    (n, _) => format!(" ({} of it streamed per new prompt)", gib(n)),
                 };
                 format!(
                     "{} {} {} {}{streamed}",
@@ -784,25 +827,51 @@ mod tests {
     }
 
     #[test]
-    fn a_23_gib_budget_lets_the_encoders_in_only_while_they_run_and_decodes_whole() {
+    fn a_23_gib_budget_streams_t5_and_decodes_whole() {
+        // Resident T5 no longer fits beside the fp8 transformer: streaming its blocks for each new
+        // prompt (a copy from page-locked memory) is chosen over loading it from disk each time.
         let plan = MemoryPlan::choose(&flux_dev(), Some(23 << 30), (1024, 1024), 16, None).unwrap();
         assert_eq!(plan.transformer_format(), WeightFormat::Fp8);
-        assert_eq!(placement(&plan, Part::T5), Placement::WhileRunning);
-        assert!(plan.text_encoders_leave());
+        assert_eq!(placement(&plan, Part::T5), Placement::Streamed);
+        assert!(!plan.text_encoders_leave());
         assert!(!plan.at_reference.tiled_decode);
     }
 
     #[test]
-    fn a_16_gib_card_gets_an_fp8_transformer_with_its_encoders_on_the_cpu() {
+    fn a_16_gib_card_gets_an_fp8_transformer_with_t5_streamed_beside_it() {
         let plan = plan(16).unwrap();
         assert_eq!(plan.transformer_format(), WeightFormat::Fp8);
-        // Even 4-bit weights (6.2 GiB) and T5 (8.9 GiB) do not fit together in 16 GiB less headroom.
+        // Even 4-bit weights (6.2 GiB) and T5 (8.9 GiB) do not fit together in 16 GiB less headroom:
+        // T5's blocks come from host memory for each new prompt, CLIP stays.
         assert!(
             WeightFormat::Gguf(GgmlDType::Q4_0).bytes(TRANSFORMER) + 2 * T5_XXL_ENCODER > 15 << 30
         );
-        assert_eq!(placement(&plan, Part::T5), Placement::Cpu);
-        assert!(plan.text_encoders_on_cpu());
+        assert_eq!(placement(&plan, Part::T5), Placement::Streamed);
+        assert_eq!(placement(&plan, Part::Clip), Placement::Resident);
+        assert_eq!(placement(&plan, Part::Transformer), Placement::Resident);
+        assert!(plan.t5_streamed() && !plan.text_encoders_on_cpu());
+        assert_eq!(
+            plan.streamed_bytes(),
+            0,
+            "no transformer bytes move per step"
+        );
+        assert!(
+            plan.summary().contains("streamed per new prompt"),
+            "{}",
+            plan.summary()
+        );
         assert!(plan.at_reference.peak <= plan.usable().unwrap());
+    }
+
+    #[test]
+    fn the_text_encoders_go_to_the_cpu_only_when_t5_cannot_even_stream() {
+        // A model without T5 (the built-in one reads prompts with MiniLM) has no streamed encoder.
+        let mut minilm = flux_dev();
+        minilm.parts.retain(|(p, _)| !p.is_text_encoder());
+        minilm.parts.push((Part::MiniLm, 22_000_000));
+        let plan = MemoryPlan::choose(&minilm, Some(6 << 30), (1024, 1024), 16, None).unwrap();
+        assert_ne!(placement(&plan, Part::MiniLm), Placement::Streamed);
+        assert!(!plan.t5_streamed());
     }
 
     #[test]
@@ -813,7 +882,7 @@ mod tests {
             plan.transformer_format(),
             WeightFormat::Gguf(GgmlDType::Q6K)
         );
-        assert_eq!(placement(&plan, Part::T5), Placement::Cpu);
+        assert_eq!(placement(&plan, Part::T5), Placement::Streamed);
         assert!(plan.at_reference.tiled_decode);
         assert!(plan.fit(1024, 1024).is_ok());
     }
@@ -837,11 +906,11 @@ mod tests {
     #[test]
     fn a_card_too_small_for_any_resident_format_streams_part_of_an_fp8_transformer() {
         // 8 GiB holds the 4-bit weights (6.2 GiB) but not them and a 1024x1024 step with the overhead:
-        // fp8 blocks are streamed from host memory, as few as make it fit, the encoders on the CPU.
+        // fp8 blocks are streamed from host memory, as few as make it fit, and T5's too.
         let eight = plan(8).unwrap();
         assert_eq!(placement(&eight, Part::Transformer), Placement::Streamed);
         assert_eq!(eight.transformer_format(), WeightFormat::Fp8);
-        assert_eq!(placement(&eight, Part::T5), Placement::Cpu);
+        assert_eq!(placement(&eight, Part::T5), Placement::Streamed);
         let transformer = WeightFormat::Fp8.bytes(TRANSFORMER);
         let streamed = eight.streamed_bytes();
         assert!(

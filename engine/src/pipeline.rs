@@ -370,7 +370,16 @@ impl TextEncoders {
         }
     }
 
-    fn load(dir: &Path, spec: &TextSpec, dtype: DType, device: &Device) -> Result<Self> {
+    /// With `t5_streamed`, T5's blocks stay in page-locked host memory and are copied to `device` layer
+    /// by layer for each prompt (the plan's streamed placement); CLIP, small, is on `device`.
+    fn load(
+        dir: &Path,
+        spec: &TextSpec,
+        dtype: DType,
+        device: &Device,
+        kernels: Kernels,
+        t5_streamed: bool,
+    ) -> Result<Self> {
         match spec {
             TextSpec::Flux { t5_max_len } => {
                 let t5 = T5Encoder::load(
@@ -379,7 +388,16 @@ impl TextEncoders {
                     *t5_max_len,
                     dtype,
                     device,
+                    kernels,
+                    t5_streamed,
                 )?;
+                if t5_streamed {
+                    tracing::info!(
+                        "T5: {} of its blocks' weights stay in host memory and are copied to {:?} for each new prompt",
+                        memory::gib(t5.streamed_bytes()),
+                        device.location()
+                    );
+                }
                 let clip = ClipEncoder::load(
                     &dir.join("text_encoder"),
                     &dir.join("tokenizer"),
@@ -649,7 +667,14 @@ impl FluxPipeline {
             None
         } else {
             tracing::info!("loading the text encoders ({:?})", text_device.location());
-            Some(TextEncoders::load(dir, &text_spec, dtype, &text_device)?)
+            Some(TextEncoders::load(
+                dir,
+                &text_spec,
+                dtype,
+                &text_device,
+                opts.kernels,
+                plan.t5_streamed(),
+            )?)
         };
         let schedule: ScheduleConfig =
             serde_json::from_value(read_json(&dir.join("scheduler/scheduler_config.json"))?)
@@ -857,6 +882,8 @@ impl FluxPipeline {
                 &self.text_spec,
                 self.dtype,
                 &self.text_device,
+                self.transformer.kernels(),
+                self.memory.t5_streamed(),
             )?);
         }
         let (txt, pooled) = text.as_mut().expect("loaded above").encode(prompt)?;

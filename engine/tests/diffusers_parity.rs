@@ -104,12 +104,14 @@ fn t5_tokens_and_hidden_states() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut t5 = T5Encoder::load(
+    let t5 = T5Encoder::load(
         &tiny_dev().join("text_encoder_2"),
         &tiny_dev().join("tokenizer_2"),
         32,
         DType::F32,
         &Device::Cpu,
+        Kernels::Plain,
+        false,
     )
     .unwrap();
     assert_eq!(t5.token_ids(&prompt).unwrap(), ids_of(&r["input_ids"]));

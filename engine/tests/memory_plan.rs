@@ -2,7 +2,7 @@
 //! refused before any work, models refused at load, and the tiled decode.
 
 use candle_core::Device;
-use engine::memory::{Placement, HEADROOM};
+use engine::memory::{Part, Placement, HEADROOM};
 use engine::pipeline::{Control, FluxPipeline, GenerateParams, LoadOptions, MemoryOptions};
 use image::RgbImage;
 use std::sync::Arc;
@@ -224,4 +224,40 @@ fn a_transformer_placed_after_it_loaded_streams_the_same_layers_and_draws_the_sa
     assert_eq!(run(&placed, &p), run(&loaded, &p));
     placed.transformer.place(&Device::Cpu, 0).unwrap();
     assert_eq!(placed.transformer.streamed_bytes(), 0);
+}
+
+#[test]
+fn a_budget_that_holds_t5_only_layer_by_layer_streams_it_and_draws_the_same_image() {
+    let size = (64, 48);
+    let whole = tiny_with(MemoryOptions {
+        size,
+        ..MemoryOptions::default()
+    })
+    .unwrap();
+    let resident_peak = whole.memory_plan().at_reference.peak;
+    // Budgets below what everything resident needs, 64 KiB at a time, until the plan streams T5: the
+    // first budget too small for T5 even while it runs.
+    let streaming = (1..4096u64)
+        .map(|step| {
+            let usable = resident_peak - step * (64 << 10);
+            let budget = (usable as f64 / (1.0 - HEADROOM)).ceil() as u64;
+            tiny_with(MemoryOptions {
+                gpu_memory: Some(budget),
+                size,
+                ..MemoryOptions::default()
+            })
+            .unwrap()
+        })
+        .find(|pipe| pipe.memory_plan().t5_streamed())
+        .expect("a budget that streams T5");
+    let plan = streaming.memory_plan();
+    assert!(!plan.text_encoders_on_cpu() && !plan.text_encoders_leave());
+    let clip = plan.parts.iter().find(|p| p.part == Part::Clip).unwrap();
+    assert_eq!(clip.placement, Placement::Resident, "{}", plan.summary());
+    assert!(streaming.text_encoders_loaded(), "loaded once, kept");
+    let image = run(&streaming, &params("a fox", 7));
+    run(&streaming, &params("a hen", 7));
+    assert_eq!(streaming.prompt_encodings(), 2);
+    assert!(streaming.text_encoders_loaded());
+    assert_eq!(image, run(&whole, &params("a fox", 7)));
 }

@@ -407,10 +407,18 @@ fn t5_gguf_files_in_llama_cpps_names_encode_as_the_safetensors_encoder() {
     let tokenizer = tiny_dev().join("tokenizer_2");
     let prompt = "a fox reading under a tree";
     let encode = |dir: &Path| {
-        T5Encoder::load(dir, &tokenizer, 16, DType::F32, &Device::Cpu)
-            .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
-            .encode(prompt)
-            .unwrap()
+        T5Encoder::load(
+            dir,
+            &tokenizer,
+            16,
+            DType::F32,
+            &Device::Cpu,
+            engine::ops::Kernels::Plain,
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+        .encode(prompt)
+        .unwrap()
     };
     let want = encode(&folder);
     for (file, tolerance) in [("t5-tiny-F32.gguf", 0.0), ("t5-tiny-Q8_0.gguf", 2e-2)] {

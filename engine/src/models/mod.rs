@@ -5,4 +5,5 @@ pub mod codec;
 pub mod flux;
 pub mod linear;
 pub mod minilm;
+pub mod t5;
 pub mod text;

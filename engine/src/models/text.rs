@@ -1,6 +1,8 @@
 //! FLUX's two text encoders: T5-XXL v1.1 (per-token hidden states) and CLIP ViT-L/14's text
 //! tower (pooled output), each with its tokenizer, read from diffusers' folders.
 
+use crate::models::t5::T5EncoderModel;
+use crate::ops::Kernels;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::{clip::text_model as clip, t5};
@@ -59,20 +61,26 @@ fn encode_ids(tok: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
 }
 
 pub struct T5Encoder {
-    model: t5::T5EncoderModel,
+    model: T5EncoderModel,
     tokenizer: Tokenizer,
     dtype: DType,
 }
 
 impl T5Encoder {
-    /// `model_dir` is diffusers' `text_encoder_2/`, `tokenizer_dir` its `tokenizer_2/`.
+    /// `model_dir` is diffusers' `text_encoder_2/`, `tokenizer_dir` its `tokenizer_2/`. With `streamed`
+    /// the blocks' weights stay in host memory and are copied to `device` layer by layer as each
+    /// prompt is encoded (the memory plan's streamed placement): the checkpoint is read into host
+    /// memory, and only the embeddings and norms move to `device`.
     pub fn load(
         model_dir: &Path,
         tokenizer_dir: &Path,
         max_len: usize,
         dtype: DType,
         device: &Device,
+        kernels: Kernels,
+        streamed: bool,
     ) -> Result<Self> {
+        let read_on = if streamed { &Device::Cpu } else { device };
         let json = read_json(&model_dir.join("config.json"))?;
         let cfg: t5::Config = serde_json::from_value(json.clone()).context("T5 config.json")?;
         let vb = match crate::weights::gguf_file(model_dir)? {
@@ -82,11 +90,17 @@ impl T5Encoder {
                     || json["feed_forward_proj"]
                         .as_str()
                         .is_some_and(|f| f.starts_with("gated-"));
-                t5_gguf(&file, gated, dtype, device)?
+                t5_gguf(&file, gated, dtype, read_on)?
             }
-            None => crate::weights::var_builder(model_dir, dtype, device)?,
+            None => crate::weights::var_builder(model_dir, dtype, read_on)?,
         };
-        let model = t5::T5EncoderModel::load(vb, &cfg).context("loading the T5 encoder")?;
+        let mut model =
+            T5EncoderModel::load(vb, &cfg, kernels).context("loading the T5 encoder")?;
+        if streamed {
+            model
+                .place(device, true)
+                .context("placing the T5 encoder's blocks in page-locked host memory")?;
+        }
         let tok = Tokenizer::from_file(tokenizer_dir.join("tokenizer.json"))
             .map_err(|e| anyhow::anyhow!("T5 tokenizer: {e}"))?;
         let pad = special_token(tokenizer_dir, "pad_token").unwrap_or_else(|| "<pad>".into());
@@ -103,10 +117,15 @@ impl T5Encoder {
 
     /// (1, max_len, d_model) hidden states. Padding is attended to, as in diffusers' pipeline,
     /// which passes no attention mask to T5.
-    pub fn encode(&mut self, prompt: &str) -> Result<Tensor> {
+    pub fn encode(&self, prompt: &str) -> Result<Tensor> {
         let ids = self.token_ids(prompt)?;
         let ids = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
-        Ok(self.model.forward_dt(&ids, Some(self.dtype))?)
+        Ok(self.model.forward(&ids, self.dtype)?)
+    }
+
+    /// The bytes of its weights copied from host memory for each prompt (0 unless streamed).
+    pub fn streamed_bytes(&self) -> u64 {
+        self.model.streamed_bytes()
     }
 }
 
