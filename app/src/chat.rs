@@ -138,6 +138,15 @@ pub struct Conversation {
     pub messages: Vec<ChatMessage>,
 }
 
+/// `POST /chat/conversations`: a conversation started without an answer (the chat's first turn drew an
+/// image), to record its images in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewConversation {
+    /// Its title in the list (the first request, say); cut to the length titles have.
+    pub title: String,
+}
+
 /// `POST /chat/conversations/{id}/images`: an image made in the conversation (the chat sends its
 /// image requests to `/ws/generate` and records the result here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

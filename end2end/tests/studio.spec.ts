@@ -302,8 +302,9 @@ test('a greeting gets the language model\'s answer, streamed and stoppable', asy
   await list.locator('summary').click();
   await list.getByRole('button', { name: 'hi there, how are you today?' }).click();
   await expect(page.locator('.msg.past')).toHaveCount(2);
+  // Listed most recent first: the greeting's is the first (the other tests' images keep theirs).
   await list.getByRole('button', { name: 'Delete conversation' }).first().click();
-  await expect(list).toContainText('No conversation yet.');
+  await expect(list.getByRole('button', { name: 'hi there, how are you today?' })).toHaveCount(0);
   await expect(page.locator('.msg.past')).toHaveCount(0);
   expect(errors).toEqual([]);
 });
@@ -343,6 +344,19 @@ test('a bare visual phrase draws, a follow-up redraws with the last prompt chang
   await expect(answer.locator('.verdict')).toContainText('stopped', { timeout: 60_000 });
   await expect(page.locator('.generation')).toHaveCount(2);
   await shot(page, info, '06c-chat-poem');
+  // One conversation keeps the two images and the poem's turns: reopened, the images come back.
+  const conversations = await (await page.request.get('/chat/conversations/')).json();
+  expect(conversations[0].title).toBe('red apple');
+  const kept = await (await page.request.get(`/chat/conversations/${conversations[0].id}`)).json();
+  expect(kept.messages.filter((m: any) => m.image_job).map((m: any) => m.content))
+    .toEqual(['red apple', 'red apple, at night']);
+  expect(kept.messages).toHaveLength(4);
+  const list = page.locator('details.conversations');
+  await list.locator('summary').click();
+  await list.getByRole('button', { name: 'red apple' }).first().click();
+  await expect(page.locator('.msg.past img')).toHaveCount(2);
+  const pastImage = page.locator('.msg.past img').first();
+  await expect.poll(() => pastImage.evaluate((i: HTMLImageElement) => i.naturalWidth)).toBeGreaterThan(0);
   expect(errors).toEqual([]);
 });
 

@@ -224,3 +224,26 @@ fn the_shipped_model_greets_back_in_words() {
         "special tokens stay out of the text: {answer:?}"
     );
 }
+
+#[test]
+fn the_gpu_memory_a_model_takes_is_read_from_its_header() {
+    let path = shipped_model();
+    let memory = engine::chat::LmMemory::of_file(&path).unwrap();
+    // The weights are the file's tensor data, less the alignment padding between tensors.
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let data = std::fs::metadata(&path).unwrap().len() - content.tensor_data_offset;
+    let padding = 32 * content.tensor_infos.len() as u64;
+    assert!(
+        memory.weights <= data && data - memory.weights <= padding,
+        "{} of {data}",
+        memory.weights
+    );
+    // SmolLM2-135M: 30 layers, 9 heads of 64 (576 wide), 3 key/value heads, trained on 8192 tokens, so
+    // the GPU's 4096: an f32 key/value cache, and a whole prompt's scores with their softmax.
+    assert_eq!(memory.context, engine::chat::gguf::GPU_CONTEXT);
+    let cache = 30 * 2 * 3 * 64 * 4096 * 4;
+    let scores = 2 * 9 * 4096 * 4096 * 4;
+    assert_eq!(memory.working, cache + scores + (256 << 20));
+    assert_eq!(memory.total(), memory.weights + memory.working);
+}

@@ -410,3 +410,64 @@ async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_
         "{answer:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_started_for_an_image_is_listed_empty_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _running) = studio(dir.path()).await;
+    let http = reqwest::Client::new();
+    let create = |body: Value| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let answer = http
+                .post(format!("{url}/chat/conversations"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                answer.status().as_u16(),
+                answer.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, made) = create(json!({"title": "red apple"})).await;
+    assert_eq!(status, 201, "{made}");
+    let made: Conversation = serde_json::from_value(made).unwrap();
+    assert_eq!((made.title.as_str(), made.messages.len()), ("red apple", 0));
+    let list: Vec<ConversationSummary> = reqwest::get(format!("{url}/chat/conversations"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].id.as_str(), list[0].messages),
+        (made.id.as_str(), 0)
+    );
+    for bad in [
+        json!({"title": "  "}),
+        json!({"title": "x", "messages": []}),
+        json!({}),
+    ] {
+        let (status, body) = create(bad.clone()).await;
+        assert_eq!(status, 422, "{bad}: {body}");
+    }
+    // An image of a job this studio never ran is not recorded.
+    let answer = http
+        .post(format!("{url}/chat/conversations/{}/images", made.id))
+        .json(&json!({"job_id": "11111111-1111-4111-8111-111111111111", "prompt": "red apple"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 404);
+    let list: Vec<ConversationSummary> = reqwest::get(format!("{url}/chat/conversations"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 1, "the refused ones kept nothing");
+}

@@ -37,6 +37,99 @@ impl Weights {
     }
 }
 
+/// Tokens a chat model attends to at most on a GPU: its memory there grows with them (the key/value
+/// cache, and a whole prompt's attention scores, which candle's quantized models hold at once), and the
+/// trained contexts of the presets (32k tokens for Qwen2.5) would take gigabytes that FLUX's memory plan
+/// needs. A longer conversation keeps its latest turns.
+pub const GPU_CONTEXT: usize = 4096;
+
+/// The tokens the model attends to on `device`: its trained context, within its rotary tables (llama)
+/// and, on a GPU, [`GPU_CONTEXT`].
+fn context_of(content: &Content, architecture: &str, device: &Device) -> usize {
+    let trained = content
+        .metadata
+        .get(&format!("{architecture}.context_length"))
+        .and_then(|v| v.to_u32().ok())
+        .map_or(quantized_llama::MAX_SEQ_LEN, |n| n as usize);
+    let trained = if architecture == "llama" {
+        trained.min(quantized_llama::MAX_SEQ_LEN)
+    } else {
+        trained
+    };
+    if device.is_cuda() {
+        trained.min(GPU_CONTEXT)
+    } else {
+        trained
+    }
+}
+
+/// What a GGUF chat model takes in a GPU's memory, read from its file's header: what FLUX's memory plan
+/// leaves it, or why it runs on the CPU instead (docs/chat.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LmMemory {
+    /// Its weights as stored (quantized): allocated when it loads.
+    pub weights: u64,
+    /// What an answer allocates as it runs, at the full context: the key/value cache (f32), a
+    /// whole-context prompt's attention scores and their softmax (f32), and an allowance for the
+    /// activations and logits around them.
+    pub working: u64,
+    /// The tokens it attends to on the GPU.
+    pub context: usize,
+}
+
+impl LmMemory {
+    /// Room for activations, logits and the allocator's rounding.
+    const ALLOWANCE: u64 = 256 << 20;
+
+    /// The model at `path` as it would run on a GPU.
+    pub fn of_file(path: &Path) -> Result<LmMemory> {
+        let mut file = File::open(path)
+            .with_context(|| format!("opening the language model {}", path.display()))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let number = |key: &str| -> Result<u64> {
+            let key = format!("{arch}.{key}");
+            content
+                .metadata
+                .get(&key)
+                .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+                .with_context(|| format!("{}: no `{key}` in its header", path.display()))
+        };
+        let weights = content
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let d = t.ggml_dtype;
+                (t.shape.elem_count() / d.block_size() * d.type_size()) as u64
+            })
+            .sum();
+        let (layers, heads, width) = (
+            number("block_count")?,
+            number("attention.head_count")?,
+            number("embedding_length")?,
+        );
+        let kv_heads = number("attention.head_count_kv").unwrap_or(heads);
+        let context = context_of(&content, &arch, &Device::Cpu).min(GPU_CONTEXT) as u64;
+        let cache = layers * 2 * kv_heads * (width / heads) * context * 4;
+        let scores = 2 * heads * context * context * 4;
+        Ok(LmMemory {
+            weights,
+            working: cache + scores + Self::ALLOWANCE,
+            context: context as usize,
+        })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights + self.working
+    }
+}
+
 pub struct GgufChat {
     name: String,
     weights: Weights,
@@ -74,24 +167,14 @@ impl GgufChat {
         if let Some(eos) = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()) {
             stops.push(eos);
         }
-        let context_key = format!("{architecture}.context_length");
-        let trained_context = meta(&context_key)
-            .and_then(|v| v.to_u32().ok())
-            .map_or(quantized_llama::MAX_SEQ_LEN, |n| n as usize);
-        let (weights, context) = match architecture.as_str() {
-            "llama" => (
-                Weights::Llama(quantized_llama::ModelWeights::from_gguf(
-                    content, &mut file, device,
-                )?),
-                // Its rotary tables stop there.
-                trained_context.min(quantized_llama::MAX_SEQ_LEN),
-            ),
-            "qwen2" => (
-                Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
-                    content, &mut file, device,
-                )?),
-                trained_context,
-            ),
+        let context = context_of(&content, &architecture, device);
+        let weights = match architecture.as_str() {
+            "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(
+                content, &mut file, device,
+            )?),
+            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
+                content, &mut file, device,
+            )?),
             other => bail!(
                 "{}: architecture `{other}` is not supported; use a llama or qwen2 GGUF",
                 path.display()

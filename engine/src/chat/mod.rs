@@ -16,7 +16,7 @@ use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
-pub use gguf::GgufChat;
+pub use gguf::{GgufChat, LmMemory};
 pub use openai::OpenAiChat;
 pub use presets::{LmPreset, LmSource, DEFAULT_LM_FILE, LM_PRESETS};
 pub use template::ChatTemplate;

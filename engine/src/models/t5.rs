@@ -35,7 +35,7 @@ impl T5LayerNorm {
             .broadcast_mul(&self.weight.to_dtype(dtype)?)
     }
 
-    fn to_device(&mut self, device: &Device) -> Result<()> {
+    fn move_to(&mut self, device: &Device) -> Result<()> {
         self.weight = self.weight.to_device(device)?;
         Ok(())
     }
@@ -245,10 +245,10 @@ impl T5EncoderModel {
             for l in block.linears() {
                 l.place(device, streamed)?;
             }
-            block.attention_norm.to_device(device)?;
-            block.ff_norm.to_device(device)?;
+            block.attention_norm.move_to(device)?;
+            block.ff_norm.move_to(device)?;
         }
-        self.final_layer_norm.to_device(device)?;
+        self.final_layer_norm.move_to(device)?;
         let d_model = self.d_model;
         let embedding = |e: &Embedding| -> Result<Embedding> {
             Ok(Embedding::new(e.embeddings().to_device(device)?, d_model))

@@ -12,6 +12,7 @@ use engine::classifier::{EncoderSource, SentenceEncoder};
 use engine::device::DeviceChoice;
 use engine::hub::Hub;
 
+use crate::capabilities::gpu_share::{ChatPlacement, GpuShare};
 use crate::config::ChatConfig;
 use crate::jobs::capability::{Chat, Control};
 
@@ -32,6 +33,8 @@ pub struct EngineChat {
     model: Mutex<Option<Box<dyn LanguageModel>>>,
     /// `None` with `--chat-docs false`.
     docs: Option<Arc<StudioDocs>>,
+    /// The GPU it may share with a worker's FLUX (`gpu_share`); none: it counts only on itself.
+    gpu_share: Option<Arc<GpuShare>>,
 }
 
 /// The studio's bundled docs, embedded once, on a thread of their own from the start so that the first
@@ -111,6 +114,7 @@ pub fn load(config: &ChatConfig) -> Result<EngineChat> {
             backend: Backend::Server,
             model: Mutex::new(Some(chat)),
             docs: StudioDocs::for_settings(config)?,
+            gpu_share: None,
         });
     }
     let setting = config.chat_model.clone();
@@ -140,10 +144,18 @@ pub fn load(config: &ChatConfig) -> Result<EngineChat> {
         backend,
         model: Mutex::new(None),
         docs: StudioDocs::for_settings(config)?,
+        gpu_share: None,
     })
 }
 
 impl EngineChat {
+    /// Shares the GPU with the worker's FLUX there: the model loads on it only into memory FLUX's plan
+    /// does not count on.
+    pub fn with_gpu_share(mut self, share: Arc<GpuShare>) -> Self {
+        self.gpu_share = Some(share);
+        self
+    }
+
     fn load_model(&self) -> Result<Box<dyn LanguageModel>> {
         let path = match &self.backend {
             Backend::File(path) => path.clone(),
@@ -161,14 +173,31 @@ impl EngineChat {
             )?,
             Backend::Server => unreachable!("a server backend is made at start"),
         };
-        let device = self.device.select()?;
+        let mut device = self.device.select()?;
+        let mut on_gpu = None;
+        if device.is_cuda() {
+            let need = engine::chat::LmMemory::of_file(&path)?;
+            let free = engine::device::free_memory(&device)?.unwrap_or(0);
+            let share = self.gpu_share.clone().unwrap_or_default();
+            match share.chat_placement(self.device, need, free)? {
+                ChatPlacement::Gpu => on_gpu = Some((share, need)),
+                ChatPlacement::Cpu(why) => {
+                    tracing::warn!("{why}");
+                    device = candle_core::Device::Cpu;
+                }
+            }
+        }
         tracing::info!(
-            "loading the chat model {} from {}",
+            "loading the chat model {} from {} onto {}",
             self.setting,
-            path.display()
+            path.display(),
+            engine::device::device_name(&device)
         );
         let model = GgufChat::load(&path, &self.setting, &device)
             .with_context(|| format!("loading the chat model {}", self.setting))?;
+        if let Some((share, need)) = on_gpu {
+            share.chat_loaded_on_gpu(need);
+        }
         Ok(Box::new(model))
     }
 }

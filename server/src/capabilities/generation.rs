@@ -1,6 +1,7 @@
 //! The engine's FLUX pipeline behind the server's `Generation` seam: presets and their state, request
 //! planning with the LoRA a request asks for, and generation on the resident model.
 
+use super::gpu_share::GpuShare;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -92,6 +93,17 @@ impl FluxGeneration {
     }
 
     /// The model holder, for the trainer to share.
+    /// Shares this worker's GPU with the chat's language model when it is the GPU the chat runs on
+    /// (the first): see `gpu_share`.
+    pub fn sharing_the_chat_gpu(mut self, share: &Arc<GpuShare>) -> Self {
+        let resident = Arc::get_mut(&mut self.resident)
+            .expect("the resident model is not handed out before the worker is built");
+        if resident.on_the_chat_gpu() {
+            resident.share_gpu(share.clone());
+        }
+        self
+    }
+
     pub fn resident(&self) -> &Arc<ResidentModel> {
         &self.resident
     }

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod classification;
 pub mod generation;
+pub mod gpu_share;
 pub mod model_choice;
 pub mod resident_model;
 pub mod training;
@@ -17,18 +18,22 @@ use crate::jobs::capability::{
 use candle_core::Device;
 use engine::pipeline::FluxPipeline;
 use generation::FluxGeneration;
+use gpu_share::GpuShare;
 use training::FluxTraining;
 
 /// The capabilities of this build, from its configuration. A classifier that fails to load leaves the server
 /// running without it, the error shown by `/health` and in `/classify/`'s 503, so that generation is not held
 /// hostage by a missing encoder; generation loads its models on first use, so only a bad setting stops it here.
 pub fn from_config(config: &ServeConfig) -> anyhow::Result<Capabilities> {
+    // The chat's language model runs on the first GPU, shared with the worker there.
+    let gpu_share = Arc::new(GpuShare::default());
     let workers = worker_devices(config)?
         .into_iter()
         .map(|device| {
             let name = engine::device::device_name(&device);
             let generation =
-                FluxGeneration::on_device(config, device, Arc::new(FluxPipeline::load))?;
+                FluxGeneration::on_device(config, device, Arc::new(FluxPipeline::load))?
+                    .sharing_the_chat_gpu(&gpu_share);
             // Training shares its worker's resident model: one FLUX in each device's memory.
             let trainer = FluxTraining::new(
                 generation.resident().clone(),
@@ -48,7 +53,7 @@ pub fn from_config(config: &ServeConfig) -> anyhow::Result<Capabilities> {
             (None, Some(format!("{e:#}")))
         }
     };
-    let (chat, chat_error) = match chat::load(&config.chat) {
+    let (chat, chat_error) = match chat::load(&config.chat).map(|c| c.with_gpu_share(gpu_share)) {
         Ok(chat) => (Some(Arc::new(chat) as Arc<dyn Chat>), None),
         Err(e) => {
             tracing::warn!("the chat's language model is unavailable: {e:#}");

@@ -2,6 +2,7 @@
 //! time): loaded (and downloaded) on first use, replaced when another preset is asked for, and the state
 //! of every preset's weights for `GET /models/`.
 
+use crate::capabilities::gpu_share::GpuShare;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub struct ResidentModel {
     loader: Arc<PipelineLoader>,
     /// `--weights`: the transformer's weight format, `None` for the checkpoint's own.
     weights: Option<WeightFormat>,
+    /// The GPU shared with the chat's language model, when this worker's GPU is the one it runs on.
+    gpu_share: Option<Arc<GpuShare>>,
 }
 
 /// Both locks guard values that are whole after any panic (each change is one assignment or one map
@@ -61,7 +64,22 @@ impl ResidentModel {
             downloads: Arc::default(),
             loader,
             weights: None,
+            gpu_share: None,
         }
+    }
+
+    /// Shares this worker's GPU with the chat's language model: plans leave the chat model's answers
+    /// their memory, and the chat model learns what each plan counts on.
+    pub fn share_gpu(&mut self, share: Arc<GpuShare>) {
+        self.gpu_share = Some(share);
+    }
+
+    /// Whether the chat's language model would run on this worker's GPU (the first one).
+    pub fn on_the_chat_gpu(&self) -> bool {
+        matches!(
+            self.device.location(),
+            candle_core::DeviceLocation::Cuda { gpu_id: 0 }
+        )
     }
 
     /// Loads the transformer's linear layers in `weights` (`--weights`), or as stored when `None`.
@@ -89,7 +107,13 @@ impl ResidentModel {
             // Free the old model before loading the next one.
             *loaded = None;
         }
+        if let Some(share) = &self.gpu_share {
+            share.flux_unloaded();
+        }
         let p = Arc::new(self.load(preset)?);
+        if let Some(share) = &self.gpu_share {
+            share.flux_loaded(p.memory_plan());
+        }
         *lock(&self.loaded) = Some((preset.name, p.clone()));
         Ok(p)
     }
@@ -125,6 +149,10 @@ impl ResidentModel {
         }
         if let Some(cap) = self.gpu_memory {
             options.memory.gpu_memory = Some(cap);
+        }
+        if let Some(share) = &self.gpu_share {
+            let free = engine::device::free_memory(&self.device)?;
+            options.memory.gpu_memory = share.flux_budget(options.memory.gpu_memory, free);
         }
         tracing::info!("loading {} from {:?}", preset.title, options.source);
         catch_unwind(AssertUnwindSafe(|| {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use app::{
     ChatFinish, ChatImage, ChatRequest, ChatResponse, ChatRole, Conversation, ConversationSummary,
-    ErrorBody, ErrorCode, PromptHelpRequest, PromptHelpResponse,
+    ErrorBody, ErrorCode, NewConversation, PromptHelpRequest, PromptHelpResponse,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -386,6 +386,34 @@ pub async fn list(
         .await
         .map(Json)
         .map_err(store_error("listing the conversations"))
+}
+
+/// Starts an empty conversation, for a chat whose first turn drew an image: its images are recorded
+/// in it (`POST /chat/conversations/{id}/images`) and its answers continue it.
+#[utoipa::path(post, path = "/chat/conversations", tag = "chat", request_body = NewConversation, responses(
+    (status = 201, body = Conversation),
+    (status = 422, body = ErrorBody),
+))]
+pub async fn create(
+    State(state): State<AppState>,
+    Caller(viewer): Caller,
+    ApiJson(new): ApiJson<NewConversation>,
+) -> Result<(StatusCode, Json<Conversation>), ApiError> {
+    if new.title.trim().is_empty() {
+        return Err(ApiError::validation("title must not be empty"));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    state
+        .jobs
+        .store()
+        .call(move |store| {
+            store.create_conversation(&id, &new.title, viewer.owner())?;
+            store.conversation(&id)
+        })
+        .await
+        .map_err(store_error("starting a conversation"))?
+        .map(|c| (StatusCode::CREATED, Json(c)))
+        .ok_or_else(|| ApiError::internal("starting a conversation", "it could not be read back"))
 }
 
 /// One conversation with every message (an image's message names its job: `GET /images/{job_id}`).

@@ -23,6 +23,7 @@ use utoipa::OpenApi;
         super::chat::chat,
         super::chat::prompt,
         super::chat::list,
+        super::chat::create,
         super::chat::show,
         super::chat::delete,
         super::chat::add_image,

@@ -105,7 +105,10 @@ pub fn app(state: AppState) -> NormalizePath<Router> {
         .route("/classify", post(classify::classify).layer(json))
         .route("/chat", post(chat::chat).layer(json))
         .route("/chat/prompt", post(chat::prompt).layer(json))
-        .route("/chat/conversations", get(chat::list))
+        .route(
+            "/chat/conversations",
+            get(chat::list).post(chat::create).layer(json),
+        )
         .route(
             "/chat/conversations/{id}",
             get(chat::show).delete(chat::delete),

@@ -11,9 +11,9 @@ use crate::prompt::{follow_up, merge_follow_up, FollowUp};
 use crate::ui::api::{self, Load};
 use crate::ui::reply::reply;
 use crate::{
-    ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
+    ChatImage, ChatRequest, ChatRole, ClassifyRequest, ClassifyResponse, ContextTurn, Conversation,
     ConversationSummary, GenerateRequest, HealthResponse, Label, LoraList, ModelsResponse,
-    PromptHelpRequest, PromptHelpResponse, Recipe, TurnKind, TurnRole,
+    NewConversation, PromptHelpRequest, PromptHelpResponse, Recipe, TurnKind, TurnRole,
 };
 
 /// Turns sent with each message to `/classify/`: enough for it to know what the last answer was.
@@ -497,6 +497,47 @@ impl ChatState {
             request: request.clone(),
             state,
         });
-        leptos::task::spawn_local(stream_generation(request, state));
+        let prompt = request.prompt.clone();
+        leptos::task::spawn_local(async move {
+            stream_generation(request, state).await;
+            self.record_image(state, prompt).await;
+        });
+    }
+
+    /// Records a finished image in the open conversation (starting one when the chat has none yet),
+    /// so that reopening the conversation shows it and the model knows what was drawn.
+    async fn record_image(self, state: RwSignal<GenState>, prompt: String) {
+        let done = state.with_untracked(|s| (s.phase == Phase::Done).then(|| s.job_id.clone()));
+        let Some(Some(job_id)) = done else {
+            return;
+        };
+        let id = match self.conversation.get_untracked() {
+            Some(id) => id,
+            None => {
+                let new = NewConversation {
+                    title: prompt.clone(),
+                };
+                match api::post::<_, Conversation>("/chat/conversations", &new).await {
+                    Ok(conversation) => {
+                        self.conversation.set(Some(conversation.id.clone()));
+                        conversation.id
+                    }
+                    Err(message) => return self.not_recorded(message),
+                }
+            }
+        };
+        let image = ChatImage { job_id, prompt };
+        match api::post::<_, Conversation>(&format!("/chat/conversations/{id}/images"), &image)
+            .await
+        {
+            Ok(_) => self.load_conversations(),
+            Err(message) => self.not_recorded(message),
+        }
+    }
+
+    fn not_recorded(self, message: String) {
+        self.notice.set(Some(format!(
+            "The image was not saved in the conversation: {message}"
+        )));
     }
 }
