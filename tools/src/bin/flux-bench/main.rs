@@ -80,6 +80,6 @@ fn main() -> Result<()> {
         Command::Forward(a) => forward::run(&a, &device, kernels, args.weights),
         Command::Generate(a) => generate::run(&a, &device, kernels, args.weights),
         Command::Profile(a) => profile::run(&a, &device, kernels),
-        Command::Train(a) => train::run(&a, &device, kernels),
+        Command::Train(a) => train::run(&a, &device, kernels, args.weights),
     }
 }

@@ -50,7 +50,14 @@ pub struct Args {
     profile_step: bool,
 }
 
-pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
+/// `weights`: the frozen base's format (`--weights fp8`, a GGUF type), as a small card's memory plan
+/// loads it; the adapters train in f32 over it either way.
+pub fn run(
+    a: &Args,
+    device: &Device,
+    kernels: Kernels,
+    weights: Option<engine::weights::WeightFormat>,
+) -> Result<()> {
     let (size, steps, rank, t5_len) = (a.size, a.steps, a.rank, a.t5_len);
     let (checkpointing, profile_step) = (!a.no_checkpointing, a.profile_step);
     let targets = match a.targets {
@@ -69,6 +76,7 @@ pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
         }
         None => (FluxConfig::dev(), random::flux_weights(dtype, device)?),
     };
+    let w = w.in_format(weights);
     let model = FluxTransformer::load(&w, &cfg, dtype, device, kernels)?;
     drop(w);
     sync(device)?;
@@ -144,7 +152,8 @@ pub fn run(a: &Args, device: &Device, kernels: Kernels) -> Result<()> {
             "median_grads_s": median(&phases[0]), "median_clip_s": median(&phases[1]),
             "median_adamw_s": median(&phases[2]), "size": size, "image_tokens": side * side, "text_tokens": t5_len,
             "rank": rank, "targets": format!("{targets:?}"), "checkpointing": checkpointing, "lora_params": lora.parameter_count(),
-            "dtype": format!("{dtype:?}"), "load_s": load_s, "step_s": times,
+            "dtype": format!("{dtype:?}"), "weights": weights.map_or("as stored".into(), |w| w.to_string()),
+            "load_s": load_s, "step_s": times,
             "median_step_s": median(&times), "losses": losses})
     );
     Ok(())
