@@ -361,6 +361,7 @@ async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_
     config.chat.chat_model = chat_model().display().to_string();
     config.chat.chat_device = engine::device::DeviceChoice::Cpu;
     config.chat.chat_docs_encoder = docs_encoder();
+    config.chat.chat_docs = true;
     let chat = server::capabilities::chat::load(&config.chat).unwrap();
     // The retrieval itself: the nearest section is the training doc's.
     let found = chat.studio_docs("how do I train a LoRA?", 3).unwrap();

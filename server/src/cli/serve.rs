@@ -21,6 +21,14 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
 
 /// `studio worker`: the engine's capabilities running a cluster's jobs, until Ctrl-C or SIGTERM.
 pub fn run_worker(config: &ServeConfig) -> anyhow::Result<()> {
+    // Chat answers are the API nodes' (a worker runs generation and training jobs): no docs to index.
+    let config = &ServeConfig {
+        chat: crate::config::ChatConfig {
+            chat_docs: false,
+            ..config.chat.clone()
+        },
+        ..config.clone()
+    };
     let caps = capabilities::from_config(config)?;
     tokio::runtime::Runtime::new()?.block_on(crate::run_worker(config, caps))
 }

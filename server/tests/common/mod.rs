@@ -57,6 +57,8 @@ impl Binary {
     ) -> Binary {
         let mut child = Command::new(env!("CARGO_BIN_EXE_studio"))
             .current_dir(working_dir)
+            // As `config`: no docs indexed at start (a test's own environment can say otherwise).
+            .env("STUDIO_CHAT_DOCS", "false")
             .envs(env.iter().copied())
             .args(["serve", "--port", "0", "--data-dir"])
             .arg(data_dir)
@@ -127,12 +129,16 @@ pub fn error_code(body: &str) -> String {
 }
 
 pub fn config(data_dir: &Path) -> ServeConfig {
-    ServeConfig {
+    let mut config = ServeConfig {
         data_dir: data_dir.to_path_buf(),
         port: 0,
         token: None,
         ..ServeConfig::defaults()
-    }
+    };
+    // Indexing the studio's docs takes minutes of a 2-core machine's CPU at every start; only the
+    // docs' own test turns it on.
+    config.chat.chat_docs = false;
+    config
 }
 
 /// A stand-in generator: `steps` steps of `step_time` each, a preview per step, a flat image whose colour
