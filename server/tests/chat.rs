@@ -51,6 +51,27 @@ async fn studio(data: &std::path::Path) -> (String, server::Running) {
     (format!("http://{}", running.addr), running)
 }
 
+/// POSTs `body` as JSON to the studio's `path`: the status and the answer's JSON.
+async fn post_json(url: &str, path: &str, body: &Value) -> (u16, Value) {
+    let answer = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (answer.status().as_u16(), answer.json().await.unwrap())
+}
+
+/// `GET /chat/conversations`.
+async fn conversations(url: &str) -> Vec<ConversationSummary> {
+    reqwest::get(format!("{url}/chat/conversations"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn events(url: &str, request: Value, stop_after_first: bool) -> Vec<ChatEvent> {
     let ws = format!("{}/ws/chat", url.replace("http://", "ws://"));
     let (mut socket, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
@@ -213,26 +234,12 @@ async fn conversations_survive_a_restart_continue_and_can_be_deleted() {
 async fn bad_chat_requests_get_json_errors_before_anything_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let (url, _running) = studio(dir.path()).await;
-    let http = reqwest::Client::new();
     let post = |body: Value| {
-        let http = http.clone();
         let url = url.clone();
         async move {
-            let answer = http
-                .post(format!("{url}/chat/"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let status = answer.status().as_u16();
-            let body: Value = answer.json().await.unwrap();
-            (
-                status,
-                body["error"]["code"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
+            let (status, body) = post_json(&url, "/chat/", &body).await;
+            let code = body["error"]["code"].as_str().unwrap_or_default();
+            (status, code.to_owned())
         }
     };
     assert_eq!(
@@ -252,12 +259,7 @@ async fn bad_chat_requests_get_json_errors_before_anything_is_kept() {
         post(json!({"message": "hi", "conversation_id": "../x"})).await,
         (404, "not_found".into())
     );
-    let list: Vec<ConversationSummary> = reqwest::get(format!("{url}/chat/conversations"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = conversations(&url).await;
     assert!(list.is_empty(), "{list:?}");
     // A refused stream request: one error event.
     let events = events(&url, json!({"message": ""}), false).await;
@@ -416,22 +418,9 @@ async fn a_question_about_training_a_lora_is_answered_from_the_training_doc_and_
 async fn a_conversation_started_for_an_image_is_listed_empty_and_bad_ones_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (url, _running) = studio(dir.path()).await;
-    let http = reqwest::Client::new();
     let create = |body: Value| {
-        let http = http.clone();
         let url = url.clone();
-        async move {
-            let answer = http
-                .post(format!("{url}/chat/conversations"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (
-                answer.status().as_u16(),
-                answer.json::<Value>().await.unwrap(),
-            )
-        }
+        async move { post_json(&url, "/chat/conversations", &body).await }
     };
     let (status, made) = create(json!({"title": "red apple"})).await;
     assert_eq!(status, 201, "{made}");
@@ -457,18 +446,10 @@ async fn a_conversation_started_for_an_image_is_listed_empty_and_bad_ones_are_re
         assert_eq!(status, 422, "{bad}: {body}");
     }
     // An image of a job this studio never ran is not recorded.
-    let answer = http
-        .post(format!("{url}/chat/conversations/{}/images", made.id))
-        .json(&json!({"job_id": "11111111-1111-4111-8111-111111111111", "prompt": "red apple"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status().as_u16(), 404);
-    let list: Vec<ConversationSummary> = reqwest::get(format!("{url}/chat/conversations"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let image = json!({"job_id": "11111111-1111-4111-8111-111111111111", "prompt": "red apple"});
+    let images = format!("/chat/conversations/{}/images", made.id);
+    assert_eq!(post_json(&url, &images, &image).await.0, 404);
+    let list = conversations(&url).await;
     assert_eq!(list.len(), 1, "the refused ones kept nothing");
+    assert_eq!(list[0].messages, 0);
 }

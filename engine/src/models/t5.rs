@@ -90,42 +90,31 @@ impl T5Attention {
     }
 }
 
-/// The feed-forward layer: gated (v1.1: `act(wi_0 x) * wi_1 x`) or the original ReLU one (`wi`).
+/// The feed-forward layer: gated (v1.1: `act(wi_0 x) * wi_1 x`) or the original one (`relu(wi x)`).
 #[derive(Debug)]
-enum DenseReluDense {
-    Gated {
-        wi_0: Linear,
-        wi_1: Linear,
-        wo: Linear,
-        act: Activation,
-    },
-    Plain {
-        wi: Linear,
-        wo: Linear,
-    },
+struct DenseReluDense {
+    /// `wi_0` in a gated layer, `wi` in the original one.
+    wi: Linear,
+    /// A gated layer's `wi_1` and its gate's activation.
+    gate: Option<(Linear, Activation)>,
+    wo: Linear,
 }
 
 impl DenseReluDense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Gated {
-                wi_0,
-                wi_1,
-                wo,
-                act,
-            } => {
-                let gate = act.forward(&wi_0.forward(x)?)?;
-                wo.forward(&gate.broadcast_mul(&wi_1.forward(x)?)?)
-            }
-            Self::Plain { wi, wo } => wo.forward(&wi.forward(x)?.relu()?),
-        }
+        let h = self.wi.forward(x)?;
+        let h = match &self.gate {
+            Some((wi_1, act)) => act.forward(&h)?.broadcast_mul(&wi_1.forward(x)?)?,
+            None => h.relu()?,
+        };
+        self.wo.forward(&h)
     }
 
     fn linears(&self) -> Vec<&Linear> {
-        match self {
-            Self::Gated { wi_0, wi_1, wo, .. } => vec![wi_0, wi_1, wo],
-            Self::Plain { wi, wo } => vec![wi, wo],
-        }
+        let mut out = vec![&self.wi];
+        out.extend(self.gate.as_ref().map(|(wi_1, _)| wi_1));
+        out.push(&self.wo);
+        out
     }
 }
 
@@ -155,15 +144,18 @@ impl T5Block {
         let ff = vb.pp("layer.1");
         let dense = ff.pp("DenseReluDense");
         let ff_layer = if cfg.feed_forward_proj.gated {
-            DenseReluDense::Gated {
-                wi_0: linear(&dense, "wi_0", cfg.d_model, cfg.d_ff, k)?,
-                wi_1: linear(&dense, "wi_1", cfg.d_model, cfg.d_ff, k)?,
+            DenseReluDense {
+                wi: linear(&dense, "wi_0", cfg.d_model, cfg.d_ff, k)?,
+                gate: Some((
+                    linear(&dense, "wi_1", cfg.d_model, cfg.d_ff, k)?,
+                    cfg.feed_forward_proj.activation,
+                )),
                 wo: linear(&dense, "wo", cfg.d_ff, cfg.d_model, k)?,
-                act: cfg.feed_forward_proj.activation,
             }
         } else {
-            DenseReluDense::Plain {
+            DenseReluDense {
                 wi: linear(&dense, "wi", cfg.d_model, cfg.d_ff, k)?,
+                gate: None,
                 wo: linear(&dense, "wo", cfg.d_ff, cfg.d_model, k)?,
             }
         };
