@@ -426,12 +426,7 @@ async fn a_conversation_started_for_an_image_is_listed_empty_and_bad_ones_are_re
     assert_eq!(status, 201, "{made}");
     let made: Conversation = serde_json::from_value(made).unwrap();
     assert_eq!((made.title.as_str(), made.messages.len()), ("red apple", 0));
-    let list: Vec<ConversationSummary> = reqwest::get(format!("{url}/chat/conversations"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = conversations(&url).await;
     assert_eq!(list.len(), 1);
     assert_eq!(
         (list[0].id.as_str(), list[0].messages),
