@@ -59,8 +59,8 @@ pub enum Placement {
     /// layers copied to the GPU when it runs. The transformer, when even its smallest format does not
     /// fit resident: some of its blocks, copied every step. T5, when it cannot sit beside the
     /// transformer even for a moment: all its weights, the blocks copied once per new prompt (the
-    /// token embeddings are looked up on the host; CLIP, small, stays resident beside it). The copies cost time in
-    /// proportion to those bytes and the PCIe link, far less than computing on the CPU.
+    /// token embeddings are looked up on the host; CLIP, small, stays resident beside it). The copies
+    /// cost time in proportion to those bytes and the PCIe link, far less than computing on the CPU.
     Streamed,
 }
 
@@ -426,9 +426,13 @@ impl MemoryPlan {
 
     /// Whether T5's blocks stay in host memory and are copied to the GPU for each new prompt.
     pub fn t5_streamed(&self) -> bool {
+        self.streamed_t5().is_some()
+    }
+
+    fn streamed_t5(&self) -> Option<&PartPlan> {
         self.parts
             .iter()
-            .any(|p| p.part == Part::T5 && p.placement == Placement::Streamed)
+            .find(|p| p.part == Part::T5 && p.placement == Placement::Streamed)
     }
 
     /// What a streamed layer adds to a step while it is on the GPU: the largest layer as stored
@@ -533,11 +537,8 @@ impl MemoryPlan {
         let encode = resident
             + self.bytes_where(|p| p.placement == Placement::WhileRunning)
             + self
-                .parts
-                .iter()
-                .filter(|p| p.part == Part::T5 && p.placement == Placement::Streamed)
-                .map(|p| p.bytes / T5_STREAMING_SHARE)
-                .sum::<u64>();
+                .streamed_t5()
+                .map_or(0, |t5| t5.bytes / T5_STREAMING_SHARE);
         let streaming = if self.streamed_bytes() > 0 {
             self.streamed_layer_bytes()
         } else {
@@ -864,7 +865,7 @@ mod tests {
     }
 
     #[test]
-    fn the_text_encoders_go_to_the_cpu_only_when_t5_cannot_even_stream() {
+    fn a_model_without_t5_never_streams_its_text_encoder() {
         // A model without T5 (the built-in one reads prompts with MiniLM) has no streamed encoder.
         let mut minilm = flux_dev();
         minilm.parts.retain(|(p, _)| !p.is_text_encoder());

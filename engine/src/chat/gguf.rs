@@ -43,9 +43,9 @@ impl Weights {
 /// needs. A longer conversation keeps its latest turns.
 pub const GPU_CONTEXT: usize = 4096;
 
-/// The tokens the model attends to on `device`: its trained context, within its rotary tables (llama)
-/// and, on a GPU, [`GPU_CONTEXT`].
-fn context_of(content: &Content, architecture: &str, device: &Device) -> usize {
+/// The tokens the model attends to: its trained context, within its rotary tables (llama) and, on a
+/// GPU, [`GPU_CONTEXT`].
+fn context_of(content: &Content, architecture: &str, on_gpu: bool) -> usize {
     let trained = content
         .metadata
         .get(&format!("{architecture}.context_length"))
@@ -56,7 +56,7 @@ fn context_of(content: &Content, architecture: &str, device: &Device) -> usize {
     } else {
         trained
     };
-    if device.is_cuda() {
+    if on_gpu {
         trained.min(GPU_CONTEXT)
     } else {
         trained
@@ -115,7 +115,7 @@ impl LmMemory {
             number("embedding_length")?,
         );
         let kv_heads = number("attention.head_count_kv").unwrap_or(heads);
-        let context = context_of(&content, &arch, &Device::Cpu).min(GPU_CONTEXT) as u64;
+        let context = context_of(&content, &arch, true) as u64;
         let cache = layers * 2 * kv_heads * (width / heads) * context * 4;
         let scores = 2 * heads * context * context * 4;
         Ok(LmMemory {
@@ -167,7 +167,7 @@ impl GgufChat {
         if let Some(eos) = meta("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()) {
             stops.push(eos);
         }
-        let context = context_of(&content, &architecture, device);
+        let context = context_of(&content, &architecture, device.is_cuda());
         let weights = match architecture.as_str() {
             "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(
                 content, &mut file, device,

@@ -1,5 +1,5 @@
 //! T5's encoder stack (FLUX's T5-XXL v1.1), in transformers' `T5EncoderModel` names, computed as
-//! candle-transformers' `t5::T5EncoderModel` computes it (the parity tests hold the two equal), on the
+//! candle-transformers' `t5::T5EncoderModel` computes it (this module's test holds the two equal), on the
 //! engine's [`Linear`] layers: the memory plan can then keep the blocks' weights in page-locked host
 //! memory and copy each layer to the GPU as it runs ([`T5EncoderModel::place`]), so that a 9 GB
 //! encoder runs on a GPU that holds the transformer and little else.

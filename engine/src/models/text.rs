@@ -70,7 +70,8 @@ impl T5Encoder {
     /// `model_dir` is diffusers' `text_encoder_2/`, `tokenizer_dir` its `tokenizer_2/`. With `streamed`
     /// the blocks' weights stay in host memory and are copied to `device` layer by layer as each
     /// prompt is encoded (the memory plan's streamed placement): the checkpoint is read into host
-    /// memory, and only the embeddings and norms move to `device`.
+    /// memory, and only the norms and the position bias move to `device` (the token embeddings are
+    /// looked up on the host).
     pub fn load(
         model_dir: &Path,
         tokenizer_dir: &Path,
