@@ -140,11 +140,16 @@ const BLOCK_SHARE: f64 = 0.98;
 /// QKV and MLP input projection (3 + 4 hidden wide). A streamed layer is on the GPU as stored and,
 /// where its product dequantizes, once more in the compute dtype.
 const LARGEST_LAYER: u64 = 7;
+/// The linear weights of the largest block in units of hidden²: a double block's two streams, each
+/// with its modulation (6), QKV (3), output (1) and MLP (4 + 4) layers. While a streamed block runs,
+/// the next one is copied in beside it.
+const LARGEST_BLOCK: u64 = 36;
 
-/// What a streamed T5 adds while it encodes, as a share of its bytes: its largest layer copied in,
-/// the attention scores of all its heads in f32 and the token states around them (for T5-XXL over
-/// 512 tokens: an 80 MiB feed-forward layer and 64 MiB of scores, under 1/48 of its 8.9 GiB).
-const T5_STREAMING_SHARE: u64 = 48;
+/// What a streamed T5 adds while it encodes, as a share of its bytes: the block computing and the
+/// next one copied in beside it (2 of its 24 blocks), the attention scores of all its heads in f32
+/// and the token states around them (for T5-XXL over 512 tokens: 2 x 368 MiB of blocks and 64 MiB of
+/// scores, under 1/10 of its 8.9 GiB).
+const T5_STREAMING_SHARE: u64 = 10;
 
 /// The tiles of a tiled decode, in pixels along a side, and how much neighbours overlap (diffusers'
 /// AutoencoderKL default). Small tiles cost little: the decoder redoes only the overlaps, and a decode
@@ -308,9 +313,9 @@ impl MemoryPlan {
             .iter()
             .find(|p| p.part == Part::Transformer)?;
         let most = (transformer.bytes as f64 * BLOCK_SHARE) as u64;
-        // Streaming adds a layer's transient copies to a step's peak and takes its bytes off the
+        // Streaming adds two blocks' transient copies to a step's peak and takes its bytes off the
         // resident weights.
-        let over = (resident.fit_peak(reference.0, reference.1) + resident.streamed_layer_bytes())
+        let over = (resident.fit_peak(reference.0, reference.1) + resident.streaming_bytes())
             .checked_sub(usable)?;
         if over > most {
             return None;
@@ -435,17 +440,15 @@ impl MemoryPlan {
             .find(|p| p.part == Part::T5 && p.placement == Placement::Streamed)
     }
 
-    /// What a streamed layer adds to a step while it is on the GPU: the largest layer as stored
-    /// and in the compute dtype.
-    fn streamed_layer_bytes(&self) -> u64 {
+    /// What streaming adds to a step while it runs: the block computing and the next one being
+    /// copied in, as stored, and the largest layer once more in the compute dtype.
+    fn streaming_bytes(&self) -> u64 {
         let h = self.shape.hidden as u64;
-        let params = LARGEST_LAYER * h * h;
-        let format = self.transformer_format();
-        let stored = match format {
+        let stored = |params: u64| match self.transformer_format() {
             WeightFormat::Bf16 => params * self.shape.compute_bytes,
             f => f.bytes(params),
         };
-        stored + params * self.shape.compute_bytes
+        2 * stored(LARGEST_BLOCK * h * h) + LARGEST_LAYER * h * h * self.shape.compute_bytes
     }
 
     /// Whether the text encoders leave the GPU once a prompt is encoded.
@@ -540,7 +543,7 @@ impl MemoryPlan {
                 .streamed_t5()
                 .map_or(0, |t5| t5.bytes / T5_STREAMING_SHARE);
         let streaming = if self.streamed_bytes() > 0 {
-            self.streamed_layer_bytes()
+            self.streaming_bytes()
         } else {
             0
         };

@@ -34,21 +34,12 @@ print(json.dumps({"what": label, "status": status, "seconds": round(t1 - t0, 2),
 EOF
 }
 gen first 512
-# the hog: all free memory but 256 MiB, held until /tmp/hog.stop appears
-rm -f /tmp/hog.stop /tmp/hog.ready
-python3 - <<'EOF' &
-import os, time, torch
-free, total = torch.cuda.mem_get_info()
-x = torch.empty(free - (256 << 20), dtype=torch.uint8, device="cuda")
-open("/tmp/hog.ready", "w").write(str(x.numel()))
-while not os.path.exists("/tmp/hog.stop"):
-    time.sleep(0.2)
-EOF
-hog=$!
-for _ in $(seq 100); do [ -f /tmp/hog.ready ] && break; sleep 0.2; done
+# the hog: all free memory but 256 MiB, held until unhog
+source "$(dirname "$0")/hog.sh"
+hog 0.25
 log "{\"what\": \"hog\", \"bytes\": $(cat /tmp/hog.ready 2>/dev/null || echo 0)}"
 gen under-pressure 1024
-touch /tmp/hog.stop; wait $hog
+unhog
 gen after 512
 kill -0 $studio 2>/dev/null && log '{"what": "server", "alive": true}' || log '{"what": "server", "alive": false}'
 curl -s "$URL/health" -o /dev/null -w '{"what": "health", "status": %{http_code}}\n' | tee -a "$OUT/oom.jsonl"

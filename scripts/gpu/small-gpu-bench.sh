@@ -43,26 +43,13 @@ for f in ${FORMATS-fp8 q8_0}; do
   # FORWARD_ONLY: formats timed by their step alone (a whole generation reloads, and quantizes, again)
   [[ " ${FORWARD_ONLY-} " == *" $f "* ]] || measure "generate-1024-$f" $BENCH --weights $f generate --model $M --size 1024 --steps 28
 done
-# Holds all free memory but $1 GiB until /tmp/hog.stop appears.
-hog() {
-  rm -f /tmp/hog.stop /tmp/hog.ready
-  python3 - "$1" <<'PY' &
-import os, sys, time, torch
-free, total = torch.cuda.mem_get_info()
-keep = int(float(sys.argv[1]) * (1 << 30))
-x = torch.empty(max(free - keep, 0), dtype=torch.uint8, device="cuda")
-open("/tmp/hog.ready", "w").write(str(x.numel()))
-while not os.path.exists("/tmp/hog.stop"):
-    time.sleep(0.2)
-PY
-  for _ in $(seq 150); do [ -f /tmp/hog.ready ] && break; sleep 0.2; done
-}
+source "$HERE/hog.sh"
 for cap in ${CAPS-24 16 12 8}; do
   # OURS=0 / REF_MODES="": one side only, when both do not fit in one device call
   if [ "${OURS-1}" = 1 ]; then
     hog $cap
     measure "generate-1024-cap$cap" $BENCH generate --model $M --size 1024 --steps 28
-    touch /tmp/hog.stop; wait
+    unhog
   fi
   # REF_MODES_<cap> (e.g. REF_MODES_16="group_offload") overrides REF_MODES for one card size
   modes_var="REF_MODES_$cap"

@@ -252,16 +252,52 @@ impl Base {
 
     /// The same weight and bias on `device`.
     fn to_device(&self, device: &Device) -> Result<Base> {
-        let bias = |b: Option<&Tensor>| b.map(|b| b.to_device(device)).transpose();
+        self.to_devices(device, device)
+    }
+
+    /// The same weight on `weight`'s device and bias on `bias`'s.
+    fn to_devices(&self, weight: &Device, bias: &Device) -> Result<Base> {
+        let bias = |b: Option<&Tensor>| b.map(|b| b.to_device(bias)).transpose();
         Ok(match self {
             Self::Dense(l) => Self::Dense(candle_nn::Linear::new(
-                l.weight().to_device(device)?,
+                l.weight().to_device(weight)?,
                 bias(l.bias())?,
             )),
             Self::Quantized(q) => Self::Quantized(QuantizedBase {
-                weight: q.weight.to_device(device)?,
+                weight: q.weight.to_device(weight)?,
                 bias: bias(q.bias.as_ref())?,
             }),
+        })
+    }
+
+    /// The same base with its weight copied from `pinned` (its page-locked host memory) to the GPU
+    /// on the copy stream; the bias is already there (a streamed layer keeps it resident).
+    #[cfg(feature = "cuda")]
+    fn upload(
+        &self,
+        pinned: &crate::kernels::pinned::PinnedHost,
+    ) -> Result<(Base, crate::kernels::pinned::Upload)> {
+        Ok(match self {
+            Self::Dense(l) => {
+                let (weight, upload) = pinned.upload_tensor(l.weight())?;
+                let base = candle_nn::Linear::new(weight, l.bias().cloned());
+                (Self::Dense(base), upload)
+            }
+            Self::Quantized(q) => {
+                let (weight, upload) = match &q.weight {
+                    QuantizedWeight::Fp8 { weight, scale } => {
+                        let (weight, upload) = pinned.upload_tensor(weight)?;
+                        let scale = *scale;
+                        (QuantizedWeight::Fp8 { weight, scale }, upload)
+                    }
+                    QuantizedWeight::Gguf(blocks) => {
+                        let (blocks, upload) = pinned.upload_blocks(blocks)?;
+                        (QuantizedWeight::Gguf(Arc::new(blocks)), upload)
+                    }
+                };
+                let bias = q.bias.clone();
+                (Self::Quantized(QuantizedBase { weight, bias }), upload)
+            }
         })
     }
 
@@ -321,6 +357,19 @@ struct State {
     /// A streamed base's host memory, page-locked for fast copies while it is streamed.
     #[cfg(feature = "cuda")]
     pinned: Option<crate::kernels::pinned::PinnedHost>,
+    /// A streamed base's next copy on the GPU, started ahead of the forward that takes it
+    /// ([`Linear::prefetch`]).
+    #[cfg(feature = "cuda")]
+    prefetched: std::sync::Mutex<Option<Prefetched>>,
+}
+
+/// A streamed base on its way to the GPU. The upload drops first: a copy never used is waited for
+/// before its memory is freed.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+struct Prefetched {
+    upload: crate::kernels::pinned::Upload,
+    base: Base,
 }
 
 #[derive(Debug)]
@@ -349,6 +398,8 @@ impl Linear {
                 compute: None,
                 #[cfg(feature = "cuda")]
                 pinned: None,
+                #[cfg(feature = "cuda")]
+                prefetched: Default::default(),
             }),
             kernels,
         }
@@ -373,6 +424,8 @@ impl Linear {
                 compute: None,
                 #[cfg(feature = "cuda")]
                 pinned: None,
+                #[cfg(feature = "cuda")]
+                prefetched: Default::default(),
             }),
             kernels,
         })
@@ -390,8 +443,9 @@ impl Linear {
 
     /// Where the base weight lives: on `device` for good, or (`streamed`) in host memory, copied to
     /// `device` for each product and dropped after it, so that a model larger than the GPU's memory
-    /// runs with only its resident layers and one streamed layer there (docs/memory.md). A layer
-    /// with adapters merged or a weight being trained is not streamed.
+    /// runs with only its resident layers and the streamed layers of a block or two there
+    /// (docs/memory.md). A streamed layer's bias stays on `device`. A layer with adapters merged or
+    /// a weight being trained is not streamed.
     pub fn place(&self, device: &Device, streamed: bool) -> Result<()> {
         let mut state = self.state.write().expect("adapter lock poisoned");
         if streamed && (state.merged.is_some() || state.base.is_variable()) {
@@ -407,9 +461,14 @@ impl Linear {
         };
         #[cfg(feature = "cuda")]
         {
+            // A copy still reading the locked memory finishes before the pages are unlocked.
+            let prefetched = state.prefetched.get_mut().expect("prefetch lock poisoned");
+            if let Some(p) = prefetched.take() {
+                p.upload.finish()?;
+            }
             state.pinned = None;
         }
-        state.base = state.base.to_device(&home)?;
+        state.base = state.base.to_devices(&home, device)?;
         state.compute = streamed.then(|| device.clone());
         #[cfg(feature = "cuda")]
         if let (true, Device::Cuda(cuda)) = (streamed, device) {
@@ -417,6 +476,26 @@ impl Linear {
             match state.base.pin(cuda) {
                 Ok(pinned) => state.pinned = Some(pinned),
                 Err(e) => tracing::warn!("layer {}: streamed from pageable memory: {e}", self.name),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts copying a streamed base to the GPU ahead of its next forward, on the device's copy
+    /// stream, so that the copy runs while the GPU computes what comes before: a model calls it for
+    /// the next block's layers as a block starts. Nothing to do for a resident layer, one whose copy
+    /// is already under way, or one in pageable memory (copied as it runs).
+    pub fn prefetch(&self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let state = self.state.read().expect("adapter lock poisoned");
+            let (Some(Device::Cuda(_)), Some(pinned)) = (&state.compute, &state.pinned) else {
+                return Ok(());
+            };
+            let mut slot = state.prefetched.lock().expect("prefetch lock poisoned");
+            if slot.is_none() {
+                let (base, upload) = state.base.upload(pinned)?;
+                *slot = Some(Prefetched { upload, base });
             }
         }
         Ok(())
@@ -520,8 +599,9 @@ impl Linear {
                 .expect("adapter lock poisoned")
                 .prepare(x)?,
         };
-        match &self.state.read().expect("adapter lock poisoned").compute {
-            Some(device) => Ok((base.to_device(device)?, adapters)),
+        let state = self.state.read().expect("adapter lock poisoned");
+        match &state.compute {
+            Some(device) => Ok((state.streamed_in(device)?, adapters)),
             None => Ok((base, adapters)),
         }
     }
@@ -531,9 +611,33 @@ impl State {
     /// The base as products use it: copied to the compute device when it is streamed.
     fn working_base(&self) -> Result<Base> {
         match &self.compute {
-            Some(device) => self.base.to_device(device),
+            Some(device) => self.streamed_in(device),
             None => Ok(self.base.clone()),
         }
+    }
+
+    /// A streamed base on `device` for the next product: its prefetched copy, else one made now.
+    /// From page-locked memory the compute stream waits for the copy stream rather than the host
+    /// for the copy (a plain copy to the GPU stops the host until the GPU has caught up).
+    fn streamed_in(&self, device: &Device) -> Result<Base> {
+        #[cfg(feature = "cuda")]
+        if let Some(pinned) = &self.pinned {
+            let prefetched = self
+                .prefetched
+                .lock()
+                .expect("prefetch lock poisoned")
+                .take();
+            let Prefetched { upload, base } = match prefetched {
+                Some(p) => p,
+                None => {
+                    let (base, upload) = self.base.upload(pinned)?;
+                    Prefetched { upload, base }
+                }
+            };
+            upload.join()?;
+            return Ok(base);
+        }
+        self.base.to_device(device)
     }
 
     /// Whether a forward of `x` uses the adapters merged: when nothing takes a gradient. A training

@@ -284,7 +284,16 @@ impl T5EncoderModel {
             .to_dtype(dtype)?
             .to_device(&self.device)?;
         let bias = self.position_bias(tokens)?.to_dtype(dtype)?;
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
+            // A streamed encoder copies the next block in while this one computes.
+            for l in self
+                .blocks
+                .get(i + 1)
+                .map(T5Block::linears)
+                .unwrap_or_default()
+            {
+                l.prefetch()?;
+            }
             x = block.forward(&x, &bias)?;
         }
         self.final_layer_norm.forward(&x)

@@ -593,12 +593,14 @@ impl FluxTransformer {
     /// The embeddings and the first double block: the part of a step that a step cache
     /// (`sampling::step_cache`) always runs, to judge from it whether the rest can be reused.
     pub fn first_block(&self, x: &FluxInputs) -> Result<FirstBlock> {
+        self.prefetch_block(0)?;
         let (vec, img_in, txt) = self.head(x)?;
         let rope = self.rope(x)?;
         let block = self
             .double_blocks
             .first()
             .ok_or_else(|| anyhow::anyhow!("this FLUX model has no double blocks"))?;
+        self.prefetch_block(1)?;
         let (img, txt) = block.forward(&img_in, &txt, &vec, &rope, self.cfg.num_heads)?;
         Ok(FirstBlock {
             img_in,
@@ -614,18 +616,39 @@ impl FluxTransformer {
         let heads = self.cfg.num_heads;
         let (vec, rope) = (&first.vec, &first.rope);
         let (mut img, mut txt) = (first.img.clone(), first.txt.clone());
-        for b in &self.double_blocks[1..] {
+        for (i, b) in self.double_blocks.iter().enumerate().skip(1) {
+            self.prefetch_block(i + 1)?;
             (img, txt) = b.forward(&img, &txt, vec, rope, heads)?;
         }
         let t_len = txt.dim(1)?;
         let mut x_all = Tensor::cat(&[&txt, &img], 1)?;
-        for b in &self.single_blocks {
+        let singles = self.double_blocks.len();
+        for (i, b) in self.single_blocks.iter().enumerate() {
+            self.prefetch_block(singles + i + 1)?;
             x_all = b.forward(&x_all, vec, rope, heads)?;
         }
         // A batch of several makes this slice strided; the norm's fused kernel needs it whole.
         Ok(x_all
             .narrow(1, t_len, x_all.dim(1)? - t_len)?
             .contiguous()?)
+    }
+
+    /// Starts copying the streamed layers of block `i` (the double blocks, then the single ones) to
+    /// the GPU ([`Linear::prefetch`]): called as block `i - 1` starts, so that the copy runs while it
+    /// computes. Resident blocks have nothing to copy.
+    fn prefetch_block(&self, i: usize) -> Result<()> {
+        let doubles = self.double_blocks.len();
+        let linears = match (self.double_blocks.get(i), i.checked_sub(doubles)) {
+            (Some(b), _) => b.linears(),
+            (None, Some(j)) if j < self.single_blocks.len() => {
+                self.single_blocks[j].linears().to_vec()
+            }
+            _ => return Ok(()),
+        };
+        for l in linears {
+            l.prefetch()?;
+        }
+        Ok(())
     }
 
     /// The velocity from the image tokens after the last block.

@@ -168,8 +168,20 @@ fn timed(
     let step = median(step_times[1..].to_vec());
     let run = serde_json::json!({"total_s": total, "images_per_minute": params.num_images as f64 * 60.0 / total,
         "encode_ms": out.timings.encode_ms, "denoise_ms": out.timings.denoise_ms,
-        "decode_ms": out.timings.decode_ms, "median_step_s": step, "step_tflops": flops / step / 1e12});
+        "decode_ms": out.timings.decode_ms, "median_step_s": step, "step_tflops": flops / step / 1e12,
+        "image_digest": digest(&out.images)});
     Ok((run, out))
+}
+
+/// A digest of the images' pixels: runs of one prompt and seed under different memory plans (resident
+/// or streamed layers of one format) must draw the same bytes.
+fn digest(images: &[RgbImage]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for image in images {
+        image.as_raw().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
 }
 
 /// The largest difference of any channel of any pixel between two runs' images, over 255.
