@@ -215,6 +215,25 @@ def small_gpu(out):
             else:
                 p = peaks.get(label, {})
                 c["reference"].append({"how": m[3], "error": p.get("error") or f"exit {p.get('rc')}"})
+    # LoRA training on each card (train-memory-bench.sh's capN/SIZE-FORMAT cases), when OUT holds
+    # its summary as train-summary.jsonl: each peak line is followed by its run's record if it finished.
+    try:
+        train = list(lines(f"{out}/train-summary.jsonl"))
+    except FileNotFoundError:
+        train = []
+    for i, rec in enumerate(train):
+        if rec.get("what") != "peak_mem_mib" or not rec.get("cap_gib"):
+            continue
+        size, weights = rec["case"].split("-")[:2]
+        cap = int(rec["cap_gib"])
+        c = caps.setdefault(cap, {"cap_gib": cap, "ours": None, "reference": []})
+        row = {"size": int(size), "weights": weights, "peak_in_use_gib": r(rec["value"] / 1024, 1)}
+        nxt = train[i + 1] if i + 1 < len(train) else {}
+        if rec["rc"] == 0 and nxt.get("what") == "train":
+            row["step_s"] = r(nxt["median_step_s"], 3)
+        else:
+            row["error"] = "out of memory" if rec["value"] >= cap * 1024 * 0.95 else f"exit {rec['rc']}"
+        c.setdefault("training", []).append(row)
     pipe = ref.get("pipeline_1024")
     return {"what": "small-gpu", "reference": f"diffusers {ref.get('versions', {}).get('diffusers', '0.42.1')}",
             "diffusers_bf16_1024_s": r(pipe[-1]["total_s"], 3) if pipe else None,
@@ -267,9 +286,25 @@ def speed(out):
     }
 
 
+def chat_gpu(out):
+    """The chat's language model on the GPU (chat-bench) beside llama.cpp's llama-bench on the same
+    GGUF files (scripts/gpu/chat-gpu-bench.sh's chat-gpu.jsonl)."""
+    models = []
+    for rec in lines(f"{out}/chat-gpu.jsonl"):
+        models.append({
+            "model": rec["model"], "prompt_tokens": rec.get("llama_prompt_tokens"),
+            "ours_first_token_ms": r(rec.get("ours_first_token_ms"), 1),
+            "ours_tokens_per_s": r(rec.get("ours_tokens_per_s"), 1),
+            "reference_first_token_ms": r(rec.get("llama_first_token_ms"), 1),
+            "reference_tokens_per_s": r(rec.get("llama_tokens_per_s"), 1),
+        })
+    return {"what": "chat-gpu", "reference": "llama.cpp (llama-bench, CUDA, all layers on the GPU)",
+            "tokens": 128, "models": models}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["generation", "training", "small-gpu", "edit", "speed"])
+    p.add_argument("what", choices=["generation", "training", "small-gpu", "edit", "speed", "chat-gpu"])
     p.add_argument("out")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--gpu")
@@ -283,7 +318,7 @@ def main():
             gpu = open(f"{a.out}/gpu.txt").read().split(",")[0].strip()
         except FileNotFoundError:
             sys.exit("no --gpu and no OUT_DIR/gpu.txt")
-    body = {"generation": generation, "training": training, "small-gpu": small_gpu, "edit": edit, "speed": speed}[a.what](a.out)
+    body = {"generation": generation, "training": training, "small-gpu": small_gpu, "edit": edit, "speed": speed, "chat-gpu": chat_gpu}[a.what](a.out)
     head = {"date": a.date, "run": a.run, "gpu": gpu, "command": a.command, "change": a.change}
     print(json.dumps({**head, **body}, indent=1))
 

@@ -522,31 +522,25 @@ impl FluxPipeline {
     /// were made from, holding on to memory the pool can then neither give back nor fit the text
     /// encoders into: those wait in host memory until the last block is read, the pool hands the
     /// freed memory back, and they come to the GPU one after another.
-    fn load_transformer(
+    pub fn load_transformer(
         weights: &FluxWeights,
         cfg: &FluxConfig,
         dtype: DType,
         device: &Device,
-        opts: &LoadOptions,
+        kernels: Kernels,
         streamed: u64,
     ) -> Result<FluxTransformer> {
         #[cfg(feature = "cuda")]
         if let (Device::Cuda(cuda), true) = (device, weights.quantizes()) {
-            let mut transformer = FluxTransformer::load_streaming(
-                weights,
-                cfg,
-                dtype,
-                &Device::Cpu,
-                opts.kernels,
-                0,
-            )?;
+            let mut transformer =
+                FluxTransformer::load_streaming(weights, cfg, dtype, &Device::Cpu, kernels, 0)?;
             crate::kernels::pool::release_unused(cuda)?;
             tracing::info!("transformer read and converted in host memory; placing it on the GPU");
             transformer.place(device, streamed)?;
             tracing::info!("transformer placed");
             return Ok(transformer);
         }
-        FluxTransformer::load_streaming(weights, cfg, dtype, device, opts.kernels, streamed)
+        FluxTransformer::load_streaming(weights, cfg, dtype, device, kernels, streamed)
     }
 
     fn load_dir_with(
@@ -611,7 +605,8 @@ impl FluxPipeline {
             }
         };
         let streamed = opts.memory.streamed.unwrap_or(plan.streamed_bytes());
-        let transformer = Self::load_transformer(&weights, &cfg, dtype, device, opts, streamed)?;
+        let transformer =
+            Self::load_transformer(&weights, &cfg, dtype, device, opts.kernels, streamed)?;
         if streamed > 0 {
             tracing::info!(
                 "transformer: {} of its blocks' weights stay in host memory and are copied to {:?} at every step",

@@ -9,12 +9,13 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 /// The markdown files that hold tables, relative to the workspace root.
-pub const DOCS: [&str; 5] = [
+pub const DOCS: [&str; 6] = [
     "README.md",
     "docs/performance.md",
     "docs/training.md",
     "docs/memory.md",
     "docs/editing.md",
+    "docs/chat.md",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +153,18 @@ struct CapFigures {
     ours: Option<CapOurs>,
     #[serde(default)]
     reference: Vec<CapReference>,
+    /// LoRA training steps on the card (train-memory-bench.sh's capN/ cases).
+    #[serde(default)]
+    training: Vec<CapTraining>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CapTraining {
+    size: u32,
+    weights: String,
+    step_s: Option<f64>,
+    peak_in_use_gib: Option<f64>,
+    error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +245,25 @@ struct SpeedAmpere {
     total_s_1024: Option<f64>,
 }
 
+/// The chat's language model on a GPU beside llama.cpp (scripts/gpu/chat-gpu-bench.sh).
+#[derive(Debug, Deserialize)]
+struct ChatGpu {
+    #[serde(flatten)]
+    head: Head,
+    reference: String,
+    models: Vec<ChatGpuModel>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatGpuModel {
+    model: String,
+    prompt_tokens: Option<u32>,
+    ours_first_token_ms: Option<f64>,
+    ours_tokens_per_s: Option<f64>,
+    reference_first_token_ms: Option<f64>,
+    reference_tokens_per_s: Option<f64>,
+}
+
 /// Every record, oldest first.
 pub struct Records {
     generation: Vec<Generation>,
@@ -239,6 +271,7 @@ pub struct Records {
     small_gpu: Vec<SmallGpu>,
     edit: Vec<Edit>,
     speed: Vec<Speed>,
+    chat_gpu: Vec<ChatGpu>,
 }
 
 impl Records {
@@ -254,6 +287,7 @@ impl Records {
             small_gpu: Vec::new(),
             edit: Vec::new(),
             speed: Vec::new(),
+            chat_gpu: Vec::new(),
         };
         for file in files {
             let text = std::fs::read_to_string(&file)?;
@@ -265,6 +299,7 @@ impl Records {
                 "small-gpu" => records.small_gpu.push(serde_json::from_str(&text)?),
                 "edit" => records.edit.push(serde_json::from_str(&text)?),
                 "speed" => records.speed.push(serde_json::from_str(&text)?),
+                "chat-gpu" => records.chat_gpu.push(serde_json::from_str(&text)?),
                 other => bail!("{}: unknown record kind {other:?}", file.display()),
             }
         }
@@ -283,6 +318,9 @@ impl Records {
         records
             .speed
             .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records
+            .chat_gpu
+            .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
         Ok(records)
     }
 
@@ -300,6 +338,7 @@ impl Records {
             "gpu-memory" => Ok(self.gpu_memory_table()),
             "editing" => Ok(self.edit_table()),
             "speed" => Ok(self.speed_table()),
+            "chat-gpu" => Ok(self.chat_gpu_table()),
             _ => bail!("no table called {name:?}"),
         }
     }
@@ -700,6 +739,29 @@ impl Records {
                         .join("; ")
                 })
                 .unwrap_or_default();
+            let training_run = newest(&|c| !c.training.is_empty(), cap);
+            let training = training_run
+                .map(|(_, c)| {
+                    c.training
+                        .iter()
+                        .map(|t| match (&t.error, t.step_s) {
+                            (None, Some(s)) => format!(
+                                "{0}x{0} on {1}: {s:.3} s ({2} GiB)",
+                                t.size,
+                                t.weights,
+                                t.peak_in_use_gib.map_or("?".into(), |g| format!("{g:.1}"))
+                            ),
+                            (e, _) => format!(
+                                "{0}x{0} on {1}: {2}",
+                                t.size,
+                                t.weights,
+                                e.as_deref().unwrap_or("no result")
+                            ),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
             let run = match (ours_run, theirs_run) {
                 (Some((a, _)), Some((b, _))) if !std::ptr::eq(a, b) => format!(
                     "ours: {}; diffusers: {}",
@@ -709,13 +771,13 @@ impl Records {
                 (Some((r, _)), _) | (None, Some((r, _))) => run_name(&r.head),
                 (None, None) => String::new(),
             };
-            for (r, _) in ours_run.into_iter().chain(theirs_run) {
+            for (r, _) in ours_run.into_iter().chain(theirs_run).chain(training_run) {
                 if !used.iter().any(|u| std::ptr::eq(*u, r)) {
                     used.push(r);
                 }
             }
             rows += &format!(
-                "| {cap} GiB | {} | {} | {} | {theirs} | {run} |\n",
+                "| {cap} GiB | {} | {} | {} | {theirs} | {training} | {run} |\n",
                 ours.0, ours.1, ours.2
             );
         }
@@ -735,9 +797,38 @@ impl Records {
              before ours starts (so the plan sees the card's size), and diffusers ({reference}) gets the \
              same cap (`anchors_ref.py cap:N:HOW`). FLUX.1-dev's shape with random weights, 1024x1024, 28 \
              steps. Reproduce: {commands}.\n\n\
-             | GPU memory | our plan | ours, end to end | our peak | diffusers under the same cap | run |\n\
-             |---|---|---|---|---|---|\n{rows}"
+             LoRA training: rank 16 on the attention layers, gradient checkpointing, the base in the \
+             card's format, peak in use beside the step.\n\n\
+             | GPU memory | our plan | ours, end to end | our peak | diffusers under the same cap | LoRA training step | run |\n\
+             |---|---|---|---|---|---|---|\n{rows}"
         )
+    }
+
+    /// The chat's model on a GPU beside llama.cpp, from the newest chat-gpu record.
+    fn chat_gpu_table(&self) -> String {
+        let Some(c) = self.chat_gpu.last() else {
+            return "No GPU run has timed the chat's model yet: `bash scripts/gpu/chat-gpu-bench.sh` does.\n"
+                .into();
+        };
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
+        let rate = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+        let mut t = format!(
+            "{}. Reproduce: `{}`.\n\n| model (random weights, Q4_K) | prompt | first token, ours | first token, llama.cpp | tokens/s, ours | tokens/s, llama.cpp |\n|---|---|---|---|---|---|\n",
+            source(&c.head, &c.reference),
+            command(&c.head)
+        );
+        for m in &c.models {
+            t += &format!(
+                "| {} | {} tokens | {} | {} | {} | {} |\n",
+                m.model,
+                m.prompt_tokens.map_or("?".into(), |p| p.to_string()),
+                ms(m.ours_first_token_ms),
+                ms(m.reference_first_token_ms),
+                rate(m.ours_tokens_per_s),
+                rate(m.reference_tokens_per_s)
+            );
+        }
+        t
     }
 
     /// Image-to-image and an instruction edit, from the newest edit record.

@@ -7,10 +7,9 @@ use crate::random;
 use crate::timing::sync;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use engine::models::flux::{
-    image_ids, text_ids, FluxConfig, FluxInputs, FluxTransformer, FluxWeights,
-};
+use engine::models::flux::{image_ids, text_ids, FluxConfig, FluxInputs, FluxWeights};
 use engine::ops::Kernels;
+use engine::pipeline::FluxPipeline;
 use engine::training::{flux_backward, lora::LoraSet, optim, Targets};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -77,7 +76,10 @@ pub fn run(
         None => (FluxConfig::dev(), random::flux_weights(dtype, device)?),
     };
     let w = w.in_format(weights);
-    let model = FluxTransformer::load(&w, &cfg, dtype, device, kernels)?;
+    // As the studio loads it: a base converted to fp8 or GGUF as it is read waits in host memory and
+    // then comes to the GPU in one run of allocations (on a small card the pool would otherwise hold
+    // the freed full-precision copies between the converted weights).
+    let model = FluxPipeline::load_transformer(&w, &cfg, dtype, device, kernels, 0)?;
     drop(w);
     sync(device)?;
     let load_s = t0.elapsed().as_secs_f64();
