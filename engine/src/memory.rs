@@ -133,6 +133,16 @@ const DECODER_LIVE: u64 = 5;
 /// states, the previews, the pool's rounding of each allocation.
 pub const FIXED_OVERHEAD: u64 = 1 << 30;
 
+/// Live memory of a LoRA training step with gradient checkpointing, in units of (tokens × hidden)
+/// elements: every block's saved input, one block recomputed with what its backward keeps, the f32
+/// gradients flowing back. With [`TRAINING_FIXED`], fitted over the peaks measured on an H100 at
+/// 512x512 and 1024x1024 over bf16, fp8 and Q4_K bases (docs/memory.md, run 10): the estimate meets
+/// the bf16 ones and is above the others by up to 0.7 GiB.
+const TRAINING_LIVE: u64 = 176;
+/// What a training step takes beyond its per-token memory: the adapters, their gradients and the
+/// optimizer's moments (a few hundred MiB at rank 16), cuBLAS's workspaces, the CUDA context.
+const TRAINING_FIXED: u64 = 3 << 29;
+
 /// The share of the transformer's weights in its blocks, the part that can be streamed: FLUX.1's
 /// embedders and final layer are well under 1% of it.
 const BLOCK_SHARE: f64 = 0.98;
@@ -577,6 +587,47 @@ impl MemoryPlan {
         }
     }
 
+    /// How many bytes of the transformer's blocks a LoRA training step at (width, height) streams
+    /// from host memory: 0 when the step fits beside the plan's resident weights (the text encoders
+    /// are freed before training), else enough whole blocks that it does, more than the plan itself
+    /// streams. An error, with what to change, when even the whole transformer streamed leaves too
+    /// little.
+    pub fn training_streamed(&self, width: usize, height: usize) -> Result<u64, NoFit> {
+        let Some(usable) = self.usable() else {
+            return Ok(0);
+        };
+        let s = &self.shape;
+        let cell = 2 * s.downscale;
+        let tokens = ((width / cell) * (height / cell) + s.text_tokens) as u64;
+        let step = TRAINING_LIVE * tokens * s.hidden as u64 * s.compute_bytes + TRAINING_FIXED;
+        let weights: u64 = self
+            .parts
+            .iter()
+            .filter(|p| !p.part.is_text_encoder())
+            .map(|p| match p.placement {
+                Placement::Resident => p.bytes,
+                Placement::Streamed => p.bytes - p.streamed,
+                Placement::WhileRunning | Placement::Cpu => 0,
+            })
+            .sum();
+        let transformer = self.parts.iter().find(|p| p.part == Part::Transformer);
+        let already = transformer.map_or(0, |t| t.streamed);
+        let Some(over) = (weights + step).checked_sub(usable) else {
+            return Ok(already);
+        };
+        // Streaming adds the blocks in flight (the placement rounds up to whole blocks).
+        let streamed = already + over + self.streaming_bytes();
+        let most = transformer.map_or(0, |t| (t.bytes as f64 * BLOCK_SHARE) as u64);
+        if streamed > most {
+            return Err(NoFit(format!(
+                "training at {width}x{height} needs about {} of GPU memory beside the model's weights even with the transformer streamed from host memory, and {} is available: train at a lower resolution, or raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory",
+                gib(step),
+                gib(usable),
+            )));
+        }
+        Ok(streamed)
+    }
+
     /// Whether an edit's input image of (width, height) is encoded in tiles: the autoencoder's encoder
     /// runs on the whole image beside the resident weights when that fits, else on tiles of
     /// [`TILE_PIXELS`] (`Ok(true)`); an error when not even a tile fits. The denoising and the decode
@@ -764,6 +815,51 @@ mod tests {
                 "{side}: estimated peak {peak:.2} GiB"
             );
         }
+    }
+
+    #[test]
+    fn training_streams_more_of_the_transformer_only_where_its_step_does_not_fit() {
+        // The measured cases (run 10, H100): 24 GiB trains 1024x1024 over its resident fp8
+        // transformer, 16 GiB 512x512 but not 1024x1024 (16.5 GiB in use).
+        let p24 = plan(24).unwrap();
+        assert_eq!(p24.training_streamed(1024, 1024), Ok(0));
+        let p16 = plan(16).unwrap();
+        assert_eq!(p16.transformer_format(), WeightFormat::Fp8);
+        assert_eq!(p16.training_streamed(512, 512), Ok(0));
+        let streamed = p16.training_streamed(1024, 1024).unwrap();
+        let transformer = p16
+            .parts
+            .iter()
+            .find(|p| p.part == Part::Transformer)
+            .unwrap()
+            .bytes;
+        assert!(
+            streamed > 2 << 30 && streamed < transformer / 3,
+            "16 GiB streams {} of {} to train at 1024x1024",
+            gib(streamed),
+            gib(transformer)
+        );
+        // 12 GiB: a 6-bit transformer (9.1 GiB) that streams a little to train at 512x512 and more
+        // at 1024x1024.
+        let p12 = plan(12).unwrap();
+        let (small, large) = (
+            p12.training_streamed(512, 512).unwrap(),
+            p12.training_streamed(1024, 1024).unwrap(),
+        );
+        assert!(small < large, "{} then {}", gib(small), gib(large));
+        // A plan that streams already keeps at least its own streaming.
+        let p8 = plan(8).unwrap();
+        assert!(p8.training_streamed(512, 512).unwrap() >= p8.streamed_bytes());
+        // Unconstrained: nothing streams.
+        let free = MemoryPlan::choose(&flux_dev(), None, (1024, 1024), 16, None).unwrap();
+        assert_eq!(free.training_streamed(2048, 2048), Ok(0));
+    }
+
+    #[test]
+    fn a_training_step_too_large_even_with_everything_streamed_is_refused_with_what_to_change() {
+        let err = plan(8).unwrap().training_streamed(2048, 2048).unwrap_err();
+        assert!(err.0.contains("training at 2048x2048"), "{err}");
+        assert!(err.0.contains("lower resolution"), "{err}");
     }
 
     #[test]

@@ -259,6 +259,96 @@ fn training_on_a_transformer_streamed_from_host_memory_repeats_the_resident_run(
     assert_eq!(losses(streamed), losses(tiny()));
 }
 
+/// The tiny pipeline under a GPU memory cap (the plan applies a cap on the CPU too), if the model
+/// fits it.
+fn tiny_capped(cap: u64) -> Option<Arc<FluxPipeline>> {
+    let preset = engine::presets::find(engine::presets::FLUX_TINY).unwrap();
+    let mut opts = LoadOptions::from_preset(preset);
+    opts.memory.gpu_memory = Some(cap);
+    FluxPipeline::load(&opts, &Device::Cpu, Arc::new(|_| {}))
+        .ok()
+        .map(Arc::new)
+}
+
+/// The smallest cap at which a training step at `side` fits beside the tiny model's resident
+/// transformer, by bisection.
+fn training_threshold(side: usize) -> u64 {
+    let fits = |cap: u64| {
+        tiny_capped(cap).is_some_and(|p| p.memory_plan().training_streamed(side, side) == Ok(0))
+    };
+    let (mut lo, mut hi) = (1u64 << 30, 4u64 << 30);
+    assert!(!fits(lo) && fits(hi));
+    while hi - lo > 1024 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
+#[test]
+fn a_run_whose_steps_need_more_memory_than_generation_streams_more_while_it_trains() {
+    let s = settings(4);
+    let side = s.resolution as usize;
+    // Just under the threshold generation still runs resident, and training streams a little of
+    // the transformer.
+    let pipe = tiny_capped(training_threshold(side) - 1024).expect("the model fits");
+    assert_eq!(
+        pipe.transformer.streamed_bytes(),
+        0,
+        "generation runs resident"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Vec::new();
+    let mut trainer = Trainer::prepare(pipe.clone(), job(dir.path(), s.clone(), false), &mut |r| {
+        if let Report::Log(line) = r {
+            log.push(line);
+        }
+    })
+    .unwrap();
+    assert!(
+        pipe.transformer.streamed_bytes() > 0,
+        "training streams part of the transformer"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("streamed from host memory while training")),
+        "{log:?}"
+    );
+    let losses = run(&mut trainer, &mut Vec::new());
+    drop(trainer);
+    assert_eq!(
+        pipe.transformer.streamed_bytes(),
+        0,
+        "the plan's arrangement is back"
+    );
+    // The same steps as resident.
+    let dir = tempfile::tempdir().unwrap();
+    let mut resident = Trainer::prepare(tiny(), job(dir.path(), s, false), &mut |_| {}).unwrap();
+    assert_eq!(losses, run(&mut resident, &mut Vec::new()));
+}
+
+#[test]
+fn a_run_whose_step_cannot_fit_even_streamed_is_refused_before_any_work() {
+    let s = settings(4);
+    // Well under the threshold (the tiny transformer is a few MB: streaming cannot make up for
+    // it), where generation still fits.
+    let pipe = tiny_capped(training_threshold(s.resolution as usize) - (48 << 20))
+        .expect("the model fits");
+    let dir = tempfile::tempdir().unwrap();
+    let job_dir = dir.path().join("job");
+    let mut j = job(dir.path(), s, false);
+    j.job_dir = job_dir.clone();
+    let err = Trainer::prepare(pipe, j, &mut |_| {})
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("lower resolution"), "{err}");
+    assert!(!job_dir.exists(), "nothing written");
+}
+
 #[test]
 fn a_resumed_run_repeats_the_uninterrupted_one_exactly() {
     let pipe = tiny();

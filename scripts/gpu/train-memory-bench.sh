@@ -46,8 +46,9 @@ for c in ${CASES:-512 512-all 1024 512-off 1024-off}; do
     1024) case_ 1024 --size 1024 --steps 6 --rank 16 ;;
     512-off) case_ 512-off --size 512 --steps 10 --rank 16 --no-checkpointing ;;
     1024-off) case_ 1024-off --size 1024 --steps 6 --rank 16 --no-checkpointing ;;
-    # A small card's base (docs/memory.md): 512-fp8, 1024-fp8, 1024-q4_k, ... (checkpointing on).
-    *-*) case_ "$c${CAP:+-cap$CAP}" --weights "${c#*-}" --size "${c%%-*}" --steps 6 --rank 16 ;;
+    # A small card's base (docs/memory.md): 512-fp8, 1024-fp8, 1024-q4_k, ... (checkpointing on);
+    # STREAMED_GIB streams that much of it while training (the trainer's log says how much it streams).
+    *-*) case_ "$c${CAP:+-cap$CAP}" --weights "${c#*-}" --size "${c%%-*}" --steps 6 --rank 16 --streamed-gib "${STREAMED_GIB:-0}" ;;
   esac
 done
 cp "$OUT/summary.jsonl" "$FINAL/"

@@ -444,15 +444,16 @@ impl Linear {
     /// Where the base weight lives: on `device` for good, or (`streamed`) in host memory, copied to
     /// `device` for each product and dropped after it, so that a model larger than the GPU's memory
     /// runs with only its resident layers and the streamed layers of a block or two there
-    /// (docs/memory.md). A streamed layer's bias stays on `device`. A layer with adapters merged or
-    /// a weight being trained is not streamed.
+    /// (docs/memory.md). A streamed layer's bias stays on `device`. A weight being trained is not
+    /// streamed; adapters merged into a layer about to stream are taken out first (a streamed layer
+    /// applies them unmerged).
     pub fn place(&self, device: &Device, streamed: bool) -> Result<()> {
         let mut state = self.state.write().expect("adapter lock poisoned");
-        if streamed && (state.merged.is_some() || state.base.is_variable()) {
-            candle_core::bail!(
-                "layer {}: only a frozen weight without merged adapters is streamed",
-                self.name
-            );
+        if streamed && state.base.is_variable() {
+            candle_core::bail!("layer {}: only a frozen weight is streamed", self.name);
+        }
+        if streamed {
+            state.restore()?;
         }
         let home = if streamed {
             Device::Cpu

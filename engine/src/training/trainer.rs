@@ -105,6 +105,33 @@ pub struct Trainer {
     train_sigmas: Vec<f64>,
     step: u32,
     losses: Vec<f32>,
+    /// Set while the run streams more of the transformer than the memory plan does.
+    _streaming: Option<TrainingStreaming>,
+}
+
+/// More of the transformer's blocks streamed from host memory for a training run whose steps need
+/// more GPU memory than generation leaves ([`crate::memory::MemoryPlan::training_streamed`]); the
+/// plan's own arrangement comes back when the run ends, however it ends.
+struct TrainingStreaming {
+    pipe: Arc<FluxPipeline>,
+}
+
+impl TrainingStreaming {
+    fn start(pipe: &Arc<FluxPipeline>, streamed: u64) -> Result<Self> {
+        pipe.transformer.stream(streamed)?;
+        Ok(Self { pipe: pipe.clone() })
+    }
+}
+
+impl Drop for TrainingStreaming {
+    fn drop(&mut self) {
+        let plan = self.pipe.memory_plan().streamed_bytes();
+        if let Err(e) = self.pipe.transformer.stream(plan) {
+            tracing::error!(
+                "the transformer could not return to its memory plan after training: {e}"
+            );
+        }
+    }
 }
 
 impl Trainer {
@@ -116,6 +143,19 @@ impl Trainer {
         report: &mut dyn FnMut(Report),
     ) -> Result<Self> {
         let s = job.settings.clone();
+        // Whether a step at this resolution fits, before any work: a LoRA run may stream more of the
+        // frozen transformer than generation does; a full fine-tune trains the weights themselves.
+        let side = s.resolution as usize;
+        let streamed = pipe
+            .memory_plan()
+            .training_streamed(side, side)
+            .map_err(|e| anyhow::anyhow!(e.0))?;
+        let more_streamed = streamed > pipe.memory_plan().streamed_bytes();
+        if more_streamed && !pipe.weights().is_empty() {
+            bail!(
+                "a full fine-tune at {side}x{side} does not fit this GPU's memory plan: train a LoRA, at a lower resolution, or raise --gpu-memory (STUDIO_GPU_MEMORY)"
+            );
+        }
         let multiple = pipe.size_multiple() as u32;
         let (samples, dataset_report) =
             dataset::load(&job.dataset, &job.keywords, s.resolution, multiple)?;
@@ -175,6 +215,16 @@ impl Trainer {
             images.len(),
             texts.len()
         )));
+        let streaming = if more_streamed {
+            report(Report::Log(format!(
+                "a {side}x{side} step needs more GPU memory than generation: {} of the transformer streamed from host memory while training (generation streams {})",
+                crate::memory::gib(streamed),
+                crate::memory::gib(pipe.memory_plan().streamed_bytes())
+            )));
+            Some(TrainingStreaming::start(&pipe, streamed)?)
+        } else {
+            None
+        };
 
         let trainable: Box<dyn Trainable> = if pipe.weights().is_empty() {
             Box::new(LoraSet::new(
@@ -224,6 +274,7 @@ impl Trainer {
             optimizer,
             step,
             losses,
+            _streaming: streaming,
         };
         if trainer.step == 0 && trainer.job.settings.sample_every > 0 {
             // What the base model draws, to compare the samples against.

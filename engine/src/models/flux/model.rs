@@ -463,6 +463,19 @@ impl FluxTransformer {
     /// (the weights made on the GPU as it loaded, fp8 or GGUF, would otherwise lie between the freed
     /// full-precision copies they were made from, which the GPU's memory pool then cannot give back).
     pub fn place(&mut self, device: &Device, streamed: u64) -> Result<()> {
+        self.place_linears(device, streamed)?;
+        self.device = device.clone();
+        Ok(())
+    }
+
+    /// Streams `streamed` bytes of the blocks from host memory from now on (whole blocks, from the
+    /// first), the rest resident on the transformer's device: a training step that needs more memory
+    /// than generation streams more of it while it trains ([`crate::memory::MemoryPlan::training_streamed`]).
+    pub fn stream(&self, streamed: u64) -> Result<()> {
+        self.place_linears(&self.device, streamed)
+    }
+
+    fn place_linears(&self, device: &Device, streamed: u64) -> Result<()> {
         let mut placer = Placer {
             device,
             left: streamed,
@@ -474,9 +487,7 @@ impl FluxTransformer {
             placer.place(&block.linears(), true)?;
         }
         placer.place(&self.head_linears(), false)?;
-        placer.place(&[&self.final_modulation, &self.final_linear], false)?;
-        self.device = device.clone();
-        Ok(())
+        placer.place(&[&self.final_modulation, &self.final_linear], false)
     }
 
     /// The bytes of linear weights streamed from host memory at each forward.

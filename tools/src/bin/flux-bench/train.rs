@@ -47,6 +47,11 @@ pub struct Args {
     /// Brackets the last step with the CUDA profiler API.
     #[arg(long)]
     profile_step: bool,
+    /// GiB of the transformer's blocks streamed from host memory while training, as the studio
+    /// streams them on a card where a step does not fit beside the resident base
+    /// (`MemoryPlan::training_streamed`, logged by the trainer).
+    #[arg(long, default_value_t = 0.0)]
+    streamed_gib: f64,
 }
 
 /// `weights`: the frozen base's format (`--weights fp8`, a GGUF type), as a small card's memory plan
@@ -79,7 +84,8 @@ pub fn run(
     // As the studio loads it: a base converted to fp8 or GGUF as it is read waits in host memory and
     // then comes to the GPU in one run of allocations (on a small card the pool would otherwise hold
     // the freed full-precision copies between the converted weights).
-    let model = FluxPipeline::load_transformer(&w, &cfg, dtype, device, kernels, 0)?;
+    let streamed = (a.streamed_gib * (1u64 << 30) as f64) as u64;
+    let model = FluxPipeline::load_transformer(&w, &cfg, dtype, device, kernels, streamed)?;
     drop(w);
     sync(device)?;
     let load_s = t0.elapsed().as_secs_f64();
