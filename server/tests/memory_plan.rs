@@ -1,5 +1,5 @@
-//! The memory plan through the API: shown by `/models/` and `/health`, a size that cannot fit refused
-//! before it is queued, and an out-of-memory inside a job failing that job alone.
+//! The memory plan through the API: shown by `/models/` and `/health`, a size (or a training run) that
+//! cannot fit refused before it is queued, and an out-of-memory inside a job failing that job alone.
 
 mod common;
 
@@ -166,6 +166,21 @@ async fn the_plan_shows_in_models_and_health_and_a_size_beyond_it_is_refused_bef
         .unwrap()
         .len();
     assert_eq!(jobs_before, jobs_after, "nothing was queued");
+
+    // A training run whose steps need more than the cap leaves, even with the tiny transformer
+    // streamed (a step takes about 1.5 GiB beside it), is refused the same way.
+    let api = common::Api::new(&url);
+    let png = common::tiny_png(32, 32);
+    let zip = common::zip_of(&[("a.png", &png), ("b.png", &png)]);
+    let (status, refused) = api.upload(zip, "zqx", &[]).await;
+    assert_eq!(
+        (status, error_code(&refused.to_string())),
+        (422, "validation".into()),
+        "{refused}"
+    );
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("lower resolution"), "{message}");
+    assert_eq!(api.job_count().await, jobs_after, "nothing was queued");
     running.jobs.shutdown();
 }
 

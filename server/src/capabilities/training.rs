@@ -112,7 +112,15 @@ fn forward<'a>(
 
 impl Training for FluxTraining {
     fn check_settings(&self, settings: &TrainSettingsForm) -> Result<(), String> {
-        self.resolve(settings).map(|_| ())
+        let (preset, settings) = self.resolve(settings)?;
+        // A loaded model's plan refuses a resolution whose steps cannot fit even with the transformer
+        // streamed, before the run is queued; a model not yet loaded refuses it when the run starts.
+        if let Some(plan) = self.resident.memory_plan(preset) {
+            let side = settings.resolution as usize;
+            plan.training_streamed(side, side)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn start(
