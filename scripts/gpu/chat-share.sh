@@ -21,26 +21,8 @@ if [ ! -f "$M/model_index.json" ]; then
 fi
 [ -f "$LM" ] || python3 "$HERE/make_random_lm.py" qwen2.5-7b "$LM" || exit 1
 source "$HERE/hog.sh"
-# $1: label, $2: path, $3: JSON body; one JSON line with the status, the seconds and the body's start
-request() {
-  local t0 t1 status
-  t0=$(date +%s.%N)
-  status=$(curl -s -o /tmp/body -w '%{http_code}' -X POST "$URL$2" -H 'Content-Type: application/json' -d "$3")
-  t1=$(date +%s.%N)
-  python3 - "$1" "$status" "$t0" "$t1" <<'PY' | tee -a "$J"
-import json, sys
-label, status, t0, t1 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-body = open("/tmp/body", "rb").read()
-try:
-    parsed = json.loads(body)
-    for key in ("image", "images"):
-        parsed.pop(key, None)
-    body = json.dumps(parsed)[:300]
-except Exception:
-    body = body[:300].decode("utf8", "replace")
-print(json.dumps({"what": label, "status": status, "seconds": round(t1 - t0, 2), "body": body}))
-PY
-}
+source "$HERE/post.sh"
+request() { post "$@" | tee -a "$J"; }
 for cap in ${CAPS:-24 40}; do
   hog "$cap"
   rm -rf /tmp/studio-data

@@ -13,25 +13,10 @@ studio=$!
 for _ in $(seq 120); do grep -q "listening on" "$OUT/studio.out" 2>/dev/null && break; sleep 0.5; done
 URL=$(sed -n 's/^studio listening on //p' "$OUT/studio.out")
 [ -n "$URL" ] || { log '{"what": "start", "ok": false}'; tail -20 "$OUT/studio.log"; exit 1; }
-gen() {  # $1: label, $2: side in pixels; prints status and the body's first 400 bytes as one JSON line
-  local t0 t1 status
-  t0=$(date +%s.%N)
-  status=$(curl -s -o /tmp/body -w '%{http_code}' -X POST "$URL/generate/" -H 'Content-Type: application/json' \
-    -d "{\"prompt\": \"a fox reading under a tree\", \"width\": $2, \"height\": $2, \"steps\": 4, \"seed\": 1}")
-  t1=$(date +%s.%N)
-  python3 - "$1" "$status" "$t0" "$t1" <<'EOF' | tee -a "$OUT/oom.jsonl"
-import json, sys
-label, status, t0, t1 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-body = open("/tmp/body", "rb").read()
-try:
-    parsed = json.loads(body)
-    parsed.pop("image", None)
-    parsed.pop("images", None)
-    body = json.dumps(parsed)[:400]
-except Exception:
-    body = body[:400].decode("utf8", "replace")
-print(json.dumps({"what": label, "status": status, "seconds": round(t1 - t0, 2), "body": body}))
-EOF
+source "$(dirname "$0")/post.sh"
+gen() {  # $1: label, $2: side in pixels
+  post "$1" /generate/ "{\"prompt\": \"a fox reading under a tree\", \"width\": $2, \"height\": $2, \"steps\": 4, \"seed\": 1}" \
+    | tee -a "$OUT/oom.jsonl"
 }
 gen first 512
 # the hog: all free memory but 256 MiB, held until unhog
