@@ -232,7 +232,8 @@ def small_gpu(out):
         if rec["rc"] == 0 and nxt.get("what") == "train":
             row["step_s"] = r(nxt["median_step_s"], 3)
         else:
-            row["error"] = "out of memory" if rec["value"] >= cap * 1024 * 0.95 else f"exit {rec['rc']}"
+            err = rec.get("error") or f"exit {rec['rc']}"
+            row["error"] = "out of memory" if "OUT_OF_MEMORY" in err else err
         c.setdefault("training", []).append(row)
     pipe = ref.get("pipeline_1024")
     return {"what": "small-gpu", "reference": f"diffusers {ref.get('versions', {}).get('diffusers', '0.42.1')}",

@@ -29,7 +29,10 @@ case_() {
   local rc=$?
   kill $poll; wait $poll 2>/dev/null
   [ -n "${CAP-}" ] && unhog
-  echo "{\"what\": \"peak_mem_mib\", \"case\": \"$name\", \"cap_gib\": \"${CAP-}\", \"args\": \"$*\", \"rc\": $rc, \"value\": $(( $(sort -n "$OUT/mem-$name.txt" | tail -1) - base ))}" | tee -a "$OUT/summary.jsonl"
+  # a failed run's last log line (out of memory, say) goes with its peak
+  local err='""'
+  [ $rc = 0 ] || err=$(tail -1 "$OUT/train-$name.log" | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read().strip()[-300:]))')
+  echo "{\"what\": \"peak_mem_mib\", \"case\": \"$name\", \"cap_gib\": \"${CAP-}\", \"args\": \"$*\", \"rc\": $rc, \"value\": $(( $(sort -n "$OUT/mem-$name.txt" | tail -1) - base )), \"error\": $err}" | tee -a "$OUT/summary.jsonl"
   tee -a "$OUT/summary.jsonl" < "$OUT/train-$name.json"
   [ $rc = 0 ] || tail -3 "$OUT/train-$name.log"
 }

@@ -94,6 +94,9 @@ impl PinnedHost {
             Ok((CudaStorage::wrap_cuda_slice(slice, device.clone()), ptr))
         }
         let (d, n) = (&self.device, host.elem_count());
+        if n * host.dtype().size_in_bytes() != self.bytes {
+            bail!("the tensor is not the locked memory it is uploaded from")
+        }
         let (storage, ptr) = match host.dtype() {
             DType::BF16 => alloc::<half::bf16>(d, n)?,
             DType::F16 => alloc::<half::f16>(d, n)?,
@@ -102,9 +105,6 @@ impl PinnedHost {
             DType::U8 => alloc::<u8>(d, n)?,
             dt => bail!("uploading a {dt:?} tensor is not supported"),
         };
-        if n * host.dtype().size_in_bytes() != self.bytes {
-            bail!("the tensor is not the locked memory it is uploaded from")
-        }
         let upload = self.upload(ptr)?;
         let tensor = Tensor::from_storage(
             Storage::Cuda(storage),

@@ -449,6 +449,16 @@ impl Linear {
     /// applies them unmerged).
     pub fn place(&self, device: &Device, streamed: bool) -> Result<()> {
         let mut state = self.state.write().expect("adapter lock poisoned");
+        // Already streamed to this device: its host memory stays locked as it is (locking gigabytes
+        // again takes seconds), as when a training run streams more of a partly streamed model.
+        if streamed
+            && state
+                .compute
+                .as_ref()
+                .is_some_and(|d| d.same_device(device))
+        {
+            return Ok(());
+        }
         if streamed && state.base.is_variable() {
             candle_core::bail!("layer {}: only a frozen weight is streamed", self.name);
         }
