@@ -216,7 +216,10 @@ async fn a_training_run_holds_one_worker_while_generations_complete_on_another()
     let training = accepted["model_id"].as_str().unwrap().to_owned();
     let trainer = common::eventually(async || {
         let record = job(&http, &url, &training).await;
-        (record.status == JobStatus::Training && record.step > 0).then_some(record.worker.unwrap())
+        // `worker` is set when a worker claims the job, before it trains.
+        record
+            .worker
+            .filter(|_| record.status == JobStatus::Training && record.step > 0)
     })
     .await;
 
