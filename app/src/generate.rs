@@ -51,6 +51,40 @@ pub mod limits {
     }
 }
 
+/// How a generation's transformer multiplies (docs/performance.md, "Precision").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 weights and products: diffusers' numerics. Needs the transformer loaded in bf16.
+    Exact,
+    /// The transformer's products in fp8 (`float8_e4m3fn` weights with a scale per tensor, on the FP8
+    /// tensor cores of Ada and Hopper GPUs): faster, not exact. A bf16 transformer gets an fp8 copy of
+    /// its layers for the run, LoRAs merged in; one loaded in fp8 runs as it is.
+    Fp8,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// The names the API takes (`--precision`, `STUDIO_PRECISION`).
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name.to_ascii_lowercase().as_str() {
+            "exact" => Ok(Self::Exact),
+            "fp8" => Ok(Self::Fp8),
+            _ => Err(format!("unknown precision `{name}`: choose exact or fp8")),
+        }
+    }
+}
+
 /// `POST /generate/` and the first message of the generation WebSocket. Fields not listed here are ignored,
 /// as the original service ignored them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -87,6 +121,12 @@ pub struct GenerateRequest {
     /// not exact; 0 runs every step in full. The preset's setting when absent (off for all presets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_cache: Option<f32>,
+    /// `exact` or `fp8`; the server's `--precision` when absent, else the model as it is loaded (bf16,
+    /// unless its memory plan or `--weights` chose another format). A precision the loaded model cannot
+    /// run (`exact` on an fp8 or GGUF transformer; either on GGUF; `fp8` where the plan has no room for
+    /// the copy) is refused with 422 before the job is queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     /// An image to start from (image-to-image), to repaint under `mask` (inpainting), or to edit by the
     /// prompt (a FLUX.1-Kontext model): base64 PNG or JPEG, a `data:image/...;base64,` prefix allowed.
     /// It is scaled to cover the generation's size and centre-cropped to it; without `width` and

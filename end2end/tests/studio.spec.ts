@@ -96,11 +96,12 @@ test('a running generation can be cancelled', async ({ page }, info) => {
   expect(errors).toEqual([]);
 });
 
-test('two images in one request show their previews, then both images as a grid', async ({ page }, info) => {
+test('two images in one request, at the chosen precision, show their previews, then both images as a grid', async ({ page }, info) => {
   const errors = watchConsole(page);
   await open(page, '/');
   await page.getByLabel('Steps').fill('8');
   await page.getByLabel('Images').selectOption('2');
+  await page.getByLabel('Precision').selectOption('fp8');
   await page.getByLabel('Message').fill('a red heart sticker, watercolor painting');
   await page.getByRole('button', { name: 'Send' }).click();
   const card = page.locator('.generation').last();
@@ -114,6 +115,10 @@ test('two images in one request show their previews, then both images as a grid'
     expect(await results.nth(i).evaluate((img: HTMLImageElement) => img.naturalWidth)).toBeGreaterThan(0);
   }
   await expect(card.locator('.summary')).toContainText('2 images');
+  // The request carried the precision chosen in the settings.
+  const job = (await results.nth(0).getAttribute('src'))!.split('/')[2];
+  const record = await (await page.request.get(`/jobs/${job}`)).json();
+  expect(record.params.precision).toBe('fp8');
   expect(errors).toEqual([]);
 });
 

@@ -8,6 +8,7 @@
 //! GPU (docs/memory.md says which figures are still to be measured per part).
 
 use crate::weights::WeightFormat;
+use app::Precision;
 use candle_core::quantized::GgmlDType;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -546,6 +547,11 @@ impl MemoryPlan {
     /// encoders that come in to run), one denoising step, and the decode (in tiles when whole does
     /// not fit).
     fn fit_peak(&self, width: usize, height: usize) -> u64 {
+        self.fit_peak_with(width, height, 0)
+    }
+
+    /// [`Self::fit_peak`] with `copy` more bytes held while the transformer runs (an fp8 copy of it).
+    fn fit_peak_with(&self, width: usize, height: usize, copy: u64) -> u64 {
         let resident = self.resident_bytes() + FIXED_OVERHEAD;
         let encode = resident
             + self.bytes_where(|p| p.placement == Placement::WhileRunning)
@@ -557,7 +563,7 @@ impl MemoryPlan {
         } else {
             0
         };
-        let denoise = resident + self.denoise_activations(width, height) + streaming;
+        let denoise = resident + self.denoise_activations(width, height) + streaming + copy;
         let decode = resident
             + if self.decode_is_tiled(width, height) {
                 let side = TILE_PIXELS.min(width.max(height));
@@ -570,12 +576,30 @@ impl MemoryPlan {
 
     /// How a (width, height) request runs, or why it cannot and what to change.
     pub fn fit(&self, width: usize, height: usize) -> Result<SizeFit, NoFit> {
-        let peak = self.fit_peak(width, height);
+        self.fit_at(width, height, None)
+    }
+
+    /// [`Self::fit`] at `precision` (`None`: the weights as loaded), with the fp8 copy that
+    /// [`Self::precision_copy`] says it makes.
+    pub fn fit_at(
+        &self,
+        width: usize,
+        height: usize,
+        precision: Option<Precision>,
+    ) -> Result<SizeFit, NoFit> {
+        let copy = self.precision_copy(precision)?;
+        let peak = self.fit_peak_with(width, height, copy);
         let fit = SizeFit {
             tiled_decode: self.decode_is_tiled(width, height),
             peak,
         };
         match self.usable() {
+            Some(usable) if peak > usable && copy > 0 => Err(NoFit(format!(
+                "fp8 precision on this bf16 transformer makes an fp8 copy of its layers ({}) for the run, and {width}x{height} then needs about {} of GPU memory where {} is available: load the model in fp8 (--weights fp8, STUDIO_WEIGHTS), where every request runs in fp8 without a copy, or leave precision out",
+                gib(copy),
+                gib(peak),
+                gib(usable),
+            ))),
             Some(usable) if peak > usable => Err(NoFit(format!(
                 "{width}x{height} needs about {} of GPU memory under this model's memory plan ({}), and {} is available: choose a smaller size (up to {m}x{m} fits), or raise --gpu-memory (STUDIO_GPU_MEMORY) if the GPU has more free memory",
                 gib(peak),
@@ -584,6 +608,36 @@ impl MemoryPlan {
                 m = self.max_side,
             ))),
             _ => Ok(fit),
+        }
+    }
+
+    /// The bytes of the fp8 copy of the transformer that a generation at `precision` makes for its
+    /// denoising (0 when it runs on the weights as loaded), or why this plan cannot run at it: exact
+    /// needs a bf16 transformer; fp8 a bf16 one wholly on the GPU (the copy) or an fp8 one; a GGUF
+    /// transformer runs only as it is.
+    pub fn precision_copy(&self, precision: Option<Precision>) -> Result<u64, NoFit> {
+        let Some(precision) = precision else {
+            return Ok(0);
+        };
+        let Some(transformer) = self.parts.iter().find(|p| p.part == Part::Transformer) else {
+            return Ok(0);
+        };
+        let format = transformer.format;
+        match (precision, format) {
+            (Precision::Exact, WeightFormat::Bf16) | (Precision::Fp8, WeightFormat::Fp8) => Ok(0),
+            (Precision::Fp8, WeightFormat::Bf16) if transformer.streamed > 0 => Err(NoFit(format!(
+                "fp8 precision on a bf16 transformer makes an fp8 copy of its layers for the run, and this model's memory plan streams part of it from host memory ({}): load the model in fp8 (--weights fp8, STUDIO_WEIGHTS), where every request runs in fp8, or leave precision out",
+                self.arrangement()
+            ))),
+            (Precision::Fp8, WeightFormat::Bf16) => Ok(WeightFormat::Fp8.bytes(transformer.params)),
+            (Precision::Exact, WeightFormat::Fp8) => Err(NoFit(format!(
+                "exact precision needs the transformer in bf16, and this model is loaded with it in fp8 ({}): send \"precision\": \"fp8\" or leave precision out, or load the model in bf16 (--weights bf16, with --gpu-memory room for it)",
+                self.arrangement()
+            ))),
+            (_, WeightFormat::Gguf(_)) => Err(NoFit(format!(
+                "this model's transformer is loaded as {format} ({}), which runs only as it is: leave precision out, or load the model in bf16 or fp8 (--weights, STUDIO_WEIGHTS) to choose a precision per request",
+                self.arrangement()
+            ))),
         }
     }
 
@@ -795,6 +849,58 @@ mod tests {
             .find(|p| p.part == part)
             .unwrap()
             .placement
+    }
+
+    /// Exact runs on a bf16 transformer only; fp8 on an fp8 one as it is, or on a bf16 one wholly on
+    /// the GPU with room for its fp8 copy; a GGUF one takes neither. Each refusal says what to change.
+    #[test]
+    fn a_precision_runs_where_the_transformer_can_take_it_and_is_refused_with_what_to_change() {
+        let roomy = plan(80).unwrap();
+        assert_eq!(roomy.transformer_format(), WeightFormat::Bf16);
+        assert_eq!(roomy.precision_copy(None), Ok(0));
+        assert_eq!(roomy.precision_copy(Some(Precision::Exact)), Ok(0));
+        assert_eq!(roomy.precision_copy(Some(Precision::Fp8)), Ok(TRANSFORMER));
+        let exact = roomy.fit_at(1024, 1024, Some(Precision::Exact)).unwrap();
+        let fp8 = roomy.fit_at(1024, 1024, Some(Precision::Fp8)).unwrap();
+        // The copy lives while the transformer runs: on top of the step's peak, not the encoders'.
+        assert!(fp8.peak > exact.peak && fp8.peak <= exact.peak + TRANSFORMER);
+
+        // bf16 fits 40 GiB, its fp8 copy beside it does not.
+        let tight = plan(40).unwrap();
+        assert_eq!(tight.transformer_format(), WeightFormat::Bf16);
+        assert!(tight.fit_at(1024, 1024, Some(Precision::Exact)).is_ok());
+        let refused = tight.fit_at(1024, 1024, Some(Precision::Fp8)).unwrap_err();
+        assert!(refused.0.contains("--weights fp8"), "{refused}");
+
+        let card = plan(24).unwrap();
+        assert_eq!(card.transformer_format(), WeightFormat::Fp8);
+        assert_eq!(card.precision_copy(Some(Precision::Fp8)), Ok(0));
+        let refused = card.precision_copy(Some(Precision::Exact)).unwrap_err();
+        assert!(
+            refused.0.contains("needs the transformer in bf16"),
+            "{refused}"
+        );
+
+        let streamed = MemoryPlan::choose(
+            &flux_dev(),
+            Some(24 << 30),
+            (1024, 1024),
+            16,
+            Some(WeightFormat::Bf16),
+        )
+        .unwrap();
+        assert!(streamed.streamed_bytes() > 0);
+        let refused = streamed.precision_copy(Some(Precision::Fp8)).unwrap_err();
+        assert!(refused.0.contains("streams part of it"), "{refused}");
+        assert_eq!(streamed.precision_copy(Some(Precision::Exact)), Ok(0));
+
+        let small = plan(12).unwrap();
+        assert!(matches!(small.transformer_format(), WeightFormat::Gguf(_)));
+        for precision in [Precision::Exact, Precision::Fp8] {
+            let refused = small.precision_copy(Some(precision)).unwrap_err();
+            assert!(refused.0.contains("runs only as it is"), "{refused}");
+        }
+        assert_eq!(small.precision_copy(None), Ok(0));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::sampling::{
 };
 use crate::weights::WeightFormat;
 use anyhow::{bail, Context, Result};
+use app::Precision;
 use candle_core::{DType, Device, Tensor, Var};
 use image::RgbImage;
 use std::collections::VecDeque;
@@ -41,6 +42,8 @@ pub struct GenerateParams {
     pub step_cache: Option<f64>,
     /// An image to start from or to edit; `None` is text to image.
     pub input: Option<InputImage>,
+    /// How the transformer multiplies; `None`: the weights as loaded ([`MemoryPlan::precision_copy`]).
+    pub precision: Option<Precision>,
 }
 
 /// The image a generation starts from or edits, and how. What the model does with it depends on the
@@ -61,7 +64,7 @@ pub struct InputImage {
 }
 
 impl GenerateParams {
-    /// One image at `seed`, every step computed in full.
+    /// One image at `seed`, every step computed in full, on the weights as loaded.
     pub fn new(
         prompt: impl Into<String>,
         (width, height): (usize, usize),
@@ -79,6 +82,7 @@ impl GenerateParams {
             num_images: 1,
             step_cache: None,
             input: None,
+            precision: None,
         }
     }
 
@@ -477,6 +481,27 @@ pub struct FluxPipeline {
     edit: EditModel,
     device: Device,
     dtype: DType,
+}
+
+/// A generation's fp8 products on a bf16 transformer: on from its start, off again (the copies freed)
+/// when the denoising ends, however it ends.
+struct Fp8Run<'a>(Option<&'a FluxTransformer>);
+
+impl<'a> Fp8Run<'a> {
+    fn start(transformer: &'a FluxTransformer, on: bool) -> Self {
+        if on {
+            transformer.set_fp8_products(true);
+        }
+        Self(on.then_some(transformer))
+    }
+}
+
+impl Drop for Fp8Run<'_> {
+    fn drop(&mut self) {
+        if let Some(transformer) = self.0 {
+            transformer.set_fp8_products(false);
+        }
+    }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -1119,7 +1144,8 @@ impl FluxPipeline {
         if p.input.is_some() {
             self.memory.fit_edit(p.width, p.height)?;
         }
-        self.memory.fit(p.width, p.height)?;
+        self.memory.fit_at(p.width, p.height, p.precision)?;
+        let fp8_copy = self.memory.precision_copy(p.precision)? > 0;
         let t0 = Instant::now();
         let (txt, pooled) = self.encode_prompt(&p.prompt)?;
         let uncond = self.uncond_for(p.guidance)?;
@@ -1133,6 +1159,7 @@ impl FluxPipeline {
             None => (noise, sigmas, Conditioning::None),
         };
         let mut cache = p.step_cache.map(StepCache::new);
+        let fp8 = Fp8Run::start(&self.transformer, fp8_copy);
         let x = self.denoise_edit(
             start,
             grid,
@@ -1147,6 +1174,7 @@ impl FluxPipeline {
         // The GPU runs ahead of the host: wait for the denoising, so that its time is not billed to
         // the decode.
         x.device().synchronize()?;
+        drop(fp8);
         let t2 = Instant::now();
         // One image at a time: the autoencoder's activations at full size are large, and each image
         // decodes as it would alone.

@@ -224,3 +224,47 @@ fn the_step_cache_skips_steps_and_stays_near_the_full_run() {
         "the generation reports its skips"
     );
 }
+
+/// fp8 precision on a bf16 load makes, bit for bit, the image that the same model loaded in fp8 makes
+/// (the copy is the checkpoint an fp8 load would make), differs from the exact image, and leaves
+/// nothing behind: the next request on the weights as loaded is exact again. Exact on the fp8 load is
+/// refused with what to change.
+#[test]
+fn fp8_precision_makes_the_image_of_an_fp8_load_and_exact_needs_bf16() {
+    use app::Precision;
+    use engine::weights::WeightFormat;
+    let bf16 = tiny();
+    let preset = engine::presets::find(engine::presets::FLUX_TINY).unwrap();
+    let fp8 = FluxPipeline::load(
+        &LoadOptions {
+            weights: Some(WeightFormat::Fp8),
+            ..LoadOptions::from_preset(preset)
+        },
+        &Device::Cpu,
+        Arc::new(|_| {}),
+    )
+    .unwrap();
+    let run = |pipe: &FluxPipeline, precision| {
+        let p = GenerateParams {
+            precision,
+            ..params(5)
+        };
+        pipe.generate(&p, &mut |_| Control::Continue)
+            .map(|mut out| out.images.remove(0))
+    };
+    let exact = run(&bf16, None).unwrap();
+    assert_eq!(run(&bf16, Some(Precision::Exact)).unwrap(), exact);
+    let fast = run(&bf16, Some(Precision::Fp8)).unwrap();
+    assert_ne!(fast, exact, "fp8 products changed nothing");
+    assert_eq!(fast, run(&fp8, None).unwrap());
+    assert_eq!(fast, run(&fp8, Some(Precision::Fp8)).unwrap());
+    assert_eq!(run(&bf16, None).unwrap(), exact);
+
+    let refused = run(&fp8, Some(Precision::Exact)).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("needs the transformer in bf16"),
+        "{refused}"
+    );
+}

@@ -78,6 +78,11 @@ pub struct ServeConfig {
     /// (an fp8 or GGUF file stays fp8 or GGUF).
     #[arg(long, env = "STUDIO_WEIGHTS", value_parser = parse_weights)]
     pub weights: Option<WeightFormat>,
+    /// The precision of requests that set none: `exact` (bf16 products; needs the transformer in
+    /// bf16) or `fp8` (fp8 products: faster, not exact; a bf16 transformer gets an fp8 copy for each
+    /// run). Not given: the transformer as it is loaded. See docs/performance.md, "Precision".
+    #[arg(long, env = "STUDIO_PRECISION")]
+    pub precision: Option<app::Precision>,
     /// Folder of LoRA files (`.safetensors`) that `/generate/` may name by file name, with or without
     /// the extension; `<data-dir>/loras` when not given. No other server-side path is accepted over HTTP.
     #[arg(long, env = "STUDIO_LORA_DIR")]

@@ -212,3 +212,84 @@ async fn a_model_that_fits_in_no_arrangement_fails_its_job_with_503_and_the_sett
     assert_eq!(health["status"], "ok");
     running.jobs.shutdown();
 }
+
+/// The same small generation at `precision` (the weights as loaded when `None`).
+async fn at_precision(http: &reqwest::Client, url: &str, precision: Option<&str>) -> (u16, Value) {
+    let mut body = json!({"prompt": "a fox", "seed": 3, "steps": 2});
+    if let Some(p) = precision {
+        body["precision"] = p.into();
+    }
+    post(http, &format!("{url}/generate/"), body).await
+}
+
+/// `"precision"` through the API on the tiny model: fp8 on a bf16 load answers an image other than
+/// exact's at the same seed, the next request without it is exact again; on a studio loaded with
+/// `--weights fp8` exact is refused before anything is queued with what to change, and a precision
+/// the API does not know is refused with the ones it takes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path());
+    config.preset = Some("flux-tiny".into());
+    config.device = engine::device::DeviceChoice::Cpu;
+    let caps = server::capabilities::from_config(&config).unwrap();
+    let running = server::start(&config, caps).await.unwrap();
+    let url = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let image = |body: &Value| body["image"].as_str().unwrap().to_owned();
+    let generate = |precision| at_precision(&http, &url, precision);
+    let (status, exact) = generate(None).await;
+    assert_eq!(status, 200, "{exact}");
+    let (status, fast) = generate(Some("fp8")).await;
+    assert_eq!(status, 200, "{fast}");
+    assert_ne!(image(&fast), image(&exact), "fp8 changed nothing");
+    let (_, again) = generate(Some("exact")).await;
+    assert_eq!(image(&again), image(&exact));
+
+    let (status, unknown) = generate(Some("fp16")).await;
+    assert_eq!(status, 422, "{unknown}");
+    let message = unknown["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("exact") && message.contains("fp8"),
+        "{message}"
+    );
+    let doc = get(&http, &format!("{url}/openapi.json")).await;
+    assert!(doc["components"]["schemas"]["Precision"].is_object());
+    assert!(doc["components"]["schemas"]["GenerateRequest"]["properties"]["precision"].is_object());
+    running.jobs.shutdown();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path());
+    config.preset = Some("flux-tiny".into());
+    config.device = engine::device::DeviceChoice::Cpu;
+    config.weights = Some(engine::weights::WeightFormat::Fp8);
+    let caps = server::capabilities::from_config(&config).unwrap();
+    let running = server::start(&config, caps).await.unwrap();
+    let url = format!("http://{}", running.addr);
+    let generate = |precision| at_precision(&http, &url, Some(precision));
+    let (status, loaded_fp8) = generate("fp8").await;
+    assert_eq!(status, 200, "{loaded_fp8}");
+    assert_eq!(
+        image(&loaded_fp8),
+        image(&fast),
+        "the copy is what an fp8 load holds"
+    );
+    let jobs = get(&http, &format!("{url}/jobs/")).await["jobs"]
+        .as_array()
+        .unwrap()
+        .len();
+    let (status, refused) = generate("exact").await;
+    assert_eq!(
+        (status, error_code(&refused.to_string())),
+        (422, "validation".into()),
+        "{refused}"
+    );
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--weights bf16"), "{message}");
+    let after = get(&http, &format!("{url}/jobs/")).await["jobs"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(jobs, after, "nothing was queued");
+    running.jobs.shutdown();
+}

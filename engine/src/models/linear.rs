@@ -361,6 +361,17 @@ struct State {
     /// ([`Linear::prefetch`]).
     #[cfg(feature = "cuda")]
     prefetched: std::sync::Mutex<Option<Prefetched>>,
+    /// Whether generations multiply by an fp8 copy of the dense base ([`Linear::set_fp8_products`]).
+    fp8: Fp8Products,
+}
+
+/// A dense layer's fp8 products: off, or on with the copy of the weight they use once made.
+#[derive(Debug, Default)]
+enum Fp8Products {
+    #[default]
+    Off,
+    /// `None` until the next forward makes the copy (again after the weight is merged or restored).
+    On(Option<QuantizedWeight>),
 }
 
 /// A streamed base on its way to the GPU. The upload drops first: a copy never used is waited for
@@ -400,6 +411,7 @@ impl Linear {
                 pinned: None,
                 #[cfg(feature = "cuda")]
                 prefetched: Default::default(),
+                fp8: Fp8Products::Off,
             }),
             kernels,
         }
@@ -426,6 +438,7 @@ impl Linear {
                 pinned: None,
                 #[cfg(feature = "cuda")]
                 prefetched: Default::default(),
+                fp8: Fp8Products::Off,
             }),
             kernels,
         })
@@ -571,6 +584,20 @@ impl Linear {
         self.set_adapters(Vec::new());
     }
 
+    /// Multiplies by an fp8 copy of the dense weight (`on`): made at the next forward from the weight
+    /// as products use it (adapters merged in) with torch's per-tensor scale, as an fp8 checkpoint made
+    /// from it would hold, and made again when the weight changes. `false` drops the copy: products take
+    /// the weight itself again. A quantized, streamed or trained weight, and a forward that takes a
+    /// gradient, keep their own product.
+    pub fn set_fp8_products(&self, on: bool) {
+        let mut state = self.state.write().expect("adapter lock poisoned");
+        state.fp8 = match (on, std::mem::take(&mut state.fp8)) {
+            (false, _) => Fp8Products::Off,
+            (true, Fp8Products::On(copy)) => Fp8Products::On(copy),
+            (true, Fp8Products::Off) => Fp8Products::On(None),
+        };
+    }
+
     /// The ids of the adapters' factors, `down` and `up` of each.
     pub fn adapter_ids(&self) -> Vec<TensorId> {
         let state = self.state.read().expect("adapter lock poisoned");
@@ -613,8 +640,47 @@ impl Linear {
         let state = self.state.read().expect("adapter lock poisoned");
         match &state.compute {
             Some(device) => Ok((state.streamed_in(device)?, adapters)),
-            None => Ok((base, adapters)),
+            None => {
+                drop(state);
+                Ok((self.fp8_base(base, x)?, adapters))
+            }
         }
+    }
+
+    /// A resident dense `base` as a forward of `x` multiplies by it: its fp8 copy while fp8 products
+    /// are on (made here the first time), else itself.
+    fn fp8_base(&self, base: Base, x: &Tensor) -> Result<Base> {
+        let Base::Dense(dense) = &base else {
+            return Ok(base);
+        };
+        if x.track_op() || dense.weight().is_variable() {
+            return Ok(base);
+        }
+        let quantized = |weight: QuantizedWeight| {
+            Base::Quantized(QuantizedBase {
+                weight,
+                bias: dense.bias().cloned(),
+            })
+        };
+        match &self.state.read().expect("adapter lock poisoned").fp8 {
+            Fp8Products::Off => return Ok(base),
+            Fp8Products::On(Some(copy)) => return Ok(quantized(copy.clone())),
+            Fp8Products::On(None) => {}
+        }
+        let mut state = self.state.write().expect("adapter lock poisoned");
+        let Fp8Products::On(copy) = &mut state.fp8 else {
+            return Ok(base);
+        };
+        let made = match copy {
+            Some(made) => made.clone(),
+            None => {
+                let made = QuantizedWeight::from_dense(dense.weight(), WeightFormat::Fp8)?
+                    .ok_or_else(|| candle_core::Error::Msg("fp8 takes every weight".into()))?;
+                *copy = Some(made.clone());
+                made
+            }
+        };
+        Ok(quantized(made))
     }
 }
 
@@ -715,6 +781,7 @@ impl State {
         let weight = splice(w, 0, &rows)?;
         self.base = Base::Dense(candle_nn::Linear::new(weight, base.bias().cloned()));
         self.merged = None;
+        self.weight_changed();
         Ok(())
     }
 
@@ -771,7 +838,15 @@ impl State {
             original,
         });
         self.base = Base::Dense(candle_nn::Linear::new(weight, base.bias().cloned()));
+        self.weight_changed();
         Ok(())
+    }
+
+    /// The base's weight is another one now: an fp8 copy of the old one is made again.
+    fn weight_changed(&mut self) {
+        if let Fp8Products::On(copy) = &mut self.fp8 {
+            *copy = None;
+        }
     }
 }
 
@@ -1384,6 +1459,66 @@ mod tests {
             let dx = quantized_grads.get(xv.as_tensor()).expect("x's gradient");
             assert!(relative(dx, want_dx)? < 1e-5, "{format}");
         }
+        Ok(())
+    }
+
+    /// fp8 products multiply by what an fp8 checkpoint made from the weight would hold, bit for bit:
+    /// the original weight's, or with adapters merged the merged weight's (made again when the
+    /// adapters change); off again, the layer gives its exact products; a training forward keeps them.
+    #[test]
+    fn fp8_products_multiply_by_the_fp8_weight_made_from_the_merged_weight() -> Result<()> {
+        let (out, inputs) = (24, 64);
+        let w = seeded(&[out, inputs], 1)?;
+        let b = seeded(&[out], 2)?;
+        let x = seeded(&[2, 3, inputs], 3)?;
+        let fp8_of = |w: &Tensor| -> Result<Linear> {
+            let q = QuantizedWeight::from_dense(w, WeightFormat::Fp8)?.expect("quantizable");
+            Linear::quantized("q", q, Some(b.clone()), Kernels::Plain)
+        };
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        let linear = Linear::new("l", w.clone(), Some(b.clone()), Kernels::Plain);
+        let exact = linear.forward(&x)?;
+        linear.set_fp8_products(true);
+        let fast = linear.forward(&x)?;
+        assert_eq!(bits(&fast)?, bits(&fp8_of(&w)?.forward(&x)?)?);
+        assert_ne!(bits(&fast)?, bits(&exact)?, "fp8 products rounded nothing");
+
+        for adapters in [
+            vec![seeded_adapter(0, inputs, 10)?],
+            vec![
+                seeded_adapter(8, inputs, 11)?,
+                seeded_adapter(16, inputs, 12)?,
+            ],
+        ] {
+            let reference = Linear::new("r", w.clone(), Some(b.clone()), Kernels::Plain);
+            reference.set_adapters(adapters.clone());
+            let exact = reference.forward(&x)?;
+            let merged_weight = reference.base_weight(DType::F32)?;
+            linear.set_adapters(adapters);
+            let fast = linear.forward(&x)?;
+            assert!(merged(&linear));
+            assert_eq!(bits(&fast)?, bits(&fp8_of(&merged_weight)?.forward(&x)?)?);
+            assert!(relative(&fast, &exact)? < 0.1);
+            assert_ne!(bits(&fast)?, bits(&exact)?);
+        }
+
+        // A forward that takes a gradient multiplies by the weight itself (its adapters unmerged).
+        let xv = Var::from_tensor(&x)?;
+        let reference = Linear::new("r", w.clone(), Some(b.clone()), Kernels::Plain);
+        reference.set_adapters(vec![seeded_adapter(0, inputs, 10)?]);
+        linear.set_adapters(vec![seeded_adapter(0, inputs, 10)?]);
+        let tracked = linear.forward(xv.as_tensor())?;
+        assert_eq!(bits(&tracked)?, bits(&reference.forward(xv.as_tensor())?)?);
+        linear.set_fp8_products(false);
+        assert_eq!(bits(&linear.forward(&x)?)?, bits(&reference.forward(&x)?)?);
+        linear.clear_adapters();
+        assert_eq!(bits(&linear.forward(&x)?)?, bits(&exact)?);
         Ok(())
     }
 }

@@ -32,6 +32,8 @@ pub struct FluxGeneration {
     /// The LoRAs of the last generations (by `LoraChoice::affinity_name`), newest first: what the
     /// LoRA cache holds, for the scheduler.
     recent_loras: Mutex<VecDeque<String>>,
+    /// The precision of requests that set none (`--precision`).
+    precision: Option<app::Precision>,
 }
 
 impl FluxGeneration {
@@ -89,6 +91,7 @@ impl FluxGeneration {
             lora_dir,
             loras,
             recent_loras: Mutex::default(),
+            precision: config.precision,
         })
     }
 
@@ -260,10 +263,11 @@ impl Generation for FluxGeneration {
         let specs = self.lora_specs(preset, &lora, lora_scale)?;
         let width = r.width.unwrap_or(preset.width as u32);
         let height = r.height.unwrap_or(preset.height as u32);
-        // A loaded model's plan refuses a size that cannot fit before the job is queued; a model not
-        // yet loaded refuses it when its job loads it.
+        let precision = r.precision.or(self.precision);
+        // A loaded model's plan refuses a size, or a precision, that it cannot run before the job is
+        // queued; a model not yet loaded refuses it when its job loads it.
         if let Some(plan) = self.resident.memory_plan(preset) {
-            plan.fit(width as usize, height as usize)
+            plan.fit_at(width as usize, height as usize, precision)
                 .map_err(|e| e.to_string())?;
         }
         Ok(GenerationPlan {
@@ -276,6 +280,7 @@ impl Generation for FluxGeneration {
             seed: r.seed.unwrap_or_default(),
             num_images: r.num_images.unwrap_or(1),
             step_cache: r.step_cache.or(preset.step_cache.map(|t| t as f32)),
+            precision,
             lora,
             lora_scale,
             input: None,
@@ -323,6 +328,7 @@ impl Generation for FluxGeneration {
         let params = GenerateParams {
             num_images: plan.num_images as usize,
             step_cache: plan.step_cache.map(f64::from),
+            precision: plan.precision,
             input: plan.input.as_ref().map(|input| InputImage {
                 image: input.image.clone(),
                 strength: f64::from(input.strength),

@@ -44,6 +44,10 @@ pub struct Args {
     /// q4_0, made from the checkpoint as it loads. Not given: as the checkpoint stores them.
     #[arg(long, env = "STUDIO_WEIGHTS", value_parser = crate::config::parse_weights)]
     weights: Option<engine::weights::WeightFormat>,
+    /// `exact` (bf16 products; needs the transformer in bf16) or `fp8` (fp8 products: faster, not
+    /// exact). Default: the transformer as loaded. See docs/performance.md, "Precision".
+    #[arg(long, env = "STUDIO_PRECISION")]
+    precision: Option<app::Precision>,
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long)]
@@ -191,6 +195,7 @@ pub fn run(a: Args) -> Result<()> {
     let params = GenerateParams {
         num_images: a.num_images as usize,
         step_cache: a.step_cache.or(preset.step_cache),
+        precision: a.precision,
         input: input.as_ref().map(|i| InputImage {
             image: i.image.clone(),
             strength: f64::from(i.strength),

@@ -154,6 +154,9 @@ pub struct GenerationPlan {
     pub num_images: u32,
     /// The step cache's threshold; `None`: every step in full.
     pub step_cache: Option<f32>,
+    /// How the transformer multiplies; `None`: the weights as loaded.
+    #[serde(default)]
+    pub precision: Option<app::Precision>,
     pub lora: LoraChoice,
     pub lora_scale: f32,
     /// The image to start from or edit, already at `width` x `height`; set by the server after

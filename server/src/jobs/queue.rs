@@ -374,6 +374,7 @@ mod tests {
                 seed: 0,
                 num_images: 1,
                 step_cache: None,
+                precision: None,
                 lora: LoraChoice::Disabled,
                 lora_scale: 1.0,
                 input: None,

@@ -195,6 +195,7 @@ impl Generation for FakeGeneration {
             seed: request.seed.expect("the server fills the seed"),
             num_images: request.num_images.unwrap_or(1),
             step_cache: request.step_cache,
+            precision: request.precision,
             lora,
             lora_scale: request.lora_scale.unwrap_or(1.0),
             input: None,

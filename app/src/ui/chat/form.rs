@@ -27,6 +27,8 @@ pub(super) struct Settings {
     pub(super) exact_size: RwSignal<Option<(u32, u32)>>,
     /// How much of the schedule reruns from an input image.
     pub(super) strength: RwSignal<f32>,
+    /// `exact`, `fp8`, or empty: the server's default (the model as loaded).
+    pub(super) precision: RwSignal<String>,
 }
 
 impl Settings {
@@ -43,6 +45,7 @@ impl Settings {
             num_images: RwSignal::new(1),
             exact_size: RwSignal::new(None),
             strength: RwSignal::new(crate::limits::DEFAULT_STRENGTH),
+            precision: RwSignal::new(String::new()),
         }
     }
 
@@ -76,6 +79,7 @@ impl Settings {
             lora: (!lora.is_empty()).then_some(lora),
             model: (!model.is_empty()).then_some(model),
             num_images: Some(self.num_images.get_untracked()).filter(|&n| n > 1),
+            precision: self.precision.get_untracked().parse().ok(),
             ..GenerateRequest::default()
         };
         request.validate()?;

@@ -247,6 +247,24 @@ pub(super) fn SettingsPanel(chat: ChatState) -> impl IntoView {
                             </select>
                         </label>
                     </div>
+                    <label title="fp8: the transformer's products in fp8, faster and not exact; exact: bf16 as diffusers computes">
+                        "Precision"
+                        <select
+                            class="precision"
+                            on:change=move |ev| s.precision.set(event_target_value(&ev))
+                        >
+                            {[("", "as the model is loaded"), ("exact", "exact (bf16)"), ("fp8", "fp8 (faster)")]
+                                .into_iter()
+                                .map(|(value, label)| {
+                                    view! {
+                                        <option value=value selected=move || s.precision.get() == value>
+                                            {label}
+                                        </option>
+                                    }
+                                })
+                                .collect_view()}
+                        </select>
+                    </label>
                 </div>
             </details>
         </aside>

@@ -531,6 +531,14 @@ impl FluxTransformer {
         out
     }
 
+    /// Multiplies every linear layer by an fp8 copy of its weight, or (`false`) by the weight again
+    /// ([`Linear::set_fp8_products`]).
+    pub fn set_fp8_products(&self, on: bool) {
+        for linear in self.linears() {
+            linear.set_fp8_products(on);
+        }
+    }
+
     /// Every linear layer, for LoRA placement and training.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut out = self.head_linears();

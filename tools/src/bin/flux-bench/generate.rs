@@ -1,6 +1,7 @@
 //! `flux-bench generate`: end-to-end generation, timed per step; with `--batch N`, N images in one
 //! batch (images per minute beside diffusers' `num_images_per_prompt`); with `--step-cache T`, the
-//! step cache's speed and its error against the full run at the same seed.
+//! step cache's speed and its error against the full run at the same seed; with `--fp8-precision`,
+//! the same for a request's fp8 precision (an fp8 copy of a bf16 transformer).
 
 use crate::timing::{median, step_flops, sync};
 use anyhow::Result;
@@ -37,6 +38,10 @@ pub struct Args {
     /// Also run with the first-block step cache at this threshold, and report its error.
     #[arg(long)]
     step_cache: Option<f64>,
+    /// Also run at `"precision": "fp8"` (on a bf16 load: an fp8 copy of the transformer made for each
+    /// run), and report its speed and its image's difference from the exact run at the same seed.
+    #[arg(long)]
+    fp8_precision: bool,
     /// Start from an input image (a fixed gradient of the size): image-to-image at this strength on
     /// a FLUX.1-dev folder, an instruction edit on a FLUX.1-Kontext one (the folder's model decides,
     /// as in the studio; Kontext ignores the strength).
@@ -128,7 +133,7 @@ pub fn run(
         record["edit"] =
             serde_json::json!({"model": format!("{:?}", pipe.edit_model()), "strength": strength});
     }
-    if let (Some(threshold), Some(full)) = (a.step_cache, full) {
+    if let (Some(threshold), Some(full)) = (a.step_cache, full.as_ref()) {
         let cached = GenerateParams {
             step_cache: Some(threshold),
             ..params.clone()
@@ -141,6 +146,19 @@ pub fn run(
             cache_runs.push(run);
         }
         record["step_cache"] = serde_json::json!({"threshold": threshold, "runs": cache_runs});
+    }
+    if let (true, Some(full)) = (a.fp8_precision, full.as_ref()) {
+        let fp8 = GenerateParams {
+            precision: Some(app::Precision::Fp8),
+            ..params.clone()
+        };
+        let mut fp8_runs = Vec::new();
+        for _ in 0..2 {
+            let (mut run, out) = timed(&pipe, &fp8, device, flops)?;
+            run["image_error"] = image_error(&out.images, &full.images).into();
+            fp8_runs.push(run);
+        }
+        record["fp8_precision"] = serde_json::json!({"runs": fp8_runs});
     }
     println!("{record}");
     Ok(())
