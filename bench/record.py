@@ -6,6 +6,8 @@ README and docs are rendered from those records: `cargo run -p tools -- bench-ta
   python3 bench/record.py small-gpu OUT_DIR    # scripts/gpu/small-gpu-bench.sh's OUT_DIR
   python3 bench/record.py edit OUT_DIR         # scripts/gpu/edit-bench.sh's OUT_DIR
   python3 bench/record.py speed OUT_DIR        # scripts/gpu/speed-bench.sh's OUT_DIR
+  python3 bench/record.py chat-gpu OUT_DIR     # scripts/gpu/chat-gpu-bench.sh's OUT_DIR
+  python3 bench/record.py block-accuracy OUT_DIR   # scripts/bench/block-accuracy.sh's OUT_DIR (CPU or GPU)
 
 Options: --date YYYY-MM-DD (default today), --gpu NAME (default: OUT_DIR/gpu.txt's first field), --run N,
 --command "..." (what was run), --change "..." (what the run changed). The record goes to stdout; save it as bench/results/DATE-WHAT-runN.json.
@@ -303,9 +305,34 @@ def chat_gpu(out):
             "tokens": 128, "models": models}
 
 
+def block_accuracy(out):
+    """Each weight format's output of one FLUX.1-dev block (double, single) at full width against
+    diffusers' bf16 and f32 outputs of the same bf16 weights (scripts/bench/block-accuracy.sh)."""
+    refs = {x["block"]: x for x in lines(f"{out}/references.jsonl")}
+    ours = list(lines(f"{out}/ours.jsonl"))
+    blocks = []
+    for name, ref in refs.items():
+        double = name == "double"
+        formats = []
+        for rec in ours:
+            if (rec["blocks"][0] > 0) != double:
+                continue
+            formats.append({
+                "weights": rec["weights"], "dtype": rec["dtype"],
+                "vs_diffusers_bf16_cosine": r(rec["diffusers_bf16"]["cosine"], 6),
+                "vs_diffusers_f32_cosine": r(rec["diffusers_f32"]["cosine"], 6),
+                "vs_diffusers_f32_max_rel": r(rec["diffusers_f32"]["max_abs_diff_over_max_abs"], 5),
+            })
+        blocks.append({"block": name, "size": ref["size"],
+                       "diffusers_bf16_vs_f32_cosine": r(ref["diffusers_bf16_vs_f32"]["cosine"], 6),
+                       "diffusers_bf16_vs_f32_max_rel": r(ref["diffusers_bf16_vs_f32"]["max_abs_diff_over_max_abs"], 5),
+                       "formats": formats})
+    return {"what": "block-accuracy", "reference": "diffusers 0.42.1", "blocks": blocks}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["generation", "training", "small-gpu", "edit", "speed", "chat-gpu"])
+    p.add_argument("what", choices=["generation", "training", "small-gpu", "edit", "speed", "chat-gpu", "block-accuracy"])
     p.add_argument("out")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--gpu")
@@ -319,7 +346,8 @@ def main():
             gpu = open(f"{a.out}/gpu.txt").read().split(",")[0].strip()
         except FileNotFoundError:
             sys.exit("no --gpu and no OUT_DIR/gpu.txt")
-    body = {"generation": generation, "training": training, "small-gpu": small_gpu, "edit": edit, "speed": speed, "chat-gpu": chat_gpu}[a.what](a.out)
+    body = {"generation": generation, "training": training, "small-gpu": small_gpu, "edit": edit, "speed": speed, "chat-gpu": chat_gpu,
+            "block-accuracy": block_accuracy}[a.what](a.out)
     head = {"date": a.date, "run": a.run, "gpu": gpu, "command": a.command, "change": a.change}
     print(json.dumps({**head, **body}, indent=1))
 

@@ -9,13 +9,14 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 /// The markdown files that hold tables, relative to the workspace root.
-pub const DOCS: [&str; 6] = [
+pub const DOCS: [&str; 7] = [
     "README.md",
     "docs/performance.md",
     "docs/training.md",
     "docs/memory.md",
     "docs/editing.md",
     "docs/chat.md",
+    "docs/formats.md",
 ];
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +265,33 @@ struct ChatGpuModel {
     reference_tokens_per_s: Option<f64>,
 }
 
+/// Each weight format's output of one block against diffusers' (scripts/bench/block-accuracy.sh).
+#[derive(Debug, Deserialize)]
+struct BlockAccuracy {
+    #[serde(flatten)]
+    head: Head,
+    reference: String,
+    blocks: Vec<BlockReference>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockReference {
+    block: String,
+    size: u32,
+    diffusers_bf16_vs_f32_cosine: f64,
+    diffusers_bf16_vs_f32_max_rel: f64,
+    formats: Vec<BlockFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockFormat {
+    weights: String,
+    dtype: String,
+    vs_diffusers_bf16_cosine: f64,
+    vs_diffusers_f32_cosine: f64,
+    vs_diffusers_f32_max_rel: f64,
+}
+
 /// Every record, oldest first.
 pub struct Records {
     generation: Vec<Generation>,
@@ -272,6 +300,7 @@ pub struct Records {
     edit: Vec<Edit>,
     speed: Vec<Speed>,
     chat_gpu: Vec<ChatGpu>,
+    block_accuracy: Vec<BlockAccuracy>,
 }
 
 impl Records {
@@ -288,6 +317,7 @@ impl Records {
             edit: Vec::new(),
             speed: Vec::new(),
             chat_gpu: Vec::new(),
+            block_accuracy: Vec::new(),
         };
         for file in files {
             let text = std::fs::read_to_string(&file)?;
@@ -300,6 +330,7 @@ impl Records {
                 "edit" => records.edit.push(serde_json::from_str(&text)?),
                 "speed" => records.speed.push(serde_json::from_str(&text)?),
                 "chat-gpu" => records.chat_gpu.push(serde_json::from_str(&text)?),
+                "block-accuracy" => records.block_accuracy.push(serde_json::from_str(&text)?),
                 other => bail!("{}: unknown record kind {other:?}", file.display()),
             }
         }
@@ -321,6 +352,9 @@ impl Records {
         records
             .chat_gpu
             .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
+        records
+            .block_accuracy
+            .sort_by(|a, b| (&a.head.date, a.head.run).cmp(&(&b.head.date, b.head.run)));
         Ok(records)
     }
 
@@ -339,6 +373,7 @@ impl Records {
             "editing" => Ok(self.edit_table()),
             "speed" => Ok(self.speed_table()),
             "chat-gpu" => Ok(self.chat_gpu_table()),
+            "block-accuracy" => Ok(self.block_accuracy_table()),
             _ => bail!("no table called {name:?}"),
         }
     }
@@ -802,6 +837,52 @@ impl Records {
              | GPU memory | our plan | ours, end to end | our peak | diffusers under the same cap | LoRA training step | run |\n\
              |---|---|---|---|---|---|---|\n{rows}"
         )
+    }
+
+    /// Each format's block output against diffusers', from the newest block-accuracy record of each
+    /// device (the CPU's products and a GPU's differ: fp8 on FP8 tensor cores rounds activations too).
+    fn block_accuracy_table(&self) -> String {
+        let mut newest: Vec<&BlockAccuracy> = Vec::new();
+        for record in self.block_accuracy.iter().rev() {
+            if !newest.iter().any(|n| n.head.gpu == record.head.gpu) {
+                newest.push(record);
+            }
+        }
+        if newest.is_empty() {
+            return "No run has measured the formats per block yet: `bash scripts/bench/block-accuracy.sh` does.\n"
+                .into();
+        }
+        let mut t = String::new();
+        for b in newest.iter().rev() {
+            t += &format!(
+                "{}. Reproduce: `{}`.\n\n| block | weights (compute) | cosine vs diffusers bf16 | cosine vs diffusers f32 | max error vs f32 |\n|---|---|---|---|---|\n",
+                source(&b.head, &b.reference),
+                command(&b.head)
+            );
+            for block in &b.blocks {
+                t += &format!(
+                    "| {} ({}x{}) | diffusers bf16 (yardstick) | 1 | {:.6} | {:.2e} |\n",
+                    block.block,
+                    block.size,
+                    block.size,
+                    block.diffusers_bf16_vs_f32_cosine,
+                    block.diffusers_bf16_vs_f32_max_rel
+                );
+                for f in &block.formats {
+                    t += &format!(
+                        "| {} | {} ({}) | {:.6} | {:.6} | {:.2e} |\n",
+                        block.block,
+                        f.weights,
+                        f.dtype.to_lowercase(),
+                        f.vs_diffusers_bf16_cosine,
+                        f.vs_diffusers_f32_cosine,
+                        f.vs_diffusers_f32_max_rel
+                    );
+                }
+            }
+            t += "\n";
+        }
+        t
     }
 
     /// The chat's model on a GPU beside llama.cpp, from the newest chat-gpu record.

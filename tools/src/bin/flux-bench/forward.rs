@@ -24,6 +24,10 @@ pub struct Args {
     /// Also against a model built with candle's ops only.
     #[arg(long)]
     compare_plain: bool,
+    /// Only the comparison with the references: no timed runs, no LoRA timings (a format's accuracy
+    /// on a slow device, scripts/bench/block-accuracy.sh).
+    #[arg(long, conflicts_with = "compare_plain")]
+    accuracy_only: bool,
 }
 
 pub fn run(
@@ -51,6 +55,27 @@ pub fn run(
     let run = || -> Result<Tensor> { m.forward(&FluxInputs::from_diffusers_names(&r)) };
     let out = run()?;
     sync(device)?;
+    let ours = out.to_dtype(DType::F32)?.flatten_all()?;
+    let mut refs = vec![("diffusers_bf16", r["out"].clone())];
+    let f32_file = inputs.replace(".safetensors", "-f32.safetensors");
+    if let Ok(extra) = candle_core::safetensors::load(&f32_file, device) {
+        refs.push(("diffusers_f32", extra["out_f32"].clone()));
+    }
+    let compared = |report: &mut serde_json::Value| -> Result<()> {
+        for (name, want) in &refs {
+            let want = want.to_dtype(DType::F32)?.flatten_all()?;
+            report[*name] = compare(&ours, &want)?;
+        }
+        Ok(())
+    };
+    if a.accuracy_only {
+        let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"),
+            "weights": weights.map_or("as stored".to_string(), |w| w.to_string()),
+            "blocks": [cfg.depth, cfg.depth_single]});
+        compared(&mut report)?;
+        println!("{report}");
+        return Ok(());
+    }
     let mut times = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
@@ -58,17 +83,11 @@ pub fn run(
         sync(device)?;
         times.push(t.elapsed().as_secs_f64());
     }
-    let ours = out.to_dtype(DType::F32)?.flatten_all()?;
     let (img_tokens, txt_tokens) = (
         r["hidden_states"].dim(1)?,
         r["encoder_hidden_states"].dim(1)?,
     );
     let flops = step_flops(&cfg, img_tokens, txt_tokens);
-    let mut refs = vec![("diffusers_bf16", r["out"].clone())];
-    let f32_file = inputs.replace(".safetensors", "-f32.safetensors");
-    if let Ok(extra) = candle_core::safetensors::load(&f32_file, device) {
-        refs.push(("diffusers_f32", extra["out_f32"].clone()));
-    }
     let step = median(times.clone());
     let mut report = serde_json::json!({"what": "forward", "dtype": format!("{dtype:?}"), "load_s": load_s,
         "weights": weights.map_or("as stored".to_string(), |w| w.to_string()),
@@ -93,10 +112,7 @@ pub fn run(
         report["plain_step_s"] = time_median(device, 3, run)?.into();
         report["fused_vs_plain"] = compare(&ours, &plain_out)?;
     }
-    for (name, want) in refs {
-        let want = want.to_dtype(DType::F32)?.flatten_all()?;
-        report[name] = compare(&ours, &want)?;
-    }
+    compared(&mut report)?;
     println!("{report}");
     Ok(())
 }
