@@ -615,12 +615,14 @@ impl FluxTransformer {
         self.prefetch_block(0)?;
         let (vec, img_in, txt) = self.head(x)?;
         let rope = self.rope(x)?;
-        let block = self
-            .double_blocks
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("this FLUX model has no double blocks"))?;
-        self.prefetch_block(1)?;
-        let (img, txt) = block.forward(&img_in, &txt, &vec, &rope, self.cfg.num_heads)?;
+        let (img, txt) = match self.double_blocks.first() {
+            Some(block) => {
+                self.prefetch_block(1)?;
+                block.forward(&img_in, &txt, &vec, &rope, self.cfg.num_heads)?
+            }
+            // A model of single blocks only (one block measured alone): nothing comes before them.
+            None => (img_in.clone(), txt),
+        };
         Ok(FirstBlock {
             img_in,
             img,

@@ -74,8 +74,12 @@ impl FluxWeights {
                     Stored::Safetensors { st, prefix }
                 }
                 Layout::Diffusers => {
-                    if st.get("transformer_blocks.0.attn.to_q.weight")?.dtype()
-                        == safetensors::Dtype::F8_E4M3
+                    if st
+                        .get("x_embedder.weight")
+                        .is_ok_and(|t| t.dtype() == safetensors::Dtype::F8_E4M3)
+                        || st
+                            .get("transformer_blocks.0.attn.to_q.weight")
+                            .is_ok_and(|t| t.dtype() == safetensors::Dtype::F8_E4M3)
                     {
                         bail!("fp8 weights in a diffusers folder are not read: use the BFL or ComfyUI single file with --transformer-file");
                     }
@@ -140,15 +144,17 @@ impl FluxWeights {
         })
     }
 
+    /// The layout is told by the image embedder's name, which every FLUX transformer has whatever its
+    /// blocks (a model of single blocks only included).
     pub fn from_var_builder(vb: VarBuilder<'static>) -> Result<Self> {
-        let (vb, layout) = if vb.contains_tensor("double_blocks.0.img_attn.qkv.weight") {
+        let (vb, layout) = if vb.contains_tensor("img_in.weight") {
             (vb, Layout::Bfl)
-        } else if vb.contains_tensor("model.diffusion_model.double_blocks.0.img_attn.qkv.weight") {
+        } else if vb.contains_tensor("model.diffusion_model.img_in.weight") {
             (vb.pp("model.diffusion_model"), Layout::Bfl)
-        } else if vb.contains_tensor("transformer_blocks.0.attn.to_q.weight") {
+        } else if vb.contains_tensor("x_embedder.weight") {
             (vb, Layout::Diffusers)
         } else {
-            bail!("not a FLUX transformer checkpoint: neither BFL keys (double_blocks.0.img_attn.qkv) nor diffusers keys (transformer_blocks.0.attn.to_q) are present")
+            bail!("not a FLUX transformer checkpoint: neither BFL keys (img_in, double_blocks.0.img_attn.qkv, ...) nor diffusers keys (x_embedder, transformer_blocks.0.attn.to_q, ...) are present")
         };
         Ok(Self {
             vb,
