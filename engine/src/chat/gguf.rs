@@ -3,11 +3,13 @@
 //! from the same file.
 
 use std::fs::File;
+use std::io::{Cursor, Read, Seek};
 use std::ops::ControlFlow;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{self, Content};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
@@ -61,6 +63,58 @@ fn context_of(content: &Content, architecture: &str, on_gpu: bool) -> usize {
     } else {
         trained
     }
+}
+
+/// The block types candle multiplies on the CPU with portable code only (it has AVX2 products for Q4_0,
+/// Q8_0 and the K-quants): an order of magnitude slower than a dense f32 product there.
+const PORTABLE_ON_CPU: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+
+/// The most bytes a model's weights may take widened to f32 on the CPU ([`widened_on_cpu`]): the
+/// default SmolLM2-135M in Q4_1 takes 0.5 GiB so; larger models stay as stored.
+pub const WIDEN_MAX_BYTES: u64 = 1 << 30;
+
+/// On the CPU, a model with weights in [`PORTABLE_ON_CPU`] types whose f32 copy fits in
+/// [`WIDEN_MAX_BYTES`]: the same GGUF with those tensors widened to f32 (exactly: each value is its
+/// block's scale times its quant plus its minimum, as llama.cpp dequantizes), in memory, so that its
+/// products run as dense f32 ones. `None`: read the file as it is.
+fn widened_on_cpu(
+    content: &Content,
+    file: &mut (impl Read + Seek),
+    device: &Device,
+    max_bytes: u64,
+) -> Result<Option<(Content, Cursor<Vec<u8>>)>> {
+    let infos = &content.tensor_infos;
+    let portable = infos
+        .values()
+        .any(|t| PORTABLE_ON_CPU.contains(&t.ggml_dtype));
+    let f32_bytes: u64 = infos
+        .values()
+        .map(|t| 4 * t.shape.elem_count() as u64)
+        .sum();
+    if !device.is_cpu() || !portable || f32_bytes > max_bytes {
+        return Ok(None);
+    }
+    let mut tensors = Vec::with_capacity(infos.len());
+    for (name, info) in infos {
+        let q = content.tensor(file, name, &Device::Cpu)?;
+        let q = if PORTABLE_ON_CPU.contains(&info.ggml_dtype) {
+            QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::F32)?
+        } else {
+            q
+        };
+        tensors.push((name.as_str(), q));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (*n, q)).collect();
+    let mut buffer = Cursor::new(Vec::new());
+    gguf_file::write(&mut buffer, &metadata, &tensors)?;
+    buffer.set_position(0);
+    let widened = Content::read(&mut buffer)?;
+    Ok(Some((widened, buffer)))
 }
 
 /// What a GGUF chat model takes in a GPU's memory, read from its file's header: what FLUX's memory plan
@@ -142,6 +196,24 @@ pub struct GgufChat {
     device: Device,
 }
 
+/// The transformer of `architecture` from a GGUF's tensors.
+fn build(
+    architecture: &str,
+    content: Content,
+    reader: &mut (impl Read + Seek),
+    device: &Device,
+) -> Result<Weights> {
+    Ok(match architecture {
+        "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(
+            content, reader, device,
+        )?),
+        "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
+            content, reader, device,
+        )?),
+        other => bail!("architecture `{other}` is not supported; use a llama or qwen2 GGUF"),
+    })
+}
+
 impl GgufChat {
     /// Reads the model at `path` onto `device`; `name` is what answers report.
     pub fn load(path: &Path, name: &str, device: &Device) -> Result<GgufChat> {
@@ -168,18 +240,16 @@ impl GgufChat {
             stops.push(eos);
         }
         let context = context_of(&content, &architecture, device.is_cuda());
-        let weights = match architecture.as_str() {
-            "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(
-                content, &mut file, device,
-            )?),
-            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
-                content, &mut file, device,
-            )?),
-            other => bail!(
-                "{}: architecture `{other}` is not supported; use a llama or qwen2 GGUF",
-                path.display()
-            ),
-        };
+        let weights = match widened_on_cpu(&content, &mut file, device, WIDEN_MAX_BYTES)? {
+            Some((widened, mut memory)) => {
+                tracing::info!(
+                    "{name}: its Q4_1/Q5_0/Q5_1 weights widened to f32 for the CPU's dense products"
+                );
+                build(&architecture, widened, &mut memory, device)
+            }
+            None => build(&architecture, content, &mut file, device),
+        }
+        .with_context(|| format!("loading the language model {}", path.display()))?;
         Ok(GgufChat {
             name: name.to_string(),
             weights,
@@ -329,5 +399,76 @@ impl GgufChat {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| anyhow!("decoding: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF in memory with one tensor of each given type (4 rows of 64 values).
+    fn gguf_of(types: &[(&str, GgmlDType)]) -> Result<Cursor<Vec<u8>>> {
+        let values = Tensor::arange(0f32, 256., &Device::Cpu)?
+            .affine(0.37, -40.)?
+            .sin()?
+            .reshape((4, 64))?;
+        let tensors = types
+            .iter()
+            .map(|(name, dtype)| Ok((*name, QTensor::quantize(&values, *dtype)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (*n, q)).collect();
+        let arch = gguf_file::Value::String("llama".into());
+        let mut buffer = Cursor::new(Vec::new());
+        gguf_file::write(&mut buffer, &[("general.architecture", &arch)], &refs)?;
+        buffer.set_position(0);
+        Ok(buffer)
+    }
+
+    fn values(content: &Content, file: &mut (impl Read + Seek), name: &str) -> Result<Vec<f32>> {
+        let q = content.tensor(file, name, &Device::Cpu)?;
+        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+    }
+
+    /// Q4_1, Q5_0 and Q5_1 tensors become f32 holding exactly their dequantized values; Q4_0 and Q8_0
+    /// (which candle multiplies with AVX2) stay as stored; the metadata stays. A model whose f32 copy
+    /// would exceed the bound is read as it is.
+    #[test]
+    fn portable_block_types_are_widened_to_their_exact_values_within_the_bound() -> Result<()> {
+        let types = [
+            ("a", GgmlDType::Q4_1),
+            ("b", GgmlDType::Q5_0),
+            ("c", GgmlDType::Q5_1),
+            ("d", GgmlDType::Q4_0),
+            ("e", GgmlDType::Q8_0),
+        ];
+        let mut file = gguf_of(&types)?;
+        let content = Content::read(&mut file)?;
+        let (widened, mut memory) =
+            widened_on_cpu(&content, &mut file, &Device::Cpu, 1 << 20)?.expect("widened");
+        for (name, dtype) in types {
+            let want = if PORTABLE_ON_CPU.contains(&dtype) {
+                GgmlDType::F32
+            } else {
+                dtype
+            };
+            assert_eq!(widened.tensor_infos[name].ggml_dtype, want, "{name}");
+            let (before, after) = (
+                values(&content, &mut file, name)?,
+                values(&widened, &mut memory, name)?,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&before), bits(&after), "{name}");
+        }
+        assert_eq!(
+            widened.metadata["general.architecture"].to_string()?,
+            "llama"
+        );
+        let f32_bytes = 5 * 4 * 256;
+        assert!(widened_on_cpu(&content, &mut file, &Device::Cpu, f32_bytes - 1)?.is_none());
+
+        let mut stored = gguf_of(&[("d", GgmlDType::Q4_0), ("e", GgmlDType::Q8_0)])?;
+        let content = Content::read(&mut stored)?;
+        assert!(widened_on_cpu(&content, &mut stored, &Device::Cpu, 1 << 20)?.is_none());
+        Ok(())
     }
 }
