@@ -222,6 +222,20 @@ async fn at_precision(http: &reqwest::Client, url: &str, precision: Option<&str>
     post(http, &format!("{url}/generate/"), body).await
 }
 
+/// The real server with the tiny model on the CPU, its transformer held in `weights` (as stored
+/// when `None`).
+async fn tiny_studio(
+    dir: &std::path::Path,
+    weights: Option<engine::weights::WeightFormat>,
+) -> server::Running {
+    let mut config = common::config(dir);
+    config.preset = Some("flux-tiny".into());
+    config.device = engine::device::DeviceChoice::Cpu;
+    config.weights = weights;
+    let caps = server::capabilities::from_config(&config).unwrap();
+    server::start(&config, caps).await.unwrap()
+}
+
 /// `"precision"` through the API on the tiny model: fp8 on a bf16 load answers an image other than
 /// exact's at the same seed, the next request without it is exact again; on a studio loaded with
 /// `--weights fp8` exact is refused before anything is queued with what to change, and a precision
@@ -229,11 +243,7 @@ async fn at_precision(http: &reqwest::Client, url: &str, precision: Option<&str>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(dir.path());
-    config.preset = Some("flux-tiny".into());
-    config.device = engine::device::DeviceChoice::Cpu;
-    let caps = server::capabilities::from_config(&config).unwrap();
-    let running = server::start(&config, caps).await.unwrap();
+    let running = tiny_studio(dir.path(), None).await;
     let url = format!("http://{}", running.addr);
     let http = reqwest::Client::new();
     let image = |body: &Value| body["image"].as_str().unwrap().to_owned();
@@ -249,22 +259,14 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     let (status, unknown) = generate(Some("fp16")).await;
     assert_eq!(status, 422, "{unknown}");
     let message = unknown["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("exact") && message.contains("fp8"),
-        "{message}"
-    );
+    assert!(message.contains("exact") && message.contains("fp8"), "{message}");
     let doc = get(&http, &format!("{url}/openapi.json")).await;
     assert!(doc["components"]["schemas"]["Precision"].is_object());
     assert!(doc["components"]["schemas"]["GenerateRequest"]["properties"]["precision"].is_object());
     running.jobs.shutdown();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = common::config(dir.path());
-    config.preset = Some("flux-tiny".into());
-    config.device = engine::device::DeviceChoice::Cpu;
-    config.weights = Some(engine::weights::WeightFormat::Fp8);
-    let caps = server::capabilities::from_config(&config).unwrap();
-    let running = server::start(&config, caps).await.unwrap();
+    let running = tiny_studio(dir.path(), Some(engine::weights::WeightFormat::Fp8)).await;
     let url = format!("http://{}", running.addr);
     let generate = |precision| at_precision(&http, &url, Some(precision));
     let (status, loaded_fp8) = generate("fp8").await;
@@ -274,10 +276,8 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
         image(&fast),
         "the copy is what an fp8 load holds"
     );
-    let jobs = get(&http, &format!("{url}/jobs/")).await["jobs"]
-        .as_array()
-        .unwrap()
-        .len();
+    let api = common::Api::new(&url);
+    let jobs = api.job_count().await;
     let (status, refused) = generate("exact").await;
     assert_eq!(
         (status, error_code(&refused.to_string())),
@@ -286,10 +286,6 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     );
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(message.contains("--weights bf16"), "{message}");
-    let after = get(&http, &format!("{url}/jobs/")).await["jobs"]
-        .as_array()
-        .unwrap()
-        .len();
-    assert_eq!(jobs, after, "nothing was queued");
+    assert_eq!(api.job_count().await, jobs, "nothing was queued");
     running.jobs.shutdown();
 }
