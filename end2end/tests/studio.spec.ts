@@ -115,6 +115,7 @@ test('two images in one request, at the chosen precision, show their previews, t
     expect(await results.nth(i).evaluate((img: HTMLImageElement) => img.naturalWidth)).toBeGreaterThan(0);
   }
   await expect(card.locator('.summary')).toContainText('2 images');
+  await expect(card.locator('.summary')).toContainText('fp8');
   // The request carried the precision chosen in the settings.
   const job = (await results.nth(0).getAttribute('src'))!.split('/')[2];
   const record = await (await page.request.get(`/jobs/${job}`)).json();

@@ -259,7 +259,10 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     let (status, unknown) = generate(Some("fp16")).await;
     assert_eq!(status, 422, "{unknown}");
     let message = unknown["error"]["message"].as_str().unwrap();
-    assert!(message.contains("exact") && message.contains("fp8"), "{message}");
+    assert!(
+        message.contains("exact") && message.contains("fp8"),
+        "{message}"
+    );
     let doc = get(&http, &format!("{url}/openapi.json")).await;
     assert!(doc["components"]["schemas"]["Precision"].is_object());
     assert!(doc["components"]["schemas"]["GenerateRequest"]["properties"]["precision"].is_object());

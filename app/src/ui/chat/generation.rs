@@ -309,6 +309,9 @@ pub(super) fn settings_summary(request: &GenerateRequest) -> String {
     if let Some(n) = request.num_images.filter(|&n| n > 1) {
         parts.push(format!("{n} images"));
     }
+    if let Some(precision) = request.precision {
+        parts.push(precision.as_str().to_owned());
+    }
     if request.has_input() {
         let strength = request.strength.unwrap_or(crate::limits::DEFAULT_STRENGTH);
         parts.push(match &request.mask {
