@@ -223,15 +223,17 @@ async fn at_precision(http: &reqwest::Client, url: &str, precision: Option<&str>
 }
 
 /// The real server with the tiny model on the CPU, its transformer held in `weights` (as stored
-/// when `None`).
+/// when `None`), `precision` its `--precision`.
 async fn tiny_studio(
     dir: &std::path::Path,
     weights: Option<engine::weights::WeightFormat>,
+    precision: Option<app::Precision>,
 ) -> server::Running {
     let mut config = common::config(dir);
     config.preset = Some("flux-tiny".into());
     config.device = engine::device::DeviceChoice::Cpu;
     config.weights = weights;
+    config.precision = precision;
     let caps = server::capabilities::from_config(&config).unwrap();
     server::start(&config, caps).await.unwrap()
 }
@@ -243,7 +245,7 @@ async fn tiny_studio(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let running = tiny_studio(dir.path(), None).await;
+    let running = tiny_studio(dir.path(), None, None).await;
     let url = format!("http://{}", running.addr);
     let http = reqwest::Client::new();
     let image = |body: &Value| body["image"].as_str().unwrap().to_owned();
@@ -269,7 +271,12 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     running.jobs.shutdown();
 
     let dir = tempfile::tempdir().unwrap();
-    let running = tiny_studio(dir.path(), Some(engine::weights::WeightFormat::Fp8)).await;
+    let running = tiny_studio(
+        dir.path(),
+        Some(engine::weights::WeightFormat::Fp8),
+        Some(app::Precision::Exact),
+    )
+    .await;
     let url = format!("http://{}", running.addr);
     let generate = |precision| at_precision(&http, &url, Some(precision));
     let (status, loaded_fp8) = generate("fp8").await;
@@ -289,6 +296,11 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     );
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(message.contains("--weights bf16"), "{message}");
+    // Without a precision of its own a request takes the server's, and is told so.
+    let (status, refused) = at_precision(&http, &url, None).await;
+    assert_eq!(status, 422, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the server's --precision"), "{message}");
     assert_eq!(api.job_count().await, jobs, "nothing was queued");
     running.jobs.shutdown();
 }

@@ -268,7 +268,13 @@ impl Generation for FluxGeneration {
         // queued; a model not yet loaded refuses it when its job loads it.
         if let Some(plan) = self.resident.memory_plan(preset) {
             plan.fit_at(width as usize, height as usize, precision)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| match (r.precision, self.precision) {
+                    (None, Some(default)) => format!(
+                        "{e} (this request's precision, {}, is the server's --precision / STUDIO_PRECISION: send \"precision\" to choose another)",
+                        default.as_str()
+                    ),
+                    _ => e.to_string(),
+                })?;
         }
         Ok(GenerationPlan {
             model: preset.name.to_string(),
