@@ -26,6 +26,10 @@ pub struct PresetInfo {
     /// The memory plan it was loaded with: present while it is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_plan: Option<MemoryPlanInfo>,
+    /// The precision of its requests that set none (the server's `--precision`); absent: the model
+    /// as it is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<crate::Precision>,
 }
 
 /// Where a part of a model lives under its memory plan.

@@ -78,11 +78,13 @@ pub struct ServeConfig {
     /// (an fp8 or GGUF file stays fp8 or GGUF).
     #[arg(long, env = "STUDIO_WEIGHTS", value_parser = parse_weights)]
     pub weights: Option<WeightFormat>,
-    /// The precision of requests that set none: `exact` (bf16 products; needs the transformer in
-    /// bf16) or `fp8` (fp8 products: faster, not exact; a bf16 transformer gets an fp8 copy for each
-    /// run). Not given: the transformer as it is loaded. See docs/performance.md, "Precision".
+    /// The precision of requests that set none, for every preset (`fp8`) or per preset
+    /// (`flux-dev=fp8,flux-schnell=exact`; `fp8,flux-dev=exact`: flux-dev exact, the others fp8):
+    /// `exact` (bf16 products; needs the transformer in bf16) or `fp8` (fp8 products: faster, not
+    /// exact; a bf16 transformer gets an fp8 copy for each run). Not given for a preset: its
+    /// transformer as it is loaded. See docs/performance.md, "Precision".
     #[arg(long, env = "STUDIO_PRECISION")]
-    pub precision: Option<app::Precision>,
+    pub precision: Option<PrecisionDefaults>,
     /// Folder of LoRA files (`.safetensors`) that `/generate/` may name by file name, with or without
     /// the extension; `<data-dir>/loras` when not given. No other server-side path is accepted over HTTP.
     #[arg(long, env = "STUDIO_LORA_DIR")]
@@ -200,6 +202,72 @@ pub fn parse_weights(name: &str) -> Result<WeightFormat, String> {
     WeightFormat::parse(name).map_err(|e| e.to_string())
 }
 
+/// `--precision`: the precision of requests that name none, for all presets and per preset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrecisionDefaults {
+    /// For presets not named in `presets`.
+    pub all: Option<app::Precision>,
+    /// `(preset, precision)`, each preset once.
+    pub presets: Vec<(String, app::Precision)>,
+}
+
+impl PrecisionDefaults {
+    /// The same precision for every preset.
+    pub fn all(precision: app::Precision) -> PrecisionDefaults {
+        PrecisionDefaults {
+            all: Some(precision),
+            presets: Vec::new(),
+        }
+    }
+
+    /// The precision of a request for `preset` that names none.
+    pub fn of(&self, preset: &str) -> Option<app::Precision> {
+        self.presets
+            .iter()
+            .find(|(name, _)| name == preset)
+            .map(|(_, p)| *p)
+            .or(self.all)
+    }
+}
+
+impl std::str::FromStr for PrecisionDefaults {
+    type Err = String;
+
+    /// A comma-separated list of `precision` (at most one: every preset not named) and
+    /// `preset=precision` items.
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let mut defaults = PrecisionDefaults::default();
+        for item in spec.split(',').map(str::trim) {
+            match item.split_once('=') {
+                None if defaults.all.is_some() => {
+                    return Err(format!(
+                        "`{item}`: a precision for every preset is given twice; name a preset as `preset=precision`"
+                    ))
+                }
+                None => defaults.all = Some(item.parse()?),
+                Some((preset, precision)) => {
+                    let preset = preset.trim();
+                    if engine::presets::find(preset).is_none() {
+                        let names: Vec<&str> =
+                            engine::presets::PRESETS.iter().map(|p| p.name).collect();
+                        return Err(format!(
+                            "unknown preset `{preset}`: choose one of {}",
+                            names.join(", ")
+                        ));
+                    }
+                    if defaults.presets.iter().any(|(name, _)| name == preset) {
+                        return Err(format!("preset `{preset}` is given twice"));
+                    }
+                    defaults
+                        .presets
+                        .push((preset.to_owned(), precision.trim().parse()?));
+                }
+            }
+        }
+        Ok(defaults)
+    }
+}
+
 /// A value never printed: Debug and logs show `***`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -299,6 +367,42 @@ mod tests {
             .expect("refused")
             .to_string();
         assert!(err.contains("fp8") && err.contains("q4_0"), "{err}");
+    }
+
+    #[test]
+    fn precision_is_set_for_every_preset_or_per_preset_and_a_wrong_spec_says_what_is_wrong() {
+        use app::Precision::{Exact, Fp8};
+        let config = SettingsOnly::parse_from(["studio", "--precision", "FP8"]).serve;
+        let all = config.precision.unwrap();
+        assert_eq!(
+            (all.of("flux-dev"), all.of("flux-schnell")),
+            (Some(Fp8), Some(Fp8))
+        );
+        let spec: PrecisionDefaults = "fp8, flux-dev = exact".parse().unwrap();
+        assert_eq!(spec.of("flux-dev"), Some(Exact));
+        assert_eq!(spec.of("flux-schnell"), Some(Fp8));
+        let one: PrecisionDefaults = "flux-schnell=fp8".parse().unwrap();
+        assert_eq!(
+            (one.of("flux-schnell"), one.of("flux-dev")),
+            (Some(Fp8), None)
+        );
+        assert_eq!(ServeConfig::defaults().precision, None);
+        for (bad, says) in [
+            ("fp16", "choose exact or fp8"),
+            (
+                "flux-pro=fp8",
+                "unknown preset `flux-pro`: choose one of flux-dev",
+            ),
+            ("flux-dev=fp8,flux-dev=exact", "`flux-dev` is given twice"),
+            ("fp8,exact", "given twice"),
+            ("flux-dev=", "unknown precision"),
+        ] {
+            let err = SettingsOnly::try_parse_from(["studio", "--precision", bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"))
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -227,13 +227,13 @@ async fn at_precision(http: &reqwest::Client, url: &str, precision: Option<&str>
 async fn tiny_studio(
     dir: &std::path::Path,
     weights: Option<engine::weights::WeightFormat>,
-    precision: Option<app::Precision>,
+    precision: Option<&str>,
 ) -> server::Running {
     let mut config = common::config(dir);
     config.preset = Some("flux-tiny".into());
     config.device = engine::device::DeviceChoice::Cpu;
     config.weights = weights;
-    config.precision = precision;
+    config.precision = precision.map(|spec| spec.parse().unwrap());
     let caps = server::capabilities::from_config(&config).unwrap();
     server::start(&config, caps).await.unwrap()
 }
@@ -274,7 +274,7 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     let running = tiny_studio(
         dir.path(),
         Some(engine::weights::WeightFormat::Fp8),
-        Some(app::Precision::Exact),
+        Some("exact"),
     )
     .await;
     let url = format!("http://{}", running.addr);
@@ -300,7 +300,47 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     let (status, refused) = at_precision(&http, &url, None).await;
     assert_eq!(status, 422, "{refused}");
     let message = refused["error"]["message"].as_str().unwrap();
-    assert!(message.contains("the server's --precision"), "{message}");
+    assert!(
+        message.contains("the server's --precision / STUDIO_PRECISION for flux-tiny"),
+        "{message}"
+    );
     assert_eq!(api.job_count().await, jobs, "nothing was queued");
+    running.jobs.shutdown();
+}
+
+/// `--precision flux-tiny=fp8`: the tiny model's requests that name no precision run in fp8 (the image
+/// of `"precision": "fp8"`), one that asks for exact gets exact, and /models/ says each preset's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preset_given_a_precision_runs_its_requests_at_it_unless_they_choose() {
+    let http = reqwest::Client::new();
+    let image = |body: &Value| body["image"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = tiny_studio(dir.path(), None, None).await;
+    let url = format!("http://{}", plain.addr);
+    let (_, exact) = at_precision(&http, &url, Some("exact")).await;
+    let (_, fast) = at_precision(&http, &url, Some("fp8")).await;
+    assert_ne!(image(&fast), image(&exact), "fp8 changed nothing");
+    plain.jobs.shutdown();
+
+    let dir = tempfile::tempdir().unwrap();
+    let running = tiny_studio(dir.path(), None, Some("exact,flux-tiny=fp8")).await;
+    let url = format!("http://{}", running.addr);
+    let (status, unnamed) = at_precision(&http, &url, None).await;
+    assert_eq!(status, 200, "{unnamed}");
+    assert_eq!(image(&unnamed), image(&fast), "the preset's fp8");
+    let (_, chosen) = at_precision(&http, &url, Some("exact")).await;
+    assert_eq!(image(&chosen), image(&exact), "the request's exact");
+    let models = get(&http, &format!("{url}/models/")).await;
+    let precision_of = |id: &str| {
+        models["presets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .unwrap()["precision"]
+            .clone()
+    };
+    assert_eq!(precision_of("flux-tiny"), "fp8");
+    assert_eq!(precision_of("flux-dev"), "exact");
     running.jobs.shutdown();
 }

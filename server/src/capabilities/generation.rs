@@ -15,7 +15,7 @@ use engine::presets::{self, Preset};
 
 use super::model_choice::{self, preset_names};
 use super::resident_model::{self, PipelineLoader, ResidentModel};
-use crate::config::ServeConfig;
+use crate::config::{PrecisionDefaults, ServeConfig};
 use crate::jobs::capability::{
     Control, Generated, Generation, GenerationPlan, Held, JobFailure, LoraChoice, StepUpdate,
 };
@@ -32,8 +32,8 @@ pub struct FluxGeneration {
     /// The LoRAs of the last generations (by `LoraChoice::affinity_name`), newest first: what the
     /// LoRA cache holds, for the scheduler.
     recent_loras: Mutex<VecDeque<String>>,
-    /// The precision of requests that set none (`--precision`).
-    precision: Option<app::Precision>,
+    /// The precision of requests that set none, per preset (`--precision`).
+    precision: PrecisionDefaults,
 }
 
 impl FluxGeneration {
@@ -91,7 +91,7 @@ impl FluxGeneration {
             lora_dir,
             loras,
             recent_loras: Mutex::default(),
-            precision: config.precision,
+            precision: config.precision.clone().unwrap_or_default(),
         })
     }
 
@@ -221,6 +221,7 @@ impl Generation for FluxGeneration {
                     .resident
                     .memory_plan(p)
                     .map(|plan| resident_model::plan_info(&plan)),
+                precision: self.precision.of(p.name),
             })
             .collect()
     }
@@ -263,15 +264,17 @@ impl Generation for FluxGeneration {
         let specs = self.lora_specs(preset, &lora, lora_scale)?;
         let width = r.width.unwrap_or(preset.width as u32);
         let height = r.height.unwrap_or(preset.height as u32);
-        let precision = r.precision.or(self.precision);
+        let default_precision = self.precision.of(preset.name);
+        let precision = r.precision.or(default_precision);
         // A loaded model's plan refuses a size, or a precision, that it cannot run before the job is
         // queued; a model not yet loaded refuses it when its job loads it.
         if let Some(plan) = self.resident.memory_plan(preset) {
             plan.fit_at(width as usize, height as usize, precision)
-                .map_err(|e| match (r.precision, self.precision) {
+                .map_err(|e| match (r.precision, default_precision) {
                     (None, Some(default)) => format!(
-                        "{e} (this request's precision, {}, is the server's --precision / STUDIO_PRECISION: send \"precision\" to choose another)",
-                        default.as_str()
+                        "{e} (this request's precision, {}, is the server's --precision / STUDIO_PRECISION for {}: send \"precision\" to choose another)",
+                        default.as_str(),
+                        preset.name
                     ),
                     _ => e.to_string(),
                 })?;

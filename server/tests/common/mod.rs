@@ -164,6 +164,7 @@ impl Generation for FakeGeneration {
             description: "test".into(),
             state: app::ModelState::Loaded,
             memory_plan: None,
+            precision: None,
         }]
     }
 
