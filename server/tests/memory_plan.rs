@@ -308,28 +308,25 @@ async fn a_request_chooses_its_precision_and_one_the_loaded_model_cannot_run_is_
     running.jobs.shutdown();
 }
 
-/// `--precision flux-tiny=fp8`: the tiny model's requests that name no precision run in fp8 (the image
-/// of `"precision": "fp8"`), one that asks for exact gets exact, and /models/ says each preset's.
+/// `--precision exact,flux-tiny=fp8`: the tiny model's requests that name no precision run in fp8 (the
+/// image of `"precision": "fp8"`, not exact's), and /models/ says each preset's.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_preset_given_a_precision_runs_its_requests_at_it_unless_they_choose() {
     let http = reqwest::Client::new();
     let image = |body: &Value| body["image"].as_str().unwrap().to_owned();
     let dir = tempfile::tempdir().unwrap();
-    let plain = tiny_studio(dir.path(), None, None).await;
-    let url = format!("http://{}", plain.addr);
-    let (_, exact) = at_precision(&http, &url, Some("exact")).await;
-    let (_, fast) = at_precision(&http, &url, Some("fp8")).await;
-    assert_ne!(image(&fast), image(&exact), "fp8 changed nothing");
-    plain.jobs.shutdown();
-
-    let dir = tempfile::tempdir().unwrap();
     let running = tiny_studio(dir.path(), None, Some("exact,flux-tiny=fp8")).await;
     let url = format!("http://{}", running.addr);
     let (status, unnamed) = at_precision(&http, &url, None).await;
     assert_eq!(status, 200, "{unnamed}");
+    let (_, fast) = at_precision(&http, &url, Some("fp8")).await;
+    let (_, exact) = at_precision(&http, &url, Some("exact")).await;
     assert_eq!(image(&unnamed), image(&fast), "the preset's fp8");
-    let (_, chosen) = at_precision(&http, &url, Some("exact")).await;
-    assert_eq!(image(&chosen), image(&exact), "the request's exact");
+    assert_ne!(
+        image(&unnamed),
+        image(&exact),
+        "a request's own precision wins"
+    );
     let models = get(&http, &format!("{url}/models/")).await;
     let precision_of = |id: &str| {
         models["presets"]

@@ -640,7 +640,7 @@ impl Linear {
         let state = self.state.read().expect("adapter lock poisoned");
         match &state.compute {
             Some(device) => Ok((state.streamed_in(device)?, adapters)),
-            // The exact path reads no more state than before fp8 products existed.
+            // Exact products decided here, under the lock already held: `fp8_base` would take it again.
             None if matches!(state.fp8, Fp8Products::Off) => Ok((base, adapters)),
             None => {
                 drop(state);
